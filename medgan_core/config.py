@@ -1,0 +1,199 @@
+"""One configuration schema for a study, validated on load.
+
+A study file is TOML with two tables, ``[run]`` (federation level) and ``[task]`` (what
+each site trains). The same schema travels to Flower as a flat run config with dotted
+keys (``run.rounds``, ``task.image-size``), which is what ``[tool.flwr.app.config]``
+in pyproject.toml holds, so ``flwr run .`` and ``medgan demo`` read identical settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import tomli_w
+
+from medgan_core.errors import ConfigError
+
+MODALITIES = ("CT", "MR")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _key(name: str) -> str:
+    """Python field name -> config key (``local_steps`` -> ``local-steps``)."""
+    return name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """What every site trains, identical across sites (sent with each round)."""
+
+    name: str = "synthesis"
+    modality: str = "CT"
+    image_size: int = 64
+    batch_size: int = 32
+    local_steps: int = 50
+    lr_generator: float = 2e-4
+    lr_discriminator: float = 2e-4
+    z_dim: int = 64
+    width: int = 32
+    window_low: float = -160.0
+    window_high: float = 240.0
+    eval_samples: int = 128
+    seed: int = 0
+
+    def validate(self) -> None:
+        from medgan_core.tasks.registry import task_names
+
+        if self.name not in task_names():
+            raise ConfigError(
+                f"task.name = {self.name!r} is not a known task; choose one of {', '.join(task_names())}"
+            )
+        if self.modality not in MODALITIES:
+            raise ConfigError(f"task.modality = {self.modality!r}; choose one of {', '.join(MODALITIES)}")
+        size = self.image_size
+        if size < 16 or size > 256 or size & (size - 1):
+            raise ConfigError(f"task.image-size = {size}; it must be a power of two from 16 to 256")
+        _positive("task.batch-size", self.batch_size)
+        _positive("task.local-steps", self.local_steps)
+        _positive("task.z-dim", self.z_dim)
+        _positive("task.width", self.width)
+        _positive("task.eval-samples", self.eval_samples)
+        if self.width % 8:
+            raise ConfigError(f"task.width = {self.width}; it must be a multiple of 8 (GroupNorm groups)")
+        for key, lr in (("task.lr-generator", self.lr_generator), ("task.lr-discriminator", self.lr_discriminator)):
+            if not 0 < lr < 1:
+                raise ConfigError(f"{key} = {lr}; a learning rate must lie in (0, 1)")
+        if self.window_high <= self.window_low:
+            raise ConfigError(
+                f"task.window-high ({self.window_high}) must be above task.window-low ({self.window_low})"
+            )
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """How the federation runs: rounds, sites, outputs, device."""
+
+    rounds: int = 5
+    num_sites: int = 3
+    sites_dir: str = "sites_example/data"
+    out_dir: str = "runs/demo"
+    device: str = "auto"
+    fraction_train: float = 1.0
+    round_timeout: float = 3600.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        _positive("run.rounds", self.rounds)
+        _positive("run.round-timeout", self.round_timeout)
+        _positive("run.num-sites", self.num_sites)
+        if self.device not in DEVICES:
+            raise ConfigError(f"run.device = {self.device!r}; choose one of {', '.join(DEVICES)}")
+        if not 0 < self.fraction_train <= 1:
+            raise ConfigError(f"run.fraction-train = {self.fraction_train}; it must lie in (0, 1]")
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """A whole study: the run and the task."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+
+    def validate(self) -> "StudyConfig":
+        self.run.validate()
+        self.task.validate()
+        return self
+
+    # --- nested dict (TOML) -------------------------------------------------------
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], source: str = "config") -> "StudyConfig":
+        unknown = set(raw) - {"run", "task"}
+        if unknown:
+            raise ConfigError(f"{source}: unknown table(s) {sorted(unknown)}; allowed: [run], [task]")
+        run = _build(RunConfig, raw.get("run", {}), "run", source)
+        task = _build(TaskConfig, raw.get("task", {}), "task", source)
+        return cls(run=run, task=task).validate()
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {
+            "run": {_key(k): v for k, v in dataclasses.asdict(self.run).items()},
+            "task": {_key(k): v for k, v in dataclasses.asdict(self.task).items()},
+        }
+
+    # --- flat dotted dict (Flower run config) ----------------------------------------
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any], source: str = "run config") -> "StudyConfig":
+        nested: dict[str, dict[str, Any]] = {}
+        for key, value in flat.items():
+            table, _, name = key.partition(".")
+            if not name:
+                raise ConfigError(f"{source}: key {key!r} must be 'run.<name>' or 'task.<name>'")
+            nested.setdefault(table, {})[name] = value
+        return cls.from_dict(nested, source)
+
+    def to_flat(self) -> dict[str, Any]:
+        return {f"{table}.{k}": v for table, values in self.to_dict().items() for k, v in values.items()}
+
+    def replace(self, run: Mapping[str, Any] | None = None, task: Mapping[str, Any] | None = None) -> "StudyConfig":
+        """A copy with some fields changed (Python field names), validated again."""
+        return StudyConfig(
+            run=dataclasses.replace(self.run, **(run or {})),
+            task=dataclasses.replace(self.task, **(task or {})),
+        ).validate()
+
+
+def task_config_from_flat(flat: Mapping[str, Any]) -> TaskConfig:
+    """Rebuild the task config a client receives in a round's ConfigRecord."""
+    task_items = {k[len("task."):]: v for k, v in flat.items() if k.startswith("task.")}
+    config = _build(TaskConfig, task_items, "task", "round config")
+    config.validate()
+    return config
+
+
+def load_study(path: str | Path) -> StudyConfig:
+    """Read and validate a study TOML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    return StudyConfig.from_dict(raw, str(path))
+
+
+def dump_study(config: StudyConfig) -> str:
+    return tomli_w.dumps(config.to_dict())
+
+
+def _positive(key: str, value: int) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key} = {value}; it must be a positive number")
+
+
+def _build(cls: type, values: Mapping[str, Any], table: str, source: str) -> Any:
+    """Make a dataclass from config keys, naming any unknown key or wrong type."""
+    by_key = {_key(f.name): f for f in fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        f = by_key.get(key)
+        if f is None:
+            raise ConfigError(
+                f"{source}: unknown key {table}.{key}; allowed keys: {', '.join(sorted(by_key))}"
+            )
+        kwargs[f.name] = _coerce(f"{table}.{key}", value, type(getattr(cls(), f.name)), source)
+    return cls(**kwargs)
+
+
+def _coerce(key: str, value: Any, expected: type, source: str) -> Any:
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is int and isinstance(value, bool) or not isinstance(value, expected):
+        raise ConfigError(
+            f"{source}: {key} = {value!r} has type {type(value).__name__}; expected {expected.__name__}"
+        )
+    return value

@@ -1,0 +1,118 @@
+"""A site manifest: the CSV that lists a hospital's images and how to use them.
+
+Columns: ``file`` (relative to the manifest; a folder means a DICOM series),
+``subject``, ``modality`` (CT or MR), ``split`` (train, val or test), and optionally
+``domain`` (scanner / protocol), ``label`` (class) and ``pair_id`` (links images of one
+subject across modalities for paired tasks).
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from medgan_core.data.dicom_io import read_dicom_series
+from medgan_core.data.nifti_io import read_nifti
+from medgan_core.data.png_io import read_png
+from medgan_core.data.volume import Volume
+from medgan_core.errors import DataError
+
+REQUIRED_COLUMNS = ("file", "subject", "modality", "split")
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    file: str
+    subject: str
+    modality: str
+    split: str
+    domain: str = ""
+    label: str = ""
+    pair_id: str = ""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    path: Path
+    entries: tuple[ManifestEntry, ...]
+
+    @property
+    def root(self) -> Path:
+        return self.path.parent
+
+    def select(self, *, modality: str | None = None, split: str | None = None) -> list[ManifestEntry]:
+        return [
+            e
+            for e in self.entries
+            if (modality is None or e.modality == modality) and (split is None or e.split == split)
+        ]
+
+    def load(self, entry: ManifestEntry) -> Volume:
+        return read_volume(self.root / entry.file, entry.modality)
+
+
+def read_manifest(path: str | Path, check_files: bool = True) -> Manifest:
+    """Parse and check a manifest; errors name the file, the row and the column."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "manifest.csv"
+    if not path.is_file():
+        raise DataError(f"manifest {path} does not exist")
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            columns = reader.fieldnames or []
+            missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+            if missing:
+                raise DataError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(columns) or 'none'}")
+            known = {f.name for f in fields(ManifestEntry)}
+            rows = list(reader)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not a UTF-8 CSV file ({exc})") from exc
+    except csv.Error as exc:
+        raise DataError(f"{path}: malformed CSV ({exc})") from exc
+
+    entries = []
+    for line, row in enumerate(rows, start=2):
+        values = {k: (row.get(k) or "").strip() for k in known}
+        for column in REQUIRED_COLUMNS:
+            if not values[column]:
+                raise DataError(f"{path}, line {line}: column '{column}' is empty")
+        if values["split"] not in SPLITS:
+            raise DataError(f"{path}, line {line}: split {values['split']!r} is not one of {', '.join(SPLITS)}")
+        entry = ManifestEntry(**values)
+        if check_files and not (path.parent / entry.file).exists():
+            raise DataError(f"{path}, line {line}: file {entry.file} does not exist under {path.parent}")
+        entries.append(entry)
+    if not entries:
+        raise DataError(f"{path}: the manifest lists no images")
+    return Manifest(path=path, entries=tuple(entries))
+
+
+def write_manifest(entries: list[ManifestEntry], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=[f.name for f in fields(ManifestEntry)])
+        writer.writeheader()
+        writer.writerows(asdict(e) for e in entries)
+    tmp.replace(path)
+    return path
+
+
+def read_volume(path: str | Path, modality: str = "OT") -> Volume:
+    """Pick the reader by what the path is: a folder (DICOM series), .nii/.nii.gz, .png."""
+    path = Path(path)
+    name = path.name.lower()
+    if path.is_dir():
+        return read_dicom_series(path)
+    if name.endswith((".nii", ".nii.gz")):
+        return read_nifti(path, modality)
+    if name.endswith(".png"):
+        return read_png(path, modality)
+    if not path.exists():
+        raise DataError(f"{path} does not exist")
+    raise DataError(f"{path}: unknown image format; use a DICOM series folder, .nii/.nii.gz or .png")

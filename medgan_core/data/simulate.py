@@ -1,0 +1,284 @@
+"""Physics-based multi-site phantom studies, written as real DICOM and NIfTI files.
+
+Each subject is an anatomy-like abdominal label volume (body with subcutaneous fat,
+muscle, liver, kidneys, aorta, spine, bowel gas, an optional liver lesion) drawn from a
+seeded random model. The same anatomy is imaged twice:
+
+* CT: tissue HU -> linear attenuation -> parallel-beam projections (Radon transform)
+  -> Poisson photon counts at the site's tube dose -> filtered back-projection with the
+  site's reconstruction kernel -> HU with the site's calibration offset.
+* MR: tissue proton density, T1, T2 -> spin-echo signal at the site's TR/TE -> smooth
+  multiplicative bias field -> Rician noise -> scanner gain.
+
+Sites differ the way hospitals do (dose, kernel, calibration, MR contrast, bias field,
+noise, patient size, lesion prevalence), so a study simulated here is non-IID.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from scipy.ndimage import gaussian_filter
+from skimage.transform import iradon, radon
+
+from medgan_core.data.dicom_io import write_dicom_series
+from medgan_core.data.manifest import ManifestEntry, write_manifest
+from medgan_core.data.nifti_io import write_nifti
+from medgan_core.errors import ConfigError
+
+# Tissue table: label -> (HU, proton density, T1 ms, T2 ms) at 1.5 T.
+AIR, FAT, SOFT, LIVER, KIDNEY, AORTA, CANCELLOUS, CORTICAL, CANAL, GAS, LESION = range(11)
+TISSUES: dict[int, tuple[float, float, float, float]] = {
+    AIR: (-1000.0, 0.0, 1.0, 1.0),
+    FAT: (-100.0, 1.0, 260.0, 85.0),
+    SOFT: (40.0, 0.8, 870.0, 47.0),
+    LIVER: (60.0, 0.75, 490.0, 43.0),
+    KIDNEY: (30.0, 0.9, 650.0, 58.0),
+    AORTA: (45.0, 0.9, 1200.0, 120.0),
+    CANCELLOUS: (300.0, 0.6, 550.0, 50.0),
+    CORTICAL: (1000.0, 0.05, 1000.0, 1.0),
+    CANAL: (15.0, 1.0, 2500.0, 250.0),
+    GAS: (-900.0, 0.0, 1.0, 1.0),
+    LESION: (25.0, 0.9, 1100.0, 110.0),
+}
+MU_WATER_PER_MM = 0.0193  # linear attenuation of water at ~70 keV
+SPLIT_FRACTIONS = (0.7, 0.1, 0.2)  # train, val, test by subject
+
+
+@dataclass(frozen=True)
+class SiteProfile:
+    """What makes one hospital's images differ from another's."""
+
+    name: str
+    ct_photons: float  # unattenuated photons per detector bin: the dose
+    ct_kernel: str  # FBP filter: ramp (sharp) .. hann (smooth)
+    ct_offset_hu: float  # calibration offset
+    mr_tr_ms: float
+    mr_te_ms: float
+    mr_gain: float
+    mr_bias: float  # amplitude of the multiplicative bias field
+    mr_noise: float  # Rician noise sigma relative to PD=1 signal
+    body_scale: float  # patient size
+    lesion_rate: float  # fraction of subjects with a liver lesion
+
+
+DEFAULT_SITES = (
+    SiteProfile("hospital-a", 1e6, "ramp", 0.0, 500.0, 12.0, 1000.0, 0.10, 0.010, 1.00, 0.3),
+    SiteProfile("hospital-b", 2.5e5, "hann", 20.0, 650.0, 20.0, 700.0, 0.35, 0.030, 0.92, 0.5),
+    SiteProfile("hospital-c", 6e4, "shepp-logan", -15.0, 420.0, 9.0, 1500.0, 0.22, 0.020, 1.08, 0.2),
+)
+
+
+def site_profiles(n_sites: int, seed: int = 0) -> list[SiteProfile]:
+    """The three reference hospitals, then random ones drawn from the same ranges."""
+    if n_sites < 1:
+        raise ConfigError(f"--sites = {n_sites}; simulate at least one site")
+    profiles = list(DEFAULT_SITES[:n_sites])
+    rng = np.random.default_rng(seed + 1000)
+    kernels = ("ramp", "shepp-logan", "cosine", "hamming", "hann")
+    for index in range(len(profiles), n_sites):
+        profiles.append(
+            SiteProfile(
+                name=f"hospital-{chr(ord('a') + index) if index < 26 else index}",
+                ct_photons=float(10 ** rng.uniform(4.6, 6.0)),
+                ct_kernel=str(rng.choice(kernels)),
+                ct_offset_hu=float(rng.uniform(-25, 25)),
+                mr_tr_ms=float(rng.uniform(400, 700)),
+                mr_te_ms=float(rng.uniform(8, 22)),
+                mr_gain=float(rng.uniform(600, 1600)),
+                mr_bias=float(rng.uniform(0.05, 0.4)),
+                mr_noise=float(rng.uniform(0.008, 0.035)),
+                body_scale=float(rng.uniform(0.9, 1.1)),
+                lesion_rate=float(rng.uniform(0.1, 0.6)),
+            )
+        )
+    return profiles
+
+
+# --- anatomy ------------------------------------------------------------------------
+def _ellipse(x: np.ndarray, y: np.ndarray, cx: float, cy: float, ax: float, ay: float, angle: float = 0.0) -> np.ndarray:
+    c, s = np.cos(angle), np.sin(angle)
+    u = (x - cx) * c + (y - cy) * s
+    v = -(x - cx) * s + (y - cy) * c
+    return (u / ax) ** 2 + (v / ay) ** 2 <= 1.0
+
+
+def phantom_labels(rng: np.random.Generator, size: int, n_slices: int, body_scale: float, lesion: bool) -> np.ndarray:
+    """A (k, rows, cols) tissue-label volume of one abdominal subject.
+
+    Coordinates run from -1 to 1 across the field of view; rows grow posterior.
+    Organs change size along the slices the way they do from upper to lower abdomen.
+    """
+    lin = np.linspace(-1, 1, size)
+    x, y = np.meshgrid(lin, lin)
+    scale = body_scale * rng.uniform(0.93, 1.05)
+    body_a, body_b = 0.80 * scale, 0.60 * scale * rng.uniform(0.92, 1.08)
+    fat = rng.uniform(0.05, 0.12)
+    liver_c = (-0.33 + rng.uniform(-0.04, 0.04), -0.08 + rng.uniform(-0.04, 0.04))
+    liver_ax = (0.30 * rng.uniform(0.9, 1.1), 0.27 * rng.uniform(0.9, 1.1))
+    liver_angle = rng.uniform(-0.4, 0.1)
+    kidney_dx, kidney_y = rng.uniform(0.25, 0.33), rng.uniform(0.22, 0.3)
+    lesion_pos = (liver_c[0] + rng.uniform(-0.1, 0.1), liver_c[1] + rng.uniform(-0.08, 0.08))
+    lesion_r = rng.uniform(0.04, 0.08)
+    gas_blobs = [(rng.uniform(-0.1, 0.45), rng.uniform(-0.35, 0.1), rng.uniform(0.03, 0.07)) for _ in range(4)]
+
+    volume = np.zeros((n_slices, size, size), dtype=np.uint8)
+    for k in range(n_slices):
+        t = k / max(n_slices - 1, 1)  # 0 = upper abdomen, 1 = lower
+        sl = volume[k]
+        sl[_ellipse(x, y, 0, 0.02, body_a, body_b)] = FAT
+        sl[_ellipse(x, y, 0, 0.02, body_a - fat, body_b - fat)] = SOFT
+        liver_scale = 1.0 - 0.75 * t
+        if liver_scale > 0.3:
+            liver = _ellipse(x, y, *liver_c, liver_ax[0] * liver_scale, liver_ax[1] * liver_scale, liver_angle)
+            sl[liver] = LIVER
+            if lesion:
+                sl[liver & _ellipse(x, y, *lesion_pos, lesion_r, lesion_r)] = LESION
+        kidney_scale = np.sin(np.pi * np.clip((t - 0.25) / 0.6, 0, 1))
+        if kidney_scale > 0.2:
+            for side in (-1, 1):
+                sl[_ellipse(x, y, side * kidney_dx, kidney_y, 0.08 * kidney_scale, 0.12 * kidney_scale, side * 0.4)] = KIDNEY
+        for gx, gy, gr in gas_blobs:
+            if rng.random() < 0.6:
+                sl[_ellipse(x, y, gx, gy + 0.3 * t, gr, gr * 0.8) & (sl == SOFT)] = GAS
+        sl[_ellipse(x, y, 0.06, 0.30, 0.045, 0.045)] = AORTA
+        spine_y = body_b * 0.72
+        sl[_ellipse(x, y, 0, spine_y, 0.11, 0.09)] = CORTICAL
+        sl[_ellipse(x, y, 0, spine_y, 0.085, 0.068)] = CANCELLOUS
+        sl[_ellipse(x, y, 0, spine_y + 0.14, 0.04, 0.035)] = CANAL
+        sl[_ellipse(x, y, 0, spine_y + 0.14, 0.065, 0.06) & (sl == SOFT)] = CORTICAL
+    return volume
+
+
+def _texture(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> np.ndarray:
+    """Smooth zero-mean tissue texture, unit std."""
+    field = gaussian_filter(rng.standard_normal(shape), sigma)
+    return field / (field.std() + 1e-8)
+
+
+# --- imaging physics -----------------------------------------------------------------
+def ct_acquire(hu: np.ndarray, profile: SiteProfile, pixel_mm: float, rng: np.random.Generator) -> np.ndarray:
+    """Low-dose-aware CT of one (rows, cols) slice: Poisson noise on the sinogram, FBP."""
+    size = hu.shape[0]
+    mu = np.clip(MU_WATER_PER_MM * (1.0 + hu / 1000.0), 0, None)
+    yy, xx = np.mgrid[:size, :size]
+    outside = (yy - (size - 1) / 2) ** 2 + (xx - (size - 1) / 2) ** 2 > ((size - 1) / 2) ** 2
+    mu[outside] = 0.0
+    angles = np.linspace(0.0, 180.0, 180, endpoint=False)
+    line_integrals = radon(mu, angles, circle=True) * pixel_mm
+    counts = rng.poisson(profile.ct_photons * np.exp(-line_integrals))
+    measured = -np.log(np.maximum(counts, 1) / profile.ct_photons)
+    mu_rec = iradon(measured / pixel_mm, angles, circle=True, filter_name=profile.ct_kernel)
+    hu_rec = (mu_rec / MU_WATER_PER_MM - 1.0) * 1000.0 + profile.ct_offset_hu
+    hu_rec[outside] = -1000.0
+    return np.clip(hu_rec, -1024.0, 3071.0).astype(np.float32)
+
+
+def mr_acquire(labels: np.ndarray, texture: np.ndarray, profile: SiteProfile, rng: np.random.Generator) -> np.ndarray:
+    """Spin-echo MR of a label volume with bias field and Rician noise."""
+    pd, t1, t2 = (np.zeros(labels.shape, np.float32) for _ in range(3))
+    for label, (_, p, r1, r2) in TISSUES.items():
+        mask = labels == label
+        pd[mask], t1[mask], t2[mask] = p, r1, r2
+    pd = pd * (1.0 + 0.04 * texture) * (labels != AIR)
+    signal = pd * (1 - np.exp(-profile.mr_tr_ms / t1)) * np.exp(-profile.mr_te_ms / t2)
+    k, rows, cols = labels.shape
+    zz, yy, xx = np.meshgrid(np.linspace(-1, 1, k), np.linspace(-1, 1, rows), np.linspace(-1, 1, cols), indexing="ij")
+    c = rng.uniform(-1, 1, size=4)
+    bias = np.exp(profile.mr_bias * (c[0] * xx + c[1] * yy + 0.5 * c[2] * zz + c[3] * xx * yy))
+    signal = signal * bias
+    noise_re = rng.normal(0, profile.mr_noise, labels.shape)
+    noise_im = rng.normal(0, profile.mr_noise, labels.shape)
+    magnitude = np.sqrt((signal + noise_re) ** 2 + noise_im**2)
+    return (magnitude * profile.mr_gain).astype(np.float32)
+
+
+# --- study ---------------------------------------------------------------------------
+def simulate_site(
+    profile: SiteProfile,
+    out_dir: str | Path,
+    *,
+    n_subjects: int = 10,
+    n_slices: int = 16,
+    size: int = 128,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Write one hospital: CT DICOM series + MR NIfTI per subject, and manifest.csv."""
+    if n_subjects < 3:
+        raise ConfigError(f"subjects = {n_subjects}; a site needs at least 3 (train, val and test)")
+    if size < 32 or n_slices < 1:
+        raise ConfigError(f"size = {size}, slices = {n_slices}; need size >= 32 and at least one slice")
+    out_dir = Path(out_dir)
+    rng = np.random.default_rng(seed)
+    pixel_mm, slice_mm = 400.0 / size, 5.0
+    n_train = max(1, round(n_subjects * SPLIT_FRACTIONS[0]))
+    n_val = max(1, round(n_subjects * SPLIT_FRACTIONS[1]))
+    n_train = min(n_train, n_subjects - n_val - 1)
+    entries = []
+    for s in range(n_subjects):
+        subject = f"{profile.name}-{s:03d}"
+        split = "train" if s < n_train else "val" if s < n_train + n_val else "test"
+        has_lesion = bool(rng.random() < profile.lesion_rate)
+        labels = phantom_labels(rng, size, n_slices, profile.body_scale, has_lesion)
+        texture = _texture(rng, labels.shape, sigma=1.5)
+        hu = np.zeros(labels.shape, np.float32)
+        for label, (value, *_rest) in TISSUES.items():
+            hu[labels == label] = value
+        hu += np.where(labels == AIR, 0.0, 8.0 * texture)
+        ct = np.stack([ct_acquire(hu[k], profile, pixel_mm, rng) for k in range(n_slices)])
+        mr = mr_acquire(labels, texture, profile, rng)
+        ct_rel = Path("ct") / subject
+        mr_rel = Path("mr") / f"{subject}.nii.gz"
+        write_dicom_series(
+            ct, out_dir / ct_rel, spacing=(pixel_mm, pixel_mm, slice_mm), patient_id=subject,
+            manufacturer=f"{profile.name} CT", seed=seed + s,
+        )
+        affine = np.diag([pixel_mm, pixel_mm, slice_mm, 1.0])
+        write_nifti(mr.transpose(2, 1, 0), affine, out_dir / mr_rel)
+        label = "lesion" if has_lesion else "normal"
+        entries.append(ManifestEntry(str(ct_rel), subject, "CT", split, f"{profile.name}-ct", label, subject))
+        entries.append(ManifestEntry(str(mr_rel), subject, "MR", split, f"{profile.name}-mr", label, subject))
+        if progress:
+            progress(f"{profile.name}: subject {s + 1}/{n_subjects}")
+    write_manifest(entries, out_dir / "manifest.csv")
+    (out_dir / "site.json").write_text(json.dumps(asdict(profile), indent=2))
+    return out_dir
+
+
+def simulate_study(
+    out_dir: str | Path,
+    *,
+    n_sites: int = 3,
+    n_subjects: int = 10,
+    n_slices: int = 16,
+    size: int = 128,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> list[Path]:
+    """Write ``n_sites`` hospitals under ``out_dir``; returns their folders in order."""
+    out_dir = Path(out_dir)
+    folders = []
+    for index, profile in enumerate(site_profiles(n_sites, seed)):
+        folder = out_dir / f"site-{index + 1:02d}-{profile.name}"
+        simulate_site(
+            profile, folder, n_subjects=n_subjects, n_slices=n_slices, size=size,
+            seed=seed * 1000 + index, progress=progress,
+        )
+        folders.append(folder)
+    study = {"sites": [f.name for f in folders], "seed": seed, "subjects": n_subjects, "slices": n_slices, "size": size}
+    (out_dir / "study.json").write_text(json.dumps(study, indent=2))
+    return folders
+
+
+def find_sites(sites_dir: str | Path) -> list[Path]:
+    """Site folders of a study, in order: those listed in study.json, else any with a manifest."""
+    sites_dir = Path(sites_dir)
+    study = sites_dir / "study.json"
+    if study.is_file():
+        return [sites_dir / name for name in json.loads(study.read_text())["sites"]]
+    return sorted(p.parent for p in sites_dir.glob("*/manifest.csv"))

@@ -1,0 +1,1 @@
+"""Coordinator side: ServerApp, study loop, checkpoints, samples, reports, CLI."""

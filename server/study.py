@@ -1,0 +1,158 @@
+"""One federated study, round by round, on any Flower Grid (simulated or deployed).
+
+Per round: send the global weights to the sites, aggregate their updates per parameter
+group, have every site evaluate the new global model on its held-out split, then write a
+checkpoint, a sample grid and one metrics line. Round 0 evaluates the initial model so the
+report shows what training bought.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from math import ceil
+from typing import Callable
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
+
+from medgan_core.config import StudyConfig
+from medgan_core.tasks import Task, build_task
+from server.report import write_report
+from server.run_folder import RunFolder
+from server.samples import save_grid
+from server.checkpoints import save_checkpoint
+from strategies.aggregation import split_groups
+from strategies.grouped_fedavg import (
+    GroupedFedAvg,
+    RoundLog,
+    SiteReply,
+    arrays_from_record,
+    record_from_arrays,
+    weighted_metrics,
+)
+
+PREVIEW_IMAGES = 16
+
+
+@dataclass
+class RoundSummary:
+    """What a progress display needs after each round."""
+
+    server_round: int
+    rounds: int
+    seconds: float
+    train: dict[str, float] = field(default_factory=dict)
+    evaluate: dict[str, float] = field(default_factory=dict)
+    sites_ok: int = 0
+    excluded: list[dict[str, str | int]] = field(default_factory=list)
+
+
+def run_study(
+    grid: Grid,
+    study: StudyConfig,
+    folder: RunFolder,
+    *,
+    progress: Callable[[RoundSummary], None] | None = None,
+    on_train_replies: Callable[[int, list[SiteReply]], None] | None = None,
+) -> dict[str, np.ndarray]:
+    """Run every round of ``study`` and return the final global weights."""
+    folder.start(study)
+    task = build_task(study.task, "cpu")  # the server holds no images: it only previews G
+    groups = list(task.groups)
+    min_sites = max(1, ceil(study.run.fraction_train * study.run.num_sites))
+    strategy = GroupedFedAvg(
+        groups,
+        task.weight_shapes(),
+        on_train_replies=on_train_replies,
+        fraction_train=study.run.fraction_train,
+        fraction_evaluate=1.0,
+        min_train_nodes=min_sites,
+        min_evaluate_nodes=min_sites,
+        min_available_nodes=study.run.num_sites,
+    )
+    round_config = ConfigRecord({**_task_items(study), "device": study.run.device})
+    arrays = record_from_arrays(task.get_weights())
+    timeout = study.run.round_timeout
+
+    for server_round in range(0, study.run.rounds + 1):
+        started = time.monotonic()
+        previous = arrays_from_record(arrays)
+        if server_round > 0:
+            replies = grid.send_and_receive(
+                strategy.configure_train(server_round, arrays, ConfigRecord(dict(round_config)), grid), timeout=timeout
+            )
+            new_arrays, _ = strategy.aggregate_train(server_round, replies)
+            if new_arrays is not None:
+                arrays = new_arrays
+        replies = grid.send_and_receive(
+            strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(round_config)), grid), timeout=timeout
+        )
+        strategy.aggregate_evaluate(server_round, replies)
+        current = arrays_from_record(arrays)
+        summary = _record_round(study, folder, task, server_round, current, previous, strategy.rounds.get(server_round))
+        summary.seconds = time.monotonic() - started
+        if progress is not None:
+            progress(summary)
+
+    write_report(folder, study)
+    return arrays_from_record(arrays)
+
+
+def _task_items(study: StudyConfig) -> dict[str, object]:
+    return {k: v for k, v in study.to_flat().items() if k.startswith("task.")}
+
+
+def _record_round(
+    study: StudyConfig,
+    folder: RunFolder,
+    task: Task,
+    server_round: int,
+    current: dict[str, np.ndarray],
+    previous: dict[str, np.ndarray],
+    log: RoundLog | None,
+) -> RoundSummary:
+    log = log or RoundLog()
+    task.set_weights(current, source=f"aggregate of round {server_round}")
+    checkpoint = save_checkpoint(
+        folder.checkpoint(server_round), current, {"round": server_round, "study": study.to_dict()}
+    )
+    samples = save_grid(task.preview(PREVIEW_IMAGES), folder.samples(server_round))
+    summary = RoundSummary(
+        server_round=server_round,
+        rounds=study.run.rounds,
+        seconds=0.0,
+        train=weighted_metrics(log.train),
+        evaluate=weighted_metrics(log.evaluate),
+        sites_ok=len(log.train) if server_round > 0 else len(log.evaluate),
+        excluded=log.excluded,
+    )
+    sites: dict[int, dict[str, object]] = {}
+    for kind, replies in (("train", log.train), ("evaluate", log.evaluate)):
+        for reply in replies:
+            entry = sites.setdefault(reply.node_id, {"node": reply.node_id})
+            entry[kind] = reply.metrics
+            entry[f"{kind}-examples"] = reply.num_examples
+    folder.append_metrics(
+        {
+            "round": server_round,
+            "train": summary.train,
+            "evaluate": summary.evaluate,
+            "sites": list(sites.values()),
+            "excluded": log.excluded,
+            "update-norm": _update_norms(current, previous),
+            "checkpoint": str(checkpoint.relative_to(folder.root)),
+            "samples": str(samples.relative_to(folder.root)),
+        }
+    )
+    return summary
+
+
+def _update_norms(current: dict[str, np.ndarray], previous: dict[str, np.ndarray]) -> dict[str, float]:
+    """L2 norm of this round's change to each group: zero means nothing was learned."""
+    now, before = split_groups(current), split_groups(previous)
+    return {
+        group: float(np.sqrt(sum(np.sum((arrays[k] - before[group][k]) ** 2) for k in arrays)))
+        for group, arrays in now.items()
+    }

@@ -1,0 +1,130 @@
+"""Sample-weighted FedAvg over parameter groups, with a per-round log of what each site sent.
+
+Flower's FedAvg accepts exactly one ArrayRecord per reply, so a GAN's networks travel
+together with prefixed names (``generator.…``, ``discriminator.…``). This strategy
+checks every reply against the model's names and shapes, leaves out sites whose arrays
+are wrong or not finite, averages each group by sample count, and records per-site
+scalar metrics for the server's metrics file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from logging import WARNING
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore import log
+
+from medgan_core.arrays import check_arrays
+from medgan_core.errors import WeightsError
+from strategies.aggregation import aggregate_by_group
+
+NUM_EXAMPLES = "num-examples"
+
+
+@dataclass
+class SiteReply:
+    """What one site sent in one round (as received, after checks)."""
+
+    node_id: int
+    num_examples: float
+    metrics: dict[str, float]
+    arrays: dict[str, np.ndarray] = field(repr=False)
+
+
+@dataclass
+class RoundLog:
+    train: list[SiteReply] = field(default_factory=list)
+    evaluate: list[SiteReply] = field(default_factory=list)
+    excluded: list[dict[str, str | int]] = field(default_factory=list)
+
+
+def arrays_from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {name: array.numpy() for name, array in record.items()}
+
+
+def record_from_arrays(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in arrays.items()})
+
+
+class GroupedFedAvg(FedAvg):
+    """FedAvg that averages each parameter group separately and logs every site's reply."""
+
+    def __init__(
+        self,
+        groups: Sequence[str],
+        expected_shapes: Mapping[str, tuple[int, ...]],
+        *,
+        on_train_replies: Callable[[int, list[SiteReply]], None] | None = None,
+        **fedavg_kwargs: object,
+    ) -> None:
+        super().__init__(**fedavg_kwargs)  # type: ignore[arg-type]
+        self.groups = list(groups)
+        self.expected_shapes = dict(expected_shapes)
+        self.on_train_replies = on_train_replies
+        self.rounds: dict[int, RoundLog] = {}
+
+    def _log(self, server_round: int) -> RoundLog:
+        return self.rounds.setdefault(server_round, RoundLog())
+
+    def _screen(self, server_round: int, replies: Iterable[Message], with_arrays: bool) -> list[SiteReply]:
+        """Keep replies that carry the expected content; log and drop the rest."""
+        accepted = []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                self._exclude(server_round, node, f"site error: {msg.error.reason}")
+                continue
+            content = msg.content
+            try:
+                if len(content.metric_records) != 1:
+                    raise WeightsError(f"expected one metric record, got {len(content.metric_records)}")
+                metrics = dict(next(iter(content.metric_records.values())))
+                if NUM_EXAMPLES not in metrics or not float(metrics[NUM_EXAMPLES]) > 0:
+                    raise WeightsError(f"metric '{NUM_EXAMPLES}' is missing or not positive")
+                arrays: dict[str, np.ndarray] = {}
+                if with_arrays:
+                    if len(content.array_records) != 1:
+                        raise WeightsError(f"expected one array record, got {len(content.array_records)}")
+                    arrays = arrays_from_record(next(iter(content.array_records.values())))
+                    check_arrays(arrays, self.expected_shapes, f"update from node {node}")
+            except WeightsError as exc:
+                self._exclude(server_round, node, str(exc))
+                continue
+            num_examples = float(metrics.pop(NUM_EXAMPLES))
+            accepted.append(SiteReply(node, num_examples, {k: float(v) for k, v in metrics.items()}, arrays))
+        return accepted
+
+    def _exclude(self, server_round: int, node: int, reason: str) -> None:
+        log(WARNING, "round %d: leaving out node %d: %s", server_round, node, reason)
+        self._log(server_round).excluded.append({"node": node, "reason": reason})
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        accepted = self._screen(server_round, replies, with_arrays=True)
+        self._log(server_round).train = accepted
+        if self.on_train_replies is not None:
+            self.on_train_replies(server_round, accepted)
+        if not accepted:
+            return None, None
+        weights = [r.num_examples for r in accepted]
+        mean = aggregate_by_group([r.arrays for r in accepted], weights, self.groups)
+        return record_from_arrays(mean), MetricRecord(weighted_metrics(accepted))
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        accepted = self._screen(server_round, replies, with_arrays=False)
+        self._log(server_round).evaluate = accepted
+        return MetricRecord(weighted_metrics(accepted)) if accepted else None
+
+
+def weighted_metrics(replies: Sequence[SiteReply]) -> dict[str, float]:
+    """Sample-weighted mean of the metrics every site reported (empty if no replies)."""
+    if not replies:
+        return {}
+    total = sum(r.num_examples for r in replies)
+    names = set.intersection(*(set(r.metrics) for r in replies))
+    return {n: sum(r.metrics[n] * r.num_examples for r in replies) / total for n in sorted(names)}
