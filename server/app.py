@@ -11,13 +11,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch  # noqa: F401  (import before Flower unpickles torch-backed arrays)
-from flwr.app import Context
+from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from medgan_core.config import StudyConfig
 from server.run_folder import RunFolder
 from server.study import RoundSummary, run_study
-from strategies.grouped_fedavg import SiteReply
 
 
 def build_server_app(
@@ -25,7 +24,7 @@ def build_server_app(
     run_dir: str | Path | None = None,
     *,
     progress: Callable[[RoundSummary], None] | None = None,
-    on_train_replies: Callable[[int, list[SiteReply]], None] | None = None,
+    on_train_replies: Callable[[int, list[Message]], None] | None = None,
 ) -> ServerApp:
     """A ServerApp for ``study`` (or, when None, for the run config Flower passes in)."""
     app = ServerApp()

@@ -20,7 +20,7 @@ from medgan_core.errors import ConfigError  # noqa: E402
 from medgan_core.runtime import resolve_device  # noqa: E402
 from server.app import build_server_app  # noqa: E402
 from server.study import RoundSummary  # noqa: E402
-from strategies.grouped_fedavg import SiteReply  # noqa: E402
+from flwr.app import Message  # noqa: E402
 
 
 def simulate_federation(
@@ -29,7 +29,7 @@ def simulate_federation(
     run_dir: str | Path,
     *,
     progress: Callable[[RoundSummary], None] | None = None,
-    on_train_replies: Callable[[int, list[SiteReply]], None] | None = None,
+    on_train_replies: Callable[[int, list[Message]], None] | None = None,
     verbose: bool = False,
 ) -> Path:
     """Train ``study`` across ``site_paths`` (one simulated hospital each); returns the run folder."""

@@ -14,7 +14,7 @@ from math import ceil
 from typing import Callable
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from medgan_core.config import StudyConfig
@@ -27,7 +27,6 @@ from strategies.aggregation import split_groups
 from strategies.grouped_fedavg import (
     GroupedFedAvg,
     RoundLog,
-    SiteReply,
     arrays_from_record,
     record_from_arrays,
     weighted_metrics,
@@ -55,7 +54,7 @@ def run_study(
     folder: RunFolder,
     *,
     progress: Callable[[RoundSummary], None] | None = None,
-    on_train_replies: Callable[[int, list[SiteReply]], None] | None = None,
+    on_train_replies: Callable[[int, list[Message]], None] | None = None,
 ) -> dict[str, np.ndarray]:
     """Run every round of ``study`` and return the final global weights."""
     folder.start(study)

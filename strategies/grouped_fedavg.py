@@ -58,7 +58,7 @@ class GroupedFedAvg(FedAvg):
         groups: Sequence[str],
         expected_shapes: Mapping[str, tuple[int, ...]],
         *,
-        on_train_replies: Callable[[int, list[SiteReply]], None] | None = None,
+        on_train_replies: Callable[[int, list[Message]], None] | None = None,
         **fedavg_kwargs: object,
     ) -> None:
         super().__init__(**fedavg_kwargs)  # type: ignore[arg-type]
@@ -105,10 +105,11 @@ class GroupedFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        if self.on_train_replies is not None:  # audit hook: the replies exactly as received
+            self.on_train_replies(server_round, replies)
         accepted = self._screen(server_round, replies, with_arrays=True)
         self._log(server_round).train = accepted
-        if self.on_train_replies is not None:
-            self.on_train_replies(server_round, accepted)
         if not accepted:
             return None, None
         weights = [r.num_examples for r in accepted]

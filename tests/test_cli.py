@@ -1,0 +1,34 @@
+"""The command line: clear messages, no tracebacks, files where it says."""
+
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from medgan_core.data import read_manifest
+from server.cli import app
+
+runner = CliRunner()
+
+
+def test_sites_simulate_writes_sites_and_refuses_to_overwrite(tmp_path: Path) -> None:
+    out = tmp_path / "study"
+    args = ["sites", "simulate", "--sites", "2", "--out", str(out), "--subjects", "3", "--slices", "2", "--size", "32"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    sites = sorted(p for p in out.iterdir() if p.is_dir())
+    assert [p.name for p in sites] == ["site-01-hospital-a", "site-02-hospital-b"]
+    assert len(read_manifest(sites[0]).entries) == 6
+    again = runner.invoke(app, args)
+    assert again.exit_code == 2 and "--force" in again.output
+    assert runner.invoke(app, args + ["--force"]).exit_code == 0
+
+
+def test_demo_with_bad_config_fails_cleanly(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text("[task]\nname = 'pix2pixx'\n")
+    result = runner.invoke(app, ["demo", "--config", str(config)])
+    assert result.exit_code == 2
+    assert "task.name = 'pix2pixx' is not a known task" in result.output
+    assert "Traceback" not in result.output
+    missing = runner.invoke(app, ["demo", "--config", str(tmp_path / "none.toml")])
+    assert missing.exit_code == 2 and "does not exist" in missing.output

@@ -1,0 +1,57 @@
+from pathlib import Path
+
+import pytest
+
+from medgan_core.config import StudyConfig, dump_study, load_study, task_config_from_flat
+from medgan_core.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_demo_config_loads_and_round_trips(tmp_path: Path) -> None:
+    study = load_study(ROOT / "sites_example" / "demo.toml")
+    assert study.run.num_sites == 3 and study.task.name == "synthesis"
+    copy = tmp_path / "copy.toml"
+    copy.write_text(dump_study(study))
+    assert load_study(copy) == study
+    assert StudyConfig.from_flat(study.to_flat()) == study
+
+
+def test_pyproject_flower_config_is_a_valid_study() -> None:
+    import tomllib
+
+    raw = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    study = StudyConfig.from_dict(raw, "pyproject.toml")
+    assert study.task.name == "synthesis"
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("[run]\nround = 3\n", "unknown key run.round"),
+        ("[run]\nrounds = 'five'\n", "run.rounds = 'five' has type str; expected int"),
+        ("[task]\nname = 'nope'\n", "task.name = 'nope' is not a known task"),
+        ("[task]\nimage-size = 48\n", "power of two"),
+        ("[task]\nmodality = 'PET'\n", "choose one of CT, MR"),
+        ("[task]\nwindow-low = 100.0\nwindow-high = 0.0\n", "task.window-high"),
+        ("[run]\ndevice = 'tpu'\n", "run.device = 'tpu'"),
+        ("[runs]\n", "unknown table"),
+        ("[run\n", "not valid TOML"),
+    ],
+)
+def test_bad_config_names_key_and_allowed_values(tmp_path: Path, text: str, fragment: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=None) as info:
+        load_study(path)
+    assert fragment in str(info.value)
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_study(tmp_path / "nope.toml")
+
+
+def test_task_config_from_round_config_ignores_other_keys() -> None:
+    flat = {"task.image-size": 32, "task.name": "synthesis", "server-round": 3, "device": "cpu"}
+    assert task_config_from_flat(flat).image_size == 32

@@ -1,0 +1,78 @@
+"""The phantom study: real files, physically plausible values, sites that differ."""
+
+from pathlib import Path
+
+import numpy as np
+from scipy.ndimage import gaussian_filter
+
+from medgan_core.data import read_manifest
+from medgan_core.data.simulate import simulate_study
+
+
+def _ct_slices(site: Path) -> np.ndarray:
+    manifest = read_manifest(site)
+    return np.concatenate([manifest.load(e).axial_slices() for e in manifest.select(modality="CT")])
+
+
+def _mr_slices(site: Path) -> np.ndarray:
+    manifest = read_manifest(site)
+    return np.concatenate([manifest.load(e).axial_slices() for e in manifest.select(modality="MR")])
+
+
+def _soft_tissue(slices: np.ndarray) -> np.ndarray:
+    return (slices > -200) & (slices < 200)
+
+
+def _noise_hu(slices: np.ndarray) -> float:
+    """Robust std (MAD) of the high-pass residual in soft tissue: quantum noise, not edges."""
+    residual = (slices - gaussian_filter(slices, sigma=(0, 1, 1)))[_soft_tissue(slices)]
+    return float(1.4826 * np.median(np.abs(residual - np.median(residual))))
+
+
+def test_study_writes_dicom_nifti_and_manifests(tiny_sites: list[Path]) -> None:
+    for site in tiny_sites:
+        manifest = read_manifest(site)
+        ct = manifest.select(modality="CT")
+        mr = manifest.select(modality="MR")
+        assert len(ct) == len(mr) >= 4
+        assert {e.split for e in manifest.entries} == {"train", "val", "test"}
+        assert all((site / e.file).is_dir() for e in ct)  # DICOM series folders
+        assert all(e.file.endswith(".nii.gz") for e in mr)
+        assert {e.pair_id for e in ct} == {e.pair_id for e in mr}  # paired CT/MR per subject
+        assert {e.label for e in manifest.entries} <= {"lesion", "normal"}
+
+
+def test_ct_is_in_hounsfield_units(tiny_sites: list[Path]) -> None:
+    for site in tiny_sites:
+        ct = _ct_slices(site)
+        corner = ct[:, :3, :3]
+        assert np.all(corner <= -990)  # air outside the body
+        body = ct[(ct > -300) & (ct < 300)]
+        assert -30 < np.median(body) < 90  # soft tissue, fat and liver around 40 HU
+        assert ct.max() > 500  # bone
+
+
+def test_sites_differ_like_hospitals(tiny_sites: list[Path]) -> None:
+    site_a, site_c = tiny_sites  # reference dose vs low dose, different MR gain and protocol
+    ct_a, ct_c = _ct_slices(site_a), _ct_slices(site_c)
+    assert _noise_hu(ct_c) > 1.5 * _noise_hu(ct_a)  # lower dose, noisier image
+    assert np.median(ct_c[_soft_tissue(ct_c)]) < np.median(ct_a[_soft_tissue(ct_a)]) - 8  # calibration offset
+    mr_a, mr_c = _mr_slices(site_a), _mr_slices(site_c)
+    assert np.percentile(mr_c, 99) > 1.2 * np.percentile(mr_a, 99)
+
+
+def test_simulation_is_seeded(tmp_path: Path) -> None:
+    kwargs = {"n_sites": 1, "n_subjects": 3, "n_slices": 2, "size": 32}
+    first = simulate_study(tmp_path / "a", seed=5, **kwargs)[0]
+    again = simulate_study(tmp_path / "b", seed=5, **kwargs)[0]
+    other = simulate_study(tmp_path / "c", seed=6, **kwargs)[0]
+    np.testing.assert_array_equal(_ct_slices(first), _ct_slices(again))
+    assert not np.array_equal(_ct_slices(first), _ct_slices(other))
+
+
+def test_more_sites_than_reference_profiles_still_differ(tmp_path: Path) -> None:
+    from medgan_core.data.simulate import site_profiles
+
+    profiles = site_profiles(6, seed=0)
+    assert len({p.name for p in profiles}) == 6
+    assert len({round(p.ct_photons) for p in profiles}) == 6
