@@ -39,5 +39,10 @@ def cached_site_data(data_path: str, task: TaskConfig) -> SiteData:
 
 
 def site_seed(base_seed: int, server_round: int, data_path: str | Path) -> int:
-    """A per-site, per-round seed that is stable across processes and restarts."""
-    return (base_seed * 1_000_003 + server_round * 7919 + zlib.crc32(str(data_path).encode())) % 2**31
+    """A per-site, per-round seed, stable across processes, restarts and machines.
+
+    It depends on the site folder's name, not its absolute path, so a copy of a study
+    elsewhere trains identically.
+    """
+    name = Path(data_path).name
+    return (base_seed * 1_000_003 + server_round * 7919 + zlib.crc32(name.encode())) % 2**31

@@ -84,7 +84,6 @@ class RunConfig:
     device: str = "auto"
     fraction_train: float = 1.0
     round_timeout: float = 3600.0
-    seed: int = 0
 
     def validate(self) -> None:
         _positive("run.rounds", self.rounds)

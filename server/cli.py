@@ -90,14 +90,21 @@ def _demo_config(config: Path, rounds: Optional[int], local_steps: Optional[int]
 
 def _run_demo(study: StudyConfig, verbose: bool) -> None:
     from server.simulation import simulate_federation  # Flower and Ray load only when needed
+    from server.run_folder import RunFolder
     from server.study import RoundSummary
 
     sites_dir = Path(study.run.sites_dir)
     sites = find_sites(sites_dir) if sites_dir.exists() else []
-    if len(sites) != study.run.num_sites:
+    simulated_here = (sites_dir / "study.json").exists()
+    if not sites or (simulated_here and len(sites) != study.run.num_sites):
         console.print(f"No study of {study.run.num_sites} sites in {sites_dir}: simulating one.")
-        sites = _simulate(sites_dir, study.run.num_sites, 10, 16, 128, study.run.seed, force=True)
+        sites = _simulate(sites_dir, study.run.num_sites, 10, 16, 128, study.task.seed, force=simulated_here)
+    elif len(sites) != study.run.num_sites:
+        raise MedGANError(f"{sites_dir} holds {len(sites)} site(s) but run.num-sites = {study.run.num_sites}")
     run_dir = Path(study.run.out_dir)
+    moved = RunFolder(run_dir).archive_previous()
+    if moved is not None:
+        console.print(f"An earlier run in {run_dir} was moved to {moved}.")
     console.print(f"[bold]Federated {study.task.name}[/] · {len(sites)} sites · {study.run.rounds} rounds · "
                   f"{study.task.local_steps} local steps · run folder {run_dir}")
     console.print("[yellow]Note:[/] site training is not differentially private in this version.")

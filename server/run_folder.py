@@ -33,11 +33,23 @@ class RunFolder:
     def samples(self, server_round: int) -> Path:
         return self.root / "samples" / f"round-{server_round:03d}.png"
 
+    def archive_previous(self) -> Path | None:
+        """Rename a non-empty folder (an earlier run) to ``NAME.1``, ``NAME.2``, …
+
+        Two runs never mix their files and nothing is deleted. Returns the new name.
+        """
+        if not (self.root.exists() and any(self.root.iterdir())):
+            return None
+        index = 1
+        while (moved := self.root.with_name(f"{self.root.name}.{index}")).exists():
+            index += 1
+        self.root.rename(moved)
+        return moved
+
     def start(self, study: StudyConfig) -> "RunFolder":
-        """Create the folder and record the exact config; refuses to mix two runs' metrics."""
+        """Create a fresh folder (archiving an earlier run) and record the exact config."""
+        self.archive_previous()
         self.root.mkdir(parents=True, exist_ok=True)
-        if self.metrics.exists():
-            self.metrics.unlink()  # a fresh run owns its folder; resume is a separate path
         atomic_write_text(self.config, dump_study(study))
         return self
 

@@ -9,6 +9,7 @@ scalar metrics for the server's metrics file.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from logging import WARNING
 from typing import Callable, Iterable, Mapping, Sequence
@@ -108,7 +109,7 @@ class GroupedFedAvg(FedAvg):
         replies = list(replies)
         if self.on_train_replies is not None:  # audit hook: the replies exactly as received
             self.on_train_replies(server_round, replies)
-        accepted = self._screen(server_round, replies, with_arrays=True)
+        accepted = sorted(self._screen(server_round, replies, with_arrays=True), key=_content_key)
         self._log(server_round).train = accepted
         if not accepted:
             return None, None
@@ -120,6 +121,14 @@ class GroupedFedAvg(FedAvg):
         accepted = self._screen(server_round, replies, with_arrays=False)
         self._log(server_round).evaluate = accepted
         return MetricRecord(weighted_metrics(accepted)) if accepted else None
+
+
+def _content_key(reply: SiteReply) -> tuple[float, str]:
+    """Order replies by content, not arrival or node id, so float sums are reproducible."""
+    digest = hashlib.sha1()
+    for name in sorted(reply.arrays):
+        digest.update(np.ascontiguousarray(reply.arrays[name]).tobytes())
+    return reply.num_examples, digest.hexdigest()
 
 
 def weighted_metrics(replies: Sequence[SiteReply]) -> dict[str, float]:

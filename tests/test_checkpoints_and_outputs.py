@@ -46,3 +46,18 @@ def test_jsonl_reader_skips_a_torn_last_line(tmp_path: Path) -> None:
     with path.open("a") as handle:
         handle.write('{"round": 2, "tra')
     assert [r["round"] for r in read_jsonl(path)] == [0, 1]
+
+
+def test_a_new_run_archives_the_previous_one_instead_of_mixing(tmp_path: Path) -> None:
+    from medgan_core.config import StudyConfig
+    from server.run_folder import RunFolder
+
+    folder = RunFolder(tmp_path / "run")
+    folder.start(StudyConfig())
+    folder.append_metrics({"round": 0})
+    folder.start(StudyConfig())
+    assert folder.read_metrics() == []
+    assert (tmp_path / "run.1" / "metrics.jsonl").is_file()
+    folder.append_metrics({"round": 0})
+    folder.start(StudyConfig())
+    assert (tmp_path / "run.2" / "config.toml").is_file()

@@ -23,5 +23,5 @@ def test_simulated_node_maps_partition_to_site(tiny_sites: list[Path]) -> None:
 
 
 def test_site_seed_is_stable_and_differs_by_site_and_round() -> None:
-    assert site_seed(0, 1, "/a") == site_seed(0, 1, "/a")
-    assert len({site_seed(0, 1, "/a"), site_seed(0, 2, "/a"), site_seed(0, 1, "/b")}) == 3
+    assert site_seed(0, 1, "/a/site-1") == site_seed(0, 1, "/elsewhere/site-1")  # a moved study trains the same
+    assert len({site_seed(0, 1, "/x/a"), site_seed(0, 2, "/x/a"), site_seed(0, 1, "/x/b")}) == 3
