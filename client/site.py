@@ -1,35 +1,50 @@
-"""Where a site's data lives and how it is loaded, from the node's Flower context."""
+"""Which site this node is and how its data is loaded, from the node's Flower context."""
 
 from __future__ import annotations
 
 import zlib
 from functools import lru_cache
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
-from medgan_core.config import TaskConfig
+from medgan_core.config import SiteConfig, TaskConfig
 from medgan_core.data.dataset import SiteData, load_site_data
 from medgan_core.data.simulate import find_sites
 from medgan_core.errors import ConfigError
 
 
-def resolve_data_path(node_config: Mapping[str, object], run_config: Mapping[str, object]) -> Path:
-    """A deployed SuperNode names its data with ``data-path``; a simulated node is
-    mapped by ``partition-id`` onto the sites of ``run.sites-dir``."""
+def site_from_context(
+    node_config: Mapping[str, object], run_config: Mapping[str, object], sites: Sequence[SiteConfig] | None = None
+) -> SiteConfig:
+    """A deployed SuperNode describes its site in its node config (``data-path``,
+    ``state-dir``, ``device``, ``epsilon-budget``, ``site-name``); a simulated node is
+    mapped by ``partition-id`` onto ``sites`` or onto the site folders of ``run.sites-dir``."""
     if "data-path" in node_config:
-        path = Path(str(node_config["data-path"]))
+        site = SiteConfig(
+            data_path=str(node_config["data-path"]),
+            name=str(node_config.get("site-name", "")),
+            state_dir=str(node_config.get("state-dir", "")),
+            device=str(node_config.get("device", "auto")),
+            epsilon_budget=float(node_config.get("epsilon-budget", 0.0)),  # type: ignore[arg-type]
+        )
     elif "partition-id" in node_config:
-        sites_dir = str(run_config.get("run.sites-dir", "sites_example/data"))
-        sites = find_sites(sites_dir)
         index = int(node_config["partition-id"])  # type: ignore[arg-type]
+        if sites is None:
+            sites_dir = str(run_config.get("run.sites-dir", "sites_example/data"))
+            folders = find_sites(sites_dir)
+            if index >= len(folders):
+                raise ConfigError(f"simulated node {index} has no site: {sites_dir} holds {len(folders)} site(s)")
+            out_dir = Path(str(run_config.get("run.out-dir", "runs/flwr")))
+            sites = [SiteConfig(str(f), state_dir=str(out_dir / "site-state" / f.name)) for f in folders]
         if index >= len(sites):
-            raise ConfigError(f"simulated node {index} has no site: {sites_dir} holds {len(sites)} site(s)")
-        path = sites[index]
+            raise ConfigError(f"simulated node {index} has no site: only {len(sites)} site(s) are configured")
+        site = sites[index]
     else:
         raise ConfigError("node config has no 'data-path'; start the site with --node-config 'data-path=\"...\"'")
-    if not path.exists():
-        raise ConfigError(f"site data path {path} does not exist")
-    return path
+    site.validate()
+    if not Path(site.data_path).exists():
+        raise ConfigError(f"site data path {site.data_path} does not exist")
+    return site
 
 
 @lru_cache(maxsize=4)

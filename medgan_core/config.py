@@ -20,6 +20,7 @@ from medgan_core.errors import ConfigError
 
 MODALITIES = ("CT", "MR")
 DEVICES = ("auto", "cpu", "cuda")
+ACCOUNTANTS = ("rdp", "prv")
 
 
 def _key(name: str) -> str:
@@ -96,31 +97,109 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    """Differential privacy: DP-SGD at every site (default on) and optional central DP.
+
+    Sites train every module that reads real images with DP-SGD (Opacus): per-sample
+    clipping to ``max-grad-norm``, Poisson sampling, Gaussian noise. The noise multiplier
+    is ``noise-multiplier`` when positive, else derived per site so that the planned
+    rounds spend exactly ``target-epsilon`` at ``delta``. A site never trains past its
+    budget (``target-epsilon`` unless the site sets its own ``epsilon-budget``).
+    ``central-noise-multiplier`` > 0 adds server-side clipping and Gaussian noise to the
+    aggregate (DP-FedAvg, site-level); ``secagg`` hides individual updates from the server.
+    DP noise and Poisson sampling draw from OS entropy (``secure-rng``): seeded noise
+    could be regenerated and subtracted by anyone who knows the seed, the server included.
+    """
+
+    enabled: bool = True
+    target_epsilon: float = 8.0
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    noise_multiplier: float = 0.0
+    accountant: str = "rdp"
+    central_noise_multiplier: float = 0.0
+    central_clipping_norm: float = 10.0
+    secagg: bool = False
+    secure_rng: bool = True  # False only for tests: DP noise and sampling then follow the seed
+
+    def validate(self) -> None:
+        if self.target_epsilon <= 0:
+            raise ConfigError(f"privacy.target-epsilon = {self.target_epsilon}; it must be positive")
+        if not 0 < self.delta < 1:
+            raise ConfigError(f"privacy.delta = {self.delta}; it must lie in (0, 1), typically below 1/N")
+        if self.max_grad_norm <= 0:
+            raise ConfigError(f"privacy.max-grad-norm = {self.max_grad_norm}; it must be positive")
+        if self.noise_multiplier < 0 or self.central_noise_multiplier < 0:
+            raise ConfigError("privacy.noise-multiplier and privacy.central-noise-multiplier must be >= 0")
+        if self.central_clipping_norm <= 0:
+            raise ConfigError(f"privacy.central-clipping-norm = {self.central_clipping_norm}; it must be positive")
+        if self.accountant not in ACCOUNTANTS:
+            raise ConfigError(f"privacy.accountant = {self.accountant!r}; choose one of {', '.join(ACCOUNTANTS)}")
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """One hospital's own settings; they never leave the site.
+
+    In deployment they come from the SuperNode's node config (``data-path``,
+    ``state-dir``, ``device``, ``epsilon-budget``, ``site-name``); in simulation from the
+    study's site folders.
+    """
+
+    data_path: str
+    name: str = ""
+    state_dir: str = ""
+    device: str = "auto"
+    epsilon_budget: float = 0.0  # 0: the study's privacy.target-epsilon
+
+    @property
+    def site_name(self) -> str:
+        return self.name or Path(self.data_path).name
+
+    def budget(self, privacy: "PrivacyConfig") -> float:
+        return self.epsilon_budget if self.epsilon_budget > 0 else privacy.target_epsilon
+
+    def validate(self) -> "SiteConfig":
+        if not self.data_path:
+            raise ConfigError("site data-path is empty; name the folder that holds the site's manifest.csv")
+        if self.device not in DEVICES:
+            raise ConfigError(f"site device = {self.device!r}; choose one of {', '.join(DEVICES)}")
+        if self.epsilon_budget < 0:
+            raise ConfigError(f"site epsilon-budget = {self.epsilon_budget}; it must be >= 0 (0 = the study's target)")
+        return self
+
+
+TABLES = ("run", "task", "privacy")
+
+
+@dataclass(frozen=True)
 class StudyConfig:
-    """A whole study: the run and the task."""
+    """A whole study: the run, the task and the privacy settings."""
 
     run: RunConfig = field(default_factory=RunConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def validate(self) -> "StudyConfig":
         self.run.validate()
         self.task.validate()
+        self.privacy.validate()
         return self
 
     # --- nested dict (TOML) -------------------------------------------------------
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], source: str = "config") -> "StudyConfig":
-        unknown = set(raw) - {"run", "task"}
+        unknown = set(raw) - set(TABLES)
         if unknown:
-            raise ConfigError(f"{source}: unknown table(s) {sorted(unknown)}; allowed: [run], [task]")
+            raise ConfigError(f"{source}: unknown table(s) {sorted(unknown)}; allowed: [run], [task], [privacy]")
         run = _build(RunConfig, raw.get("run", {}), "run", source)
         task = _build(TaskConfig, raw.get("task", {}), "task", source)
-        return cls(run=run, task=task).validate()
+        privacy = _build(PrivacyConfig, raw.get("privacy", {}), "privacy", source)
+        return cls(run=run, task=task, privacy=privacy).validate()
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {
-            "run": {_key(k): v for k, v in dataclasses.asdict(self.run).items()},
-            "task": {_key(k): v for k, v in dataclasses.asdict(self.task).items()},
+            table: {_key(k): v for k, v in dataclasses.asdict(getattr(self, table)).items()} for table in TABLES
         }
 
     # --- flat dotted dict (Flower run config) ----------------------------------------
@@ -130,27 +209,42 @@ class StudyConfig:
         for key, value in flat.items():
             table, _, name = key.partition(".")
             if not name:
-                raise ConfigError(f"{source}: key {key!r} must be 'run.<name>' or 'task.<name>'")
+                raise ConfigError(f"{source}: key {key!r} must be 'run.<name>', 'task.<name>' or 'privacy.<name>'")
             nested.setdefault(table, {})[name] = value
         return cls.from_dict(nested, source)
 
     def to_flat(self) -> dict[str, Any]:
         return {f"{table}.{k}": v for table, values in self.to_dict().items() for k, v in values.items()}
 
-    def replace(self, run: Mapping[str, Any] | None = None, task: Mapping[str, Any] | None = None) -> "StudyConfig":
+    def replace(
+        self,
+        run: Mapping[str, Any] | None = None,
+        task: Mapping[str, Any] | None = None,
+        privacy: Mapping[str, Any] | None = None,
+    ) -> "StudyConfig":
         """A copy with some fields changed (Python field names), validated again."""
         return StudyConfig(
             run=dataclasses.replace(self.run, **(run or {})),
             task=dataclasses.replace(self.task, **(task or {})),
+            privacy=dataclasses.replace(self.privacy, **(privacy or {})),
         ).validate()
+
+
+def _table_from_flat(cls: type, table: str, flat: Mapping[str, Any]) -> Any:
+    items = {k[len(table) + 1:]: v for k, v in flat.items() if k.startswith(f"{table}.")}
+    config = _build(cls, items, table, "round config")
+    config.validate()
+    return config
 
 
 def task_config_from_flat(flat: Mapping[str, Any]) -> TaskConfig:
     """Rebuild the task config a client receives in a round's ConfigRecord."""
-    task_items = {k[len("task."):]: v for k, v in flat.items() if k.startswith("task.")}
-    config = _build(TaskConfig, task_items, "task", "round config")
-    config.validate()
-    return config
+    return _table_from_flat(TaskConfig, "task", flat)
+
+
+def privacy_config_from_flat(flat: Mapping[str, Any]) -> PrivacyConfig:
+    """Rebuild the privacy settings a client receives in a round's ConfigRecord."""
+    return _table_from_flat(PrivacyConfig, "privacy", flat)
 
 
 def load_study(path: str | Path) -> StudyConfig:

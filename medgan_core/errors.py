@@ -19,3 +19,11 @@ class ConfigError(MedGANError):
 
 class WeightsError(MedGANError):
     """Model weights do not match the expected names, shapes or are not finite."""
+
+
+class PrivacyError(MedGANError):
+    """A model or setting cannot be trained with differential privacy."""
+
+
+class PrivacyBudgetExhausted(PrivacyError):
+    """Training one more round would spend more than the site's privacy budget."""

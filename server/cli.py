@@ -15,12 +15,16 @@ from medgan_core.data.simulate import find_sites, simulate_study
 from medgan_core.errors import MedGANError
 
 DEFAULT_CONFIG = Path("sites_example/demo.toml")
+# Demo sites: ~340 training slices each. DP-SGD needs data: noise per step shrinks with N.
+DEMO_SUBJECTS, DEMO_SLICES = 24, 20
 
 console = Console(soft_wrap=True)
 app = typer.Typer(help="MedGAN-FL: federated, privacy-preserving GANs for medical imaging.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 sites_app = typer.Typer(help="Site data: simulate multi-site phantom studies.", no_args_is_help=True)
 app.add_typer(sites_app, name="sites")
+privacy_app = typer.Typer(help="Differential privacy: what each site spent.", no_args_is_help=True)
+app.add_typer(privacy_app, name="privacy")
 
 
 def _fail(exc: MedGANError) -> None:
@@ -68,11 +72,14 @@ def demo(
     sites_dir: Optional[Path] = typer.Option(None, "--sites-dir", help="Override run.sites-dir."),
     out: Optional[Path] = typer.Option(None, "--out", help="Override run.out-dir (the run folder)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda (override run.device)."),
+    privacy: Optional[bool] = typer.Option(None, "--privacy/--no-privacy", help="Override privacy.enabled."),
     verbose: bool = typer.Option(False, "--verbose", help="Show Flower's and Ray's own logs."),
 ) -> None:
     """Simulate the sites if needed, then run a federated study in Flower's simulation engine."""
     try:
         study = _demo_config(config, rounds, local_steps, sites_dir, out, device)
+        if privacy is not None:
+            study = study.replace(privacy={"enabled": privacy})
         _run_demo(study, verbose)
     except MedGANError as exc:
         _fail(exc)
@@ -98,7 +105,8 @@ def _run_demo(study: StudyConfig, verbose: bool) -> None:
     simulated_here = (sites_dir / "study.json").exists()
     if not sites or (simulated_here and len(sites) != study.run.num_sites):
         console.print(f"No study of {study.run.num_sites} sites in {sites_dir}: simulating one.")
-        sites = _simulate(sites_dir, study.run.num_sites, 10, 16, 128, study.task.seed, force=simulated_here)
+        sites = _simulate(sites_dir, study.run.num_sites, DEMO_SUBJECTS, DEMO_SLICES, 128, study.task.seed,
+                          force=simulated_here)
     elif len(sites) != study.run.num_sites:
         raise MedGANError(f"{sites_dir} holds {len(sites)} site(s) but run.num-sites = {study.run.num_sites}")
     run_dir = Path(study.run.out_dir)
@@ -107,7 +115,12 @@ def _run_demo(study: StudyConfig, verbose: bool) -> None:
         console.print(f"An earlier run in {run_dir} was moved to {moved}.")
     console.print(f"[bold]Federated {study.task.name}[/] · {len(sites)} sites · {study.run.rounds} rounds · "
                   f"{study.task.local_steps} local steps · run folder {run_dir}")
-    console.print("[yellow]Note:[/] site training is not differentially private in this version.")
+    privacy = study.privacy
+    if privacy.enabled:
+        console.print(f"Privacy: DP-SGD at every site, budget ε = {privacy.target_epsilon:g} at δ = {privacy.delta:g}"
+                      + (f"; central DP σ = {privacy.central_noise_multiplier:g}" if privacy.central_noise_multiplier else ""))
+    else:
+        console.print("[yellow]Privacy: differential privacy is OFF for this study.[/]")
     first_swd: dict[str, float] = {}
 
     def show(summary: RoundSummary) -> None:
@@ -119,6 +132,8 @@ def _run_demo(study: StudyConfig, verbose: bool) -> None:
             parts.append(f"D {summary.train['loss-d']:.3f} · G {summary.train['loss-g']:.3f}")
         if swd is not None:
             parts.append(f"held-out SWD {swd:.4f} (round 0: {first_swd['swd']:.4f})")
+        if "epsilon" in summary.train:
+            parts.append(f"ε {summary.train['epsilon']:.2f}")
         parts.append(f"{summary.seconds:.1f} s")
         label = "initial model" if summary.server_round == 0 else ""
         console.print("  " + " · ".join(parts) + (f" [dim]{label}[/]" if label else ""))
@@ -132,6 +147,7 @@ def _run_demo(study: StudyConfig, verbose: bool) -> None:
     console.print(f"  metrics:     {run_dir / 'metrics.jsonl'}")
     console.print(f"  checkpoints: {run_dir / 'checkpoints'}")
     console.print(f"  samples:     {run_dir / 'samples'}  (round-000.png = untrained, last = final model)")
+    console.print(f"  privacy:     medgan privacy report {run_dir}")
 
 
 @app.command()
@@ -144,6 +160,21 @@ def report(run_dir: Path = typer.Argument(..., help="A run folder written by 'me
         folder = RunFolder(run_dir)
         write_report(folder, load_study(folder.config))
         console.print(f"wrote {folder.report}")
+    except MedGANError as exc:
+        _fail(exc)
+
+
+@privacy_app.command("report")
+def privacy_report_command(run_dir: Path = typer.Argument(..., help="A run folder.")) -> None:
+    """ε per site per round, δ, noise, clipping and sampling rate; writes privacy-report.md."""
+    from server.privacy_report import privacy_report
+    from server.run_folder import RunFolder
+
+    try:
+        from rich.markdown import Markdown
+
+        console.print(Markdown(privacy_report(RunFolder(run_dir))))
+        console.print(f"written to {run_dir / 'privacy-report.md'}")
     except MedGANError as exc:
         _fail(exc)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,12 @@ class RunFolder:
         self.archive_previous()
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.config, dump_study(study))
+        atomic_write_text(self.root / "study-id", uuid.uuid4().hex + "\n")
         return self
+
+    def study_id(self) -> str:
+        """A random id of this study: sites keep one privacy accountant per study id."""
+        return (self.root / "study-id").read_text().strip()
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         append_jsonl(self.metrics, record)

@@ -15,7 +15,7 @@ import torch  # noqa: E402
 from flwr.simulation import run_simulation  # noqa: E402
 
 from client.app import build_client_app  # noqa: E402
-from medgan_core.config import StudyConfig  # noqa: E402
+from medgan_core.config import SiteConfig, StudyConfig  # noqa: E402
 from medgan_core.errors import ConfigError  # noqa: E402
 from medgan_core.runtime import resolve_device  # noqa: E402
 from server.app import build_server_app  # noqa: E402
@@ -25,19 +25,23 @@ from flwr.app import Message  # noqa: E402
 
 def simulate_federation(
     study: StudyConfig,
-    site_paths: Sequence[str | Path],
+    site_paths: Sequence[str | Path | SiteConfig],
     run_dir: str | Path,
     *,
     progress: Callable[[RoundSummary], None] | None = None,
     on_train_replies: Callable[[int, list[Message]], None] | None = None,
     verbose: bool = False,
 ) -> Path:
-    """Train ``study`` across ``site_paths`` (one simulated hospital each); returns the run folder."""
+    """Train ``study`` across ``site_paths`` (one simulated hospital each); returns the run folder.
+
+    A site given as a path keeps its privacy state under ``RUN_DIR/site-state/<site>``.
+    """
     if len(site_paths) != study.run.num_sites:
         raise ConfigError(f"run.num-sites = {study.run.num_sites} but {len(site_paths)} site folder(s) were given")
-    for path in site_paths:
-        if not Path(path).exists():
-            raise ConfigError(f"site folder {path} does not exist; run 'medgan sites simulate' first")
+    sites = [_site(p, Path(run_dir)) for p in site_paths]
+    for site in sites:
+        if not Path(site.data_path).exists():
+            raise ConfigError(f"site folder {site.data_path} does not exist; run 'medgan sites simulate' first")
     use_gpu = resolve_device(study.run.device).type == "cuda"
     cpus = os.cpu_count() or 1
     backend_config = {
@@ -52,11 +56,18 @@ def simulate_federation(
     try:
         run_simulation(
             server_app=build_server_app(study, run_dir, progress=progress, on_train_replies=on_train_replies),
-            client_app=build_client_app([str(Path(p).resolve()) for p in site_paths]),
-            num_supernodes=len(site_paths),
+            client_app=build_client_app(sites),
+            num_supernodes=len(sites),
             backend_config=backend_config,  # type: ignore[arg-type]
             verbose_logging=verbose,
         )
     finally:
         flwr_logger.setLevel(level)
     return Path(run_dir)
+
+
+def _site(site: str | Path | SiteConfig, run_dir: Path) -> SiteConfig:
+    if isinstance(site, SiteConfig):
+        return site
+    path = Path(site).resolve()
+    return SiteConfig(str(path), state_dir=str((run_dir / "site-state" / path.name).resolve()))

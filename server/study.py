@@ -18,6 +18,7 @@ from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from medgan_core.config import StudyConfig
+from medgan_core.privacy.dp_sgd import validate_private_modules
 from medgan_core.tasks import Task, build_task
 from server.report import write_report
 from server.run_folder import RunFolder
@@ -59,6 +60,8 @@ def run_study(
     """Run every round of ``study`` and return the final global weights."""
     folder.start(study)
     task = build_task(study.task, "cpu")  # the server holds no images: it only previews G
+    if study.privacy.enabled:
+        validate_private_modules(task.private_modules)  # refuse before any site trains
     groups = list(task.groups)
     min_sites = max(1, ceil(study.run.fraction_train * study.run.num_sites))
     strategy = GroupedFedAvg(
@@ -70,8 +73,16 @@ def run_study(
         min_train_nodes=min_sites,
         min_evaluate_nodes=min_sites,
         min_available_nodes=study.run.num_sites,
+        central_noise_multiplier=study.privacy.central_noise_multiplier,
+        central_clipping_norm=study.privacy.central_clipping_norm,
+        central_seed=None if study.privacy.secure_rng else study.task.seed,
     )
-    round_config = ConfigRecord({**_task_items(study), "device": study.run.device})
+    round_config = ConfigRecord({
+        **_shared_items(study),
+        "device": study.run.device,
+        "planned-rounds": study.run.rounds,
+        "study-id": folder.study_id(),
+    })
     arrays = record_from_arrays(task.get_weights())
     timeout = study.run.round_timeout
 
@@ -99,8 +110,9 @@ def run_study(
     return arrays_from_record(arrays)
 
 
-def _task_items(study: StudyConfig) -> dict[str, object]:
-    return {k: v for k, v in study.to_flat().items() if k.startswith("task.")}
+def _shared_items(study: StudyConfig) -> dict[str, object]:
+    """What every site must know: the task and the privacy settings (not the run's paths)."""
+    return {k: v for k, v in study.to_flat().items() if k.startswith(("task.", "privacy."))}
 
 
 def _record_round(
@@ -140,6 +152,7 @@ def _record_round(
             "evaluate": summary.evaluate,
             "sites": list(sites.values()),
             "excluded": log.excluded,
+            "central-noise-std": log.central_noise_std,
             "update-norm": _update_norms(current, previous),
             "checkpoint": str(checkpoint.relative_to(folder.root)),
             "samples": str(samples.relative_to(folder.root)),

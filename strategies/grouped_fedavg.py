@@ -15,13 +15,15 @@ from logging import WARNING
 from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from medgan_core.arrays import check_arrays
 from medgan_core.errors import WeightsError
 from strategies.aggregation import aggregate_by_group
+from strategies.central_dp import CentralDP
 
 NUM_EXAMPLES = "num-examples"
 
@@ -41,6 +43,7 @@ class RoundLog:
     train: list[SiteReply] = field(default_factory=list)
     evaluate: list[SiteReply] = field(default_factory=list)
     excluded: list[dict[str, str | int]] = field(default_factory=list)
+    central_noise_std: float = 0.0
 
 
 def arrays_from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -60,13 +63,28 @@ class GroupedFedAvg(FedAvg):
         expected_shapes: Mapping[str, tuple[int, ...]],
         *,
         on_train_replies: Callable[[int, list[Message]], None] | None = None,
+        central_noise_multiplier: float = 0.0,
+        central_clipping_norm: float = 10.0,
+        central_seed: int | None = None,
         **fedavg_kwargs: object,
     ) -> None:
         super().__init__(**fedavg_kwargs)  # type: ignore[arg-type]
         self.groups = list(groups)
         self.expected_shapes = dict(expected_shapes)
         self.on_train_replies = on_train_replies
+        self.central = (
+            CentralDP(central_noise_multiplier, central_clipping_norm, central_seed)
+            if central_noise_multiplier > 0
+            else None
+        )
         self.rounds: dict[int, RoundLog] = {}
+        self._current: dict[str, np.ndarray] = {}
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._current = arrays_from_record(arrays)  # the reference for central-DP clipping
+        return super().configure_train(server_round, arrays, config, grid)
 
     def _log(self, server_round: int) -> RoundLog:
         return self.rounds.setdefault(server_round, RoundLog())
@@ -113,8 +131,12 @@ class GroupedFedAvg(FedAvg):
         self._log(server_round).train = accepted
         if not accepted:
             return None, None
-        weights = [r.num_examples for r in accepted]
-        mean = aggregate_by_group([r.arrays for r in accepted], weights, self.groups)
+        if self.central is not None:
+            mean = self.central.aggregate([r.arrays for r in accepted], self._current)
+            self._log(server_round).central_noise_std = self.central.last_std
+        else:
+            weights = [r.num_examples for r in accepted]
+            mean = aggregate_by_group([r.arrays for r in accepted], weights, self.groups)
         return record_from_arrays(mean), MetricRecord(weighted_metrics(accepted))
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:

@@ -22,6 +22,7 @@ def federated_run(tiny_sites: list[Path], tmp_path_factory: pytest.TempPathFacto
     study = StudyConfig().replace(
         run={"rounds": 2, "num_sites": 2, "device": "cpu"},
         task={"image_size": 16, "batch_size": 8, "local_steps": 3, "width": 8, "z_dim": 8, "eval_samples": 16},
+        privacy={"secure_rng": False},  # seeded DP noise, so that two runs can be compared
     )
     run_dir = tmp_path_factory.mktemp("run")
     received: dict[int, list[Message]] = {}
@@ -47,7 +48,10 @@ def test_run_folder_has_every_output(federated_run: dict) -> None:
         assert (run_dir / record["samples"]).is_file()
         assert len(record["sites"]) == 2 and not record["excluded"]
         assert np.isfinite(record["evaluate"]["swd"])
-    assert {"loss-d", "loss-g"} <= set(records[1]["train"])
+    assert {"loss-d", "loss-g", "epsilon"} <= set(records[1]["train"])
+    for site in records[2]["sites"]:  # DP is on by default: every site reports what it spent
+        assert 0 < site["train"]["epsilon"] <= site["train"]["epsilon-budget"] == 8.0
+        assert site["train"]["dp-steps"] == 6
     assert (run_dir / "config.toml").is_file()
     report = (run_dir / "report.md").read_text()
     assert "| 2 | 2 |" in report and "samples/round-002.png" in report
@@ -107,3 +111,50 @@ def test_same_seed_same_global_model(federated_run: dict, tiny_sites: list[Path]
     second, _ = load_checkpoint(tmp_path / "again" / "checkpoints" / "round-002.safetensors")
     for name, value in first.items():
         np.testing.assert_array_equal(value, second[name])
+
+
+def test_privacy_report_lists_every_site_and_round(federated_run: dict) -> None:
+    from server.privacy_report import privacy_report
+    from server.run_folder import RunFolder
+
+    text = privacy_report(RunFolder(federated_run["run_dir"]))
+    assert text.count("| 1 | ") == 2 and text.count("| 2 | ") == 2
+    assert "δ = 1e-05" in text and "seeded (testing only" in text
+    assert (federated_run["run_dir"] / "privacy-report.md").is_file()
+
+
+def test_a_site_out_of_budget_is_left_out_and_the_federation_goes_on(
+    tiny_sites: list[Path], tmp_path: Path
+) -> None:
+    from opacus.accountants import RDPAccountant
+
+    from medgan_core.config import SiteConfig
+    from medgan_core.data.dataset import load_site_data
+
+    study = StudyConfig().replace(
+        run={"rounds": 3, "num_sites": 2, "device": "cpu"},
+        task={"image_size": 16, "batch_size": 8, "local_steps": 3, "width": 8, "z_dim": 8, "eval_samples": 16},
+        privacy={"noise_multiplier": 1.0, "target_epsilon": 1000.0},
+    )
+    small = tiny_sites[0]
+    q = 8 / load_site_data(small, study.task).num_train
+    reference = RDPAccountant()
+    for _ in range(3):
+        reference.step(noise_multiplier=1.0, sample_rate=q)
+    one_round = reference.get_epsilon(delta=1e-5)
+    sites = [
+        SiteConfig(str(small), state_dir=str(tmp_path / "state-a"), epsilon_budget=one_round * 1.01),
+        SiteConfig(str(tiny_sites[1]), state_dir=str(tmp_path / "state-b")),
+    ]
+    received: dict[int, list[Message]] = {}
+    simulate_federation(study, sites, tmp_path / "run",
+                        on_train_replies=lambda rnd, replies: received.__setitem__(rnd, replies))
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [len(r["excluded"]) for r in records] == [0, 0, 1, 1]
+    assert "privacy budget reached" in records[2]["excluded"][0]["reason"]
+    # Rounds 2 and 3 aggregate the other site alone: the global model is exactly its update.
+    ok = [m for m in received[2] if not m.has_error()]
+    assert len(ok) == 1
+    final, _ = load_checkpoint(tmp_path / "run" / "checkpoints" / "round-002.safetensors")
+    for name, value in ok[0].content["arrays"].items():
+        np.testing.assert_allclose(final[name], value.numpy(), rtol=1e-6, atol=1e-7)

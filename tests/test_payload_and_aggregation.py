@@ -48,3 +48,19 @@ def test_aggregate_by_group_averages_each_group() -> None:
     np.testing.assert_allclose(out["generator.w"], 2.5)
     np.testing.assert_allclose(out["discriminator.w"], 5.0)
     assert set(split_groups(out)) == {"generator", "discriminator"}
+
+
+def test_central_dp_clips_each_site_and_adds_noise_of_the_right_size() -> None:
+    from strategies.central_dp import CentralDP
+
+    current = {"generator.w": np.zeros(10000, np.float32)}
+    far = {"generator.w": np.full(10000, 1.0, np.float32)}  # update norm 100
+    near = {"generator.w": np.full(10000, 0.001, np.float32)}  # update norm 0.1
+    quiet = CentralDP(noise_multiplier=1e-9, clipping_norm=1.0, seed=0)
+    out = quiet.aggregate([far, near], current)["generator.w"]
+    # far is clipped to norm 1 (0.01 per entry), near is kept, equal weights
+    np.testing.assert_allclose(out, (0.01 + 0.001) / 2, atol=1e-6)
+    noisy = CentralDP(noise_multiplier=2.0, clipping_norm=1.0, seed=0)
+    out = noisy.aggregate([far, near], current)["generator.w"]
+    assert noisy.last_std == pytest.approx(2.0 * 1.0 / 2)
+    assert np.std(out - 0.0055) == pytest.approx(1.0, rel=0.05)

@@ -1,0 +1,75 @@
+"""DP-SGD pieces: which layers Opacus can train, Poisson batches, private optimisers.
+
+A task hands its real-image modules to ``make_private`` once per round (a fresh wrap of
+a fresh module, so hooks never stack); the plain module stays what travels.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
+from opacus.validators import ModuleValidator
+from torch import nn
+
+from medgan_core.errors import PrivacyError
+
+
+@dataclass(frozen=True)
+class DPSettings:
+    """The DP-SGD parameters one site trains with in one round."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float
+    expected_batch_size: int
+    secure_rng: bool = True
+
+
+def privacy_generator(dp: DPSettings, seed: int) -> torch.Generator:
+    """The generator for Poisson sampling and noise: OS entropy unless ``secure_rng`` is off."""
+    generator = torch.Generator()
+    return generator.manual_seed(int.from_bytes(os.urandom(8), "little") if dp.secure_rng else seed)
+
+
+def validate_private_modules(modules: Mapping[str, nn.Module]) -> None:
+    """Refuse, before any training, a module Opacus cannot train privately; name the layer."""
+    for group, module in modules.items():
+        for name, layer in module.named_modules():
+            if any(True for _ in layer.children()):
+                continue
+            errors = ModuleValidator.validate(layer, strict=False)
+            if errors:
+                kind = type(layer).__name__
+                raise PrivacyError(
+                    f"{group}.{name or kind} ({kind}) cannot be trained with differential privacy: "
+                    f"{str(errors[0]).split('.')[0]}. Use GroupNorm/InstanceNorm instead."
+                )
+
+
+def make_private(
+    module: nn.Module, optimizer: torch.optim.Optimizer, dp: DPSettings, generator: torch.Generator | None = None
+) -> tuple[GradSampleModule, DPOptimizer]:
+    """Wrap ``module`` for per-sample gradients and ``optimizer`` for clipping and noise."""
+    wrapped = GradSampleModule(module)
+    private = DPOptimizer(
+        optimizer,
+        noise_multiplier=dp.noise_multiplier,
+        max_grad_norm=dp.max_grad_norm,
+        expected_batch_size=dp.expected_batch_size,
+        generator=generator,
+    )
+    return wrapped, private
+
+
+def poisson_batch(num_examples: int, sample_rate: float, generator: torch.Generator) -> torch.Tensor:
+    """Indices of a Poisson-sampled batch: each example is in it with probability ``sample_rate``.
+
+    The privacy analysis of DP-SGD (amplification by sampling) assumes exactly this, so the
+    batch size varies from step to step and can be 0.
+    """
+    return torch.nonzero(torch.rand(num_examples, generator=generator) < sample_rate).flatten()
