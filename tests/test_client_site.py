@@ -2,24 +2,33 @@ from pathlib import Path
 
 import pytest
 
-from client.site import resolve_data_path, site_seed
+from client.site import site_from_context, site_seed
+from medgan_core.config import SiteConfig
 from medgan_core.errors import ConfigError
 
 
-def test_deployed_node_uses_its_data_path(tiny_sites: list[Path]) -> None:
-    assert resolve_data_path({"data-path": str(tiny_sites[0])}, {}) == tiny_sites[0]
+def test_deployed_node_describes_its_site_in_node_config(tiny_sites: list[Path]) -> None:
+    node = {"data-path": str(tiny_sites[0]), "state-dir": "/var/medgan", "epsilon-budget": 3.0, "site-name": "st-mary"}
+    site = site_from_context(node, {})
+    assert site == SiteConfig(str(tiny_sites[0]), name="st-mary", state_dir="/var/medgan", epsilon_budget=3.0)
+    assert site.site_name == "st-mary"
     with pytest.raises(ConfigError, match="does not exist"):
-        resolve_data_path({"data-path": "/no/such/site"}, {})
+        site_from_context({"data-path": "/no/such/site"}, {})
     with pytest.raises(ConfigError, match="data-path"):
-        resolve_data_path({}, {})
+        site_from_context({}, {})
+    with pytest.raises(ConfigError, match="epsilon-budget"):
+        site_from_context({"data-path": str(tiny_sites[0]), "epsilon-budget": -1.0}, {})
 
 
-def test_simulated_node_maps_partition_to_site(tiny_sites: list[Path]) -> None:
-    sites_dir = str(tiny_sites[0].parent)
-    paths = [resolve_data_path({"partition-id": i}, {"run.sites-dir": sites_dir}) for i in range(2)]
-    assert paths == sorted(tiny_sites)
+def test_simulated_node_maps_partition_to_site(tiny_sites: list[Path], tmp_path: Path) -> None:
+    run_config = {"run.sites-dir": str(tiny_sites[0].parent), "run.out-dir": str(tmp_path)}
+    sites = [site_from_context({"partition-id": i}, run_config) for i in range(2)]
+    assert [Path(s.data_path) for s in sites] == sorted(tiny_sites)
+    assert sites[0].state_dir == str(tmp_path / "site-state" / sorted(tiny_sites)[0].name)
     with pytest.raises(ConfigError, match="has no site"):
-        resolve_data_path({"partition-id": 5}, {"run.sites-dir": sites_dir})
+        site_from_context({"partition-id": 5}, run_config)
+    given = [SiteConfig(str(tiny_sites[1]), state_dir="/s")]
+    assert site_from_context({"partition-id": 0}, {}, given) == given[0]
 
 
 def test_site_seed_is_stable_and_differs_by_site_and_round() -> None:
