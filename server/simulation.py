@@ -19,6 +19,7 @@ from medgan_core.config import SiteConfig, StudyConfig  # noqa: E402
 from medgan_core.errors import ConfigError  # noqa: E402
 from medgan_core.runtime import resolve_device  # noqa: E402
 from server.app import build_server_app  # noqa: E402
+from server.secagg import build_secagg_client_app, build_secagg_server_app  # noqa: E402
 from server.study import RoundSummary  # noqa: E402
 from flwr.app import Message  # noqa: E402
 
@@ -54,9 +55,15 @@ def simulate_federation(
     if not verbose:
         flwr_logger.setLevel(logging.ERROR)
     try:
+        if study.privacy.secagg:
+            server_app = build_secagg_server_app(study, run_dir, progress)
+            client_app = build_secagg_client_app(sites)
+        else:
+            server_app = build_server_app(study, run_dir, progress=progress, on_train_replies=on_train_replies)
+            client_app = build_client_app(sites)
         run_simulation(
-            server_app=build_server_app(study, run_dir, progress=progress, on_train_replies=on_train_replies),
-            client_app=build_client_app(sites),
+            server_app=server_app,
+            client_app=client_app,
             num_supernodes=len(sites),
             backend_config=backend_config,  # type: ignore[arg-type]
             verbose_logging=verbose,

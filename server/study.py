@@ -77,12 +77,7 @@ def run_study(
         central_clipping_norm=study.privacy.central_clipping_norm,
         central_seed=None if study.privacy.secure_rng else study.task.seed,
     )
-    round_config = ConfigRecord({
-        **_shared_items(study),
-        "device": study.run.device,
-        "planned-rounds": study.run.rounds,
-        "study-id": folder.study_id(),
-    })
+    round_config = ConfigRecord(round_config_items(study, folder))
     arrays = record_from_arrays(task.get_weights())
     timeout = study.run.round_timeout
 
@@ -101,7 +96,7 @@ def run_study(
         )
         strategy.aggregate_evaluate(server_round, replies)
         current = arrays_from_record(arrays)
-        summary = _record_round(study, folder, task, server_round, current, previous, strategy.rounds.get(server_round))
+        summary = record_round(study, folder, task, server_round, current, previous, strategy.rounds.get(server_round))
         summary.seconds = time.monotonic() - started
         if progress is not None:
             progress(summary)
@@ -110,12 +105,14 @@ def run_study(
     return arrays_from_record(arrays)
 
 
-def _shared_items(study: StudyConfig) -> dict[str, object]:
-    """What every site must know: the task and the privacy settings (not the run's paths)."""
-    return {k: v for k, v in study.to_flat().items() if k.startswith(("task.", "privacy."))}
+def round_config_items(study: StudyConfig, folder: RunFolder) -> dict[str, object]:
+    """What every site must know each round: task and privacy settings (not the run's paths),
+    the planned number of rounds (for the DP noise), the study id (for the accountant)."""
+    shared = {k: v for k, v in study.to_flat().items() if k.startswith(("task.", "privacy."))}
+    return {**shared, "device": study.run.device, "planned-rounds": study.run.rounds, "study-id": folder.study_id()}
 
 
-def _record_round(
+def record_round(
     study: StudyConfig,
     folder: RunFolder,
     task: Task,

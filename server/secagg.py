@@ -1,0 +1,170 @@
+"""Secure aggregation (SecAgg+): the coordinator sees only the sum of the sites' updates.
+
+In Flower 1.42 SecAgg+ exists only on the legacy stack: a ``SecAggPlusWorkflow`` inside a
+``DefaultWorkflow`` with a ``LegacyContext`` on the server, ``secaggplus_mod`` around a
+``NumPyClient`` on the sites. This module is that path. Each site masks ``[w, w * weights]``
+(w = its sample count); the server unmasks only the sum and so obtains the same
+sample-weighted mean as plain FedAvg, up to quantisation (clipping range ±8).
+
+Site training, DP-SGD and the accountant are the same code as the plain path
+(``medgan_core.site_round``); the run folder gets the same files.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from flwr.app import Context
+from flwr.clientapp import ClientApp
+from flwr.common import Parameters, Scalar, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.compat.client.numpy_client import NumPyClient
+from flwr.client.mod import secaggplus_mod
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.strategy import FedAvg as LegacyFedAvg
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.serverapp import Grid, ServerApp
+
+from client.site import cached_site_data, site_from_context, site_seed
+from medgan_core.arrays import check_arrays
+from medgan_core.config import SiteConfig, StudyConfig, privacy_config_from_flat, task_config_from_flat
+from medgan_core.privacy.dp_sgd import validate_private_modules
+from medgan_core.runtime import resolve_device
+from medgan_core.site_round import train_site_round
+from medgan_core.tasks import Task, build_task
+from server.report import write_report
+from server.run_folder import RunFolder
+from server.study import RoundSummary, record_round, round_config_items
+from strategies.grouped_fedavg import RoundLog, SiteReply, weighted_metrics
+
+CLIPPING_RANGE = 8.0  # SecAgg+ quantises each weight within ±8: far beyond GAN weights here
+
+
+def ordered_names(task: Task) -> list[str]:
+    """The legacy stack sends unnamed lists; both sides use this fixed order."""
+    return sorted(task.weight_shapes())
+
+
+# --- site side ----------------------------------------------------------------------
+class SiteNumPyClient(NumPyClient):
+    def __init__(self, site: SiteConfig) -> None:
+        self.site = site
+
+    def _task(self, parameters: list[np.ndarray], config: dict[str, Scalar]) -> Task:
+        device = resolve_device(self.site.device if self.site.device != "auto" else str(config.get("device", "auto")))
+        task = build_task(task_config_from_flat(config), device)
+        names = ordered_names(task)
+        task.set_weights(dict(zip(names, parameters)), source="global model from the server")
+        return task
+
+    def fit(self, parameters: list[np.ndarray], config: dict[str, Scalar]) -> tuple[list[np.ndarray], int, dict]:
+        task = self._task(parameters, config)
+        data = cached_site_data(self.site.data_path, task.config)
+        metrics = train_site_round(
+            task, data, self.site, privacy_config_from_flat(config),
+            planned_rounds=int(config["planned-rounds"]), study_id=str(config["study-id"]),
+            seed=site_seed(task.config.seed, int(config["server-round"]), self.site.data_path),
+        )
+        weights = task.get_weights()
+        check_arrays(weights, task.weight_shapes(), "local update")
+        return [weights[n] for n in ordered_names(task)], data.num_train, metrics
+
+    def evaluate(self, parameters: list[np.ndarray], config: dict[str, Scalar]) -> tuple[float, int, dict]:
+        task = self._task(parameters, config)
+        data = cached_site_data(self.site.data_path, task.config)
+        metrics = task.evaluate(data)
+        return float(metrics["swd"]), int(data.test.shape[0]), metrics
+
+
+def build_secagg_client_app(sites: Sequence[SiteConfig] | None = None) -> ClientApp:
+    def client_fn(context: Context):  # type: ignore[no-untyped-def]
+        return SiteNumPyClient(site_from_context(context.node_config, context.run_config, sites)).to_client()
+
+    return ClientApp(client_fn=client_fn, mods=[secaggplus_mod])
+
+
+# --- coordinator side ----------------------------------------------------------------
+class RecordingFedAvg(LegacyFedAvg):
+    """Legacy FedAvg that writes the run folder: checkpoint, samples, metrics, per round."""
+
+    def __init__(self, study: StudyConfig, folder: RunFolder, task: Task,
+                 progress: Callable[[RoundSummary], None] | None, **kwargs: object) -> None:
+        config = round_config_items(study, folder)
+        super().__init__(
+            on_fit_config_fn=lambda rnd: {**config, "server-round": rnd},
+            on_evaluate_config_fn=lambda rnd: {**config, "server-round": rnd},
+            initial_parameters=ndarrays_to_parameters([task.get_weights()[n] for n in ordered_names(task)]),
+            **kwargs,  # type: ignore[arg-type]
+        )
+        self.study, self.folder, self.task, self.progress = study, folder, task, progress
+        self.names = ordered_names(task)
+        self.current = task.get_weights()
+        self.logs: dict[int, RoundLog] = {}
+        self.started = time.monotonic()
+
+    def aggregate_fit(self, server_round, results, failures):  # type: ignore[no-untyped-def]
+        log = self.logs.setdefault(server_round, RoundLog())
+        log.train = [SiteReply(proxy.node_id, float(res.num_examples), {k: float(v) for k, v in res.metrics.items()}, {})
+                     for proxy, res in results]
+        log.excluded = [{"node": -1, "reason": f"site error: {f}"} for f in failures]
+        parameters, _ = super().aggregate_fit(server_round, results, failures)
+        if parameters is not None:
+            arrays = dict(zip(self.names, parameters_to_ndarrays(parameters)))
+            check_arrays(arrays, self.task.weight_shapes(), f"secure aggregate of round {server_round}")
+        return parameters, weighted_metrics(log.train)
+
+    def evaluate(self, server_round: int, parameters: Parameters):  # type: ignore[override]
+        if server_round == 0:  # the initial model; rounds >= 1 are recorded after client evaluation
+            self._record(0, parameters)
+        self._latest = parameters
+        return None
+
+    def aggregate_evaluate(self, server_round, results, failures):  # type: ignore[no-untyped-def]
+        log = self.logs.setdefault(server_round, RoundLog())
+        log.evaluate = [SiteReply(proxy.node_id, float(res.num_examples), {k: float(v) for k, v in res.metrics.items()}, {})
+                        for proxy, res in results]
+        self._record(server_round, self._latest)
+        return None, weighted_metrics(log.evaluate)
+
+    def _record(self, server_round: int, parameters: Parameters) -> None:
+        arrays = dict(zip(self.names, parameters_to_ndarrays(parameters)))
+        summary = record_round(self.study, self.folder, self.task, server_round, arrays, self.current,
+                               self.logs.get(server_round))
+        summary.seconds = time.monotonic() - self.started
+        self.started = time.monotonic()
+        self.current = arrays
+        if self.progress is not None:
+            self.progress(summary)
+
+
+def build_secagg_server_app(
+    study: StudyConfig, run_dir: str | Path, progress: Callable[[RoundSummary], None] | None = None
+) -> ServerApp:
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        folder = RunFolder(Path(run_dir)).start(study)
+        task = build_task(study.task, "cpu")
+        if study.privacy.enabled:
+            validate_private_modules(task.private_modules)
+        n = study.run.num_sites
+        strategy = RecordingFedAvg(
+            study, folder, task, progress,
+            fraction_fit=1.0, fraction_evaluate=1.0, min_fit_clients=n, min_evaluate_clients=n, min_available_clients=n,
+        )
+        legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=study.run.rounds), strategy=strategy)
+        workflow = DefaultWorkflow(
+            fit_workflow=SecAggPlusWorkflow(
+                # Share keys with every site; any two thirds (at least 2) can rebuild a dropped
+                # site's mask, fewer learn nothing.
+                num_shares=1.0, reconstruction_threshold=2 / 3,
+                clipping_range=CLIPPING_RANGE, timeout=study.run.round_timeout,
+            )
+        )
+        workflow(grid, legacy)
+        write_report(folder, study)
+
+    return app
