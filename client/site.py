@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from medgan_core.config import SiteConfig, TaskConfig
-from medgan_core.data.dataset import SiteData, load_site_data
+from medgan_core.data.dataset import SiteData
+from medgan_core.tasks.registry import load_task_data
 from medgan_core.data.simulate import find_sites
 from medgan_core.errors import ConfigError
 
@@ -50,7 +51,7 @@ def site_from_context(
 @lru_cache(maxsize=4)
 def cached_site_data(data_path: str, task: TaskConfig) -> SiteData:
     """Decode a site's images once per process, not every round (read-only cache)."""
-    return load_site_data(data_path, task)
+    return load_task_data(data_path, task)
 
 
 def site_seed(base_seed: int, server_round: int, data_path: str | Path) -> int:

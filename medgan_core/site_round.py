@@ -40,10 +40,11 @@ def train_site_round(
     if not site.state_dir:
         raise ConfigError(f"site {site.site_name}: no state-dir; differential privacy needs one to keep its accountant")
     validate_private_modules(task.private_modules)
-    dp = plan_dp(privacy, data.num_train, task.config.batch_size, planned_rounds * steps)
+    releases = planned_rounds * steps * task.dp_releases_per_step
+    dp = plan_dp(privacy, data.num_train, task.config.batch_size, releases)
     accountant = SiteAccountant(privacy.accountant, privacy.delta, accountant_path(site.state_dir, study_id))
     budget = site.budget(privacy)
-    check_budget(accountant, dp, steps, budget, site.site_name)
+    check_budget(accountant, dp, steps * task.dp_releases_per_step, budget, site.site_name)
     metrics = task.train(data, steps, seed, dp=dp, accountant=accountant)
     accountant.save()  # before the update leaves: a crash after this over-counts, never under-counts
     return {

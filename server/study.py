@@ -33,7 +33,6 @@ from strategies.grouped_fedavg import (
     weighted_metrics,
 )
 
-PREVIEW_IMAGES = 16
 
 
 @dataclass
@@ -126,7 +125,7 @@ def record_round(
     checkpoint = save_checkpoint(
         folder.checkpoint(server_round), current, {"round": server_round, "study": study.to_dict()}
     )
-    samples = save_grid(task.preview(PREVIEW_IMAGES), folder.samples(server_round))
+    samples = save_grid(task.preview(task.preview_count), folder.samples(server_round), columns=task.preview_columns)
     summary = RoundSummary(
         server_round=server_round,
         rounds=study.run.rounds,

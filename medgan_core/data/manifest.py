@@ -2,8 +2,9 @@
 
 Columns: ``file`` (relative to the manifest; a folder means a DICOM series),
 ``subject``, ``modality`` (CT or MR), ``split`` (train, val or test), and optionally
-``domain`` (scanner / protocol), ``label`` (class) and ``pair_id`` (links images of one
-subject across modalities for paired tasks).
+``domain`` (scanner / protocol; a domain ending in ``-low-dose`` marks a reduced-dose
+series), ``label`` (class) and ``pair_id`` (links images of one subject across
+modalities or doses for paired tasks).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from medgan_core.data.volume import Volume
 from medgan_core.errors import DataError
 
 REQUIRED_COLUMNS = ("file", "subject", "modality", "split")
+LOW_DOSE = "-low-dose"  # a domain ending in this marks a reduced-dose acquisition
 SPLITS = ("train", "val", "test")
 
 
@@ -42,11 +44,17 @@ class Manifest:
     def root(self) -> Path:
         return self.path.parent
 
-    def select(self, *, modality: str | None = None, split: str | None = None) -> list[ManifestEntry]:
+    def select(
+        self, *, modality: str | None = None, split: str | None = None, low_dose: bool | None = False
+    ) -> list[ManifestEntry]:
+        """Entries by modality and split; reduced-dose series only when ``low_dose`` asks
+        (True: only them, None: all)."""
         return [
             e
             for e in self.entries
-            if (modality is None or e.modality == modality) and (split is None or e.split == split)
+            if (modality is None or e.modality == modality)
+            and (split is None or e.split == split)
+            and (low_dose is None or e.domain.endswith(LOW_DOSE) == low_dose)
         ]
 
     def load(self, entry: ManifestEntry) -> Volume:

@@ -6,7 +6,8 @@ seeded random model. The same anatomy is imaged twice:
 
 * CT: tissue HU -> linear attenuation -> parallel-beam projections (Radon transform)
   -> Poisson photon counts at the site's tube dose -> filtered back-projection with the
-  site's reconstruction kernel -> HU with the site's calibration offset.
+  site's reconstruction kernel -> HU with the site's calibration offset. The same
+  projections at a quarter of the dose give a paired low-dose series (denoising).
 * MR: tissue proton density, T1, T2 -> spin-echo signal at the site's TR/TE -> smooth
   multiplicative bias field -> Rician noise -> scanner gain.
 
@@ -19,16 +20,21 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 from scipy.ndimage import gaussian_filter
 from skimage.transform import iradon, radon
 
 from medgan_core.data.dicom_io import write_dicom_series
-from medgan_core.data.manifest import ManifestEntry, write_manifest
+from medgan_core.data.manifest import LOW_DOSE, ManifestEntry, write_manifest
 from medgan_core.data.nifti_io import write_nifti
 from medgan_core.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+    from medgan_core.config import TaskConfig
 
 # Tissue table: label -> (HU, proton density, T1 ms, T2 ms) at 1.5 T.
 AIR, FAT, SOFT, LIVER, KIDNEY, AORTA, CANCELLOUS, CORTICAL, CANAL, GAS, LESION = range(11)
@@ -46,6 +52,7 @@ TISSUES: dict[int, tuple[float, float, float, float]] = {
     LESION: (25.0, 0.9, 1100.0, 110.0),
 }
 MU_WATER_PER_MM = 0.0193  # linear attenuation of water at ~70 keV
+LOW_DOSE_FRACTION = 0.25  # quarter dose, as in the AAPM low-dose CT challenge
 SPLIT_FRACTIONS = (0.7, 0.1, 0.2)  # train, val, test by subject
 
 
@@ -161,8 +168,17 @@ def _texture(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> 
 
 
 # --- imaging physics -----------------------------------------------------------------
-def ct_acquire(hu: np.ndarray, profile: SiteProfile, pixel_mm: float, rng: np.random.Generator) -> np.ndarray:
-    """Low-dose-aware CT of one (rows, cols) slice: Poisson noise on the sinogram, FBP."""
+def ct_acquire(
+    hu: np.ndarray, profile: SiteProfile, pixel_mm: float, rng: np.random.Generator, dose: float = 1.0
+) -> np.ndarray:
+    """CT of one (rows, cols) slice at ``dose`` × the site's dose: Poisson noise on the sinogram, FBP."""
+    return ct_acquire_doses(hu, profile, pixel_mm, rng, (dose,))[0]
+
+
+def ct_acquire_doses(
+    hu: np.ndarray, profile: SiteProfile, pixel_mm: float, rng: np.random.Generator, doses: tuple[float, ...]
+) -> list[np.ndarray]:
+    """One projection of the anatomy, reconstructed at several doses (paired low/full dose)."""
     size = hu.shape[0]
     mu = np.clip(MU_WATER_PER_MM * (1.0 + hu / 1000.0), 0, None)
     yy, xx = np.mgrid[:size, :size]
@@ -170,12 +186,16 @@ def ct_acquire(hu: np.ndarray, profile: SiteProfile, pixel_mm: float, rng: np.ra
     mu[outside] = 0.0
     angles = np.linspace(0.0, 180.0, 180, endpoint=False)
     line_integrals = radon(mu, angles, circle=True) * pixel_mm
-    counts = rng.poisson(profile.ct_photons * np.exp(-line_integrals))
-    measured = -np.log(np.maximum(counts, 1) / profile.ct_photons)
-    mu_rec = iradon(measured / pixel_mm, angles, circle=True, filter_name=profile.ct_kernel)
-    hu_rec = (mu_rec / MU_WATER_PER_MM - 1.0) * 1000.0 + profile.ct_offset_hu
-    hu_rec[outside] = -1000.0
-    return np.clip(hu_rec, -1024.0, 3071.0).astype(np.float32)
+    images = []
+    for dose in doses:
+        photons = profile.ct_photons * dose
+        counts = rng.poisson(photons * np.exp(-line_integrals))
+        measured = -np.log(np.maximum(counts, 1) / photons)
+        mu_rec = iradon(measured / pixel_mm, angles, circle=True, filter_name=profile.ct_kernel)
+        hu_rec = (mu_rec / MU_WATER_PER_MM - 1.0) * 1000.0 + profile.ct_offset_hu
+        hu_rec[outside] = -1000.0
+        images.append(np.clip(hu_rec, -1024.0, 3071.0).astype(np.float32))
+    return images
 
 
 def mr_acquire(labels: np.ndarray, texture: np.ndarray, profile: SiteProfile, rng: np.random.Generator) -> np.ndarray:
@@ -230,18 +250,26 @@ def simulate_site(
         for label, (value, *_rest) in TISSUES.items():
             hu[labels == label] = value
         hu += np.where(labels == AIR, 0.0, 8.0 * texture)
-        ct = np.stack([ct_acquire(hu[k], profile, pixel_mm, rng) for k in range(n_slices)])
+        pairs = [ct_acquire_doses(hu[k], profile, pixel_mm, rng, (1.0, LOW_DOSE_FRACTION)) for k in range(n_slices)]
+        ct = np.stack([p[0] for p in pairs])
+        ct_low = np.stack([p[1] for p in pairs])
         mr = mr_acquire(labels, texture, profile, rng)
         ct_rel = Path("ct") / subject
+        low_rel = Path("ct-low-dose") / subject
         mr_rel = Path("mr") / f"{subject}.nii.gz"
         write_dicom_series(
             ct, out_dir / ct_rel, spacing=(pixel_mm, pixel_mm, slice_mm), patient_id=subject,
             manufacturer=f"{profile.name} CT", seed=seed + s,
         )
+        write_dicom_series(
+            ct_low, out_dir / low_rel, spacing=(pixel_mm, pixel_mm, slice_mm), patient_id=subject,
+            manufacturer=f"{profile.name} CT", seed=seed + s + 500,
+        )
         affine = np.diag([pixel_mm, pixel_mm, slice_mm, 1.0])
         write_nifti(mr.transpose(2, 1, 0), affine, out_dir / mr_rel)
         label = "lesion" if has_lesion else "normal"
         entries.append(ManifestEntry(str(ct_rel), subject, "CT", split, f"{profile.name}-ct", label, subject))
+        entries.append(ManifestEntry(str(low_rel), subject, "CT", split, f"{profile.name}-ct{LOW_DOSE}", label, subject))
         entries.append(ManifestEntry(str(mr_rel), subject, "MR", split, f"{profile.name}-mr", label, subject))
         if progress:
             progress(f"{profile.name}: subject {s + 1}/{n_subjects}")
@@ -282,3 +310,22 @@ def find_sites(sites_dir: str | Path) -> list[Path]:
     if study.is_file():
         return [sites_dir / name for name in json.loads(study.read_text())["sites"]]
     return sorted(p.parent for p in sites_dir.glob("*/manifest.csv"))
+
+
+def phantom_ct_pairs(n: int, task: "TaskConfig", seed: int = 0) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """``n`` (low-dose, full-dose) CT slices of one phantom subject, windowed and resized
+    like a site's data. The coordinator uses these for preview grids: no patient data."""
+    from medgan_core.data.preprocess import resize_slices, window_ct
+
+    rng = np.random.default_rng(seed + 424242)
+    profile = DEFAULT_SITES[0]
+    size = 128
+    labels = phantom_labels(rng, size, n, profile.body_scale, lesion=True)
+    hu = np.zeros(labels.shape, np.float32)
+    for label, (value, *_rest) in TISSUES.items():
+        hu[labels == label] = value
+    pairs = [ct_acquire_doses(hu[k], profile, 400.0 / size, rng, (1.0, LOW_DOSE_FRACTION)) for k in range(n)]
+    window = (task.window_low, task.window_high)
+    full = resize_slices(window_ct(np.stack([p[0] for p in pairs]), *window), task.image_size)
+    low = resize_slices(window_ct(np.stack([p[1] for p in pairs]), *window), task.image_size)
+    return low, full

@@ -11,10 +11,11 @@ from typing import ClassVar, Mapping
 
 import numpy as np
 import torch
+from opacus import GradSampleModule
 from torch import nn
 
 from medgan_core.config import TaskConfig
-from medgan_core.data.dataset import SiteData
+from medgan_core.data.dataset import SINGLE, SiteData
 from medgan_core.models.weights import expected_shapes, group_arrays, load_group_arrays
 from medgan_core.privacy.accountant import SiteAccountant
 from medgan_core.privacy.dp_sgd import DPSettings
@@ -26,6 +27,17 @@ class Task(ABC):
     name: ClassVar[str]
     #: Parameter groups that read real images and so must train with DP-SGD.
     private_groups: ClassVar[tuple[str, ...]]
+    #: What the task reads from a site (see ``medgan_core.data.dataset``).
+    data_kind: ClassVar[str] = SINGLE
+    #: Columns of the per-round sample grid (3: input | output | target).
+    preview_columns: ClassVar[int] = 4
+    #: How many previews (images, or input/output/target rows) a grid shows.
+    preview_count: ClassVar[int] = 16
+
+    @property
+    def dp_releases_per_step(self) -> int:
+        """Private networks updated per step on the same batch: each is one DP release."""
+        return len(self.private_groups)
 
     def __init__(self, config: TaskConfig, device: torch.device | str = "cpu") -> None:
         self.config = config
@@ -57,7 +69,8 @@ class Task(ABC):
 
     @abstractmethod
     def preview(self, n: int) -> torch.Tensor:
-        """``n`` model outputs in [-1, 1], shape (n, 1, H, W), for sample grids."""
+        """Images in [-1, 1], shape (k, 1, H, W), for sample grids: ``n`` outputs, or
+        ``n`` rows of ``preview_columns`` for image-to-image tasks. Never patient data."""
 
     @property
     def private_modules(self) -> dict[str, nn.Module]:
@@ -71,3 +84,16 @@ class Task(ABC):
 
     def weight_shapes(self) -> dict[str, tuple[int, ...]]:
         return expected_shapes(self.groups)
+
+
+def set_hooks(module: nn.Module, enabled: bool) -> None:
+    """Switch Opacus' per-sample gradient hooks (no-op on a plain module)."""
+    if isinstance(module, GradSampleModule):
+        module.enable_hooks() if enabled else module.disable_hooks()
+
+
+def close_private(*modules: nn.Module) -> None:
+    """Remove Opacus hooks so the plain modules can be wrapped again next round."""
+    for module in modules:
+        if isinstance(module, GradSampleModule):
+            module._close()

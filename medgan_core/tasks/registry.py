@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from medgan_core.config import TaskConfig
+from medgan_core.data.dataset import SiteData, load_site_data
 from medgan_core.errors import ConfigError
 from medgan_core.tasks.base import Task
 
 
 def _registry() -> dict[str, type[Task]]:
+    from medgan_core.tasks.denoise import DenoiseTask
     from medgan_core.tasks.synthesis import SynthesisTask
 
-    return {cls.name: cls for cls in (SynthesisTask,)}
+    return {cls.name: cls for cls in (SynthesisTask, DenoiseTask)}
 
 
 def task_names() -> list[str]:
@@ -25,3 +29,12 @@ def build_task(config: TaskConfig, device: torch.device | str = "cpu") -> Task:
     except KeyError:
         raise ConfigError(f"unknown task {config.name!r}; choose one of {', '.join(task_names())}") from None
     return cls(config, device)
+
+
+def load_task_data(data_path: str | Path, config: TaskConfig) -> SiteData:
+    """A site's data in the form its task needs (single images or low/full-dose pairs)."""
+    try:
+        kind = _registry()[config.name].data_kind
+    except KeyError:
+        raise ConfigError(f"unknown task {config.name!r}; choose one of {', '.join(task_names())}") from None
+    return load_site_data(data_path, config, kind)

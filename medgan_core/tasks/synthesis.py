@@ -6,7 +6,6 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from opacus import GradSampleModule
 from torch import nn
 
 from medgan_core.config import TaskConfig
@@ -16,7 +15,7 @@ from medgan_core.models.dcgan import DCGANDiscriminator, DCGANGenerator, init_dc
 from medgan_core.privacy.accountant import SiteAccountant
 from medgan_core.privacy.dp_sgd import DPSettings, make_private, poisson_batch, privacy_generator
 from medgan_core.runtime import seeded
-from medgan_core.tasks.base import Task
+from medgan_core.tasks.base import Task, close_private, set_hooks
 
 
 class SynthesisTask(Task):
@@ -66,8 +65,7 @@ class SynthesisTask(Task):
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 return self._train_loop(data, steps, rng, sampler, discriminator, opt_d, opt_g, dp, accountant)
         finally:
-            if isinstance(discriminator, GradSampleModule):
-                discriminator._close()  # remove hooks: the plain module can be wrapped again
+            close_private(discriminator)
 
     def _train_loop(
         self,
@@ -114,12 +112,12 @@ class SynthesisTask(Task):
 
             # Generator: learns only through D's judgement of generated images
             # (post-processing of the private D), so D's per-sample hooks are off here.
-            _set_hooks(discriminator, enabled=False)
+            set_hooks(discriminator, enabled=False)
             loss_g = F.softplus(-discriminator(fake)).mean()
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
             opt_g.step()
-            _set_hooks(discriminator, enabled=True)
+            set_hooks(discriminator, enabled=True)
 
             updates += 1
             totals["loss-d"] += (loss_real + loss_fake).item()
@@ -144,8 +142,3 @@ class SynthesisTask(Task):
     def preview(self, n: int) -> torch.Tensor:
         return self.sample(n, seed=self.config.seed + 104729)
 
-
-def _set_hooks(module: nn.Module, enabled: bool) -> None:
-    """Switch Opacus' per-sample gradient hooks (no-op on a plain module)."""
-    if isinstance(module, GradSampleModule):
-        module.enable_hooks() if enabled else module.disable_hooks()
