@@ -81,7 +81,9 @@ def main() -> None:
     torch.set_num_threads(2)
     if not (args.data / "manifest.csv").exists():
         print(f"simulating the audit site in {args.data} …", flush=True)
-        simulate_site(DEFAULT_SITES[2], args.data, n_subjects=16, n_slices=16, size=128, seed=11)
+        # Many subjects with few slices each: membership is judged against 12 held-out
+        # subjects, so one unusual patient cannot masquerade as a membership signal.
+        simulate_site(DEFAULT_SITES[2], args.data, n_subjects=60, n_slices=4, size=128, seed=11)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name, config in TASKS.items():
@@ -108,10 +110,10 @@ def main() -> None:
 def write_markdown(rows: list[dict], path: Path, args: argparse.Namespace) -> None:
     lines = [
         "# Privacy audit", "",
-        f"One simulated site (hospital-c profile, {rows[0]['train_images']} training slices for synthesis), "
+        f"One simulated site (hospital-c profile, 42 training subjects, {rows[0]['train_images']} training slices), "
         f"{args.steps} local DP-SGD steps, δ = 1e-5, C = 1. Command: `python benchmarks/privacy_audit.py --steps {args.steps}`.",
         "The attack's advantage is |2·AUC − 1|: an attacker who learns which direction separates",
-        "members also exploits an AUC below 0.5. The held-out split is 3 subjects (48 slices), so",
+        "members also exploits an AUC below 0.5. The held-out split is 12 subjects (48 slices), so",
         "an AUC also reflects how those subjects differ from the training ones, not only membership:",
         "read differences under about 0.1 as noise.",
         "", "| task | ε target | ε spent | σ | MIA AUC | attack advantage | utility |", "|---|---:|---:|---:|---:|---:|---|",

@@ -17,7 +17,7 @@ def test_sites_simulate_writes_sites_and_refuses_to_overwrite(tmp_path: Path) ->
     assert result.exit_code == 0, result.output
     sites = sorted(p for p in out.iterdir() if p.is_dir())
     assert [p.name for p in sites] == ["site-01-hospital-a", "site-02-hospital-b"]
-    assert len(read_manifest(sites[0]).entries) == 6
+    assert len(read_manifest(sites[0]).entries) == 9  # 3 subjects x (CT, quarter-dose CT, MR)
     again = runner.invoke(app, args)
     assert again.exit_code == 2 and "--force" in again.output
     assert runner.invoke(app, args + ["--force"]).exit_code == 0
@@ -32,3 +32,21 @@ def test_demo_with_bad_config_fails_cleanly(tmp_path: Path) -> None:
     assert "Traceback" not in result.output
     missing = runner.invoke(app, ["demo", "--config", str(tmp_path / "none.toml")])
     assert missing.exit_code == 2 and "does not exist" in missing.output
+
+
+def test_privacy_report_command(tmp_path: Path) -> None:
+    from medgan_core.config import StudyConfig
+    from server.run_folder import RunFolder
+
+    folder = RunFolder(tmp_path / "run").start(StudyConfig())
+    dp = {"epsilon": 2.5, "epsilon-budget": 8.0, "delta": 1e-5, "noise-multiplier": 1.2, "max-grad-norm": 1.0,
+          "sample-rate": 0.05, "dp-steps": 100.0}
+    folder.append_metrics({"round": 1, "sites": [{"node": 7, "train": dp}],
+                           "excluded": [{"node": 9, "reason": "site error: privacy budget reached"}]})
+    result = runner.invoke(app, ["privacy", "report", str(folder.root)])
+    assert result.exit_code == 0, result.output
+    text = (folder.root / "privacy-report.md").read_text()
+    assert "| 1 | 7 | 2.5000 | 8.0000 | 1e-05 | 1.2000 | 1.0000 | 0.0500 | 100 |" in text
+    assert "node 9: site error: privacy budget reached" in text
+    missing = runner.invoke(app, ["privacy", "report", str(tmp_path / "nothing")])
+    assert missing.exit_code == 2 and "error" in missing.output
