@@ -8,7 +8,12 @@ from medgan_core.config import StudyConfig
 from medgan_core.fileio import atomic_write_text
 from server.run_folder import RunFolder
 
-COLUMNS = (("loss-d", "train"), ("loss-g", "train"), ("swd", "evaluate"), ("intensity-w1", "evaluate"))
+def _columns(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """Training losses, ε spent, then every held-out metric the sites reported."""
+    train = sorted({k for r in records for k in r.get("train", {}) if k.startswith("loss")})
+    evaluate = sorted({k for r in records for k in r.get("evaluate", {})})
+    has_epsilon = any("epsilon" in r.get("train", {}) for r in records)
+    return [(k, "train") for k in train] + ([("epsilon", "train")] if has_epsilon else []) + [(k, "evaluate") for k in evaluate]
 
 
 def _fmt(value: Any) -> str:
@@ -17,7 +22,19 @@ def _fmt(value: Any) -> str:
 
 def write_report(folder: RunFolder, study: StudyConfig) -> str:
     records = folder.read_metrics()
-    run, task = study.run, study.task
+    run, task, privacy = study.run, study.task, study.privacy
+    columns = _columns(records)
+    if privacy.enabled:
+        privacy_line = (f"- Privacy: only weight arrays and scalar metrics left the sites; DP-SGD at every site "
+                        f"with a budget of ε = {privacy.target_epsilon:g} at δ = {privacy.delta:g} "
+                        "(`medgan privacy report` for ε per site and round)")
+        if privacy.central_noise_multiplier > 0:
+            privacy_line += f"; central DP on the aggregate (σ = {privacy.central_noise_multiplier:g})"
+        if privacy.secagg:
+            privacy_line += "; secure aggregation (SecAgg+)"
+    else:
+        privacy_line = ("- Privacy: only weight arrays and scalar metrics left the sites. Differential privacy was "
+                        "**off** for this study.")
     lines = [
         f"# MedGAN-FL run: {task.name}",
         "",
@@ -25,28 +42,28 @@ def write_report(folder: RunFolder, study: StudyConfig) -> str:
         f"- Sites: {run.num_sites}; rounds: {run.rounds}; local steps per round: {task.local_steps}; "
         f"batch size: {task.batch_size}; seed: {task.seed}",
         "- Aggregation: sample-weighted FedAvg, each parameter group (generator, discriminator) averaged separately",
-        "- Privacy: only weight arrays and scalar metrics left the sites. Site training is **not** "
-        "differentially private in this version (DP-SGD is tracked separately).",
-        "- Metrics are computed by every site on its own held-out (test) split and averaged by sample count: "
-        "`swd` is the sliced Wasserstein distance between multi-scale 7×7 patches of generated and real "
-        "slices, `intensity-w1` the Wasserstein-1 distance between their pixel-value distributions "
-        "(both lower is better; 0 = identical distributions).",
+        privacy_line,
+        "- Metrics are computed by every site on its own held-out (test) split and averaged by sample count. "
+        "Synthesis: `swd` is the sliced Wasserstein distance between multi-scale 7×7 patches of generated and "
+        "real slices, `intensity-w1` the Wasserstein-1 distance between their pixel-value distributions "
+        "(lower is better). Denoising: `psnr`/`ssim` against full dose (`-input`: the low-dose input's), "
+        "`mae-hu` in HU (within the window).",
         "",
         "## Rounds",
         "",
-        "| round | sites | " + " | ".join(name for name, _ in COLUMNS) + " | left out |",
-        "|---:|---:|" + "---:|" * len(COLUMNS) + "---|",
+        "| round | sites | " + " | ".join(name for name, _ in columns) + " | left out |",
+        "|---:|---:|" + "---:|" * len(columns) + "---|",
     ]
     for record in records:
         sites = len(record.get("sites", []))
-        values = [_fmt(record.get(kind, {}).get(name)) for name, kind in COLUMNS]
+        values = [_fmt(record.get(kind, {}).get(name)) for name, kind in columns]
         excluded = "; ".join(f"node {e['node']}: {e['reason']}" for e in record.get("excluded", [])) or ""
         lines.append(f"| {record['round']} | {sites} | " + " | ".join(values) + f" | {excluded} |")
-    swd = [(r["round"], r.get("evaluate", {}).get("swd")) for r in records if r.get("evaluate", {}).get("swd") is not None]
-    if len(swd) >= 2:
-        (first_round, first), (last_round, last) = swd[0], swd[-1]
-        change = 100.0 * (last - first) / first if first else float("nan")
-        lines += ["", f"Held-out SWD went from {first:.4f} (round {first_round}) to {last:.4f} (round {last_round}): {change:+.1f} %."]
+    for key, label in (("swd", "Held-out SWD"), ("psnr", "Held-out PSNR (dB)")):
+        series = [(r["round"], r["evaluate"][key]) for r in records if key in r.get("evaluate", {})]
+        if len(series) >= 2:
+            (first_round, first), (last_round, last) = series[0], series[-1]
+            lines += ["", f"{label} went from {first:.4f} (round {first_round}) to {last:.4f} (round {last_round})."]
     lines += ["", "## Generated samples", ""]
     shown = sorted({r["round"] for r in records} & {0, 1, records[-1]["round"] if records else 0})
     for record in records:
@@ -55,7 +72,8 @@ def write_report(folder: RunFolder, study: StudyConfig) -> str:
     lines += ["## Files", "", "- `config.toml`: the exact settings of this run", "- `metrics.jsonl`: one line per round (per-site metrics included)"]
     if records:
         lines.append(f"- `checkpoints/`: global weights per round (safetensors); final: `{records[-1]['checkpoint']}`")
-        lines.append("- `samples/`: a PNG grid of generated slices per round")
+        lines.append("- `samples/`: a PNG grid per round (synthesis: generated slices; denoising: rows of "
+                     "input | output | target on the coordinator's own phantom slices, never patient data)")
     text = "\n".join(lines) + "\n"
     atomic_write_text(folder.report, text)
     return text
