@@ -17,6 +17,14 @@ def test_demo_config_loads_and_round_trips(tmp_path: Path) -> None:
     assert StudyConfig.from_flat(study.to_flat()) == study
 
 
+def test_no_privacy_demo_config_differs_only_where_it_says() -> None:
+    private = load_study(ROOT / "sites_example" / "demo.toml")
+    plain = load_study(ROOT / "sites_example" / "demo-no-privacy.toml")
+    assert private.privacy.enabled and not plain.privacy.enabled
+    assert plain.task.width == 32 and plain.run.out_dir != private.run.out_dir
+    assert plain.run.sites_dir == private.run.sites_dir and plain.task.local_steps == private.task.local_steps
+
+
 def test_pyproject_flower_config_is_a_valid_study() -> None:
     import tomllib
 
