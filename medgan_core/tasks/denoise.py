@@ -6,26 +6,23 @@ train with DP-SGD on the same Poisson batch: two releases per step, both account
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from medgan_core.config import TaskConfig
 from medgan_core.data.dataset import LOW_DOSE_PAIRS, SiteData
 from medgan_core.metrics.image_quality import psnr_ssim
 from medgan_core.models.unet import PatchDiscriminator, ResidualUNet
 from medgan_core.privacy.accountant import SiteAccountant
-from medgan_core.privacy.dp_sgd import DPSettings, make_private, poisson_batch, privacy_generator
+from medgan_core.privacy.dp_sgd import DPSettings
 from medgan_core.runtime import seeded
-from medgan_core.tasks.base import Task, close_private, set_hooks
+from medgan_core.tasks.base import GANTask, set_hooks
 
 L1_WEIGHT = 100.0  # pix2pix: fidelity first, the adversarial term sharpens
 EVAL_BATCH = 64
 
 
-class DenoiseTask(Task):
+class DenoiseTask(GANTask):
     name = "denoise"
     private_groups = ("generator", "discriminator")
     data_kind = LOW_DOSE_PAIRS
@@ -40,10 +37,6 @@ class DenoiseTask(Task):
         self.generator.to(self.device)
         self.discriminator.to(self.device)
 
-    @property
-    def groups(self) -> dict[str, nn.Module]:
-        return {"generator": self.generator, "discriminator": self.discriminator}
-
     def train(
         self,
         data: SiteData,
@@ -53,65 +46,41 @@ class DenoiseTask(Task):
         accountant: SiteAccountant | None = None,
     ) -> dict[str, float]:
         assert data.train_input is not None, "denoise needs paired low-dose inputs"
-        cfg = self.config
-        rng = torch.Generator().manual_seed(seed)
-        opt_g: torch.optim.Optimizer = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr_generator, betas=(0.5, 0.999))
-        opt_d: torch.optim.Optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=cfg.lr_discriminator, betas=(0.5, 0.999))
-        generator: nn.Module = self.generator
-        discriminator: nn.Module = self.discriminator
-        sampler = rng
-        if dp is not None:
-            sampler = privacy_generator(dp, seed + 1)
-            generator, opt_g = make_private(self.generator, opt_g, dp, generator=sampler)
-            discriminator, opt_d = make_private(self.discriminator, opt_d, dp, generator=sampler)
         totals = {"loss-d": 0.0, "loss-g": 0.0, "loss-l1": 0.0}
         updates = 0
-        try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                generator.train()
-                discriminator.train()
-                for _ in range(steps):
-                    if dp is not None:
-                        idx = poisson_batch(data.num_train, dp.sample_rate, sampler)
-                        if accountant is not None:
-                            for _group in self.private_groups:  # one release per private network
-                                accountant.step(dp.noise_multiplier, dp.sample_rate)
-                        if idx.numel() == 0:
-                            continue
-                    else:
-                        idx = torch.randint(0, data.num_train, (min(cfg.batch_size, data.num_train),), generator=rng)
-                    low = data.train_input[idx].to(self.device)
-                    full = data.train[idx].to(self.device)
+        with self.training_setup(dp, seed) as s:
+            for _ in range(steps):
+                idx = self.next_batch(data, s, dp, accountant)
+                if idx is None:
+                    continue
+                low = data.train_input[idx].to(self.device)
+                full = data.train[idx].to(self.device)
 
-                    # Discriminator: each example's real pair and fake pair share one
-                    # per-sample gradient (one backward), so one patient counts once.
-                    set_hooks(generator, enabled=False)
-                    with torch.no_grad():
-                        fake = generator(low)
-                    set_hooks(generator, enabled=True)
-                    loss_d = (F.softplus(-discriminator(low, full)) + F.softplus(discriminator(low, fake))).mean()
-                    opt_d.zero_grad(set_to_none=True)
-                    loss_d.backward()
-                    opt_d.step()
+                # Discriminator: each example's real pair and fake pair share one per-sample
+                # gradient (one backward), so one patient counts once.
+                set_hooks(s.generator, enabled=False)
+                with torch.no_grad():
+                    fake = s.generator(low)
+                set_hooks(s.generator, enabled=True)
+                loss_d = (F.softplus(-s.discriminator(low, full)) + F.softplus(s.discriminator(low, fake))).mean()
+                s.opt_d.zero_grad(set_to_none=True)
+                loss_d.backward()
+                s.opt_d.step()
 
-                    # Generator: adversarial + L1 to the full-dose image, per-sample clipped.
-                    set_hooks(discriminator, enabled=False)
-                    fake = generator(low)
-                    loss_adv = F.softplus(-discriminator(low, fake)).mean()
-                    loss_l1 = (fake - full).abs().mean()
-                    loss_g = loss_adv + L1_WEIGHT * loss_l1
-                    opt_g.zero_grad(set_to_none=True)
-                    loss_g.backward()
-                    opt_g.step()
-                    set_hooks(discriminator, enabled=True)
+                # Generator: adversarial + L1 to the full-dose image, per-sample clipped.
+                set_hooks(s.discriminator, enabled=False)
+                fake = s.generator(low)
+                loss_adv = F.softplus(-s.discriminator(low, fake)).mean()
+                loss_l1 = (fake - full).abs().mean()
+                s.opt_g.zero_grad(set_to_none=True)
+                (loss_adv + L1_WEIGHT * loss_l1).backward()
+                s.opt_g.step()
+                set_hooks(s.discriminator, enabled=True)
 
-                    updates += 1
-                    totals["loss-d"] += loss_d.item()
-                    totals["loss-g"] += loss_adv.item()
-                    totals["loss-l1"] += loss_l1.item()
-        finally:
-            close_private(generator, discriminator)
+                updates += 1
+                totals["loss-d"] += loss_d.item()
+                totals["loss-g"] += loss_adv.item()
+                totals["loss-l1"] += loss_l1.item()
         return {k: v / max(updates, 1) for k, v in totals.items()}
 
     @torch.no_grad()
