@@ -13,6 +13,7 @@ import torch  # noqa: F401  (imported at top so Ray workers have torch before un
 from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
+from client.audit import audit_outgoing_mod
 from client.payload import evaluate_reply, train_reply
 from client.site import cached_site_data, site_from_context, site_seed
 from medgan_core.config import SiteConfig, privacy_config_from_flat, task_config_from_flat
@@ -27,7 +28,7 @@ def build_client_app(sites: Sequence[SiteConfig] | None = None) -> ClientApp:
     Without it (``flwr run .`` or a deployed SuperNode) the site comes from the node
     config (``data-path`` …) or, in simulation, from ``run.sites-dir``.
     """
-    app = ClientApp()
+    app = ClientApp(mods=[audit_outgoing_mod])  # every reply is audited before it leaves
 
     def prepare(msg: Message, context: Context) -> tuple[Task, SiteConfig]:
         config = msg.content["config"]
