@@ -169,6 +169,90 @@ class SiteConfig:
         return self
 
 
+@dataclass(frozen=True)
+class ConnectionConfig:
+    """How a site reaches the coordinator: address, the study CA, its own key, local port."""
+
+    superlink: str = "127.0.0.1:8000"
+    ca_cert: str = "certs/ca.crt"
+    private_key: str = ""
+    port: int = 9094  # the SuperNode's local runtime port (distinct per node on one host)
+
+    def validate(self) -> "ConnectionConfig":
+        host, _, port = self.superlink.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"connection.superlink = {self.superlink!r}; use HOST:PORT, e.g. coordinator.example.org:8000")
+        if not self.private_key:
+            raise ConfigError("connection.private-key is empty; create one with 'medgan site keys'")
+        if not 1024 <= self.port <= 65535:
+            raise ConfigError(f"connection.port = {self.port}; choose a free port from 1024 to 65535")
+        return self
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    """The coordinator's SuperLink: where it listens, its TLS files, its state database."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    certs_dir: str = "certs"  # ca.crt, server.pem, server.key from `medgan certs init`
+    database: str = "coordinator/state.db"
+
+    def validate(self) -> "CoordinatorConfig":
+        if not 1024 <= self.port <= 65535:
+            raise ConfigError(f"coordinator.port = {self.port}; choose a free port from 1024 to 65535")
+        return self
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def _load_tables(path: str | Path, allowed: tuple[str, ...]) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    unknown = set(raw) - set(allowed)
+    if unknown:
+        raise ConfigError(f"{path}: unknown table(s) {sorted(unknown)}; allowed: {', '.join(f'[{t}]' for t in allowed)}")
+    return raw
+
+
+def _resolve(base: Path, value: str) -> str:
+    """Paths in a config file are relative to the file's folder."""
+    return str(value and (base / value).resolve() if not Path(value).is_absolute() else value)
+
+
+def load_site(path: str | Path) -> tuple[SiteConfig, ConnectionConfig]:
+    """A hospital's site.toml: ``[site]`` (data, state, budget) and ``[connection]``."""
+    path = Path(path)
+    raw = _load_tables(path, ("site", "connection"))
+    site_items = dict(raw.get("site", {}))
+    if "data-path" not in site_items:
+        raise ConfigError(f"{path}: [site] needs data-path, the folder that holds the site's manifest.csv")
+    site = _build(SiteConfig, {"data-path": "", **site_items}, "site", str(path))
+    connection = _build(ConnectionConfig, raw.get("connection", {}), "connection", str(path))
+    base = path.parent
+    site = dataclasses.replace(site, data_path=_resolve(base, site.data_path), state_dir=_resolve(base, site.state_dir))
+    connection = dataclasses.replace(connection, ca_cert=_resolve(base, connection.ca_cert),
+                                     private_key=_resolve(base, connection.private_key))
+    return site.validate(), connection.validate()
+
+
+def load_coordinator(path: str | Path) -> CoordinatorConfig:
+    """The coordinator's coordinator.toml: one ``[coordinator]`` table."""
+    path = Path(path)
+    raw = _load_tables(path, ("coordinator",))
+    config = _build(CoordinatorConfig, raw.get("coordinator", {}), "coordinator", str(path))
+    base = path.parent
+    return dataclasses.replace(config, certs_dir=_resolve(base, config.certs_dir),
+                               database=_resolve(base, config.database)).validate()
+
+
 TABLES = ("run", "task", "privacy")
 
 
@@ -278,7 +362,8 @@ def _build(cls: type, values: Mapping[str, Any], table: str, source: str) -> Any
             raise ConfigError(
                 f"{source}: unknown key {table}.{key}; allowed keys: {', '.join(sorted(by_key))}"
             )
-        kwargs[f.name] = _coerce(f"{table}.{key}", value, type(getattr(cls(), f.name)), source)
+        expected = type(f.default) if f.default is not dataclasses.MISSING else str
+        kwargs[f.name] = _coerce(f"{table}.{key}", value, expected, source)
     return cls(**kwargs)
 
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
+import sys
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -36,3 +39,20 @@ def seeded(seed: int) -> Iterator[None]:
         finally:
             np.random.set_state(np_state)
             random.setstate(py_state)
+
+
+def flower_tool(name: str) -> str:
+    """A Flower executable from this Python environment (works without an activated venv)."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def offline_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Hospitals and coordinators are offline: no telemetry, no runtime installs."""
+    env = dict(os.environ)
+    # Flower's processes start their helpers (flower-superexec, …) by name: same environment.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.update({"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+                "RAY_USAGE_STATS_ENABLED": "0"})
+    env.update(extra or {})
+    return env

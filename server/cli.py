@@ -25,6 +25,14 @@ sites_app = typer.Typer(help="Site data: simulate multi-site phantom studies.", 
 app.add_typer(sites_app, name="sites")
 privacy_app = typer.Typer(help="Differential privacy: what each site spent.", no_args_is_help=True)
 app.add_typer(privacy_app, name="privacy")
+certs_app = typer.Typer(help="The study's certificate authority and the coordinator's TLS certificate.",
+                        no_args_is_help=True)
+app.add_typer(certs_app, name="certs")
+site_app = typer.Typer(help="Hospital side of a real federation: keys and the site daemon.", no_args_is_help=True)
+app.add_typer(site_app, name="site")
+server_app = typer.Typer(help="Coordinator side of a real federation: SuperLink and site registration.",
+                         no_args_is_help=True)
+app.add_typer(server_app, name="server")
 
 
 def _fail(exc: MedGANError) -> None:
@@ -177,6 +185,123 @@ def privacy_report_command(run_dir: Path = typer.Argument(..., help="A run folde
         console.print(f"written to {run_dir / 'privacy-report.md'}")
     except MedGANError as exc:
         _fail(exc)
+
+
+@certs_app.command("init")
+def certs_init(
+    out: Path = typer.Option(Path("certs"), "--out", help="Folder for ca.crt, ca.key, server.pem, server.key."),
+    san: list[str] = typer.Option(..., "--san", help="Host name or IP the sites connect to (repeat for several)."),
+    days: int = typer.Option(365, "--days", min=1, help="Validity of the certificates."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing CA."),
+) -> None:
+    """Create the study CA and the SuperLink's TLS certificate (private keys mode 0600)."""
+    from medgan_core.credentials import init_certificates
+
+    try:
+        paths = init_certificates(out, list(san), days, force)
+    except MedGANError as exc:
+        _fail(exc)
+    console.print(f"CA certificate (give to every site): {paths.ca_cert}")
+    console.print(f"CA key (keep offline, 0600):          {paths.ca_key}")
+    console.print(f"SuperLink certificate and key:        {paths.server_cert}, {paths.server_key}  (SANs: {', '.join(san)})")
+
+
+@site_app.command("keys")
+def site_keys(
+    name: str = typer.Option(..., "--name", help="The site's name, e.g. hospital-a."),
+    out: Path = typer.Option(Path("keys"), "--out", help="Folder for NAME (private, 0600) and NAME.pub."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing key pair."),
+) -> None:
+    """Create the site's node-authentication key pair; send only NAME.pub to the coordinator."""
+    from medgan_core.credentials import site_key_pair
+
+    try:
+        private, public = site_key_pair(out, name, force)
+    except MedGANError as exc:
+        _fail(exc)
+    console.print(f"private key (never leaves the site): {private}")
+    console.print(f"public key (send to the coordinator): {public}")
+
+
+@site_app.command("start")
+def site_start(config: Path = typer.Option(..., "--config", help="The site's site.toml.")) -> None:
+    """Check the site's data, certificate and key, then run its SuperNode (Ctrl+C stops it)."""
+    from client.daemon import supernode_command
+    from medgan_core.config import load_site
+
+    try:
+        site, connection = load_site(config)
+        command, env = supernode_command(site, connection)
+    except MedGANError as exc:
+        _fail(exc)
+    console.print(f"site {site.site_name}: data {site.data_path}, state {site.state_dir}")
+    console.print(f"connecting to {connection.superlink} (TLS, CA {connection.ca_cert}, key {connection.private_key})")
+    _exec(command, env)
+
+
+@server_app.command("start")
+def server_start(config: Path = typer.Option(..., "--config", help="The coordinator.toml.")) -> None:
+    """Check the TLS files, then run the SuperLink with TLS, node authentication and a state database."""
+    from medgan_core.config import load_coordinator
+    from server.deploy import superlink_command
+
+    try:
+        coordinator = load_coordinator(config)
+        command, env = superlink_command(coordinator)
+    except MedGANError as exc:
+        _fail(exc)
+    console.print(f"SuperLink on {coordinator.address} (TLS, node authentication on, state {coordinator.database})")
+    _exec(command, env)
+
+
+@server_app.command("register")
+def server_register(
+    public_key: Path = typer.Argument(..., help="A site's NAME.pub."),
+    config: Path = typer.Option(..., "--config", help="The coordinator.toml."),
+) -> None:
+    """Allow a site's key to join the federation (the SuperLink must be running)."""
+    import subprocess
+
+    from medgan_core.config import load_coordinator
+    from server.deploy import register_command
+
+    try:
+        command, env = register_command(load_coordinator(config), public_key)
+    except MedGANError as exc:
+        _fail(exc)
+    raise typer.Exit(code=subprocess.run(command, env=env, check=False).returncode)
+
+
+@app.command()
+def run(
+    config: Path = typer.Option(..., "--config", help="Study TOML ([run], [task], [privacy])."),
+    federation: Path = typer.Option(..., "--federation", help="The coordinator.toml of the running SuperLink."),
+) -> None:
+    """Submit a study to the federation and stream its progress (Flower's 'flwr run' underneath)."""
+    from medgan_core.config import load_coordinator
+    from server.deploy import submit_study
+
+    try:
+        study, coordinator = load_study(config), load_coordinator(federation)
+        console.print(f"submitting {study.task.name} ({study.run.rounds} rounds, {study.run.num_sites} sites) "
+                      f"to {coordinator.address}; run folder on the coordinator: {study.run.out_dir}")
+        code = submit_study(coordinator, study)
+    except MedGANError as exc:
+        _fail(exc)
+    raise typer.Exit(code=code)
+
+
+def _exec(command: list[str], env: dict[str, str]) -> None:
+    """Run a long-lived Flower process in the foreground; Ctrl+C stops it cleanly."""
+    import subprocess
+
+    process = subprocess.Popen(command, env=env)
+    try:
+        code = process.wait()
+    except KeyboardInterrupt:
+        process.terminate()
+        code = process.wait(timeout=30)
+    raise typer.Exit(code=code)
 
 
 def main() -> None:

@@ -31,6 +31,8 @@ def test_pyproject_flower_config_is_a_valid_study() -> None:
     raw = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     study = StudyConfig.from_dict(raw, "pyproject.toml")
     assert study.task.name == "synthesis"
+    # `flwr run --run-config` can only override keys that exist there: all must.
+    assert {f"{t}.{k}" for t, keys in raw.items() for k in keys} == set(StudyConfig().to_flat())
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,61 @@
+"""The hospital's site daemon: a Flower SuperNode started from the site's own config.
+
+Everything that can be checked before dialling the coordinator is: the data folder and
+its manifest, the study CA certificate, the site's private key (and its permissions),
+the state folder for the privacy accountant.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from medgan_core.config import ConnectionConfig, SiteConfig
+from medgan_core.credentials import check_certificate, check_private_key
+from medgan_core.data.manifest import read_manifest
+from medgan_core.errors import ConfigError, MedGANError
+from medgan_core.runtime import flower_tool, offline_env
+
+
+def check_site(site: SiteConfig, connection: ConnectionConfig) -> None:
+    """Everything a SuperNode needs, checked before it dials the coordinator."""
+    data = Path(site.data_path)
+    if not data.is_dir():
+        raise ConfigError(f"site data-path {data} does not exist")
+    read_manifest(data)  # missing, unreadable or inconsistent manifests fail here, by line
+    check_certificate(connection.ca_cert, "CA certificate")
+    check_private_key(connection.private_key, "site private key")
+    if not site.state_dir:
+        raise ConfigError("[site] state-dir is empty; the privacy accountant must live somewhere that survives restarts")
+    try:
+        Path(site.state_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"site state-dir {site.state_dir} cannot be created ({exc})") from exc
+
+
+def node_config(site: SiteConfig) -> str:
+    """The SuperNode's --node-config string: what the ClientApp reads in ``context.node_config``."""
+    items = {"data-path": site.data_path, "state-dir": site.state_dir, "device": site.device, "site-name": site.site_name}
+    text = " ".join(f'{key}="{value}"' for key, value in items.items())
+    if site.epsilon_budget > 0:
+        text += f" epsilon-budget={site.epsilon_budget}"
+    return text
+
+
+def supernode_command(
+    site: SiteConfig, connection: ConnectionConfig, check: bool = True
+) -> tuple[list[str], dict[str, str]]:
+    """flower-supernode with the site's CA, key and node config; its Flower home (installed
+    apps) lives in the site's state folder."""
+    if check:
+        check_site(site, connection)
+    for value in (site.data_path, site.state_dir, site.site_name):
+        if '"' in value:
+            raise MedGANError(f"{value!r}: paths and names may not contain double quotes")
+    return [
+        flower_tool("flower-supernode"),
+        "--superlink", connection.superlink,
+        "--root-certificates", connection.ca_cert,
+        "--auth-supernode-private-key", connection.private_key,
+        "--node-config", node_config(site),
+        "--port", str(connection.port),
+    ], offline_env({"FLWR_HOME": str(Path(site.state_dir) / "flower-home")})

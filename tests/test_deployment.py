@@ -1,0 +1,153 @@
+"""A real federation on loopback: SuperLink and SuperNodes as processes, TLS and node auth on."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from client.daemon import supernode_command
+from medgan_core.config import ConnectionConfig, CoordinatorConfig, SiteConfig, StudyConfig
+from medgan_core.credentials import init_certificates, site_key_pair
+from medgan_core.fileio import read_jsonl
+from server.deploy import register_command, submit_study, superlink_command
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port: int, process: subprocess.Popen, log: Path, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"process exited early:\n{log.read_text()[-3000:]}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise AssertionError(f"port {port} never opened:\n{log.read_text()[-3000:]}")
+
+
+def _wait_for_text(log: Path, text: str, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if log.exists() and text in log.read_text(errors="replace"):
+            return True
+        time.sleep(0.5)
+    return False
+
+
+class Processes:
+    """Started processes, each in its own session, all killed at the end (pass or fail)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.started = root, []
+
+    def start(self, name: str, launch: tuple[list[str], dict[str, str]]) -> tuple[subprocess.Popen, Path]:
+        log = self.root / f"{name}.log"
+        command, env = launch
+        process = subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        self.started.append(process)
+        return process, log
+
+    def stop_all(self) -> None:
+        """SIGTERM every process group (Flower's helper processes included), then SIGKILL."""
+        for process in self.started:
+            _signal_group(process.pid, signal.SIGTERM)
+        for process in self.started:
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                pass
+            _signal_group(process.pid, signal.SIGKILL)
+            process.wait(timeout=5)
+
+
+def _running_in_groups(pgids: set[int]) -> list[str]:
+    """Processes (zombies aside: they hold nothing) whose process group is one of ``pgids``."""
+    running = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        state, pgid = fields[0], int(fields[2])
+        if pgid in pgids and state != "Z":
+            running.append(stat.parent.name)
+    return running
+
+
+def _signal_group(pgid: int, sig: int) -> bool:
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+@pytest.fixture()
+def processes(tmp_path: Path):  # type: ignore[no-untyped-def]
+    procs = Processes(tmp_path)
+    try:
+        yield procs
+    finally:
+        procs.stop_all()
+        time.sleep(0.5)
+        leftovers = _running_in_groups({p.pid for p in procs.started})
+        assert not leftovers, f"processes still running: {leftovers}"
+
+
+def test_tls_federation_with_node_auth(tiny_sites: list[Path], tmp_path: Path, processes: Processes) -> None:
+    certs = init_certificates(tmp_path / "certs", ["localhost", "127.0.0.1"])
+    other_ca = init_certificates(tmp_path / "other-ca", ["127.0.0.1"])
+    keys = {name: site_key_pair(tmp_path / "keys", name) for name in ("site-a", "site-b", "rogue", "no-ca")}
+    coordinator = CoordinatorConfig(port=_free_port(), certs_dir=str(tmp_path / "certs"),
+                                    database=str(tmp_path / "coordinator" / "state.db"))
+    superlink, superlink_log = processes.start("superlink", superlink_command(coordinator))
+    _wait_for_port(coordinator.port, superlink, superlink_log)
+    for name in ("site-a", "site-b", "no-ca"):  # "rogue" is never registered
+        command, env = register_command(coordinator, keys[name][1])
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    def site(name: str, data: Path, ca: Path) -> tuple[SiteConfig, ConnectionConfig]:
+        return (SiteConfig(str(data), name=name, state_dir=str(tmp_path / "state" / name), device="cpu"),
+                ConnectionConfig(coordinator.address, str(ca), str(keys[name][0]), _free_port()))
+
+    logs = {}
+    for name, data, ca in (("site-a", tiny_sites[0], certs.ca_cert), ("site-b", tiny_sites[1], certs.ca_cert),
+                           ("rogue", tiny_sites[0], certs.ca_cert), ("no-ca", tiny_sites[1], other_ca.ca_cert)):
+        _, logs[name] = processes.start(name, supernode_command(*site(name, data, ca)))
+    for name in ("site-a", "site-b"):
+        assert _wait_for_text(logs[name], "SuperNode ID", 60), logs[name].read_text()[-3000:]
+
+    study = StudyConfig().replace(
+        run={"rounds": 2, "num_sites": 2, "device": "cpu", "out_dir": str(tmp_path / "run")},
+        task={"image_size": 16, "batch_size": 8, "local_steps": 3, "width": 8, "z_dim": 8, "eval_samples": 16},
+    )
+    assert submit_study(coordinator, study, timeout=300) == 0
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["round"] for r in records] == [0, 1, 2]
+    for record in records[1:]:
+        assert len(record["sites"]) == 2 and not record["excluded"]
+        assert all(0 < s["train"]["epsilon"] <= 8 for s in record["sites"])
+    for name in ("site-a", "site-b"):  # each site kept its own accountant
+        assert list((tmp_path / "state" / name).glob("accountant-*.json"))
+    # The unregistered key is refused by the SuperLink; the node that does not trust the
+    # study CA refuses the SuperLink's certificate. Neither ever joined or trained.
+    rogue, no_ca = (logs[n].read_text(errors="replace") for n in ("rogue", "no-ca"))
+    assert "Failed to activate SuperNode" in rogue and "SuperNode ID" not in rogue, rogue[-2000:]
+    assert "CERTIFICATE_VERIFY_FAILED" in no_ca and "SuperNode ID" not in no_ca, no_ca[-2000:]
+    assert not list((tmp_path / "state").glob("rogue/accountant-*.json"))
+    assert not list((tmp_path / "state").glob("no-ca/accountant-*.json"))
