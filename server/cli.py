@@ -283,6 +283,8 @@ def run(
 
     try:
         study, coordinator = load_study(config), load_coordinator(federation)
+        # The run folder is written by the coordinator's ServerApp: make it absolute here.
+        study = study.replace(run={"out_dir": str(Path(study.run.out_dir).resolve())})
         console.print(f"submitting {study.task.name} ({study.run.rounds} rounds, {study.run.num_sites} sites) "
                       f"to {coordinator.address}; run folder on the coordinator: {study.run.out_dir}")
         code = submit_study(coordinator, study)
