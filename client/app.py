@@ -33,9 +33,8 @@ def build_client_app(sites: Sequence[SiteConfig] | None = None) -> ClientApp:
     def prepare(msg: Message, context: Context) -> tuple[Task, SiteConfig]:
         config = msg.content["config"]
         site = site_from_context(context.node_config, context.run_config, sites)
-        # The site's own device setting wins over the study's hint.
-        device_name = site.device if "device" in context.node_config or sites is not None else None
-        device = resolve_device(device_name or str(config.get("device", "auto")))
+        # A site's own device setting wins; "auto" follows the study's hint (run.device).
+        device = resolve_device(site.device if site.device != "auto" else str(config.get("device", "auto")))
         task = build_task(task_config_from_flat(dict(config)), device)
         arrays: ArrayRecord = msg.content["arrays"]
         task.set_weights({k: v.numpy() for k, v in arrays.items()}, source="global model from the server")

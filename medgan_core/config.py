@@ -332,15 +332,8 @@ def privacy_config_from_flat(flat: Mapping[str, Any]) -> PrivacyConfig:
 
 
 def load_study(path: str | Path) -> StudyConfig:
-    """Read and validate a study TOML file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
-    return StudyConfig.from_dict(raw, str(path))
+    """Read and validate a study TOML file ([run], [task], [privacy])."""
+    return StudyConfig.from_dict(_load_tables(path, TABLES), str(path))
 
 
 def dump_study(config: StudyConfig) -> str:

@@ -103,6 +103,7 @@ class RecordingFedAvg(LegacyFedAvg):
         self.current = task.get_weights()
         self.logs: dict[int, RoundLog] = {}
         self.started = time.monotonic()
+        self._latest: Parameters = self.initial_parameters  # type: ignore[assignment]
 
     def aggregate_fit(self, server_round, results, failures):  # type: ignore[no-untyped-def]
         log = self.logs.setdefault(server_round, RoundLog())
