@@ -12,6 +12,7 @@ from typing import Sequence
 import torch  # noqa: F401  (imported at top so Ray workers have torch before unpickling)
 from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
 from client.audit import audit_outgoing_mod
 from client.payload import evaluate_reply, train_reply
@@ -22,13 +23,14 @@ from medgan_core.site_round import train_site_round
 from medgan_core.tasks import Task, build_task
 
 
-def build_client_app(sites: Sequence[SiteConfig] | None = None) -> ClientApp:
+def build_client_app(sites: Sequence[SiteConfig] | None = None, mods: Sequence[Mod] = ()) -> ClientApp:
     """A ClientApp; ``sites`` maps simulated partition ids to site settings.
 
     Without it (``flwr run .`` or a deployed SuperNode) the site comes from the node
-    config (``data-path`` …) or, in simulation, from ``run.sites-dir``.
+    config (``data-path`` …) or, in simulation, from ``run.sites-dir``. Extra Flower
+    ``mods`` wrap the app outside the outgoing audit, which always runs last.
     """
-    app = ClientApp(mods=[audit_outgoing_mod])  # every reply is audited before it leaves
+    app = ClientApp(mods=[*mods, audit_outgoing_mod])  # every reply is audited before it leaves
 
     def prepare(msg: Message, context: Context) -> tuple[Task, SiteConfig]:
         config = msg.content["config"]

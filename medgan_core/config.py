@@ -84,7 +84,9 @@ class RunConfig:
     out_dir: str = "runs/demo"
     device: str = "auto"
     fraction_train: float = 1.0
+    min_answer_fraction: float = 0.5  # a round counts only if this share of sampled sites answered usefully
     round_timeout: float = 3600.0
+    resume: bool = False  # continue the run in out-dir from its last complete round
 
     def validate(self) -> None:
         _positive("run.rounds", self.rounds)
@@ -94,6 +96,8 @@ class RunConfig:
             raise ConfigError(f"run.device = {self.device!r}; choose one of {', '.join(DEVICES)}")
         if not 0 < self.fraction_train <= 1:
             raise ConfigError(f"run.fraction-train = {self.fraction_train}; it must lie in (0, 1]")
+        if not 0 < self.min_answer_fraction <= 1:
+            raise ConfigError(f"run.min-answer-fraction = {self.min_answer_fraction}; it must lie in (0, 1]")
 
 
 @dataclass(frozen=True)

@@ -81,11 +81,15 @@ def demo(
     out: Optional[Path] = typer.Option(None, "--out", help="Override run.out-dir (the run folder)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda (override run.device)."),
     privacy: Optional[bool] = typer.Option(None, "--privacy/--no-privacy", help="Override privacy.enabled."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this run folder after its last complete round."),
     verbose: bool = typer.Option(False, "--verbose", help="Show Flower's and Ray's own logs."),
 ) -> None:
     """Simulate the sites if needed, then run a federated study in Flower's simulation engine."""
     try:
-        study = _demo_config(config, rounds, local_steps, sites_dir, out, device)
+        if resume is not None:
+            study = _resumed(resume)
+        else:
+            study = _demo_config(config, rounds, local_steps, sites_dir, out, device)
         if privacy is not None:
             study = study.replace(privacy={"enabled": privacy})
         _run_demo(study, verbose)
@@ -103,6 +107,12 @@ def _demo_config(config: Path, rounds: Optional[int], local_steps: Optional[int]
     return study.replace(run=run_changes, task=task_changes)
 
 
+def _resumed(run_dir: Path) -> StudyConfig:
+    """The study of an earlier run folder, set to continue where it stopped."""
+    study = load_study(run_dir / "config.toml")
+    return study.replace(run={"out_dir": str(run_dir.resolve()), "resume": True})
+
+
 def _run_demo(study: StudyConfig, verbose: bool) -> None:
     from server.simulation import simulate_federation  # Flower and Ray load only when needed
     from server.run_folder import RunFolder
@@ -118,8 +128,9 @@ def _run_demo(study: StudyConfig, verbose: bool) -> None:
     elif len(sites) != study.run.num_sites:
         raise MedGANError(f"{sites_dir} holds {len(sites)} site(s) but run.num-sites = {study.run.num_sites}")
     run_dir = Path(study.run.out_dir)
-    moved = RunFolder(run_dir).archive_previous()
-    if moved is not None:
+    if study.run.resume:
+        console.print(f"Resuming {run_dir} after round {RunFolder(run_dir).resume_point()[0]}.")
+    elif (moved := RunFolder(run_dir).archive_previous()) is not None:
         console.print(f"An earlier run in {run_dir} was moved to {moved}.")
     console.print(f"[bold]Federated {study.task.name}[/] · {len(sites)} sites · {study.run.rounds} rounds · "
                   f"{study.task.local_steps} local steps · run folder {run_dir}")
@@ -274,15 +285,19 @@ def server_register(
 
 @app.command()
 def run(
-    config: Path = typer.Option(..., "--config", help="Study TOML ([run], [task], [privacy])."),
     federation: Path = typer.Option(..., "--federation", help="The coordinator.toml of the running SuperLink."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Study TOML ([run], [task], [privacy])."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this run folder after its last complete round."),
 ) -> None:
     """Submit a study to the federation and stream its progress (Flower's 'flwr run' underneath)."""
     from medgan_core.config import load_coordinator
     from server.deploy import submit_study
 
     try:
-        study, coordinator = load_study(config), load_coordinator(federation)
+        if (config is None) == (resume is None):
+            raise MedGANError("give either --config STUDY.toml (a new study) or --resume RUN_DIR")
+        study = _resumed(resume) if resume is not None else load_study(config)  # type: ignore[arg-type]
+        coordinator = load_coordinator(federation)
         # The run folder is written by the coordinator's ServerApp: make it absolute here.
         study = study.replace(run={"out_dir": str(Path(study.run.out_dir).resolve())})
         console.print(f"submitting {study.task.name} ({study.run.rounds} rounds, {study.run.num_sites} sites) "

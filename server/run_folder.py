@@ -9,7 +9,10 @@ from typing import Any
 
 from medgan_core.config import StudyConfig, dump_study
 from medgan_core.fileio import append_jsonl, atomic_write_text, read_jsonl
-from server.checkpoints import checkpoint_path
+import numpy as np
+
+from medgan_core.errors import MedGANError
+from server.checkpoints import checkpoint_path, load_checkpoint
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,21 @@ class RunFolder:
     def study_id(self) -> str:
         """A random id of this study: sites keep one privacy accountant per study id."""
         return (self.root / "study-id").read_text().strip()
+
+    def resume_point(self) -> tuple[int, dict[str, np.ndarray]]:
+        """The last round whose metrics line and checkpoint were both written, and its weights.
+
+        A crash mid-round leaves neither (the metrics line is written last), so that round
+        simply runs again.
+        """
+        records = self.read_metrics()
+        if not records or not self.config.exists():
+            raise MedGANError(f"{self.root} holds no run to resume (no config.toml or metrics.jsonl)")
+        last = records[-1]["round"]
+        arrays, metadata = load_checkpoint(self.checkpoint(last))
+        if metadata.get("round") != last:
+            raise MedGANError(f"{self.checkpoint(last)} belongs to round {metadata.get('round')}, expected {last}")
+        return last, arrays
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         append_jsonl(self.metrics, record)

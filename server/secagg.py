@@ -30,6 +30,7 @@ from flwr.serverapp import Grid, ServerApp
 from client.site import cached_site_data, site_from_context, site_seed
 from medgan_core.arrays import check_arrays
 from medgan_core.config import SiteConfig, StudyConfig, privacy_config_from_flat, task_config_from_flat
+from medgan_core.errors import ConfigError
 from medgan_core.privacy.dp_sgd import validate_private_modules
 from medgan_core.runtime import resolve_device
 from medgan_core.site_round import train_site_round
@@ -147,6 +148,8 @@ def build_secagg_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        if study.run.resume:
+            raise ConfigError("run.resume is not supported with privacy.secagg yet; start a new run")
         folder = RunFolder(Path(run_dir)).start(study)
         task = build_task(study.task, "cpu")
         if study.privacy.enabled:

@@ -22,6 +22,7 @@ from server.app import build_server_app  # noqa: E402
 from server.secagg import build_secagg_client_app, build_secagg_server_app  # noqa: E402
 from server.study import RoundSummary  # noqa: E402
 from flwr.app import Message  # noqa: E402
+from flwr.clientapp.typing import Mod  # noqa: E402
 
 
 def simulate_federation(
@@ -31,6 +32,7 @@ def simulate_federation(
     *,
     progress: Callable[[RoundSummary], None] | None = None,
     on_train_replies: Callable[[int, list[Message]], None] | None = None,
+    client_mods: Sequence[Mod] = (),
     verbose: bool = False,
 ) -> Path:
     """Train ``study`` across ``site_paths`` (one simulated hospital each); returns the run folder.
@@ -60,7 +62,7 @@ def simulate_federation(
             client_app = build_secagg_client_app(sites)
         else:
             server_app = build_server_app(study, run_dir, progress=progress, on_train_replies=on_train_replies)
-            client_app = build_client_app(sites)
+            client_app = build_client_app(sites, client_mods)
         run_simulation(
             server_app=server_app,
             client_app=client_app,

@@ -56,9 +56,20 @@ def run_study(
     progress: Callable[[RoundSummary], None] | None = None,
     on_train_replies: Callable[[int, list[Message]], None] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Run every round of ``study`` and return the final global weights."""
-    folder.start(study)
+    """Run every round of ``study`` and return the final global weights.
+
+    With ``run.resume`` the run in ``folder`` continues after its last complete round,
+    with the same study id (the sites' accountants go on) and the same seeds per round,
+    so on CPU with seeded noise it ends with the weights an uninterrupted run has.
+    """
     task = build_task(study.task, "cpu")  # the server holds no images: it only previews G
+    if study.run.resume:
+        first_round, resumed = folder.resume_point()
+        first_round += 1
+        task.set_weights(resumed, source=f"checkpoint of round {first_round - 1}")
+    else:
+        folder.start(study)
+        first_round = 0
     if study.privacy.enabled:
         validate_private_modules(task.private_modules)  # refuse before any site trains
     groups = list(task.groups)
@@ -75,12 +86,13 @@ def run_study(
         central_noise_multiplier=study.privacy.central_noise_multiplier,
         central_clipping_norm=study.privacy.central_clipping_norm,
         central_seed=None if study.privacy.secure_rng else study.task.seed,
+        min_answer_fraction=study.run.min_answer_fraction,
     )
     round_config = ConfigRecord(round_config_items(study, folder))
     arrays = record_from_arrays(task.get_weights())
     timeout = study.run.round_timeout
 
-    for server_round in range(0, study.run.rounds + 1):
+    for server_round in range(first_round, study.run.rounds + 1):
         started = time.monotonic()
         previous = arrays_from_record(arrays)
         if server_round > 0:
@@ -149,6 +161,7 @@ def record_round(
             "sites": list(sites.values()),
             "excluded": log.excluded,
             "central-noise-std": log.central_noise_std,
+            "round-failed": log.failed,
             "update-norm": _update_norms(current, previous),
             "checkpoint": str(checkpoint.relative_to(folder.root)),
             "samples": str(samples.relative_to(folder.root)),

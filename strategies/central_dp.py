@@ -21,8 +21,14 @@ class CentralDP:
     def __init__(self, noise_multiplier: float, clipping_norm: float, seed: int | None = None) -> None:
         self.noise_multiplier = noise_multiplier
         self.clipping_norm = clipping_norm
+        self.seed = seed
         self.rng = np.random.default_rng(secrets.randbits(128) if seed is None else seed)
         self.last_std = 0.0
+
+    def start_round(self, server_round: int) -> None:
+        """Seeded (test) noise depends on the round alone, so a resumed run draws the same."""
+        if self.seed is not None:
+            self.rng = np.random.default_rng([self.seed, server_round])
 
     def aggregate(
         self, updates: Sequence[Mapping[str, np.ndarray]], current: Mapping[str, np.ndarray]

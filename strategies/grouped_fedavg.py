@@ -10,6 +10,7 @@ scalar metrics for the server's metrics file.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 from logging import WARNING
 from typing import Callable, Iterable, Mapping, Sequence
@@ -44,6 +45,7 @@ class RoundLog:
     evaluate: list[SiteReply] = field(default_factory=list)
     excluded: list[dict[str, str | int]] = field(default_factory=list)
     central_noise_std: float = 0.0
+    failed: str = ""  # why the round left the model unchanged, if it did
 
 
 def arrays_from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -66,6 +68,7 @@ class GroupedFedAvg(FedAvg):
         central_noise_multiplier: float = 0.0,
         central_clipping_norm: float = 10.0,
         central_seed: int | None = None,
+        min_answer_fraction: float = 0.0,
         **fedavg_kwargs: object,
     ) -> None:
         super().__init__(**fedavg_kwargs)  # type: ignore[arg-type]
@@ -77,14 +80,20 @@ class GroupedFedAvg(FedAvg):
             if central_noise_multiplier > 0
             else None
         )
+        self.min_answer_fraction = min_answer_fraction
         self.rounds: dict[int, RoundLog] = {}
         self._current: dict[str, np.ndarray] = {}
+        self._sampled: set[int] = set()
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._current = arrays_from_record(arrays)  # the reference for central-DP clipping
-        return super().configure_train(server_round, arrays, config, grid)
+        if self.central is not None:
+            self.central.start_round(server_round)
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self._sampled = {m.metadata.dst_node_id for m in messages}
+        return messages
 
     def _log(self, server_round: int) -> RoundLog:
         return self.rounds.setdefault(server_round, RoundLog())
@@ -127,9 +136,15 @@ class GroupedFedAvg(FedAvg):
         replies = list(replies)
         if self.on_train_replies is not None:  # audit hook: the replies exactly as received
             self.on_train_replies(server_round, replies)
+        for node in sorted(self._sampled - {m.metadata.src_node_id for m in replies}):
+            self._exclude(server_round, node, "no reply before the round timeout")
         accepted = sorted(self._screen(server_round, replies, with_arrays=True), key=_content_key)
         self._log(server_round).train = accepted
-        if not accepted:
+        needed = max(1, math.ceil(self.min_answer_fraction * len(self._sampled)))
+        if len(accepted) < needed:
+            log(WARNING, "round %d: only %d of %d sites answered usefully (need %d); the model stays as it was",
+                server_round, len(accepted), len(self._sampled), needed)
+            self._log(server_round).failed = f"only {len(accepted)} of {len(self._sampled)} sites answered (need {needed})"
             return None, None
         if self.central is not None:
             mean = self.central.aggregate([r.arrays for r in accepted], self._current)

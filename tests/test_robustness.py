@@ -1,0 +1,95 @@
+"""Fault tolerance and resume: faulty sites are left out with a reason; a resumed run ends
+where an uninterrupted one does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Context, Message
+
+from medgan_core.config import StudyConfig
+from medgan_core.fileio import read_jsonl
+from server.checkpoints import load_checkpoint
+from server.simulation import simulate_federation
+
+pytestmark = pytest.mark.slow
+
+
+def _study(rounds: int, **run: object) -> StudyConfig:
+    return StudyConfig().replace(
+        run={"rounds": rounds, "num_sites": 2, "device": "cpu", **run},
+        task={"image_size": 16, "batch_size": 8, "local_steps": 3, "width": 8, "z_dim": 8, "eval_samples": 16},
+        privacy={"secure_rng": False},
+    )
+
+
+def _faulty(kind: str, partition: int = 0, rounds: tuple[int, ...] = (1,)):  # type: ignore[no-untyped-def]
+    """A Flower mod that breaks one site's training reply in the given rounds."""
+
+    def mod(msg: Message, ctxt: Context, call_next):  # type: ignore[no-untyped-def]
+        reply = call_next(msg, ctxt)
+        hit = ctxt.node_config.get("partition-id") == partition and msg.metadata.message_type == "train"
+        if not hit or int(msg.content["config"]["server-round"]) not in rounds:
+            return reply
+        if kind == "crash":
+            raise RuntimeError("simulated site crash")
+        arrays = {k: v.numpy().copy() for k, v in reply.content["arrays"].items()}
+        name = sorted(arrays)[0]
+        if kind == "nan":
+            arrays[name].flat[0] = np.nan
+        else:  # wrong shape
+            arrays[name] = np.zeros(7, np.float32)
+        reply.content["arrays"] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+        return reply
+
+    return mod
+
+
+@pytest.mark.parametrize("kind", ["nan", "shape", "crash"])
+def test_a_faulty_site_is_left_out_and_the_run_goes_on(kind: str, tiny_sites: list[Path], tmp_path: Path) -> None:
+    simulate_federation(_study(2), tiny_sites, tmp_path / "run", client_mods=[_faulty(kind)])
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["round"] for r in records] == [0, 1, 2]
+    assert len(records[1]["excluded"]) == 1 and len(records[1]["sites"]) == 2  # it still evaluated
+    reason = records[1]["excluded"][0]["reason"]
+    assert {"nan": "NaN", "shape": "shape", "crash": "site error"}[kind] in reason
+    assert not records[1]["round-failed"] and not records[2]["excluded"]
+    before, _ = load_checkpoint(tmp_path / "run" / "checkpoints" / "round-000.safetensors")
+    after, _ = load_checkpoint(tmp_path / "run" / "checkpoints" / "round-001.safetensors")
+    assert any(not np.array_equal(before[k], after[k]) for k in before)  # the other site's update counted
+
+
+def test_too_few_answers_leave_the_model_unchanged(tiny_sites: list[Path], tmp_path: Path) -> None:
+    simulate_federation(_study(1, min_answer_fraction=1.0), tiny_sites, tmp_path / "run",
+                        client_mods=[_faulty("nan")])
+    record = read_jsonl(tmp_path / "run" / "metrics.jsonl")[1]
+    assert record["round-failed"] == "only 1 of 2 sites answered (need 2)"
+    before, _ = load_checkpoint(tmp_path / "run" / "checkpoints" / "round-000.safetensors")
+    after, _ = load_checkpoint(tmp_path / "run" / "checkpoints" / "round-001.safetensors")
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_resume_ends_with_the_weights_of_an_uninterrupted_run(tiny_sites: list[Path], tmp_path: Path) -> None:
+    study = _study(3)
+    simulate_federation(study, tiny_sites, tmp_path / "whole")
+
+    def crash_after_round_2(summary) -> None:  # type: ignore[no-untyped-def]
+        if summary.server_round == 2:
+            raise RuntimeError("coordinator stopped")
+
+    with pytest.raises(RuntimeError):
+        simulate_federation(study, tiny_sites, tmp_path / "split", progress=crash_after_round_2)
+    assert [r["round"] for r in read_jsonl(tmp_path / "split" / "metrics.jsonl")] == [0, 1, 2]
+    simulate_federation(study.replace(run={"resume": True}), tiny_sites, tmp_path / "split")
+
+    whole = read_jsonl(tmp_path / "whole" / "metrics.jsonl")
+    split = read_jsonl(tmp_path / "split" / "metrics.jsonl")
+    assert [r["round"] for r in split] == [0, 1, 2, 3]
+    final_whole, _ = load_checkpoint(tmp_path / "whole" / "checkpoints" / "round-003.safetensors")
+    final_split, _ = load_checkpoint(tmp_path / "split" / "checkpoints" / "round-003.safetensors")
+    for name, value in final_whole.items():
+        np.testing.assert_array_equal(value, final_split[name])
+    eps = lambda r: sorted(s["train"]["epsilon"] for s in r["sites"])  # noqa: E731
+    assert eps(split[3]) == pytest.approx(eps(whole[3]))  # the accountants went on, not restarted
