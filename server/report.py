@@ -57,7 +57,10 @@ def write_report(folder: RunFolder, study: StudyConfig) -> str:
     for record in records:
         sites = len(record.get("sites", []))
         values = [_fmt(record.get(kind, {}).get(name)) for name, kind in columns]
-        excluded = "; ".join(f"node {e['node']}: {e['reason']}" for e in record.get("excluded", [])) or ""
+        notes = [f"node {e['node']}: {e['reason']}" for e in record.get("excluded", [])]
+        if record.get("round-failed"):
+            notes.append(f"model unchanged: {record['round-failed']}")
+        excluded = "; ".join(notes)
         lines.append(f"| {record['round']} | {sites} | " + " | ".join(values) + f" | {excluded} |")
     for key, label in (("swd", "Held-out SWD"), ("psnr", "Held-out PSNR (dB)")):
         series = [(r["round"], r["evaluate"][key]) for r in records if key in r.get("evaluate", {})]
