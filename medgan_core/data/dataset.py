@@ -44,7 +44,7 @@ def load_site_data(data_path: str | Path, task: TaskConfig, kind: str = SINGLE) 
     manifest = read_manifest(data_path)
     test_split = "test" if manifest.select(modality=task.modality, split="test") else "val"
     if kind == SINGLE:
-        train, test = _stack(manifest, task, _need(manifest, task, "train")), None
+        train = _stack(manifest, task, _need(manifest, task, "train"))
         test_entries = manifest.select(modality=task.modality, split=test_split)
         if not test_entries:
             raise DataError(f"{manifest.path}: no test or val images of modality {task.modality} to evaluate on")

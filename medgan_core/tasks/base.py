@@ -22,6 +22,7 @@ from medgan_core.data.dataset import SINGLE, SiteData
 from medgan_core.models.weights import expected_shapes, group_arrays, load_group_arrays
 from medgan_core.privacy.accountant import SiteAccountant
 from medgan_core.privacy.dp_sgd import DPSettings, make_private, poisson_batch, privacy_generator
+from medgan_core.runtime import seeded
 
 
 class Task(ABC):
@@ -121,6 +122,17 @@ class GANTask(Task):
 
     generator: nn.Module
     discriminator: nn.Module
+
+    def __init__(self, config: TaskConfig, device: torch.device | str = "cpu") -> None:
+        super().__init__(config, device)
+        with seeded(config.seed):  # same seed, same initial model, at every site and the server
+            generator, discriminator = self.build_networks()
+        self.generator = generator.to(self.device)
+        self.discriminator = discriminator.to(self.device)
+
+    @abstractmethod
+    def build_networks(self) -> tuple[nn.Module, nn.Module]:
+        """(generator, discriminator), freshly initialised; called under the task's seed."""
 
     @property
     def groups(self) -> dict[str, nn.Module]:

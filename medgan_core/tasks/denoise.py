@@ -9,13 +9,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from medgan_core.config import TaskConfig
 from medgan_core.data.dataset import LOW_DOSE_PAIRS, SiteData
 from medgan_core.metrics.image_quality import psnr_ssim
 from medgan_core.models.unet import PatchDiscriminator, ResidualUNet
 from medgan_core.privacy.accountant import SiteAccountant
 from medgan_core.privacy.dp_sgd import DPSettings
-from medgan_core.runtime import seeded
 from medgan_core.tasks.base import GANTask, set_hooks
 
 L1_WEIGHT = 100.0  # pix2pix: fidelity first, the adversarial term sharpens
@@ -29,13 +27,8 @@ class DenoiseTask(GANTask):
     preview_columns = 3
     preview_count = 4
 
-    def __init__(self, config: TaskConfig, device: torch.device | str = "cpu") -> None:
-        super().__init__(config, device)
-        with seeded(config.seed):
-            self.generator = ResidualUNet(config.width)
-            self.discriminator = PatchDiscriminator(config.width)
-        self.generator.to(self.device)
-        self.discriminator.to(self.device)
+    def build_networks(self) -> tuple[ResidualUNet, PatchDiscriminator]:
+        return ResidualUNet(self.config.width), PatchDiscriminator(self.config.width)
 
     def train(
         self,

@@ -5,13 +5,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from medgan_core.config import TaskConfig
 from medgan_core.data.dataset import SiteData
 from medgan_core.metrics.distribution import intensity_distance, sliced_wasserstein
 from medgan_core.models.dcgan import DCGANDiscriminator, DCGANGenerator, init_dcgan_weights
 from medgan_core.privacy.accountant import SiteAccountant
 from medgan_core.privacy.dp_sgd import DPSettings
-from medgan_core.runtime import seeded
 from medgan_core.tasks.base import GANTask, set_hooks
 
 
@@ -25,15 +23,13 @@ class SynthesisTask(GANTask):
     name = "synthesis"
     private_groups = ("discriminator",)
 
-    def __init__(self, config: TaskConfig, device: torch.device | str = "cpu") -> None:
-        super().__init__(config, device)
-        with seeded(config.seed):
-            self.generator = DCGANGenerator(config.z_dim, config.image_size, config.width)
-            self.discriminator = DCGANDiscriminator(config.image_size, config.width)
-            self.generator.apply(init_dcgan_weights)
-            self.discriminator.apply(init_dcgan_weights)
-        self.generator.to(self.device)
-        self.discriminator.to(self.device)
+    def build_networks(self) -> tuple[DCGANGenerator, DCGANDiscriminator]:
+        cfg = self.config
+        generator = DCGANGenerator(cfg.z_dim, cfg.image_size, cfg.width)
+        discriminator = DCGANDiscriminator(cfg.image_size, cfg.width)
+        generator.apply(init_dcgan_weights)
+        discriminator.apply(init_dcgan_weights)
+        return generator, discriminator
 
     def train(
         self,
