@@ -1,8 +1,10 @@
 """The hospital side of a federation: a Flower ClientApp over medgan_core.
 
-Each round it receives the global weights, the task and privacy settings, trains on the
-site's own images (DP-SGD by default, see ``medgan_core.site_round``), and replies with
-weights and scalar metrics only (see ``client.payload``).
+Each round it receives the global weights, the task, privacy and aggregation settings,
+puts back what the site keeps between rounds (local groups, FedBN's normalisation layers,
+optimiser state), trains on the site's own images (DP-SGD by default, see
+``medgan_core.site_round``), and replies with its shared weights and scalar metrics only
+(see ``client.payload``).
 """
 
 from __future__ import annotations
@@ -17,9 +19,14 @@ from flwr.clientapp.typing import Mod
 from client.audit import audit_outgoing_mod
 from client.payload import evaluate_reply, train_reply
 from client.site import cached_site_data, site_from_context, site_seed
-from medgan_core.config import SiteConfig, privacy_config_from_flat, task_config_from_flat
+from medgan_core.config import (
+    SiteConfig,
+    aggregation_config_from_flat,
+    privacy_config_from_flat,
+    task_config_from_flat,
+)
 from medgan_core.runtime import resolve_device
-from medgan_core.site_round import train_site_round
+from medgan_core.site_round import load_site_model, shared_weights, train_site_round
 from medgan_core.tasks import Task, build_task
 
 
@@ -48,18 +55,29 @@ def build_client_app(sites: Sequence[SiteConfig] | None = None, mods: Sequence[M
         config = msg.content["config"]
         data = cached_site_data(site.data_path, task.config)
         server_round = int(config.get("server-round", 0))  # type: ignore[arg-type]
+        aggregation = aggregation_config_from_flat(dict(config))
         metrics = train_site_round(
             task, data, site, privacy_config_from_flat(dict(config)),
             planned_rounds=int(config.get("planned-rounds", 1)),  # type: ignore[arg-type]
             study_id=str(config.get("study-id", "default")),
             seed=site_seed(task.config.seed, server_round, site.data_path),
+            aggregation=aggregation,
+            server_round=server_round,
         )
-        content = train_reply(task.get_weights(), task.weight_shapes(), metrics, data.num_train)
+        weights, shapes = shared_weights(task, aggregation)  # local arrays stay here
+        content = train_reply(weights, shapes, metrics, data.num_train)
         return Message(content=content, reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         task, site = prepare(msg, context)
+        config = msg.content["config"]
+        load_site_model(  # a site evaluates its own model: the global one plus its local arrays
+            task, site, aggregation_config_from_flat(dict(config)),
+            study_id=str(config.get("study-id", "default")),
+            server_round=int(config.get("server-round", 0)),  # type: ignore[arg-type]
+            training=False,
+        )
         data = cached_site_data(site.data_path, task.config)
         return Message(content=evaluate_reply(task.evaluate(data), int(data.test.shape[0])), reply_to=msg)
 

@@ -1,8 +1,9 @@
 """The site's last line of defence: a Flower mod that audits every outgoing reply.
 
 Whatever the training code does, a reply leaves the site only if it holds
-* for training: exactly one ArrayRecord whose array names and shapes are those of the
-  global model the server sent (weights, never images or per-sample values), floats only;
+* for training: exactly one ArrayRecord whose arrays are named and shaped like arrays of
+  the global model the server sent (weights, never images or per-sample values), floats
+  only; arrays may be withheld (local groups and normalisation layers stay at the site);
 * for evaluation: no arrays at all;
 * exactly one MetricRecord of finite scalars (no lists), and nothing else.
 Anything else is blocked, logged at the site, and replaced by an error reply that says
@@ -50,9 +51,6 @@ def audit_problems(request: Message, reply: Message) -> list[str]:
             problems.append(f"array {name} has shape {tuple(array.shape)}, the model's is {expected[name]}")
         if name in expected and not np.issubdtype(np.dtype(array.dtype), np.floating):
             problems.append(f"array {name} has dtype {array.dtype}; only float weights may leave")
-    missing = sorted(set(expected) - set(arrays))
-    if request.metadata.message_type == MessageType.TRAIN and missing:
-        problems.append(f"model arrays missing from the update: {missing[:5]}")
     return problems
 
 

@@ -12,7 +12,7 @@ import dataclasses
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import tomli_w
 
@@ -21,6 +21,8 @@ from medgan_core.errors import ConfigError
 MODALITIES = ("CT", "MR")
 DEVICES = ("auto", "cpu", "cuda")
 ACCOUNTANTS = ("rdp", "prv")
+POLICIES = ("average", "local", "trimmed-mean", "median")
+SERVER_OPTIMIZERS = ("fedavg", "fedadam", "fedyogi")
 
 
 def _key(name: str) -> str:
@@ -142,6 +144,86 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
+class AggregationConfig:
+    """How each parameter group is combined across sites, and how sites train between rounds.
+
+    ``policy`` applies to every group unless ``group-policies`` names it
+    (``"discriminator=local, generator=median"``): ``average`` (sample-weighted FedAvg),
+    ``local`` (never leaves the site; kept in its state folder between rounds),
+    ``trimmed-mean`` (coordinate-wise, dropping ``trim-fraction`` of sites at each end) or
+    ``median`` (coordinate-wise). ``local-norm`` keeps every normalisation layer local
+    (FedBN). ``server-optimizer`` applies FedAdam/FedYogi (Flower's) to the averaged update;
+    ``proximal-mu`` > 0 pulls each site's weights back towards the global model (FedProx);
+    ``keep-optimizer-state`` carries each site's Adam moments from round to round.
+    """
+
+    policy: str = "average"
+    group_policies: str = ""
+    local_norm: bool = False
+    trim_fraction: float = 0.2
+    server_optimizer: str = "fedavg"
+    server_lr: float = 0.01
+    server_beta1: float = 0.9
+    server_beta2: float = 0.99
+    server_tau: float = 1e-3
+    proximal_mu: float = 0.0
+    keep_optimizer_state: bool = False
+
+    def overrides(self) -> dict[str, str]:
+        """``group-policies`` parsed: ``{"discriminator": "local", …}``."""
+        out: dict[str, str] = {}
+        for item in filter(None, (part.strip() for part in self.group_policies.split(","))):
+            group, sep, policy = (s.strip() for s in item.partition("="))
+            if not sep or not group or not policy:
+                raise ConfigError(
+                    f"aggregation.group-policies item {item!r}; write GROUP=POLICY, e.g. 'discriminator=local'"
+                )
+            if group in out:
+                raise ConfigError(f"aggregation.group-policies names group {group!r} twice")
+            out[group] = policy
+        return out
+
+    def policy_of(self, group: str) -> str:
+        return self.overrides().get(group, self.policy)
+
+    def policies(self, groups: Sequence[str]) -> dict[str, str]:
+        """The policy of each of a task's groups; a group name the task lacks is an error."""
+        unknown = sorted(set(self.overrides()) - set(groups))
+        if unknown:
+            raise ConfigError(
+                f"aggregation.group-policies names {', '.join(map(repr, unknown))}; this task's groups are "
+                f"{', '.join(groups)}"
+            )
+        return {group: self.policy_of(group) for group in groups}
+
+    @property
+    def has_site_state(self) -> bool:
+        """Whether sites must keep weights or optimiser state between rounds."""
+        overrides = self.overrides()
+        return self.local_norm or self.keep_optimizer_state or "local" in (self.policy, *overrides.values())
+
+    def validate(self) -> None:
+        for key, value in (("aggregation.policy", self.policy), *(
+            (f"aggregation.group-policies ({group})", policy) for group, policy in self.overrides().items()
+        )):
+            if value not in POLICIES:
+                raise ConfigError(f"{key} = {value!r}; choose one of {', '.join(POLICIES)}")
+        if not 0 <= self.trim_fraction < 0.5:
+            raise ConfigError(f"aggregation.trim-fraction = {self.trim_fraction}; it must lie in [0, 0.5)")
+        if self.server_optimizer not in SERVER_OPTIMIZERS:
+            raise ConfigError(
+                f"aggregation.server-optimizer = {self.server_optimizer!r}; choose one of {', '.join(SERVER_OPTIMIZERS)}"
+            )
+        if self.server_lr <= 0 or self.server_tau <= 0:
+            raise ConfigError("aggregation.server-lr and aggregation.server-tau must be positive")
+        for key, beta in (("aggregation.server-beta1", self.server_beta1), ("aggregation.server-beta2", self.server_beta2)):
+            if not 0 <= beta < 1:
+                raise ConfigError(f"{key} = {beta}; it must lie in [0, 1)")
+        if self.proximal_mu < 0:
+            raise ConfigError(f"aggregation.proximal-mu = {self.proximal_mu}; it must be >= 0 (0 = no FedProx term)")
+
+
+@dataclass(frozen=True)
 class SiteConfig:
     """One hospital's own settings; they never leave the site.
 
@@ -257,21 +339,36 @@ def load_coordinator(path: str | Path) -> CoordinatorConfig:
                                database=_resolve(base, config.database)).validate()
 
 
-TABLES = ("run", "task", "privacy")
+TABLES = ("run", "task", "privacy", "aggregation")
 
 
 @dataclass(frozen=True)
 class StudyConfig:
-    """A whole study: the run, the task and the privacy settings."""
+    """A whole study: the run, the task, privacy and aggregation settings."""
 
     run: RunConfig = field(default_factory=RunConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
 
     def validate(self) -> "StudyConfig":
         self.run.validate()
         self.task.validate()
         self.privacy.validate()
+        self.aggregation.validate()
+        agg = self.aggregation
+        robust = sorted({p for p in (agg.policy, *agg.overrides().values()) if p in ("trimmed-mean", "median")})
+        if self.privacy.central_noise_multiplier > 0 and robust:
+            raise ConfigError(
+                f"aggregation policy {robust[0]!r} cannot be combined with privacy.central-noise-multiplier: "
+                "central DP needs an equal-weight mean of clipped updates"
+            )
+        if self.privacy.secagg and (robust or agg.has_site_state or agg.server_optimizer != "fedavg"
+                                    or agg.proximal_mu > 0):
+            raise ConfigError(
+                "privacy.secagg supports plain averaging only: leave [aggregation] at its defaults "
+                "(secure aggregation hides individual updates, so robust or per-site policies cannot see them)"
+            )
         return self
 
     # --- nested dict (TOML) -------------------------------------------------------
@@ -279,11 +376,14 @@ class StudyConfig:
     def from_dict(cls, raw: Mapping[str, Any], source: str = "config") -> "StudyConfig":
         unknown = set(raw) - set(TABLES)
         if unknown:
-            raise ConfigError(f"{source}: unknown table(s) {sorted(unknown)}; allowed: [run], [task], [privacy]")
+            raise ConfigError(
+                f"{source}: unknown table(s) {sorted(unknown)}; allowed: {', '.join(f'[{t}]' for t in TABLES)}"
+            )
         run = _build(RunConfig, raw.get("run", {}), "run", source)
         task = _build(TaskConfig, raw.get("task", {}), "task", source)
         privacy = _build(PrivacyConfig, raw.get("privacy", {}), "privacy", source)
-        return cls(run=run, task=task, privacy=privacy).validate()
+        aggregation = _build(AggregationConfig, raw.get("aggregation", {}), "aggregation", source)
+        return cls(run=run, task=task, privacy=privacy, aggregation=aggregation).validate()
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {
@@ -297,7 +397,7 @@ class StudyConfig:
         for key, value in flat.items():
             table, _, name = key.partition(".")
             if not name:
-                raise ConfigError(f"{source}: key {key!r} must be 'run.<name>', 'task.<name>' or 'privacy.<name>'")
+                raise ConfigError(f"{source}: key {key!r} must be TABLE.NAME with TABLE one of {', '.join(TABLES)}")
             nested.setdefault(table, {})[name] = value
         return cls.from_dict(nested, source)
 
@@ -309,12 +409,14 @@ class StudyConfig:
         run: Mapping[str, Any] | None = None,
         task: Mapping[str, Any] | None = None,
         privacy: Mapping[str, Any] | None = None,
+        aggregation: Mapping[str, Any] | None = None,
     ) -> "StudyConfig":
         """A copy with some fields changed (Python field names), validated again."""
         return StudyConfig(
             run=dataclasses.replace(self.run, **(run or {})),
             task=dataclasses.replace(self.task, **(task or {})),
             privacy=dataclasses.replace(self.privacy, **(privacy or {})),
+            aggregation=dataclasses.replace(self.aggregation, **(aggregation or {})),
         ).validate()
 
 
@@ -333,6 +435,11 @@ def task_config_from_flat(flat: Mapping[str, Any]) -> TaskConfig:
 def privacy_config_from_flat(flat: Mapping[str, Any]) -> PrivacyConfig:
     """Rebuild the privacy settings a client receives in a round's ConfigRecord."""
     return _table_from_flat(PrivacyConfig, "privacy", flat)
+
+
+def aggregation_config_from_flat(flat: Mapping[str, Any]) -> AggregationConfig:
+    """Rebuild the aggregation settings a client receives (keys absent: the defaults)."""
+    return _table_from_flat(AggregationConfig, "aggregation", flat)
 
 
 def load_study(path: str | Path) -> StudyConfig:

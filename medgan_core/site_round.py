@@ -2,24 +2,82 @@
 
 The ClientApp calls this; tests and notebooks can too. With privacy on (the default) it
 refuses models Opacus cannot train, derives the site's DP-SGD noise, checks the budget
-before any step, trains, and persists the accountant before anything is sent.
+before any step, trains, and persists the accountant before anything is sent. Under the
+study's ``[aggregation]`` settings it also puts the site's local arrays (local groups,
+FedBN's normalisation layers) and optimiser state back before training, saves them after,
+and sends only the shared arrays (``shared_weights``).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from medgan_core.config import PrivacyConfig, SiteConfig
+import numpy as np
+
+from medgan_core.config import AggregationConfig, PrivacyConfig, SiteConfig
 from medgan_core.data.dataset import SiteData
 from medgan_core.errors import ConfigError
 from medgan_core.privacy.accountant import SiteAccountant
 from medgan_core.privacy.dp_sgd import validate_private_modules
 from medgan_core.privacy.planning import check_budget, plan_dp
-from medgan_core.tasks.base import Task
+from medgan_core.sharing import local_array_names
+from medgan_core.site_state import SiteState
+from medgan_core.tasks.base import LocalTraining, Task
 
 
 def accountant_path(state_dir: str | Path, study_id: str) -> Path:
     return Path(state_dir) / f"accountant-{study_id}.json"
+
+
+def load_site_model(
+    task: Task,
+    site: SiteConfig,
+    aggregation: AggregationConfig,
+    *,
+    study_id: str,
+    server_round: int,
+    training: bool,
+) -> SiteState | None:
+    """Put what this site keeps between rounds onto the global model ``task`` holds.
+
+    For training in round r: the state saved in an earlier round (local arrays and, with
+    ``keep-optimizer-state``, Adam's moments); for evaluating round r: the state round r
+    left. Returns the site's state store (None when the study keeps nothing at sites).
+    """
+    local = local_array_names(task.groups, aggregation)
+    task.local_training = LocalTraining(aggregation.proximal_mu, frozenset(local))
+    if not aggregation.has_site_state:
+        return None
+    if not site.state_dir:
+        raise ConfigError(
+            f"site {site.site_name}: no state-dir; this study keeps local weights or optimiser state at each "
+            "site between rounds ([aggregation])"
+        )
+    state = SiteState(site.state_dir, study_id)
+    saved = state.latest(before=server_round if training else server_round + 1)
+    if saved is None:
+        return state
+    if local:
+        missing = sorted(local - set(saved.local))
+        if missing:
+            raise ConfigError(
+                f"site state {state.path(saved.server_round)} lacks local arrays {missing[:3]}; it belongs "
+                "to another model or aggregation setting"
+            )
+        weights = task.get_weights()
+        weights.update({name: saved.local[name] for name in local})
+        task.set_weights(weights, source=f"site state {state.path(saved.server_round)}")
+    if training and aggregation.keep_optimizer_state:
+        task.load_optimizer_state(saved.optimizer)
+    return state
+
+
+def shared_weights(task: Task, aggregation: AggregationConfig) -> tuple[dict[str, np.ndarray], dict[str, tuple[int, ...]]]:
+    """The arrays this site sends and their shapes: everything but its local arrays."""
+    local = local_array_names(task.groups, aggregation)
+    weights = {k: v for k, v in task.get_weights().items() if k not in local}
+    shapes = {k: v for k, v in task.weight_shapes().items() if k not in local}
+    return weights, shapes
 
 
 def train_site_round(
@@ -31,12 +89,18 @@ def train_site_round(
     planned_rounds: int,
     study_id: str,
     seed: int,
+    aggregation: AggregationConfig | None = None,
+    server_round: int = 1,
 ) -> dict[str, float]:
-    """Train ``task`` locally for one round; return the scalar metrics the site may send."""
-    steps = task.config.local_steps
+    """Train ``task`` (holding the global model) locally for one round; return the scalar
+    metrics the site may send. Afterwards ``shared_weights`` gives the arrays to send."""
+    aggregation = aggregation or AggregationConfig()
+    state = load_site_model(task, site, aggregation, study_id=study_id, server_round=server_round, training=True)
     if not privacy.enabled:
-        metrics = task.train(data, steps, seed)
+        metrics = task.train(data, task.config.local_steps, seed)
+        _save_state(task, state, aggregation, server_round)
         return {**metrics, "dp": 0.0}
+    steps = task.config.local_steps
     if not site.state_dir:
         raise ConfigError(f"site {site.site_name}: no state-dir; differential privacy needs one to keep its accountant")
     validate_private_modules(task.private_modules)
@@ -47,6 +111,7 @@ def train_site_round(
     check_budget(accountant, dp, steps * task.dp_releases_per_step, budget, site.site_name)
     metrics = task.train(data, steps, seed, dp=dp, accountant=accountant)
     accountant.save()  # before the update leaves: a crash after this over-counts, never under-counts
+    _save_state(task, state, aggregation, server_round)
     return {
         **metrics,
         "dp": 1.0,
@@ -58,3 +123,13 @@ def train_site_round(
         "sample-rate": dp.sample_rate,
         "dp-steps": float(accountant.steps),
     }
+
+
+def _save_state(task: Task, state: SiteState | None, aggregation: AggregationConfig, server_round: int) -> None:
+    """Keep the site's local arrays and optimiser state for the next round (before replying)."""
+    if state is None:
+        return
+    local = local_array_names(task.groups, aggregation)
+    weights = task.get_weights()
+    optimizer = task.optimizer_state() if aggregation.keep_optimizer_state else {}
+    state.save(server_round, {name: weights[name] for name in sorted(local)}, optimizer)

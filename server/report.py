@@ -20,6 +20,30 @@ def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, (int, float)) else "–"
 
 
+def aggregation_line(study: StudyConfig) -> str:
+    """How the groups were combined, in words (from the same settings the server used)."""
+    from medgan_core.tasks import build_task
+
+    agg = study.aggregation
+    words = {"average": "sample-weighted mean", "local": "kept at each site (never sent)",
+             "trimmed-mean": f"coordinate-wise trimmed mean ({agg.trim_fraction:g} cut at each end)",
+             "median": "coordinate-wise median"}
+    policies = agg.policies(list(build_task(study.task).groups))
+    line = "- Aggregation: " + ", ".join(f"{g}: {words[p]}" for g, p in policies.items())
+    if agg.local_norm:
+        line += "; normalisation layers kept at each site (FedBN)"
+    if agg.server_optimizer != "fedavg":
+        line += f"; server optimiser {agg.server_optimizer} (η = {agg.server_lr:g})"
+    if agg.proximal_mu > 0:
+        line += f"; FedProx μ = {agg.proximal_mu:g}"
+    if agg.keep_optimizer_state:
+        line += "; sites keep their optimiser state between rounds"
+    if agg.local_norm or "local" in policies.values():
+        line += (". Local arrays stay at the sites: held-out metrics use each site's own model, while the "
+                 "checkpoints and sample grids hold the server's initial values for them")
+    return line
+
+
 def write_report(folder: RunFolder, study: StudyConfig) -> str:
     records = folder.read_metrics()
     run, task, privacy = study.run, study.task, study.privacy
@@ -41,7 +65,7 @@ def write_report(folder: RunFolder, study: StudyConfig) -> str:
         f"- Task: `{task.name}` on {task.modality} slices, {task.image_size}×{task.image_size}",
         f"- Sites: {run.num_sites}; rounds: {run.rounds}; local steps per round: {task.local_steps}; "
         f"batch size: {task.batch_size}; seed: {task.seed}",
-        "- Aggregation: sample-weighted FedAvg, each parameter group (generator, discriminator) averaged separately",
+        aggregation_line(study),
         privacy_line,
         "- Metrics are computed by every site on its own held-out (test) split and averaged by sample count. "
         "Synthesis: `swd` is the sliced Wasserstein distance between multi-scale 7×7 patches of generated and "

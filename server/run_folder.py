@@ -34,6 +34,10 @@ class RunFolder:
     def checkpoint(self, server_round: int) -> Path:
         return checkpoint_path(self.root, server_round)
 
+    def server_optimizer(self, server_round: int) -> Path:
+        """FedAdam/FedYogi moments after a round: a resumed run needs them to go on exactly."""
+        return self.root / "checkpoints" / f"round-{server_round:03d}.server-optimizer.safetensors"
+
     def samples(self, server_round: int) -> Path:
         return self.root / "samples" / f"round-{server_round:03d}.png"
 

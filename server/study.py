@@ -1,9 +1,10 @@
 """One federated study, round by round, on any Flower Grid (simulated or deployed).
 
-Per round: send the global weights to the sites, aggregate their updates per parameter
-group, have every site evaluate the new global model on its held-out split, then write a
-checkpoint, a sample grid and one metrics line. Round 0 evaluates the initial model so the
-report shows what training bought.
+Per round: send the global weights to the sites, combine their updates per parameter
+group by the study's ``[aggregation]`` policies (and FedAdam/FedYogi when asked), have
+every site evaluate the new global model (plus its own local arrays) on its held-out
+split, then write a checkpoint, the server optimiser's moments, a sample grid and one
+metrics line. Round 0 evaluates the initial model so the report shows what training bought.
 """
 
 from __future__ import annotations
@@ -19,16 +20,18 @@ from flwr.serverapp import Grid
 
 from medgan_core.config import StudyConfig
 from medgan_core.privacy.dp_sgd import validate_private_modules
+from medgan_core.sharing import local_array_names
 from medgan_core.tasks import Task, build_task
 from server.report import write_report
 from server.run_folder import RunFolder
 from server.samples import save_grid
-from server.checkpoints import save_checkpoint
+from server.checkpoints import load_checkpoint, save_checkpoint
 from strategies.aggregation import split_groups
 from strategies.grouped_fedavg import (
     GroupedFedAvg,
     RoundLog,
     arrays_from_record,
+    build_strategy,
     record_from_arrays,
     weighted_metrics,
 )
@@ -63,31 +66,19 @@ def run_study(
     so on CPU with seeded noise it ends with the weights an uninterrupted run has.
     """
     task = build_task(study.task, "cpu")  # the server holds no images: it only previews G
+    if study.privacy.enabled:
+        validate_private_modules(task.private_modules)  # refuse before any site trains
+    strategy = _strategy(study, task, on_train_replies)
     if study.run.resume:
         first_round, resumed = folder.resume_point()
+        task.set_weights(resumed, source=f"checkpoint of round {first_round}")
+        if first_round > 0:
+            strategy.load_optimizer_state(load_checkpoint(folder.server_optimizer(first_round))[0]
+                                          if study.aggregation.server_optimizer != "fedavg" else {})
         first_round += 1
-        task.set_weights(resumed, source=f"checkpoint of round {first_round - 1}")
     else:
         folder.start(study)
         first_round = 0
-    if study.privacy.enabled:
-        validate_private_modules(task.private_modules)  # refuse before any site trains
-    groups = list(task.groups)
-    min_sites = max(1, ceil(study.run.fraction_train * study.run.num_sites))
-    strategy = GroupedFedAvg(
-        groups,
-        task.weight_shapes(),
-        on_train_replies=on_train_replies,
-        fraction_train=study.run.fraction_train,
-        fraction_evaluate=1.0,
-        min_train_nodes=min_sites,
-        min_evaluate_nodes=min_sites,
-        min_available_nodes=study.run.num_sites,
-        central_noise_multiplier=study.privacy.central_noise_multiplier,
-        central_clipping_norm=study.privacy.central_clipping_norm,
-        central_seed=None if study.privacy.secure_rng else study.task.seed,
-        min_answer_fraction=study.run.min_answer_fraction,
-    )
     round_config = ConfigRecord(round_config_items(study, folder))
     arrays = record_from_arrays(task.get_weights())
     timeout = study.run.round_timeout
@@ -107,6 +98,8 @@ def run_study(
         )
         strategy.aggregate_evaluate(server_round, replies)
         current = arrays_from_record(arrays)
+        if server_round > 0 and study.aggregation.server_optimizer != "fedavg":  # before the round counts as done
+            save_checkpoint(folder.server_optimizer(server_round), strategy.optimizer_state(), {"round": server_round})
         summary = record_round(study, folder, task, server_round, current, previous, strategy.rounds.get(server_round))
         summary.seconds = time.monotonic() - started
         if progress is not None:
@@ -116,10 +109,38 @@ def run_study(
     return arrays_from_record(arrays)
 
 
+def _strategy(
+    study: StudyConfig, task: Task, on_train_replies: Callable[[int, list[Message]], None] | None
+) -> GroupedFedAvg:
+    """The study's strategy; it expects from each site the arrays that are not local."""
+    agg = study.aggregation
+    policies = agg.policies(list(task.groups))
+    local = local_array_names(task.groups, agg)
+    min_sites = max(1, ceil(study.run.fraction_train * study.run.num_sites))
+    return build_strategy(
+        agg.server_optimizer,
+        list(task.groups),
+        {name: shape for name, shape in task.weight_shapes().items() if name not in local},
+        optimizer_kwargs={"eta": agg.server_lr, "beta_1": agg.server_beta1, "beta_2": agg.server_beta2,
+                          "tau": agg.server_tau},
+        fedavg_kwargs={"fraction_train": study.run.fraction_train, "fraction_evaluate": 1.0,
+                       "min_train_nodes": min_sites, "min_evaluate_nodes": min_sites,
+                       "min_available_nodes": study.run.num_sites},
+        policies={g: p for g, p in policies.items() if p != "local"},
+        trim_fraction=agg.trim_fraction,
+        on_train_replies=on_train_replies,
+        central_noise_multiplier=study.privacy.central_noise_multiplier,
+        central_clipping_norm=study.privacy.central_clipping_norm,
+        central_seed=None if study.privacy.secure_rng else study.task.seed,
+        min_answer_fraction=study.run.min_answer_fraction,
+    )
+
+
 def round_config_items(study: StudyConfig, folder: RunFolder) -> dict[str, object]:
-    """What every site must know each round: task and privacy settings (not the run's paths),
-    the planned number of rounds (for the DP noise), the study id (for the accountant)."""
-    shared = {k: v for k, v in study.to_flat().items() if k.startswith(("task.", "privacy."))}
+    """What every site must know each round: task, privacy and aggregation settings (not the
+    run's paths), the planned number of rounds (for the DP noise), the study id (for the
+    accountant and the site's state)."""
+    shared = {k: v for k, v in study.to_flat().items() if k.startswith(("task.", "privacy.", "aggregation."))}
     return {**shared, "device": study.run.device, "planned-rounds": study.run.rounds, "study-id": folder.study_id()}
 
 

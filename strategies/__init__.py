@@ -1,6 +1,18 @@
 """GAN-aware aggregation: how each parameter group is combined across sites."""
 
-from strategies.aggregation import aggregate_by_group, split_groups, weighted_mean
-from strategies.grouped_fedavg import GroupedFedAvg, RoundLog, SiteReply, weighted_metrics
+from strategies.aggregation import aggregate_by_group, aggregate_by_policy, coordinate_wise, split_groups, weighted_mean
+from strategies.grouped_fedavg import (
+    GroupedFedAdam,
+    GroupedFedAvg,
+    GroupedFedYogi,
+    RoundLog,
+    SiteReply,
+    build_strategy,
+    weighted_metrics,
+)
 
-__all__ = ["GroupedFedAvg", "RoundLog", "SiteReply", "weighted_metrics", "aggregate_by_group", "split_groups", "weighted_mean"]
+__all__ = [
+    "GroupedFedAdam", "GroupedFedAvg", "GroupedFedYogi", "RoundLog", "SiteReply", "build_strategy",
+    "weighted_metrics", "aggregate_by_group", "aggregate_by_policy", "coordinate_wise", "split_groups",
+    "weighted_mean",
+]

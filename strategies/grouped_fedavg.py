@@ -1,10 +1,14 @@
-"""Sample-weighted FedAvg over parameter groups, with a per-round log of what each site sent.
+"""GAN-aware FedAvg over parameter groups, with a per-round log of what each site sent.
 
 Flower's FedAvg accepts exactly one ArrayRecord per reply, so a GAN's networks travel
 together with prefixed names (``generator.…``, ``discriminator.…``). This strategy
-checks every reply against the model's names and shapes, leaves out sites whose arrays
-are wrong or not finite, averages each group by sample count, and records per-site
-scalar metrics for the server's metrics file.
+checks every reply against the names and shapes the sites share (local groups and
+FedBN's local normalisation layers never travel), leaves out sites whose arrays are wrong
+or not finite, combines each group by its policy (sample-weighted mean, trimmed mean or
+median), and records per-site scalar metrics for the server's metrics file.
+``GroupedFedAdam``/``GroupedFedYogi`` put Flower's own FedAdam/FedYogi server optimiser
+on top of that combination (Python's method order: FedAdam's ``aggregate_train`` calls
+ours as its ``super()``).
 """
 
 from __future__ import annotations
@@ -18,12 +22,12 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedYogi
 from flwr.supercore import log
 
 from medgan_core.arrays import check_arrays
 from medgan_core.errors import WeightsError
-from strategies.aggregation import aggregate_by_group
+from strategies.aggregation import aggregate_by_policy
 from strategies.central_dp import CentralDP
 
 NUM_EXAMPLES = "num-examples"
@@ -57,13 +61,19 @@ def record_from_arrays(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
 
 
 class GroupedFedAvg(FedAvg):
-    """FedAvg that averages each parameter group separately and logs every site's reply."""
+    """FedAvg that combines each parameter group by its policy and logs every site's reply.
+
+    ``expected_shapes`` are the arrays the sites send (the model minus its local arrays);
+    the aggregate keeps the current global values of every other array.
+    """
 
     def __init__(
         self,
-        groups: Sequence[str],
-        expected_shapes: Mapping[str, tuple[int, ...]],
+        groups: Sequence[str] = (),
+        expected_shapes: Mapping[str, tuple[int, ...]] | None = None,
         *,
+        policies: Mapping[str, str] | None = None,
+        trim_fraction: float = 0.2,
         on_train_replies: Callable[[int, list[Message]], None] | None = None,
         central_noise_multiplier: float = 0.0,
         central_clipping_norm: float = 10.0,
@@ -72,8 +82,31 @@ class GroupedFedAvg(FedAvg):
         **fedavg_kwargs: object,
     ) -> None:
         super().__init__(**fedavg_kwargs)  # type: ignore[arg-type]
+        self.setup_groups(
+            groups, expected_shapes, policies=policies, trim_fraction=trim_fraction,
+            on_train_replies=on_train_replies, central_noise_multiplier=central_noise_multiplier,
+            central_clipping_norm=central_clipping_norm, central_seed=central_seed,
+            min_answer_fraction=min_answer_fraction,
+        )
+
+    def setup_groups(
+        self,
+        groups: Sequence[str],
+        expected_shapes: Mapping[str, tuple[int, ...]] | None,
+        *,
+        policies: Mapping[str, str] | None = None,
+        trim_fraction: float = 0.2,
+        on_train_replies: Callable[[int, list[Message]], None] | None = None,
+        central_noise_multiplier: float = 0.0,
+        central_clipping_norm: float = 10.0,
+        central_seed: int | None = None,
+        min_answer_fraction: float = 0.0,
+    ) -> None:
+        """The grouped settings (separate from ``__init__`` so FedOpt subclasses can take them too)."""
         self.groups = list(groups)
-        self.expected_shapes = dict(expected_shapes)
+        self.expected_shapes = dict(expected_shapes or {})
+        self.policies = dict(policies or {})
+        self.trim_fraction = trim_fraction
         self.on_train_replies = on_train_replies
         self.central = (
             CentralDP(central_noise_multiplier, central_clipping_norm, central_seed)
@@ -84,6 +117,14 @@ class GroupedFedAvg(FedAvg):
         self.rounds: dict[int, RoundLog] = {}
         self._current: dict[str, np.ndarray] = {}
         self._sampled: set[int] = set()
+
+    # Server-optimiser state (FedAdam/FedYogi moments): plain FedAvg has none.
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def load_optimizer_state(self, arrays: Mapping[str, np.ndarray]) -> None:
+        if arrays:
+            raise WeightsError("this run's server optimiser is fedavg, but the checkpoint holds server-optimiser moments")
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -146,18 +187,91 @@ class GroupedFedAvg(FedAvg):
                 server_round, len(accepted), len(self._sampled), needed)
             self._log(server_round).failed = f"only {len(accepted)} of {len(self._sampled)} sites answered (need {needed})"
             return None, None
+        shared = {name: self._current[name] for name in self.expected_shapes}
         if self.central is not None:
-            mean = self.central.aggregate([r.arrays for r in accepted], self._current)
+            combined = self.central.aggregate([r.arrays for r in accepted], shared)
             self._log(server_round).central_noise_std = self.central.last_std
         else:
             weights = [r.num_examples for r in accepted]
-            mean = aggregate_by_group([r.arrays for r in accepted], weights, self.groups)
-        return record_from_arrays(mean), MetricRecord(weighted_metrics(accepted))
+            combined = aggregate_by_policy([r.arrays for r in accepted], weights, self.policies, self.trim_fraction)
+        # Arrays that stay at the sites keep the server's values (the initial model).
+        return record_from_arrays({**self._current, **combined}), MetricRecord(weighted_metrics(accepted))
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         accepted = self._screen(server_round, replies, with_arrays=False)
         self._log(server_round).evaluate = accepted
         return MetricRecord(weighted_metrics(accepted)) if accepted else None
+
+
+class _ServerOptimizerMixin:
+    """Moments of Flower's FedOpt family as named arrays, for checkpoints and resume, and
+    its output cast back to the model's dtypes (Flower's arithmetic promotes to float64)."""
+
+    m_t: dict[str, np.ndarray] | None
+    v_t: dict[str, np.ndarray] | None
+    current_arrays: dict[str, np.ndarray] | None
+
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        state = {}
+        for prefix, moments in (("m", self.m_t), ("v", self.v_t)):
+            state.update({f"{prefix}:{name}": np.asarray(a) for name, a in (moments or {}).items()})
+        return state
+
+    def load_optimizer_state(self, arrays: Mapping[str, np.ndarray]) -> None:
+        m = {k[2:]: np.asarray(v) for k, v in arrays.items() if k.startswith("m:")}
+        v = {k[2:]: np.asarray(v) for k, v in arrays.items() if k.startswith("v:")}
+        self.m_t, self.v_t = (m or None), (v or None)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        record, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
+        if record is None or self.current_arrays is None:
+            return record, metrics
+        dtypes = {name: a.dtype for name, a in self.current_arrays.items()}
+        arrays = {name: a.numpy().astype(dtypes[name]) for name, a in record.items()}
+        return record_from_arrays(arrays), metrics
+
+
+class GroupedFedAdam(_ServerOptimizerMixin, FedAdam, GroupedFedAvg):
+    """Flower's FedAdam (Reddi et al. 2021) applied to the per-group combination."""
+
+
+class GroupedFedYogi(_ServerOptimizerMixin, FedYogi, GroupedFedAvg):
+    """Flower's FedYogi applied to the per-group combination."""
+
+
+SERVER_OPTIMIZERS: dict[str, type[GroupedFedAvg]] = {
+    "fedavg": GroupedFedAvg,
+    "fedadam": GroupedFedAdam,
+    "fedyogi": GroupedFedYogi,
+}
+
+
+def build_strategy(
+    server_optimizer: str,
+    groups: Sequence[str],
+    expected_shapes: Mapping[str, tuple[int, ...]],
+    *,
+    optimizer_kwargs: Mapping[str, float] | None = None,
+    fedavg_kwargs: Mapping[str, object] | None = None,
+    **grouped_kwargs: object,
+) -> GroupedFedAvg:
+    """A grouped strategy, with Flower's FedAdam/FedYogi on top when asked.
+
+    Flower's FedOpt constructors pass only FedAvg's arguments up the chain, so the
+    grouped settings are applied after construction (``setup_groups``).
+    """
+    try:
+        cls = SERVER_OPTIMIZERS[server_optimizer]
+    except KeyError:
+        raise ValueError(f"unknown server optimiser {server_optimizer!r}; choose one of {sorted(SERVER_OPTIMIZERS)}") from None
+    kwargs = dict(fedavg_kwargs or {})
+    if cls is not GroupedFedAvg:
+        kwargs.update(optimizer_kwargs or {})
+    strategy = cls(**kwargs)  # type: ignore[arg-type]
+    strategy.setup_groups(groups, expected_shapes, **grouped_kwargs)  # type: ignore[arg-type]
+    return strategy
 
 
 def _content_key(reply: SiteReply) -> tuple[float, str]:

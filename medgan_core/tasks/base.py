@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Iterator, Mapping
 
 import numpy as np
@@ -18,11 +18,28 @@ from opacus import GradSampleModule
 from torch import nn
 
 from medgan_core.config import TaskConfig
+from medgan_core.errors import WeightsError
 from medgan_core.data.dataset import SINGLE, SiteData
 from medgan_core.models.weights import expected_shapes, group_arrays, load_group_arrays
 from medgan_core.privacy.accountant import SiteAccountant
 from medgan_core.privacy.dp_sgd import DPSettings, make_private, poisson_batch, privacy_generator
 from medgan_core.runtime import seeded
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    """How a site trains between rounds, beyond the task's own settings.
+
+    ``proximal_mu`` > 0 is FedProx: after every optimiser step each shared weight moves a
+    fraction ``lr * mu`` back towards its value at the start of the round (a decoupled,
+    data-free proximal step, as AdamW decouples weight decay). Being data-free it is
+    post-processing under DP: Opacus rebuilds gradients from per-sample ones and would
+    drop a proximal term added to the loss. ``proximal_exclude`` names arrays without a
+    global anchor (local groups).
+    """
+
+    proximal_mu: float = 0.0
+    proximal_exclude: frozenset[str] = field(default_factory=frozenset)
 
 
 class Task(ABC):
@@ -46,6 +63,7 @@ class Task(ABC):
     def __init__(self, config: TaskConfig, device: torch.device | str = "cpu") -> None:
         self.config = config
         self.device = torch.device(device)
+        self.local_training = LocalTraining()
 
     @property
     @abstractmethod
@@ -89,6 +107,15 @@ class Task(ABC):
     def weight_shapes(self) -> dict[str, tuple[int, ...]]:
         return expected_shapes(self.groups)
 
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        """The optimisers' state after the last ``train`` as named arrays (empty: none kept)."""
+        return {}
+
+    def load_optimizer_state(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Start the next ``train`` from this optimiser state (from ``optimizer_state``)."""
+        if arrays:
+            raise WeightsError(f"task {self.name} keeps no optimiser state, but state was given")
+
 
 def set_hooks(module: nn.Module, enabled: bool) -> None:
     """Switch Opacus' per-sample gradient hooks (no-op on a plain module)."""
@@ -129,6 +156,7 @@ class GANTask(Task):
             generator, discriminator = self.build_networks()
         self.generator = generator.to(self.device)
         self.discriminator = discriminator.to(self.device)
+        self._optimizer_states: dict[str, dict] = {}  # Adam state after the last train()
 
     @abstractmethod
     def build_networks(self) -> tuple[nn.Module, nn.Module]:
@@ -138,18 +166,59 @@ class GANTask(Task):
     def groups(self) -> dict[str, nn.Module]:
         return {"generator": self.generator, "discriminator": self.discriminator}
 
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        """Adam's moments and step counts as ``<group>.<param index>.<key>`` arrays."""
+        arrays = {}
+        for group, state in self._optimizer_states.items():
+            for index, values in state["state"].items():
+                for key, tensor in values.items():
+                    arrays[f"{group}.{index}.{key}"] = torch.as_tensor(tensor).detach().cpu().numpy().copy()
+        return arrays
+
+    def load_optimizer_state(self, arrays: Mapping[str, np.ndarray]) -> None:
+        states: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+        params = {group: list(module.parameters()) for group, module in self.groups.items()}
+        for name, array in arrays.items():
+            group, index, key = name.split(".", 2)
+            if group not in params or not index.isdigit() or int(index) >= len(params[group]):
+                raise WeightsError(f"saved optimiser state {name} does not belong to this model")
+            if key.startswith("exp_avg") and tuple(array.shape) != tuple(params[group][int(index)].shape):
+                raise WeightsError(f"saved optimiser state {name} has shape {array.shape}; the model changed")
+            tensor = torch.from_numpy(np.array(array))
+            if key == "step":  # Adam keeps its step count as a 0-d tensor
+                tensor = tensor.reshape(())
+            states.setdefault(group, {}).setdefault(int(index), {})[key] = tensor
+        self._optimizer_states = {group: {"state": state} for group, state in states.items()}
+
+    def _optimizer(self, group: str, lr: float) -> torch.optim.Optimizer:
+        """Adam for one group, restored from the last round's state and with the FedProx
+        step attached when those are asked for."""
+        module = self.groups[group]
+        optimizer = torch.optim.Adam(module.parameters(), lr=lr, betas=(0.5, 0.999))
+        saved = self._optimizer_states.get(group)
+        if saved is not None:
+            optimizer.load_state_dict({"state": saved["state"], "param_groups": optimizer.state_dict()["param_groups"]})
+        mu = self.local_training.proximal_mu
+        if mu > 0:
+            exclude = self.local_training.proximal_exclude
+            anchors = [(p, p.detach().clone()) for n, p in module.named_parameters() if f"{group}.{n}" not in exclude]
+            fraction = min(1.0, lr * mu)
+
+            def proximal_step(*_: object) -> None:
+                with torch.no_grad():
+                    for param, anchor in anchors:
+                        param.lerp_(anchor, fraction)
+
+            optimizer.register_step_post_hook(proximal_step)  # fires after DPOptimizer's step too
+        return optimizer
+
     @contextlib.contextmanager
     def training_setup(self, dp: DPSettings | None, seed: int) -> Iterator[TrainingSetup]:
         cfg = self.config
         rng = torch.Generator().manual_seed(seed)
-        setup = TrainingSetup(
-            self.generator,
-            self.discriminator,
-            torch.optim.Adam(self.generator.parameters(), lr=cfg.lr_generator, betas=(0.5, 0.999)),
-            torch.optim.Adam(self.discriminator.parameters(), lr=cfg.lr_discriminator, betas=(0.5, 0.999)),
-            rng,
-            rng,
-        )
+        opt_g = self._optimizer("generator", cfg.lr_generator)
+        opt_d = self._optimizer("discriminator", cfg.lr_discriminator)
+        setup = TrainingSetup(self.generator, self.discriminator, opt_g, opt_d, rng, rng)
         if dp is not None:
             setup.sampler = privacy_generator(dp, seed + 1)  # secret: batches and noise
             for group in self.private_groups:
@@ -166,6 +235,7 @@ class GANTask(Task):
                 setup.generator.train()
                 setup.discriminator.train()
                 yield setup
+            self._optimizer_states = {"generator": opt_g.state_dict(), "discriminator": opt_d.state_dict()}
         finally:
             close_private(setup.generator, setup.discriminator)
 

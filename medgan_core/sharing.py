@@ -1,0 +1,44 @@
+"""Which of a task's weight arrays leave the site, and which stay there.
+
+The site (before it replies) and the server (before it accepts replies) both ask this,
+with the same task and the same ``[aggregation]`` settings, so they agree on the names
+without exchanging them. Local arrays are a whole group whose policy is ``local``
+(e.g. a discriminator that learns each hospital's scanner) and, with ``local-norm``
+(FedBN), every normalisation layer's affine parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+from torch import nn
+
+from medgan_core.config import AggregationConfig
+
+NORM_LAYERS = (nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm,
+               nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def norm_array_names(groups: Mapping[str, nn.Module]) -> set[str]:
+    """Prefixed state-dict names of every normalisation layer (weights, biases, statistics)."""
+    names = set()
+    for group, module in groups.items():
+        for layer_name, layer in module.named_modules():
+            if isinstance(layer, NORM_LAYERS):
+                prefix = f"{group}.{layer_name}." if layer_name else f"{group}."
+                names |= {prefix + key for key in layer.state_dict()}
+    return names
+
+
+def local_array_names(groups: Mapping[str, nn.Module], aggregation: AggregationConfig) -> set[str]:
+    """Names of the arrays that never leave a site under ``aggregation``."""
+    policies = aggregation.policies(list(groups))
+    local = {
+        f"{group}.{key}"
+        for group, module in groups.items()
+        if policies[group] == "local"
+        for key in module.state_dict()
+    }
+    if aggregation.local_norm:
+        local |= norm_array_names(groups)
+    return local
