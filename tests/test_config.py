@@ -65,3 +65,9 @@ def test_missing_config_file(tmp_path: Path) -> None:
 def test_task_config_from_round_config_ignores_other_keys() -> None:
     flat = {"task.image-size": 32, "task.name": "synthesis", "server-round": 3, "device": "cpu"}
     assert task_config_from_flat(flat).image_size == 32
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "sites_example").glob("*.toml")), ids=lambda p: p.name)
+def test_every_example_study_loads(path: Path) -> None:
+    study = load_study(path)
+    assert StudyConfig.from_flat(study.to_flat()) == study
