@@ -21,6 +21,8 @@ from medgan_core.errors import ConfigError
 MODALITIES = ("CT", "MR")
 DEVICES = ("auto", "cpu", "cuda")
 ACCOUNTANTS = ("rdp", "prv")
+SR_SCALES = (2, 4)
+ACCELERATIONS = (4, 10)  # 25 % and 10 % of the k-space lines (medgan_core.data.kspace)
 POLICIES = ("average", "local", "trimmed-mean", "median")
 SERVER_OPTIMIZERS = ("fedavg", "fedadam", "fedyogi")
 
@@ -46,6 +48,8 @@ class TaskConfig:
     window_low: float = -160.0
     window_high: float = 240.0
     eval_samples: int = 128
+    scale: int = 2  # super-resolution factor (superres): 2 or 4
+    acceleration: int = 4  # k-space undersampling of compressed-sensing MR (recon): 4 or 10
     seed: int = 0
 
     def validate(self) -> None:
@@ -67,6 +71,14 @@ class TaskConfig:
         _positive("task.eval-samples", self.eval_samples)
         if self.width % 8:
             raise ConfigError(f"task.width = {self.width}; it must be a multiple of 8 (GroupNorm groups)")
+        if self.scale not in SR_SCALES:
+            raise ConfigError(f"task.scale = {self.scale}; choose one of {', '.join(map(str, SR_SCALES))}")
+        if self.acceleration not in ACCELERATIONS:
+            raise ConfigError(
+                f"task.acceleration = {self.acceleration}; choose one of {', '.join(map(str, ACCELERATIONS))}"
+            )
+        if self.name == "recon" and self.modality != "MR":
+            raise ConfigError("task.name = 'recon' reconstructs MR k-space: set task.modality = 'MR'")
         for key, lr in (("task.lr-generator", self.lr_generator), ("task.lr-discriminator", self.lr_discriminator)):
             if not 0 < lr < 1:
                 raise ConfigError(f"{key} = {lr}; a learning rate must lie in (0, 1)")

@@ -70,8 +70,11 @@ def write_report(folder: RunFolder, study: StudyConfig) -> str:
         "- Metrics are computed by every site on its own held-out (test) split and averaged by sample count. "
         "Synthesis: `swd` is the sliced Wasserstein distance between multi-scale 7×7 patches of generated and "
         "real slices, `intensity-w1` the Wasserstein-1 distance between their pixel-value distributions "
-        "(lower is better). Denoising: `psnr`/`ssim` against full dose (`-input`: the low-dose input's), "
-        "`mae-hu` in HU (within the window).",
+        "(lower is better). Image-to-image tasks (denoise, superres, recon, translate): `psnr`/`ssim` against "
+        "the target (full dose, original grid, fully sampled k-space, the other modality); `-input` is the "
+        "input's own (low-dose image, bicubic interpolation, zero-filled inverse FFT, source modality); "
+        "`mae-hu` in HU within the window (CT targets), "
+        "`nmse` the normalised squared error (MR).",
         "",
         "## Rounds",
         "",
@@ -99,8 +102,8 @@ def write_report(folder: RunFolder, study: StudyConfig) -> str:
     lines += ["## Files", "", "- `config.toml`: the exact settings of this run", "- `metrics.jsonl`: one line per round (per-site metrics included)"]
     if records:
         lines.append(f"- `checkpoints/`: global weights per round (safetensors); final: `{records[-1]['checkpoint']}`")
-        lines.append("- `samples/`: a PNG grid per round (synthesis: generated slices; denoising: rows of "
-                     "input | output | target on the coordinator's own phantom slices, never patient data)")
+        lines.append("- `samples/`: a PNG grid per round (synthesis: generated slices; image-to-image tasks: rows "
+                     "of input | output | target on the coordinator's own phantom slices, never patient data)")
     text = "\n".join(lines) + "\n"
     atomic_write_text(folder.report, text)
     return text

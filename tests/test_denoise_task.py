@@ -21,7 +21,7 @@ CONFIG = TaskConfig(name="denoise", image_size=32, width=8, batch_size=8, local_
 def test_simulator_writes_paired_quarter_dose_series(tiny_sites: list[Path]) -> None:
     manifest = read_manifest(tiny_sites[0])
     full = {e.pair_id: e for e in manifest.select(modality="CT")}
-    low = {e.pair_id: e for e in manifest.select(modality="CT", low_dose=True)}
+    low = {e.pair_id: e for e in manifest.select(modality="CT", variant="low-dose")}
     assert full.keys() == low.keys() and all(e.domain.endswith("-low-dose") for e in low.values())
     key = sorted(full)[0]
     full_hu, low_hu = manifest.load(full[key]).axial_slices(), manifest.load(low[key]).axial_slices()

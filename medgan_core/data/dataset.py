@@ -5,14 +5,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from medgan_core.config import TaskConfig
+from medgan_core.data.kspace import read_kspace, reconstruction_pair
 from medgan_core.data.manifest import Manifest, ManifestEntry, read_manifest
 from medgan_core.data.preprocess import volume_to_slices
 from medgan_core.errors import DataError
 
-SINGLE, LOW_DOSE_PAIRS = "single", "low-dose-pairs"
+SINGLE = "single"
+LOW_DOSE_PAIRS = "pairs:low-dose"
+
+
+def pairs_of(variant: str) -> str:
+    """The data kind of (degraded ``variant``, original) pairs, e.g. ``pairs:low-res-x2``."""
+    return f"pairs:{variant}"
 
 
 @dataclass
@@ -38,8 +47,13 @@ def load_site_data(data_path: str | Path, task: TaskConfig, kind: str = SINGLE) 
     """Read the site manifest and every image the task needs.
 
     The held-out metric uses the ``test`` split; ``val`` stands in when a site has no
-    test subjects. ``kind`` is ``single`` (one image per slice) or ``low-dose-pairs``
-    (a reduced-dose series and its full-dose partner, matched by ``pair_id``).
+    test subjects. ``kind`` is ``single`` (one image per slice); ``pairs:<variant>`` (a
+    degraded series — ``low-dose``, ``low-res-x2``/``-x4``, ``kspace-r4``/``-r10`` — and
+    its original partner, matched by ``pair_id``); or ``translate:<modality>`` (the same
+    subject's series in another modality as input, e.g. MR for MR→CT). A low-resolution
+    input is brought to the training grid the way a viewer would: area-averaged to
+    ``image-size / scale``, then bicubic-interpolated to ``image-size`` (the classical
+    baseline).
     """
     manifest = read_manifest(data_path)
     test_split = "test" if manifest.select(modality=task.modality, split="test") else "val"
@@ -49,9 +63,16 @@ def load_site_data(data_path: str | Path, task: TaskConfig, kind: str = SINGLE) 
         if not test_entries:
             raise DataError(f"{manifest.path}: no test or val images of modality {task.modality} to evaluate on")
         return SiteData(manifest.root.name, train, _stack(manifest, task, test_entries))
-    if kind == LOW_DOSE_PAIRS:
-        train_in, train = _pairs(manifest, task, "train")
-        test_in, test = _pairs(manifest, task, test_split)
+    if kind.startswith("translate:"):
+        source = kind.split(":", 1)[1]
+        train_in, train = _modality_pairs(manifest, task, "train", source)
+        test_in, test = _modality_pairs(manifest, task, test_split, source)
+        return SiteData(manifest.root.name, train, test, train_in, test_in)
+    if kind.startswith("pairs:"):
+        variant = kind.split(":", 1)[1]
+        pairs = _kspace_pairs if variant.startswith("kspace-") else _pairs
+        train_in, train = pairs(manifest, task, "train", variant)
+        test_in, test = pairs(manifest, task, test_split, variant)
         return SiteData(manifest.root.name, train, test, train_in, test_in)
     raise ValueError(f"unknown data kind {kind!r}")
 
@@ -63,23 +84,73 @@ def _need(manifest: Manifest, task: TaskConfig, split: str) -> list[ManifestEntr
     return entries
 
 
-def _pairs(manifest: Manifest, task: TaskConfig, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(low-dose inputs, full-dose targets) of a split, matched by pair_id."""
-    full = {e.pair_id or e.subject: e for e in manifest.select(modality=task.modality, split=split)}
-    low = {e.pair_id or e.subject: e for e in manifest.select(modality=task.modality, split=split, low_dose=True)}
-    keys = sorted(full.keys() & low.keys())
-    if not keys:
-        raise DataError(
-            f"{manifest.path}: no {split} pairs of low-dose and full-dose {task.modality} series "
-            "(a low-dose series has a domain ending in '-low-dose' and the pair_id of its full-dose partner)"
-        )
-    inputs = _stack(manifest, task, [low[k] for k in keys])
+def _pairs(manifest: Manifest, task: TaskConfig, split: str, variant: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(degraded inputs, original targets) of a split, matched by pair_id."""
+    what = "low-dose and full-dose" if variant == "low-dose" else f"{variant} and original"
+    low, full, keys = _matched(manifest, task, split, variant, what)
+    scale = int(variant.rsplit("x", 1)[1]) if variant.startswith("low-res-x") else 1
     targets = _stack(manifest, task, [full[k] for k in keys])
+    if scale == 1:
+        inputs = _stack(manifest, task, [low[k] for k in keys])
+    else:
+        if task.image_size // scale < 8:
+            raise DataError(f"task.image-size = {task.image_size} is too small for ×{scale} super-resolution")
+        coarse = _stack(manifest, task, [low[k] for k in keys], size=task.image_size // scale)
+        inputs = upsample(coarse, scale)
     if inputs.shape != targets.shape:
-        raise DataError(f"{manifest.path}: low-dose and full-dose series of a pair differ in slice count")
+        raise DataError(f"{manifest.path}: the {what} series of a pair differ in slice count")
     return inputs, targets
 
 
-def _stack(manifest: Manifest, task: TaskConfig, entries: list[ManifestEntry]) -> torch.Tensor:
+def _matched(manifest: Manifest, task: TaskConfig, split: str, variant: str, what: str) -> tuple[dict, dict, list[str]]:
+    full = {e.pair_id or e.subject: e for e in manifest.select(modality=task.modality, split=split)}
+    low = {e.pair_id or e.subject: e for e in manifest.select(modality=task.modality, split=split, variant=variant)}
+    keys = sorted(full.keys() & low.keys())
+    if not keys:
+        raise DataError(
+            f"{manifest.path}: no {split} pairs of {what} {task.modality} series "
+            f"(a {variant} series has a domain ending in '-{variant}' and the pair_id of its original partner; "
+            "a phantom study simulated by an older version lacks it: run 'medgan sites simulate --force')"
+        )
+    return low, full, keys
+
+
+def _modality_pairs(manifest: Manifest, task: TaskConfig, split: str, source: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``source``-modality inputs, ``task.modality`` targets) of the same subjects, matched
+    by pair_id; each normalised the way its modality is (CT window, MR percentile)."""
+    target = {e.pair_id or e.subject: e for e in manifest.select(modality=task.modality, split=split)}
+    inputs = {e.pair_id or e.subject: e for e in manifest.select(modality=source, split=split)}
+    keys = sorted(target.keys() & inputs.keys())
+    if not keys:
+        raise DataError(f"{manifest.path}: no {split} subjects with both a {source} and a {task.modality} series "
+                        "(they are matched by pair_id)")
+    x, y = _stack(manifest, task, [inputs[k] for k in keys]), _stack(manifest, task, [target[k] for k in keys])
+    if x.shape != y.shape:
+        raise DataError(f"{manifest.path}: the {source} and {task.modality} series of a subject differ in slice count")
+    return x, y
+
+
+def _kspace_pairs(manifest: Manifest, task: TaskConfig, split: str, variant: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(undersampled inputs, fully sampled targets) for compressed-sensing MR reconstruction
+    (see ``medgan_core.data.kspace.reconstruction_pair``)."""
+    low, full, keys = _matched(manifest, task, split, variant, f"{variant} and fully sampled")
+    inputs, targets = [], []
+    for key in keys:
+        try:
+            x, y = reconstruction_pair(read_kspace(manifest.root / low[key].file),
+                                       manifest.load(full[key]).axial_slices(), task.image_size)
+        except DataError as exc:
+            raise DataError(f"{manifest.path}: {low[key].file}: {exc}") from exc
+        inputs.append(x)
+        targets.append(y)
+    return torch.from_numpy(np.concatenate(inputs)), torch.from_numpy(np.concatenate(targets))
+
+
+def upsample(images: torch.Tensor, scale: int) -> torch.Tensor:
+    """Bicubic interpolation by ``scale``, clipped to the intensity range [-1, 1]."""
+    return F.interpolate(images, scale_factor=scale, mode="bicubic", align_corners=False).clamp(-1, 1)
+
+
+def _stack(manifest: Manifest, task: TaskConfig, entries: list[ManifestEntry], size: int | None = None) -> torch.Tensor:
     window = (task.window_low, task.window_high)
-    return torch.cat([volume_to_slices(manifest.load(e), task.image_size, window) for e in entries])
+    return torch.cat([volume_to_slices(manifest.load(e), size or task.image_size, window) for e in entries])

@@ -3,8 +3,10 @@
 Columns: ``file`` (relative to the manifest; a folder means a DICOM series),
 ``subject``, ``modality`` (CT or MR), ``split`` (train, val or test), and optionally
 ``domain`` (scanner / protocol; a domain ending in ``-low-dose`` marks a reduced-dose
-series), ``label`` (class) and ``pair_id`` (links images of one subject across
-modalities or doses for paired tasks).
+series, ``-low-res-x2``/``-low-res-x4`` a series acquired on a 2×/4× coarser grid,
+``-kspace-r4``/``-kspace-r10`` undersampled MR k-space, see ``medgan_core.data.kspace``),
+``label`` (class) and ``pair_id`` (links images of one subject across modalities, doses
+or resolutions for paired tasks).
 """
 
 from __future__ import annotations
@@ -21,6 +23,13 @@ from medgan_core.errors import DataError
 
 REQUIRED_COLUMNS = ("file", "subject", "modality", "split")
 LOW_DOSE = "-low-dose"  # a domain ending in this marks a reduced-dose acquisition
+#: Degraded acquisitions of an original series, marked by the end of their domain.
+VARIANTS = ("low-dose", "low-res-x2", "low-res-x4", "kspace-r4", "kspace-r10")
+
+
+def variant_of(domain: str) -> str:
+    """``"hospital-a-ct-low-res-x2"`` -> ``"low-res-x2"``; an original series -> ``""``."""
+    return next((v for v in VARIANTS if domain.endswith("-" + v)), "")
 SPLITS = ("train", "val", "test")
 
 
@@ -45,16 +54,16 @@ class Manifest:
         return self.path.parent
 
     def select(
-        self, *, modality: str | None = None, split: str | None = None, low_dose: bool | None = False
+        self, *, modality: str | None = None, split: str | None = None, variant: str | None = ""
     ) -> list[ManifestEntry]:
-        """Entries by modality and split; reduced-dose series only when ``low_dose`` asks
-        (True: only them, None: all)."""
+        """Entries by modality and split; original series by default, a degraded variant
+        (``"low-dose"``, ``"low-res-x2"``, …) when asked, every series with None."""
         return [
             e
             for e in self.entries
             if (modality is None or e.modality == modality)
             and (split is None or e.split == split)
-            and (low_dose is None or e.domain.endswith(LOW_DOSE) == low_dose)
+            and (variant is None or variant_of(e.domain) == variant)
         ]
 
     def load(self, entry: ManifestEntry) -> Volume:

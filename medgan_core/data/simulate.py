@@ -7,9 +7,13 @@ seeded random model. The same anatomy is imaged twice:
 * CT: tissue HU -> linear attenuation -> parallel-beam projections (Radon transform)
   -> Poisson photon counts at the site's tube dose -> filtered back-projection with the
   site's reconstruction kernel -> HU with the site's calibration offset. The same
-  projections at a quarter of the dose give a paired low-dose series (denoising).
+  projections at a quarter of the dose give a paired low-dose series (denoising), and
+  the full-dose image averaged over 2×2 and 4×4 detector-sized blocks gives paired
+  low-resolution series on a coarser grid (super-resolution).
 * MR: tissue proton density, T1, T2 -> spin-echo signal at the site's TR/TE -> smooth
-  multiplicative bias field -> Rician noise -> scanner gain.
+  multiplicative bias field -> Rician noise -> scanner gain. Its k-space, undersampled
+  with the site's own Cartesian sampling pattern at 4× and 10× acceleration, is written
+  as raw data for compressed-sensing reconstruction.
 
 Sites differ the way hospitals do (dose, kernel, calibration, MR contrast, bias field,
 noise, patient size, lesion prevalence), so a study simulated here is non-IID.
@@ -27,6 +31,7 @@ from scipy.ndimage import gaussian_filter
 from skimage.transform import iradon, radon
 
 from medgan_core.data.dicom_io import write_dicom_series
+from medgan_core.data.kspace import ACCELERATIONS, sampling_mask, undersample, write_kspace
 from medgan_core.data.manifest import LOW_DOSE, ManifestEntry, write_manifest
 from medgan_core.data.nifti_io import write_nifti
 from medgan_core.errors import ConfigError
@@ -53,6 +58,7 @@ TISSUES: dict[int, tuple[float, float, float, float]] = {
 }
 MU_WATER_PER_MM = 0.0193  # linear attenuation of water at ~70 keV
 LOW_DOSE_FRACTION = 0.25  # quarter dose, as in the AAPM low-dose CT challenge
+LOW_RES_SCALES = (2, 4)  # paired low-resolution series for super-resolution
 SPLIT_FRACTIONS = (0.7, 0.1, 0.2)  # train, val, test by subject
 
 
@@ -71,12 +77,13 @@ class SiteProfile:
     mr_noise: float  # Rician noise sigma relative to PD=1 signal
     body_scale: float  # patient size
     lesion_rate: float  # fraction of subjects with a liver lesion
+    mr_center_fraction: float = 0.08  # fully sampled k-space centre of its accelerated protocols
 
 
 DEFAULT_SITES = (
-    SiteProfile("hospital-a", 1e6, "ramp", 0.0, 500.0, 12.0, 1000.0, 0.10, 0.010, 1.00, 0.3),
-    SiteProfile("hospital-b", 2.5e5, "hann", 20.0, 650.0, 20.0, 700.0, 0.35, 0.030, 0.92, 0.5),
-    SiteProfile("hospital-c", 6e4, "shepp-logan", -15.0, 420.0, 9.0, 1500.0, 0.22, 0.020, 1.08, 0.2),
+    SiteProfile("hospital-a", 1e6, "ramp", 0.0, 500.0, 12.0, 1000.0, 0.10, 0.010, 1.00, 0.3, 0.08),
+    SiteProfile("hospital-b", 2.5e5, "hann", 20.0, 650.0, 20.0, 700.0, 0.35, 0.030, 0.92, 0.5, 0.04),
+    SiteProfile("hospital-c", 6e4, "shepp-logan", -15.0, 420.0, 9.0, 1500.0, 0.22, 0.020, 1.08, 0.2, 0.06),
 )
 
 
@@ -101,6 +108,7 @@ def site_profiles(n_sites: int, seed: int = 0) -> list[SiteProfile]:
                 mr_noise=float(rng.uniform(0.008, 0.035)),
                 body_scale=float(rng.uniform(0.9, 1.1)),
                 lesion_rate=float(rng.uniform(0.1, 0.6)),
+                mr_center_fraction=float(rng.uniform(0.04, 0.1)),
             )
         )
     return profiles
@@ -198,6 +206,15 @@ def ct_acquire_doses(
     return images
 
 
+def coarse_grid(slices: np.ndarray, scale: int) -> np.ndarray:
+    """(n, rows, cols) -> (n, rows/scale, cols/scale): each pixel the mean of a scale×scale
+    block, as a detector with scale-times larger elements integrates the same signal."""
+    n, rows, cols = slices.shape
+    if rows % scale or cols % scale:
+        raise ConfigError(f"a {rows}×{cols} image cannot be put on a {scale}× coarser grid")
+    return slices.reshape(n, rows // scale, scale, cols // scale, scale).mean(axis=(2, 4)).astype(np.float32)
+
+
 def mr_acquire(labels: np.ndarray, texture: np.ndarray, profile: SiteProfile, rng: np.random.Generator) -> np.ndarray:
     """Spin-echo MR of a label volume with bias field and Rician noise."""
     pd, t1, t2 = (np.zeros(labels.shape, np.float32) for _ in range(3))
@@ -231,14 +248,20 @@ def simulate_site(
     """Write one hospital: CT DICOM series + MR NIfTI per subject, and manifest.csv."""
     if n_subjects < 3:
         raise ConfigError(f"subjects = {n_subjects}; a site needs at least 3 (train, val and test)")
-    if size < 32 or n_slices < 1:
-        raise ConfigError(f"size = {size}, slices = {n_slices}; need size >= 32 and at least one slice")
+    if size < 32 or n_slices < 1 or size % max(LOW_RES_SCALES):
+        raise ConfigError(
+            f"size = {size}, slices = {n_slices}; need a size >= 32 divisible by {max(LOW_RES_SCALES)} "
+            "(for the low-resolution series) and at least one slice"
+        )
     out_dir = Path(out_dir)
     rng = np.random.default_rng(seed)
     pixel_mm, slice_mm = 400.0 / size, 5.0
     n_train = max(1, round(n_subjects * SPLIT_FRACTIONS[0]))
     n_val = max(1, round(n_subjects * SPLIT_FRACTIONS[1]))
     n_train = min(n_train, n_subjects - n_val - 1)
+    # One sampling pattern per accelerated protocol of this site (its own scanner set-up).
+    masks = {r: sampling_mask(size, r, np.random.default_rng(seed + 31 * r), profile.mr_center_fraction)
+             for r in ACCELERATIONS}
     entries = []
     for s in range(n_subjects):
         subject = f"{profile.name}-{s:03d}"
@@ -265,8 +288,21 @@ def simulate_site(
             ct_low, out_dir / low_rel, spacing=(pixel_mm, pixel_mm, slice_mm), patient_id=subject,
             manufacturer=f"{profile.name} CT", seed=seed + s + 500,
         )
+        for scale in LOW_RES_SCALES:
+            rel = Path(f"ct-low-res-x{scale}") / subject
+            write_dicom_series(
+                coarse_grid(ct, scale), out_dir / rel, spacing=(pixel_mm * scale, pixel_mm * scale, slice_mm),
+                patient_id=subject, manufacturer=f"{profile.name} CT", seed=seed + s + 700 + scale,
+            )
+            entries.append(ManifestEntry(str(rel), subject, "CT", split, f"{profile.name}-ct-low-res-x{scale}",
+                                         "lesion" if has_lesion else "normal", subject))
         affine = np.diag([pixel_mm, pixel_mm, slice_mm, 1.0])
         write_nifti(mr.transpose(2, 1, 0), affine, out_dir / mr_rel)
+        for r, mask in masks.items():
+            rel = Path(f"mr-kspace-r{r}") / f"{subject}.nii.gz"
+            write_kspace(undersample(mr, mask), affine, out_dir / rel)
+            entries.append(ManifestEntry(str(rel), subject, "MR", split, f"{profile.name}-mr-kspace-r{r}",
+                                         "lesion" if has_lesion else "normal", subject))
         label = "lesion" if has_lesion else "normal"
         entries.append(ManifestEntry(str(ct_rel), subject, "CT", split, f"{profile.name}-ct", label, subject))
         entries.append(ManifestEntry(str(low_rel), subject, "CT", split, f"{profile.name}-ct{LOW_DOSE}", label, subject))
@@ -329,3 +365,38 @@ def phantom_ct_pairs(n: int, task: "TaskConfig", seed: int = 0) -> tuple["torch.
     full = resize_slices(window_ct(np.stack([p[0] for p in pairs]), *window), task.image_size)
     low = resize_slices(window_ct(np.stack([p[1] for p in pairs]), *window), task.image_size)
     return low, full
+
+
+def phantom_mr_kspace(n: int, task: "TaskConfig", seed: int = 0) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """``n`` (undersampled input, fully sampled target) MR slices of one phantom subject at
+    ``task.acceleration``, prepared like a site's data; for the coordinator's preview grids."""
+    import torch
+
+    from medgan_core.data.kspace import reconstruction_pair
+
+    rng = np.random.default_rng(seed + 525252)
+    profile, size = DEFAULT_SITES[0], 128
+    labels = phantom_labels(rng, size, n, profile.body_scale, lesion=True)
+    mr = mr_acquire(labels, _texture(rng, labels.shape, sigma=1.5), profile, rng)
+    mask = sampling_mask(size, task.acceleration, rng, profile.mr_center_fraction)
+    inputs, targets = reconstruction_pair(undersample(mr, mask), mr, task.image_size)
+    return torch.from_numpy(inputs), torch.from_numpy(targets)
+
+
+def phantom_mr_ct(n: int, task: "TaskConfig", seed: int = 0) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """``n`` aligned (MR, CT) slices of one phantom subject, normalised and resized like a
+    site's data; for the coordinator's preview grids of MR→CT translation."""
+    from medgan_core.data.preprocess import normalise_mr, resize_slices, window_ct
+
+    rng = np.random.default_rng(seed + 626262)
+    profile, size = DEFAULT_SITES[0], 128
+    labels = phantom_labels(rng, size, n, profile.body_scale, lesion=True)
+    texture = _texture(rng, labels.shape, sigma=1.5)
+    hu = np.zeros(labels.shape, np.float32)
+    for label, (value, *_rest) in TISSUES.items():
+        hu[labels == label] = value
+    hu += np.where(labels == AIR, 0.0, 8.0 * texture)
+    ct = np.stack([ct_acquire(hu[k], profile, 400.0 / size, rng) for k in range(n)])
+    mr = mr_acquire(labels, texture, profile, rng)
+    return (resize_slices(normalise_mr(mr), task.image_size),
+            resize_slices(window_ct(ct, task.window_low, task.window_high), task.image_size))

@@ -55,6 +55,11 @@ class Task(ABC):
     #: How many previews (images, or input/output/target rows) a grid shows.
     preview_count: ClassVar[int] = 16
 
+    @classmethod
+    def data_kind_for(cls, config: TaskConfig) -> str:
+        """What to read from a site for this configuration (most tasks: ``data_kind``)."""
+        return cls.data_kind
+
     @property
     def dp_releases_per_step(self) -> int:
         """Private networks updated per step on the same batch: each is one DP release."""

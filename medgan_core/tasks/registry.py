@@ -14,9 +14,12 @@ from medgan_core.tasks.base import Task
 
 def _registry() -> dict[str, type[Task]]:
     from medgan_core.tasks.denoise import DenoiseTask
+    from medgan_core.tasks.recon import ReconTask
+    from medgan_core.tasks.superres import SuperResTask
     from medgan_core.tasks.synthesis import SynthesisTask
+    from medgan_core.tasks.translate import TranslateTask
 
-    return {cls.name: cls for cls in (SynthesisTask, DenoiseTask)}
+    return {cls.name: cls for cls in (SynthesisTask, DenoiseTask, SuperResTask, ReconTask, TranslateTask)}
 
 
 def task_names() -> list[str]:
@@ -32,9 +35,9 @@ def build_task(config: TaskConfig, device: torch.device | str = "cpu") -> Task:
 
 
 def load_task_data(data_path: str | Path, config: TaskConfig) -> SiteData:
-    """A site's data in the form its task needs (single images or low/full-dose pairs)."""
+    """A site's data in the form its task needs (single images, or degraded/original pairs)."""
     try:
-        kind = _registry()[config.name].data_kind
+        kind = _registry()[config.name].data_kind_for(config)
     except KeyError:
         raise ConfigError(f"unknown task {config.name!r}; choose one of {', '.join(task_names())}") from None
     return load_site_data(data_path, config, kind)

@@ -1,0 +1,109 @@
+"""MR k-space: undersampled acquisitions as files, sampling masks, and k-space cropping.
+
+An undersampled Cartesian acquisition is stored as a complex64 NIfTI volume in k-space
+(voxel order i, j, k like every NIfTI here; ``np.fft`` layout, orthonormal FFT), with
+exact zeros on the phase-encoding lines that were not acquired. That keeps the raw data
+on disk, readable by nibabel, with the image's affine. (Clinical raw data would come as
+ISMRMRD or vendor files; a site converts them once.)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from medgan_core.config import ACCELERATIONS  # noqa: F401  (re-exported: the factors the simulator writes)
+from medgan_core.errors import DataError
+
+KSPACE_SCALE = 10.0  # 1 in the network's units: 10x the mean intensity (brightest tissue is 5-9x)
+
+
+def sampling_mask(columns: int, acceleration: int, rng: np.random.Generator, center_fraction: float) -> np.ndarray:
+    """A random Cartesian mask over phase-encoding columns (``np.fft`` order): a fully
+    sampled centre of ``center_fraction`` plus random lines, ``columns / acceleration`` in all."""
+    shifted = np.zeros(columns, dtype=bool)
+    n_center = max(2, int(round(columns * center_fraction)))
+    start = (columns - n_center) // 2
+    shifted[start : start + n_center] = True
+    wanted = max(n_center, int(round(columns / acceleration)))
+    others = np.flatnonzero(~shifted)
+    shifted[rng.choice(others, size=wanted - n_center, replace=False)] = True
+    return np.fft.ifftshift(shifted)
+
+
+def undersample(slices: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """(n, rows, cols) real images -> their orthonormal k-space with unacquired columns zeroed."""
+    kspace = np.fft.fft2(slices, norm="ortho")
+    return (kspace * mask[None, None, :]).astype(np.complex64)
+
+
+def write_kspace(kspace: np.ndarray, affine: np.ndarray, path: str | Path) -> Path:
+    """Write (n, rows, cols) complex k-space as a complex64 NIfTI (voxel order i, j, k)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = nib.Nifti1Image(np.ascontiguousarray(kspace.transpose(2, 1, 0)).astype(np.complex64), affine)
+    nib.save(image, str(path))
+    return path
+
+
+def read_kspace(path: str | Path) -> np.ndarray:
+    """(n, rows, cols) complex64 k-space from a file written by ``write_kspace``."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"k-space file {path} does not exist")
+    try:
+        data = np.asanyarray(nib.load(str(path)).dataobj)
+    except Exception as exc:  # nibabel raises many kinds for a truncated or foreign file
+        raise DataError(f"{path}: k-space cannot be read ({exc})") from exc
+    if not np.iscomplexobj(data):
+        raise DataError(f"{path}: holds {data.dtype} values; k-space must be complex")
+    if data.ndim != 3:
+        raise DataError(f"{path}: expected a 3D k-space volume, got shape {data.shape}")
+    if not np.all(np.isfinite(data)):
+        raise DataError(f"{path}: k-space contains NaN or infinite values")
+    return np.ascontiguousarray(data.transpose(2, 1, 0)).astype(np.complex64)
+
+
+def acquired_columns(kspace: np.ndarray) -> np.ndarray:
+    """The sampling mask of an acquisition: columns with any non-zero sample."""
+    return np.any(np.abs(kspace) > 0, axis=(0, 1))
+
+
+def crop_kspace(images: np.ndarray, size: int) -> np.ndarray:
+    """(n, rows, cols) images -> (n, size, size) on a coarser grid by keeping the central
+    ``size × size`` k-space (exact band-limited resampling; intensities preserved)."""
+    n, rows, cols = images.shape
+    if size > min(rows, cols):
+        raise DataError(f"image size {size} is larger than the {rows}×{cols} k-space matrix")
+    spectrum = np.fft.fftshift(np.fft.fft2(images, norm="forward"), axes=(-2, -1))
+    r0, c0 = (rows - size) // 2, (cols - size) // 2
+    cropped = np.fft.ifftshift(spectrum[:, r0 : r0 + size, c0 : c0 + size], axes=(-2, -1))
+    return np.fft.ifft2(cropped, norm="forward")
+
+
+def crop_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """The columns of a (np.fft-ordered) mask that survive ``crop_kspace`` to ``size``."""
+    shifted = np.fft.fftshift(mask)
+    start = (len(mask) - size) // 2
+    return np.fft.ifftshift(shifted[start : start + size])
+
+
+def reconstruction_pair(kspace: np.ndarray, image: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """One subject's (network input, target) for compressed-sensing reconstruction.
+
+    Both are brought to ``size`` by cropping k-space (so the measured lines stay exact),
+    scaled so that 1 is ``KSPACE_SCALE`` × the subject's mean intensity (its k-space
+    centre, which every protocol samples: known from the measurement alone), and mapped
+    to [-1, 1] linearly (no clipping: data consistency needs linearity). Inputs have three
+    channels: the zero-filled image's real and imaginary parts, and the sampling mask.
+    """
+    if image.shape != kspace.shape:
+        raise DataError(f"k-space of shape {kspace.shape} does not match its image's {image.shape}")
+    zero_filled = crop_kspace(np.fft.ifft2(kspace, norm="ortho"), size)
+    target = crop_kspace(image.astype(np.float32), size).real
+    top = KSPACE_SCALE * float(np.mean(zero_filled.real)) or 1.0
+    mask = np.broadcast_to(crop_mask(acquired_columns(kspace), size)[None, :], zero_filled.shape)
+    inputs = np.stack([2 * zero_filled.real / top - 1, 2 * zero_filled.imag / top, mask], axis=1)
+    return inputs.astype(np.float32), (2 * target / top - 1)[:, None].astype(np.float32)
