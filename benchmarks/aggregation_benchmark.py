@@ -1,6 +1,6 @@
 """GAN-aware aggregation on a non-IID study: which policy gives each hospital the best model?
 
-    python benchmarks/aggregation_benchmark.py [--out benchmarks/results/aggregation] [--rounds 6]
+    python benchmarks/aggregation_benchmark.py [--out benchmarks/results/aggregation] [--rounds 5] [--local-steps 60]
 
 Three simulated hospitals whose CT differs in dose, reconstruction kernel and calibration
 (the `denoise` task: quarter-dose → full-dose) train with:
@@ -15,22 +15,17 @@ about aggregation alone. Writes results.json and results.md. Not a timed test.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
 
+from bench_common import arguments, image_scores, paired_study, study_sites, train_federated
 from medgan_core.config import SiteConfig, StudyConfig
 from medgan_core.data.dataset import SiteData
-from medgan_core.data.simulate import simulate_study
-from medgan_core.metrics.image_quality import psnr_ssim
 from medgan_core.site_round import load_site_model
 from medgan_core.tasks import build_task
 from medgan_core.tasks.registry import load_task_data
-from server.checkpoints import load_checkpoint
-from server.simulation import simulate_federation
 
 METHODS: dict[str, dict[str, object]] = {
     "FedAvg": {},
@@ -40,11 +35,6 @@ METHODS: dict[str, dict[str, object]] = {
     "FedAdam (η = 0.003)": {"server_optimizer": "fedadam", "server_lr": 0.003},
     "local only": {"policy": "local"},
 }
-
-
-def scores(output: torch.Tensor, target: torch.Tensor, hu_per_unit: float) -> dict[str, float]:
-    psnr, ssim = psnr_ssim(output, target)
-    return {"psnr": psnr, "ssim": ssim, "mae_hu": float((output.clamp(-1, 1) - target).abs().mean()) * hu_per_unit}
 
 
 def pooled(study: StudyConfig, data: list[SiteData]) -> object:
@@ -59,21 +49,10 @@ def pooled(study: StudyConfig, data: list[SiteData]) -> object:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/aggregation"))
-    parser.add_argument("--data", type=Path, default=Path("benchmarks/data/denoise-sites"))
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--local-steps", type=int, default=100)
-    args = parser.parse_args()
-    if not (args.data / "study.json").exists():
-        simulate_study(args.data, n_sites=3, n_subjects=12, n_slices=12, size=128, seed=3)
-    sites = sorted(p for p in args.data.iterdir() if (p / "manifest.csv").exists())
+    args = arguments(__doc__, "benchmarks/results/aggregation", data="benchmarks/data/denoise-sites")
+    sites = study_sites(args.data)
     args.out.mkdir(parents=True, exist_ok=True)
-    base = StudyConfig().replace(
-        run={"rounds": args.rounds, "num_sites": len(sites), "device": "cpu"},
-        task={"name": "denoise", "width": 16, "batch_size": 16, "local_steps": args.local_steps},
-        privacy={"enabled": False},
-    )
+    base = paired_study(args, sites, name="denoise")
     hu = (base.task.window_high - base.task.window_low) / 2
     data = [load_task_data(site, base.task) for site in sites]
     rows, seconds = [], {}
@@ -81,18 +60,16 @@ def main() -> None:
     def score(method: str, models: list[object]) -> None:
         for site, site_data, model in zip(sites, data, models):
             assert site_data.test_input is not None
-            rows.append({"method": method, "site": site.name, **scores(model.denoise(site_data.test_input),  # type: ignore[attr-defined]
-                                                                      site_data.test, hu)})
+            rows.append({"method": method, "site": site.name, **image_scores(model.restore(site_data.test_input),  # type: ignore[attr-defined]
+                                                                            site_data.test, hu)})
             print(json.dumps(rows[-1]), flush=True)
 
-    score("quarter-dose input", [type("Identity", (), {"denoise": staticmethod(lambda x: x)})] * len(sites))
+    score("quarter-dose input", [type("Identity", (), {"restore": staticmethod(lambda x: x)})] * len(sites))
     for method, aggregation in METHODS.items():
         study = base.replace(aggregation=aggregation)
         run_dir = args.out / ("run-" + "".join(c if c.isalnum() else "-" for c in method.lower()).strip("-"))
-        started = time.monotonic()
-        simulate_federation(study, sites, run_dir)
-        seconds[method] = time.monotonic() - started
-        weights = load_checkpoint(run_dir / "checkpoints" / f"round-{args.rounds:03d}.safetensors")[0]
+        trained, seconds[method] = train_federated(study, sites, run_dir)
+        weights = trained.get_weights()
         study_id = (run_dir / "study-id").read_text().strip()
         models = []
         for site in sites:  # each site's own model: the global arrays plus what it kept
@@ -116,7 +93,7 @@ def main() -> None:
         f"3 simulated hospitals (different dose, kernel and HU calibration), task `denoise`, {args.rounds} rounds × "
         f"{args.local_steps} local steps, 64×64 slices, batch 16, U-Net width 16, no DP. Held-out PSNR (dB) per "
         "site; for local policies each site is scored with its own model. Command: "
-        "`python benchmarks/aggregation_benchmark.py`.",
+        f"`python benchmarks/aggregation_benchmark.py --rounds {args.rounds} --local-steps {args.local_steps}`.",
         "",
         "| method | " + " | ".join(s.name for s in sites) + " | mean PSNR | mean SSIM | mean MAE (HU) | train time |",
         "|---|" + "---:|" * (len(sites) + 4),
