@@ -56,28 +56,7 @@ def test_preview_and_clinical_size() -> None:
 
 @pytest.mark.slow
 def test_translate_federated_two_sites_two_rounds(tiny_sites: list[Path], tmp_path: Path) -> None:
-    from flwr.app import Message
+    from federation_checks import run_paired_task, site_metrics
 
-    from medgan_core.config import StudyConfig
-    from medgan_core.fileio import read_jsonl
-    from server.checkpoints import load_checkpoint
-    from server.simulation import simulate_federation
-
-    study = StudyConfig().replace(
-        run={"rounds": 2, "num_sites": 2, "device": "cpu"},
-        task={"name": "translate", "image_size": 16, "batch_size": 8, "local_steps": 3, "width": 8},
-        privacy={"secure_rng": False},
-    )
-    received: dict[int, list[Message]] = {}
-    simulate_federation(study, tiny_sites, tmp_path / "run",
-                        on_train_replies=lambda rnd, replies: received.__setitem__(rnd, replies))
-    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
-    for site in records[2]["sites"]:
-        assert {"psnr", "ssim", "mae-hu"} <= set(site["evaluate"]) and np.isfinite(site["evaluate"]["mae-hu"])
-    updates = [({k: v.numpy() for k, v in m.content["arrays"].items()}, float(m.content["metrics"]["num-examples"]))
-               for m in received[2]]
-    final, _ = load_checkpoint(tmp_path / "run" / "checkpoints" / "round-002.safetensors")
-    total = sum(w for _, w in updates)
-    for name, value in final.items():
-        np.testing.assert_allclose(value, sum(u[name] * w for u, w in updates) / total, rtol=1e-5, atol=1e-6)
-    assert (tmp_path / "run" / "samples" / "round-002.png").is_file()
+    records = run_paired_task(tiny_sites, tmp_path / "run", name="translate", image_size=16)
+    assert all({"psnr", "ssim", "mae-hu"} <= set(m) for m in site_metrics(records))
