@@ -70,12 +70,11 @@ def run_study(
         validate_private_modules(task.private_modules)  # refuse before any site trains
     strategy = _strategy(study, task, on_train_replies)
     if study.run.resume:
-        first_round, resumed = folder.resume_point()
-        task.set_weights(resumed, source=f"checkpoint of round {first_round}")
-        if first_round > 0:
-            strategy.load_optimizer_state(load_checkpoint(folder.server_optimizer(first_round))[0]
-                                          if study.aggregation.server_optimizer != "fedavg" else {})
-        first_round += 1
+        last_round, resumed = folder.resume_point()
+        task.set_weights(resumed, source=f"checkpoint of round {last_round}")
+        if last_round > 0 and study.aggregation.server_optimizer != "fedavg":  # FedAdam/FedYogi moments
+            strategy.load_optimizer_state(load_checkpoint(folder.server_optimizer(last_round))[0])
+        first_round = last_round + 1
     else:
         folder.start(study)
         first_round = 0

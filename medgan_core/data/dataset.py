@@ -87,7 +87,7 @@ def _need(manifest: Manifest, task: TaskConfig, split: str) -> list[ManifestEntr
 def _pairs(manifest: Manifest, task: TaskConfig, split: str, variant: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(degraded inputs, original targets) of a split, matched by pair_id."""
     what = "low-dose and full-dose" if variant == "low-dose" else f"{variant} and original"
-    low, full, keys = _matched(manifest, task, split, variant, what)
+    low, full, keys = _variant_pairs(manifest, task, split, variant, what)
     scale = int(variant.rsplit("x", 1)[1]) if variant.startswith("low-res-x") else 1
     targets = _stack(manifest, task, [full[k] for k in keys])
     if scale == 1:
@@ -102,28 +102,40 @@ def _pairs(manifest: Manifest, task: TaskConfig, split: str, variant: str) -> tu
     return inputs, targets
 
 
-def _matched(manifest: Manifest, task: TaskConfig, split: str, variant: str, what: str) -> tuple[dict, dict, list[str]]:
-    full = {e.pair_id or e.subject: e for e in manifest.select(modality=task.modality, split=split)}
-    low = {e.pair_id or e.subject: e for e in manifest.select(modality=task.modality, split=split, variant=variant)}
+def _matched(
+    manifest: Manifest, inputs: list[ManifestEntry], targets: list[ManifestEntry], problem: str
+) -> tuple[dict[str, ManifestEntry], dict[str, ManifestEntry], list[str]]:
+    """Input and target entries keyed by pair_id (or subject), and the keys both have;
+    none in common is a DataError that ends with ``problem``."""
+    low = {e.pair_id or e.subject: e for e in inputs}
+    full = {e.pair_id or e.subject: e for e in targets}
     keys = sorted(full.keys() & low.keys())
     if not keys:
-        raise DataError(
-            f"{manifest.path}: no {split} pairs of {what} {task.modality} series "
-            f"(a {variant} series has a domain ending in '-{variant}' and the pair_id of its original partner; "
-            "a phantom study simulated by an older version lacks it: run 'medgan sites simulate --force')"
-        )
+        raise DataError(f"{manifest.path}: {problem}")
     return low, full, keys
+
+
+def _variant_pairs(
+    manifest: Manifest, task: TaskConfig, split: str, variant: str, what: str
+) -> tuple[dict[str, ManifestEntry], dict[str, ManifestEntry], list[str]]:
+    """Entries of a degraded ``variant`` series and of its original, matched."""
+    return _matched(
+        manifest,
+        manifest.select(modality=task.modality, split=split, variant=variant),
+        manifest.select(modality=task.modality, split=split),
+        f"no {split} pairs of {what} {task.modality} series "
+        f"(a {variant} series has a domain ending in '-{variant}' and the pair_id of its original partner; "
+        "a phantom study simulated by an older version lacks it: run 'medgan sites simulate --force')",
+    )
 
 
 def _modality_pairs(manifest: Manifest, task: TaskConfig, split: str, source: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(``source``-modality inputs, ``task.modality`` targets) of the same subjects, matched
     by pair_id; each normalised the way its modality is (CT window, MR percentile)."""
-    target = {e.pair_id or e.subject: e for e in manifest.select(modality=task.modality, split=split)}
-    inputs = {e.pair_id or e.subject: e for e in manifest.select(modality=source, split=split)}
-    keys = sorted(target.keys() & inputs.keys())
-    if not keys:
-        raise DataError(f"{manifest.path}: no {split} subjects with both a {source} and a {task.modality} series "
-                        "(they are matched by pair_id)")
+    inputs, target, keys = _matched(
+        manifest, manifest.select(modality=source, split=split), manifest.select(modality=task.modality, split=split),
+        f"no {split} subjects with both a {source} and a {task.modality} series (they are matched by pair_id)",
+    )
     x, y = _stack(manifest, task, [inputs[k] for k in keys]), _stack(manifest, task, [target[k] for k in keys])
     if x.shape != y.shape:
         raise DataError(f"{manifest.path}: the {source} and {task.modality} series of a subject differ in slice count")
@@ -133,7 +145,7 @@ def _modality_pairs(manifest: Manifest, task: TaskConfig, split: str, source: st
 def _kspace_pairs(manifest: Manifest, task: TaskConfig, split: str, variant: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(undersampled inputs, fully sampled targets) for compressed-sensing MR reconstruction
     (see ``medgan_core.data.kspace.reconstruction_pair``)."""
-    low, full, keys = _matched(manifest, task, split, variant, f"{variant} and fully sampled")
+    low, full, keys = _variant_pairs(manifest, task, split, variant, f"{variant} and fully sampled")
     inputs, targets = [], []
     for key in keys:
         try:

@@ -14,7 +14,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from medgan_core.config import ACCELERATIONS  # noqa: F401  (re-exported: the factors the simulator writes)
 from medgan_core.errors import DataError
 
 KSPACE_SCALE = 10.0  # 1 in the network's units: 10x the mean intensity (brightest tissue is 5-9x)

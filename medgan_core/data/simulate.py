@@ -31,7 +31,8 @@ from scipy.ndimage import gaussian_filter
 from skimage.transform import iradon, radon
 
 from medgan_core.data.dicom_io import write_dicom_series
-from medgan_core.data.kspace import ACCELERATIONS, sampling_mask, undersample, write_kspace
+from medgan_core.config import ACCELERATIONS
+from medgan_core.data.kspace import sampling_mask, undersample, write_kspace
 from medgan_core.data.manifest import LOW_DOSE, ManifestEntry, write_manifest
 from medgan_core.data.nifti_io import write_nifti
 from medgan_core.errors import ConfigError
@@ -169,6 +170,16 @@ def phantom_labels(rng: np.random.Generator, size: int, n_slices: int, body_scal
     return volume
 
 
+def tissue_hu(labels: np.ndarray, texture: np.ndarray | None = None) -> np.ndarray:
+    """Hounsfield units of a label volume, with ±8 HU tissue texture where ``texture`` is given."""
+    hu = np.zeros(labels.shape, np.float32)
+    for label, (value, *_rest) in TISSUES.items():
+        hu[labels == label] = value
+    if texture is not None:
+        hu += np.where(labels == AIR, 0.0, 8.0 * texture)  # in place: stays float32
+    return hu
+
+
 def _texture(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> np.ndarray:
     """Smooth zero-mean tissue texture, unit std."""
     field = gaussian_filter(rng.standard_normal(shape), sigma)
@@ -269,10 +280,7 @@ def simulate_site(
         has_lesion = bool(rng.random() < profile.lesion_rate)
         labels = phantom_labels(rng, size, n_slices, profile.body_scale, has_lesion)
         texture = _texture(rng, labels.shape, sigma=1.5)
-        hu = np.zeros(labels.shape, np.float32)
-        for label, (value, *_rest) in TISSUES.items():
-            hu[labels == label] = value
-        hu += np.where(labels == AIR, 0.0, 8.0 * texture)
+        hu = tissue_hu(labels, texture)
         pairs = [ct_acquire_doses(hu[k], profile, pixel_mm, rng, (1.0, LOW_DOSE_FRACTION)) for k in range(n_slices)]
         ct = np.stack([p[0] for p in pairs])
         ct_low = np.stack([p[1] for p in pairs])
@@ -357,9 +365,7 @@ def phantom_ct_pairs(n: int, task: "TaskConfig", seed: int = 0) -> tuple["torch.
     profile = DEFAULT_SITES[0]
     size = 128
     labels = phantom_labels(rng, size, n, profile.body_scale, lesion=True)
-    hu = np.zeros(labels.shape, np.float32)
-    for label, (value, *_rest) in TISSUES.items():
-        hu[labels == label] = value
+    hu = tissue_hu(labels)
     pairs = [ct_acquire_doses(hu[k], profile, 400.0 / size, rng, (1.0, LOW_DOSE_FRACTION)) for k in range(n)]
     window = (task.window_low, task.window_high)
     full = resize_slices(window_ct(np.stack([p[0] for p in pairs]), *window), task.image_size)
@@ -392,10 +398,7 @@ def phantom_mr_ct(n: int, task: "TaskConfig", seed: int = 0) -> tuple["torch.Ten
     profile, size = DEFAULT_SITES[0], 128
     labels = phantom_labels(rng, size, n, profile.body_scale, lesion=True)
     texture = _texture(rng, labels.shape, sigma=1.5)
-    hu = np.zeros(labels.shape, np.float32)
-    for label, (value, *_rest) in TISSUES.items():
-        hu[labels == label] = value
-    hu += np.where(labels == AIR, 0.0, 8.0 * texture)
+    hu = tissue_hu(labels, texture)
     ct = np.stack([ct_acquire(hu[k], profile, 400.0 / size, rng) for k in range(n)])
     mr = mr_acquire(labels, texture, profile, rng)
     return (resize_slices(normalise_mr(mr), task.image_size),
