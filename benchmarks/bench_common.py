@@ -31,8 +31,9 @@ def arguments(doc: str | None, out: str, data: str = "benchmarks/data/sites") ->
 
 
 def study_sites(data: Path) -> list[Path]:
-    """Three simulated hospitals (12 subjects × 12 slices, 128²), written once and reused."""
-    if not (data / "study.json").exists():
+    """Three simulated hospitals (12 subjects × 12 slices, 128²), written once and reused
+    (again when a study written by an older simulator lacks the label maps)."""
+    if not (data / "study.json").exists() or not any(data.glob("*/seg")):
         simulate_study(data, n_sites=3, n_subjects=12, n_slices=12, size=128, seed=3)
     return sorted(p for p in data.iterdir() if (p / "manifest.csv").exists())
 

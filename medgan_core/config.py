@@ -23,6 +23,7 @@ DEVICES = ("auto", "cpu", "cuda")
 ACCOUNTANTS = ("rdp", "prv")
 SR_SCALES = (2, 4)
 ACCELERATIONS = (4, 10)  # 25 % and 10 % of the k-space lines (medgan_core.data.kspace)
+CONDITIONS = ("grade", "severity")  # what conditional synthesis is conditioned on
 POLICIES = ("average", "local", "trimmed-mean", "median")
 SERVER_OPTIMIZERS = ("fedavg", "fedadam", "fedyogi")
 
@@ -50,6 +51,7 @@ class TaskConfig:
     eval_samples: int = 128
     scale: int = 2  # super-resolution factor (superres): 2 or 4
     acceleration: int = 4  # k-space undersampling of compressed-sensing MR (recon): 4 or 10
+    condition: str = "grade"  # conditional: lesion-burden grade 0-3 (a class) or the burden itself
     seed: int = 0
 
     def validate(self) -> None:
@@ -77,6 +79,10 @@ class TaskConfig:
             raise ConfigError(
                 f"task.acceleration = {self.acceleration}; choose one of {', '.join(map(str, ACCELERATIONS))}"
             )
+        if self.condition not in CONDITIONS:
+            raise ConfigError(f"task.condition = {self.condition!r}; choose one of {', '.join(CONDITIONS)}")
+        if self.name == "cycle" and self.modality != "CT":
+            raise ConfigError("task.name = 'cycle' harmonises a site's two CT scanners: set task.modality = 'CT'")
         if self.name == "recon" and self.modality != "MR":
             raise ConfigError("task.name = 'recon' reconstructs MR k-space: set task.modality = 'MR'")
         for key, lr in (("task.lr-generator", self.lr_generator), ("task.lr-discriminator", self.lr_discriminator)):

@@ -69,10 +69,14 @@ def write_report(folder: RunFolder, study: StudyConfig) -> str:
         privacy_line,
         "- Metrics are computed by every site on its own held-out (test) split and averaged by sample count. "
         "Synthesis: `swd` is the sliced Wasserstein distance between multi-scale 7×7 patches of generated and "
-        "real slices, `intensity-w1` the Wasserstein-1 distance between their pixel-value distributions "
-        "(lower is better). Image-to-image tasks (denoise, superres, recon, translate): `psnr`/`ssim` against "
-        "the target (full dose, original grid, fully sampled k-space, the other modality); `-input` is the "
-        "input's own (low-dose image, bicubic interpolation, zero-filled inverse FFT, source modality); "
+        "real slices, `intensity-w1` the Wasserstein-1 distance between their pixel-value distributions, "
+        "`fid`/`kid` the Fréchet and kernel distances on the project's phantom feature network (lower is "
+        "better); conditional synthesis adds `grade-accuracy`, the share of generated slices whose lesion "
+        "burden reads as the grade asked for (`-real`: the same reading of real slices, its ceiling). "
+        "Image-to-image tasks (denoise, superres, recon, translate, cycle): `psnr`/`ssim` against "
+        "the target (full dose, original grid, fully sampled k-space, the other modality, the same subject "
+        "on the main scanner); `-input` is the input's own (low-dose image, bicubic interpolation, "
+        "zero-filled inverse FFT, source modality, second scanner); "
         "`mae-hu` in HU within the window (CT targets), "
         "`nmse` the normalised squared error (MR).",
         "",

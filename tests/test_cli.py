@@ -17,8 +17,9 @@ def test_sites_simulate_writes_sites_and_refuses_to_overwrite(tmp_path: Path) ->
     assert result.exit_code == 0, result.output
     sites = sorted(p for p in out.iterdir() if p.is_dir())
     assert [p.name for p in sites] == ["site-01-hospital-a", "site-02-hospital-b"]
-    # 3 subjects x (CT, quarter-dose CT, CT on 2x and 4x coarser grids, MR, MR k-space at 4x and 10x)
-    assert len(read_manifest(sites[0]).entries) == 21
+    # 3 subjects x (CT, quarter-dose CT, CT on 2x and 4x coarser grids, second-scanner CT, MR,
+    # MR k-space at 4x and 10x, label map)
+    assert len(read_manifest(sites[0]).entries) == 27
     again = runner.invoke(app, args)
     assert again.exit_code == 2 and "--force" in again.output
     assert runner.invoke(app, args + ["--force"]).exit_code == 0

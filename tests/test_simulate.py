@@ -76,3 +76,23 @@ def test_more_sites_than_reference_profiles_still_differ(tmp_path: Path) -> None
     profiles = site_profiles(6, seed=0)
     assert len({p.name for p in profiles}) == 6
     assert len({round(p.ct_photons) for p in profiles}) == 6
+
+
+def test_label_maps_and_second_scanner_align_with_the_ct(tiny_sites: list[Path]) -> None:
+    from medgan_core.data.simulate import AIR, LIVER, TISSUES
+
+    manifest = read_manifest(tiny_sites[0])
+    segs = {e.pair_id: e for e in manifest.select(modality="SEG")}
+    second = {e.pair_id: e for e in manifest.select(modality="CT", variant="scanner-b")}
+    ct = {e.pair_id: e for e in manifest.select(modality="CT")}
+    assert segs.keys() == ct.keys() == second.keys()
+    assert all(e.domain.endswith("-seg") and e.file.endswith(".nii.gz") for e in segs.values())
+    for key, entry in ct.items():
+        labels = manifest.load(segs[key]).axial_slices()
+        hu = manifest.load(entry).axial_slices()
+        assert labels.shape == hu.shape and set(np.unique(labels)) <= set(TISSUES)
+        assert np.median(hu[labels == AIR]) < -950
+        if (labels == LIVER).any():
+            assert 30 < np.median(hu[labels == LIVER]) < 90  # liver is 60 HU at hospital A
+        b = manifest.load(second[key]).axial_slices()
+        assert b.shape == hu.shape and not np.array_equal(b, hu)

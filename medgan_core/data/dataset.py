@@ -11,12 +11,15 @@ import torch.nn.functional as F
 
 from medgan_core.config import TaskConfig
 from medgan_core.data.kspace import read_kspace, reconstruction_pair
-from medgan_core.data.manifest import Manifest, ManifestEntry, read_manifest
+from medgan_core.data.manifest import SEGMENTATION, Manifest, ManifestEntry, read_manifest
 from medgan_core.data.preprocess import volume_to_slices
+from medgan_core.data.simulate import lesion_burden
 from medgan_core.errors import DataError
 
 SINGLE = "single"
 LOW_DOSE_PAIRS = "pairs:low-dose"
+CONDITIONAL = "conditional"  # images + per-slice lesion burden from the label maps
+SCANNER_B_UNPAIRED = "unpaired:scanner-b"  # scanner A and scanner B images of disjoint subjects
 
 
 def pairs_of(variant: str) -> str:
@@ -29,7 +32,9 @@ class SiteData:
     """Preprocessed slices of one site, by split, for the task's modality.
 
     ``train``/``test`` are the images to model (targets of paired tasks); paired tasks
-    also have ``train_input``/``test_input``, slice for slice.
+    also have ``train_input``/``test_input``, slice for slice. Unpaired tasks have a
+    ``train_input`` of its own length (the other domain, other subjects). Conditional
+    tasks have ``train_condition``/``test_condition``: one severity score per slice.
     """
 
     site: str
@@ -37,6 +42,8 @@ class SiteData:
     test: torch.Tensor
     train_input: torch.Tensor | None = None
     test_input: torch.Tensor | None = None
+    train_condition: torch.Tensor | None = None
+    test_condition: torch.Tensor | None = None
 
     @property
     def num_train(self) -> int:
@@ -63,6 +70,20 @@ def load_site_data(data_path: str | Path, task: TaskConfig, kind: str = SINGLE) 
         if not test_entries:
             raise DataError(f"{manifest.path}: no test or val images of modality {task.modality} to evaluate on")
         return SiteData(manifest.root.name, train, _stack(manifest, task, test_entries))
+    if kind == CONDITIONAL:
+        train, train_c = _with_burden(manifest, task, "train")
+        test, test_c = _with_burden(manifest, task, test_split)
+        return SiteData(manifest.root.name, train, test, train_condition=train_c, test_condition=test_c)
+    if kind == SCANNER_B_UNPAIRED:
+        variant = kind.split(":", 1)[1]
+        domain_b, domain_a, keys = _variant_pairs(manifest, task, "train", variant, "main-scanner and scanner-B")
+        if len(keys) < 2:
+            raise DataError(f"{manifest.path}: unpaired training needs at least 2 training subjects (one per scanner)")
+        keys_a, keys_b = unpaired_subjects(keys)
+        train_a = _stack(manifest, task, [domain_a[k] for k in keys_a])
+        train_b = _stack(manifest, task, [domain_b[k] for k in keys_b])
+        test_b, test_a = _pairs(manifest, task, test_split, variant)
+        return SiteData(manifest.root.name, train_a, test_a, train_b, test_b)
     if kind.startswith("translate:"):
         source = kind.split(":", 1)[1]
         train_in, train = _modality_pairs(manifest, task, "train", source)
@@ -156,6 +177,62 @@ def _kspace_pairs(manifest: Manifest, task: TaskConfig, split: str, variant: str
         inputs.append(x)
         targets.append(y)
     return torch.from_numpy(np.concatenate(inputs)), torch.from_numpy(np.concatenate(targets))
+
+
+def unpaired_subjects(keys: list[str]) -> tuple[list[str], list[str]]:
+    """Alternate subjects between the two domains of unpaired training: no subject is in both."""
+    return keys[0::2], keys[1::2]
+
+
+def label_slices(volume_labels: np.ndarray, size: int) -> torch.Tensor:
+    """(k, rows, cols) integer labels -> (k, size, size) long, nearest-neighbour resized."""
+    tensor = torch.from_numpy(np.ascontiguousarray(volume_labels, dtype=np.float32))[:, None]
+    return F.interpolate(tensor, size=(size, size), mode="nearest")[:, 0].round().long()
+
+
+def labelled_slices(
+    data_path: str | Path, task: TaskConfig, split: str, variant: str = ""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, label maps) of a split, matched by pair_id: images of ``task.modality``
+    (of a ``variant`` series when given, e.g. ``scanner-b``), label maps from the SEG
+    entries, resized to the training grid. For segmenters that check an adaptation."""
+    manifest = read_manifest(data_path)
+    images, labels, keys = _labelled(manifest, task, split, variant)
+    x = _stack(manifest, task, [images[k] for k in keys])
+    y = torch.cat([label_slices(_label_volume(manifest, labels[k]), task.image_size) for k in keys])
+    if y.shape[0] != x.shape[0]:
+        raise DataError(f"{manifest.path}: label maps and images of a subject differ in slice count")
+    return x, y
+
+
+def _labelled(
+    manifest: Manifest, task: TaskConfig, split: str, variant: str = ""
+) -> tuple[dict[str, ManifestEntry], dict[str, ManifestEntry], list[str]]:
+    return _matched(
+        manifest, manifest.select(modality=task.modality, split=split, variant=variant),
+        manifest.select(modality=SEGMENTATION, split=split),
+        f"no {split} subjects with both a {task.modality} series and a label map (modality {SEGMENTATION}, "
+        "matched by pair_id; a phantom study simulated by an older version lacks them: "
+        "run 'medgan sites simulate --force')",
+    )
+
+
+def _label_volume(manifest: Manifest, entry: ManifestEntry) -> np.ndarray:
+    labels = manifest.load(entry).axial_slices()
+    if labels.min() < 0 or labels.max() > 255 or not np.allclose(labels, np.round(labels)):
+        raise DataError(f"{manifest.root / entry.file}: a label map must hold integer labels from 0 to 255")
+    return np.round(labels).astype(np.uint8)
+
+
+def _with_burden(manifest: Manifest, task: TaskConfig, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images of a split and each slice's lesion burden (from the matching label map)."""
+    images, labels, keys = _labelled(manifest, task, split)
+    x = _stack(manifest, task, [images[k] for k in keys])
+    burden = [lesion_burden(_label_volume(manifest, labels[k])) for k in keys]
+    c = torch.from_numpy(np.concatenate(burden))
+    if c.shape[0] != x.shape[0]:
+        raise DataError(f"{manifest.path}: label maps and images of a subject differ in slice count")
+    return x, c
 
 
 def upsample(images: torch.Tensor, scale: int) -> torch.Tensor:

@@ -1,10 +1,12 @@
 """A site manifest: the CSV that lists a hospital's images and how to use them.
 
 Columns: ``file`` (relative to the manifest; a folder means a DICOM series),
-``subject``, ``modality`` (CT or MR), ``split`` (train, val or test), and optionally
+``subject``, ``modality`` (CT, MR, or SEG for a label map: integer tissue labels as in
+``medgan_core.data.simulate.TISSUES``, aligned with the subject's images), ``split`` (train, val or test), and optionally
 ``domain`` (scanner / protocol; a domain ending in ``-low-dose`` marks a reduced-dose
 series, ``-low-res-x2``/``-low-res-x4`` a series acquired on a 2×/4× coarser grid,
-``-kspace-r4``/``-kspace-r10`` undersampled MR k-space, see ``medgan_core.data.kspace``),
+``-kspace-r4``/``-kspace-r10`` undersampled MR k-space, see ``medgan_core.data.kspace``,
+``-scanner-b`` the site's second scanner, for unpaired harmonisation),
 ``label`` (class) and ``pair_id`` (links images of one subject across modalities, doses
 or resolutions for paired tasks).
 """
@@ -23,8 +25,11 @@ from medgan_core.errors import DataError
 
 REQUIRED_COLUMNS = ("file", "subject", "modality", "split")
 LOW_DOSE = "-low-dose"  # a domain ending in this marks a reduced-dose acquisition
-#: Degraded acquisitions of an original series, marked by the end of their domain.
-VARIANTS = ("low-dose", "low-res-x2", "low-res-x4", "kspace-r4", "kspace-r10")
+SCANNER_B = "-scanner-b"  # ... a series from the site's second scanner
+SEGMENTATION = "SEG"  # the modality of label maps
+#: Other acquisitions of an original series (degraded, or another scanner), marked by
+#: the end of their domain.
+VARIANTS = ("low-dose", "low-res-x2", "low-res-x4", "kspace-r4", "kspace-r10", "scanner-b")
 
 
 def variant_of(domain: str) -> str:

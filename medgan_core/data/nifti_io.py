@@ -35,11 +35,11 @@ def read_nifti(path: str | Path, modality: str = "MR") -> Volume:
     return Volume(data=data, affine=np.asarray(image.affine, dtype=float), modality=modality, source=str(path))
 
 
-def write_nifti(data: np.ndarray, affine: np.ndarray, path: str | Path) -> Path:
-    """Write a 3D array (i, j, k) with its affine; .nii.gz compresses."""
+def write_nifti(data: np.ndarray, affine: np.ndarray, path: str | Path, dtype: type = np.float32) -> Path:
+    """Write a 3D array (i, j, k) with its affine; .nii.gz compresses (label maps: uint8)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image = nib.Nifti1Image(np.asarray(data, dtype=np.float32), affine)
+    image = nib.Nifti1Image(np.asarray(data, dtype=dtype), affine)
     image.header.set_xyzt_units("mm")
     nib.save(image, str(path))
     return path

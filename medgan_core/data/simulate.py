@@ -10,13 +10,22 @@ seeded random model. The same anatomy is imaged twice:
   projections at a quarter of the dose give a paired low-dose series (denoising), and
   the full-dose image averaged over 2×2 and 4×4 detector-sized blocks gives paired
   low-resolution series on a coarser grid (super-resolution).
+* A second CT scanner at every site (the same older model everywhere: lower dose,
+  another kernel, reading too high by 25-60 HU with a 3-14 % gain error — how much and
+  with which kernel differs per site) reconstructs the same projections: the
+  ``-scanner-b`` series, for unpaired harmonisation (CycleGAN). Training uses disjoint subjects for the
+  two scanners, so no pair is ever seen; the held-out split can be scored against the
+  same subject's scanner-A image.
+* Ground-truth tissue labels are written as a segmentation NIfTI per subject (liver,
+  kidneys, lesions, …), from which a slice's lesion burden — the severity that
+  conditional synthesis is conditioned on — is computed.
 * MR: tissue proton density, T1, T2 -> spin-echo signal at the site's TR/TE -> smooth
   multiplicative bias field -> Rician noise -> scanner gain. Its k-space, undersampled
   with the site's own Cartesian sampling pattern at 4× and 10× acceleration, is written
   as raw data for compressed-sensing reconstruction.
 
 Sites differ the way hospitals do (dose, kernel, calibration, MR contrast, bias field,
-noise, patient size, lesion prevalence), so a study simulated here is non-IID.
+noise, patient size, lesion prevalence and severity, second scanner), so a study simulated here is non-IID.
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ from skimage.transform import iradon, radon
 from medgan_core.data.dicom_io import write_dicom_series
 from medgan_core.config import ACCELERATIONS
 from medgan_core.data.kspace import sampling_mask, undersample, write_kspace
-from medgan_core.data.manifest import LOW_DOSE, ManifestEntry, write_manifest
+from medgan_core.data.manifest import LOW_DOSE, SCANNER_B, SEGMENTATION, ManifestEntry, write_manifest
 from medgan_core.data.nifti_io import write_nifti
 from medgan_core.errors import ConfigError
 
@@ -79,12 +88,42 @@ class SiteProfile:
     body_scale: float  # patient size
     lesion_rate: float  # fraction of subjects with a liver lesion
     mr_center_fraction: float = 0.08  # fully sampled k-space centre of its accelerated protocols
+    lesion_severity: float = 0.5  # mean severity (0..1) of its lesions: size and number
+    # The site's second CT scanner (series '-scanner-b'): dose relative to the main one,
+    # kernel, calibration offset and gain error.
+    scanner_b_dose: float = 0.3
+    scanner_b_kernel: str = "hann"
+    scanner_b_offset_hu: float = 40.0
+    scanner_b_gain: float = 1.1
+
+    def scanners(self, dose_a: tuple[float, ...] = (1.0,)) -> list["CTScanner"]:
+        """The main scanner at each of ``dose_a``, then scanner B."""
+        main = [CTScanner(self.ct_photons * d, self.ct_kernel, self.ct_offset_hu) for d in dose_a]
+        second = CTScanner(self.ct_photons * self.scanner_b_dose, self.scanner_b_kernel,
+                           self.ct_offset_hu + self.scanner_b_offset_hu, self.scanner_b_gain)
+        return main + [second]
+
+
+@dataclass(frozen=True)
+class CTScanner:
+    """One CT acquisition protocol: dose, FBP kernel, calibration offset, HU gain error."""
+
+    photons: float
+    kernel: str
+    offset_hu: float = 0.0
+    gain: float = 1.0
 
 
 DEFAULT_SITES = (
-    SiteProfile("hospital-a", 1e6, "ramp", 0.0, 500.0, 12.0, 1000.0, 0.10, 0.010, 1.00, 0.3, 0.08),
-    SiteProfile("hospital-b", 2.5e5, "hann", 20.0, 650.0, 20.0, 700.0, 0.35, 0.030, 0.92, 0.5, 0.04),
-    SiteProfile("hospital-c", 6e4, "shepp-logan", -15.0, 420.0, 9.0, 1500.0, 0.22, 0.020, 1.08, 0.2, 0.06),
+    SiteProfile("hospital-a", 1e6, "ramp", 0.0, 500.0, 12.0, 1000.0, 0.10, 0.010, 1.00, 0.3, 0.08,
+                lesion_severity=0.4, scanner_b_dose=0.25, scanner_b_kernel="hann", scanner_b_offset_hu=45.0,
+                scanner_b_gain=1.12),
+    SiteProfile("hospital-b", 2.5e5, "hann", 20.0, 650.0, 20.0, 700.0, 0.35, 0.030, 0.92, 0.5, 0.04,
+                lesion_severity=0.7, scanner_b_dose=0.5, scanner_b_kernel="ramp", scanner_b_offset_hu=35.0,
+                scanner_b_gain=1.08),
+    SiteProfile("hospital-c", 6e4, "shepp-logan", -15.0, 420.0, 9.0, 1500.0, 0.22, 0.020, 1.08, 0.2, 0.06,
+                lesion_severity=0.5, scanner_b_dose=0.6, scanner_b_kernel="cosine", scanner_b_offset_hu=55.0,
+                scanner_b_gain=1.1),
 )
 
 
@@ -110,6 +149,11 @@ def site_profiles(n_sites: int, seed: int = 0) -> list[SiteProfile]:
                 body_scale=float(rng.uniform(0.9, 1.1)),
                 lesion_rate=float(rng.uniform(0.1, 0.6)),
                 mr_center_fraction=float(rng.uniform(0.04, 0.1)),
+                lesion_severity=float(rng.uniform(0.3, 0.8)),
+                scanner_b_dose=float(rng.uniform(0.2, 0.7)),
+                scanner_b_kernel=str(rng.choice(kernels)),
+                scanner_b_offset_hu=float(rng.uniform(25, 60)),
+                scanner_b_gain=float(rng.uniform(1.03, 1.14)),
             )
         )
     return profiles
@@ -123,11 +167,14 @@ def _ellipse(x: np.ndarray, y: np.ndarray, cx: float, cy: float, ax: float, ay: 
     return (u / ax) ** 2 + (v / ay) ** 2 <= 1.0
 
 
-def phantom_labels(rng: np.random.Generator, size: int, n_slices: int, body_scale: float, lesion: bool) -> np.ndarray:
+def phantom_labels(rng: np.random.Generator, size: int, n_slices: int, body_scale: float, severity: float) -> np.ndarray:
     """A (k, rows, cols) tissue-label volume of one abdominal subject.
 
     Coordinates run from -1 to 1 across the field of view; rows grow posterior.
     Organs change size along the slices the way they do from upper to lower abdomen.
+    ``severity`` in [0, 1] grades liver disease: 0 none; higher means more and larger
+    (roughly spherical) lesions, so a slice's lesion burden ranges from a small focus to a
+    large part of the liver.
     """
     lin = np.linspace(-1, 1, size)
     x, y = np.meshgrid(lin, lin)
@@ -138,9 +185,8 @@ def phantom_labels(rng: np.random.Generator, size: int, n_slices: int, body_scal
     liver_ax = (0.30 * rng.uniform(0.9, 1.1), 0.27 * rng.uniform(0.9, 1.1))
     liver_angle = rng.uniform(-0.4, 0.1)
     kidney_dx, kidney_y = rng.uniform(0.25, 0.33), rng.uniform(0.22, 0.3)
-    lesion_pos = (liver_c[0] + rng.uniform(-0.1, 0.1), liver_c[1] + rng.uniform(-0.08, 0.08))
-    lesion_r = rng.uniform(0.04, 0.08)
     gas_blobs = [(rng.uniform(-0.1, 0.45), rng.uniform(-0.35, 0.1), rng.uniform(0.03, 0.07)) for _ in range(4)]
+    lesions = _lesions(rng, severity, liver_c, n_slices)
 
     volume = np.zeros((n_slices, size, size), dtype=np.uint8)
     for k in range(n_slices):
@@ -152,8 +198,10 @@ def phantom_labels(rng: np.random.Generator, size: int, n_slices: int, body_scal
         if liver_scale > 0.3:
             liver = _ellipse(x, y, *liver_c, liver_ax[0] * liver_scale, liver_ax[1] * liver_scale, liver_angle)
             sl[liver] = LIVER
-            if lesion:
-                sl[liver & _ellipse(x, y, *lesion_pos, lesion_r, lesion_r)] = LESION
+            for lx, ly, radius, centre, half_height in lesions:
+                r_slice = radius * np.sqrt(max(0.0, 1.0 - ((k - centre) / half_height) ** 2))
+                if r_slice > 0.01:
+                    sl[liver & _ellipse(x, y, lx, ly, r_slice, r_slice)] = LESION
         kidney_scale = np.sin(np.pi * np.clip((t - 0.25) / 0.6, 0, 1))
         if kidney_scale > 0.2:
             for side in (-1, 1):
@@ -168,6 +216,31 @@ def phantom_labels(rng: np.random.Generator, size: int, n_slices: int, body_scal
         sl[_ellipse(x, y, 0, spine_y + 0.14, 0.04, 0.035)] = CANAL
         sl[_ellipse(x, y, 0, spine_y + 0.14, 0.065, 0.06) & (sl == SOFT)] = CORTICAL
     return volume
+
+
+def _lesions(
+    rng: np.random.Generator, severity: float, liver_c: tuple[float, float], n_slices: int
+) -> list[tuple[float, float, float, float, float]]:
+    """(x, y, radius, centre slice, half height in slices) of each lesion of a subject."""
+    if severity <= 0:
+        return []
+    count = 1 + int(severity > 0.45) + int(severity > 0.8)
+    lesions = []
+    for _ in range(count):
+        radius = (0.03 + 0.09 * severity) * rng.uniform(0.8, 1.2)
+        centre = rng.uniform(0.0, 0.45) * max(n_slices - 1, 1)  # the liver fills the upper slices
+        half_height = max(1.0, radius / 0.15 * n_slices / 2)
+        lesions.append((liver_c[0] + rng.uniform(-0.12, 0.12), liver_c[1] + rng.uniform(-0.1, 0.1),
+                        radius, centre, half_height))
+    return lesions
+
+
+def lesion_burden(labels: np.ndarray) -> np.ndarray:
+    """Per slice of a (k, rows, cols) label volume: the fraction of the liver that is lesion,
+    in [0, 1] (0 where a slice shows no lesion). The severity score conditional synthesis uses."""
+    lesion = (labels == LESION).sum(axis=(1, 2)).astype(np.float32)
+    liver = (labels == LIVER).sum(axis=(1, 2)).astype(np.float32)
+    return np.where(lesion > 0, lesion / np.maximum(lesion + liver, 1.0), 0.0).astype(np.float32)
 
 
 def tissue_hu(labels: np.ndarray, texture: np.ndarray | None = None) -> np.ndarray:
@@ -198,6 +271,14 @@ def ct_acquire_doses(
     hu: np.ndarray, profile: SiteProfile, pixel_mm: float, rng: np.random.Generator, doses: tuple[float, ...]
 ) -> list[np.ndarray]:
     """One projection of the anatomy, reconstructed at several doses (paired low/full dose)."""
+    return ct_acquire_scanners(hu, profile.scanners(doses)[:-1], pixel_mm, rng)
+
+
+def ct_acquire_scanners(
+    hu: np.ndarray, scanners: list[CTScanner], pixel_mm: float, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """The same anatomy's line integrals measured by each scanner: its own photon count
+    (Poisson noise), FBP kernel, calibration offset and gain."""
     size = hu.shape[0]
     mu = np.clip(MU_WATER_PER_MM * (1.0 + hu / 1000.0), 0, None)
     yy, xx = np.mgrid[:size, :size]
@@ -206,12 +287,11 @@ def ct_acquire_doses(
     angles = np.linspace(0.0, 180.0, 180, endpoint=False)
     line_integrals = radon(mu, angles, circle=True) * pixel_mm
     images = []
-    for dose in doses:
-        photons = profile.ct_photons * dose
-        counts = rng.poisson(photons * np.exp(-line_integrals))
-        measured = -np.log(np.maximum(counts, 1) / photons)
-        mu_rec = iradon(measured / pixel_mm, angles, circle=True, filter_name=profile.ct_kernel)
-        hu_rec = (mu_rec / MU_WATER_PER_MM - 1.0) * 1000.0 + profile.ct_offset_hu
+    for scanner in scanners:
+        counts = rng.poisson(scanner.photons * np.exp(-line_integrals))
+        measured = -np.log(np.maximum(counts, 1) / scanner.photons)
+        mu_rec = iradon(measured / pixel_mm, angles, circle=True, filter_name=scanner.kernel)
+        hu_rec = (mu_rec / MU_WATER_PER_MM - 1.0) * 1000.0 * scanner.gain + scanner.offset_hu
         hu_rec[outside] = -1000.0
         images.append(np.clip(hu_rec, -1024.0, 3071.0).astype(np.float32))
     return images
@@ -256,7 +336,9 @@ def simulate_site(
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> Path:
-    """Write one hospital: CT DICOM series + MR NIfTI per subject, and manifest.csv."""
+    """Write one hospital: per subject CT DICOM series (full and quarter dose, 2×/4× coarser
+    grids, second scanner), MR NIfTI and its undersampled k-space, a label map; and
+    manifest.csv."""
     if n_subjects < 3:
         raise ConfigError(f"subjects = {n_subjects}; a site needs at least 3 (train, val and test)")
     if size < 32 or n_slices < 1 or size % max(LOW_RES_SCALES):
@@ -278,43 +360,43 @@ def simulate_site(
         subject = f"{profile.name}-{s:03d}"
         split = "train" if s < n_train else "val" if s < n_train + n_val else "test"
         has_lesion = bool(rng.random() < profile.lesion_rate)
-        labels = phantom_labels(rng, size, n_slices, profile.body_scale, has_lesion)
+        severity = float(np.clip(rng.normal(profile.lesion_severity, 0.2), 0.05, 1.0)) if has_lesion else 0.0
+        labels = phantom_labels(rng, size, n_slices, profile.body_scale, severity)
         texture = _texture(rng, labels.shape, sigma=1.5)
         hu = tissue_hu(labels, texture)
-        pairs = [ct_acquire_doses(hu[k], profile, pixel_mm, rng, (1.0, LOW_DOSE_FRACTION)) for k in range(n_slices)]
-        ct = np.stack([p[0] for p in pairs])
-        ct_low = np.stack([p[1] for p in pairs])
+        scanners = profile.scanners((1.0, LOW_DOSE_FRACTION))
+        acquired = [ct_acquire_scanners(hu[k], scanners, pixel_mm, rng) for k in range(n_slices)]
+        ct, ct_low, ct_b = (np.stack([a[i] for a in acquired]) for i in range(3))
         mr = mr_acquire(labels, texture, profile, rng)
-        ct_rel = Path("ct") / subject
-        low_rel = Path("ct-low-dose") / subject
-        mr_rel = Path("mr") / f"{subject}.nii.gz"
-        write_dicom_series(
-            ct, out_dir / ct_rel, spacing=(pixel_mm, pixel_mm, slice_mm), patient_id=subject,
-            manufacturer=f"{profile.name} CT", seed=seed + s,
-        )
-        write_dicom_series(
-            ct_low, out_dir / low_rel, spacing=(pixel_mm, pixel_mm, slice_mm), patient_id=subject,
-            manufacturer=f"{profile.name} CT", seed=seed + s + 500,
-        )
-        for scale in LOW_RES_SCALES:
-            rel = Path(f"ct-low-res-x{scale}") / subject
-            write_dicom_series(
-                coarse_grid(ct, scale), out_dir / rel, spacing=(pixel_mm * scale, pixel_mm * scale, slice_mm),
-                patient_id=subject, manufacturer=f"{profile.name} CT", seed=seed + s + 700 + scale,
-            )
-            entries.append(ManifestEntry(str(rel), subject, "CT", split, f"{profile.name}-ct-low-res-x{scale}",
-                                         "lesion" if has_lesion else "normal", subject))
+        label = "lesion" if has_lesion else "normal"
         affine = np.diag([pixel_mm, pixel_mm, slice_mm, 1.0])
+
+        def add(rel: Path, modality: str, domain: str) -> None:
+            entries.append(ManifestEntry(str(rel), subject, modality, split, f"{profile.name}-{domain}", label, subject))
+
+        def add_ct(series: np.ndarray, folder: str, offset: int, scale: int = 1) -> None:
+            rel = Path(folder) / subject
+            write_dicom_series(
+                series, out_dir / rel, spacing=(pixel_mm * scale, pixel_mm * scale, slice_mm), patient_id=subject,
+                manufacturer=f"{profile.name} CT", seed=seed + s + offset,
+            )
+            add(rel, "CT", folder)
+
+        add_ct(ct, "ct", 0)
+        add_ct(ct_low, "ct" + LOW_DOSE, 500)
+        add_ct(ct_b, "ct" + SCANNER_B, 900)
+        for scale in LOW_RES_SCALES:
+            add_ct(coarse_grid(ct, scale), f"ct-low-res-x{scale}", 700 + scale, scale)
+        mr_rel = Path("mr") / f"{subject}.nii.gz"
         write_nifti(mr.transpose(2, 1, 0), affine, out_dir / mr_rel)
+        add(mr_rel, "MR", "mr")
         for r, mask in masks.items():
             rel = Path(f"mr-kspace-r{r}") / f"{subject}.nii.gz"
             write_kspace(undersample(mr, mask), affine, out_dir / rel)
-            entries.append(ManifestEntry(str(rel), subject, "MR", split, f"{profile.name}-mr-kspace-r{r}",
-                                         "lesion" if has_lesion else "normal", subject))
-        label = "lesion" if has_lesion else "normal"
-        entries.append(ManifestEntry(str(ct_rel), subject, "CT", split, f"{profile.name}-ct", label, subject))
-        entries.append(ManifestEntry(str(low_rel), subject, "CT", split, f"{profile.name}-ct{LOW_DOSE}", label, subject))
-        entries.append(ManifestEntry(str(mr_rel), subject, "MR", split, f"{profile.name}-mr", label, subject))
+            add(rel, "MR", f"mr-kspace-r{r}")
+        seg_rel = Path("seg") / f"{subject}.nii.gz"
+        write_nifti(labels.transpose(2, 1, 0), affine, out_dir / seg_rel, dtype=np.uint8)
+        add(seg_rel, SEGMENTATION, "seg")
         if progress:
             progress(f"{profile.name}: subject {s + 1}/{n_subjects}")
     write_manifest(entries, out_dir / "manifest.csv")
@@ -364,7 +446,7 @@ def phantom_ct_pairs(n: int, task: "TaskConfig", seed: int = 0) -> tuple["torch.
     rng = np.random.default_rng(seed + 424242)
     profile = DEFAULT_SITES[0]
     size = 128
-    labels = phantom_labels(rng, size, n, profile.body_scale, lesion=True)
+    labels = phantom_labels(rng, size, n, profile.body_scale, severity=0.6)
     hu = tissue_hu(labels)
     pairs = [ct_acquire_doses(hu[k], profile, 400.0 / size, rng, (1.0, LOW_DOSE_FRACTION)) for k in range(n)]
     window = (task.window_low, task.window_high)
@@ -382,7 +464,7 @@ def phantom_mr_kspace(n: int, task: "TaskConfig", seed: int = 0) -> tuple["torch
 
     rng = np.random.default_rng(seed + 525252)
     profile, size = DEFAULT_SITES[0], 128
-    labels = phantom_labels(rng, size, n, profile.body_scale, lesion=True)
+    labels = phantom_labels(rng, size, n, profile.body_scale, severity=0.6)
     mr = mr_acquire(labels, _texture(rng, labels.shape, sigma=1.5), profile, rng)
     mask = sampling_mask(size, task.acceleration, rng, profile.mr_center_fraction)
     inputs, targets = reconstruction_pair(undersample(mr, mask), mr, task.image_size)
@@ -396,10 +478,27 @@ def phantom_mr_ct(n: int, task: "TaskConfig", seed: int = 0) -> tuple["torch.Ten
 
     rng = np.random.default_rng(seed + 626262)
     profile, size = DEFAULT_SITES[0], 128
-    labels = phantom_labels(rng, size, n, profile.body_scale, lesion=True)
+    labels = phantom_labels(rng, size, n, profile.body_scale, severity=0.6)
     texture = _texture(rng, labels.shape, sigma=1.5)
     hu = tissue_hu(labels, texture)
     ct = np.stack([ct_acquire(hu[k], profile, 400.0 / size, rng) for k in range(n)])
     mr = mr_acquire(labels, texture, profile, rng)
     return (resize_slices(normalise_mr(mr), task.image_size),
             resize_slices(window_ct(ct, task.window_low, task.window_high), task.image_size))
+
+
+def phantom_scanner_pair(n: int, task: "TaskConfig", seed: int = 0) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """``n`` slices of one phantom subject as (scanner B, main scanner) of the reference
+    hospital, windowed and resized like a site's data; for the coordinator's previews of
+    scanner harmonisation."""
+    from medgan_core.data.preprocess import resize_slices, window_ct
+
+    rng = np.random.default_rng(seed + 727272)
+    profile, size = DEFAULT_SITES[0], 128
+    labels = phantom_labels(rng, size, n, profile.body_scale, severity=0.6)
+    hu = tissue_hu(labels, _texture(rng, labels.shape, sigma=1.5))
+    scanners = profile.scanners()
+    acquired = [ct_acquire_scanners(hu[k], scanners, 400.0 / size, rng) for k in range(n)]
+    main, second = (np.stack([a[i] for a in acquired]) for i in range(2))
+    window = (task.window_low, task.window_high)
+    return resize_slices(window_ct(second, *window), task.image_size), resize_slices(window_ct(main, *window), task.image_size)

@@ -77,3 +77,28 @@ def init_dcgan_weights(module: nn.Module) -> None:
     elif isinstance(module, nn.GroupNorm):
         nn.init.normal_(module.weight, 1.0, 0.02)
         nn.init.zeros_(module.bias)
+
+
+class ConditionalGenerator(nn.Module):
+    """(z, y) -> image: the condition vector y is appended to the latent code (cGAN)."""
+
+    def __init__(self, z_dim: int, cond_dim: int, image_size: int = 64, width: int = 32) -> None:
+        super().__init__()
+        self.z_dim = z_dim
+        self.net = DCGANGenerator(z_dim + cond_dim, image_size, width)
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([z, y], dim=1))
+
+
+class ConditionalDiscriminator(nn.Module):
+    """(image, y) -> logit: y enters as constant extra image channels, so every layer can
+    check the image against its condition."""
+
+    def __init__(self, cond_dim: int, image_size: int = 64, width: int = 32) -> None:
+        super().__init__()
+        self.net = DCGANDiscriminator(image_size, width, channels=1 + cond_dim)
+
+    def forward(self, images: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        planes = y[:, :, None, None].expand(-1, -1, *images.shape[-2:])
+        return self.net(torch.cat([images, planes], dim=1))

@@ -47,7 +47,8 @@ class ResidualUNet(nn.Module):
 
 
 class PatchDiscriminator(nn.Module):
-    """(input, candidate) -> one real/fake logit per sample (mean over 70×70-style patches)."""
+    """(input, candidate) -> one real/fake logit per sample (mean over 70×70-style patches);
+    with ``channels = 1``, an unconditional judge of one image (CycleGAN)."""
 
     def __init__(self, width: int = 16, channels: int = 2) -> None:
         super().__init__()
@@ -60,8 +61,9 @@ class PatchDiscriminator(nn.Module):
             nn.Conv2d(2 * width, 1, 3, 1, 1),
         )
 
-    def forward(self, condition: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat([condition, candidate], dim=1)).mean(dim=(1, 2, 3))
+    def forward(self, *images: torch.Tensor) -> torch.Tensor:
+        """The images (e.g. condition, candidate) are stacked as channels."""
+        return self.net(torch.cat(images, dim=1)).mean(dim=(1, 2, 3))
 
 
 def data_consistency(image: torch.Tensor, measured: torch.Tensor) -> torch.Tensor:
@@ -99,3 +101,28 @@ class DataConsistentUNet(nn.Module):
 
     def forward(self, measured: torch.Tensor) -> torch.Tensor:
         return magnitude(self.complex_image(measured))
+
+
+class CycleGenerators(nn.Module):
+    """CycleGAN's two generators as one parameter group: ``ab`` maps domain A (the
+    reference scanner) to B, ``ba`` B to A. Called plainly it harmonises: B -> A."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.ab = ResidualUNet(width)
+        self.ba = ResidualUNet(width)
+
+    def forward(self, images: torch.Tensor, direction: str = "ba") -> torch.Tensor:
+        return (self.ab if direction == "ab" else self.ba)(images)
+
+
+class CycleDiscriminators(nn.Module):
+    """CycleGAN's two PatchGANs as one parameter group: ``a`` judges domain A, ``b`` B."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.a = PatchDiscriminator(width, channels=1)
+        self.b = PatchDiscriminator(width, channels=1)
+
+    def forward(self, images: torch.Tensor, domain: str) -> torch.Tensor:
+        return (self.a if domain == "a" else self.b)(images)

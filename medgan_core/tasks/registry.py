@@ -13,13 +13,16 @@ from medgan_core.tasks.base import Task
 
 
 def _registry() -> dict[str, type[Task]]:
+    from medgan_core.tasks.conditional import ConditionalSynthesisTask
+    from medgan_core.tasks.cycle import CycleTask
     from medgan_core.tasks.denoise import DenoiseTask
     from medgan_core.tasks.recon import ReconTask
     from medgan_core.tasks.superres import SuperResTask
     from medgan_core.tasks.synthesis import SynthesisTask
     from medgan_core.tasks.translate import TranslateTask
 
-    return {cls.name: cls for cls in (SynthesisTask, DenoiseTask, SuperResTask, ReconTask, TranslateTask)}
+    return {cls.name: cls for cls in (SynthesisTask, ConditionalSynthesisTask, DenoiseTask, SuperResTask, ReconTask,
+                                        TranslateTask, CycleTask)}
 
 
 def task_names() -> list[str]:

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from medgan_core.data.dataset import SiteData
 from medgan_core.metrics.distribution import intensity_distance, sliced_wasserstein
+from medgan_core.metrics.features import fid_kid, load_feature_net
 from medgan_core.models.dcgan import DCGANDiscriminator, DCGANGenerator, init_dcgan_weights
 from medgan_core.privacy.accountant import SiteAccountant
 from medgan_core.privacy.dp_sgd import DPSettings
@@ -47,17 +48,19 @@ class SynthesisTask(GANTask):
                 if idx is None:
                     continue
                 real = data.train[idx].to(self.device)
+                y_real = self.real_conditions(data, idx)
                 z = torch.randn(real.shape[0], self.config.z_dim, generator=s.rng).to(self.device)
-                fake = s.generator(z)
+                y_fake = self.prior_conditions(real.shape[0], s.rng)
+                fake = _call(s.generator, z, y_fake)
 
                 # Discriminator: real and fake halves are separate backward passes, so under
                 # DP each real image is one clipped per-sample gradient and generated images
                 # cost no privacy.
                 s.opt_d.zero_grad(set_to_none=True)
-                logits_real = s.discriminator(real)
+                logits_real = _call(s.discriminator, real, y_real)
                 loss_real = F.softplus(-logits_real).mean()
                 loss_real.backward()
-                logits_fake = s.discriminator(fake.detach())
+                logits_fake = _call(s.discriminator, fake.detach(), y_fake)
                 loss_fake = F.softplus(logits_fake).mean()
                 loss_fake.backward()
                 s.opt_d.step()
@@ -65,7 +68,7 @@ class SynthesisTask(GANTask):
                 # Generator: learns only through D's judgement of generated images, so D's
                 # per-sample hooks are off here.
                 set_hooks(s.discriminator, enabled=False)
-                loss_g = F.softplus(-s.discriminator(fake)).mean()
+                loss_g = F.softplus(-_call(s.discriminator, fake, y_fake)).mean()
                 s.opt_g.zero_grad(set_to_none=True)
                 loss_g.backward()
                 s.opt_g.step()
@@ -78,18 +81,38 @@ class SynthesisTask(GANTask):
                 totals["d-fake"] += torch.sigmoid(logits_fake).mean().item()
         return {k: v / max(updates, 1) for k, v in totals.items()}
 
+    def real_conditions(self, data: SiteData, idx: torch.Tensor) -> torch.Tensor | None:
+        """Condition vectors of real training images (None: unconditional)."""
+        return None
+
+    def prior_conditions(self, n: int, rng: torch.Generator) -> torch.Tensor | None:
+        """Condition vectors for generated images during training (None: unconditional)."""
+        return None
+
     @torch.no_grad()
-    def sample(self, n: int, seed: int) -> torch.Tensor:
+    def sample(self, n: int, seed: int, conditions: torch.Tensor | None = None) -> torch.Tensor:
         self.generator.eval()
-        z = torch.randn(n, self.config.z_dim, generator=torch.Generator().manual_seed(seed))
-        return self.generator(z.to(self.device)).cpu()
+        z = torch.randn(n, self.config.z_dim, generator=torch.Generator().manual_seed(seed)).to(self.device)
+        y = None if conditions is None else conditions.to(self.device)
+        return _call(self.generator, z, y).cpu()
+
+    def distribution_metrics(self, fake: torch.Tensor, real: torch.Tensor) -> dict[str, float]:
+        """Patch SWD, intensity W1, and FID/KID on the project's own feature network."""
+        features = load_feature_net(device=self.device)
+        return {
+            "swd": sliced_wasserstein(fake, real, seed=self.config.seed),
+            "intensity-w1": intensity_distance(fake, real),
+            **fid_kid(features, fake, real, seed=self.config.seed),
+        }
 
     def evaluate(self, data: SiteData) -> dict[str, float]:
         fake = self.sample(self.config.eval_samples, seed=self.config.seed + 7919)
-        return {
-            "swd": sliced_wasserstein(fake, data.test, seed=self.config.seed),
-            "intensity-w1": intensity_distance(fake, data.test),
-        }
+        return self.distribution_metrics(fake, data.test)
 
     def preview(self, n: int) -> torch.Tensor:
         return self.sample(n, seed=self.config.seed + 104729)
+
+
+def _call(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    """A network of an unconditional (y is None) or conditional GAN."""
+    return net(x) if y is None else net(x, y)

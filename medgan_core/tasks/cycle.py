@@ -1,0 +1,106 @@
+"""Unpaired translation for domain adaptation (CycleGAN): a site's second CT scanner (B)
+harmonised to the appearance of its main scanner (A).
+
+Two residual U-Net generators (``ab``, ``ba``) and two PatchGANs (``a``, ``b``), trained
+with adversarial, cycle-consistency and identity losses on scanner-A and scanner-B
+images of *different* subjects: no pair is used in training. Held out, ``ba`` maps each
+scanner-B slice to A and is scored against the same subject's scanner-A slice (PSNR,
+SSIM, MAE in HU) — the simulator can image one patient on both scanners, which is what
+makes the evaluation honest; the training never sees it.
+
+The two generators form one parameter group and so do the two discriminators: each is
+clipped as one vector per example, so under DP a step costs two releases, not four.
+Every step has an A phase and a B phase, each on its own Poisson batch of that
+domain's records and each with one update of both groups; a record is in one domain
+only, so per record a step is still two accounted releases (G and D) at the sample rate.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from medgan_core.data.dataset import SCANNER_B_UNPAIRED, SiteData
+from medgan_core.models.unet import CycleDiscriminators, CycleGenerators
+from medgan_core.privacy.accountant import SiteAccountant
+from medgan_core.privacy.dp_sgd import DPSettings, poisson_batch
+from medgan_core.tasks.base import TrainingSetup, set_hooks
+from medgan_core.tasks.paired import PairedImageTask
+
+CYCLE_WEIGHT = 10.0  # CycleGAN's lambda
+IDENTITY_WEIGHT = 5.0  # 0.5 * lambda, as in the CycleGAN paper
+OTHER = {"a": "b", "b": "a"}
+
+
+class CycleTask(PairedImageTask):
+    name = "cycle"
+    data_kind = SCANNER_B_UNPAIRED
+
+    def build_networks(self) -> tuple[CycleGenerators, CycleDiscriminators]:
+        return CycleGenerators(self.config.width), CycleDiscriminators(self.config.width)
+
+    def train(
+        self,
+        data: SiteData,
+        steps: int,
+        seed: int,
+        dp: DPSettings | None = None,
+        accountant: SiteAccountant | None = None,
+    ) -> dict[str, float]:
+        assert data.train_input is not None, "cycle needs scanner-B images"
+        pools = {"a": data.train, "b": data.train_input}
+        totals = {"loss-d": 0.0, "loss-g": 0.0, "loss-cycle": 0.0, "loss-identity": 0.0}
+        updates = 0
+        with self.training_setup(dp, seed) as s:
+            for _ in range(steps):
+                batches = self._batches(pools, s, dp, accountant)
+                for domain, idx in batches.items():
+                    if idx.numel() == 0:
+                        continue  # an empty Poisson batch: the step is spent, nothing learned
+                    for key, value in self._phase(s, pools[domain][idx].to(self.device), domain).items():
+                        totals[key] += value
+                    updates += 1
+        return {k: v / max(updates, 1) for k, v in totals.items()}
+
+    def _batches(
+        self, pools: dict[str, torch.Tensor], s: TrainingSetup, dp: DPSettings | None, accountant: SiteAccountant | None
+    ) -> dict[str, torch.Tensor]:
+        if dp is None:
+            return {d: torch.randint(0, len(x), (min(self.config.batch_size, len(x)),), generator=s.rng)
+                    for d, x in pools.items()}
+        if accountant is not None:
+            for _ in range(self.dp_releases_per_step):
+                accountant.step(dp.noise_multiplier, dp.sample_rate)
+        return {d: poisson_batch(len(x), dp.sample_rate, s.sampler) for d, x in pools.items()}
+
+    def _phase(self, s: TrainingSetup, real: torch.Tensor, domain: str) -> dict[str, float]:
+        """One update of both groups from a batch of one domain's images: each record's
+        losses are in one backward pass per group (one clipped per-sample gradient)."""
+        other = OTHER[domain]
+        forward, back = domain + other, other + domain
+
+        set_hooks(s.generator, enabled=False)
+        with torch.no_grad():
+            fake = s.generator(real, forward)
+        set_hooks(s.generator, enabled=True)
+        loss_d = (F.softplus(-s.discriminator(real, domain)) + F.softplus(s.discriminator(fake, other))).mean()
+        s.opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        s.opt_d.step()
+
+        set_hooks(s.discriminator, enabled=False)
+        fake = s.generator(real, forward)
+        loss_adv = F.softplus(-s.discriminator(fake, other)).mean()
+        loss_cycle = (s.generator(fake, back) - real).abs().mean()
+        loss_identity = (s.generator(real, back) - real).abs().mean()
+        s.opt_g.zero_grad(set_to_none=True)
+        (loss_adv + CYCLE_WEIGHT * loss_cycle + IDENTITY_WEIGHT * loss_identity).backward()
+        s.opt_g.step()
+        set_hooks(s.discriminator, enabled=True)
+        return {"loss-d": loss_d.item(), "loss-g": loss_adv.item(), "loss-cycle": loss_cycle.item(),
+                "loss-identity": loss_identity.item()}
+
+    def preview_pairs(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from medgan_core.data.simulate import phantom_scanner_pair
+
+        return phantom_scanner_pair(n, self.config, seed=self.config.seed)
