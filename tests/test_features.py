@@ -53,6 +53,12 @@ def test_shipped_weights_load_and_a_damaged_file_is_refused(tmp_path: Path) -> N
     (tmp_path / "empty.json").write_text("")
     with pytest.raises(WeightsError, match="cannot be read"):
         load_feature_net(tmp_path / "empty.json")
+    from medgan_core.metrics.features import save_feature_net
+
+    other = torch.nn.Linear(2, 2)
+    save_feature_net(other, tmp_path / "other.json", {})  # type: ignore[arg-type]
+    with pytest.raises(WeightsError, match="does not fit"):
+        load_feature_net(tmp_path / "other.json")
 
 
 def test_features_separate_real_anatomy_from_degraded_images(tiny_sites: list[Path]) -> None:

@@ -117,7 +117,11 @@ def load_feature_net(path: str | Path = WEIGHTS_FILE, device: torch.device | str
     if hashlib.sha256(payload).hexdigest() != record.get("sha256"):
         raise WeightsError(f"feature network {path}: checksum mismatch, the file is damaged")
     net = PhantomFeatureNet()
-    net.load_state_dict(load_safetensors(payload))
+    try:
+        net.load_state_dict(load_safetensors(payload))
+    except RuntimeError as exc:
+        raise WeightsError(f"feature network {path} does not fit this version's network (retrain it with "
+                           f"'python -m medgan_core.metrics.train_features'): {str(exc).splitlines()[0]}") from exc
     return net.to(device).eval()
 
 
