@@ -2,7 +2,7 @@
 
 Each subject is an anatomy-like abdominal label volume (body with subcutaneous fat,
 muscle, liver, kidneys, aorta, spine, bowel gas, an optional liver lesion) drawn from a
-seeded random model. The same anatomy is imaged twice:
+seeded random model. The same anatomy is imaged by CT (two scanners) and MR:
 
 * CT: tissue HU -> linear attenuation -> parallel-beam projections (Radon transform)
   -> Poisson photon counts at the site's tube dose -> filtered back-projection with the
@@ -13,9 +13,9 @@ seeded random model. The same anatomy is imaged twice:
 * A second CT scanner at every site (the same older model everywhere: lower dose,
   another kernel, reading too high by 25-60 HU with a 3-14 % gain error — how much and
   with which kernel differs per site) reconstructs the same projections: the
-  ``-scanner-b`` series, for unpaired harmonisation (CycleGAN). Training uses disjoint subjects for the
-  two scanners, so no pair is ever seen; the held-out split can be scored against the
-  same subject's scanner-A image.
+  ``-scanner-b`` series, for unpaired harmonisation (CycleGAN). Training uses disjoint
+  subjects for the two scanners, so no pair is ever seen; the held-out split can be
+  scored against the same subject's scanner-A image.
 * Ground-truth tissue labels are written as a segmentation NIfTI per subject (liver,
   kidneys, lesions, …), from which a slice's lesion burden — the severity that
   conditional synthesis is conditioned on — is computed.
@@ -25,7 +25,8 @@ seeded random model. The same anatomy is imaged twice:
   as raw data for compressed-sensing reconstruction.
 
 Sites differ the way hospitals do (dose, kernel, calibration, MR contrast, bias field,
-noise, patient size, lesion prevalence and severity, second scanner), so a study simulated here is non-IID.
+noise, patient size, lesion prevalence and severity, second scanner), so a study
+simulated here is non-IID.
 """
 
 from __future__ import annotations
