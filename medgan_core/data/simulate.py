@@ -1,7 +1,7 @@
 """Physics-based multi-site phantom studies, written as real DICOM and NIfTI files.
 
 Each subject is an anatomy-like abdominal label volume (body with subcutaneous fat,
-muscle, liver, kidneys, aorta, spine, bowel gas, an optional liver lesion) drawn from a
+muscle, liver, kidneys, aorta, spine, bowel gas, graded liver lesions) drawn from a
 seeded random model. The same anatomy is imaged by CT (two scanners) and MR:
 
 * CT: tissue HU -> linear attenuation -> parallel-beam projections (Radon transform)
