@@ -1,5 +1,6 @@
-"""One federated run of an image-to-image task on the tiny sites, and the checks every such
-task's test makes: per-site metrics, DP steps, the aggregate as the weighted mean, a grid."""
+"""What the per-task tests share: one federated run of a task on the tiny sites with the
+checks every such test makes (per-site metrics, DP steps, the aggregate as the weighted
+mean, a grid), and a copy of a site with some of its series taken out of the manifest."""
 
 from __future__ import annotations
 
@@ -38,6 +39,17 @@ def run_paired_task(sites: list[Path], run_dir: Path, releases_per_step: int = 2
     assert any(not np.array_equal(start[n], final[n]) for n in final)
     assert (run_dir / "samples" / "round-002.png").is_file()
     return records
+
+
+def site_without(site: Path, tmp_path: Path, marker: str) -> Path:
+    """A copy of ``site`` whose manifest lists no line containing ``marker``."""
+    import shutil
+
+    copy = tmp_path / "site"
+    shutil.copytree(site, copy)
+    lines = (copy / "manifest.csv").read_text().splitlines()
+    (copy / "manifest.csv").write_text("\n".join(line for line in lines if marker not in line) + "\n")
+    return copy
 
 
 def site_metrics(records: list[dict[str, Any]], server_round: int = 2) -> list[dict[str, float]]:

@@ -3,13 +3,13 @@ label maps, a generator that uses its condition, and the privacy of the conditio
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from federation_checks import site_without
 from medgan_core.config import TaskConfig
 from medgan_core.data.dataset import label_slices
 from medgan_core.data.manifest import read_manifest
@@ -53,10 +53,7 @@ def test_conditions_come_from_each_slices_label_map(tiny_sites: list[Path]) -> N
 
 
 def test_missing_label_maps_are_a_clear_error(tmp_path: Path, tiny_sites: list[Path]) -> None:
-    site = tmp_path / "site"
-    shutil.copytree(tiny_sites[0], site)
-    lines = (site / "manifest.csv").read_text().splitlines()
-    (site / "manifest.csv").write_text("\n".join(line for line in lines if ",SEG," not in line) + "\n")
+    site = site_without(tiny_sites[0], tmp_path, ",SEG,")
     with pytest.raises(DataError, match="label map"):
         load_task_data(site, CONFIG)
     with pytest.raises(ConfigError, match="task.condition"):

@@ -3,13 +3,13 @@ gradients through both generators, evaluation against the same subject on scanne
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from federation_checks import site_without
 from medgan_core.config import TaskConfig
 from medgan_core.data.dataset import labelled_slices, unpaired_subjects
 from medgan_core.data.manifest import read_manifest
@@ -50,10 +50,7 @@ def test_scanner_b_differs_by_its_calibration(tiny_sites: list[Path]) -> None:
 def test_cycle_needs_ct_and_the_second_scanner(tmp_path: Path, tiny_sites: list[Path]) -> None:
     with pytest.raises(ConfigError, match="two CT scanners"):
         TaskConfig(name="cycle", modality="MR").validate()
-    site = tmp_path / "site"
-    shutil.copytree(tiny_sites[0], site)
-    lines = (site / "manifest.csv").read_text().splitlines()
-    (site / "manifest.csv").write_text("\n".join(line for line in lines if "scanner-b" not in line) + "\n")
+    site = site_without(tiny_sites[0], tmp_path, "scanner-b")
     with pytest.raises(DataError, match="scanner-b"):
         load_task_data(site, CONFIG)
 

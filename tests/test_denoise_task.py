@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from federation_checks import site_without
 from medgan_core.config import PrivacyConfig, SiteConfig, TaskConfig
 from medgan_core.data import read_manifest
 from medgan_core.errors import DataError
@@ -38,12 +39,7 @@ def test_pairs_load_slice_for_slice(tiny_sites: list[Path]) -> None:
 
 
 def test_missing_low_dose_partner_is_a_clear_error(tmp_path: Path, tiny_sites: list[Path]) -> None:
-    import shutil
-
-    site = tmp_path / "site"
-    shutil.copytree(tiny_sites[0], site)
-    lines = (site / "manifest.csv").read_text().splitlines()
-    (site / "manifest.csv").write_text("\n".join(l for l in lines if "low-dose" not in l) + "\n")
+    site = site_without(tiny_sites[0], tmp_path, "low-dose")
     with pytest.raises(DataError, match="no train pairs of low-dose and full-dose CT"):
         load_task_data(site, CONFIG)
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from federation_checks import site_without
 from medgan_core.config import TaskConfig
 from medgan_core.data import read_manifest
 from medgan_core.data.simulate import coarse_grid
@@ -48,12 +49,7 @@ def test_inputs_are_bicubic_interpolations_of_the_coarse_grid(tiny_sites: list[P
 
 
 def test_missing_low_res_partner_is_a_clear_error(tmp_path: Path, tiny_sites: list[Path]) -> None:
-    import shutil
-
-    site = tmp_path / "site"
-    shutil.copytree(tiny_sites[0], site)
-    lines = (site / "manifest.csv").read_text().splitlines()
-    (site / "manifest.csv").write_text("\n".join(line for line in lines if "low-res-x2" not in line) + "\n")
+    site = site_without(tiny_sites[0], tmp_path, "low-res-x2")
     with pytest.raises(DataError, match="no train pairs of low-res-x2 and original CT"):
         load_task_data(site, CONFIG)
 

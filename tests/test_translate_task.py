@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from federation_checks import site_without
 from medgan_core.config import TaskConfig
 from medgan_core.errors import DataError
 from medgan_core.tasks import build_task
@@ -26,12 +27,7 @@ def test_mr_inputs_and_ct_targets_are_the_same_anatomy(tiny_sites: list[Path]) -
 
 
 def test_subjects_without_the_other_modality_are_a_clear_error(tmp_path: Path, tiny_sites: list[Path]) -> None:
-    import shutil
-
-    site = tmp_path / "site"
-    shutil.copytree(tiny_sites[0], site)
-    lines = (site / "manifest.csv").read_text().splitlines()
-    (site / "manifest.csv").write_text("\n".join(line for line in lines if ",MR," not in line) + "\n")
+    site = site_without(tiny_sites[0], tmp_path, ",MR,")
     with pytest.raises(DataError, match="no train subjects with both a MR and a CT series"):
         load_task_data(site, CONFIG)
 

@@ -78,8 +78,8 @@ class ConditionalSynthesisTask(SynthesisTask):
         n = self.config.eval_samples
         burden = data.test_condition[torch.arange(n) % len(data.test_condition)]
         fake = self.sample(n, seed=self.config.seed + 7919, conditions=self.encode(burden))
-        metrics = self.distribution_metrics(fake, data.test)
         reader = load_feature_net(device=self.device)
+        metrics = self.distribution_metrics(fake, data.test, reader)
         asked = torch.tensor(PREVIEW_BURDENS).repeat(max(1, n // len(PREVIEW_BURDENS)))
         generated = self.sample(len(asked), seed=self.config.seed + 7927, conditions=self.encode(asked))
         read_fake = reader.read_burden(generated.to(self.device)).cpu()

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from medgan_core.data.dataset import SiteData
 from medgan_core.metrics.distribution import intensity_distance, sliced_wasserstein
-from medgan_core.metrics.features import fid_kid, load_feature_net
+from medgan_core.metrics.features import PhantomFeatureNet, fid_kid, load_feature_net
 from medgan_core.models.dcgan import DCGANDiscriminator, DCGANGenerator, init_dcgan_weights
 from medgan_core.privacy.accountant import SiteAccountant
 from medgan_core.privacy.dp_sgd import DPSettings
@@ -96,9 +96,11 @@ class SynthesisTask(GANTask):
         y = None if conditions is None else conditions.to(self.device)
         return _call(self.generator, z, y).cpu()
 
-    def distribution_metrics(self, fake: torch.Tensor, real: torch.Tensor) -> dict[str, float]:
+    def distribution_metrics(
+        self, fake: torch.Tensor, real: torch.Tensor, features: PhantomFeatureNet | None = None
+    ) -> dict[str, float]:
         """Patch SWD, intensity W1, and FID/KID on the project's own feature network."""
-        features = load_feature_net(device=self.device)
+        features = features or load_feature_net(device=self.device)
         return {
             "swd": sliced_wasserstein(fake, real, seed=self.config.seed),
             "intensity-w1": intensity_distance(fake, real),
