@@ -155,3 +155,17 @@ def test_privacy_needs_a_state_folder(tiny_sites: list[Path], tiny_study: StudyC
     data = load_site_data(tiny_sites[0], tiny_study.task)
     with pytest.raises(ConfigError, match="state-dir"):
         train_site_round(task, data, SiteConfig(str(tiny_sites[0])), PrivacyConfig(), planned_rounds=1, study_id="x", seed=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/device_check.py covers every task)")
+def test_dp_training_runs_on_cuda(tiny_sites: list[Path], tiny_study: StudyConfig, tmp_path: Path) -> None:
+    """Opacus draws the noise where the weights are: a CPU noise generator fails on CUDA."""
+    task = build_task(tiny_study.task, "cuda")
+    before = task.get_weights()
+    data = load_site_data(tiny_sites[0], tiny_study.task)
+    site = SiteConfig(str(tiny_sites[0]), state_dir=str(tmp_path))
+    metrics = train_site_round(task, data, site, PrivacyConfig(target_epsilon=8.0), planned_rounds=2, study_id="s", seed=0)
+    after = task.get_weights()
+    assert 0 < metrics["epsilon"] <= 8.0
+    assert all(p.is_cuda for p in task.generator.parameters())
+    assert any(not torch.equal(torch.from_numpy(before[k]), torch.from_numpy(after[k])) for k in before)

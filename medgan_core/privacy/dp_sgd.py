@@ -30,9 +30,10 @@ class DPSettings:
     secure_rng: bool = True
 
 
-def privacy_generator(dp: DPSettings, seed: int) -> torch.Generator:
-    """The generator for Poisson sampling and noise: OS entropy unless ``secure_rng`` is off."""
-    generator = torch.Generator()
+def privacy_generator(dp: DPSettings, seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator for Poisson sampling (CPU) or DP noise (on the parameters' device: Opacus
+    draws the noise there, and CUDA refuses a CPU generator); OS entropy unless ``secure_rng`` is off."""
+    generator = torch.Generator(device=device)
     return generator.manual_seed(int.from_bytes(os.urandom(8), "little") if dp.secure_rng else seed)
 
 

@@ -225,10 +225,11 @@ class GANTask(Task):
         opt_d = self._optimizer("discriminator", cfg.lr_discriminator)
         setup = TrainingSetup(self.generator, self.discriminator, opt_g, opt_d, rng, rng)
         if dp is not None:
-            setup.sampler = privacy_generator(dp, seed + 1)  # secret: batches and noise
+            setup.sampler = privacy_generator(dp, seed + 1)  # secret: which records are in a batch
+            noise = privacy_generator(dp, seed + 2, self.device)  # secret: the noise, drawn where the weights are
             for group in self.private_groups:
                 optimizer = setup.opt_g if group == "generator" else setup.opt_d
-                module, private = make_private(self.groups[group], optimizer, dp, generator=setup.sampler)
+                module, private = make_private(self.groups[group], optimizer, dp, generator=noise)
                 if group == "generator":
                     setup.generator, setup.opt_g = module, private
                 else:
