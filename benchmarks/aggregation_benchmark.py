@@ -20,10 +20,9 @@ import time
 
 import torch
 
-from bench_common import arguments, image_scores, paired_study, study_sites, train_federated
-from medgan_core.config import SiteConfig, StudyConfig
+from bench_common import arguments, image_scores, paired_study, site_models, study_sites, train_federated
+from medgan_core.config import StudyConfig
 from medgan_core.data.dataset import SiteData
-from medgan_core.site_round import load_site_model
 from medgan_core.tasks import build_task
 from medgan_core.tasks.registry import load_task_data
 
@@ -69,15 +68,7 @@ def main() -> None:
         study = base.replace(aggregation=aggregation)
         run_dir = args.out / ("run-" + "".join(c if c.isalnum() else "-" for c in method.lower()).strip("-"))
         trained, seconds[method] = train_federated(study, sites, run_dir)
-        weights = trained.get_weights()
-        study_id = (run_dir / "study-id").read_text().strip()
-        models = []
-        for site in sites:  # each site's own model: the global arrays plus what it kept
-            task = build_task(study.task)
-            task.set_weights(weights)
-            load_site_model(task, SiteConfig(str(site), state_dir=str(run_dir / "site-state" / site.name)),
-                            study.aggregation, study_id=study_id, server_round=args.rounds, training=False)
-            models.append(task)
+        models = site_models(study, sites, run_dir, trained)  # each site's own model
         score(method, models)
         print(f"{method}: {seconds[method]:.0f} s", flush=True)
     started = time.monotonic()

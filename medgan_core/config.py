@@ -52,6 +52,7 @@ class TaskConfig:
     scale: int = 2  # super-resolution factor (superres): 2 or 4
     acceleration: int = 4  # k-space undersampling of compressed-sensing MR (recon): 4 or 10
     condition: str = "grade"  # conditional: lesion-burden grade 0-3 (a class) or the burden itself
+    l1_weight: float = 100.0  # image-to-image tasks: weight of the L1 fidelity term beside the adversarial one
     seed: int = 0
 
     def validate(self) -> None:
@@ -71,6 +72,7 @@ class TaskConfig:
         _positive("task.z-dim", self.z_dim)
         _positive("task.width", self.width)
         _positive("task.eval-samples", self.eval_samples)
+        _positive("task.l1-weight", self.l1_weight)
         if self.width % 8:
             raise ConfigError(f"task.width = {self.width}; it must be a multiple of 8 (GroupNorm groups)")
         if self.scale not in SR_SCALES:
@@ -469,7 +471,7 @@ def dump_study(config: StudyConfig) -> str:
     return tomli_w.dumps(config.to_dict())
 
 
-def _positive(key: str, value: int) -> None:
+def _positive(key: str, value: float) -> None:
     if value <= 0:
         raise ConfigError(f"{key} = {value}; it must be a positive number")
 

@@ -45,6 +45,7 @@ def test_pyproject_flower_config_is_a_valid_study() -> None:
         ("[task]\nmodality = 'PET'\n", "choose one of CT, MR"),
         ("[task]\nwindow-low = 100.0\nwindow-high = 0.0\n", "task.window-high"),
         ("[run]\ndevice = 'tpu'\n", "run.device = 'tpu'"),
+        ("[task]\nl1-weight = 0.0\n", "task.l1-weight = 0.0; it must be a positive number"),
         ("[runs]\n", "unknown table"),
         ("[run\n", "not valid TOML"),
     ],

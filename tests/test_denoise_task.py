@@ -90,3 +90,46 @@ def test_denoise_federated_two_sites_two_rounds(tiny_sites: list[Path], tmp_path
     records = run_paired_task(tiny_sites, tmp_path / "run", name="denoise", image_size=16)
     assert {"psnr", "ssim", "mae-hu", "psnr-input"} <= set(records[2]["evaluate"])
     assert all({"psnr", "mae-hu"} <= set(m) for m in site_metrics(records))
+
+
+def test_dihedral_pairs_turn_input_and_target_alike() -> None:
+    import torch
+
+    from medgan_core.data.augment import dihedral_pairs
+
+    rng = torch.Generator().manual_seed(0)
+    low = torch.randn(64, 1, 8, 8, generator=rng)
+    low_out, full_out = dihedral_pairs(low, 3 * low, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(full_out, 3 * low_out)  # the same transform for both, record by record
+    symmetries = [torch.rot90(x, k, dims=(-2, -1)) for x in (low, low.flip(-1)) for k in range(4)]
+    used = {next(i for i, s in enumerate(symmetries) if torch.equal(low_out[r], s[r])) for r in range(64)}
+    assert used == set(range(8))  # each output is a symmetry of its input, and all 8 occur
+    with pytest.raises(ValueError, match="square"):
+        dihedral_pairs(low[:, :, :, :4], generator=rng)
+
+
+def test_denoise_trains_on_turned_pairs_and_recon_does_not(tiny_sites: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    import medgan_core.tasks.paired as paired
+
+    calls = []
+    original = paired.dihedral_pairs
+    monkeypatch.setattr(paired, "dihedral_pairs", lambda *b, generator: calls.append(len(b[0])) or original(*b, generator=generator))
+    build_task(CONFIG).train(load_task_data(tiny_sites[1], CONFIG), steps=2, seed=0)
+    assert calls == [CONFIG.batch_size] * 2
+    recon = TaskConfig(name="recon", modality="MR", image_size=32, width=8, batch_size=8)
+    build_task(recon).train(load_task_data(tiny_sites[1], recon), steps=2, seed=0)
+    assert len(calls) == 2  # k-space inputs are not turned: their mask channel is not an image
+
+
+def test_denoise_restores_by_self_ensemble_so_a_turned_slice_gives_the_turned_output() -> None:
+    import torch
+
+    task = build_task(CONFIG)
+    with torch.no_grad():  # a model far from the identity, so that turning the input matters
+        for p in task.generator.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = torch.rand(2, 1, 32, 32) * 2 - 1
+    turned = torch.rot90(x, 1, dims=(-2, -1))
+    assert torch.allclose(task.restore(turned), torch.rot90(task.restore(x), 1, dims=(-2, -1)), atol=1e-5)
+    plain = task.generator.eval()(turned).clamp(-1, 1)
+    assert not torch.allclose(plain, torch.rot90(task.generator(x).clamp(-1, 1), 1, dims=(-2, -1)), atol=1e-3)
