@@ -8,9 +8,11 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from medgan_core.config import SiteConfig, StudyConfig
 from medgan_core.data.simulate import simulate_study
@@ -22,14 +24,17 @@ from server.simulation import simulate_federation
 
 
 def arguments(doc: str | None, out: str, data: str = "benchmarks/data/sites", rounds: int = 5,
-              local_steps: int = 60) -> argparse.Namespace:
+              local_steps: int = 60, reuse_help: str = "") -> argparse.Namespace:
     """--out, --data, --rounds (5) and --local-steps (60): sized for about 3 minutes a run on 2 cores
-    at width 16 (a script that needs more passes its own defaults)."""
+    at width 16 (a script that needs more passes its own defaults); --reuse when ``reuse_help`` says
+    what it reuses."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(out))
     parser.add_argument("--data", type=Path, default=Path(data))
     parser.add_argument("--rounds", type=int, default=rounds)
     parser.add_argument("--local-steps", type=int, default=local_steps)
+    if reuse_help:
+        parser.add_argument("--reuse", action="store_true", help=reuse_help)
     return parser.parse_args()
 
 
@@ -79,3 +84,18 @@ def site_models(study: StudyConfig, sites: list[Path], run_dir: Path, trained: T
                         study.aggregation, study_id=study_id, server_round=study.run.rounds, training=False)
         models.append(task)
     return models
+
+
+def fit_cross_entropy(net: nn.Module, images: torch.Tensor, targets: torch.Tensor, steps: int, seed: int,
+                      draw: Callable[[torch.Generator], torch.Tensor]) -> nn.Module:
+    """Adam (lr 2e-3) on cross-entropy, each batch's indices from ``draw(generator)``: the small
+    segmenters and classifiers the benchmarks score images with. Returns ``net`` in eval mode."""
+    optimizer = torch.optim.Adam(net.parameters(), lr=2e-3)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = draw(generator)
+        loss = F.cross_entropy(net(images[idx]), targets[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return net.eval()

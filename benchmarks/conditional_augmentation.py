@@ -24,7 +24,6 @@ Writes results.json and results.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench_common import study_sites, train_federated
+from bench_common import arguments, fit_cross_entropy, study_sites, train_federated
 from medgan_core.config import StudyConfig, TaskConfig
 from medgan_core.data.dataset import labelled_slices
 from medgan_core.data.simulate import find_sites, lesion_burden, simulate_study
@@ -65,16 +64,9 @@ def train_classifier(images: torch.Tensor, grades: torch.Tensor, steps: int = 60
     """Trained from scratch on (image, grade) pairs, each grade equally often per batch."""
     torch.manual_seed(seed)
     net = GradeClassifier()
-    optimizer = torch.optim.Adam(net.parameters(), lr=2e-3)
-    generator = torch.Generator().manual_seed(seed)
     weights = 1.0 / torch.bincount(grades, minlength=N_GRADES).clamp(min=1).float()[grades]
-    for _ in range(steps):
-        idx = torch.multinomial(weights, 32, replacement=True, generator=generator)
-        loss = F.cross_entropy(net(images[idx]), grades[idx])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return net.eval()
+    return fit_cross_entropy(net, images, grades, steps, seed,  # type: ignore[return-value]
+                             lambda g: torch.multinomial(weights, 32, replacement=True, generator=g))
 
 
 @torch.no_grad()
@@ -111,13 +103,8 @@ def round_curve(study: StudyConfig, sites: list[Path], run_dir: Path) -> list[di
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/conditional"))
-    parser.add_argument("--data", type=Path, default=Path("benchmarks/data/sites"))
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--local-steps", type=int, default=150)
-    parser.add_argument("--reuse", action="store_true", help="reuse a finished run in OUT/run")
-    args = parser.parse_args()
+    args = arguments(__doc__, "benchmarks/results/conditional", local_steps=150,
+                     reuse_help="reuse a finished run in OUT/run")
     sites = study_sites(args.data)
     args.out.mkdir(parents=True, exist_ok=True)
     study = StudyConfig().replace(

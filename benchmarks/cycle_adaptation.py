@@ -25,9 +25,8 @@ import json
 import time
 
 import torch
-import torch.nn.functional as F
 
-from bench_common import arguments, image_scores, paired_study, study_sites, train_federated
+from bench_common import arguments, fit_cross_entropy, image_scores, paired_study, study_sites, train_federated
 from medgan_core.data.dataset import labelled_slices
 from medgan_core.data.simulate import FAT, KIDNEY, LESION, LIVER
 from medgan_core.models.unet import ResidualUNet
@@ -51,15 +50,8 @@ def train_segmenter(images: torch.Tensor, labels: torch.Tensor, steps: int = 120
     torch.manual_seed(seed)
     net = ResidualUNet(16, channels=len(STRUCTURES) + 1, in_channels=1)
     torch.nn.init.normal_(net.out.weight, 0, 0.01)
-    optimizer = torch.optim.Adam(net.parameters(), lr=2e-3)
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        idx = torch.randint(0, len(images), (16,), generator=generator)
-        loss = F.cross_entropy(net(images[idx]), labels[idx])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return net.eval()
+    return fit_cross_entropy(net, images, labels, steps, seed,  # type: ignore[return-value]
+                             lambda g: torch.randint(0, len(images), (16,), generator=g))
 
 
 @torch.no_grad()
