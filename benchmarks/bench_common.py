@@ -6,6 +6,7 @@ Imported by the scripts beside it (``python benchmarks/NAME.py`` puts this folde
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -63,6 +64,18 @@ def train_federated(study: StudyConfig, sites: list[Path], run_dir: Path) -> tup
     task = build_task(study.task)
     task.set_weights(load_checkpoint(run_dir / "checkpoints" / f"round-{study.run.rounds:03d}.safetensors")[0])
     return task, seconds
+
+
+def trained_or_reused(args: argparse.Namespace, study: StudyConfig, sites: list[Path]) -> tuple[Task, float]:
+    """``train_federated`` into OUT/run, or with ``--reuse`` that run's final checkpoint and the
+    training time its results.json recorded."""
+    run_dir = args.out / "run"
+    final = run_dir / "checkpoints" / f"round-{study.run.rounds:03d}.safetensors"
+    if getattr(args, "reuse", False) and final.exists():
+        task = build_task(study.task)
+        task.set_weights(load_checkpoint(final)[0])
+        return task, json.loads((args.out / "results.json").read_text())["train_seconds"]
+    return train_federated(study, sites, run_dir)
 
 
 def image_scores(output: torch.Tensor, target: torch.Tensor, hu_per_unit: float) -> dict[str, float]:

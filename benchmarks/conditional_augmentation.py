@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench_common import arguments, fit_cross_entropy, study_sites, train_federated
+from bench_common import arguments, fit_cross_entropy, study_sites, trained_or_reused
 from medgan_core.config import StudyConfig, TaskConfig
 from medgan_core.data.dataset import labelled_slices
 from medgan_core.data.simulate import find_sites, lesion_burden, simulate_study
@@ -112,15 +112,8 @@ def main() -> None:
         task={"name": "conditional", "condition": "grade", "local_steps": args.local_steps, "eval_samples": 256},
         privacy={"enabled": False},
     )
-    run_dir = args.out / "run"
-    final = run_dir / "checkpoints" / f"round-{args.rounds:03d}.safetensors"
-    if args.reuse and final.exists():
-        task = build_task(study.task)
-        task.set_weights(load_checkpoint(final)[0])
-        seconds = json.loads((args.out / "results.json").read_text())["train_seconds"]
-    else:
-        task, seconds = train_federated(study, sites, run_dir)
-    curve = round_curve(study, sites, run_dir)
+    task, seconds = trained_or_reused(args, study, sites)
+    curve = round_curve(study, sites, args.out / "run")
 
     started = time.monotonic()
     datas = [load_task_data(site, study.task) for site in sites]

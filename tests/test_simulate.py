@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import numpy as np
+import torch
 from scipy.ndimage import gaussian_filter
 
 from medgan_core.data import read_manifest
@@ -96,3 +97,28 @@ def test_label_maps_and_second_scanner_align_with_the_ct(tiny_sites: list[Path])
             assert 30 < np.median(hu[labels == LIVER]) < 90  # liver is 60 HU at hospital A
         b = manifest.load(second[key]).axial_slices()
         assert b.shape == hu.shape and not np.array_equal(b, hu)
+
+
+def test_a_rescan_differs_from_the_scan_only_by_quantum_noise(tiny_sites: list[Path]) -> None:
+    """The cycle benchmark's perfect-harmoniser reference: the same scanner twice gives the
+    same anatomy and calibration with independent noise; scanner B reads brighter."""
+    import pytest
+
+    from medgan_core.config import TaskConfig
+    from medgan_core.data.simulate import phantom_scanner_series, site_profile
+    from medgan_core.errors import ConfigError
+
+    profile = site_profile(tiny_sites[0])
+    assert profile.name == "hospital-a"
+    main, second = profile.scanners()
+    config = TaskConfig(name="cycle", image_size=32)
+    scan, rescan, scan_b = phantom_scanner_series(3, config, profile, [main, main, second], seed=4)
+    assert scan.shape == rescan.shape == scan_b.shape == (3, 1, 32, 32)
+    body = scan > -0.99
+    assert not torch.equal(scan, rescan)  # independent noise
+    assert abs(float((rescan - scan)[body].mean())) * 200 < 1.0  # same calibration (HU per unit: 200)
+    assert float((scan_b - scan)[body].mean()) * 200 > 20  # scanner B reads 45 HU high at hospital A
+    again = phantom_scanner_series(3, config, profile, [main, main, second], seed=4)
+    assert all(torch.equal(x, y) for x, y in zip(again, (scan, rescan, scan_b)))  # seeded
+    with pytest.raises(ConfigError, match="site.json"):
+        site_profile(tiny_sites[0] / "ct")

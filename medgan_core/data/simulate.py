@@ -492,14 +492,33 @@ def phantom_scanner_pair(n: int, task: "TaskConfig", seed: int = 0) -> tuple["to
     """``n`` slices of one phantom subject as (scanner B, main scanner) of the reference
     hospital, windowed and resized like a site's data; for the coordinator's previews of
     scanner harmonisation."""
+    profile = DEFAULT_SITES[0]
+    main, second = phantom_scanner_series(n, task, profile, profile.scanners(), seed=seed + 727272)
+    return second, main
+
+
+def phantom_scanner_series(
+    n: int, task: "TaskConfig", profile: SiteProfile, scanners: list[CTScanner], seed: int = 0, lesion_severity: float = 0.6
+) -> list["torch.Tensor"]:
+    """``n`` slices of one new phantom subject of ``profile``'s build, imaged by each of
+    ``scanners`` from the same projections (each with its own quantum noise), windowed
+    and resized like a site's data. Naming a scanner twice gives a re-scan: what the same
+    scanner shows of the same anatomy with other noise."""
     from medgan_core.data.preprocess import resize_slices, window_ct
 
-    rng = np.random.default_rng(seed + 727272)
-    profile, size = DEFAULT_SITES[0], 128
-    labels = phantom_labels(rng, size, n, profile.body_scale, severity=0.6)
+    rng = np.random.default_rng(seed)
+    size = 128
+    labels = phantom_labels(rng, size, n, profile.body_scale, severity=lesion_severity)
     hu = tissue_hu(labels, _texture(rng, labels.shape, sigma=1.5))
-    scanners = profile.scanners()
     acquired = [ct_acquire_scanners(hu[k], scanners, 400.0 / size, rng) for k in range(n)]
-    main, second = (np.stack([a[i] for a in acquired]) for i in range(2))
     window = (task.window_low, task.window_high)
-    return resize_slices(window_ct(second, *window), task.image_size), resize_slices(window_ct(main, *window), task.image_size)
+    return [resize_slices(window_ct(np.stack([a[i] for a in acquired]), *window), task.image_size)
+            for i in range(len(scanners))]
+
+
+def site_profile(site_dir: str | Path) -> SiteProfile:
+    """The profile a simulated site was written with (its ``site.json``)."""
+    path = Path(site_dir) / "site.json"
+    if not path.exists():
+        raise ConfigError(f"{path} not found: {site_dir} is not a site simulated by medgan_core")
+    return SiteProfile(**json.loads(path.read_text()))
