@@ -19,8 +19,9 @@ scanner-B images of disjoint subjects. Then:
 3. A re-scan reference: new phantom subjects of each hospital's build imaged on its
    scanner A twice (independent quantum noise) and on its scanner B once. The second
    scanner-A image is what a perfect harmoniser could output — the right appearance,
-   other noise — so its scores against the first are the best any realistic image can
-   get; raw, histogram-matched and harmonised scanner B are scored the same way.
+   other noise — so its scores against the first are what a perfect harmoniser would
+   score (only one that also removed noise could do better); raw, histogram-matched and
+   harmonised scanner B are scored the same way.
 Writes results.json and results.md. `--reuse` scores OUT/run's final checkpoint again
 instead of training.
 """
@@ -37,13 +38,15 @@ from bench_common import arguments, fit_cross_entropy, image_scores, paired_stud
 from medgan_core.config import TaskConfig
 from medgan_core.data.dataset import labelled_slices
 from medgan_core.data.simulate import FAT, KIDNEY, LESION, LIVER, phantom_scanner_series, site_profile
-from medgan_core.tasks import Task
 from medgan_core.models.unet import ResidualUNet
+from medgan_core.tasks import Task
 from medgan_core.tasks.registry import load_task_data
 from translate_baselines import histogram_matched
 
 STRUCTURES = {1: "liver", 2: "kidneys", 3: "fat"}
 RESCAN_SUBJECTS, RESCAN_SLICES = 4, 12
+HIST, GAN = "B histogram-matched to the site's A", "B harmonised by CycleGAN (federated)"
+LOWER_IS_BETTER = {"mae_hu"}
 
 
 def structure_labels(tissue: torch.Tensor) -> torch.Tensor:
@@ -94,10 +97,6 @@ def rescan_rows(task: Task, config: TaskConfig, site: Path, reference_a: torch.T
             for m, x in methods.items()]
 
 
-HIST, GAN = "B histogram-matched to the site's A", "B harmonised by CycleGAN (federated)"
-LOWER_IS_BETTER = {"mae_hu"}
-
-
 def wins(rows: list[dict], scores: dict[str, str]) -> list[str]:
     """Per site, the scores on which the harmonised images beat histogram matching and those
     on which they do not: the verdict, computed rather than written by hand."""
@@ -125,7 +124,7 @@ def main() -> None:
     segmenter = train_segmenter(seg_images, structure_labels(seg_tissue))
     seg_seconds = time.monotonic() - started
 
-    rows = []
+    rows, rescan = [], []
     for site in sites:
         data = load_task_data(site, study.task)
         assert data.test_input is not None
@@ -145,8 +144,7 @@ def main() -> None:
             rows.append({"site": site.name, "method": method, "test_slices": len(images), **scores,
                          **{f"dice_{k}": v for k, v in dice.items()}})
             print(json.dumps(rows[-1]), flush=True)
-    rescan = [row for site in sites
-              for row in rescan_rows(task, study.task, site, load_task_data(site, study.task).train, hu)]
+        rescan += rescan_rows(task, study.task, site, data.train, hu)
     (args.out / "results.json").write_text(json.dumps(
         {"rows": rows, "rescan_rows": rescan, "train_seconds": seconds, "segmenter_seconds": seg_seconds}, indent=2))
     lines = ["# Scanner B → scanner A harmonisation (CycleGAN, unpaired) and a segmenter trained on hospital A",
