@@ -104,7 +104,7 @@ def wins(rows: list[dict], scores: dict[str, str]) -> list[str]:
     for site in dict.fromkeys(r["site"] for r in rows):
         by = {r["method"]: r for r in rows if r["site"] == site}
         better = [name for key, name in scores.items()
-                  if (by[GAN][key] < by[HIST][key]) == (key in LOWER_IS_BETTER) and by[GAN][key] != by[HIST][key]]
+                  if (by[HIST][key] - by[GAN][key] if key in LOWER_IS_BETTER else by[GAN][key] - by[HIST][key]) > 0]
         worse = [name for name in scores.values() if name not in better]
         lines.append(f"- {site}: CycleGAN beats histogram matching on {', '.join(better) or 'nothing'}"
                      + (f"; not on {', '.join(worse)}" if worse else ""))

@@ -26,9 +26,8 @@ import torch
 from scipy.ndimage import gaussian_filter
 from skimage.restoration import denoise_nl_means, denoise_tv_chambolle
 
-from bench_common import image_scores, site_models
+from bench_common import image_scores, site_models, study_sites
 from medgan_core.config import StudyConfig
-from medgan_core.data.simulate import simulate_study
 from medgan_core.metrics.image_quality import psnr_ssim
 from medgan_core.tasks import build_task
 from medgan_core.tasks.registry import load_task_data
@@ -76,9 +75,7 @@ def main() -> None:
                         help="Also train with DP (ε = 8); about twice the no-DP time (utility vs ε: privacy_audit.py).")
     parser.add_argument("--reuse", action="store_true", help="Evaluate finished runs in --out instead of training again.")
     args = parser.parse_args()
-    if not (args.data / "study.json").exists():
-        simulate_study(args.data, n_sites=3, n_subjects=12, n_slices=12, size=128, seed=3)
-    sites = sorted(p for p in args.data.iterdir() if (p / "manifest.csv").exists())
+    sites = study_sites(args.data)
     args.out.mkdir(parents=True, exist_ok=True)
     runs = {"GAN (no DP)": {"privacy": {"enabled": False}, "task": {"lr_generator": LR, "lr_discriminator": LR}}}
     if args.with_dp:
