@@ -68,13 +68,19 @@ def train_federated(study: StudyConfig, sites: list[Path], run_dir: Path) -> tup
 
 def trained_or_reused(args: argparse.Namespace, study: StudyConfig, sites: list[Path]) -> tuple[Task, float]:
     """``train_federated`` into OUT/run, or with ``--reuse`` that run's final checkpoint and the
-    training time its results.json recorded."""
+    training time its results.json recorded. ``--reuse`` without that checkpoint (another
+    --rounds, or no earlier run) stops with a message rather than quietly training for minutes."""
     run_dir = args.out / "run"
     final = run_dir / "checkpoints" / f"round-{study.run.rounds:03d}.safetensors"
-    if getattr(args, "reuse", False) and final.exists():
+    if getattr(args, "reuse", False):
+        results = args.out / "results.json"
+        if not final.exists() or not results.exists():
+            missing = final if not final.exists() else results
+            raise SystemExit(f"--reuse: {missing} does not exist; run once without --reuse "
+                             f"(with the same --rounds and --out) to train it")
         task = build_task(study.task)
         task.set_weights(load_checkpoint(final)[0])
-        return task, json.loads((args.out / "results.json").read_text())["train_seconds"]
+        return task, json.loads(results.read_text())["train_seconds"]
     return train_federated(study, sites, run_dir)
 
 
