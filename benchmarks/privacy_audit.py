@@ -1,6 +1,6 @@
 """Privacy audit: membership inference with and without DP, and utility vs ε.
 
-    python benchmarks/privacy_audit.py [--out benchmarks/results/privacy] [--steps 800]
+    python benchmarks/privacy_audit.py [--out benchmarks/results/privacy] [--steps 800] [--seeded]
 
 1. Membership inference: a site trains alone (what the coordinator receives from it each
    round is exactly this model), then the attacker scores every slice of the site with
@@ -9,6 +9,12 @@
    training patients from others perfectly.
 2. Utility vs privacy: the same training at ε ∈ {1, 3, 8, ∞}: synthesis by held-out SWD
    (lower is better), denoising by held-out PSNR/SSIM against full dose.
+
+The DP noise and Poisson sampling draw from OS entropy, as in a real deployment, so two
+runs give different AUCs (each AUC's standard error, Hanley–McNeil, is in the table).
+``--seeded`` makes them follow the seed instead (``secure-rng = false``): a rerun on the
+same machine and torch build then reproduces the table, at the cost of noise an attacker
+who knew the seed could predict — an audit setting, never a deployment one.
 
 Writes results.json, results.md and utility_privacy.png into --out. Not a timed test.
 """
@@ -45,6 +51,14 @@ def auc(members: np.ndarray, others: np.ndarray) -> float:
     return float(greater + 0.5 * ties)
 
 
+def auc_standard_error(area: float, members: int, others: int) -> float:
+    """Hanley & McNeil (1982): the AUC's standard error from its value and the two set sizes,
+    so a reader can tell a change between runs from sampling noise."""
+    q1, q2 = area / (2 - area), 2 * area**2 / (1 + area)
+    variance = area * (1 - area) + (members - 1) * (q1 - area**2) + (others - 1) * (q2 - area**2)
+    return float(np.sqrt(max(variance, 0.0) / (members * others)))
+
+
 @torch.no_grad()
 def discriminator_scores(task, images: torch.Tensor, inputs: torch.Tensor | None) -> np.ndarray:
     task.discriminator.eval()
@@ -53,12 +67,13 @@ def discriminator_scores(task, images: torch.Tensor, inputs: torch.Tensor | None
     return task.discriminator(inputs, images).numpy()
 
 
-def train(config: TaskConfig, data: SiteData, steps: int, epsilon: float, seed: int = 0):
+def train(config: TaskConfig, data: SiteData, steps: int, epsilon: float, seed: int = 0, seeded: bool = False):
     task = build_task(config)
     dp = accountant = None
     if np.isfinite(epsilon):
         releases = steps * task.dp_releases_per_step
-        dp = plan_dp(PrivacyConfig(target_epsilon=epsilon), data.num_train, config.batch_size, releases)
+        privacy = PrivacyConfig(target_epsilon=epsilon, secure_rng=not seeded)
+        dp = plan_dp(privacy, data.num_train, config.batch_size, releases)
         accountant = SiteAccountant()
     chunk = 100
     for start in range(0, steps, chunk):
@@ -70,7 +85,8 @@ STRESS = TaskConfig(name="synthesis", width=16, batch_size=16, eval_samples=64)
 STRESS_MEMBERS, STRESS_STEPS = 64, 1500
 
 
-def memorisation_stress(data: SiteData, epsilons: tuple[float, ...] = (8.0, float("inf"))) -> list[dict]:
+def memorisation_stress(data: SiteData, epsilons: tuple[float, ...] = (8.0, float("inf")),
+                        seeded: bool = False) -> list[dict]:
     """The attacker's best case: a wider discriminator trained long on few images (64 slices).
 
     Without DP it memorises its members; with DP-SGD the same training must not.
@@ -78,11 +94,12 @@ def memorisation_stress(data: SiteData, epsilons: tuple[float, ...] = (8.0, floa
     members = SiteData(data.site, data.train[:STRESS_MEMBERS], data.test)
     rows = []
     for epsilon in epsilons:
-        task, spent, sigma = train(STRESS, members, STRESS_STEPS, epsilon, seed=1)
+        task, spent, sigma = train(STRESS, members, STRESS_STEPS, epsilon, seed=1, seeded=seeded)
         scores_in = discriminator_scores(task, members.train, None)
         scores_out = discriminator_scores(task, members.test, None)
         rows.append({"epsilon_target": epsilon, "epsilon_spent": spent, "noise_multiplier": sigma,
-                     "members": STRESS_MEMBERS, "steps": STRESS_STEPS, "mia_auc": auc(scores_in, scores_out)})
+                     "members": STRESS_MEMBERS, "held_out_images": len(members.test), "steps": STRESS_STEPS,
+                     "mia_auc": auc(scores_in, scores_out), "seeded": seeded})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -94,9 +111,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--replot", action="store_true", help="Rewrite results.md and the PNG from results.json.")
     parser.add_argument("--stress-only", action="store_true", help="Only rerun the memorisation stress test.")
+    parser.add_argument("--seeded", action="store_true",
+                        help="DP noise and sampling follow the seed (secure-rng off), so a rerun reproduces the table.")
     args = parser.parse_args()
     if args.stress_only:
-        stress = memorisation_stress(load_task_data(args.data, TASKS["synthesis"]))
+        stress = memorisation_stress(load_task_data(args.data, TASKS["synthesis"]), seeded=args.seeded)
         (args.out / "stress.json").write_text(json.dumps(stress, indent=2))
         args.replot = True
     if args.replot:
@@ -116,18 +135,19 @@ def main() -> None:
         data = load_task_data(args.data, config)
         for epsilon in EPSILONS:
             started = time.monotonic()
-            task, spent, sigma = train(config, data, args.steps, epsilon)
+            task, spent, sigma = train(config, data, args.steps, epsilon, seeded=args.seeded)
             quality = task.evaluate(data)
             member = discriminator_scores(task, data.train, data.train_input)
             other = discriminator_scores(task, data.test, data.test_input)
             row = {
                 "task": name, "epsilon_target": epsilon, "epsilon_spent": spent, "noise_multiplier": sigma,
-                "steps": args.steps, "train_images": data.num_train, "mia_auc": auc(member, other),
+                "steps": args.steps, "train_images": data.num_train, "held_out_images": len(data.test),
+                "mia_auc": auc(member, other), "seeded": args.seeded,
                 **{k: v for k, v in quality.items()}, "seconds": time.monotonic() - started,
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
-    stress = memorisation_stress(load_task_data(args.data, TASKS["synthesis"]))
+    stress = memorisation_stress(load_task_data(args.data, TASKS["synthesis"]), seeded=args.seeded)
     (args.out / "results.json").write_text(json.dumps(rows, indent=2))
     (args.out / "stress.json").write_text(json.dumps(stress, indent=2))
     write_markdown(rows, args.out / "results.md", args)
@@ -135,19 +155,32 @@ def main() -> None:
     print(f"results in {args.out}")
 
 
+def auc_cell(row: dict, members: int) -> str:
+    """'0.558 ± 0.047': the AUC and its standard error."""
+    return f"{row['mia_auc']:.3f} ± {auc_standard_error(row['mia_auc'], members, row['held_out_images']):.3f}"
+
+
 def write_markdown(rows: list[dict], path: Path, args: argparse.Namespace) -> None:
+    seeded = rows[0]["seeded"]
     lines = [
         "# Privacy audit", "",
         f"One simulated site (hospital-c profile, 42 training subjects, {rows[0]['train_images']} training slices), "
-        f"{args.steps} local DP-SGD steps, δ = 1e-5, C = 1. Command: `python benchmarks/privacy_audit.py --steps {args.steps}`.",
+        f"{args.steps} local DP-SGD steps, δ = 1e-5, C = 1. Command: `python benchmarks/privacy_audit.py --steps "
+        f"{args.steps}{' --seeded' if seeded else ''}`.",
         "Every ε uses the same settings (denoise: Adam lr 2e-3, which DP-SGD needs; plain training does better "
         "with 2e-4, so the ∞ row understates the non-private optimum).",
         "",
-        "The attack's advantage is |2·AUC − 1|: an attacker who learns which direction separates",
-        "members also exploits an AUC below 0.5. The held-out split is 12 subjects (48 slices), so",
-        "an AUC also reflects how those subjects differ from the training ones, not only membership:",
-        "read differences under about 0.1 as noise.",
-        "", "| task | ε target | ε spent | σ | MIA AUC | attack advantage | utility |", "|---|---:|---:|---:|---:|---:|---|",
+        ("DP noise and sampling followed the seed (`--seeded`): a rerun on the same machine and torch build "
+         "reproduces these numbers." if seeded else
+         "DP noise and sampling came from OS entropy, as in deployment: a rerun gives other AUCs. Each AUC "
+         "carries its standard error (Hanley–McNeil); `--seeded` makes a rerun reproduce the table."),
+        "",
+        "The attack's advantage is |2·AUC − 1|: an attacker who learns which direction separates members also "
+        f"exploits an AUC below 0.5. The held-out split is 12 subjects ({rows[0]['held_out_images']} slices), so "
+        "an AUC also reflects how those subjects differ from the training ones, not only membership: read "
+        "differences under about 0.1 as noise.",
+        "", "| task | ε target | ε spent | σ | MIA AUC ± s.e. | attack advantage | utility |",
+        "|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         utility = (f"SWD {r['swd']:.3f}" if r["task"] == "synthesis"
@@ -155,18 +188,19 @@ def write_markdown(rows: list[dict], path: Path, args: argparse.Namespace) -> No
         eps = "∞" if not np.isfinite(r["epsilon_target"]) else f"{r['epsilon_target']:g}"
         spent = "∞ (no DP)" if not np.isfinite(r["epsilon_spent"]) else f"{r['epsilon_spent']:.2f}"
         advantage = abs(2 * r["mia_auc"] - 1)
-        lines.append(f"| {r['task']} | {eps} | {spent} | {r['noise_multiplier']:.2f} | {r['mia_auc']:.3f} | "
+        lines.append(f"| {r['task']} | {eps} | {spent} | {r['noise_multiplier']:.2f} | {auc_cell(r, r['train_images'])} | "
                      f"{advantage:.3f} | {utility} |")
     stress = json.loads((path.parent / "stress.json").read_text()) if (path.parent / "stress.json").exists() else []
     if stress:
         lines += ["", "## Memorisation stress test", "",
                   f"The attacker's best case: synthesis with a wider discriminator (width {STRESS.width}) trained "
                   f"{STRESS_STEPS} steps on only {STRESS_MEMBERS} slices; members are those slices, non-members the "
-                  "held-out ones.", "", "| ε target | ε spent | σ | MIA AUC | attack advantage |", "|---:|---:|---:|---:|---:|"]
+                  "held-out ones.", "", "| ε target | ε spent | σ | MIA AUC ± s.e. | attack advantage |", "|---:|---:|---:|---:|---:|"]
         for r in stress:
             eps = "∞" if not np.isfinite(r["epsilon_target"]) else f"{r['epsilon_target']:g}"
             spent = "∞ (no DP)" if not np.isfinite(r["epsilon_spent"]) else f"{r['epsilon_spent']:.2f}"
-            lines.append(f"| {eps} | {spent} | {r['noise_multiplier']:.2f} | {r['mia_auc']:.3f} | {abs(2 * r['mia_auc'] - 1):.3f} |")
+            lines.append(f"| {eps} | {spent} | {r['noise_multiplier']:.2f} | {auc_cell(r, r['members'])} | "
+                         f"{abs(2 * r['mia_auc'] - 1):.3f} |")
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -29,3 +29,16 @@ def test_reuse_without_a_saved_run_stops_instead_of_training(tmp_path: Path, mon
     (tmp_path / "run" / "checkpoints" / "round-005.safetensors").write_bytes(b"")
     with pytest.raises(SystemExit, match="round-003.safetensors does not exist"):
         bench_common.trained_or_reused(args, study, [])
+
+
+def test_the_audit_auc_standard_error_matches_the_spread_of_repeated_attacks() -> None:
+    """Hanley–McNeil against 2000 simulated attacks on 64 members / 48 others (AUC ≈ 0.76)."""
+    import numpy as np
+    from privacy_audit import auc, auc_standard_error
+
+    rng = np.random.default_rng(0)
+    areas = np.array([auc(rng.normal(1.0, 1.0, 64), rng.normal(0.0, 1.0, 48)) for _ in range(2000)])
+    predicted = auc_standard_error(float(areas.mean()), 64, 48)
+    assert 0.7 < areas.mean() < 0.8
+    assert abs(predicted - areas.std()) < 0.1 * areas.std()
+    assert auc_standard_error(0.5, 168, 48) > auc_standard_error(0.5, 1680, 480)
