@@ -53,6 +53,7 @@ class TaskConfig:
     acceleration: int = 4  # k-space undersampling of compressed-sensing MR (recon): 4 or 10
     condition: str = "grade"  # conditional: lesion-burden grade 0-3 (a class) or the burden itself
     l1_weight: float = 100.0  # image-to-image tasks: weight of the L1 fidelity term beside the adversarial one
+    ssim_weight: float = 0.0  # paired image-to-image tasks: weight of a (1 - SSIM) term to the target (0: none)
     seed: int = 0
 
     def validate(self) -> None:
@@ -73,6 +74,8 @@ class TaskConfig:
         _positive("task.width", self.width)
         _positive("task.eval-samples", self.eval_samples)
         _positive("task.l1-weight", self.l1_weight)
+        if self.ssim_weight < 0:
+            raise ConfigError(f"task.ssim-weight = {self.ssim_weight}; it must be 0 (off) or a positive number")
         if self.width % 8:
             raise ConfigError(f"task.width = {self.width}; it must be a multiple of 8 (GroupNorm groups)")
         if self.scale not in SR_SCALES:

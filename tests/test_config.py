@@ -46,6 +46,7 @@ def test_pyproject_flower_config_is_a_valid_study() -> None:
         ("[task]\nwindow-low = 100.0\nwindow-high = 0.0\n", "task.window-high"),
         ("[run]\ndevice = 'tpu'\n", "run.device = 'tpu'"),
         ("[task]\nl1-weight = 0.0\n", "task.l1-weight = 0.0; it must be a positive number"),
+        ("[task]\nssim-weight = -1.0\n", "task.ssim-weight = -1.0; it must be 0 (off) or a positive number"),
         ("[runs]\n", "unknown table"),
         ("[run\n", "not valid TOML"),
     ],

@@ -19,7 +19,7 @@ from torch import nn
 
 from medgan_core.data.augment import dihedral_average, dihedral_pairs
 from medgan_core.data.dataset import SiteData
-from medgan_core.metrics.image_quality import psnr_ssim
+from medgan_core.metrics.image_quality import psnr_ssim, ssim_per_image
 from medgan_core.models.unet import PatchDiscriminator, ResidualUNet
 from medgan_core.privacy.accountant import SiteAccountant
 from medgan_core.privacy.dp_sgd import DPSettings
@@ -69,6 +69,8 @@ class PairedImageTask(GANTask):
     ) -> dict[str, float]:
         assert data.train_input is not None, f"{self.name} needs paired inputs"
         totals = {"loss-d": 0.0, "loss-g": 0.0, "loss-l1": 0.0}
+        if self.config.ssim_weight > 0:
+            totals["loss-ssim"] = 0.0
         updates = 0
         with self.training_setup(dp, seed) as s:
             for _ in range(steps):
@@ -91,13 +93,18 @@ class PairedImageTask(GANTask):
                 loss_d.backward()
                 s.opt_d.step()
 
-                # Generator: adversarial + L1 to the full-dose image, per-sample clipped.
+                # Generator: adversarial + L1 (+ 1 - SSIM) to the full-dose image, per-sample clipped.
                 set_hooks(s.discriminator, enabled=False)
                 fake = s.generator(low)
                 loss_adv = F.softplus(-s.discriminator(low, fake)).mean()
                 loss_l1 = (fake - full).abs().mean()
+                loss_g = loss_adv + self.config.l1_weight * loss_l1
+                if self.config.ssim_weight > 0:
+                    loss_ssim = (1 - ssim_per_image(fake, full)).mean()
+                    loss_g = loss_g + self.config.ssim_weight * loss_ssim
+                    totals["loss-ssim"] += loss_ssim.item()
                 s.opt_g.zero_grad(set_to_none=True)
-                (loss_adv + self.config.l1_weight * loss_l1).backward()
+                loss_g.backward()
                 s.opt_g.step()
                 set_hooks(s.discriminator, enabled=True)
 

@@ -1,0 +1,32 @@
+"""The torch SSIM used as a training loss is the SSIM the benchmarks report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from medgan_core.config import TaskConfig
+from medgan_core.metrics.image_quality import psnr_ssim, ssim_per_image
+from medgan_core.tasks import build_task
+from medgan_core.tasks.registry import load_task_data
+
+
+def test_torch_ssim_equals_scikit_image() -> None:
+    g = torch.Generator().manual_seed(0)
+    target = torch.rand(3, 1, 24, 20, generator=g) * 2 - 1
+    output = (target + 0.3 * torch.randn(3, 1, 24, 20, generator=g)).clamp(-1, 1)
+    per_image = ssim_per_image(output.double(), target.double())
+    assert per_image.shape == (3,)
+    assert per_image.mean().item() == pytest.approx(psnr_ssim(output, target)[1], abs=1e-5)
+    assert ssim_per_image(target, target).allclose(torch.ones(3))
+
+
+def test_the_ssim_term_is_trained_only_when_weighted(tiny_sites: list[Path]) -> None:
+    config = TaskConfig(name="denoise", image_size=32, width=8, batch_size=8, local_steps=2)
+    data = load_task_data(tiny_sites[0], config)
+    assert "loss-ssim" not in build_task(config).train(data, 2, seed=0)
+    weighted = TaskConfig(**{**config.__dict__, "ssim_weight": 50.0})
+    losses = build_task(weighted).train(data, 2, seed=0)
+    assert 0.0 < losses["loss-ssim"] < 2.0
