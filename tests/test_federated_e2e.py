@@ -158,3 +158,14 @@ def test_a_site_out_of_budget_is_left_out_and_the_federation_goes_on(
     final, _ = load_checkpoint(tmp_path / "run" / "checkpoints" / "round-002.safetensors")
     for name, value in ok[0].content["arrays"].items():
         np.testing.assert_allclose(final[name], value.numpy(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(("cpus", "sites", "share"), [(2, 2, 1.0), (16, 3, 1.0), (2, 3, 0.6666), (2, 10, 0.5)])
+def test_every_site_gets_a_cpu_share_so_all_train_at_once(cpus: int, sites: int, share: float) -> None:
+    from server.simulation import cpu_share
+
+    got = cpu_share(cpus, sites)
+    assert got == share
+    # Flower sizes its actor pool as int(cpus / share); Ray must fit that many shares.
+    actors = int(cpus / got)
+    assert min(actors, sites) == min(sites, 2 * cpus) and actors * got <= cpus
