@@ -17,7 +17,9 @@ DP, 64×64, width 32). Reported:
    slices, and on those plus 64 generated slices of each grade from the federated model
    (class-balanced batches either way); balanced accuracy on 20 new phantom subjects per
    hospital (simulated for the test only: the sites' own test splits hold too few
-   lesion slices to score rare grades).
+   lesion slices to score rare grades). Beside it, two classifiers that need fewer
+   examples: a linear probe on the phantom feature network's 96 features, for the 4 grades
+   and for lesion present vs absent, each on own slices and with the generated ones.
 `--reuse` skips training when the run folder already has its final checkpoint.
 Writes results.json and results.md.
 """
@@ -35,7 +37,7 @@ from bench_common import arguments, fit_cross_entropy, study_sites, trained_or_r
 from medgan_core.config import StudyConfig, TaskConfig
 from medgan_core.data.dataset import labelled_slices
 from medgan_core.data.simulate import find_sites, lesion_burden, simulate_study
-from medgan_core.metrics.features import N_GRADES, burden_grade
+from medgan_core.metrics.features import N_GRADES, PhantomFeatureNet, burden_grade, load_feature_net
 from medgan_core.tasks import build_task
 from medgan_core.tasks.conditional import balanced_accuracy
 from medgan_core.tasks.registry import load_task_data
@@ -72,6 +74,28 @@ def train_classifier(images: torch.Tensor, grades: torch.Tensor, steps: int = 60
 @torch.no_grad()
 def classifier_accuracy(net: GradeClassifier, images: torch.Tensor, grades: torch.Tensor) -> float:
     return balanced_accuracy(net(images).argmax(1), grades)
+
+
+def probe_accuracy(features: PhantomFeatureNet, images: torch.Tensor, labels: torch.Tensor,
+                   test_images: torch.Tensor, test_labels: torch.Tensor, steps: int = 2000) -> float:
+    """Balanced accuracy of a class-weighted logistic regression on the frozen feature network's
+    features (standardised on the training set): a reader that needs few examples per class."""
+    with torch.no_grad():
+        train_f, test_f = features.features(images), features.features(test_images)
+    mean, std = train_f.mean(0), train_f.std(0) + 1e-6
+    classes = int(max(labels.max(), test_labels.max())) + 1
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(train_f.shape[1], classes)
+    weight = 1.0 / torch.bincount(labels, minlength=classes).clamp(min=1).float()
+    optimizer = torch.optim.Adam(linear.parameters(), lr=1e-2, weight_decay=1e-3)
+    with torch.enable_grad():
+        for _ in range(steps):
+            loss = F.cross_entropy(linear((train_f - mean) / std), labels, weight=weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    with torch.no_grad():
+        return balanced_accuracy(linear((test_f - mean) / std).argmax(1), test_labels)
 
 
 def held_out_subjects(task: TaskConfig, folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,15 +144,25 @@ def main() -> None:
     test_images, test_grades = held_out_subjects(study.task, args.data.parent / "held-out-subjects")
     wanted = torch.arange(N_GRADES).repeat_interleave(SYNTHETIC_PER_GRADE)
     synthetic = task.sample(len(wanted), seed=12345, conditions=F.one_hot(wanted, N_GRADES).float())
+    features = load_feature_net()
     rows = []
     for site, data in zip(sites, datas):
         grades = burden_grade(data.train_condition)
         counts = [int((grades == g).sum()) for g in range(N_GRADES)]
         real_only = train_classifier(data.train, grades)
-        augmented = train_classifier(torch.cat([data.train, synthetic]), torch.cat([grades, wanted]))
+        with_generated = torch.cat([data.train, synthetic]), torch.cat([grades, wanted])
+        augmented = train_classifier(*with_generated)
+        present = lambda g: (g > 0).long()  # noqa: E731
         rows.append({"site": site.name, "train_slices_per_grade": counts,
                      "balanced_accuracy_real": classifier_accuracy(real_only, test_images, test_grades),
-                     "balanced_accuracy_augmented": classifier_accuracy(augmented, test_images, test_grades)})
+                     "balanced_accuracy_augmented": classifier_accuracy(augmented, test_images, test_grades),
+                     "cnn_training_accuracy_real": classifier_accuracy(real_only, data.train, grades),
+                     "probe_grade_real": probe_accuracy(features, data.train, grades, test_images, test_grades),
+                     "probe_grade_augmented": probe_accuracy(features, *with_generated, test_images, test_grades),
+                     "probe_present_real": probe_accuracy(features, data.train, present(grades), test_images,
+                                                          present(test_grades)),
+                     "probe_present_augmented": probe_accuracy(features, with_generated[0], present(with_generated[1]),
+                                                               test_images, present(test_grades))})
         print(json.dumps(rows[-1]), flush=True)
     aug_seconds = time.monotonic() - started
     test_counts = [int((test_grades == g).sum()) for g in range(N_GRADES)]
@@ -148,10 +182,14 @@ def main() -> None:
     lines += ["", f"Augmentation: grade classifier per site (class-balanced batches), tested on every slice of 20 new "
               f"phantom subjects per hospital profile (slices per grade 0-3: {test_counts}); "
               f"{SYNTHETIC_PER_GRADE} generated slices per grade added.", "",
-              "| site | training slices per grade 0-3 | balanced accuracy, own slices | + generated |",
-              "|---|---|---:|---:|"]
-    lines += [f"| {r['site']} | {r['train_slices_per_grade']} | {r['balanced_accuracy_real']:.3f} | "
-              f"{r['balanced_accuracy_augmented']:.3f} |" for r in rows]
+              "Balanced accuracy on those slices (chance: 0.25 for grades, 0.5 for present/absent):", "",
+              "| site | training slices per grade 0-3 | CNN, own slices (its training accuracy) | + generated "
+              "| feature probe, grade: own | + generated | feature probe, lesion present: own | + generated |",
+              "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['site']} | {r['train_slices_per_grade']} | {r['balanced_accuracy_real']:.3f} "
+              f"({r['cnn_training_accuracy_real']:.2f}) | {r['balanced_accuracy_augmented']:.3f} | "
+              f"{r['probe_grade_real']:.3f} | {r['probe_grade_augmented']:.3f} | {r['probe_present_real']:.3f} | "
+              f"{r['probe_present_augmented']:.3f} |" for r in rows]
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
     print(f"results in {args.out}")
 
