@@ -6,12 +6,14 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from medgan_core.config import StudyConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_common  # noqa: E402
+from privacy_audit import auc, auc_standard_error  # noqa: E402
 
 
 def test_reuse_without_a_saved_run_stops_instead_of_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -33,9 +35,6 @@ def test_reuse_without_a_saved_run_stops_instead_of_training(tmp_path: Path, mon
 
 def test_the_audit_auc_standard_error_matches_the_spread_of_repeated_attacks() -> None:
     """Hanley–McNeil against 2000 simulated attacks on 64 members / 48 others (AUC ≈ 0.76)."""
-    import numpy as np
-    from privacy_audit import auc, auc_standard_error
-
     rng = np.random.default_rng(0)
     areas = np.array([auc(rng.normal(1.0, 1.0, 64), rng.normal(0.0, 1.0, 48)) for _ in range(2000)])
     predicted = auc_standard_error(float(areas.mean()), 64, 48)

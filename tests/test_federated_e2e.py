@@ -169,3 +169,16 @@ def test_every_site_gets_a_cpu_share_so_all_train_at_once(cpus: int, sites: int,
     # Flower sizes its actor pool as int(cpus / share); Ray must fit that many shares.
     actors = int(cpus / got)
     assert min(actors, sites) == min(sites, 2 * cpus) and actors * got <= cpus
+
+
+def test_the_simulation_engine_is_given_that_share(tiny_sites: list[Path], tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import server.simulation as simulation
+
+    seen: dict = {}
+    monkeypatch.setattr(simulation.os, "cpu_count", lambda: 1)
+    monkeypatch.setattr(simulation, "run_simulation", lambda **kwargs: seen.update(kwargs))
+    study = StudyConfig().replace(run={"rounds": 1, "num_sites": 2, "device": "cpu"})
+    simulation.simulate_federation(study, tiny_sites, tmp_path / "run")
+    assert seen["backend_config"]["client_resources"]["num_cpus"] == 0.5  # 2 sites on 1 core: both at once
+    assert seen["backend_config"]["init_args"]["num_cpus"] == 1

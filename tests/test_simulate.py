@@ -3,11 +3,14 @@
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
+from medgan_core.config import TaskConfig
 from medgan_core.data import read_manifest
-from medgan_core.data.simulate import simulate_study
+from medgan_core.data.simulate import phantom_scanner_series, simulate_study, site_profile
+from medgan_core.errors import ConfigError
 
 
 def _ct_slices(site: Path) -> np.ndarray:
@@ -102,12 +105,6 @@ def test_label_maps_and_second_scanner_align_with_the_ct(tiny_sites: list[Path])
 def test_a_rescan_differs_from_the_scan_only_by_quantum_noise(tiny_sites: list[Path]) -> None:
     """The cycle benchmark's perfect-harmoniser reference: the same scanner twice gives the
     same anatomy and calibration with independent noise; scanner B reads brighter."""
-    import pytest
-
-    from medgan_core.config import TaskConfig
-    from medgan_core.data.simulate import phantom_scanner_series, site_profile
-    from medgan_core.errors import ConfigError
-
     profile = site_profile(tiny_sites[0])
     assert profile.name == "hospital-a"
     main, second = profile.scanners()
