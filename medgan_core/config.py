@@ -57,7 +57,7 @@ class TaskConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        from medgan_core.tasks.registry import task_names
+        from medgan_core.tasks.registry import task_class, task_names
 
         if self.name not in task_names():
             raise ConfigError(
@@ -76,6 +76,9 @@ class TaskConfig:
         _positive("task.l1-weight", self.l1_weight)
         if self.ssim_weight < 0:
             raise ConfigError(f"task.ssim-weight = {self.ssim_weight}; it must be 0 (off) or a positive number")
+        if self.ssim_weight > 0 and "ssim-weight" not in task_class(self.name).target_loss_keys:
+            raise ConfigError(f"task.ssim-weight = {self.ssim_weight}, but task {self.name!r} has no paired target "
+                              "to compare with and would ignore it; set it to 0 or use a paired image-to-image task")
         if self.width % 8:
             raise ConfigError(f"task.width = {self.width}; it must be a multiple of 8 (GroupNorm groups)")
         if self.scale not in SR_SCALES:

@@ -47,6 +47,8 @@ def test_pyproject_flower_config_is_a_valid_study() -> None:
         ("[run]\ndevice = 'tpu'\n", "run.device = 'tpu'"),
         ("[task]\nl1-weight = 0.0\n", "task.l1-weight = 0.0; it must be a positive number"),
         ("[task]\nssim-weight = -1.0\n", "task.ssim-weight = -1.0; it must be 0 (off) or a positive number"),
+        ("[task]\nname = 'cycle'\nssim-weight = 10.0\n", "task 'cycle' has no paired target"),
+        ("[task]\nssim-weight = 10.0\n", "task 'synthesis' has no paired target"),
         ("[runs]\n", "unknown table"),
         ("[run\n", "not valid TOML"),
     ],
@@ -57,6 +59,12 @@ def test_bad_config_names_key_and_allowed_values(tmp_path: Path, text: str, frag
     with pytest.raises(ConfigError, match=None) as info:
         load_study(path)
     assert fragment in str(info.value)
+
+
+def test_ssim_weight_is_accepted_by_every_task_that_reads_it() -> None:
+    for name in ("translate", "denoise", "superres", "recon"):
+        modality = "MR" if name == "recon" else "CT"
+        assert StudyConfig().replace(task={"name": name, "modality": modality, "ssim_weight": 5.0}).task.ssim_weight == 5.0
 
 
 def test_missing_config_file(tmp_path: Path) -> None:

@@ -54,6 +54,9 @@ class Task(ABC):
     preview_columns: ClassVar[int] = 4
     #: How many previews (images, or input/output/target rows) a grid shows.
     preview_count: ClassVar[int] = 16
+    #: Config keys of loss terms to a paired target that this task's training reads
+    #: (``TaskConfig.validate`` refuses a weight set for a task that would ignore it).
+    target_loss_keys: ClassVar[frozenset[str]] = frozenset()
 
     @classmethod
     def data_kind_for(cls, config: TaskConfig) -> str:

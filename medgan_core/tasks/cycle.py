@@ -17,6 +17,8 @@ only, so per record a step is still two accounted releases (G and D) at the samp
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 
@@ -35,6 +37,7 @@ OTHER = {"a": "b", "b": "a"}
 class CycleTask(PairedImageTask):
     name = "cycle"
     data_kind = SCANNER_B_UNPAIRED
+    target_loss_keys: ClassVar[frozenset[str]] = frozenset()  # unpaired: no target to compare with
 
     def build_networks(self) -> tuple[CycleGenerators, CycleDiscriminators]:
         return CycleGenerators(self.config.width), CycleDiscriminators(self.config.width)

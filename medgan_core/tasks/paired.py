@@ -42,6 +42,7 @@ class PairedImageTask(GANTask):
     #: Restore by averaging the model over the 8 flips/quarter turns (``dihedral_average``);
     #: for a model trained on turned pairs, 8x the inference cost for a cleaner estimate.
     self_ensemble: ClassVar[bool] = False
+    target_loss_keys: ClassVar[frozenset[str]] = frozenset({"l1-weight", "ssim-weight"})
 
     def build_networks(self) -> tuple[nn.Module, PatchDiscriminator]:
         return self.build_generator(), PatchDiscriminator(self.config.width, channels=self.input_channels + 1)

@@ -29,18 +29,18 @@ def task_names() -> list[str]:
     return sorted(_registry())
 
 
-def build_task(config: TaskConfig, device: torch.device | str = "cpu") -> Task:
+def task_class(name: str) -> type[Task]:
     try:
-        cls = _registry()[config.name]
+        return _registry()[name]
     except KeyError:
-        raise ConfigError(f"unknown task {config.name!r}; choose one of {', '.join(task_names())}") from None
-    return cls(config, device)
+        raise ConfigError(f"unknown task {name!r}; choose one of {', '.join(task_names())}") from None
+
+
+def build_task(config: TaskConfig, device: torch.device | str = "cpu") -> Task:
+    return task_class(config.name)(config, device)
 
 
 def load_task_data(data_path: str | Path, config: TaskConfig) -> SiteData:
     """A site's data in the form its task needs (single images, or degraded/original pairs)."""
-    try:
-        kind = _registry()[config.name].data_kind_for(config)
-    except KeyError:
-        raise ConfigError(f"unknown task {config.name!r}; choose one of {', '.join(task_names())}") from None
+    kind = task_class(config.name).data_kind_for(config)
     return load_site_data(data_path, config, kind)
