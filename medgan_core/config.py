@@ -23,6 +23,7 @@ DEVICES = ("auto", "cpu", "cuda")
 ACCOUNTANTS = ("rdp", "prv")
 SR_SCALES = (2, 4)
 ACCELERATIONS = (4, 10)  # 25 % and 10 % of the k-space lines (medgan_core.data.kspace)
+LR_SCHEDULES = ("constant", "cosine")  # learning rate over a study's rounds (medgan_core.tasks.base.lr_scale)
 CONDITIONS = ("grade", "severity")  # what conditional synthesis is conditioned on
 POLICIES = ("average", "local", "trimmed-mean", "median")
 SERVER_OPTIMIZERS = ("fedavg", "fedadam", "fedyogi")
@@ -54,6 +55,7 @@ class TaskConfig:
     condition: str = "grade"  # conditional: lesion-burden grade 0-3 (a class) or the burden itself
     l1_weight: float = 100.0  # image-to-image tasks: weight of the L1 fidelity term beside the adversarial one
     ssim_weight: float = 0.0  # paired image-to-image tasks: weight of a (1 - SSIM) term to the target (0: none)
+    lr_schedule: str = "constant"  # both learning rates over the study's rounds: constant, or cosine down to 1/10
     seed: int = 0
 
     def validate(self) -> None:
@@ -87,6 +89,8 @@ class TaskConfig:
             raise ConfigError(
                 f"task.acceleration = {self.acceleration}; choose one of {', '.join(map(str, ACCELERATIONS))}"
             )
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"task.lr-schedule = {self.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
         if self.condition not in CONDITIONS:
             raise ConfigError(f"task.condition = {self.condition!r}; choose one of {', '.join(CONDITIONS)}")
         if self.name == "cycle" and self.modality != "CT":

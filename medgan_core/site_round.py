@@ -10,6 +10,7 @@ and sends only the shared arrays (``shared_weights``).
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from medgan_core.privacy.dp_sgd import validate_private_modules
 from medgan_core.privacy.planning import check_budget, plan_dp
 from medgan_core.sharing import local_array_names
 from medgan_core.site_state import SiteState
-from medgan_core.tasks.base import LocalTraining, Task
+from medgan_core.tasks.base import LocalTraining, Task, lr_scale
 
 
 def accountant_path(state_dir: str | Path, study_id: str) -> Path:
@@ -96,6 +97,8 @@ def train_site_round(
     metrics the site may send. Afterwards ``shared_weights`` gives the arrays to send."""
     aggregation = aggregation or AggregationConfig()
     state = load_site_model(task, site, aggregation, study_id=study_id, server_round=server_round, training=True)
+    task.local_training = dataclasses.replace(
+        task.local_training, lr_scale=lr_scale(task.config.lr_schedule, server_round, planned_rounds))
     if not privacy.enabled:
         metrics = task.train(data, task.config.local_steps, seed)
         _save_state(task, state, aggregation, server_round)

@@ -67,6 +67,7 @@ class SiteNumPyClient(NumPyClient):
             task, data, self.site, privacy_config_from_flat(config),
             planned_rounds=int(config["planned-rounds"]), study_id=str(config["study-id"]),
             seed=site_seed(task.config.seed, int(config["server-round"]), self.site.data_path),
+            server_round=int(config["server-round"]),
         )
         weights = task.get_weights()
         check_arrays(weights, task.weight_shapes(), "local update")

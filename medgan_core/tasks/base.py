@@ -7,6 +7,7 @@ the same in a federation, in a notebook, or on one machine.
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -35,11 +36,29 @@ class LocalTraining:
     data-free proximal step, as AdamW decouples weight decay). Being data-free it is
     post-processing under DP: Opacus rebuilds gradients from per-sample ones and would
     drop a proximal term added to the loss. ``proximal_exclude`` names arrays without a
-    global anchor (local groups).
+    global anchor (local groups). ``lr_scale`` multiplies both learning rates this round
+    (``lr_scale``: the study's schedule).
     """
 
     proximal_mu: float = 0.0
     proximal_exclude: frozenset[str] = field(default_factory=frozenset)
+    lr_scale: float = 1.0
+
+
+#: The last round's learning rate under the cosine schedule, as a share of the configured one.
+COSINE_FLOOR = 0.1
+
+
+def lr_scale(schedule: str, server_round: int, planned_rounds: int) -> float:
+    """The share of the configured learning rates round ``server_round`` (1-based) of
+    ``planned_rounds`` trains at. ``cosine`` falls from 1 in round 1 along half a cosine
+    towards ``COSINE_FLOOR`` (reached one round after the last): FedAvg's averaged model
+    settles only when the local steps shrink, and a floor keeps the last round learning.
+    Rounds past the plan (a resumed, extended study) stay at the floor."""
+    if schedule == "constant" or planned_rounds <= 1:
+        return 1.0
+    progress = min(max(server_round - 1, 0) / planned_rounds, 1.0)
+    return COSINE_FLOOR + (1 - COSINE_FLOOR) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 class Task(ABC):
@@ -202,6 +221,7 @@ class GANTask(Task):
         """Adam for one group, restored from the last round's state and with the FedProx
         step attached when those are asked for."""
         module = self.groups[group]
+        lr = lr * self.local_training.lr_scale
         optimizer = torch.optim.Adam(module.parameters(), lr=lr, betas=(0.5, 0.999))
         saved = self._optimizer_states.get(group)
         if saved is not None:
