@@ -37,7 +37,7 @@ class LocalTraining:
     post-processing under DP: Opacus rebuilds gradients from per-sample ones and would
     drop a proximal term added to the loss. ``proximal_exclude`` names arrays without a
     global anchor (local groups). ``lr_scale`` multiplies both learning rates this round
-    (``lr_scale``: the study's schedule).
+    (``task.lr-schedule``, through ``lr_scale``); FedProx's pull, ``lr * mu``, follows it.
     """
 
     proximal_mu: float = 0.0
@@ -45,7 +45,7 @@ class LocalTraining:
     lr_scale: float = 1.0
 
 
-#: The last round's learning rate under the cosine schedule, as a share of the configured one.
+#: Where the cosine schedule ends (one round after the last planned one), as a share of the configured rates.
 COSINE_FLOOR = 0.1
 
 
@@ -73,8 +73,9 @@ class Task(ABC):
     preview_columns: ClassVar[int] = 4
     #: How many previews (images, or input/output/target rows) a grid shows.
     preview_count: ClassVar[int] = 16
-    #: Config keys of loss terms to a paired target that this task's training reads
-    #: (``TaskConfig.validate`` refuses a weight set for a task that would ignore it).
+    #: Config keys of loss terms to a paired target that this task's training reads.
+    #: ``TaskConfig.validate`` refuses an ``ssim-weight`` above 0 for a task without it
+    #: (``l1-weight`` has a non-zero default, so elsewhere it is only unused).
     target_loss_keys: ClassVar[frozenset[str]] = frozenset()
 
     @classmethod
