@@ -12,7 +12,8 @@ from medgan_core.config import StudyConfig
 from medgan_core.fileio import read_jsonl
 from medgan_core.tasks import build_task
 from server.checkpoints import load_checkpoint
-from server.simulation import simulate_federation
+import server.simulation as simulation
+from server.simulation import cpu_share, simulate_federation
 
 pytestmark = pytest.mark.slow
 
@@ -162,8 +163,6 @@ def test_a_site_out_of_budget_is_left_out_and_the_federation_goes_on(
 
 @pytest.mark.parametrize(("cpus", "sites", "share"), [(2, 2, 1.0), (16, 3, 1.0), (2, 3, 0.6666), (2, 10, 0.5)])
 def test_every_site_gets_a_cpu_share_so_all_train_at_once(cpus: int, sites: int, share: float) -> None:
-    from server.simulation import cpu_share
-
     got = cpu_share(cpus, sites)
     assert got == share
     # Flower sizes its actor pool as int(cpus / share); Ray must fit that many shares.
@@ -173,8 +172,6 @@ def test_every_site_gets_a_cpu_share_so_all_train_at_once(cpus: int, sites: int,
 
 def test_the_simulation_engine_is_given_that_share(tiny_sites: list[Path], tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    import server.simulation as simulation
-
     seen: dict = {}
     monkeypatch.setattr(simulation.os, "cpu_count", lambda: 1)
     monkeypatch.setattr(simulation, "run_simulation", lambda **kwargs: seen.update(kwargs))
