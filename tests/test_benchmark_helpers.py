@@ -8,11 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from medgan_core.config import StudyConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_common  # noqa: E402
+from cycle_adaptation import body_mean_error_hu  # noqa: E402
 from privacy_audit import auc, auc_standard_error  # noqa: E402
 
 
@@ -41,3 +43,14 @@ def test_the_audit_auc_standard_error_matches_the_spread_of_repeated_attacks() -
     assert 0.7 < areas.mean() < 0.8
     assert abs(predicted - areas.std()) < 0.1 * areas.std()
     assert auc_standard_error(0.5, 168, 48) > auc_standard_error(0.5, 1680, 480)
+
+
+def test_the_cycle_benchmark_mean_error_is_the_offset_inside_the_body_only() -> None:
+    """A harmoniser reading 12 HU high inside the body, whatever it does to the air around it."""
+    hu = 200.0
+    target = torch.full((2, 1, 16, 16), -1.0)  # air
+    target[:, :, 4:12, 4:12] = torch.linspace(-0.7, 0.3, 64).view(8, 8)  # fat .. soft tissue
+    output = target + 12.0 / hu
+    output[target == -1.0] = 0.5  # air mapped to tissue: not a calibration offset
+    assert body_mean_error_hu(output, target, hu) == pytest.approx(12.0, abs=1e-3)
+    assert body_mean_error_hu(target - 7.0 / hu, target, hu) == pytest.approx(-7.0, abs=1e-3)
