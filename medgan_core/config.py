@@ -56,6 +56,8 @@ class TaskConfig:
     l1_weight: float = 100.0  # image-to-image tasks: weight of the L1 fidelity term beside the adversarial one
     ssim_weight: float = 0.0  # paired image-to-image tasks: weight of a (1 - SSIM) term to the target (0: none)
     lr_schedule: str = "constant"  # both learning rates over the study's rounds: constant, or cosine down to 1/10
+    identity_weight: float = 5.0  # cycle: weight of the identity loss (CycleGAN's 0.5 × the cycle weight; 0: off)
+    crop_size: int = 0  # cycle: train on random crops of this size (0: whole slices)
     seed: int = 0
 
     def validate(self) -> None:
@@ -81,6 +83,15 @@ class TaskConfig:
         if self.ssim_weight > 0 and "ssim-weight" not in task_class(self.name).target_loss_keys:
             raise ConfigError(f"task.ssim-weight = {self.ssim_weight}, but task {self.name!r} has no paired target "
                               "to compare with and would ignore it; set it to 0 or use a paired image-to-image task")
+        if self.identity_weight < 0:
+            raise ConfigError(f"task.identity-weight = {self.identity_weight}; it must be 0 (off) or a positive number")
+        if self.crop_size:
+            if not task_class(self.name).trains_on_crops:
+                raise ConfigError(f"task.crop-size = {self.crop_size}, but task {self.name!r} trains on whole slices; "
+                                  "set it to 0 (crops are for 'cycle', whose losses need no paired target)")
+            if self.crop_size % 4 or not 16 <= self.crop_size <= self.image_size:
+                raise ConfigError(f"task.crop-size = {self.crop_size}; it must be 0 (whole slices) or a multiple of 4 "
+                                  f"from 16 to task.image-size ({self.image_size})")
         if self.width % 8:
             raise ConfigError(f"task.width = {self.width}; it must be a multiple of 8 (GroupNorm groups)")
         if self.scale not in SR_SCALES:
@@ -182,7 +193,8 @@ class AggregationConfig:
     ``local`` (never leaves the site; kept in its state folder between rounds),
     ``trimmed-mean`` (coordinate-wise, dropping ``trim-fraction`` of sites at each end) or
     ``median`` (coordinate-wise). ``local-norm`` keeps every normalisation layer local
-    (FedBN). ``server-optimizer`` applies FedAdam/FedYogi (Flower's) to the averaged update;
+    (FedBN); ``local-calibration`` keeps every site-calibration layer local (a generator's
+    output gain and offset: each hospital's own scanner calibration). ``server-optimizer`` applies FedAdam/FedYogi (Flower's) to the averaged update;
     ``proximal-mu`` > 0 pulls each site's weights back towards the global model (FedProx);
     ``keep-optimizer-state`` carries each site's Adam moments from round to round.
     """
@@ -190,6 +202,7 @@ class AggregationConfig:
     policy: str = "average"
     group_policies: str = ""
     local_norm: bool = False
+    local_calibration: bool = False
     trim_fraction: float = 0.2
     server_optimizer: str = "fedavg"
     server_lr: float = 0.01
@@ -230,7 +243,8 @@ class AggregationConfig:
     def has_site_state(self) -> bool:
         """Whether sites must keep weights or optimiser state between rounds."""
         overrides = self.overrides()
-        return self.local_norm or self.keep_optimizer_state or "local" in (self.policy, *overrides.values())
+        return (self.local_norm or self.local_calibration or self.keep_optimizer_state
+                or "local" in (self.policy, *overrides.values()))
 
     def validate(self) -> None:
         for key, value in (("aggregation.policy", self.policy), *(

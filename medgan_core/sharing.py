@@ -3,8 +3,9 @@
 The site (before it replies) and the server (before it accepts replies) both ask this,
 with the same task and the same ``[aggregation]`` settings, so they agree on the names
 without exchanging them. Local arrays are a whole group whose policy is ``local``
-(e.g. a discriminator that learns each hospital's scanner) and, with ``local-norm``
-(FedBN), every normalisation layer's affine parameters.
+(e.g. a discriminator that learns each hospital's scanner), with ``local-norm`` (FedBN)
+every normalisation layer's affine parameters, and with ``local-calibration`` every
+site-calibration layer (a generator's output gain and offset).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Mapping
 from torch import nn
 
 from medgan_core.config import AggregationConfig
+from medgan_core.models.calibration import SiteCalibration
 
 NORM_LAYERS = (nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm,
                nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -30,6 +32,14 @@ def norm_array_names(groups: Mapping[str, nn.Module]) -> set[str]:
     return names
 
 
+def calibration_array_names(groups: Mapping[str, nn.Module]) -> set[str]:
+    """Prefixed state-dict names of every site-calibration layer (gain and offset)."""
+    return {f"{group}.{layer_name}.{key}"
+            for group, module in groups.items()
+            for layer_name, layer in module.named_modules() if isinstance(layer, SiteCalibration)
+            for key in layer.state_dict()}
+
+
 def local_array_names(groups: Mapping[str, nn.Module], aggregation: AggregationConfig) -> set[str]:
     """Names of the arrays that never leave a site under ``aggregation``."""
     policies = aggregation.policies(list(groups))
@@ -41,4 +51,6 @@ def local_array_names(groups: Mapping[str, nn.Module], aggregation: AggregationC
     }
     if aggregation.local_norm:
         local |= norm_array_names(groups)
+    if aggregation.local_calibration:
+        local |= calibration_array_names(groups)
     return local

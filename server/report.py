@@ -32,13 +32,15 @@ def aggregation_line(study: StudyConfig) -> str:
     line = "- Aggregation: " + ", ".join(f"{g}: {words[p]}" for g, p in policies.items())
     if agg.local_norm:
         line += "; normalisation layers kept at each site (FedBN)"
+    if agg.local_calibration:
+        line += "; site-calibration layers (output gain and offset) kept at each site"
     if agg.server_optimizer != "fedavg":
         line += f"; server optimiser {agg.server_optimizer} (η = {agg.server_lr:g})"
     if agg.proximal_mu > 0:
         line += f"; FedProx μ = {agg.proximal_mu:g}"
     if agg.keep_optimizer_state:
         line += "; sites keep their optimiser state between rounds"
-    if agg.local_norm or "local" in policies.values():
+    if agg.local_norm or agg.local_calibration or "local" in policies.values():
         line += (". Local arrays stay at the sites: held-out metrics use each site's own model, while the "
                  "checkpoints and sample grids hold the server's initial values for them")
     return line

@@ -10,7 +10,7 @@ from flwr.app import Message
 
 from medgan_core.config import StudyConfig
 from medgan_core.fileio import read_jsonl
-from medgan_core.sharing import norm_array_names
+from medgan_core.sharing import calibration_array_names, norm_array_names
 from medgan_core.site_state import SiteState
 from medgan_core.tasks import build_task
 from server.checkpoints import load_checkpoint
@@ -91,6 +91,33 @@ def test_fedbn_keeps_norm_layers_local_and_median_combines_the_rest(tiny_sites: 
                 expected = sum(u[name].astype(np.float64) * w / total for u, w in updates)
                 np.testing.assert_allclose(aggregate[name], expected, atol=1e-6)
         previous = aggregate
+
+
+def test_each_hospital_keeps_its_own_scanner_calibration(tiny_sites: list[Path], tmp_path: Path) -> None:
+    """``local-calibration``: the cycle generators' output gain and offset train at each site
+    (under DP-SGD, on crops) and never travel; the server's copy stays the identity."""
+    study = _study(local_calibration=True).replace(
+        task={"name": "cycle", "image_size": 32, "crop_size": 16, "local_steps": 2})
+    received = _run(study, tiny_sites, tmp_path / "run")
+    task = build_task(study.task)
+    calibration = calibration_array_names(task.groups)
+    names = set(task.weight_shapes())
+    assert len(calibration) == 4 and calibration < names
+    for replies in received.values():
+        assert len(replies) == 2 and all(set(_sent(m)[0]) == names - calibration for m in replies)
+    start, end = _checkpoint(tmp_path / "run", 0), _checkpoint(tmp_path / "run", 2)
+    assert all(np.array_equal(start[n], end[n]) for n in calibration)
+    assert any(not np.array_equal(start[n], end[n]) for n in names - calibration)
+    study_id = (tmp_path / "run" / "study-id").read_text().strip()
+    kept = []
+    for site in tiny_sites:
+        saved = SiteState(tmp_path / "run" / "site-state" / site.name, study_id).latest(before=3)
+        assert saved is not None and set(saved.local) == calibration
+        assert any(not np.array_equal(saved.local[n], start[n]) for n in calibration)  # trained at the site
+        kept.append(saved.local)
+    assert any(not np.array_equal(kept[0][n], kept[1][n]) for n in calibration)
+    record = read_jsonl(tmp_path / "run" / "metrics.jsonl")[2]
+    assert all(np.isfinite(s["evaluate"]["mae-hu"]) for s in record["sites"])
 
 
 def test_fedadam_applies_flowers_update_to_the_average(tiny_sites: list[Path], tmp_path: Path) -> None:

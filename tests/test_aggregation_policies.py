@@ -56,6 +56,15 @@ def test_local_groups_and_fedbn_norm_layers_are_named_from_the_model() -> None:
         local_array_names(task.groups, AggregationConfig(group_policies="generator_ab=local"))
 
 
+def test_local_calibration_names_the_site_calibration_layers_only() -> None:
+    cycle = build_task(TaskConfig(name="cycle", width=8))
+    local = local_array_names(cycle.groups, AggregationConfig(local_calibration=True))
+    assert local == {f"generator.calibrate_{d}.map.{k}" for d in ("ab", "ba") for k in ("weight", "bias")}
+    assert local <= set(cycle.weight_shapes())
+    assert local_array_names(build_task(DENOISE).groups, AggregationConfig(local_calibration=True)) == set()
+    assert AggregationConfig(local_calibration=True).has_site_state and not AggregationConfig().has_site_state
+
+
 @pytest.mark.parametrize(
     ("changes", "fragment"),
     [

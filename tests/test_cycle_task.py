@@ -129,3 +129,42 @@ def test_cycle_federated_two_sites_two_rounds(tiny_sites: list[Path], tmp_path: 
 
     records = run_paired_task(tiny_sites, tmp_path / "run", name="cycle", image_size=16)
     assert all({"psnr", "ssim", "mae-hu", "psnr-input"} <= set(m) for m in site_metrics(records))
+
+
+def test_crops_are_windows_of_their_own_images() -> None:
+    task = build_task(TaskConfig(**{**CONFIG.__dict__, "crop_size": 16}))
+    images = torch.arange(3 * 32 * 32, dtype=torch.float32).reshape(3, 1, 32, 32)
+    crops = task._crops(images, torch.Generator().manual_seed(0))
+    assert crops.shape == (3, 1, 16, 16)
+    for image, crop in zip(images, crops):
+        row, col = divmod(int(crop[0, 0, 0]) - int(image[0, 0, 0]), 32)  # the crop's top-left pixel
+        assert torch.equal(crop, image[:, row:row + 16, col:col + 16])
+    assert len({int(c[0, 0, 0]) % 1024 for c in crops}) > 1  # each image its own window
+    whole = build_task(CONFIG)._crops(images, torch.Generator().manual_seed(0))
+    assert whole is images  # crop-size 0: whole slices
+
+
+def test_crop_training_trains_the_calibration_and_scores_whole_slices(tiny_sites: list[Path]) -> None:
+    config = TaskConfig(**{**CONFIG.__dict__, "crop_size": 16})
+    data = load_task_data(tiny_sites[0], config)
+    task = build_task(config)
+    generators = task.groups["generator"]
+    assert generators.calibrate_ba.gain_offset == (1.0, 0.0)  # the identity at start
+    task.train(data, steps=3, seed=0)
+    assert generators.calibrate_ba.gain_offset != (1.0, 0.0) and generators.calibrate_ab.gain_offset != (1.0, 0.0)
+    metrics = task.evaluate(data)  # fully convolutional: trained on 16², scored on the 32² slices
+    assert np.isfinite(metrics["mae-hu"]) and task.restore(data.test_input[:1]).shape == (1, 1, 32, 32)
+
+
+def test_the_identity_weight_reaches_the_generator_loss(tiny_sites: list[Path]) -> None:
+    data = load_task_data(tiny_sites[0], CONFIG)
+
+    def trained(weight: float) -> dict[str, np.ndarray]:
+        torch.manual_seed(0)
+        task = build_task(TaskConfig(**{**CONFIG.__dict__, "identity_weight": weight}))
+        task.train(data, steps=2, seed=0)
+        return task.get_weights()
+
+    same, other = trained(5.0), trained(0.0)
+    assert all(np.array_equal(v, trained(5.0)[k]) for k, v in same.items())  # seeded: only the weight differs
+    assert any(not np.array_equal(v, other[k]) for k, v in same.items() if k.startswith("generator."))

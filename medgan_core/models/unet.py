@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from medgan_core.models.calibration import SiteCalibration
+
 
 def _block(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(
@@ -105,15 +107,21 @@ class DataConsistentUNet(nn.Module):
 
 class CycleGenerators(nn.Module):
     """CycleGAN's two generators as one parameter group: ``ab`` maps domain A (the
-    reference scanner) to B, ``ba`` B to A. Called plainly it harmonises: B -> A."""
+    reference scanner) to B, ``ba`` B to A, each followed by a site calibration (the
+    identity unless trained). Called plainly it harmonises: B -> A."""
 
     def __init__(self, width: int = 16) -> None:
         super().__init__()
         self.ab = ResidualUNet(width)
         self.ba = ResidualUNet(width)
+        # Each direction's output in its target scanner's calibration (see SiteCalibration).
+        self.calibrate_ab = SiteCalibration()
+        self.calibrate_ba = SiteCalibration()
 
     def forward(self, images: torch.Tensor, direction: str = "ba") -> torch.Tensor:
-        return (self.ab if direction == "ab" else self.ba)(images)
+        if direction == "ab":
+            return self.calibrate_ab(self.ab(images))
+        return self.calibrate_ba(self.ba(images))
 
 
 class CycleDiscriminators(nn.Module):

@@ -77,6 +77,8 @@ class Task(ABC):
     #: ``TaskConfig.validate`` refuses an ``ssim-weight`` above 0 for a task without it
     #: (``l1-weight`` has a non-zero default, so elsewhere it is only unused).
     target_loss_keys: ClassVar[frozenset[str]] = frozenset()
+    #: Whether ``task.crop-size`` applies: training on random crops of each slice.
+    trains_on_crops: ClassVar[bool] = False
 
     @classmethod
     def data_kind_for(cls, config: TaskConfig) -> str:

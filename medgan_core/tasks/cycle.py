@@ -13,6 +13,12 @@ clipped as one vector per example, so under DP a step costs two releases, not fo
 Every step has an A phase and a B phase, each on its own Poisson batch of that
 domain's records and each with one update of both groups; a record is in one domain
 only, so per record a step is still two accounted releases (G and D) at the sample rate.
+
+Each generator ends in a ``SiteCalibration`` (output gain and offset, the identity at
+start). Shared, it is part of the one model; with ``[aggregation] local-calibration`` each
+hospital keeps its own, so the shared generators learn the appearance and every site the
+calibration of its own scanner A, which one shared model can only average.
+``task.crop-size`` trains on random patches, ``task.identity-weight`` sets the identity term.
 """
 
 from __future__ import annotations
@@ -29,8 +35,7 @@ from medgan_core.privacy.dp_sgd import DPSettings, poisson_batch
 from medgan_core.tasks.base import TrainingSetup, set_hooks
 from medgan_core.tasks.paired import PairedImageTask
 
-CYCLE_WEIGHT = 10.0  # CycleGAN's lambda
-IDENTITY_WEIGHT = 5.0  # 0.5 * lambda, as in the CycleGAN paper
+CYCLE_WEIGHT = 10.0  # CycleGAN's lambda (the identity weight is task.identity-weight: 5 = 0.5 * lambda)
 OTHER = {"a": "b", "b": "a"}
 
 
@@ -38,6 +43,7 @@ class CycleTask(PairedImageTask):
     name = "cycle"
     data_kind = SCANNER_B_UNPAIRED
     target_loss_keys: ClassVar[frozenset[str]] = frozenset()  # unpaired: no target to compare with
+    trains_on_crops = True  # every loss is per pixel or per patch, none needs the whole slice
 
     def build_networks(self) -> tuple[CycleGenerators, CycleDiscriminators]:
         return CycleGenerators(self.config.width), CycleDiscriminators(self.config.width)
@@ -60,7 +66,8 @@ class CycleTask(PairedImageTask):
                 for domain, idx in batches.items():
                     if idx.numel() == 0:
                         continue  # an empty Poisson batch: the step is spent, nothing learned
-                    for key, value in self._phase(s, pools[domain][idx].to(self.device), domain).items():
+                    real = self._crops(pools[domain][idx], s.rng).to(self.device)
+                    for key, value in self._phase(s, real, domain).items():
                         totals[key] += value
                     updates += 1
         return {k: v / max(updates, 1) for k, v in totals.items()}
@@ -75,6 +82,18 @@ class CycleTask(PairedImageTask):
             for _ in range(self.dp_releases_per_step):
                 accountant.step(dp.noise_multiplier, dp.sample_rate)
         return {d: poisson_batch(len(x), dp.sample_rate, s.sampler) for d, x in pools.items()}
+
+    def _crops(self, images: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+        """A random ``task.crop-size`` square of each image (the images as they are at 0):
+        the fully convolutional networks learn the same mapping from patches at a fraction
+        of the cost per step, so a round affords more, more varied steps."""
+        size = self.config.crop_size
+        n, _, height, width = images.shape
+        if not size or (size >= height and size >= width):
+            return images
+        rows = torch.randint(0, height - size + 1, (n,), generator=rng).tolist()
+        cols = torch.randint(0, width - size + 1, (n,), generator=rng).tolist()
+        return torch.stack([images[i, :, r:r + size, c:c + size] for i, (r, c) in enumerate(zip(rows, cols))])
 
     def _phase(self, s: TrainingSetup, real: torch.Tensor, domain: str) -> dict[str, float]:
         """One update of both groups from a batch of one domain's images: each record's
@@ -97,7 +116,7 @@ class CycleTask(PairedImageTask):
         loss_cycle = (s.generator(fake, back) - real).abs().mean()
         loss_identity = (s.generator(real, back) - real).abs().mean()
         s.opt_g.zero_grad(set_to_none=True)
-        (loss_adv + CYCLE_WEIGHT * loss_cycle + IDENTITY_WEIGHT * loss_identity).backward()
+        (loss_adv + CYCLE_WEIGHT * loss_cycle + self.config.identity_weight * loss_identity).backward()
         s.opt_g.step()
         set_hooks(s.discriminator, enabled=True)
         return {"loss-d": loss_d.item(), "loss-g": loss_adv.item(), "loss-cycle": loss_cycle.item(),
