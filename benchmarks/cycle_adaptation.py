@@ -1,12 +1,13 @@
 """Scanner harmonisation (CycleGAN, unpaired) and the proof that it helps a segmenter.
 
-    python benchmarks/cycle_adaptation.py [--out benchmarks/results/cycle] [--rounds 5] [--local-steps 60] [--reuse]
+    python benchmarks/cycle_adaptation.py [--out benchmarks/results/cycle] [--rounds 5] [--local-steps 240] [--reuse]
 
 Three simulated hospitals each run a main CT scanner (A) and the same older model as a
 second one (B: lower dose, another kernel, reading 35 to 55 HU too high with an 8-12 %
 gain error — how much differs per site). The `cycle` task trains in Flower's simulation
-engine (no DP, generator and discriminator learning rate 1e-3) on scanner-A and
-scanner-B images of disjoint subjects. Then:
+engine (no DP, generator and discriminator learning rate 1e-3) on 32×32 crops of
+scanner-A and scanner-B images of disjoint subjects; each hospital keeps its own output
+calibration and discriminator (``TASK``, ``AGGREGATION``). Then:
 
 1. Image scores of every site's held-out scanner-B slices against the same subjects'
    scanner-A slices (which training never paired): raw B, B histogram-matched to the
@@ -14,7 +15,8 @@ scanner-B images of disjoint subjects. Then:
    otherwise use), and B harmonised by the federated generator.
 2. Adaptation: a small U-Net segmenter (liver, kidneys, fat) trained on hospital A's
    scanner-A images only, applied to each site's held-out scanner-B slices raw,
-   histogram-matched and harmonised; mean Dice over the three structures. The same
+   histogram-matched and harmonised (by the site's own model: the shared generators with
+   the site's calibration); mean Dice over the three structures. The same
    segmenter on the site's scanner-A slices of those subjects is the reference.
 3. A re-scan reference: new phantom subjects of each hospital's build imaged on its
    scanner A twice (independent quantum noise) and on its scanner B once. The second
@@ -54,6 +56,12 @@ TASK = {"crop_size": 32, "identity_weight": 0.0}
 #: Each hospital keeps its own output calibration and its own discriminator.
 AGGREGATION = {"local_calibration": True, "group_policies": "discriminator=local"}
 BODY = -1.0 + 1e-3  # windowed intensities above this are inside the body (air and the outside sit at -1)
+
+
+def describe(settings: dict[str, object]) -> str:
+    """``{"local_calibration": True}`` -> ``local-calibration = true``, as in a study's TOML."""
+    return ", ".join(f"{k.replace('_', '-')} = {str(v).lower() if isinstance(v, bool) else repr(v)}"
+                     for k, v in settings.items())
 
 
 def structure_labels(tissue: torch.Tensor) -> torch.Tensor:
@@ -131,7 +139,8 @@ def wins(rows: list[dict], scores: dict[str, str]) -> list[str]:
 
 
 def main() -> None:
-    args = arguments(__doc__, "benchmarks/results/cycle", reuse_help="score OUT/run's final checkpoint again")
+    args = arguments(__doc__, "benchmarks/results/cycle", local_steps=240,
+                     reuse_help="score OUT/run's final checkpoint again")
     sites = study_sites(args.data)
     args.out.mkdir(parents=True, exist_ok=True)
     study = paired_study(args, sites, name="cycle", lr_generator=1e-3, lr_discriminator=1e-3,
@@ -170,7 +179,9 @@ def main() -> None:
         {"rows": rows, "rescan_rows": rescan, "train_seconds": seconds, "segmenter_seconds": seg_seconds}, indent=2))
     lines = ["# Scanner B → scanner A harmonisation (CycleGAN, unpaired) and a segmenter trained on hospital A",
              "",
-             f"3 simulated hospitals, {args.rounds} rounds × {args.local_steps} local steps, 64×64 slices, "
+             f"3 simulated hospitals, {args.rounds} rounds × {args.local_steps} local steps on {study.task.crop_size}×"
+             f"{study.task.crop_size} crops of 64×64 slices, identity weight {study.task.identity_weight:g}, each hospital's "
+             f"own output calibration and discriminator (`{describe(AGGREGATION)}`), "
              f"window [{study.task.window_low:g}, {study.task.window_high:g}] HU, lr 1e-3, no DP. Training time on 2 CPU cores: "
              f"{seconds / 60:.1f} min (segmenter {seg_seconds:.0f} s). Command: `python benchmarks/cycle_adaptation.py "
              f"--rounds {args.rounds} --local-steps {args.local_steps}`.",

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from medgan_core.config import StudyConfig
+from medgan_core.config import StudyConfig, load_study
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_common  # noqa: E402
-from cycle_adaptation import body_mean_error_hu  # noqa: E402
+from cycle_adaptation import AGGREGATION, TASK, body_mean_error_hu, describe  # noqa: E402
 from privacy_audit import auc, auc_standard_error  # noqa: E402
 
 
@@ -54,3 +54,12 @@ def test_the_cycle_benchmark_mean_error_is_the_offset_inside_the_body_only() -> 
     output[target == -1.0] = 0.5  # air mapped to tissue: not a calibration offset
     assert body_mean_error_hu(output, target, hu) == pytest.approx(12.0, abs=1e-3)
     assert body_mean_error_hu(target - 7.0 / hu, target, hu) == pytest.approx(-7.0, abs=1e-3)
+
+
+def test_the_cycle_example_study_has_the_benchmarks_settings() -> None:
+    """sites_example/cycle-harmonise.toml is what the README's cycle numbers were measured with."""
+    study = load_study(Path(__file__).resolve().parents[1] / "sites_example" / "cycle-harmonise.toml")
+    assert study.task.name == "cycle" and study.task.local_steps == 240
+    assert all(getattr(study.task, key) == value for key, value in TASK.items())
+    assert all(getattr(study.aggregation, key) == value for key, value in AGGREGATION.items())
+    assert describe({"local_calibration": True, "crop_size": 32}) == "local-calibration = true, crop-size = 32"
