@@ -194,7 +194,8 @@ class AggregationConfig:
     ``trimmed-mean`` (coordinate-wise, dropping ``trim-fraction`` of sites at each end) or
     ``median`` (coordinate-wise). ``local-norm`` keeps every normalisation layer local
     (FedBN); ``local-calibration`` keeps every site-calibration layer local (a generator's
-    output gain and offset: each hospital's own scanner calibration). ``server-optimizer`` applies FedAdam/FedYogi (Flower's) to the averaged update;
+    output gain and offset: each hospital's own scanner calibration). ``server-optimizer``
+    applies FedAdam/FedYogi (Flower's) to the averaged update;
     ``proximal-mu`` > 0 pulls each site's weights back towards the global model (FedProx);
     ``keep-optimizer-state`` carries each site's Adam moments from round to round.
     """

@@ -160,3 +160,12 @@ def test_fedprox_pulls_shared_weights_back_to_the_global_model(
     assert any(n.startswith("generator.") for n in changed[0.0])
     assert not any(n.startswith("generator.") for n in changed[1.0 / DENOISE.lr_generator])
     assert any(n.startswith("discriminator.") for n in changed[1.0 / DENOISE.lr_generator])
+
+
+def test_the_report_says_which_arrays_stay_at_the_sites() -> None:
+    from server.report import aggregation_line
+
+    line = aggregation_line(StudyConfig().replace(task={"name": "cycle"}, aggregation={"local_calibration": True}))
+    assert "site-calibration layers (output gain and offset) kept at each site" in line
+    assert "Local arrays stay at the sites" in line
+    assert "Local arrays" not in aggregation_line(StudyConfig())

@@ -84,9 +84,9 @@ class CycleTask(PairedImageTask):
         return {d: poisson_batch(len(x), dp.sample_rate, s.sampler) for d, x in pools.items()}
 
     def _crops(self, images: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
-        """A random ``task.crop-size`` square of each image (the images as they are at 0):
-        the fully convolutional networks learn the same mapping from patches at a fraction
-        of the cost per step, so a round affords more, more varied steps."""
+        """A random ``task.crop-size`` square of each image (crop-size 0: the images as
+        they are). The fully convolutional networks learn the same mapping from patches at a
+        fraction of the cost per step, so a round affords more, and more varied, steps."""
         size = self.config.crop_size
         n, _, height, width = images.shape
         if not size or (size >= height and size >= width):
