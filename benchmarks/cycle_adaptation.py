@@ -180,10 +180,9 @@ def main() -> None:
         {"rows": rows, "rescan_rows": rescan, "train_seconds": seconds, "segmenter_seconds": seg_seconds}, indent=2))
     lines = ["# Scanner B → scanner A harmonisation (CycleGAN, unpaired) and a segmenter trained on hospital A",
              "",
-             f"3 simulated hospitals, {args.rounds} rounds × {args.local_steps} local steps on {study.task.crop_size}×"
-             f"{study.task.crop_size} crops of 64×64 slices, identity weight {study.task.identity_weight:g}, each hospital's "
-             f"own output calibration and discriminator (`{describe(AGGREGATION)}`), "
-             f"window [{study.task.window_low:g}, {study.task.window_high:g}] HU, lr 1e-3 ({study.task.lr_schedule}), no DP. Training time on 2 CPU cores: "
+             f"3 simulated hospitals, {args.rounds} rounds × {args.local_steps} local steps, 64×64 slices, "
+             f"`{describe({**TASK, **AGGREGATION})}`, "
+             f"window [{study.task.window_low:g}, {study.task.window_high:g}] HU, lr 1e-3, no DP. Training time on 2 CPU cores: "
              f"{seconds / 60:.1f} min (segmenter {seg_seconds:.0f} s). Command: `python benchmarks/cycle_adaptation.py "
              f"--rounds {args.rounds} --local-steps {args.local_steps}`.",
              "",

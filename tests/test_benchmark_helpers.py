@@ -57,7 +57,7 @@ def test_the_cycle_benchmark_mean_error_is_the_offset_inside_the_body_only() -> 
 
 
 def test_the_cycle_example_study_has_the_benchmarks_settings() -> None:
-    """sites_example/cycle-harmonise.toml is what the README's cycle numbers were measured with."""
+    """sites_example/cycle-harmonise.toml has the settings the README's cycle numbers were measured with."""
     study = load_study(Path(__file__).resolve().parents[1] / "sites_example" / "cycle-harmonise.toml")
     assert study.task.name == "cycle" and study.task.local_steps == 240
     assert all(getattr(study.task, key) == value for key, value in TASK.items())

@@ -30,5 +30,5 @@ class SiteCalibration(nn.Module):
 
     @property
     def gain_offset(self) -> tuple[float, float]:
-        """(a, b) of the first channel, for reports and tests."""
+        """(a, b) of the first channel, for tests and inspection."""
         return float(self.map.weight.detach().flatten()[0]), float(self.map.bias.detach().flatten()[0])
