@@ -24,6 +24,7 @@ ACCOUNTANTS = ("rdp", "prv")
 SR_SCALES = (2, 4)
 ACCELERATIONS = (4, 10)  # 25 % and 10 % of the k-space lines (medgan_core.data.kspace)
 LR_SCHEDULES = ("constant", "cosine")  # learning rate over a study's rounds (medgan_core.tasks.base.lr_scale)
+CYCLE_POOLS = (1, 2, 4)  # cycle: every crop size (a multiple of 4) and image size divides by these
 CONDITIONS = ("grade", "severity")  # what conditional synthesis is conditioned on
 POLICIES = ("average", "local", "trimmed-mean", "median")
 SERVER_OPTIMIZERS = ("fedavg", "fedadam", "fedyogi")
@@ -58,6 +59,8 @@ class TaskConfig:
     lr_schedule: str = "constant"  # both learning rates over the study's rounds: constant, or cosine down to 1/10
     identity_weight: float = 5.0  # cycle: weight of the identity loss (CycleGAN's 0.5 × the cycle weight; 0: off)
     crop_size: int = 0  # cycle: train on random crops of this size (0: whole slices)
+    cycle_pool: int = 1  # cycle: compare the cycle's round trip after average pooling by this factor (1: per pixel)
+    tv_weight: float = 0.0  # cycle: weight of a total-variation penalty on each translated image (0: off)
     seed: int = 0
 
     def validate(self) -> None:
@@ -92,6 +95,13 @@ class TaskConfig:
             if self.crop_size % 4 or not 16 <= self.crop_size <= self.image_size:
                 raise ConfigError(f"task.crop-size = {self.crop_size}; it must be 0 (whole slices) or a multiple of 4 "
                                   f"from 16 to task.image-size ({self.image_size})")
+        if self.cycle_pool not in CYCLE_POOLS:
+            raise ConfigError(f"task.cycle-pool = {self.cycle_pool}; choose one of {', '.join(map(str, CYCLE_POOLS))}")
+        if self.tv_weight < 0:
+            raise ConfigError(f"task.tv-weight = {self.tv_weight}; it must be 0 (off) or a positive number")
+        if self.name != "cycle" and (self.cycle_pool != 1 or self.tv_weight):
+            raise ConfigError(f"task.cycle-pool and task.tv-weight shape CycleGAN's losses, but task {self.name!r} "
+                              "would ignore them; leave them at 1 and 0")
         if self.width % 8:
             raise ConfigError(f"task.width = {self.width}; it must be a multiple of 8 (GroupNorm groups)")
         if self.scale not in SR_SCALES:
