@@ -53,7 +53,7 @@ LOWER_IS_BETTER = {"mae_hu"}
 #: Training on 32² crops (a quarter of the cost per step of 64² slices, so 4× the steps in
 #: the same time); identity loss off (see the README for why); both learning rates decayed
 #: over the rounds (cosine), which calms the GAN's round-to-round swings at the end.
-TASK = {"crop_size": 32, "identity_weight": 0.0, "lr_schedule": "cosine"}
+TASK = {"crop_size": 32, "identity_weight": 0.0, "lr_schedule": "cosine", "cycle_pool": 2, "tv_weight": 2.0}
 #: Each hospital keeps its own output calibration and its own discriminator.
 AGGREGATION = {"local_calibration": True, "group_policies": "discriminator=local"}
 BODY = -1.0 + 1e-3  # windowed intensities above this are inside the body (air and the outside sit at -1)
