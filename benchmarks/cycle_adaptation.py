@@ -52,7 +52,9 @@ HIST, GAN = "B histogram-matched to the site's A", "B harmonised by CycleGAN (fe
 LOWER_IS_BETTER = {"mae_hu"}
 #: Training on 32² crops (a quarter of the cost per step of 64² slices, so 4× the steps in
 #: the same time); identity loss off (see the README for why); both learning rates decayed
-#: over the rounds (cosine), which calms the GAN's round-to-round swings at the end.
+#: over the rounds (cosine), which calms the GAN's round-to-round swings at the end; the cycle
+#: loss on 2×2-pooled images and a total-variation term, so hospital C's noisy main scanner's
+#: noise is not copied into the output (README: why C needed them).
 TASK = {"crop_size": 32, "identity_weight": 0.0, "lr_schedule": "cosine", "cycle_pool": 2, "tv_weight": 2.0}
 #: Each hospital keeps its own output calibration and its own discriminator.
 AGGREGATION = {"local_calibration": True, "group_policies": "discriminator=local"}
