@@ -9,6 +9,7 @@ in pyproject.toml holds, so ``flwr run .`` and ``medgan demo`` read identical se
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -26,6 +27,8 @@ ACCELERATIONS = (4, 10)  # 25 % and 10 % of the k-space lines (medgan_core.data.
 LR_SCHEDULES = ("constant", "cosine")  # learning rate over a study's rounds (medgan_core.tasks.base.lr_scale)
 CYCLE_POOLS = (1, 2, 4)  # cycle: every crop size (a multiple of 4) and image size divides by these
 CONDITIONS = ("grade", "severity")  # what conditional synthesis is conditioned on
+#: A δ this large lets a mechanism publish a whole record with that probability: refused.
+MAX_DELTA = 0.1
 POLICIES = ("average", "local", "trimmed-mean", "median")
 SERVER_OPTIMIZERS = ("fedavg", "fedadam", "fedyogi")
 
@@ -145,6 +148,12 @@ class RunConfig:
         _positive("run.rounds", self.rounds)
         _positive("run.round-timeout", self.round_timeout)
         _positive("run.num-sites", self.num_sites)
+        for key, value in (("run.out-dir", self.out_dir), ("run.sites-dir", self.sites_dir)):
+            if not value.strip():
+                raise ConfigError(f"{key} is empty; name a folder")
+        if Path(self.out_dir).expanduser().resolve() in (Path.cwd(), *Path.cwd().parents):
+            raise ConfigError(f"run.out-dir = {self.out_dir!r} is the current folder or holds it; "
+                              "name a run folder of its own, e.g. runs/demo")
         if self.device not in DEVICES:
             raise ConfigError(f"run.device = {self.device!r}; choose one of {', '.join(DEVICES)}")
         if not 0 < self.fraction_train <= 1:
@@ -182,8 +191,9 @@ class PrivacyConfig:
     def validate(self) -> None:
         if self.target_epsilon <= 0:
             raise ConfigError(f"privacy.target-epsilon = {self.target_epsilon}; it must be positive")
-        if not 0 < self.delta < 1:
-            raise ConfigError(f"privacy.delta = {self.delta}; it must lie in (0, 1), typically below 1/N")
+        if not 0 < self.delta < MAX_DELTA:
+            raise ConfigError(f"privacy.delta = {self.delta}; it must lie in (0, {MAX_DELTA:g}) and should be below "
+                              "1/N for N training records (a larger δ is no real protection)")
         if self.max_grad_norm <= 0:
             raise ConfigError(f"privacy.max-grad-norm = {self.max_grad_norm}; it must be positive")
         if self.noise_multiplier < 0 or self.central_noise_multiplier < 0:
@@ -355,6 +365,10 @@ def _load_tables(path: str | Path, allowed: tuple[str, ...]) -> dict[str, Any]:
         raise ConfigError(f"config file {path} does not exist")
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from exc
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read ({exc.strerror})") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
     unknown = set(raw) - set(allowed)
@@ -529,6 +543,8 @@ def _build(cls: type, values: Mapping[str, Any], table: str, source: str) -> Any
 def _coerce(key: str, value: Any, expected: type, source: str) -> Any:
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{source}: {key} = {value!r}; it must be a finite number")
     if expected is int and isinstance(value, bool) or not isinstance(value, expected):
         raise ConfigError(
             f"{source}: {key} = {value!r} has type {type(value).__name__}; expected {expected.__name__}"

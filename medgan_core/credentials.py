@@ -13,10 +13,12 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -50,6 +52,34 @@ def _name(common_name: str) -> x509.Name:
                       x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
+_HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+_SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+#: Always in the SuperLink's certificate: the coordinator's own commands (register, run)
+#: reach the Control API over loopback, the only place it answers (``server.superlink_guard``).
+LOOPBACK_SANS = ("localhost", "127.0.0.1")
+
+
+def check_san(name: str) -> str:
+    """A host name (RFC 1123) or an IP address for the SuperLink's certificate."""
+    try:
+        return str(ipaddress.ip_address(name))
+    except ValueError:
+        pass
+    labels = name.rstrip(".").split(".")
+    if not name or len(name) > 253 or not all(_HOST_LABEL.match(label) for label in labels):
+        raise ConfigError(f"--san {name!r} is not a host name or IP address (labels of 1-63 letters, digits or '-', "
+                          "253 characters at most)")
+    return name
+
+
+def check_site_name(name: str) -> str:
+    """A site name is used as a file name: letters, digits, '.', '_', '-', no path."""
+    if not _SITE_NAME.match(name) or name in (".", ".."):
+        raise ConfigError(f"site name {name!r}: use 1-64 letters, digits, '.', '_' or '-' (no '/' or '..'), "
+                          "starting with a letter or digit")
+    return name
+
+
 def _san(names: list[str]) -> x509.SubjectAlternativeName:
     entries: list[x509.GeneralName] = []
     for name in names:
@@ -66,6 +96,8 @@ def init_certificates(out: str | Path, sans: list[str], days: int = 365, force: 
     paths = CertificatePaths(out / "ca.crt", out / "ca.key", out / "server.pem", out / "server.key")
     if not sans:
         raise ConfigError("give at least one --san: the host name or IP address the sites will connect to")
+    sans = [check_san(name) for name in sans]
+    sans += [name for name in LOOPBACK_SANS if name not in sans]
     if paths.ca_key.exists() and not force:
         raise ConfigError(f"{paths.ca_key} exists; pass --force to replace the study's CA (every site must then get the new ca.crt)")
     out.mkdir(parents=True, exist_ok=True)
@@ -88,7 +120,7 @@ def init_certificates(out: str | Path, sans: list[str], days: int = 365, force: 
     server_key = ec.generate_private_key(ec.SECP384R1())
     server_cert = (
         x509.CertificateBuilder()
-        .subject_name(_name(sans[0]))
+        .subject_name(_name("MedGAN-FL SuperLink"))  # names live in the SANs (a CN holds 64 characters)
         .issuer_name(ca_cert.subject)
         .public_key(server_key.public_key())
         .serial_number(x509.random_serial_number())
@@ -111,6 +143,7 @@ def init_certificates(out: str | Path, sans: list[str], days: int = 365, force: 
 def site_key_pair(out: str | Path, name: str, force: bool = False) -> tuple[Path, Path]:
     """An ECDSA P-384 key pair in OpenSSH format: ``<name>`` (private, 0600) and ``<name>.pub``."""
     out = Path(out)
+    check_site_name(name)
     private_path, public_path = out / name, out / f"{name}.pub"
     if private_path.exists() and not force:
         raise ConfigError(f"{private_path} exists; pass --force to replace this site's key (re-register it afterwards)")
@@ -129,7 +162,7 @@ def check_certificate(path: str | Path, what: str) -> Path:
         raise ConfigError(f"{what} {path} does not exist; create it with 'medgan certs init'")
     try:
         x509.load_pem_x509_certificate(path.read_bytes())
-    except ValueError as exc:
+    except (ValueError, UnsupportedAlgorithm) as exc:
         raise ConfigError(f"{what} {path} is not a PEM certificate ({exc})") from exc
     return path
 
@@ -144,7 +177,7 @@ def check_private_key(path: str | Path, what: str) -> Path:
             serialization.load_ssh_private_key(data, password=None)
         else:
             serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise ConfigError(f"{what} {path} is not an unencrypted private key ({exc})") from exc
     if path.stat().st_mode & 0o077:
         raise ConfigError(f"{what} {path} can be read by other users; run 'chmod 600 {path}'")
@@ -155,8 +188,13 @@ def check_public_key(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"public key {path} does not exist; the site creates it with 'medgan site keys'")
+    data = path.read_bytes()
+    if b"PRIVATE KEY" in data:
+        raise ConfigError(f"{path} is a PRIVATE key: it must never leave the site. Register the site's NAME.pub file")
+    if b"CERTIFICATE" in data:
+        raise ConfigError(f"{path} is a certificate, not a site's public key; register the site's NAME.pub file")
     try:
-        serialization.load_ssh_public_key(path.read_bytes().strip())
-    except (ValueError, TypeError) as exc:
+        serialization.load_ssh_public_key(data.strip())
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise ConfigError(f"{path} is not an OpenSSH public key ({exc})") from exc
     return path

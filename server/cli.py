@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 from typing import Optional
@@ -11,7 +10,7 @@ import typer
 from rich.console import Console
 
 from medgan_core.config import StudyConfig, load_study
-from medgan_core.data.simulate import find_sites, simulate_study
+from medgan_core.data.simulate import find_sites, remove_simulated_study, simulate_study
 from medgan_core.errors import MedGANError
 
 DEFAULT_CONFIG = Path("sites_example/demo.toml")
@@ -60,8 +59,10 @@ def sites_simulate(
 def _simulate(out: Path, sites: int, subjects: int, slices: int, size: int, seed: int, force: bool) -> list[Path]:
     if (out / "study.json").exists():
         if not force:
-            raise MedGANError(f"{out} already holds a study; pass --force to overwrite it")
-        shutil.rmtree(out)
+            raise MedGANError(f"{out} already holds a study; pass --force to replace its simulated sites")
+        kept = remove_simulated_study(out)  # only folders the simulator marked; user files stay
+        for folder in kept:
+            console.print(f"  [yellow]kept[/] {folder}: not written by the simulator")
     started = time.monotonic()
     with console.status("simulating sites…") as status:
         folders = simulate_study(out, n_sites=sites, n_subjects=subjects, n_slices=slices, size=size, seed=seed,
@@ -121,17 +122,22 @@ def _run_demo(study: StudyConfig, verbose: bool) -> None:
     sites_dir = Path(study.run.sites_dir)
     sites = find_sites(sites_dir) if sites_dir.exists() else []
     simulated_here = (sites_dir / "study.json").exists()
-    if not sites or (simulated_here and len(sites) != study.run.num_sites):
-        console.print(f"No study of {study.run.num_sites} sites in {sites_dir}: simulating one.")
+    if not sites and not simulated_here:
+        console.print(f"No study in {sites_dir}: simulating one of {study.run.num_sites} sites.")
         sites = _simulate(sites_dir, study.run.num_sites, DEMO_SUBJECTS, DEMO_SLICES, 128, study.task.seed,
-                          force=simulated_here)
-    elif len(sites) != study.run.num_sites:
-        raise MedGANError(f"{sites_dir} holds {len(sites)} site(s) but run.num-sites = {study.run.num_sites}")
+                          force=False)
+    elif len(sites) != study.run.num_sites:  # never delete a user's sites to make the count fit
+        raise MedGANError(
+            f"{sites_dir} holds {len(sites)} site(s) but run.num-sites = {study.run.num_sites}; use another "
+            f"--sites-dir, or replace a simulated study with 'medgan sites simulate --force --sites "
+            f"{study.run.num_sites} --out {sites_dir}'")
     run_dir = Path(study.run.out_dir)
+    RunFolder(run_dir).check_free()  # a run already using the folder is refused here, in one line
     if study.run.resume:
         console.print(f"Resuming {run_dir} after round {RunFolder(run_dir).resume_point()[0]}.")
-    elif (moved := RunFolder(run_dir).archive_previous()) is not None:
-        console.print(f"An earlier run in {run_dir} was moved to {moved}.")
+    else:
+        if run_dir.is_dir() and any(run_dir.iterdir()):
+            console.print(f"An earlier run in {run_dir} is moved aside to {run_dir.name}.N first.")
     console.print(f"[bold]Federated {study.task.name}[/] · {len(sites)} sites · {study.run.rounds} rounds · "
                   f"{study.task.local_steps} local steps · run folder {run_dir}")
     privacy = study.privacy
@@ -322,7 +328,27 @@ def _exec(command: list[str], env: dict[str, str]) -> None:
 
 
 def main() -> None:
-    app()
+    """The ``medgan`` entry point: a MedGANError is one line (exit 2); anything unexpected
+    is one line too (exit 1), with the traceback only when MEDGAN_DEBUG=1."""
+    import os
+    import sys
+
+    try:
+        app()
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        sys.exit(130)
+    except MedGANError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        sys.exit(2)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
+        if os.environ.get("MEDGAN_DEBUG") == "1":
+            raise
+        console.print(f"[bold red]error:[/] unexpected {type(exc).__name__}: {exc} "
+                      "(set MEDGAN_DEBUG=1 for the traceback, and please report it)")
+        sys.exit(1)
 
 
 __all__ = ["app", "main"]

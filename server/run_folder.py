@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
+import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from medgan_core.config import StudyConfig, dump_study
 from medgan_core.fileio import append_jsonl, atomic_write_text, read_jsonl
@@ -41,6 +45,67 @@ class RunFolder:
     def samples(self, server_round: int) -> Path:
         return self.root / "samples" / f"round-{server_round:03d}.png"
 
+    @property
+    def lock_file(self) -> Path:
+        """Beside the folder, not in it: archiving renames the folder, the lock must stay put."""
+        return self.root.parent / f".{self.root.name}.lock"
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator["RunFolder"]:
+        """Hold the run folder for one run; a second run on it is refused, not interleaved.
+
+        An OS file lock (flock): it is released when the process ends, even by a crash or a
+        kill, so a stale lock never blocks a resumed run.
+        """
+        self.lock_file.parent.mkdir(parents=True, exist_ok=True)
+        handle = self.lock_file.open("a+")
+        try:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                raise MedGANError(f"run folder {self.root} is in use by another run ({holder}); wait for it to end "
+                                  "or choose another --out") from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()}\n")
+            handle.flush()
+            yield self
+        finally:
+            handle.close()  # closing releases the lock
+
+    def check_free(self) -> None:
+        """Raise MedGANError if another run holds the folder (the lock is not kept)."""
+        with self.lock():
+            pass
+
+    def repair(self) -> list[str]:
+        """Undo what a power loss or a kill left: a torn last metrics line (cut off, so the next
+        line does not merge into it) and orphaned temporary files of atomic writes. Returns what
+        was repaired, for the log."""
+        repaired = []
+        if self.metrics.exists():
+            text = self.metrics.read_text(encoding="utf-8", errors="replace")
+            lines = text.splitlines(keepends=True)
+            good = []
+            for line in lines:
+                try:
+                    if line.endswith("\n"):
+                        json.loads(line)
+                        good.append(line)
+                        continue
+                except json.JSONDecodeError:
+                    pass
+                repaired.append(f"dropped a torn line of {self.metrics.name}")
+            if len(good) != len(lines):
+                atomic_write_text(self.metrics, "".join(good))
+        for tmp in self.root.rglob(".*.tmp"):
+            if tmp.is_file():
+                tmp.unlink()
+                repaired.append(f"removed orphaned {tmp.relative_to(self.root)}")
+        return repaired
+
     def archive_previous(self) -> Path | None:
         """Rename a non-empty folder (an earlier run) to ``NAME.1``, ``NAME.2``, …
 
@@ -72,6 +137,7 @@ class RunFolder:
         A crash mid-round leaves neither (the metrics line is written last), so that round
         simply runs again.
         """
+        self.repair()
         records = self.read_metrics()
         if not records or not self.config.exists():
             raise MedGANError(f"{self.root} holds no run to resume (no config.toml or metrics.jsonl)")

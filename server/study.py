@@ -65,6 +65,17 @@ def run_study(
     with the same study id (the sites' accountants go on) and the same seeds per round,
     so on CPU with seeded noise it ends with the weights an uninterrupted run has.
     """
+    with folder.lock():  # one run per folder: a second is refused, not interleaved
+        return _run_study(grid, study, folder, progress, on_train_replies)
+
+
+def _run_study(
+    grid: Grid,
+    study: StudyConfig,
+    folder: RunFolder,
+    progress: Callable[[RoundSummary], None] | None,
+    on_train_replies: Callable[[int, list[Message]], None] | None,
+) -> dict[str, np.ndarray]:
     task = build_task(study.task, "cpu")  # the server holds no images: it only previews G
     if study.privacy.enabled:
         validate_private_modules(task.private_modules)  # refuse before any site trains

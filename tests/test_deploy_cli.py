@@ -32,8 +32,9 @@ def test_credentials_have_safe_modes_and_the_right_names(credentials: Path) -> N
     assert mode(credentials / "certs/ca.crt") == 0o644
     cert = x509.load_pem_x509_certificate((credentials / "certs/server.pem").read_bytes())
     sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert sans.get_values_for_type(x509.DNSName) == ["coord.example.org"]
-    assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["10.1.2.3"]
+    # the operator's names, then loopback: the coordinator's own commands reach the Control API there
+    assert sans.get_values_for_type(x509.DNSName) == ["coord.example.org", "localhost"]
+    assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["10.1.2.3", "127.0.0.1"]
     assert (credentials / "keys/hospital-a.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
     again = runner.invoke(app, ["certs", "init", "--out", str(credentials / "certs"), "--san", "x"])
     assert again.exit_code == 2 and "--force" in again.output

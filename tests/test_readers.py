@@ -120,12 +120,13 @@ def test_read_volume_dispatches_and_rejects_unknown_formats(tmp_path: Path) -> N
 
 def _manifest(tmp_path: Path, rows: list[ManifestEntry]) -> Path:
     write_nifti(np.zeros((2, 2, 2), np.float32), np.eye(4), tmp_path / "a.nii.gz")
+    write_nifti(np.ones((2, 2, 2), np.float32), np.eye(4), tmp_path / "b.nii.gz")
     return write_manifest(rows, tmp_path / "manifest.csv")
 
 
 def test_manifest_reads_entries_and_selects(tmp_path: Path) -> None:
     path = _manifest(tmp_path, [ManifestEntry("a.nii.gz", "s1", "MR", "train", label="normal"),
-                                ManifestEntry("a.nii.gz", "s2", "MR", "test")])
+                                ManifestEntry("b.nii.gz", "s2", "MR", "test")])
     manifest = read_manifest(tmp_path)
     assert [e.subject for e in manifest.select(split="train")] == ["s1"]
     assert manifest.load(manifest.entries[0]).data.shape == (2, 2, 2)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import csv
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from medgan_core.data.dicom_io import read_dicom_series
 from medgan_core.data.nifti_io import read_nifti
@@ -83,7 +83,7 @@ def read_manifest(path: str | Path, check_files: bool = True) -> Manifest:
     if not path.is_file():
         raise DataError(f"manifest {path} does not exist")
     try:
-        with path.open(newline="", encoding="utf-8") as handle:
+        with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: Excel's byte-order mark
             reader = csv.DictReader(handle)
             columns = reader.fieldnames or []
             missing = [c for c in REQUIRED_COLUMNS if c not in columns]
@@ -97,6 +97,8 @@ def read_manifest(path: str | Path, check_files: bool = True) -> Manifest:
         raise DataError(f"{path}: malformed CSV ({exc})") from exc
 
     entries = []
+    first_line: dict[tuple[str, str], int] = {}
+    subject_split: dict[str, tuple[str, int]] = {}
     for line, row in enumerate(rows, start=2):
         values = {k: (row.get(k) or "").strip() for k in known}
         for column in REQUIRED_COLUMNS:
@@ -105,12 +107,31 @@ def read_manifest(path: str | Path, check_files: bool = True) -> Manifest:
         if values["split"] not in SPLITS:
             raise DataError(f"{path}, line {line}: split {values['split']!r} is not one of {', '.join(SPLITS)}")
         entry = ManifestEntry(**values)
+        _check_inside(path, line, entry.file)
+        key = (str(PurePosixPath(entry.file.replace("\\", "/"))), entry.modality)
+        if key in first_line:
+            raise DataError(f"{path}, line {line}: {entry.file} ({entry.modality}) is already listed on line "
+                            f"{first_line[key]}; a duplicate row would count its images twice and understate ε")
+        first_line[key] = line
+        earlier = subject_split.setdefault(entry.subject, (entry.split, line))
+        if earlier[0] != entry.split:
+            raise DataError(f"{path}, line {line}: subject {entry.subject!r} is in split {entry.split!r} here and "
+                            f"in {earlier[0]!r} on line {earlier[1]}; a subject must be in one split only, "
+                            "or held-out scores measure memory")
         if check_files and not (path.parent / entry.file).exists():
             raise DataError(f"{path}, line {line}: file {entry.file} does not exist under {path.parent}")
         entries.append(entry)
     if not entries:
         raise DataError(f"{path}: the manifest lists no images")
     return Manifest(path=path, entries=tuple(entries))
+
+
+def _check_inside(manifest: Path, line: int, file: str) -> None:
+    """Manifest paths stay inside the site folder: relative, no ``..``."""
+    posix = PurePosixPath(file.replace("\\", "/"))
+    if posix.is_absolute() or PureWindowsPath(file).drive or ".." in posix.parts:
+        raise DataError(f"{manifest}, line {line}: file {file!r} leaves the site folder; list paths relative to "
+                        "the manifest, without '..'")
 
 
 def write_manifest(entries: list[ManifestEntry], path: str | Path) -> Path:

@@ -424,10 +424,33 @@ def simulate_study(
             profile, folder, n_subjects=n_subjects, n_slices=n_slices, size=size,
             seed=seed * 1000 + index, progress=progress,
         )
+        (folder / SIMULATED_MARK).write_text("written by medgan sites simulate; --force may replace this folder\n")
         folders.append(folder)
     study = {"sites": [f.name for f in folders], "seed": seed, "subjects": n_subjects, "slices": n_slices, "size": size}
     (out_dir / "study.json").write_text(json.dumps(study, indent=2))
     return folders
+
+
+#: A file in every site folder the simulator wrote: only such folders are ever replaced.
+SIMULATED_MARK = ".medgan-simulated"
+
+
+def remove_simulated_study(out_dir: str | Path) -> list[Path]:
+    """Remove what ``simulate_study`` wrote in ``out_dir`` and nothing else: the site folders
+    study.json lists that carry the simulator's mark, then study.json. Anything else in
+    ``out_dir`` (a site the user added, notes) stays. Returns the folders kept back."""
+    import shutil
+
+    out_dir = Path(out_dir)
+    study = out_dir / "study.json"
+    kept = []
+    for folder in find_sites(out_dir) if study.is_file() else []:
+        if (folder / SIMULATED_MARK).is_file() and folder.parent == out_dir:
+            shutil.rmtree(folder)
+        elif folder.exists():
+            kept.append(folder)
+    study.unlink(missing_ok=True)
+    return kept
 
 
 def find_sites(sites_dir: str | Path) -> list[Path]:
