@@ -71,9 +71,9 @@ def train(config: TaskConfig, data: SiteData, steps: int, epsilon: float, seed: 
     task = build_task(config)
     dp = accountant = None
     if np.isfinite(epsilon):
-        releases = steps * task.dp_releases_per_step
         privacy = PrivacyConfig(target_epsilon=epsilon, secure_rng=not seeded)
-        dp = plan_dp(privacy, data.num_train, config.batch_size, releases)
+        # one joint release of the task's private networks per step (σ/√k each)
+        dp = plan_dp(privacy, data.num_train, config.batch_size, steps, task.dp_releases_per_step)
         accountant = SiteAccountant()
     chunk = 100
     for start in range(0, steps, chunk):

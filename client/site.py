@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from medgan_core.config import SiteConfig, TaskConfig
+from medgan_core.config import HOSPITAL_POLICY, SiteConfig, TaskConfig
 from medgan_core.data.dataset import SiteData
 from medgan_core.tasks.registry import load_task_data
 from medgan_core.data.simulate import find_sites
@@ -20,13 +20,18 @@ def site_from_context(
     """A deployed SuperNode describes its site in its node config (``data-path``,
     ``state-dir``, ``device``, ``epsilon-budget``, ``site-name``); a simulated node is
     mapped by ``partition-id`` onto ``sites`` or onto the site folders of ``run.sites-dir``."""
-    if "data-path" in node_config:
+    if "data-path" in node_config:  # a deployed hospital: its policy defaults to HOSPITAL_POLICY
+        policy = {**HOSPITAL_POLICY, **{k: v for k, v in node_config.items() if k in HOSPITAL_POLICY}}
         site = SiteConfig(
             data_path=str(node_config["data-path"]),
             name=str(node_config.get("site-name", "")),
             state_dir=str(node_config.get("state-dir", "")),
             device=str(node_config.get("device", "auto")),
-            epsilon_budget=float(node_config.get("epsilon-budget", 0.0)),  # type: ignore[arg-type]
+            epsilon_budget=_number(node_config.get("epsilon-budget", 0.0), "epsilon-budget"),
+            require_dp=_flag(policy["require-dp"], "require-dp"),
+            require_secure_rng=_flag(policy["require-secure-rng"], "require-secure-rng"),
+            max_delta=_number(policy["max-delta"], "max-delta"),
+            release_test_metrics=_flag(policy["release-test-metrics"], "release-test-metrics"),
         )
     elif "partition-id" in node_config:
         index = int(node_config["partition-id"])  # type: ignore[arg-type]
@@ -46,6 +51,21 @@ def site_from_context(
     if not Path(site.data_path).exists():
         raise ConfigError(f"site data path {site.data_path} does not exist")
     return site
+
+
+def _flag(value: object, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "false"):
+        return str(value).lower() == "true"
+    raise ConfigError(f"node config {key} = {value!r}; use true or false")
+
+
+def _number(value: object, key: str) -> float:
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ConfigError(f"node config {key} = {value!r}; use a number") from None
 
 
 @lru_cache(maxsize=4)

@@ -302,22 +302,52 @@ class SiteConfig:
     state_dir: str = ""
     device: str = "auto"
     epsilon_budget: float = 0.0  # 0: the study's privacy.target-epsilon
+    # The site's privacy policy: what the coordinator's study may not lower. The Python
+    # defaults let the study decide (simulation: one researcher owns every site); a
+    # deployed site's site.toml and node config default to the strict HOSPITAL_POLICY.
+    require_dp: bool = False
+    require_secure_rng: bool = False
+    max_delta: float = MAX_DELTA
+    release_test_metrics: bool = True  # held-out scores (of the test split, outside ε) may leave
 
     @property
     def site_name(self) -> str:
         return self.name or Path(self.data_path).name
 
     def budget(self, privacy: "PrivacyConfig") -> float:
+        """The ε this site spends at most: its own budget when set, else the study's target."""
         return self.epsilon_budget if self.epsilon_budget > 0 else privacy.target_epsilon
+
+    def refusal(self, privacy: "PrivacyConfig") -> str:
+        """Why this site refuses a study's privacy settings ('' when it accepts them)."""
+        if self.require_dp and not privacy.enabled:
+            return (f"site {self.site_name} requires differential privacy, but the study has [privacy] enabled = "
+                    "false; refused by the site's policy")
+        if not privacy.enabled:
+            return ""
+        if self.require_secure_rng and not privacy.secure_rng:
+            return (f"site {self.site_name} requires secret (OS-entropy) DP noise, but the study asks for "
+                    "secure-rng = false; refused by the site's policy")
+        if privacy.delta > self.max_delta:
+            return (f"site {self.site_name} allows δ up to {self.max_delta:g}, the study asks for "
+                    f"δ = {privacy.delta:g}; refused by the site's policy")
+        return ""
 
     def validate(self) -> "SiteConfig":
         if not self.data_path:
             raise ConfigError("site data-path is empty; name the folder that holds the site's manifest.csv")
         if self.device not in DEVICES:
             raise ConfigError(f"site device = {self.device!r}; choose one of {', '.join(DEVICES)}")
-        if self.epsilon_budget < 0:
+        if not math.isfinite(self.epsilon_budget) or self.epsilon_budget < 0:
             raise ConfigError(f"site epsilon-budget = {self.epsilon_budget}; it must be >= 0 (0 = the study's target)")
+        if not 0 < self.max_delta <= MAX_DELTA:
+            raise ConfigError(f"site max-delta = {self.max_delta}; it must lie in (0, {MAX_DELTA:g}]")
         return self
+
+
+#: What a hospital's site.toml (and a deployed SuperNode's node config) defaults to: DP
+#: required, secret noise required, δ at most 1e-5, held-out scores kept at the site.
+HOSPITAL_POLICY = {"require-dp": True, "require-secure-rng": True, "max-delta": 1e-5, "release-test-metrics": False}
 
 
 @dataclass(frozen=True)
@@ -389,7 +419,7 @@ def load_site(path: str | Path) -> tuple[SiteConfig, ConnectionConfig]:
     site_items = dict(raw.get("site", {}))
     if "data-path" not in site_items:
         raise ConfigError(f"{path}: [site] needs data-path, the folder that holds the site's manifest.csv")
-    site = _build(SiteConfig, {"data-path": "", **site_items}, "site", str(path))
+    site = _build(SiteConfig, {"data-path": "", **HOSPITAL_POLICY, **site_items}, "site", str(path))
     connection = _build(ConnectionConfig, raw.get("connection", {}), "connection", str(path))
     base = path.parent
     site = dataclasses.replace(site, data_path=_resolve(base, site.data_path), state_dir=_resolve(base, site.state_dir))

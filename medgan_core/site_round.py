@@ -11,19 +11,24 @@ and sends only the shared arrays (``shared_weights``).
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import numpy as np
 
 from medgan_core.config import AggregationConfig, PrivacyConfig, SiteConfig
 from medgan_core.data.dataset import SiteData
-from medgan_core.errors import ConfigError
+from medgan_core.errors import ConfigError, PrivacyError
 from medgan_core.privacy.accountant import SiteAccountant
+from medgan_core.privacy.release import ReleaseStore
 from medgan_core.privacy.dp_sgd import validate_private_modules
 from medgan_core.privacy.planning import check_budget, plan_dp
 from medgan_core.sharing import local_array_names
 from medgan_core.site_state import SiteState
 from medgan_core.tasks.base import LocalTraining, Task, lr_scale
+
+
+log = logging.getLogger(__name__)
 
 
 def accountant_path(state_dir: str | Path, study_id: str) -> Path:
@@ -96,6 +101,8 @@ def train_site_round(
     """Train ``task`` (holding the global model) locally for one round; return the scalar
     metrics the site may send. Afterwards ``shared_weights`` gives the arrays to send."""
     aggregation = aggregation or AggregationConfig()
+    if refusal := site.refusal(privacy):  # the site's own policy: the study may not lower it
+        raise PrivacyError(refusal)
     state = load_site_model(task, site, aggregation, study_id=study_id, server_round=server_round, training=True)
     task.local_training = dataclasses.replace(
         task.local_training, lr_scale=lr_scale(task.config.lr_schedule, server_round, planned_rounds))
@@ -107,15 +114,26 @@ def train_site_round(
     if not site.state_dir:
         raise ConfigError(f"site {site.site_name}: no state-dir; differential privacy needs one to keep its accountant")
     validate_private_modules(task.private_modules)
-    releases = planned_rounds * steps * task.dp_releases_per_step
-    dp = plan_dp(privacy, data.num_train, task.config.batch_size, releases)
     accountant = SiteAccountant(privacy.accountant, privacy.delta, accountant_path(site.state_dir, study_id))
+    releases = ReleaseStore(site.state_dir, study_id)
+    if server_round in accountant.released:  # asked again (a coordinator restart): the same update, no new charge
+        arrays, metrics = releases.load(server_round, accountant.released[server_round])
+        task.set_weights({**task.get_weights(), **arrays}, source=f"this site's release of round {server_round}")
+        return metrics
+    if privacy.delta > 1 / data.num_train:
+        log.warning("site %s: δ = %g is above 1/N = %g for its %d training records; a δ this large allows "
+                    "a rare full disclosure of a record", site.site_name, privacy.delta, 1 / data.num_train,
+                    data.num_train)
     budget = site.budget(privacy)
-    check_budget(accountant, dp, steps * task.dp_releases_per_step, budget, site.site_name)
+    k = task.dp_releases_per_step
+    # Noise planned for the stricter of the study's target and the site's own budget, so a
+    # stricter site still trains every planned round rather than stopping part-way.
+    dp = plan_dp(privacy, data.num_train, task.config.batch_size, planned_rounds * steps, k,
+                 epsilon=min(budget, privacy.target_epsilon))
+    check_budget(accountant, dp, steps, budget, site.site_name, k)
     metrics = task.train(data, steps, seed, dp=dp, accountant=accountant)
-    accountant.save()  # before the update leaves: a crash after this over-counts, never under-counts
     _save_state(task, state, aggregation, server_round)
-    return {
+    metrics = {
         **metrics,
         "dp": 1.0,
         "epsilon": accountant.epsilon(),
@@ -126,6 +144,13 @@ def train_site_round(
         "sample-rate": dp.sample_rate,
         "dp-steps": float(accountant.steps),
     }
+    shared, _ = shared_weights(task, aggregation)
+    # Kept, then accounted (the ledger names its digest), and only then sent: a crash
+    # before the accountant is saved leaves an unaccounted copy that is never re-sent.
+    accountant.released[server_round] = releases.save(server_round, shared, metrics)
+    accountant.save()
+    releases.prune()
+    return metrics
 
 
 def _save_state(task: Task, state: SiteState | None, aggregation: AggregationConfig, server_round: int) -> None:

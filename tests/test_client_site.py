@@ -10,7 +10,9 @@ from medgan_core.errors import ConfigError
 def test_deployed_node_describes_its_site_in_node_config(tiny_sites: list[Path]) -> None:
     node = {"data-path": str(tiny_sites[0]), "state-dir": "/var/medgan", "epsilon-budget": 3.0, "site-name": "st-mary"}
     site = site_from_context(node, {})
-    assert site == SiteConfig(str(tiny_sites[0]), name="st-mary", state_dir="/var/medgan", epsilon_budget=3.0)
+    # a deployed node that names no policy gets the hospital's strict one
+    assert site == SiteConfig(str(tiny_sites[0]), name="st-mary", state_dir="/var/medgan", epsilon_budget=3.0,
+                              require_dp=True, require_secure_rng=True, max_delta=1e-5, release_test_metrics=False)
     assert site.site_name == "st-mary"
     with pytest.raises(ConfigError, match="does not exist"):
         site_from_context({"data-path": "/no/such/site"}, {})

@@ -81,14 +81,15 @@ def test_per_sample_gradients_through_both_generators_are_exact() -> None:
             torch.testing.assert_close(p.grad_sample[i], q.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_dp_training_spends_two_releases_per_step_and_changes_both_groups(tiny_sites: list[Path], tmp_path: Path) -> None:
+def test_dp_training_spends_one_joint_release_per_step_and_changes_both_groups(tiny_sites: list[Path], tmp_path: Path) -> None:
     data = load_task_data(tiny_sites[0], CONFIG)
     task = build_task(CONFIG)
     before = task.get_weights()
     accountant = SiteAccountant("rdp", 1e-5, tmp_path / "acc.json")
     dp = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5, expected_batch_size=4, secure_rng=False)
     metrics = task.train(data, steps=3, seed=0, dp=dp, accountant=accountant)
-    assert accountant.steps == 6
+    assert accountant.steps == 3  # G and D groups on each record's batch: one joint release per step
+    assert accountant.history[0][0] == pytest.approx(1.0 / np.sqrt(2))
     after = task.get_weights()
     for group in ("generator.ab.", "generator.ba.", "discriminator.a.", "discriminator.b."):
         assert any(not np.array_equal(before[n], after[n]) for n in before if n.startswith(group)), group

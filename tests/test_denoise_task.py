@@ -55,14 +55,14 @@ def test_denoiser_beats_its_low_dose_input(tiny_sites: list[Path]) -> None:
     assert after["ssim"] > after["ssim-input"] and after["mae-hu"] < before["mae-hu"]
 
 
-def test_dp_covers_both_networks_and_counts_two_releases_per_step(tiny_sites: list[Path], tmp_path: Path) -> None:
+def test_dp_covers_both_networks_and_counts_one_joint_release_per_step(tiny_sites: list[Path], tmp_path: Path) -> None:
     data = load_task_data(tiny_sites[1], CONFIG)
     task = build_task(CONFIG)
     before = task.get_weights()
     privacy = PrivacyConfig(noise_multiplier=1.0, target_epsilon=100.0)
     metrics = train_site_round(task, data, SiteConfig(str(tiny_sites[1]), state_dir=str(tmp_path)), privacy,
                                planned_rounds=1, study_id="d", seed=0)
-    assert metrics["dp-steps"] == 2 * CONFIG.local_steps
+    assert metrics["dp-steps"] == CONFIG.local_steps  # G and D on one batch: one joint release (σ/√2) per step
     after = task.get_weights()
     for group in ("generator", "discriminator"):
         assert any(not np.array_equal(before[k], after[k]) for k in before if k.startswith(group))

@@ -64,10 +64,12 @@ def test_budget_stop_happens_at_the_right_round(tiny_sites: list[Path], tiny_stu
     spent = []
     for server_round in (1, 2, 3):
         task = build_task(tiny_study.task)
-        spent.append(train_site_round(task, data, site, privacy, planned_rounds=10, study_id="s", seed=server_round)["epsilon"])
+        spent.append(train_site_round(task, data, site, privacy, planned_rounds=10, study_id="s", seed=server_round,
+                                      server_round=server_round)["epsilon"])
     assert spent == sorted(spent) and spent[-1] <= budget
     with pytest.raises(PrivacyBudgetExhausted, match="budget"):
-        train_site_round(build_task(tiny_study.task), data, site, privacy, planned_rounds=10, study_id="s", seed=4)
+        train_site_round(build_task(tiny_study.task), data, site, privacy, planned_rounds=10, study_id="s", seed=4,
+                         server_round=4)
     saved = json.loads(accountant_path(tmp_path, "s").read_text())
     assert saved["steps"] == 3 * steps  # the refused round spent nothing
 

@@ -2,7 +2,11 @@
 
 The accountant is Opacus' own (RDP or PRV); we only keep its history — a list of
 (noise multiplier, sample rate, steps) — in a JSON file written atomically after each
-round. A site that restarts reads the file and continues; it never starts again at ε = 0.
+round, sealed by the site's ledger (``medgan_core.privacy.ledger``). A site that
+restarts reads the file and continues; it never starts again at ε = 0, and a file that
+was deleted, edited or put back from an older copy stops it. The file also records
+which rounds' updates were released, so a round the coordinator asks for again is
+answered with the same update instead of a new, charged one (``medgan_core.privacy.release``).
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ from opacus.accountants import IAccountant, create_accountant
 
 from medgan_core.errors import PrivacyError
 from medgan_core.fileio import atomic_write_text
+from medgan_core.privacy.ledger import Ledger
+
+ACCOUNTANT_PREFIX = "accountant-"
 
 
 class SiteAccountant:
@@ -25,15 +32,34 @@ class SiteAccountant:
         self.delta = delta
         self.path = Path(path) if path is not None else None
         self._accountant: IAccountant = create_accountant(mechanism)
-        if self.path is not None and self.path.exists():
+        self.released: dict[int, str] = {}  # server round -> digest of the update released for it
+        self.ledger = Ledger(self.path.parent) if self.path is not None else None
+        if self.path is not None:
             self._load()
 
-    def _load(self) -> None:
+    @property
+    def study_id(self) -> str:
         assert self.path is not None
+        return self.path.stem.removeprefix(ACCOUNTANT_PREFIX)
+
+    def _load(self) -> None:
+        assert self.path is not None and self.ledger is not None
+        studies = self.ledger.studies()  # a damaged or missing index fails here
+        recorded = studies.get(self.study_id)
+        if not self.path.exists():
+            if recorded is not None:
+                raise PrivacyError(
+                    f"privacy accountant {self.path} is missing, but this site has trained in study {self.study_id} "
+                    f"({recorded} DP steps); refusing to train with an unknown ε spent. Restore it from the backup")
+            return
         try:
-            state = json.loads(self.path.read_text(encoding="utf-8"))
+            signed = json.loads(self.path.read_text(encoding="utf-8"))
+            state = self.ledger.verify(signed, f"privacy accountant {self.path}")
             history = [tuple(entry) for entry in state["history"]]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            released = {int(k): str(v) for k, v in dict(state.get("released", {})).items()}
+        except PrivacyError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise PrivacyError(
                 f"privacy accountant {self.path} is unreadable ({exc}); refusing to train with an unknown ε spent"
             ) from exc
@@ -41,7 +67,14 @@ class SiteAccountant:
             raise PrivacyError(
                 f"{self.path} was kept by a {state.get('mechanism')!r} accountant, this study uses {self.mechanism!r}"
             )
+        if state.get("study") != self.study_id:
+            raise PrivacyError(f"{self.path} belongs to study {state.get('study')!r}; refusing to use it for another")
         self._accountant.history = history
+        self.released = released
+        if recorded is None or self.steps < recorded:
+            raise PrivacyError(
+                f"privacy accountant {self.path} records {self.steps} DP steps, the ledger at least "
+                f"{recorded or 'none'}: it was put back from an older copy or planted; refusing to train")
 
     @property
     def history(self) -> list[tuple[float, float, int]]:
@@ -68,8 +101,15 @@ class SiteAccountant:
         return float(projected.get_epsilon(delta=self.delta))
 
     def save(self) -> None:
-        if self.path is None:
+        """Write the sealed accountant, then raise the ledger's step count for this study (a
+        crash between the two leaves the ledger behind the file, which is still consistent)."""
+        if self.path is None or self.ledger is None:
             return
-        state = {"mechanism": self.mechanism, "delta": self.delta, "history": self.history,
-                 "steps": self.steps, "epsilon": self.epsilon()}
-        atomic_write_text(self.path, json.dumps(state, indent=2))
+        state = {"mechanism": self.mechanism, "delta": self.delta, "study": self.study_id,
+                 "history": [list(entry) for entry in self.history], "steps": self.steps, "epsilon": self.epsilon(),
+                 "released": {str(k): v for k, v in sorted(self.released.items())}}
+        mac = self.ledger.mac(state, create=True)
+        if self.study_id not in self.ledger.studies():
+            self.ledger.record(self.study_id, 0)  # the index knows the study before its file exists
+        atomic_write_text(self.path, json.dumps({**state, "mac": mac}, indent=2))
+        self.ledger.record(self.study_id, self.steps)

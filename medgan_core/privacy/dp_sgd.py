@@ -6,6 +6,7 @@ a fresh module, so hooks never stack); the plain module stays what travels.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Mapping
@@ -28,6 +29,19 @@ class DPSettings:
     sample_rate: float
     expected_batch_size: int
     secure_rng: bool = True
+
+
+def joint_noise_multiplier(noise_multiplier: float, releases_per_step: int) -> float:
+    """The noise multiplier of the one mechanism that ``releases_per_step`` private networks
+    stepping on the same Poisson batch form together.
+
+    Each network clips every record's gradient to C and adds N(0, σ²C²) per coordinate.
+    Stacked, the k noisy sums are one Gaussian mechanism whose sensitivity is √k·C with
+    the same per-coordinate noise: multiplier σ/√k, one subsampled release per step.
+    Counting them as k independent subsampled releases under-counts ε (amplification
+    by sampling would be claimed k times for one draw of the batch).
+    """
+    return noise_multiplier / math.sqrt(releases_per_step)
 
 
 def privacy_generator(dp: DPSettings, seed: int, device: torch.device | str = "cpu") -> torch.Generator:

@@ -23,7 +23,13 @@ from medgan_core.errors import WeightsError
 from medgan_core.data.dataset import SINGLE, SiteData
 from medgan_core.models.weights import expected_shapes, group_arrays, load_group_arrays
 from medgan_core.privacy.accountant import SiteAccountant
-from medgan_core.privacy.dp_sgd import DPSettings, make_private, poisson_batch, privacy_generator
+from medgan_core.privacy.dp_sgd import (
+    DPSettings,
+    joint_noise_multiplier,
+    make_private,
+    poisson_batch,
+    privacy_generator,
+)
 from medgan_core.runtime import seeded
 
 
@@ -87,7 +93,8 @@ class Task(ABC):
 
     @property
     def dp_releases_per_step(self) -> int:
-        """Private networks updated per step on the same batch: each is one DP release."""
+        """Private networks updated per step on the same batch; together they are one
+        release of noise multiplier σ/√k (``joint_noise_multiplier``)."""
         return len(self.private_groups)
 
     def __init__(self, config: TaskConfig, device: torch.device | str = "cpu") -> None:
@@ -280,7 +287,11 @@ class GANTask(Task):
             size = min(self.config.batch_size, data.num_train)
             return torch.randint(0, data.num_train, (size,), generator=setup.rng)
         idx = poisson_batch(data.num_train, dp.sample_rate, setup.sampler)
-        if accountant is not None:
-            for _ in range(self.dp_releases_per_step):
-                accountant.step(dp.noise_multiplier, dp.sample_rate)
+        self.account_step(dp, accountant)
         return idx if idx.numel() else None
+
+    def account_step(self, dp: DPSettings, accountant: SiteAccountant | None) -> None:
+        """One step on one Poisson batch is one release of the joint mechanism of the private
+        networks that step on it (``joint_noise_multiplier``), however many there are."""
+        if accountant is not None:
+            accountant.step(joint_noise_multiplier(dp.noise_multiplier, self.dp_releases_per_step), dp.sample_rate)

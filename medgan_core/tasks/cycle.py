@@ -9,10 +9,11 @@ SSIM, MAE in HU) — the simulator can image one patient on both scanners, which
 makes the evaluation honest; the training never sees it.
 
 The two generators form one parameter group and so do the two discriminators: each is
-clipped as one vector per example, so under DP a step costs two releases, not four.
+clipped as one vector per example, so under DP two networks step on each record.
 Every step has an A phase and a B phase, each on its own Poisson batch of that
 domain's records and each with one update of both groups; a record is in one domain
-only, so per record a step is still two accounted releases (G and D) at the sample rate.
+only, so per record a step is one release of the joint G-and-D mechanism (noise
+multiplier σ/√2, ``joint_noise_multiplier``) at the sample rate.
 
 Each generator ends in a ``SiteCalibration`` (output gain and offset, the identity at
 start). Shared, it is part of the one model; with ``[aggregation] local-calibration`` each
@@ -86,9 +87,7 @@ class CycleTask(PairedImageTask):
         if dp is None:
             return {d: torch.randint(0, len(x), (min(self.config.batch_size, len(x)),), generator=s.rng)
                     for d, x in pools.items()}
-        if accountant is not None:
-            for _ in range(self.dp_releases_per_step):
-                accountant.step(dp.noise_multiplier, dp.sample_rate)
+        self.account_step(dp, accountant)  # each record is in one scanner's pool: one joint release
         return {d: poisson_batch(len(x), dp.sample_rate, s.sampler) for d, x in pools.items()}
 
     def _crops(self, images: torch.Tensor, rng: torch.Generator) -> torch.Tensor:

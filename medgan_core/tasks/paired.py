@@ -4,8 +4,8 @@ conditional PatchGAN discriminator, adversarial + L1 loss.
 Denoising and super-resolution share this: the generator maps a degraded image (low
 dose; bicubic-interpolated low resolution) to the original on the same grid, learning
 only the correction. Both networks read real images (the generator reads the degraded
-input), so under DP both train with DP-SGD on the same Poisson batch: two releases per
-step, both accounted.
+input), so under DP both train with DP-SGD on the same Poisson batch: per step one
+release of their joint mechanism (noise multiplier σ/√2), accounted once.
 """
 
 from __future__ import annotations
