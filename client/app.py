@@ -26,7 +26,14 @@ from medgan_core.config import (
     task_config_from_flat,
 )
 from medgan_core.runtime import resolve_device
-from medgan_core.site_round import load_site_model, shared_weights, train_site_round
+from client.site_errors import site_error_reply
+from medgan_core.site_round import (
+    load_site_model,
+    outgoing_eval_metrics,
+    outgoing_train_metrics,
+    shared_weights,
+    train_site_round,
+)
 from medgan_core.tasks import Task, build_task
 
 
@@ -51,13 +58,27 @@ def build_client_app(sites: Sequence[SiteConfig] | None = None, mods: Sequence[M
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        try:
+            return _train(msg, context)
+        except Exception as exc:  # noqa: BLE001 - one line leaves, the traceback stays in the site's log
+            return site_error_reply(msg, exc)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        try:
+            return _evaluate(msg, context)
+        except Exception as exc:  # noqa: BLE001
+            return site_error_reply(msg, exc)
+
+    def _train(msg: Message, context: Context) -> Message:
         task, site = prepare(msg, context)
         config = msg.content["config"]
         data = cached_site_data(site.data_path, task.config)
         server_round = int(config.get("server-round", 0))  # type: ignore[arg-type]
         aggregation = aggregation_config_from_flat(dict(config))
+        privacy = privacy_config_from_flat(dict(config))
         metrics = train_site_round(
-            task, data, site, privacy_config_from_flat(dict(config)),
+            task, data, site, privacy,
             planned_rounds=int(config.get("planned-rounds", 1)),  # type: ignore[arg-type]
             study_id=str(config.get("study-id", "default")),
             seed=site_seed(task.config.seed, server_round, site.data_path),
@@ -65,11 +86,10 @@ def build_client_app(sites: Sequence[SiteConfig] | None = None, mods: Sequence[M
             server_round=server_round,
         )
         weights, shapes = shared_weights(task, aggregation)  # local arrays stay here
-        content = train_reply(weights, shapes, metrics, data.num_train)
+        content = train_reply(weights, shapes, outgoing_train_metrics(task, metrics, privacy.enabled), data.num_train)
         return Message(content=content, reply_to=msg)
 
-    @app.evaluate()
-    def evaluate(msg: Message, context: Context) -> Message:
+    def _evaluate(msg: Message, context: Context) -> Message:
         task, site = prepare(msg, context)
         config = msg.content["config"]
         load_site_model(  # a site evaluates its own model: the global one plus its local arrays
@@ -79,7 +99,8 @@ def build_client_app(sites: Sequence[SiteConfig] | None = None, mods: Sequence[M
             training=False,
         )
         data = cached_site_data(site.data_path, task.config)
-        return Message(content=evaluate_reply(task.evaluate(data), int(data.test.shape[0])), reply_to=msg)
+        scores = outgoing_eval_metrics(task, task.evaluate(data) if site.release_test_metrics else {}, site)
+        return Message(content=evaluate_reply(scores, int(data.test.shape[0])), reply_to=msg)
 
     return app
 

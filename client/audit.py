@@ -5,7 +5,10 @@ Whatever the training code does, a reply leaves the site only if it holds
   the global model the server sent (weights, never images or per-sample values), floats
   only; arrays may be withheld (local groups and normalisation layers stay at the site);
 * for evaluation: no arrays at all;
-* exactly one MetricRecord of finite scalars (no lists), and nothing else.
+* exactly one MetricRecord of at most ``MAX_METRICS`` finite scalars (no lists) whose
+  names the task declares (``Task.train_metrics``/``eval_metrics``) or the privacy
+  bookkeeping (``PRIVACY_METRICS``); under DP a training reply carries only the latter,
+  and nothing else.
 Anything else is blocked, logged at the site, and replaced by an error reply that says
 why, so the coordinator leaves the site out of the round.
 """
@@ -20,7 +23,30 @@ from flwr.app import Context, Error, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore import log
 
+from client.payload import NUM_EXAMPLES
+from medgan_core.errors import MedGANError
+from medgan_core.site_round import PRIVACY_METRICS
+from medgan_core.tasks.registry import task_class
+
 AUDIT_BLOCKED = 4031  # error code of a reply the audit refused to send
+MAX_METRICS = 64  # far above any task's declared scalars; a slice of 4096 pixels cannot pass
+
+
+def allowed_metric_names(request: Message) -> frozenset[str] | None:
+    """The metric names a reply to ``request`` may carry (None: the request names no known task)."""
+    config = request.content.config_records.get("config")
+    if config is None or "task.name" not in config:
+        return None
+    try:
+        task = task_class(str(config["task.name"]))
+    except MedGANError:
+        return None
+    if request.metadata.message_type == MessageType.TRAIN:
+        private = bool(config.get("privacy.enabled", True))
+        names = PRIVACY_METRICS if private else PRIVACY_METRICS | task.train_metrics
+    else:
+        names = task.eval_metrics
+    return names | {NUM_EXAMPLES}
 
 
 def audit_problems(request: Message, reply: Message) -> list[str]:
@@ -32,10 +58,20 @@ def audit_problems(request: Message, reply: Message) -> list[str]:
     metric_records = list(content.metric_records.values())
     if len(metric_records) != 1:
         problems.append(f"expected one metric record, found {len(metric_records)}")
+    allowed = allowed_metric_names(request)
+    if allowed is None:
+        problems.append("the request names no known task, so no metric is declared")
     for record in metric_records:
+        if len(record) > MAX_METRICS:
+            problems.append(f"{len(record)} metrics; at most {MAX_METRICS} may leave")
+        undeclared = sorted(set(record) - (allowed or frozenset()))
+        if undeclared:
+            problems.append(f"metrics not declared for this reply: {undeclared[:5]}"
+                            + (f" and {len(undeclared) - 5} more" if len(undeclared) > 5 else ""))
         for name, value in record.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 problems.append(f"metric {name!r} is not a finite scalar")
+                break
     expected = {}
     if request.metadata.message_type == MessageType.TRAIN:
         incoming = list(request.content.array_records.values())

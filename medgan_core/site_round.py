@@ -161,3 +161,25 @@ def _save_state(task: Task, state: SiteState | None, aggregation: AggregationCon
     weights = task.get_weights()
     optimizer = task.optimizer_state() if aggregation.keep_optimizer_state else {}
     state.save(server_round, {name: weights[name] for name in sorted(local)}, optimizer)
+
+
+#: What the privacy design lets a DP site send from training: bookkeeping of the mechanism
+#: itself (public settings and ε), nothing computed from its images.
+PRIVACY_METRICS = frozenset({"dp", "epsilon", "epsilon-budget", "delta", "noise-multiplier", "max-grad-norm",
+                             "sample-rate", "dp-steps"})
+
+
+def outgoing_train_metrics(task: Task | type[Task], metrics: dict[str, float], private: bool) -> dict[str, float]:
+    """The training scalars a site sends. Under DP only ``PRIVACY_METRICS``: losses and D
+    scores are functions of the site's images outside the DP-SGD mechanism, so they stay
+    in the site's log; without DP the task's declared ``train_metrics`` too."""
+    allowed = PRIVACY_METRICS if private else PRIVACY_METRICS | task.train_metrics
+    return {k: v for k, v in metrics.items() if k in allowed}
+
+
+def outgoing_eval_metrics(task: Task | type[Task], metrics: dict[str, float], site: SiteConfig) -> dict[str, float]:
+    """Held-out scores leave only where the site's policy allows it (``release-test-metrics``):
+    they are computed from its test patients, whom ε (of the training records) does not cover."""
+    if not site.release_test_metrics:
+        return {}
+    return {k: v for k, v in metrics.items() if k in task.eval_metrics}

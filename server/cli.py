@@ -149,11 +149,11 @@ def _run_demo(study: StudyConfig, verbose: bool) -> None:
     first_swd: dict[str, float] = {}
 
     def show(summary: RoundSummary) -> None:
-        swd = summary.evaluate.get("swd")
+        swd = summary.evaluate.get("swd")  # absent where sites keep held-out scores to themselves
         if swd is not None:
             first_swd.setdefault("swd", swd)
         parts = [f"Round {summary.server_round:>2}/{summary.rounds}", f"sites {summary.sites_ok}/{len(sites)}"]
-        if summary.train:
+        if "loss-d" in summary.train and "loss-g" in summary.train:  # sent only without DP
             parts.append(f"D {summary.train['loss-d']:.3f} · G {summary.train['loss-g']:.3f}")
         if swd is not None:
             parts.append(f"held-out SWD {swd:.4f} (round 0: {first_swd['swd']:.4f})")

@@ -57,6 +57,14 @@ def privacy_report(folder: RunFolder) -> str:
             + (f"; noise multiplier fixed at σ = {privacy.noise_multiplier:g}." if privacy.noise_multiplier > 0
                else "; each site derives σ from its own sample rate."),
             f"- Noise and sampling randomness: {'OS entropy' if privacy.secure_rng else '**seeded (testing only: not private)**'}.",
+            "- **What ε covers**: every training record of a site, through everything the site sent from "
+            "training — its weight updates and the mechanism's own bookkeeping (ε, δ, σ, C, q, step count). "
+            "Private networks that step on the same Poisson batch are accounted as one mechanism "
+            "(noise multiplier σ/√k for k networks; σ in the table is each network's). Under DP a site sends "
+            "no training losses or discriminator scores.",
+            "- **What ε does not cover**: the number of records (`num-examples`, needed for weighted averaging) and "
+            "held-out scores computed on a site's *test* patients, which leave only where the site's policy allows "
+            "them (`release-test-metrics`: on in simulation, off by default in a hospital's site.toml).",
         ]
     if privacy.central_noise_multiplier > 0:
         lines.append(f"- Central DP on the aggregate: clipping {privacy.central_clipping_norm:g}, "

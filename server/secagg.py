@@ -33,7 +33,7 @@ from medgan_core.config import SiteConfig, StudyConfig, privacy_config_from_flat
 from medgan_core.errors import ConfigError
 from medgan_core.privacy.dp_sgd import validate_private_modules
 from medgan_core.runtime import resolve_device
-from medgan_core.site_round import train_site_round
+from medgan_core.site_round import outgoing_eval_metrics, outgoing_train_metrics, train_site_round
 from medgan_core.tasks import Task, build_task
 from server.report import write_report
 from server.run_folder import RunFolder
@@ -63,21 +63,25 @@ class SiteNumPyClient(NumPyClient):
     def fit(self, parameters: list[np.ndarray], config: dict[str, Scalar]) -> tuple[list[np.ndarray], int, dict]:
         task = self._task(parameters, config)
         data = cached_site_data(self.site.data_path, task.config)
+        privacy = privacy_config_from_flat(config)
         metrics = train_site_round(
-            task, data, self.site, privacy_config_from_flat(config),
+            task, data, self.site, privacy,
             planned_rounds=int(config["planned-rounds"]), study_id=str(config["study-id"]),
             seed=site_seed(task.config.seed, int(config["server-round"]), self.site.data_path),
             server_round=int(config["server-round"]),
         )
         weights = task.get_weights()
         check_arrays(weights, task.weight_shapes(), "local update")
-        return [weights[n] for n in ordered_names(task)], data.num_train, metrics
+        sent = outgoing_train_metrics(task, metrics, privacy.enabled)  # the same release rule as the plain path
+        return [weights[n] for n in ordered_names(task)], data.num_train, sent
 
     def evaluate(self, parameters: list[np.ndarray], config: dict[str, Scalar]) -> tuple[float, int, dict]:
         task = self._task(parameters, config)
         data = cached_site_data(self.site.data_path, task.config)
-        metrics = task.evaluate(data)
-        return float(metrics["swd"]), int(data.test.shape[0]), metrics
+        scores = task.evaluate(data) if self.site.release_test_metrics else {}
+        metrics = outgoing_eval_metrics(task, scores, self.site)
+        # the legacy API wants a "loss": the task's headline score where the site releases it
+        return float(metrics.get(task.headline_metric, 0.0)), int(data.test.shape[0]), metrics
 
 
 def build_secagg_client_app(sites: Sequence[SiteConfig] | None = None) -> ClientApp:

@@ -145,7 +145,8 @@ class GroupedFedAvg(FedAvg):
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
-                self._exclude(server_round, node, f"site error: {msg.error.reason}")
+                reason = " ".join(str(msg.error.reason).split())[:300]  # one line, bounded, whatever the site sent
+                self._exclude(server_round, node, f"site error: {reason}")
                 continue
             content = msg.content
             try:

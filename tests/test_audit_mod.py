@@ -14,8 +14,9 @@ from client.audit import AUDIT_BLOCKED, audit_outgoing_mod
 GLOBAL = {"generator.w": np.zeros((3, 3), np.float32), "discriminator.b": np.zeros(2, np.float32)}
 
 
-def _request(kind: str) -> Message:
-    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in GLOBAL.items()}), "config": ConfigRecord({})})
+def _request(kind: str, private: bool = True) -> Message:
+    config = ConfigRecord({"task.name": "synthesis", "privacy.enabled": private})
+    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in GLOBAL.items()}), "config": config})
     metadata = Metadata(run_id=1, message_id="m1", src_node_id=0, dst_node_id=7, reply_to_message_id="",
                         group_id="", created_at=time.time(), ttl=3600.0, message_type=kind)
     return Message(content, metadata=metadata)
@@ -44,7 +45,7 @@ def _weights(**extra: np.ndarray) -> ArrayRecord:
 
 
 def test_a_proper_update_leaves() -> None:
-    app = _app(lambda: RecordDict({"arrays": _weights(), "metrics": MetricRecord({"num-examples": 4, "loss": 0.3})}))
+    app = _app(lambda: RecordDict({"arrays": _weights(), "metrics": MetricRecord({"num-examples": 4, "epsilon": 0.3})}))
     reply = app(_request(MessageType.TRAIN), _context())
     assert not reply.has_error()
     np.testing.assert_array_equal(reply.content["arrays"]["generator.w"].numpy(), np.full((3, 3), 0.5, np.float32))

@@ -85,6 +85,11 @@ class Task(ABC):
     target_loss_keys: ClassVar[frozenset[str]] = frozenset()
     #: Whether ``task.crop-size`` applies: training on random crops of each slice.
     trains_on_crops: ClassVar[bool] = False
+    #: Every scalar ``train`` may report (the outgoing audit allows no other name).
+    train_metrics: ClassVar[frozenset[str]] = frozenset()
+    #: Every scalar ``evaluate`` may report, and the one the CLI and reports lead with.
+    eval_metrics: ClassVar[frozenset[str]] = frozenset()
+    headline_metric: ClassVar[str] = ""
 
     @classmethod
     def data_kind_for(cls, config: TaskConfig) -> str:

@@ -38,6 +38,8 @@ def balanced_accuracy(predicted: torch.Tensor, truth: torch.Tensor) -> float:
 
 class ConditionalSynthesisTask(SynthesisTask):
     name = "conditional"
+    eval_metrics = SynthesisTask.eval_metrics | {"grade-accuracy", "grade-accuracy-real", "severity-mae",
+                                                 "severity-mae-real"}
     data_kind = CONDITIONAL
 
     @property

@@ -49,6 +49,7 @@ OTHER = {"a": "b", "b": "a"}
 
 class CycleTask(PairedImageTask):
     name = "cycle"
+    train_metrics = frozenset({"loss-d", "loss-g", "loss-cycle", "loss-tv", "loss-identity"})
     data_kind = SCANNER_B_UNPAIRED
     target_loss_keys: ClassVar[frozenset[str]] = frozenset()  # unpaired: no target to compare with
     trains_on_crops = True  # every loss is per pixel or per patch, none needs the whole slice

@@ -32,6 +32,9 @@ class PairedImageTask(GANTask):
     """Degraded input -> original, evaluated against the original on held-out pairs."""
 
     private_groups = ("generator", "discriminator")
+    train_metrics = frozenset({"loss-d", "loss-g", "loss-l1", "loss-ssim"})
+    eval_metrics = frozenset({"mae-hu", "psnr", "psnr-input", "ssim", "ssim-input"})
+    headline_metric = "psnr"
     preview_columns = 3
     preview_count = 4
     #: Channels of the degraded input (the discriminator sees them beside the candidate).

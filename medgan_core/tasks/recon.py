@@ -27,6 +27,7 @@ def nmse(output: torch.Tensor, target: torch.Tensor) -> float:
 
 class ReconTask(PairedImageTask):
     name = "recon"
+    eval_metrics = frozenset({"nmse", "nmse-input", "psnr", "psnr-input", "ssim", "ssim-input"})
     input_channels = 3  # zero-filled real, imaginary, sampling mask
 
     @classmethod

@@ -23,6 +23,9 @@ class SynthesisTask(GANTask):
 
     name = "synthesis"
     private_groups = ("discriminator",)
+    train_metrics = frozenset({"loss-d", "loss-g", "d-real", "d-fake"})
+    eval_metrics = frozenset({"swd", "intensity-w1", "fid", "kid"})
+    headline_metric = "swd"
 
     def build_networks(self) -> tuple[DCGANGenerator, DCGANDiscriminator]:
         cfg = self.config
