@@ -7,13 +7,15 @@ the state folder for the privacy accountant.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from medgan_core.config import ConnectionConfig, SiteConfig
 from medgan_core.credentials import check_certificate, check_private_key
 from medgan_core.data.manifest import read_manifest
 from medgan_core.errors import ConfigError, MedGANError
-from medgan_core.runtime import flower_tool, offline_env
+from client.supernode_guard import app_hash, check_hashes
+from medgan_core.runtime import APP_DIR, offline_env
 
 
 def check_site(site: SiteConfig, connection: ConnectionConfig) -> None:
@@ -53,8 +55,10 @@ def supernode_command(
     for value in (site.data_path, site.state_dir, site.site_name):
         if '"' in value:
             raise MedGANError(f"{value!r}: paths and names may not contain double quotes")
+    approved = check_hashes(site.app_hash.split(",")) if site.app_hash.strip() else (app_hash(APP_DIR),)
     return [
-        flower_tool("flower-supernode"),
+        sys.executable, "-m", "client.supernode_guard",  # runs only study apps this site approved
+        "--app-hash", ",".join(approved), "--",
         "--superlink", connection.superlink,
         "--root-certificates", connection.ca_cert,
         "--auth-supernode-private-key", connection.private_key,

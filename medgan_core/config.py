@@ -309,6 +309,7 @@ class SiteConfig:
     require_secure_rng: bool = False
     max_delta: float = MAX_DELTA
     release_test_metrics: bool = True  # held-out scores (of the test split, outside ε) may leave
+    app_hash: str = ""  # deployed: study-app SHA-256s this site runs, comma-separated ("": the app installed here)
 
     @property
     def site_name(self) -> str:
@@ -378,10 +379,30 @@ class CoordinatorConfig:
     port: int = 8000
     certs_dir: str = "certs"  # ca.crt, server.pem, server.key from `medgan certs init`
     database: str = "coordinator/state.db"
+    control_from: str = "127.0.0.1,::1"  # addresses that may use the Control API (register, run): this host
+
+    @property
+    def control_addresses(self) -> list[str]:
+        return [a.strip() for a in self.control_from.split(",") if a.strip()]
+
+    @property
+    def local_address(self) -> str:
+        """Where the coordinator's own commands reach the SuperLink: loopback when it listens there."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "localhost", "127.0.0.1") else self.host
+        return f"{host}:{self.port}"
 
     def validate(self) -> "CoordinatorConfig":
         if not 1024 <= self.port <= 65535:
             raise ConfigError(f"coordinator.port = {self.port}; choose a free port from 1024 to 65535")
+        import ipaddress
+
+        for address in self.control_addresses:
+            try:
+                ipaddress.ip_address(address)
+            except ValueError:
+                raise ConfigError(f"coordinator.control-from: {address!r} is not an IP address") from None
+        if not self.control_addresses:
+            raise ConfigError("coordinator.control-from is empty; the coordinator could not register sites")
         return self
 
     @property

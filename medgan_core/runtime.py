@@ -41,6 +41,10 @@ def seeded(seed: int) -> Iterator[None]:
             random.setstate(py_state)
 
 
+#: The Flower app (pyproject.toml with [tool.flwr.app]): what ``flwr run`` bundles and a site approves.
+APP_DIR = Path(__file__).resolve().parents[1]
+
+
 def flower_tool(name: str) -> str:
     """A Flower executable from this Python environment (works without an activated venv)."""
     candidate = Path(sys.executable).parent / name

@@ -25,15 +25,25 @@ def build_server_app(
     *,
     progress: Callable[[RoundSummary], None] | None = None,
     on_train_replies: Callable[[int, list[Message]], None] | None = None,
+    failures: list[BaseException] | None = None,
 ) -> ServerApp:
-    """A ServerApp for ``study`` (or, when None, for the run config Flower passes in)."""
+    """A ServerApp for ``study`` (or, when None, for the run config Flower passes in).
+
+    With ``failures`` given, an error that ends the study is appended there instead of
+    raised into Flower (which would print its traceback and carry on): the caller raises
+    it after the simulation, and the CLI reports it in one line."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        config = study if study is not None else StudyConfig.from_flat(context.run_config)
-        folder = RunFolder(Path(run_dir) if run_dir is not None else Path(config.run.out_dir))
-        run_study(grid, config, folder, progress=progress, on_train_replies=on_train_replies)
+        try:
+            config = study if study is not None else StudyConfig.from_flat(context.run_config)
+            folder = RunFolder(Path(run_dir) if run_dir is not None else Path(config.run.out_dir))
+            run_study(grid, config, folder, progress=progress, on_train_replies=on_train_replies)
+        except BaseException as exc:
+            if failures is None:
+                raise
+            failures.append(exc)
 
     return app
 

@@ -240,6 +240,18 @@ def site_keys(
     console.print(f"public key (send to the coordinator): {public}")
 
 
+@app.command("app-hash")
+def app_hash_command() -> None:
+    """The SHA-256 of the study app this checkout would run: what a site pins in site.toml ([site] app-hash)."""
+    from client.supernode_guard import app_hash
+    from medgan_core.runtime import APP_DIR
+
+    try:
+        console.print(app_hash(APP_DIR))
+    except MedGANError as exc:
+        _fail(exc)
+
+
 @site_app.command("start")
 def site_start(config: Path = typer.Option(..., "--config", help="The site's site.toml.")) -> None:
     """Check the site's data, certificate and key, then run its SuperNode (Ctrl+C stops it)."""

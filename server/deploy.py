@@ -10,6 +10,7 @@ Every check raises a MedGANError naming the file and what to do.
 from __future__ import annotations
 
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +19,10 @@ import tomli_w
 
 from medgan_core.config import CoordinatorConfig, StudyConfig
 from medgan_core.credentials import check_certificate, check_private_key, check_public_key
-from medgan_core.runtime import flower_tool, offline_env
+from medgan_core.runtime import APP_DIR, flower_tool, offline_env
 
 FEDERATION = "study"  # the name of the SuperLink connection in our FLWR_HOME config
-PROJECT_DIR = Path(__file__).resolve().parents[1]  # the Flower app (pyproject.toml with [tool.flwr.app])
+PROJECT_DIR = APP_DIR  # the Flower app (pyproject.toml with [tool.flwr.app])
 
 
 # --- coordinator -----------------------------------------------------------------------
@@ -50,7 +51,8 @@ def superlink_command(config: CoordinatorConfig) -> tuple[list[str], dict[str, s
     files.database.parent.mkdir(parents=True, exist_ok=True)
     env = offline_env({"FLWR_HOME": str(files.database.parent / "superlink-home")})
     return [
-        flower_tool("flower-superlink"),
+        sys.executable, "-m", "server.superlink_guard",  # Flower's SuperLink, Control API for this host only
+        "--control-from", ",".join(config.control_addresses), "--",
         "--ssl-ca-certfile", str(files.ca_cert),
         "--ssl-certfile", str(files.server_cert),
         "--ssl-keyfile", str(files.server_key),
@@ -66,7 +68,7 @@ def flwr_home(config: CoordinatorConfig) -> Path:
     """An FLWR_HOME whose connection ``study`` points at this SuperLink over TLS."""
     home = Path(config.database).parent / "flwr-home"
     home.mkdir(parents=True, exist_ok=True)
-    connection = {"address": config.address, "root-certificates": str(Path(config.certs_dir) / "ca.crt")}
+    connection = {"address": config.local_address, "root-certificates": str(Path(config.certs_dir) / "ca.crt")}
     (home / "config.toml").write_text(tomli_w.dumps({"superlink": {"default": FEDERATION, FEDERATION: connection}}))
     return home
 

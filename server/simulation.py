@@ -57,12 +57,14 @@ def simulate_federation(
     level = flwr_logger.level
     if not verbose:
         flwr_logger.setLevel(logging.ERROR)
+    failures: list[BaseException] = []
     try:
         if study.privacy.secagg:
             server_app = build_secagg_server_app(study, run_dir, progress)
             client_app = build_secagg_client_app(sites)
         else:
-            server_app = build_server_app(study, run_dir, progress=progress, on_train_replies=on_train_replies)
+            server_app = build_server_app(study, run_dir, progress=progress, on_train_replies=on_train_replies,
+                                          failures=failures)
             client_app = build_client_app(sites, client_mods)
         run_simulation(
             server_app=server_app,
@@ -73,6 +75,8 @@ def simulate_federation(
         )
     finally:
         flwr_logger.setLevel(level)
+    if failures:  # the study itself failed: say so (one line at the CLI), do not return as if done
+        raise failures[0]
     return Path(run_dir)
 
 

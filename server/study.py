@@ -19,6 +19,7 @@ from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from medgan_core.config import StudyConfig
+from medgan_core.errors import MedGANError
 from medgan_core.privacy.dp_sgd import validate_private_modules
 from medgan_core.sharing import local_array_names
 from medgan_core.tasks import Task, build_task
@@ -36,6 +37,13 @@ from strategies.grouped_fedavg import (
     weighted_metrics,
 )
 
+
+
+NODE_RETURN_WAIT = 60.0  # seconds a round waits for a site that dropped out to reconnect
+
+
+class StudyFailed(MedGANError):
+    """A study ran to its end without one round that updated the model."""
 
 
 @dataclass
@@ -80,6 +88,9 @@ def _run_study(
     if study.privacy.enabled:
         validate_private_modules(task.private_modules)  # refuse before any site trains
     strategy = _strategy(study, task, on_train_replies)
+    # Every wait is bounded: the federation may take the round timeout to assemble; a site
+    # lost later is waited for at most a minute before the round goes on without it.
+    strategy.set_node_waits(study.run.round_timeout, min(NODE_RETURN_WAIT, study.run.round_timeout))
     if study.run.resume:
         last_round, resumed = folder.resume_point()
         task.set_weights(resumed, source=f"checkpoint of round {last_round}")
@@ -116,6 +127,10 @@ def _run_study(
             progress(summary)
 
     write_report(folder, study)
+    trained = [strategy.rounds.get(r) for r in range(max(first_round, 1), study.run.rounds + 1)]
+    if trained and not any(log is not None and log.train and not log.failed for log in trained):
+        raise StudyFailed(f"the study ended without one usable round: no site sent a usable update (reasons in "
+                          f"{folder.metrics}); the model was not trained")
     return arrays_from_record(arrays)
 
 
@@ -193,6 +208,7 @@ def record_round(
             "excluded": log.excluded,
             "central-noise-std": log.central_noise_std,
             "round-failed": log.failed,
+            **({"sites-connected": log.waited} if log.waited else {}),
             "update-norm": _update_norms(current, previous),
             "checkpoint": str(checkpoint.relative_to(folder.root)),
             "samples": str(samples.relative_to(folder.root)),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 from dataclasses import dataclass, field
 from logging import WARNING
 from typing import Callable, Iterable, Mapping, Sequence
@@ -50,6 +51,7 @@ class RoundLog:
     excluded: list[dict[str, str | int]] = field(default_factory=list)
     central_noise_std: float = 0.0
     failed: str = ""  # why the round left the model unchanged, if it did
+    waited: str = ""  # fewer sites than required were connected when the bounded wait ended
 
 
 def arrays_from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -114,6 +116,11 @@ class GroupedFedAvg(FedAvg):
             else None
         )
         self.min_answer_fraction = min_answer_fraction
+        # Bounded waits for sites to be connected (Flower's own sampling waits forever):
+        # the first round waits up to ``first_node_wait`` for the federation to assemble,
+        # later rounds ``node_wait`` for a site that dropped out to come back.
+        self.first_node_wait, self.node_wait = 3600.0, 60.0
+        self._waited_once = False
         self.rounds: dict[int, RoundLog] = {}
         self._current: dict[str, np.ndarray] = {}
         self._sampled: set[int] = set()
@@ -126,15 +133,53 @@ class GroupedFedAvg(FedAvg):
         if arrays:
             raise WeightsError("this run's server optimiser is fedavg, but the checkpoint holds server-optimiser moments")
 
+    def set_node_waits(self, first: float, later: float) -> None:
+        self.first_node_wait, self.node_wait = float(first), float(later)
+
+    def _connected(self, server_round: int, grid: Grid) -> list[int]:
+        """The connected nodes once ``min_available_nodes`` are, or when the bounded wait ends."""
+        wait = self.node_wait if self._waited_once else self.first_node_wait
+        self._waited_once = True
+        deadline = time.monotonic() + wait
+        while len(nodes := list(grid.get_node_ids())) < self.min_available_nodes and time.monotonic() < deadline:
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+        if len(nodes) < self.min_available_nodes:
+            note = f"only {len(nodes)} of {self.min_available_nodes} sites connected after waiting {wait:g} s"
+            log(WARNING, "round %d: %s; going on with those", server_round, note)
+            self._log(server_round).waited = note
+        return nodes
+
+    def _within_connected(self, server_round: int, grid: Grid, configure: Callable[[], Iterable[Message]]) -> list[Message]:
+        """Run Flower's configure step with its node minimums capped at the connected nodes, so
+        its sampling never waits past our bounded wait."""
+        connected = len(self._connected(server_round, grid))
+        if connected == 0:
+            return []
+        saved = (self.min_available_nodes, self.min_train_nodes, self.min_evaluate_nodes)
+        self.min_available_nodes = min(self.min_available_nodes, connected)
+        self.min_train_nodes = min(self.min_train_nodes, connected)
+        self.min_evaluate_nodes = min(self.min_evaluate_nodes, connected)
+        try:
+            return list(configure())
+        finally:
+            self.min_available_nodes, self.min_train_nodes, self.min_evaluate_nodes = saved
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._current = arrays_from_record(arrays)  # the reference for central-DP clipping
         if self.central is not None:
             self.central.start_round(server_round)
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        messages = self._within_connected(
+            server_round, grid, lambda: super(GroupedFedAvg, self).configure_train(server_round, arrays, config, grid))
         self._sampled = {m.metadata.dst_node_id for m in messages}
         return messages
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self._within_connected(
+            server_round, grid, lambda: super(GroupedFedAvg, self).configure_evaluate(server_round, arrays, config, grid))
 
     def _log(self, server_round: int) -> RoundLog:
         return self.rounds.setdefault(server_round, RoundLog())
@@ -169,8 +214,13 @@ class GroupedFedAvg(FedAvg):
         return accepted
 
     def _exclude(self, server_round: int, node: int, reason: str) -> None:
+        """Record that ``node`` is left out of this round: once, with the first reason (a site
+        that failed training usually fails evaluation the same way)."""
+        excluded = self._log(server_round).excluded
+        if any(entry["node"] == node for entry in excluded):
+            return
         log(WARNING, "round %d: leaving out node %d: %s", server_round, node, reason)
-        self._log(server_round).excluded.append({"node": node, "reason": reason})
+        excluded.append({"node": node, "reason": reason})
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

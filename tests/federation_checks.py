@@ -16,10 +16,10 @@ from server.checkpoints import load_checkpoint
 from server.simulation import simulate_federation
 
 
-def run_paired_task(sites: list[Path], run_dir: Path, releases_per_step: int = 2, **task: Any) -> list[dict[str, Any]]:
+def run_paired_task(sites: list[Path], run_dir: Path, **task: Any) -> list[dict[str, Any]]:
     """2 sites × 2 rounds of ``task`` (DP on, seeded); returns the metrics lines after checking
-    the accounted DP steps (``releases_per_step``: networks trained with DP-SGD), that round
-    2's aggregate is the sample-weighted mean of the replies and that a grid was written."""
+    the accounted DP steps (one joint release of G and D per step), that round 2's aggregate
+    is the sample-weighted mean of the replies and that a grid was written."""
     study = StudyConfig().replace(
         run={"rounds": 2, "num_sites": 2, "device": "cpu"},
         task={"batch_size": 8, "local_steps": 3, "width": 8, **task},
@@ -28,7 +28,7 @@ def run_paired_task(sites: list[Path], run_dir: Path, releases_per_step: int = 2
     received: dict[int, list[Message]] = {}
     simulate_federation(study, sites, run_dir, on_train_replies=lambda rnd, replies: received.__setitem__(rnd, replies))
     records = read_jsonl(run_dir / "metrics.jsonl")
-    assert all(s["train"]["dp-steps"] == releases_per_step * 2 * 3 for s in records[2]["sites"])  # 2 rounds x 3 steps
+    assert all(s["train"]["dp-steps"] == 2 * 3 for s in records[2]["sites"])  # 2 rounds x 3 steps
     updates = [({k: v.numpy() for k, v in m.content["arrays"].items()}, float(m.content["metrics"]["num-examples"]))
                for m in received[2]]
     start, _ = load_checkpoint(run_dir / "checkpoints" / "round-000.safetensors")

@@ -117,6 +117,6 @@ def test_evaluation_and_preview_rows(tiny_sites: list[Path]) -> None:
 def test_conditional_federated_two_sites_two_rounds(tiny_sites: list[Path], tmp_path: Path) -> None:
     from federation_checks import run_paired_task, site_metrics
 
-    records = run_paired_task(tiny_sites, tmp_path / "run", releases_per_step=1, name="conditional", image_size=16,
+    records = run_paired_task(tiny_sites, tmp_path / "run", name="conditional", image_size=16,
                               z_dim=16, eval_samples=32)
     assert all({"fid", "kid", "grade-accuracy"} <= set(m) for m in site_metrics(records))

@@ -17,7 +17,22 @@ from medgan_core.credentials import init_certificates, site_key_pair
 from medgan_core.fileio import read_jsonl
 from server.deploy import register_command, submit_study, superlink_command
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.security]
+
+
+def _post_from(source_ip: str, port: int, path: str, ca: Path) -> int:
+    """POST to the SuperLink over TLS from ``source_ip`` (127.0.0.2 plays a stranger on the network)."""
+    import http.client
+    import ssl
+
+    context = ssl.create_default_context(cafile=str(ca))
+    connection = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=20,
+                                             source_address=(source_ip, 0))
+    try:
+        connection.request("POST", path, body=b"{}", headers={"content-type": "application/json"})
+        return connection.getresponse().status
+    finally:
+        connection.close()
 
 
 def _free_port() -> int:
@@ -111,25 +126,36 @@ def processes(tmp_path: Path):  # type: ignore[no-untyped-def]
 def test_tls_federation_with_node_auth(tiny_sites: list[Path], tmp_path: Path, processes: Processes) -> None:
     certs = init_certificates(tmp_path / "certs", ["localhost", "127.0.0.1"])
     other_ca = init_certificates(tmp_path / "other-ca", ["127.0.0.1"])
-    keys = {name: site_key_pair(tmp_path / "keys", name) for name in ("site-a", "site-b", "rogue", "no-ca")}
+    keys = {name: site_key_pair(tmp_path / "keys", name) for name in ("site-a", "site-b", "rogue", "no-ca", "pinned")}
     coordinator = CoordinatorConfig(port=_free_port(), certs_dir=str(tmp_path / "certs"),
                                     database=str(tmp_path / "coordinator" / "state.db"))
     superlink, superlink_log = processes.start("superlink", superlink_command(coordinator))
     _wait_for_port(coordinator.port, superlink, superlink_log)
-    for name in ("site-a", "site-b", "no-ca"):  # "rogue" is never registered
+    # Anyone who reaches the port and holds the public ca.crt: the Control API (register a key,
+    # submit a study) refuses them; the Fleet API and the health check answer; the coordinator
+    # host itself is served.
+    for path in ("/v1/control/register-node", "/v1/control/start-run", "/v1/runtime/pull-messages"):
+        assert _post_from("127.0.0.2", coordinator.port, path, certs.ca_cert) == 403, path
+        assert _post_from("127.0.0.1", coordinator.port, path, certs.ca_cert) != 403, path
+    assert _post_from("127.0.0.2", coordinator.port, "/v1/fleet/get-run", certs.ca_cert) != 403
+    assert "refused POST /v1/control/register-node from 127.0.0.2" in superlink_log.read_text()
+    for name in ("site-a", "site-b", "no-ca", "pinned"):  # "rogue" is never registered
         command, env = register_command(coordinator, keys[name][1])
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stdout + done.stderr
 
-    def site(name: str, data: Path, ca: Path) -> tuple[SiteConfig, ConnectionConfig]:
-        return (SiteConfig(str(data), name=name, state_dir=str(tmp_path / "state" / name), device="cpu"),
+    def site(name: str, data: Path, ca: Path, pin: str = "") -> tuple[SiteConfig, ConnectionConfig]:
+        return (SiteConfig(str(data), name=name, state_dir=str(tmp_path / "state" / name), device="cpu",
+                           app_hash=pin),
                 ConnectionConfig(coordinator.address, str(ca), str(keys[name][0]), _free_port()))
 
     logs = {}
-    for name, data, ca in (("site-a", tiny_sites[0], certs.ca_cert), ("site-b", tiny_sites[1], certs.ca_cert),
-                           ("rogue", tiny_sites[0], certs.ca_cert), ("no-ca", tiny_sites[1], other_ca.ca_cert)):
-        _, logs[name] = processes.start(name, supernode_command(*site(name, data, ca)))
-    for name in ("site-a", "site-b"):
+    other_app = "ab" * 32  # "pinned" approved some other release of the app, not the one submitted
+    for name, data, ca, pin in (("site-a", tiny_sites[0], certs.ca_cert, ""), ("site-b", tiny_sites[1], certs.ca_cert, ""),
+                                ("rogue", tiny_sites[0], certs.ca_cert, ""), ("no-ca", tiny_sites[1], other_ca.ca_cert, ""),
+                                ("pinned", tiny_sites[0], certs.ca_cert, other_app)):
+        _, logs[name] = processes.start(name, supernode_command(*site(name, data, ca, pin)))
+    for name in ("site-a", "site-b", "pinned"):
         assert _wait_for_text(logs[name], "SuperNode ID", 60), logs[name].read_text()[-3000:]
 
     study = StudyConfig().replace(
@@ -140,7 +166,9 @@ def test_tls_federation_with_node_auth(tiny_sites: list[Path], tmp_path: Path, p
     records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert [r["round"] for r in records] == [0, 1, 2]
     for record in records[1:]:
-        assert len(record["sites"]) == 2 and not record["excluded"]
+        # the node that approved another app refused this one and was left out, once a round
+        assert len(record["sites"]) == 2 and len(record["excluded"]) == 1, record["excluded"]
+        assert "could not be verified" in record["excluded"][0]["reason"]
         assert all(0 < s["train"]["epsilon"] <= 8 for s in record["sites"])
     for name in ("site-a", "site-b"):  # each site kept its own accountant
         assert list((tmp_path / "state" / name).glob("accountant-*.json"))
@@ -151,3 +179,6 @@ def test_tls_federation_with_node_auth(tiny_sites: list[Path], tmp_path: Path, p
     assert "CERTIFICATE_VERIFY_FAILED" in no_ca and "SuperNode ID" not in no_ca, no_ca[-2000:]
     assert not list((tmp_path / "state").glob("rogue/accountant-*.json"))
     assert not list((tmp_path / "state").glob("no-ca/accountant-*.json"))
+    pinned = logs["pinned"].read_text(errors="replace")
+    assert "refused study app" in pinned and "not an app this site approved" in pinned, pinned[-2000:]
+    assert not list((tmp_path / "state").glob("pinned/accountant-*.json"))

@@ -1,0 +1,113 @@
+"""Nothing stalls and nothing fails silently (issue 19, points 12 and 14).
+
+A lost site must not stall a study: every wait for sites is bounded, the round is still
+recorded and the exclusion names the lost site once. A study in which no site ever
+sent a usable update ends with a non-zero exit and one line, not a quiet success.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, Metadata
+
+from medgan_core.config import StudyConfig
+from server.run_folder import RunFolder
+from server.study import StudyFailed, run_study
+from strategies.grouped_fedavg import GroupedFedAvg
+
+pytestmark = pytest.mark.security
+
+
+@pytest.fixture(autouse=True)
+def _flower_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower's strategies read the task identity that a real ServerApp process sets."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name in ("_task_id", "_run_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
+
+
+def _metadata(src: int, dst: int, kind: str) -> Metadata:
+    return Metadata(run_id=1, message_id=f"{src}-{dst}", src_node_id=src, dst_node_id=dst, reply_to_message_id="",
+                    group_id="", created_at=time.time(), ttl=60.0, message_type=kind)
+
+
+def _error_from(node: int, kind: str, reason: str) -> Message:
+    return Message(Error(code=4030, reason=reason), metadata=_metadata(node, 0, kind))
+
+
+class FakeGrid:
+    """A Grid whose sites are ``alive``; those that are answer every message with ``reply``."""
+
+    def __init__(self, alive: list[int], reply=None) -> None:  # type: ignore[no-untyped-def]
+        self.alive, self.reply, self.sent = alive, reply, []
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.alive)
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # type: ignore[no-untyped-def]
+        return Message(content, metadata=_metadata(0, dst_node_id, message_type))
+
+    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+        messages = list(messages)
+        self.sent.append(len(messages))
+        return [self.reply(m) for m in messages if m.metadata.dst_node_id in self.alive] if self.reply else []
+
+
+def test_sampling_waits_a_bounded_time_for_missing_sites() -> None:
+    strategy = GroupedFedAvg(["generator"], {"generator.w": (2,)}, min_available_nodes=3, min_train_nodes=3,
+                             min_evaluate_nodes=3)
+    strategy.set_node_waits(first=1.0, later=0.5)
+    arrays = ArrayRecord({"generator.w": Array(np.zeros(2, np.float32))})
+    grid = FakeGrid([11, 12])  # the third site was killed
+    started = time.monotonic()
+    messages = list(strategy.configure_train(1, arrays, ConfigRecord({}), grid))  # type: ignore[arg-type]
+    assert time.monotonic() - started < 5  # Flower's own sampling would wait forever here
+    assert sorted(m.metadata.dst_node_id for m in messages) == [11, 12]
+    assert "only 2 of 3 sites connected" in strategy.rounds[1].waited
+    started = time.monotonic()
+    assert len(list(strategy.configure_evaluate(1, arrays, ConfigRecord({}), grid))) == 2  # type: ignore[arg-type]
+    assert time.monotonic() - started < 3
+    assert (strategy.min_available_nodes, strategy.min_train_nodes) == (3, 3)  # restored for the next round
+
+
+def test_a_site_lost_mid_round_is_named_once_and_the_round_is_recorded() -> None:
+    strategy = GroupedFedAvg(["generator"], {"generator.w": (2,)}, min_available_nodes=2, min_train_nodes=2,
+                             min_evaluate_nodes=2)
+    strategy.set_node_waits(first=1.0, later=0.5)
+    arrays = ArrayRecord({"generator.w": Array(np.zeros(2, np.float32))})
+    grid = FakeGrid([11, 12])
+    messages = list(strategy.configure_train(1, arrays, ConfigRecord({}), grid))  # type: ignore[arg-type]
+    grid.alive = [11]  # node 12 dies before it answers
+    replies = [_error_from(11, messages[0].metadata.message_type, "line one\nline two " + "x" * 500)]
+    strategy.aggregate_train(1, replies)
+    strategy.aggregate_evaluate(1, [])
+    excluded = strategy.rounds[1].excluded
+    assert sorted(e["node"] for e in excluded) == [11, 12]  # each once
+    reason_11 = next(e["reason"] for e in excluded if e["node"] == 11)
+    assert "\n" not in reason_11 and len(reason_11) <= 320
+    assert "no reply" in next(e["reason"] for e in excluded if e["node"] == 12)
+    assert strategy.rounds[1].failed  # recorded: the model stayed as it was
+
+
+def test_a_study_without_one_usable_round_fails_loudly(tmp_path: Path) -> None:
+    study = StudyConfig().replace(
+        run={"rounds": 2, "num_sites": 2, "device": "cpu", "round_timeout": 2.0},
+        task={"image_size": 16, "batch_size": 4, "local_steps": 1, "width": 8, "z_dim": 8, "eval_samples": 8},
+    )
+
+    def refuse(message: Message) -> Message:
+        return _error_from(message.metadata.dst_node_id, message.metadata.message_type, "privacy policy: refused")
+
+    grid = FakeGrid([1, 2], refuse)
+    folder = RunFolder(tmp_path / "run")
+    with pytest.raises(StudyFailed, match="without one usable round"):
+        run_study(grid, study, folder)  # type: ignore[arg-type]
+    records = folder.read_metrics()
+    assert [r["round"] for r in records] == [0, 1, 2]  # every round recorded all the same
+    assert all(r["round-failed"] for r in records[1:])
+    folder.check_free()  # and the folder is released
