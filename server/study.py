@@ -129,8 +129,8 @@ def _run_study(
     write_report(folder, study)
     trained = [strategy.rounds.get(r) for r in range(max(first_round, 1), study.run.rounds + 1)]
     if trained and not any(log is not None and log.train and not log.failed for log in trained):
-        raise StudyFailed(f"the study ended without one usable round: no site sent a usable update (reasons in "
-                          f"{folder.metrics}); the model was not trained")
+        raise StudyFailed(f"the study ended without one usable round: no round updated the model (too few sites "
+                          f"sent a usable update; reasons in {folder.metrics})")
     return arrays_from_record(arrays)
 
 

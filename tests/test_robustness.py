@@ -13,6 +13,7 @@ from medgan_core.config import StudyConfig
 from medgan_core.fileio import read_jsonl
 from server.checkpoints import load_checkpoint
 from server.simulation import simulate_federation
+from server.study import StudyFailed
 
 pytestmark = pytest.mark.slow
 
@@ -62,8 +63,9 @@ def test_a_faulty_site_is_left_out_and_the_run_goes_on(kind: str, tiny_sites: li
 
 
 def test_too_few_answers_leave_the_model_unchanged(tiny_sites: list[Path], tmp_path: Path) -> None:
-    simulate_federation(_study(1, min_answer_fraction=1.0), tiny_sites, tmp_path / "run",
-                        client_mods=[_faulty("nan")])
+    with pytest.raises(StudyFailed, match="without one usable round"):  # and the CLI exits non-zero
+        simulate_federation(_study(1, min_answer_fraction=1.0), tiny_sites, tmp_path / "run",
+                            client_mods=[_faulty("nan")])
     record = read_jsonl(tmp_path / "run" / "metrics.jsonl")[1]
     assert record["round-failed"] == "only 1 of 2 sites answered (need 2)"
     before, _ = load_checkpoint(tmp_path / "run" / "checkpoints" / "round-000.safetensors")
