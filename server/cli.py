@@ -140,6 +140,12 @@ def _run_demo(study: StudyConfig, verbose: bool) -> None:
             console.print(f"An earlier run in {run_dir} is moved aside to {run_dir.name}.N first.")
     console.print(f"[bold]Federated {study.task.name}[/] · {len(sites)} sites · {study.run.rounds} rounds · "
                   f"{study.task.local_steps} local steps · run folder {run_dir}")
+    from server import private_network
+
+    console.print("Network: " + ("private namespace, loopback only (nothing outside can reach the simulation)"
+                                 if private_network.inside() else
+                                 "[yellow]shared with this machine: Ray listens on every interface; keep inbound "
+                                 "connections firewalled[/]"))
     privacy = study.privacy
     if privacy.enabled:
         console.print(f"Privacy: DP-SGD at every site, budget ε = {privacy.target_epsilon:g} at δ = {privacy.delta:g}"
@@ -345,6 +351,13 @@ def main() -> None:
     import os
     import sys
 
+    from server import private_network
+
+    if sys.argv[1:2] == ["demo"] and not private_network.inside() and private_network.available():
+        # Ray (Flower's simulation engine) listens on every interface: run it where only loopback exists.
+        sys.exit(private_network.run_inside(["-m", "server.cli", *sys.argv[1:]]))
+    if private_network.inside():
+        private_network.loopback_up()
     try:
         app()
     except SystemExit:
@@ -364,3 +377,6 @@ def main() -> None:
 
 
 __all__ = ["app", "main"]
+
+if __name__ == "__main__":
+    main()
