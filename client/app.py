@@ -9,6 +9,7 @@ optimiser state), trains on the site's own images (DP-SGD by default, see
 
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 import torch  # noqa: F401  (imported at top so Ray workers have torch before unpickling)
@@ -35,6 +36,9 @@ from medgan_core.site_round import (
     train_site_round,
 )
 from medgan_core.tasks import Task, build_task
+
+
+log = logging.getLogger("medgan.site")
 
 
 def build_client_app(sites: Sequence[SiteConfig] | None = None, mods: Sequence[Mod] = ()) -> ClientApp:
@@ -85,6 +89,7 @@ def build_client_app(sites: Sequence[SiteConfig] | None = None, mods: Sequence[M
             aggregation=aggregation,
             server_round=server_round,
         )
+        log.info("site %s, round %d, trained: %s", site.site_name, server_round, _rounded(metrics))  # the site's log
         weights, shapes = shared_weights(task, aggregation)  # local arrays stay here
         content = train_reply(weights, shapes, outgoing_train_metrics(task, metrics, privacy.enabled), data.num_train)
         return Message(content=content, reply_to=msg)
@@ -99,10 +104,17 @@ def build_client_app(sites: Sequence[SiteConfig] | None = None, mods: Sequence[M
             training=False,
         )
         data = cached_site_data(site.data_path, task.config)
-        scores = outgoing_eval_metrics(task, task.evaluate(data) if site.release_test_metrics else {}, site)
-        return Message(content=evaluate_reply(scores, int(data.test.shape[0])), reply_to=msg)
+        scores = task.evaluate(data)
+        log.info("site %s, round %s, held-out scores (kept here unless release-test-metrics): %s",
+                 site.site_name, config.get("server-round"), _rounded(scores))
+        sent = outgoing_eval_metrics(task, scores, site)
+        return Message(content=evaluate_reply(sent, int(data.test.shape[0])), reply_to=msg)
 
     return app
+
+
+def _rounded(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: round(float(v), 5) for k, v in sorted(metrics.items())}
 
 
 app = build_client_app()
