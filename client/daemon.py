@@ -10,11 +10,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from client.supernode_guard import app_hash, check_hashes
 from medgan_core.config import ConnectionConfig, SiteConfig
 from medgan_core.credentials import check_certificate, check_private_key
 from medgan_core.data.manifest import read_manifest
 from medgan_core.errors import ConfigError, MedGANError
-from client.supernode_guard import app_hash, check_hashes
 from medgan_core.runtime import APP_DIR, offline_env
 
 
@@ -48,8 +48,9 @@ def node_config(site: SiteConfig) -> str:
 def supernode_command(
     site: SiteConfig, connection: ConnectionConfig, check: bool = True
 ) -> tuple[list[str], dict[str, str]]:
-    """flower-supernode with the site's CA, key and node config; its Flower home (installed
-    apps) lives in the site's state folder."""
+    """Flower's SuperNode, behind ``client.supernode_guard`` (only approved app hashes run),
+    with the site's CA, key and node config (its policy included); its Flower home
+    (installed apps) lives in the site's state folder."""
     if check:
         check_site(site, connection)
     for value in (site.data_path, site.state_dir, site.site_name):

@@ -45,8 +45,9 @@ def coordinator_files(config: CoordinatorConfig) -> CoordinatorFiles:
 
 
 def superlink_command(config: CoordinatorConfig) -> tuple[list[str], dict[str, str]]:
-    """flower-superlink with TLS, node authentication, a state database, no runtime installs;
-    its Flower home (installed apps) lives beside the database, not in the user's home."""
+    """Flower's SuperLink, behind ``server.superlink_guard`` (Control and Runtime APIs for the
+    coordinator host only), with TLS, node authentication, a state database and no runtime
+    installs; its Flower home (installed apps) lives beside the database, not in the user's home."""
     files = coordinator_files(config)
     files.database.parent.mkdir(parents=True, exist_ok=True)
     env = offline_env({"FLWR_HOME": str(files.database.parent / "superlink-home")})
