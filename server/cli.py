@@ -47,7 +47,8 @@ def sites_simulate(
     slices: int = typer.Option(16, "--slices", min=1, help="Axial slices per volume."),
     size: int = typer.Option(128, "--size", min=32, help="In-plane matrix size of the scanner images."),
     seed: int = typer.Option(0, "--seed", help="Seed of the phantom model and the scanners' noise."),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing study in --out."),
+    force: bool = typer.Option(False, "--force",
+                               help="Replace the simulated sites of a study in --out (other folders stay)."),
 ) -> None:
     """Write a multi-site study: CT as DICOM series, MR as NIfTI, a manifest.csv per site."""
     try:
