@@ -328,6 +328,12 @@ def run(
         console.print(f"submitting {study.task.name} ({study.run.rounds} rounds, {study.run.num_sites} sites) "
                       f"to {coordinator.address}; run folder on the coordinator: {study.run.out_dir}")
         code = submit_study(coordinator, study)
+        from server.run_folder import RunFolder
+
+        folder = RunFolder(Path(study.run.out_dir))
+        if code == 0 and folder.metrics.exists() and not folder.trained_rounds():
+            raise MedGANError(f"the study ended without one usable round: no round updated the model (the sites' "
+                              f"reasons are in {folder.metrics})")
     except MedGANError as exc:
         _fail(exc)
     raise typer.Exit(code=code)

@@ -150,5 +150,10 @@ class RunFolder:
     def append_metrics(self, record: dict[str, Any]) -> None:
         append_jsonl(self.metrics, record)
 
+    def trained_rounds(self) -> list[int]:
+        """Rounds whose metrics line shows an update from at least one site (not ``round-failed``)."""
+        return [r["round"] for r in self.read_metrics()
+                if r.get("round", 0) > 0 and not r.get("round-failed") and any("train" in s for s in r.get("sites", []))]
+
     def read_metrics(self) -> list[dict[str, Any]]:
         return read_jsonl(self.metrics) if self.metrics.exists() else []

@@ -111,3 +111,31 @@ def test_a_study_without_one_usable_round_fails_loudly(tmp_path: Path) -> None:
     assert [r["round"] for r in records] == [0, 1, 2]  # every round recorded all the same
     assert all(r["round-failed"] for r in records[1:])
     folder.check_free()  # and the folder is released
+
+
+def test_medgan_run_exits_non_zero_when_the_federation_trained_nothing(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The deployed path: flwr run may end with 0 although every site refused; medgan run may not."""
+    from typer.testing import CliRunner
+
+    import server.deploy
+    from medgan_core.credentials import init_certificates
+    from server.cli import app
+
+    init_certificates(tmp_path / "certs", ["localhost"])
+    coordinator = tmp_path / "coordinator.toml"
+    coordinator.write_text(f'[coordinator]\ncerts-dir = "{tmp_path / "certs"}"\n')
+    study = tmp_path / "study.toml"
+    study.write_text(f'[run]\nrounds = 1\nout-dir = "{tmp_path / "run"}"\n')
+    folder = RunFolder(tmp_path / "run")
+
+    def every_site_refused(config, study_config, timeout=None):  # type: ignore[no-untyped-def]
+        folder.start(study_config)
+        folder.append_metrics({"round": 0, "sites": [{"node": 1, "evaluate": {}}]})
+        folder.append_metrics({"round": 1, "sites": [], "round-failed": "only 0 of 3 sites answered (need 2)",
+                               "excluded": [{"node": 1, "reason": "site error: privacy policy: refused"}]})
+        return 0
+
+    monkeypatch.setattr(server.deploy, "submit_study", every_site_refused)
+    result = CliRunner().invoke(app, ["run", "--config", str(study), "--federation", str(coordinator)])
+    assert result.exit_code == 2 and "without one usable round" in result.output, result.output
