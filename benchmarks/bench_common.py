@@ -21,7 +21,7 @@ from medgan_core.metrics.image_quality import psnr_ssim
 from medgan_core.site_round import load_site_model
 from medgan_core.tasks import Task, build_task
 from server.checkpoints import load_checkpoint
-from server.simulation import simulate_federation
+from medgan.simulation import simulate_federation
 
 
 def arguments(doc: str | None, out: str, data: str = "benchmarks/data/sites", rounds: int = 5,

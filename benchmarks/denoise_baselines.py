@@ -32,7 +32,7 @@ from medgan_core.metrics.image_quality import psnr_ssim
 from medgan_core.tasks import build_task
 from medgan_core.tasks.registry import load_task_data
 from server.checkpoints import load_checkpoint
-from server.simulation import simulate_federation
+from medgan.simulation import simulate_federation
 
 # Strength grids are fine and reach past the values chosen on these sites, so no filter is held
 # back by its grid (Gaussian's best is the weakest: it barely beats the input at the quieter sites).

@@ -32,7 +32,7 @@ LR = 1e-3  # above the DCGAN default 2e-4, at which 5 short rounds reached only 
 # (in-process emulation of the FedAvg study, run on a GPU).
 WIDTH = 32
 # 8 rounds took 16 min per acceleration on 2 cores while the third site trained after the other
-# two; with every site training at once (server.simulation.cpu_share) they fit the 15 minutes.
+# two; with every site training at once (medgan.simulation.cpu_share) they fit the 15 minutes.
 ROUNDS, LOCAL_STEPS = 8, 60
 # Fidelity weighted up (L1 1000, not pix2pix's 100) and a (1 - SSIM) term: with L1 100 the GAN
 # trailed TV on SSIM at hospital A (0.932 vs 0.935 after 8 rounds). At 7 x 60 and 4x, by site:

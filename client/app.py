@@ -20,12 +20,8 @@ from flwr.clientapp.typing import Mod
 from client.audit import audit_outgoing_mod
 from client.payload import evaluate_reply, train_reply
 from client.site import cached_site_data, site_from_context, site_seed
-from medgan_core.config import (
-    SiteConfig,
-    aggregation_config_from_flat,
-    privacy_config_from_flat,
-    task_config_from_flat,
-)
+from medgan_core.config import SiteConfig
+from medgan_core.round_instructions import RoundInstructions
 from medgan_core.runtime import resolve_device
 from client.site_errors import site_error_reply
 from medgan_core.site_round import (
@@ -50,15 +46,15 @@ def build_client_app(sites: Sequence[SiteConfig] | None = None, mods: Sequence[M
     """
     app = ClientApp(mods=[*mods, audit_outgoing_mod])  # every reply is audited before it leaves
 
-    def prepare(msg: Message, context: Context) -> tuple[Task, SiteConfig]:
-        config = msg.content["config"]
+    def prepare(msg: Message, context: Context) -> tuple[Task, SiteConfig, RoundInstructions]:
+        round_ = RoundInstructions.from_flat(dict(msg.content["config"]))  # parsed once, typed
         site = site_from_context(context.node_config, context.run_config, sites)
         # A site's own device setting wins; "auto" follows the study's hint (run.device).
-        device = resolve_device(site.device if site.device != "auto" else str(config.get("device", "auto")))
-        task = build_task(task_config_from_flat(dict(config)), device)
+        device = resolve_device(site.device if site.device != "auto" else round_.device)
+        task = build_task(round_.task, device)
         arrays: ArrayRecord = msg.content["arrays"]
         task.set_weights({k: v.numpy() for k, v in arrays.items()}, source="global model from the server")
-        return task, site
+        return task, site, round_
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -75,38 +71,32 @@ def build_client_app(sites: Sequence[SiteConfig] | None = None, mods: Sequence[M
             return site_error_reply(msg, exc)
 
     def _train(msg: Message, context: Context) -> Message:
-        task, site = prepare(msg, context)
-        config = msg.content["config"]
+        task, site, round_ = prepare(msg, context)
         data = cached_site_data(site.data_path, task.config)
-        server_round = int(config.get("server-round", 0))  # type: ignore[arg-type]
-        aggregation = aggregation_config_from_flat(dict(config))
-        privacy = privacy_config_from_flat(dict(config))
         metrics = train_site_round(
-            task, data, site, privacy,
-            planned_rounds=int(config.get("planned-rounds", 1)),  # type: ignore[arg-type]
-            study_id=str(config.get("study-id", "default")),
-            seed=site_seed(task.config.seed, server_round, site.data_path),
-            aggregation=aggregation,
-            server_round=server_round,
+            task, data, site, round_.privacy,
+            planned_rounds=round_.planned_rounds,
+            study_id=round_.study_id,
+            seed=site_seed(task.config.seed, round_.server_round, site.data_path),
+            aggregation=round_.aggregation,
+            server_round=round_.server_round,
         )
-        log.info("site %s, round %d, trained: %s", site.site_name, server_round, _rounded(metrics))  # the site's log
-        weights, shapes = shared_weights(task, aggregation)  # local arrays stay here
-        content = train_reply(weights, shapes, outgoing_train_metrics(task, metrics, privacy.enabled), data.num_train)
+        log.info("site %s, round %d, trained: %s", site.site_name, round_.server_round, _rounded(metrics))
+        weights, shapes = shared_weights(task, round_.aggregation)  # local arrays stay here
+        sent = outgoing_train_metrics(task, metrics, round_.privacy.enabled)
+        content = train_reply(weights, shapes, sent, data.num_train)
         return Message(content=content, reply_to=msg)
 
     def _evaluate(msg: Message, context: Context) -> Message:
-        task, site = prepare(msg, context)
-        config = msg.content["config"]
+        task, site, round_ = prepare(msg, context)
         load_site_model(  # a site evaluates its own model: the global one plus its local arrays
-            task, site, aggregation_config_from_flat(dict(config)),
-            study_id=str(config.get("study-id", "default")),
-            server_round=int(config.get("server-round", 0)),  # type: ignore[arg-type]
+            task, site, round_.aggregation, study_id=round_.study_id, server_round=round_.server_round,
             training=False,
         )
         data = cached_site_data(site.data_path, task.config)
         scores = task.evaluate(data)
         log.info("site %s, round %s, held-out scores (kept here unless release-test-metrics): %s",
-                 site.site_name, config.get("server-round"), _rounded(scores))
+                 site.site_name, round_.server_round, _rounded(scores))
         sent = outgoing_eval_metrics(task, scores, site)
         return Message(content=evaluate_reply(sent, int(data.test.shape[0])), reply_to=msg)
 

@@ -12,6 +12,7 @@ from medgan_core.data.dataset import SiteData
 from medgan_core.tasks.registry import load_task_data
 from medgan_core.data.simulate import find_sites
 from medgan_core.errors import ConfigError
+from medgan_core.run_layout import RunLayout
 
 
 def site_from_context(
@@ -40,8 +41,8 @@ def site_from_context(
             folders = find_sites(sites_dir)
             if index >= len(folders):
                 raise ConfigError(f"simulated node {index} has no site: {sites_dir} holds {len(folders)} site(s)")
-            out_dir = Path(str(run_config.get("run.out-dir", "runs/flwr")))
-            sites = [SiteConfig(str(f), state_dir=str(out_dir / "site-state" / f.name)) for f in folders]
+            run = RunLayout(Path(str(run_config.get("run.out-dir", "runs/flwr"))))
+            sites = [SiteConfig(str(f), state_dir=str(run.site_state(f.name))) for f in folders]
         if index >= len(sites):
             raise ConfigError(f"simulated node {index} has no site: only {len(sites)} site(s) are configured")
         site = sites[index]

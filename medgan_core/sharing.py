@@ -10,12 +10,15 @@ site-calibration layer (a generator's output gain and offset).
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 from torch import nn
 
 from medgan_core.config import AggregationConfig
 from medgan_core.models.calibration import SiteCalibration
+
+if TYPE_CHECKING:
+    from medgan_core.tasks.base import Task
 
 NORM_LAYERS = (nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm,
                nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -54,3 +57,8 @@ def local_array_names(groups: Mapping[str, nn.Module], aggregation: AggregationC
     if aggregation.local_calibration:
         local |= calibration_array_names(groups)
     return local
+
+
+def ordered_names(task: "Task") -> list[str]:
+    """The legacy (SecAgg+) stack sends unnamed lists of arrays; both sides use this fixed order."""
+    return sorted(task.weight_shapes())

@@ -19,10 +19,6 @@ from medgan_core.errors import MedGANError
 from medgan_core.fileio import atomic_write_bytes
 
 
-def checkpoint_path(run_dir: str | Path, server_round: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"round-{server_round:03d}.safetensors"
-
-
 def save_checkpoint(path: str | Path, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, Any]) -> Path:
     data = st_save(
         {name: np.ascontiguousarray(a) for name, a in arrays.items()},

@@ -90,7 +90,7 @@ def privacy_report(folder: RunFolder) -> str:
     if excluded:
         lines += ["", "## Sites left out", ""] + [f"- round {e['round']}, node {e['node']}: {e['reason']}" for e in excluded]
     text = "\n".join(lines) + "\n"
-    atomic_write_text(folder.root / "privacy-report.md", text)
+    atomic_write_text(folder.privacy_report, text)
     return text
 
 

@@ -16,39 +16,13 @@ from medgan_core.fileio import append_jsonl, atomic_write_text, read_jsonl
 import numpy as np
 
 from medgan_core.errors import MedGANError
-from server.checkpoints import checkpoint_path, load_checkpoint
+from medgan_core.run_layout import RunLayout
+from server.checkpoints import load_checkpoint
 
 
 @dataclass(frozen=True)
-class RunFolder:
-    root: Path
-
-    @property
-    def config(self) -> Path:
-        return self.root / "config.toml"
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "metrics.jsonl"
-
-    @property
-    def report(self) -> Path:
-        return self.root / "report.md"
-
-    def checkpoint(self, server_round: int) -> Path:
-        return checkpoint_path(self.root, server_round)
-
-    def server_optimizer(self, server_round: int) -> Path:
-        """FedAdam/FedYogi moments after a round: a resumed run needs them to go on exactly."""
-        return self.root / "checkpoints" / f"round-{server_round:03d}.server-optimizer.safetensors"
-
-    def samples(self, server_round: int) -> Path:
-        return self.root / "samples" / f"round-{server_round:03d}.png"
-
-    @property
-    def lock_file(self) -> Path:
-        """Beside the folder, not in it: archiving renames the folder, the lock must stay put."""
-        return self.root.parent / f".{self.root.name}.lock"
+class RunFolder(RunLayout):
+    """A run folder's operations (start, lock, repair, resume, metrics) over ``RunLayout``'s paths."""
 
     @contextlib.contextmanager
     def lock(self) -> Iterator["RunFolder"]:
@@ -124,12 +98,12 @@ class RunFolder:
         self.archive_previous()
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.config, dump_study(study))
-        atomic_write_text(self.root / "study-id", uuid.uuid4().hex + "\n")
+        atomic_write_text(self.study_id_file, uuid.uuid4().hex + "\n")
         return self
 
     def study_id(self) -> str:
         """A random id of this study: sites keep one privacy accountant per study id."""
-        return (self.root / "study-id").read_text().strip()
+        return self.study_id_file.read_text().strip()
 
     def resume_point(self) -> tuple[int, dict[str, np.ndarray]]:
         """The last round whose metrics line and checkpoint were both written, and its weights.

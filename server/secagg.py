@@ -6,34 +6,28 @@ In Flower 1.42 SecAgg+ exists only on the legacy stack: a ``SecAggPlusWorkflow``
 (w = its sample count); the server unmasks only the sum and so obtains the same
 sample-weighted mean as plain FedAvg, up to quantisation (clipping range ±8).
 
-Site training, DP-SGD and the accountant are the same code as the plain path
-(``medgan_core.site_round``); the run folder gets the same files.
+This module is the coordinator's half; the hospital's half is ``client.secagg``. The run
+folder gets the same files as the plain path.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
-import numpy as np
 from flwr.app import Context
-from flwr.clientapp import ClientApp
-from flwr.common import Parameters, Scalar, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.compat.client.numpy_client import NumPyClient
-from flwr.client.mod import secaggplus_mod
+from flwr.common import Parameters, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid, ServerApp
 
-from client.site import cached_site_data, site_from_context, site_seed
 from medgan_core.arrays import check_arrays
-from medgan_core.config import SiteConfig, StudyConfig, privacy_config_from_flat, task_config_from_flat
+from medgan_core.config import StudyConfig
 from medgan_core.errors import ConfigError
 from medgan_core.privacy.dp_sgd import validate_private_modules
-from medgan_core.runtime import resolve_device
-from medgan_core.site_round import outgoing_eval_metrics, outgoing_train_metrics, train_site_round
+from medgan_core.sharing import ordered_names
 from medgan_core.tasks import Task, build_task
 from server.report import write_report
 from server.run_folder import RunFolder
@@ -43,55 +37,6 @@ from strategies.grouped_fedavg import RoundLog, SiteReply, weighted_metrics
 CLIPPING_RANGE = 8.0  # SecAgg+ quantises each weight within ±8: far beyond GAN weights here
 
 
-def ordered_names(task: Task) -> list[str]:
-    """The legacy stack sends unnamed lists; both sides use this fixed order."""
-    return sorted(task.weight_shapes())
-
-
-# --- site side ----------------------------------------------------------------------
-class SiteNumPyClient(NumPyClient):
-    def __init__(self, site: SiteConfig) -> None:
-        self.site = site
-
-    def _task(self, parameters: list[np.ndarray], config: dict[str, Scalar]) -> Task:
-        device = resolve_device(self.site.device if self.site.device != "auto" else str(config.get("device", "auto")))
-        task = build_task(task_config_from_flat(config), device)
-        names = ordered_names(task)
-        task.set_weights(dict(zip(names, parameters)), source="global model from the server")
-        return task
-
-    def fit(self, parameters: list[np.ndarray], config: dict[str, Scalar]) -> tuple[list[np.ndarray], int, dict]:
-        task = self._task(parameters, config)
-        data = cached_site_data(self.site.data_path, task.config)
-        privacy = privacy_config_from_flat(config)
-        metrics = train_site_round(
-            task, data, self.site, privacy,
-            planned_rounds=int(config["planned-rounds"]), study_id=str(config["study-id"]),
-            seed=site_seed(task.config.seed, int(config["server-round"]), self.site.data_path),
-            server_round=int(config["server-round"]),
-        )
-        weights = task.get_weights()
-        check_arrays(weights, task.weight_shapes(), "local update")
-        sent = outgoing_train_metrics(task, metrics, privacy.enabled)  # the same release rule as the plain path
-        return [weights[n] for n in ordered_names(task)], data.num_train, sent
-
-    def evaluate(self, parameters: list[np.ndarray], config: dict[str, Scalar]) -> tuple[float, int, dict]:
-        task = self._task(parameters, config)
-        data = cached_site_data(self.site.data_path, task.config)
-        scores = task.evaluate(data) if self.site.release_test_metrics else {}
-        metrics = outgoing_eval_metrics(task, scores, self.site)
-        # the legacy API wants a "loss": the task's headline score where the site releases it
-        return float(metrics.get(task.headline_metric, 0.0)), int(data.test.shape[0]), metrics
-
-
-def build_secagg_client_app(sites: Sequence[SiteConfig] | None = None) -> ClientApp:
-    def client_fn(context: Context):  # type: ignore[no-untyped-def]
-        return SiteNumPyClient(site_from_context(context.node_config, context.run_config, sites)).to_client()
-
-    return ClientApp(client_fn=client_fn, mods=[secaggplus_mod])
-
-
-# --- coordinator side ----------------------------------------------------------------
 class RecordingFedAvg(LegacyFedAvg):
     """Legacy FedAvg that writes the run folder: checkpoint, samples, metrics, per round."""
 

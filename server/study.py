@@ -20,6 +20,7 @@ from flwr.serverapp import Grid
 
 from medgan_core.config import StudyConfig
 from medgan_core.errors import MedGANError
+from medgan_core.round_instructions import RoundInstructions
 from medgan_core.privacy.dp_sgd import validate_private_modules
 from medgan_core.sharing import local_array_names
 from medgan_core.tasks import Task, build_task
@@ -162,11 +163,9 @@ def _strategy(
 
 
 def round_config_items(study: StudyConfig, folder: RunFolder) -> dict[str, object]:
-    """What every site must know each round: task, privacy and aggregation settings (not the
-    run's paths), the planned number of rounds (for the DP noise), the study id (for the
-    accountant and the site's state)."""
-    shared = {k: v for k, v in study.to_flat().items() if k.startswith(("task.", "privacy.", "aggregation."))}
-    return {**shared, "device": study.run.device, "planned-rounds": study.run.rounds, "study-id": folder.study_id()}
+    """What every site must know each round (``RoundInstructions``): task, privacy and
+    aggregation settings (not the run's paths), the planned rounds, the study id."""
+    return RoundInstructions.for_study(study, folder.study_id())
 
 
 def record_round(

@@ -13,7 +13,7 @@ from flwr.app import Message
 from medgan_core.config import StudyConfig
 from medgan_core.fileio import read_jsonl
 from server.checkpoints import load_checkpoint
-from server.simulation import simulate_federation
+from medgan.simulation import simulate_federation
 
 
 def run_paired_task(sites: list[Path], run_dir: Path, **task: Any) -> list[dict[str, Any]]:

@@ -14,7 +14,7 @@ from medgan_core.sharing import calibration_array_names, norm_array_names
 from medgan_core.site_state import SiteState
 from medgan_core.tasks import build_task
 from server.checkpoints import load_checkpoint
-from server.simulation import simulate_federation
+from medgan.simulation import simulate_federation
 
 pytestmark = pytest.mark.slow
 

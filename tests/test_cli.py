@@ -5,7 +5,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from medgan_core.data import read_manifest
-from server.cli import app
+from medgan.cli import app
 
 runner = CliRunner()
 

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from client.daemon import node_config, supernode_command
 from medgan_core.config import ConnectionConfig, CoordinatorConfig, SiteConfig, StudyConfig, load_site
-from server.cli import app
+from medgan.cli import app
 from server.deploy import run_command, superlink_command
 
 runner = CliRunner()

@@ -12,8 +12,8 @@ from medgan_core.config import StudyConfig
 from medgan_core.fileio import read_jsonl
 from medgan_core.tasks import build_task
 from server.checkpoints import load_checkpoint
-import server.simulation as simulation
-from server.simulation import cpu_share, simulate_federation
+import medgan.simulation as simulation
+from medgan.simulation import cpu_share, simulate_federation
 
 pytestmark = pytest.mark.slow
 

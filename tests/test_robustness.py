@@ -12,7 +12,7 @@ from flwr.app import Array, ArrayRecord, Context, Message
 from medgan_core.config import StudyConfig
 from medgan_core.fileio import read_jsonl
 from server.checkpoints import load_checkpoint
-from server.simulation import simulate_federation
+from medgan.simulation import simulate_federation
 from server.study import StudyFailed
 
 pytestmark = pytest.mark.slow

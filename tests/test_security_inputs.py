@@ -18,7 +18,7 @@ from medgan_core.data.manifest import read_manifest
 from medgan_core.data.simulate import DEFAULT_SITES, SIMULATED_MARK, simulate_study
 from medgan_core.errors import ConfigError, DataError, MedGANError
 from medgan_core.fileio import append_jsonl, read_jsonl
-from server.cli import app
+from medgan.cli import app
 from server.run_folder import RunFolder
 
 pytestmark = pytest.mark.security
@@ -92,7 +92,7 @@ def test_server_register_refuses_private_keys_and_certificates(tmp_path: Path) -
 
 
 def test_unexpected_errors_are_one_line_with_exit_1(monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # type: ignore[no-untyped-def]
-    import server.cli as cli
+    import medgan.cli as cli
 
     def broken() -> None:
         raise RuntimeError("boom")

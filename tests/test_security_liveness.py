@@ -120,7 +120,7 @@ def test_medgan_run_exits_non_zero_when_the_federation_trained_nothing(tmp_path:
 
     import server.deploy
     from medgan_core.credentials import init_certificates
-    from server.cli import app
+    from medgan.cli import app
 
     init_certificates(tmp_path / "certs", ["localhost"])
     coordinator = tmp_path / "coordinator.toml"

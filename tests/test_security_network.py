@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from server import private_network
+from medgan import private_network
 
 pytestmark = [pytest.mark.slow, pytest.mark.security]
 

@@ -10,7 +10,7 @@ import pytest
 from medgan_core.config import StudyConfig
 from medgan_core.fileio import read_jsonl
 from server.checkpoints import load_checkpoint
-from server.simulation import simulate_federation
+from medgan.simulation import simulate_federation
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,5 @@
-"""The ``medgan`` command line."""
+"""The ``medgan`` command line: a thin assembly of the hospital's commands (``client.commands``),
+the coordinator's (``server.commands``), and the one-machine demo that runs both sides."""
 
 from __future__ import annotations
 
@@ -7,36 +8,27 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 
+from client.commands import site_app
 from medgan_core.config import StudyConfig, load_study
+from medgan_core.console import console, fail
 from medgan_core.data.simulate import find_sites, remove_simulated_study, simulate_study
 from medgan_core.errors import MedGANError
+from server.commands import certs_app, privacy_app, report, resumed_study, run, server_app
 
 DEFAULT_CONFIG = Path("sites_example/demo.toml")
 # Demo sites: ~340 training slices each. DP-SGD needs data: noise per step shrinks with N.
 DEMO_SUBJECTS, DEMO_SLICES = 24, 20
 
-console = Console(soft_wrap=True)
+
 app = typer.Typer(help="MedGAN-FL: federated, privacy-preserving GANs for medical imaging.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 sites_app = typer.Typer(help="Site data: simulate multi-site phantom studies.", no_args_is_help=True)
 app.add_typer(sites_app, name="sites")
-privacy_app = typer.Typer(help="Differential privacy: what each site spent.", no_args_is_help=True)
 app.add_typer(privacy_app, name="privacy")
-certs_app = typer.Typer(help="The study's certificate authority and the coordinator's TLS certificate.",
-                        no_args_is_help=True)
 app.add_typer(certs_app, name="certs")
-site_app = typer.Typer(help="Hospital side of a real federation: keys and the site daemon.", no_args_is_help=True)
 app.add_typer(site_app, name="site")
-server_app = typer.Typer(help="Coordinator side of a real federation: SuperLink and site registration.",
-                         no_args_is_help=True)
 app.add_typer(server_app, name="server")
-
-
-def _fail(exc: MedGANError) -> None:
-    console.print(f"[bold red]error:[/] {exc}")
-    raise typer.Exit(code=2)
 
 
 @sites_app.command("simulate")
@@ -54,7 +46,7 @@ def sites_simulate(
     try:
         _simulate(out, sites, subjects, slices, size, seed, force)
     except MedGANError as exc:
-        _fail(exc)
+        fail(exc)
 
 
 def _simulate(out: Path, sites: int, subjects: int, slices: int, size: int, seed: int, force: bool) -> list[Path]:
@@ -89,14 +81,14 @@ def demo(
     """Simulate the sites if needed, then run a federated study in Flower's simulation engine."""
     try:
         if resume is not None:
-            study = _resumed(resume)
+            study = resumed_study(resume)
         else:
             study = _demo_config(config, rounds, local_steps, sites_dir, out, device)
         if privacy is not None:
             study = study.replace(privacy={"enabled": privacy})
         _run_demo(study, verbose)
     except MedGANError as exc:
-        _fail(exc)
+        fail(exc)
 
 
 def _demo_config(config: Path, rounds: Optional[int], local_steps: Optional[int], sites_dir: Optional[Path],
@@ -109,14 +101,8 @@ def _demo_config(config: Path, rounds: Optional[int], local_steps: Optional[int]
     return study.replace(run=run_changes, task=task_changes)
 
 
-def _resumed(run_dir: Path) -> StudyConfig:
-    """The study of an earlier run folder, set to continue where it stopped."""
-    study = load_study(run_dir / "config.toml")
-    return study.replace(run={"out_dir": str(run_dir.resolve()), "resume": True})
-
-
 def _run_demo(study: StudyConfig, verbose: bool) -> None:
-    from server.simulation import simulate_federation  # Flower and Ray load only when needed
+    from medgan.simulation import simulate_federation  # Flower and Ray load only when needed
     from server.run_folder import RunFolder
     from server.study import RoundSummary
 
@@ -141,7 +127,7 @@ def _run_demo(study: StudyConfig, verbose: bool) -> None:
             console.print(f"An earlier run in {run_dir} is moved aside to {run_dir.name}.N first.")
     console.print(f"[bold]Federated {study.task.name}[/] · {len(sites)} sites · {study.run.rounds} rounds · "
                   f"{study.task.local_steps} local steps · run folder {run_dir}")
-    from server import private_network
+    from medgan import private_network
 
     console.print("Network: " + ("private namespace, loopback only (nothing outside can reach the simulation)"
                                  if private_network.inside() else
@@ -182,174 +168,20 @@ def _run_demo(study: StudyConfig, verbose: bool) -> None:
     console.print(f"  privacy:     medgan privacy report {run_dir}")
 
 
-@app.command()
-def report(run_dir: Path = typer.Argument(..., help="A run folder written by 'medgan demo'.")) -> None:
-    """Rewrite report.md of a run folder from its metrics.jsonl and config.toml."""
-    from server.report import write_report
-    from server.run_folder import RunFolder
-
-    try:
-        folder = RunFolder(run_dir)
-        write_report(folder, load_study(folder.config))
-        console.print(f"wrote {folder.report}")
-    except MedGANError as exc:
-        _fail(exc)
-
-
-@privacy_app.command("report")
-def privacy_report_command(run_dir: Path = typer.Argument(..., help="A run folder.")) -> None:
-    """ε per site per round, δ, noise, clipping and sampling rate; writes privacy-report.md."""
-    from server.privacy_report import privacy_report
-    from server.run_folder import RunFolder
-
-    try:
-        from rich.markdown import Markdown
-
-        console.print(Markdown(privacy_report(RunFolder(run_dir))))
-        console.print(f"written to {run_dir / 'privacy-report.md'}")
-    except MedGANError as exc:
-        _fail(exc)
-
-
-@certs_app.command("init")
-def certs_init(
-    out: Path = typer.Option(Path("certs"), "--out", help="Folder for ca.crt, ca.key, server.pem, server.key."),
-    san: list[str] = typer.Option(..., "--san", help="Host name or IP the sites connect to (repeat for several)."),
-    days: int = typer.Option(365, "--days", min=1, help="Validity of the certificates."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing CA."),
-) -> None:
-    """Create the study CA and the SuperLink's TLS certificate (private keys mode 0600)."""
-    from medgan_core.credentials import init_certificates
-
-    try:
-        paths = init_certificates(out, list(san), days, force)
-    except MedGANError as exc:
-        _fail(exc)
-    console.print(f"CA certificate (give to every site): {paths.ca_cert}")
-    console.print(f"CA key (keep offline, 0600):          {paths.ca_key}")
-    console.print(f"SuperLink certificate and key:        {paths.server_cert}, {paths.server_key}  (SANs: {', '.join(san)})")
-
-
-@site_app.command("keys")
-def site_keys(
-    name: str = typer.Option(..., "--name", help="The site's name, e.g. hospital-a."),
-    out: Path = typer.Option(Path("keys"), "--out", help="Folder for NAME (private, 0600) and NAME.pub."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing key pair."),
-) -> None:
-    """Create the site's node-authentication key pair; send only NAME.pub to the coordinator."""
-    from medgan_core.credentials import site_key_pair
-
-    try:
-        private, public = site_key_pair(out, name, force)
-    except MedGANError as exc:
-        _fail(exc)
-    console.print(f"private key (never leaves the site): {private}")
-    console.print(f"public key (send to the coordinator): {public}")
-
-
 @app.command("app-hash")
 def app_hash_command() -> None:
-    """The SHA-256 of the study app this checkout would run: what a site pins in site.toml ([site] app-hash)."""
+    """The SHA-256 of the study app this checkout would run: what a site pins as app-hash in site.toml."""
     from client.supernode_guard import app_hash
     from medgan_core.runtime import APP_DIR
 
     try:
         console.print(app_hash(APP_DIR))
     except MedGANError as exc:
-        _fail(exc)
+        fail(exc)
 
 
-@site_app.command("start")
-def site_start(config: Path = typer.Option(..., "--config", help="The site's site.toml.")) -> None:
-    """Check the site's data, certificate and key, then run its SuperNode (Ctrl+C stops it)."""
-    from client.daemon import supernode_command
-    from medgan_core.config import load_site
-
-    try:
-        site, connection = load_site(config)
-        command, env = supernode_command(site, connection)
-    except MedGANError as exc:
-        _fail(exc)
-    console.print(f"site {site.site_name}: data {site.data_path}, state {site.state_dir}")
-    console.print(f"connecting to {connection.superlink} (TLS, CA {connection.ca_cert}, key {connection.private_key})")
-    _exec(command, env)
-
-
-@server_app.command("start")
-def server_start(config: Path = typer.Option(..., "--config", help="The coordinator.toml.")) -> None:
-    """Check the TLS files, then run the SuperLink with TLS, node authentication and a state database."""
-    from medgan_core.config import load_coordinator
-    from server.deploy import superlink_command
-
-    try:
-        coordinator = load_coordinator(config)
-        command, env = superlink_command(coordinator)
-    except MedGANError as exc:
-        _fail(exc)
-    console.print(f"SuperLink on {coordinator.address} (TLS, node authentication on, state {coordinator.database})")
-    _exec(command, env)
-
-
-@server_app.command("register")
-def server_register(
-    public_key: Path = typer.Argument(..., help="A site's NAME.pub."),
-    config: Path = typer.Option(..., "--config", help="The coordinator.toml."),
-) -> None:
-    """Allow a site's key to join the federation (the SuperLink must be running)."""
-    import subprocess
-
-    from medgan_core.config import load_coordinator
-    from server.deploy import register_command
-
-    try:
-        command, env = register_command(load_coordinator(config), public_key)
-    except MedGANError as exc:
-        _fail(exc)
-    raise typer.Exit(code=subprocess.run(command, env=env, check=False).returncode)
-
-
-@app.command()
-def run(
-    federation: Path = typer.Option(..., "--federation", help="The coordinator.toml of the running SuperLink."),
-    config: Optional[Path] = typer.Option(None, "--config", help="Study TOML ([run], [task], [privacy])."),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this run folder after its last complete round."),
-) -> None:
-    """Submit a study to the federation and stream its progress (Flower's 'flwr run' underneath)."""
-    from medgan_core.config import load_coordinator
-    from server.deploy import submit_study
-
-    try:
-        if (config is None) == (resume is None):
-            raise MedGANError("give either --config STUDY.toml (a new study) or --resume RUN_DIR")
-        study = _resumed(resume) if resume is not None else load_study(config)  # type: ignore[arg-type]
-        coordinator = load_coordinator(federation)
-        # The run folder is written by the coordinator's ServerApp: make it absolute here.
-        study = study.replace(run={"out_dir": str(Path(study.run.out_dir).resolve())})
-        console.print(f"submitting {study.task.name} ({study.run.rounds} rounds, {study.run.num_sites} sites) "
-                      f"to {coordinator.address}; run folder on the coordinator: {study.run.out_dir}")
-        code = submit_study(coordinator, study)
-        from server.run_folder import RunFolder
-
-        folder = RunFolder(Path(study.run.out_dir))
-        if code == 0 and folder.metrics.exists() and not folder.trained_rounds():
-            raise MedGANError(f"the study ended without one usable round: no round updated the model (the sites' "
-                              f"reasons are in {folder.metrics})")
-    except MedGANError as exc:
-        _fail(exc)
-    raise typer.Exit(code=code)
-
-
-def _exec(command: list[str], env: dict[str, str]) -> None:
-    """Run a long-lived Flower process in the foreground; Ctrl+C stops it cleanly."""
-    import subprocess
-
-    process = subprocess.Popen(command, env=env)
-    try:
-        code = process.wait()
-    except KeyboardInterrupt:
-        process.terminate()
-        code = process.wait(timeout=30)
-    raise typer.Exit(code=code)
+app.command("run")(run)  # the coordinator's: submit a study to the federation
+app.command("report")(report)
 
 
 def main() -> None:
@@ -358,11 +190,11 @@ def main() -> None:
     import os
     import sys
 
-    from server import private_network
+    from medgan import private_network
 
     if sys.argv[1:2] == ["demo"] and not private_network.inside() and private_network.available():
         # Ray (Flower's simulation engine) listens on every interface: run it where only loopback exists.
-        sys.exit(private_network.run_inside(["-m", "server.cli", *sys.argv[1:]]))
+        sys.exit(private_network.run_inside(["-m", "medgan.cli", *sys.argv[1:]]))
     if private_network.inside():
         private_network.loopback_up()
     try:

@@ -1,4 +1,7 @@
-"""Run a study on one machine with Flower's simulation engine (one virtual node per site)."""
+"""Run a study on one machine with Flower's simulation engine (one virtual node per site).
+
+It assembles both sides, the hospitals' ClientApp and the coordinator's ServerApp, so it
+belongs to neither: the command layer (``medgan``) owns it."""
 
 from __future__ import annotations
 
@@ -18,9 +21,11 @@ from flwr.simulation import run_simulation  # noqa: E402
 from client.app import build_client_app  # noqa: E402
 from medgan_core.config import SiteConfig, StudyConfig  # noqa: E402
 from medgan_core.errors import ConfigError  # noqa: E402
+from medgan_core.run_layout import RunLayout  # noqa: E402
 from medgan_core.runtime import resolve_device  # noqa: E402
 from server.app import build_server_app  # noqa: E402
-from server.secagg import build_secagg_client_app, build_secagg_server_app  # noqa: E402
+from client.secagg import build_secagg_client_app  # noqa: E402
+from server.secagg import build_secagg_server_app  # noqa: E402
 from server.study import RoundSummary  # noqa: E402
 from flwr.app import Message  # noqa: E402
 from flwr.clientapp.typing import Mod  # noqa: E402
@@ -95,4 +100,4 @@ def _site(site: str | Path | SiteConfig, run_dir: Path) -> SiteConfig:
     if isinstance(site, SiteConfig):
         return site
     path = Path(site).resolve()
-    return SiteConfig(str(path), state_dir=str((run_dir / "site-state" / path.name).resolve()))
+    return SiteConfig(str(path), state_dir=str(RunLayout(run_dir).site_state(path.name).resolve()))

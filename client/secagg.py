@@ -1,0 +1,68 @@
+"""Secure aggregation (SecAgg+), the hospital's half: a legacy NumPyClient under ``secaggplus_mod``.
+
+In Flower 1.42 SecAgg+ exists only on the legacy stack (``server.secagg`` is the
+coordinator's half). The site masks its update so the coordinator sees only the sum.
+Site training, DP-SGD, the accountant and the rule of what may leave are the same code
+as the plain path (``medgan_core.site_round``).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from flwr.app import Context
+from flwr.clientapp import ClientApp
+from flwr.client.mod import secaggplus_mod
+from flwr.common import Scalar
+from flwr.compat.client.numpy_client import NumPyClient
+
+from client.site import cached_site_data, site_from_context, site_seed
+from medgan_core.arrays import check_arrays
+from medgan_core.config import SiteConfig
+from medgan_core.round_instructions import RoundInstructions
+from medgan_core.runtime import resolve_device
+from medgan_core.sharing import ordered_names
+from medgan_core.site_round import outgoing_eval_metrics, outgoing_train_metrics, train_site_round
+from medgan_core.tasks import Task, build_task
+
+
+class SiteNumPyClient(NumPyClient):
+    def __init__(self, site: SiteConfig) -> None:
+        self.site = site
+
+    def _task(self, parameters: list[np.ndarray], config: dict[str, Scalar]) -> tuple[Task, RoundInstructions]:
+        round_ = RoundInstructions.from_flat(config)  # parsed once, typed, no defaults
+        device = resolve_device(self.site.device if self.site.device != "auto" else round_.device)
+        task = build_task(round_.task, device)
+        task.set_weights(dict(zip(ordered_names(task), parameters)), source="global model from the server")
+        return task, round_
+
+    def fit(self, parameters: list[np.ndarray], config: dict[str, Scalar]) -> tuple[list[np.ndarray], int, dict]:
+        task, round_ = self._task(parameters, config)
+        data = cached_site_data(self.site.data_path, task.config)
+        metrics = train_site_round(
+            task, data, self.site, round_.privacy,
+            planned_rounds=round_.planned_rounds, study_id=round_.study_id,
+            seed=site_seed(task.config.seed, round_.server_round, self.site.data_path),
+            server_round=round_.server_round,
+        )
+        weights = task.get_weights()
+        check_arrays(weights, task.weight_shapes(), "local update")
+        sent = outgoing_train_metrics(task, metrics, round_.privacy.enabled)  # the plain path's release rule
+        return [weights[n] for n in ordered_names(task)], data.num_train, sent
+
+    def evaluate(self, parameters: list[np.ndarray], config: dict[str, Scalar]) -> tuple[float, int, dict]:
+        task, _ = self._task(parameters, config)
+        data = cached_site_data(self.site.data_path, task.config)
+        scores = task.evaluate(data) if self.site.release_test_metrics else {}
+        metrics = outgoing_eval_metrics(task, scores, self.site)
+        # the legacy API wants a "loss": the task's headline score where the site releases it
+        return float(metrics.get(task.headline_metric, 0.0)), int(data.test.shape[0]), metrics
+
+
+def build_secagg_client_app(sites: Sequence[SiteConfig] | None = None) -> ClientApp:
+    def client_fn(context: Context):  # type: ignore[no-untyped-def]
+        return SiteNumPyClient(site_from_context(context.node_config, context.run_config, sites)).to_client()
+
+    return ClientApp(client_fn=client_fn, mods=[secaggplus_mod])

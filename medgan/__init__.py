@@ -1,0 +1,1 @@
+"""The ``medgan`` command and what assembles both sides on one machine (simulation)."""

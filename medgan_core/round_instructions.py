@@ -1,0 +1,60 @@
+"""What the coordinator tells every site each round, parsed once at the site, typed, with no defaults.
+
+The coordinator builds it from the study (``for_study``) and it travels as one flat Flower
+ConfigRecord (``to_flat``: ``task.*``, ``privacy.*``, ``aggregation.*`` and a few round
+keys; Flower's strategies add ``server-round``). A site rebuilds it with ``from_flat``,
+which validates every table and refuses a message that lacks a key instead of guessing
+(a missing study id must not silently become another study's accountant).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from medgan_core.config import (
+    AggregationConfig,
+    PrivacyConfig,
+    StudyConfig,
+    TaskConfig,
+    aggregation_config_from_flat,
+    privacy_config_from_flat,
+    task_config_from_flat,
+)
+from medgan_core.errors import ConfigError
+
+ROUND_KEYS = ("device", "planned-rounds", "study-id", "server-round")
+
+
+@dataclass(frozen=True)
+class RoundInstructions:
+    task: TaskConfig
+    privacy: PrivacyConfig
+    aggregation: AggregationConfig
+    device: str  # the study's hint; a site's own device setting wins
+    planned_rounds: int  # for the DP noise plan and the learning-rate schedule
+    study_id: str  # names the site's accountant and kept state
+    server_round: int
+
+    @staticmethod
+    def for_study(study: StudyConfig, study_id: str) -> dict[str, Any]:
+        """The flat items the coordinator sends (without ``server-round``, which Flower adds)."""
+        shared = {k: v for k, v in study.to_flat().items() if k.startswith(("task.", "privacy.", "aggregation."))}
+        return {**shared, "device": study.run.device, "planned-rounds": study.run.rounds, "study-id": study_id}
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any]) -> "RoundInstructions":
+        missing = [key for key in ROUND_KEYS if key not in flat]
+        if missing:
+            raise ConfigError(f"the round's instructions lack {', '.join(missing)}; refusing to guess them")
+        study_id = str(flat["study-id"])
+        if not study_id.strip() or any(c in study_id for c in "/\\") or study_id in (".", ".."):
+            raise ConfigError(f"study-id {study_id!r} cannot name a file at the site")
+        try:
+            planned, server_round = int(flat["planned-rounds"]), int(flat["server-round"])
+        except (TypeError, ValueError):
+            raise ConfigError("planned-rounds and server-round must be whole numbers") from None
+        if planned < 1 or server_round < 0:
+            raise ConfigError(f"planned-rounds = {planned}, server-round = {server_round}; out of range")
+        return cls(task_config_from_flat(flat), privacy_config_from_flat(flat), aggregation_config_from_flat(flat),
+                   str(flat["device"]), planned, study_id, server_round)
