@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from bench_common import arguments, fit_cross_entropy, study_sites, trained_or_reused
 from medgan_core.config import StudyConfig, TaskConfig
 from medgan_core.data.dataset import labelled_slices
-from medgan_core.data.simulate import find_sites, lesion_burden, simulate_study
+from medgan_core.data.labels import lesion_burden
+from medgan_core.data.simulate import find_sites, simulate_study
 from medgan_core.metrics.features import N_GRADES, PhantomFeatureNet, burden_grade, load_feature_net
 from medgan_core.tasks import build_task
 from medgan_core.tasks.conditional import balanced_accuracy

@@ -17,13 +17,13 @@ from typing import Any, Mapping, Sequence
 
 import tomli_w
 
+from medgan_core.data.kspace import ACCELERATIONS  # 25 % and 10 % of the k-space lines
 from medgan_core.errors import ConfigError
 
 MODALITIES = ("CT", "MR")
 DEVICES = ("auto", "cpu", "cuda")
 ACCOUNTANTS = ("rdp", "prv")
 SR_SCALES = (2, 4)
-ACCELERATIONS = (4, 10)  # 25 % and 10 % of the k-space lines (medgan_core.data.kspace)
 LR_SCHEDULES = ("constant", "cosine")  # learning rate over a study's rounds (medgan_core.tasks.base.lr_scale)
 CYCLE_POOLS = (1, 2, 4)  # cycle: every crop size (a multiple of 4) and image size divides by these
 CONDITIONS = ("grade", "severity")  # what conditional synthesis is conditioned on

@@ -13,7 +13,8 @@ from federation_checks import site_without
 from medgan_core.config import TaskConfig
 from medgan_core.data.dataset import label_slices
 from medgan_core.data.manifest import read_manifest
-from medgan_core.data.simulate import LESION, LIVER, lesion_burden, phantom_labels
+from medgan_core.data.labels import LESION, LIVER, lesion_burden
+from medgan_core.data.simulate import phantom_labels
 from medgan_core.errors import ConfigError, DataError
 from medgan_core.metrics.features import burden_grade
 from medgan_core.privacy import DPSettings

@@ -13,7 +13,7 @@ from medgan_core.config import TaskConfig
 from medgan_core.data.kspace import read_kspace, reconstruction_pair
 from medgan_core.data.manifest import SEGMENTATION, Manifest, ManifestEntry, read_manifest
 from medgan_core.data.preprocess import volume_to_slices
-from medgan_core.data.simulate import lesion_burden
+from medgan_core.data.labels import lesion_burden
 from medgan_core.errors import DataError
 
 SINGLE = "single"

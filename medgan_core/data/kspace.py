@@ -16,6 +16,8 @@ import numpy as np
 
 from medgan_core.errors import DataError
 
+ACCELERATIONS = (4, 10)  # undersampling factors: 25 % and 10 % of the k-space lines
+
 KSPACE_SCALE = 10.0  # 1 in the network's units: 10x the mean intensity (brightest tissue is 5-9x)
 
 

@@ -41,7 +41,20 @@ from scipy.ndimage import gaussian_filter
 from skimage.transform import iradon, radon
 
 from medgan_core.data.dicom_io import write_dicom_series
-from medgan_core.config import ACCELERATIONS
+from medgan_core.data.kspace import ACCELERATIONS
+from medgan_core.data.labels import (  # noqa: F401  (re-exported: the simulator's label names)
+    AIR,
+    AORTA,
+    CANAL,
+    CANCELLOUS,
+    CORTICAL,
+    FAT,
+    GAS,
+    KIDNEY,
+    LESION,
+    LIVER,
+    SOFT,
+)
 from medgan_core.data.kspace import sampling_mask, undersample, write_kspace
 from medgan_core.data.manifest import LOW_DOSE, SCANNER_B, SEGMENTATION, ManifestEntry, write_manifest
 from medgan_core.data.nifti_io import write_nifti
@@ -52,8 +65,7 @@ if TYPE_CHECKING:
 
     from medgan_core.config import TaskConfig
 
-# Tissue table: label -> (HU, proton density, T1 ms, T2 ms) at 1.5 T.
-AIR, FAT, SOFT, LIVER, KIDNEY, AORTA, CANCELLOUS, CORTICAL, CANAL, GAS, LESION = range(11)
+# Tissue table: label -> (HU, proton density, T1 ms, T2 ms) at 1.5 T (labels: medgan_core.data.labels).
 TISSUES: dict[int, tuple[float, float, float, float]] = {
     AIR: (-1000.0, 0.0, 1.0, 1.0),
     FAT: (-100.0, 1.0, 260.0, 85.0),
@@ -234,14 +246,6 @@ def _lesions(
         lesions.append((liver_c[0] + rng.uniform(-0.12, 0.12), liver_c[1] + rng.uniform(-0.1, 0.1),
                         radius, centre, half_height))
     return lesions
-
-
-def lesion_burden(labels: np.ndarray) -> np.ndarray:
-    """Per slice of a (k, rows, cols) label volume: the fraction of the liver that is lesion,
-    in [0, 1] (0 where a slice shows no lesion). The severity score conditional synthesis uses."""
-    lesion = (labels == LESION).sum(axis=(1, 2)).astype(np.float32)
-    liver = (labels == LIVER).sum(axis=(1, 2)).astype(np.float32)
-    return np.where(lesion > 0, lesion / np.maximum(lesion + liver, 1.0), 0.0).astype(np.float32)
 
 
 def tissue_hu(labels: np.ndarray, texture: np.ndarray | None = None) -> np.ndarray:

@@ -22,13 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from medgan_core.data.preprocess import normalise_mr, window_ct
+from medgan_core.data.labels import LESION, LIVER, lesion_burden
 from medgan_core.data.simulate import (
-    LESION,
-    LIVER,
     LOW_DOSE_FRACTION,
     _texture,
     ct_acquire_scanners,
-    lesion_burden,
     mr_acquire,
     phantom_labels,
     site_profiles,
