@@ -29,7 +29,7 @@ log = logging.getLogger("medgan.site")
 
 
 def app_hash(project_dir: str | Path) -> str:
-    """The SHA-256 of the FAB ``flwr run PROJECT_DIR`` would send (Flower's own builder)."""
+    """The SHA-256 of the FAB ``flwr run APP_DIR`` would send (Flower's own builder)."""
     from flwr.cli.build import build_fab_from_disk
 
     try:

@@ -22,7 +22,6 @@ from medgan_core.credentials import check_certificate, check_private_key, check_
 from medgan_core.runtime import APP_DIR, flower_tool, offline_env
 
 FEDERATION = "study"  # the name of the SuperLink connection in our FLWR_HOME config
-PROJECT_DIR = APP_DIR  # the Flower app (pyproject.toml with [tool.flwr.app])
 
 
 # --- coordinator -----------------------------------------------------------------------
@@ -87,7 +86,7 @@ def run_command(config: CoordinatorConfig, study: StudyConfig, workdir: str | Pa
     overrides = Path(workdir) / "run-config.toml"
     overrides.write_text(tomli_w.dumps(study.to_dict()))
     env = offline_env({"FLWR_HOME": str(flwr_home(config))})
-    return [flower_tool("flwr"), "run", str(PROJECT_DIR), FEDERATION, "--stream", "--run-config", str(overrides)], env
+    return [flower_tool("flwr"), "run", str(APP_DIR), FEDERATION, "--stream", "--run-config", str(overrides)], env
 
 
 def submit_study(config: CoordinatorConfig, study: StudyConfig, timeout: float | None = None) -> int:
