@@ -124,6 +124,7 @@ class GroupedFedAvg(FedAvg):
         self.rounds: dict[int, RoundLog] = {}
         self._current: dict[str, np.ndarray] = {}
         self._sampled: set[int] = set()
+        self._outgoing: list[Message] = []  # this round's messages; the grid fills in their ids
 
     # Server-optimiser state (FedAdam/FedYogi moments): plain FedAvg has none.
     def optimizer_state(self) -> dict[str, np.ndarray]:
@@ -173,13 +174,22 @@ class GroupedFedAvg(FedAvg):
         messages = self._within_connected(
             server_round, grid, lambda: super(GroupedFedAvg, self).configure_train(server_round, arrays, config, grid))
         self._sampled = {m.metadata.dst_node_id for m in messages}
+        self._outgoing = messages
         return messages
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        return self._within_connected(
+        self._outgoing = self._within_connected(
             server_round, grid, lambda: super(GroupedFedAvg, self).configure_evaluate(server_round, arrays, config, grid))
+        return self._outgoing
+
+    def _site_of(self, reply: Message) -> int:
+        """The site a reply is about: the node we sent the message to. An error the SuperLink
+        itself writes for a lost node (e.g. "Node Unavailable") comes from the SuperLink's own
+        id, so its source would name no site, or the wrong one."""
+        destinations = {m.metadata.message_id: m.metadata.dst_node_id for m in self._outgoing if m.metadata.message_id}
+        return destinations.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
     def _log(self, server_round: int) -> RoundLog:
         return self.rounds.setdefault(server_round, RoundLog())
@@ -188,7 +198,7 @@ class GroupedFedAvg(FedAvg):
         """Keep replies that carry the expected content; log and drop the rest."""
         accepted = []
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = self._site_of(msg)
             if msg.has_error():
                 reason = " ".join(str(msg.error.reason).split())[:300]  # one line, bounded, whatever the site sent
                 self._exclude(server_round, node, f"site error: {reason}")
@@ -228,7 +238,7 @@ class GroupedFedAvg(FedAvg):
         replies = list(replies)
         if self.on_train_replies is not None:  # audit hook: the replies exactly as received
             self.on_train_replies(server_round, replies)
-        for node in sorted(self._sampled - {m.metadata.src_node_id for m in replies}):
+        for node in sorted(self._sampled - {self._site_of(m) for m in replies}):
             self._exclude(server_round, node, "no reply before the round timeout")
         accepted = sorted(self._screen(server_round, replies, with_arrays=True), key=_content_key)
         self._log(server_round).train = accepted

@@ -182,3 +182,47 @@ def test_tls_federation_with_node_auth(tiny_sites: list[Path], tmp_path: Path, p
     pinned = logs["pinned"].read_text(errors="replace")
     assert "refused study app" in pinned and "not an app this site approved" in pinned, pinned[-2000:]
     assert not list((tmp_path / "state").glob("pinned/accountant-*.json"))
+
+
+def test_a_site_killed_mid_round_does_not_stall_the_study(tiny_sites: list[Path], tmp_path: Path,
+                                                          processes: Processes) -> None:
+    """Issue 19, point 12, as it happened: one SuperNode killed while it trains. Every wait is
+    bounded, every round's line is written, and the lost site is named once per round."""
+    certs = init_certificates(tmp_path / "certs", ["localhost"])
+    keys = {name: site_key_pair(tmp_path / "keys", name) for name in ("stays", "killed")}
+    coordinator = CoordinatorConfig(port=_free_port(), certs_dir=str(tmp_path / "certs"),
+                                    database=str(tmp_path / "coordinator" / "state.db"))
+    superlink, superlink_log = processes.start("superlink", superlink_command(coordinator))
+    _wait_for_port(coordinator.port, superlink, superlink_log)
+    nodes, logs = {}, {}
+    for name, data in (("stays", tiny_sites[0]), ("killed", tiny_sites[1])):
+        command, env = register_command(coordinator, keys[name][1])
+        assert subprocess.run(command, env=env, capture_output=True, timeout=60).returncode == 0
+        site = SiteConfig(str(data), name=name, state_dir=str(tmp_path / "state" / name), device="cpu")
+        connection = ConnectionConfig(coordinator.address, str(certs.ca_cert), str(keys[name][0]), _free_port())
+        nodes[name], logs[name] = processes.start(name, supernode_command(site, connection))
+    for name in nodes:
+        assert _wait_for_text(logs[name], "SuperNode ID", 60), logs[name].read_text()[-3000:]
+
+    study = StudyConfig().replace(
+        run={"rounds": 2, "num_sites": 2, "device": "cpu", "out_dir": str(tmp_path / "run"), "round_timeout": 20.0},
+        task={"image_size": 16, "batch_size": 8, "local_steps": 30, "width": 8, "z_dim": 8, "eval_samples": 16},
+    )
+    import threading
+
+    outcome: list[int] = []
+    runner = threading.Thread(target=lambda: outcome.append(submit_study(coordinator, study, timeout=400)))
+    runner.start()
+    # kill the site as soon as it receives its first training message
+    assert _wait_for_text(logs["killed"], "train message", 120), logs["killed"].read_text()[-3000:]
+    _signal_group(nodes["killed"].pid, signal.SIGKILL)
+    started = time.monotonic()
+    runner.join(timeout=420)
+    assert not runner.is_alive(), "the study stalled after a site was killed"
+    assert time.monotonic() - started < 300
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["round"] for r in records] == [0, 1, 2]  # every round recorded
+    for record in records[1:]:
+        assert len(record["sites"]) >= 1 and not record["round-failed"]  # the other site carried the round
+        assert len(record["excluded"]) <= 1  # the lost site, once
+    assert records[1]["excluded"] and "no reply" in records[1]["excluded"][0]["reason"]

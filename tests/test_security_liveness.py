@@ -139,3 +139,23 @@ def test_medgan_run_exits_non_zero_when_the_federation_trained_nothing(tmp_path:
     monkeypatch.setattr(server.deploy, "submit_study", every_site_refused)
     result = CliRunner().invoke(app, ["run", "--config", str(study), "--federation", str(coordinator)])
     assert result.exit_code == 2 and "without one usable round" in result.output, result.output
+
+
+def test_an_error_the_superlink_writes_for_a_lost_node_names_that_node() -> None:
+    """Flower's SuperLink answers for a node that stopped its heartbeats with an error whose
+    source is the SuperLink itself (node 1): the exclusion must still name the lost site, once."""
+    strategy = GroupedFedAvg(["generator"], {"generator.w": (2,)}, min_available_nodes=2, min_train_nodes=2,
+                             min_evaluate_nodes=2)
+    strategy.set_node_waits(first=1.0, later=0.5)
+    arrays = ArrayRecord({"generator.w": Array(np.zeros(2, np.float32))})
+    messages = list(strategy.configure_train(1, arrays, ConfigRecord({}), FakeGrid([11, 12])))  # type: ignore[arg-type]
+    for index, message in enumerate(messages):  # what the grid does when it pushes them
+        message.metadata.__dict__["_message_id"] = f"sent-{index}"
+    lost = next(m for m in messages if m.metadata.dst_node_id == 12)
+    unavailable = Message(Error(code=2, reason="Node Unavailable"), metadata=Metadata(
+        run_id=1, message_id="e1", src_node_id=1, dst_node_id=0, reply_to_message_id=lost.metadata.message_id,
+        group_id="", created_at=time.time(), ttl=60.0, message_type=lost.metadata.message_type))
+    strategy.aggregate_train(1, [unavailable])  # node 11 sent nothing at all
+    excluded = {e["node"]: e["reason"] for e in strategy.rounds[1].excluded}
+    assert excluded == {11: "no reply before the round timeout", 12: "site error: Node Unavailable"}
+    assert len(strategy.rounds[1].excluded) == 2  # no entry for the SuperLink's own id, none twice
