@@ -139,17 +139,20 @@ def _run_demo(study: StudyConfig, verbose: bool) -> None:
                       + (f"; central DP σ = {privacy.central_noise_multiplier:g}" if privacy.central_noise_multiplier else ""))
     else:
         console.print("[yellow]Privacy: differential privacy is OFF for this study.[/]")
-    first_swd: dict[str, float] = {}
+    from medgan_core.tasks.registry import task_class
+
+    headline = task_class(study.task.name).headline_metric  # the task says which score leads
+    first: dict[str, float] = {}
 
     def show(summary: RoundSummary) -> None:
-        swd = summary.evaluate.get("swd")  # absent where sites keep held-out scores to themselves
-        if swd is not None:
-            first_swd.setdefault("swd", swd)
+        score = summary.evaluate.get(headline)  # absent where sites keep held-out scores to themselves
+        if score is not None:
+            first.setdefault(headline, score)
         parts = [f"Round {summary.server_round:>2}/{summary.rounds}", f"sites {summary.sites_ok}/{len(sites)}"]
         if "loss-d" in summary.train and "loss-g" in summary.train:  # sent only without DP
             parts.append(f"D {summary.train['loss-d']:.3f} · G {summary.train['loss-g']:.3f}")
-        if swd is not None:
-            parts.append(f"held-out SWD {swd:.4f} (round 0: {first_swd['swd']:.4f})")
+        if score is not None:
+            parts.append(f"held-out {headline.upper()} {score:.4f} (round 0: {first[headline]:.4f})")
         if "epsilon" in summary.train:
             parts.append(f"ε {summary.train['epsilon']:.2f}")
         parts.append(f"{summary.seconds:.1f} s")
