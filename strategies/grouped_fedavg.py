@@ -184,12 +184,12 @@ class GroupedFedAvg(FedAvg):
             server_round, grid, lambda: super(GroupedFedAvg, self).configure_evaluate(server_round, arrays, config, grid))
         return self._outgoing
 
-    def _site_of(self, reply: Message) -> int:
-        """The site a reply is about: the node we sent the message to. An error the SuperLink
-        itself writes for a lost node (e.g. "Node Unavailable") comes from the SuperLink's own
-        id, so its source would name no site, or the wrong one."""
+    def _sites_of(self, replies: Iterable[Message]) -> list[tuple[int, Message]]:
+        """Each reply with the site it is about: the node we sent the message to. An error the
+        SuperLink itself writes for a lost node (e.g. "Node Unavailable") comes from the
+        SuperLink's own id, so its source would name no site, or the wrong one."""
         destinations = {m.metadata.message_id: m.metadata.dst_node_id for m in self._outgoing if m.metadata.message_id}
-        return destinations.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+        return [(destinations.get(r.metadata.reply_to_message_id, r.metadata.src_node_id), r) for r in replies]
 
     def _log(self, server_round: int) -> RoundLog:
         return self.rounds.setdefault(server_round, RoundLog())
@@ -197,8 +197,7 @@ class GroupedFedAvg(FedAvg):
     def _screen(self, server_round: int, replies: Iterable[Message], with_arrays: bool) -> list[SiteReply]:
         """Keep replies that carry the expected content; log and drop the rest."""
         accepted = []
-        for msg in replies:
-            node = self._site_of(msg)
+        for node, msg in self._sites_of(replies):
             if msg.has_error():
                 reason = " ".join(str(msg.error.reason).split())[:300]  # one line, bounded, whatever the site sent
                 self._exclude(server_round, node, f"site error: {reason}")
@@ -238,7 +237,7 @@ class GroupedFedAvg(FedAvg):
         replies = list(replies)
         if self.on_train_replies is not None:  # audit hook: the replies exactly as received
             self.on_train_replies(server_round, replies)
-        for node in sorted(self._sampled - {self._site_of(m) for m in replies}):
+        for node in sorted(self._sampled - {node for node, _ in self._sites_of(replies)}):
             self._exclude(server_round, node, "no reply before the round timeout")
         accepted = sorted(self._screen(server_round, replies, with_arrays=True), key=_content_key)
         self._log(server_round).train = accepted

@@ -24,7 +24,7 @@ from medgan_core.config import (
     privacy_config_from_flat,
 )
 from medgan_core.errors import ConfigError, PrivacyError
-from medgan_core.privacy import SiteAccountant, plan_dp
+from medgan_core.privacy import DPSettings, SiteAccountant, plan_dp
 from medgan_core.privacy.dp_sgd import joint_noise_multiplier
 from medgan_core.site_round import accountant_path, train_site_round
 from medgan_core.tasks import build_task
@@ -50,21 +50,12 @@ def test_two_releases_on_one_batch_are_one_joint_mechanism(q: float, sigma: floa
     naive = _rdp_epsilon(sigma, q, 2 * steps)
     joint = _rdp_epsilon(joint_noise_multiplier(sigma, 2), q, steps)
     assert naive == pytest.approx(counted, abs=0.1) and joint == pytest.approx(actual, abs=0.1)
+    task = build_task(DENOISE)  # generator and discriminator both private: two networks per batch
+    assert task.dp_releases_per_step == 2
     accountant = SiteAccountant()
     for _ in range(steps):
-        DenoiseLike.account(sigma, q, accountant)
+        task.account_step(DPSettings(sigma, 1.0, q, 1), accountant)  # type: ignore[attr-defined]
     assert accountant.epsilon() == pytest.approx(joint, rel=1e-6)
-
-
-class DenoiseLike:
-    @staticmethod
-    def account(sigma: float, q: float, accountant: SiteAccountant) -> None:
-        from medgan_core.tasks.base import GANTask
-        from medgan_core.privacy import DPSettings
-
-        task = build_task(DENOISE)
-        assert isinstance(task, GANTask) and task.dp_releases_per_step == 2
-        task.account_step(DPSettings(sigma, 1.0, q, 1), accountant)
 
 
 def test_a_trained_round_is_accounted_as_the_joint_mechanism(tiny_sites: list[Path], tmp_path: Path) -> None:
@@ -122,6 +113,21 @@ def test_site_toml_defaults_to_the_hospital_policy(tmp_path: Path) -> None:
     site, _ = load_site(config)
     assert (site.require_dp, site.require_secure_rng, site.max_delta, site.release_test_metrics) == (
         True, True, 1e-5, False)
+
+
+def test_a_site_warns_when_delta_is_above_one_over_its_records(tiny_sites: list[Path], tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    data = load_task_data(tiny_sites[1], DENOISE)
+    site = SiteConfig(str(tiny_sites[1]), state_dir=str(tmp_path))
+    with caplog.at_level("WARNING", logger="medgan_core.site_round"):
+        train_site_round(build_task(DENOISE), data, site, PrivacyConfig(target_epsilon=50.0, delta=0.09),
+                         planned_rounds=1, study_id="w", seed=0)
+    assert any("above 1/N" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="medgan_core.site_round"):
+        train_site_round(build_task(DENOISE), data, site, PrivacyConfig(target_epsilon=50.0, delta=1e-5),
+                         planned_rounds=1, study_id="w2", seed=0)
+    assert not any("above 1/N" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])

@@ -33,6 +33,10 @@ def canonical(payload: Mapping[str, Any]) -> bytes:
     return json.dumps(payload, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
 
+def _seal(key: bytes, payload: Mapping[str, Any]) -> str:
+    return hmac.new(key, canonical(payload), hashlib.sha256).hexdigest()
+
+
 class Ledger:
     """The site-wide part of the ledger: the key and the index of studies."""
 
@@ -60,10 +64,10 @@ class Ledger:
         key = self._key(create)
         if key is None:
             raise PrivacyError(f"ledger key {self.key_path} is missing; refusing to train with an unknown ε spent")
-        return hmac.new(key, canonical(payload), hashlib.sha256).hexdigest()
+        return _seal(key, payload)
 
     def _signed(self, key: bytes, payload: dict[str, Any]) -> str:
-        return json.dumps({**payload, "mac": hmac.new(key, canonical(payload), hashlib.sha256).hexdigest()}, indent=2)
+        return json.dumps({**payload, "mac": _seal(key, payload)}, indent=2)
 
     def verify(self, signed: Mapping[str, Any], what: str) -> dict[str, Any]:
         payload = {k: v for k, v in signed.items() if k != "mac"}
@@ -76,9 +80,8 @@ class Ledger:
     def studies(self) -> dict[str, int]:
         """Study id -> fewest DP steps recorded; {} for a site that never trained under DP."""
         key_exists, index_exists = self.key_path.is_file(), self.index_path.is_file()
-        accountants = sorted(self.state_dir.glob("accountant-*.json")) if self.state_dir.is_dir() else []
         if not key_exists and not index_exists:
-            if accountants:
+            if self.state_dir.is_dir() and any(self.state_dir.glob("accountant-*.json")):
                 raise PrivacyError(f"{self.state_dir} holds accountants but its ledger key and index are gone; "
                                    "refusing to train with an unknown ε spent")
             return {}
