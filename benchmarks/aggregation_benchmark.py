@@ -21,9 +21,9 @@ import time
 import torch
 
 from bench_common import arguments, image_scores, paired_study, site_models, study_sites, train_federated
-from medgan_core.config import StudyConfig
+from medgan_core.study_config import StudyConfig
 from medgan_core.data.dataset import SiteData
-from medgan_core.tasks import build_task
+from medgan_core.tasks.registry import build_task
 from medgan_core.tasks.registry import load_task_data
 
 METHODS: dict[str, dict[str, object]] = {

@@ -15,11 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medgan_core.config import SiteConfig, StudyConfig
+from medgan_core.config import SiteConfig
+from medgan_core.study_config import StudyConfig
 from medgan_core.data.simulate import simulate_study
 from medgan_core.metrics.image_quality import psnr_ssim
 from medgan_core.site_round import load_site_model
-from medgan_core.tasks import Task, build_task
+from medgan_core.tasks.base import Task
+from medgan_core.tasks.registry import build_task
 from server.checkpoints import load_checkpoint
 from medgan.simulation import simulate_federation
 

@@ -34,12 +34,13 @@ import torch
 import torch.nn.functional as F
 
 from bench_common import arguments, fit_cross_entropy, study_sites, trained_or_reused
-from medgan_core.config import StudyConfig, TaskConfig
+from medgan_core.config import TaskConfig
+from medgan_core.study_config import StudyConfig
 from medgan_core.data.dataset import labelled_slices
 from medgan_core.data.labels import lesion_burden
 from medgan_core.data.simulate import find_sites, simulate_study
 from medgan_core.metrics.features import N_GRADES, PhantomFeatureNet, burden_grade, load_feature_net
-from medgan_core.tasks import build_task
+from medgan_core.tasks.registry import build_task
 from medgan_core.tasks.conditional import balanced_accuracy
 from medgan_core.tasks.registry import load_task_data
 from server.checkpoints import load_checkpoint

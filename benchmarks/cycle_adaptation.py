@@ -42,7 +42,7 @@ from medgan_core.config import TaskConfig
 from medgan_core.data.dataset import labelled_slices
 from medgan_core.data.simulate import FAT, KIDNEY, LESION, LIVER, phantom_scanner_series, site_profile
 from medgan_core.models.unet import ResidualUNet
-from medgan_core.tasks import Task
+from medgan_core.tasks.base import Task
 from medgan_core.tasks.registry import load_task_data
 from translate_baselines import histogram_matched
 

@@ -27,9 +27,9 @@ from scipy.ndimage import gaussian_filter
 from skimage.restoration import denoise_nl_means, denoise_tv_chambolle
 
 from bench_common import image_scores, site_models, study_sites
-from medgan_core.config import StudyConfig
+from medgan_core.study_config import StudyConfig
 from medgan_core.metrics.image_quality import psnr_ssim
-from medgan_core.tasks import build_task
+from medgan_core.tasks.registry import build_task
 from medgan_core.tasks.registry import load_task_data
 from server.checkpoints import load_checkpoint
 from medgan.simulation import simulate_federation

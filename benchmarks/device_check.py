@@ -27,20 +27,20 @@ from medgan_core.config import PrivacyConfig, SiteConfig, TaskConfig
 from medgan_core.data.simulate import simulate_study
 from medgan_core.runtime import resolve_device
 from medgan_core.site_round import train_site_round
-from medgan_core.tasks import build_task
-from medgan_core.tasks.registry import load_task_data, task_names
+from medgan_core.tasks.registry import build_task
+from medgan_core.tasks.registry import load_task_data, task_config, task_names
 
 STEPS = 4
 
 
-def task_config(name: str) -> TaskConfig:
+def small_config(name: str) -> TaskConfig:
     modality = "MR" if name == "recon" else "CT"
-    return TaskConfig(name=name, modality=modality, batch_size=8, local_steps=STEPS, width=16, eval_samples=32)
+    return task_config(name=name, modality=modality, batch_size=8, local_steps=STEPS, width=16, eval_samples=32)
 
 
 def check_task(name: str, site: Path, device: torch.device, state_dir: Path) -> dict[str, object]:
     """One DP round and one plain round of ``name`` on ``device``; the checks and timings."""
-    config = task_config(name)
+    config = small_config(name)
     data = load_task_data(site, config)
     row: dict[str, object] = {"task": name}
     for private in (True, False):

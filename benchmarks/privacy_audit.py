@@ -33,14 +33,14 @@ from medgan_core.config import PrivacyConfig, TaskConfig
 from medgan_core.data.dataset import SiteData
 from medgan_core.data.simulate import DEFAULT_SITES, simulate_site
 from medgan_core.privacy import SiteAccountant, plan_dp
-from medgan_core.tasks import build_task
-from medgan_core.tasks.registry import load_task_data
+from medgan_core.tasks.registry import build_task
+from medgan_core.tasks.registry import load_task_data, task_config
 
 EPSILONS = (1.0, 3.0, 8.0, float("inf"))
 TASKS = {
-    "synthesis": TaskConfig(name="synthesis", width=8, batch_size=32, lr_generator=1e-4, eval_samples=128),
+    "synthesis": task_config(name="synthesis", width=8, batch_size=32, lr_generator=1e-4, eval_samples=128),
     # DP-SGD wants a larger step than plain training; the same settings serve every ε.
-    "denoise": TaskConfig(name="denoise", width=8, batch_size=16, lr_generator=2e-3, lr_discriminator=2e-3),
+    "denoise": task_config(name="denoise", width=8, batch_size=16, lr_generator=2e-3, lr_discriminator=2e-3),
 }
 
 
@@ -81,7 +81,7 @@ def train(config: TaskConfig, data: SiteData, steps: int, epsilon: float, seed: 
     return task, (accountant.epsilon() if accountant else float("inf")), (dp.noise_multiplier if dp else 0.0)
 
 
-STRESS = TaskConfig(name="synthesis", width=16, batch_size=16, eval_samples=64)
+STRESS = task_config(name="synthesis", width=16, batch_size=16, eval_samples=64)
 STRESS_MEMBERS, STRESS_STEPS = 64, 1500
 
 

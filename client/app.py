@@ -31,7 +31,8 @@ from medgan_core.site_round import (
     shared_weights,
     train_site_round,
 )
-from medgan_core.tasks import Task, build_task
+from medgan_core.tasks.base import Task
+from medgan_core.tasks.registry import build_task
 
 
 log = logging.getLogger("medgan.site")

@@ -24,7 +24,8 @@ from medgan_core.round_instructions import RoundInstructions
 from medgan_core.runtime import resolve_device
 from medgan_core.sharing import ordered_names
 from medgan_core.site_round import outgoing_eval_metrics, outgoing_train_metrics, train_site_round
-from medgan_core.tasks import Task, build_task
+from medgan_core.tasks.base import Task
+from medgan_core.tasks.registry import build_task
 
 
 class SiteNumPyClient(NumPyClient):

@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 
 from client.commands import site_app
-from medgan_core.config import StudyConfig, load_study
+from medgan_core.study_config import StudyConfig, load_study
 from medgan_core.console import console, fail
 from medgan_core.data.simulate import find_sites, remove_simulated_study, simulate_study
 from medgan_core.errors import MedGANError

@@ -19,7 +19,8 @@ import torch  # noqa: E402
 from flwr.simulation import run_simulation  # noqa: E402
 
 from client.app import build_client_app  # noqa: E402
-from medgan_core.config import SiteConfig, StudyConfig  # noqa: E402
+from medgan_core.config import SiteConfig  # noqa: E402
+from medgan_core.study_config import StudyConfig  # noqa: E402
 from medgan_core.errors import ConfigError  # noqa: E402
 from medgan_core.run_layout import RunLayout  # noqa: E402
 from medgan_core.runtime import resolve_device  # noqa: E402

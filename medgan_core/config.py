@@ -1,9 +1,9 @@
-"""One configuration schema for a study, validated on load.
+"""The configuration tables, each a dataclass validated on load with messages naming the key.
 
-A study file is TOML with two tables, ``[run]`` (federation level) and ``[task]`` (what
-each site trains). The same schema travels to Flower as a flat run config with dotted
-keys (``run.rounds``, ``task.image-size``), which is what ``[tool.flwr.app.config]``
-in pyproject.toml holds, so ``flwr run .`` and ``medgan demo`` read identical settings.
+``[run]``, ``[task]`` (the keys every task shares; a task's own keys are its ``TaskParams``),
+``[privacy]`` and ``[aggregation]`` make a study (``medgan_core.study_config``); a hospital's
+``site.toml`` and the coordinator's ``coordinator.toml`` are read here too. Nothing here
+knows any particular task, so every module may import it.
 """
 
 from __future__ import annotations
@@ -15,32 +15,42 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import tomli_w
-
-from medgan_core.data.kspace import ACCELERATIONS  # 25 % and 10 % of the k-space lines
 from medgan_core.errors import ConfigError
 
 MODALITIES = ("CT", "MR")
 DEVICES = ("auto", "cpu", "cuda")
 ACCOUNTANTS = ("rdp", "prv")
-SR_SCALES = (2, 4)
 LR_SCHEDULES = ("constant", "cosine")  # learning rate over a study's rounds (medgan_core.tasks.base.lr_scale)
-CYCLE_POOLS = (1, 2, 4)  # cycle: every crop size (a multiple of 4) and image size divides by these
-CONDITIONS = ("grade", "severity")  # what conditional synthesis is conditioned on
 #: A δ this large lets a mechanism publish a whole record with that probability: refused.
 MAX_DELTA = 0.1
 POLICIES = ("average", "local", "trimmed-mean", "median")
 SERVER_OPTIMIZERS = ("fedavg", "fedadam", "fedyogi")
 
 
-def _key(name: str) -> str:
+def config_key(name: str) -> str:
     """Python field name -> config key (``local_steps`` -> ``local-steps``)."""
     return name.replace("_", "-")
 
 
 @dataclass(frozen=True)
+class TaskParams:
+    """A task's own settings, beside the shared ``TaskConfig`` (none by default).
+
+    Each task subclasses it in its own file (``SuperResParams`` has ``scale``) and checks
+    them in ``validate``; in a study file they sit in ``[task]`` next to the shared keys.
+    """
+
+    def validate(self, task: "TaskConfig") -> None:
+        """Refuse values this task cannot train with (ConfigError naming the key)."""
+
+
+@dataclass(frozen=True)
 class TaskConfig:
-    """What every site trains, identical across sites (sent with each round)."""
+    """What every site trains, identical across sites (sent with each round).
+
+    Only what every task shares; ``params`` holds the task's own settings, typed by the
+    task (``medgan_core.tasks.registry.task_config`` builds both from config keys).
+    """
 
     name: str = "synthesis"
     modality: str = "CT"
@@ -49,78 +59,34 @@ class TaskConfig:
     local_steps: int = 50
     lr_generator: float = 2e-4
     lr_discriminator: float = 2e-4
-    z_dim: int = 64
     width: int = 32
     window_low: float = -160.0
     window_high: float = 240.0
     eval_samples: int = 128
-    scale: int = 2  # super-resolution factor (superres): 2 or 4
-    acceleration: int = 4  # k-space undersampling of compressed-sensing MR (recon): 4 or 10
-    condition: str = "grade"  # conditional: lesion-burden grade 0-3 (a class) or the burden itself
-    l1_weight: float = 100.0  # image-to-image tasks: weight of the L1 fidelity term beside the adversarial one
-    ssim_weight: float = 0.0  # paired image-to-image tasks: weight of a (1 - SSIM) term to the target (0: none)
     lr_schedule: str = "constant"  # both learning rates over the study's rounds: constant, or cosine down to 1/10
-    identity_weight: float = 5.0  # cycle: weight of the identity loss (CycleGAN's 0.5 × the cycle weight; 0: off)
-    crop_size: int = 0  # cycle: train on random crops of this size (0: whole slices)
-    cycle_pool: int = 1  # cycle: compare the cycle's round trip after average pooling by this factor (1: per pixel)
-    tv_weight: float = 0.0  # cycle: weight of a total-variation penalty on each translated image (0: off)
     seed: int = 0
+    params: TaskParams = field(default_factory=TaskParams)
+
+    def to_items(self) -> dict[str, Any]:
+        """Config keys and values, shared and the task's own together (``[task]`` of a study)."""
+        shared = {config_key(f.name): getattr(self, f.name) for f in fields(self) if f.name != "params"}
+        return {**shared, **{config_key(f.name): getattr(self.params, f.name) for f in fields(self.params)}}
 
     def validate(self) -> None:
-        from medgan_core.tasks.registry import task_class, task_names
-
-        if self.name not in task_names():
-            raise ConfigError(
-                f"task.name = {self.name!r} is not a known task; choose one of {', '.join(task_names())}"
-            )
+        """The shared keys; the registry also checks the name and the task's own keys."""
         if self.modality not in MODALITIES:
             raise ConfigError(f"task.modality = {self.modality!r}; choose one of {', '.join(MODALITIES)}")
         size = self.image_size
         if size < 16 or size > 256 or size & (size - 1):
             raise ConfigError(f"task.image-size = {size}; it must be a power of two from 16 to 256")
-        _positive("task.batch-size", self.batch_size)
-        _positive("task.local-steps", self.local_steps)
-        _positive("task.z-dim", self.z_dim)
-        _positive("task.width", self.width)
-        _positive("task.eval-samples", self.eval_samples)
-        _positive("task.l1-weight", self.l1_weight)
-        if self.ssim_weight < 0:
-            raise ConfigError(f"task.ssim-weight = {self.ssim_weight}; it must be 0 (off) or a positive number")
-        if self.ssim_weight > 0 and "ssim-weight" not in task_class(self.name).target_loss_keys:
-            raise ConfigError(f"task.ssim-weight = {self.ssim_weight}, but task {self.name!r} has no paired target "
-                              "to compare with and would ignore it; set it to 0 or use a paired image-to-image task")
-        if self.identity_weight < 0:
-            raise ConfigError(f"task.identity-weight = {self.identity_weight}; it must be 0 (off) or a positive number")
-        if self.crop_size:
-            if not task_class(self.name).trains_on_crops:
-                raise ConfigError(f"task.crop-size = {self.crop_size}, but task {self.name!r} trains on whole slices; "
-                                  "set it to 0 (crops are for 'cycle', whose losses need no paired target)")
-            if self.crop_size % 4 or not 16 <= self.crop_size <= self.image_size:
-                raise ConfigError(f"task.crop-size = {self.crop_size}; it must be 0 (whole slices) or a multiple of 4 "
-                                  f"from 16 to task.image-size ({self.image_size})")
-        if self.cycle_pool not in CYCLE_POOLS:
-            raise ConfigError(f"task.cycle-pool = {self.cycle_pool}; choose one of {', '.join(map(str, CYCLE_POOLS))}")
-        if self.tv_weight < 0:
-            raise ConfigError(f"task.tv-weight = {self.tv_weight}; it must be 0 (off) or a positive number")
-        if self.name != "cycle" and (self.cycle_pool != 1 or self.tv_weight):
-            raise ConfigError(f"task.cycle-pool and task.tv-weight shape CycleGAN's losses, but task {self.name!r} "
-                              "would ignore them; leave them at 1 and 0")
+        require_positive("task.batch-size", self.batch_size)
+        require_positive("task.local-steps", self.local_steps)
+        require_positive("task.width", self.width)
+        require_positive("task.eval-samples", self.eval_samples)
         if self.width % 8:
             raise ConfigError(f"task.width = {self.width}; it must be a multiple of 8 (GroupNorm groups)")
-        if self.scale not in SR_SCALES:
-            raise ConfigError(f"task.scale = {self.scale}; choose one of {', '.join(map(str, SR_SCALES))}")
-        if self.acceleration not in ACCELERATIONS:
-            raise ConfigError(
-                f"task.acceleration = {self.acceleration}; choose one of {', '.join(map(str, ACCELERATIONS))}"
-            )
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"task.lr-schedule = {self.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
-        if self.condition not in CONDITIONS:
-            raise ConfigError(f"task.condition = {self.condition!r}; choose one of {', '.join(CONDITIONS)}")
-        if self.name == "cycle" and self.modality != "CT":
-            raise ConfigError("task.name = 'cycle' harmonises a site's two CT scanners: set task.modality = 'CT'")
-        if self.name == "recon" and self.modality != "MR":
-            raise ConfigError("task.name = 'recon' reconstructs MR k-space: set task.modality = 'MR'")
         for key, lr in (("task.lr-generator", self.lr_generator), ("task.lr-discriminator", self.lr_discriminator)):
             if not 0 < lr < 1:
                 raise ConfigError(f"{key} = {lr}; a learning rate must lie in (0, 1)")
@@ -128,6 +94,7 @@ class TaskConfig:
             raise ConfigError(
                 f"task.window-high ({self.window_high}) must be above task.window-low ({self.window_low})"
             )
+        self.params.validate(self)
 
 
 @dataclass(frozen=True)
@@ -145,9 +112,9 @@ class RunConfig:
     resume: bool = False  # continue the run in out-dir from its last complete round
 
     def validate(self) -> None:
-        _positive("run.rounds", self.rounds)
-        _positive("run.round-timeout", self.round_timeout)
-        _positive("run.num-sites", self.num_sites)
+        require_positive("run.rounds", self.rounds)
+        require_positive("run.round-timeout", self.round_timeout)
+        require_positive("run.num-sites", self.num_sites)
         for key, value in (("run.out-dir", self.out_dir), ("run.sites-dir", self.sites_dir)):
             if not value.strip():
                 raise ConfigError(f"{key} is empty; name a folder")
@@ -410,7 +377,7 @@ class CoordinatorConfig:
         return f"{self.host}:{self.port}"
 
 
-def _load_tables(path: str | Path, allowed: tuple[str, ...]) -> dict[str, Any]:
+def load_tables(path: str | Path, allowed: tuple[str, ...]) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -436,12 +403,12 @@ def _resolve(base: Path, value: str) -> str:
 def load_site(path: str | Path) -> tuple[SiteConfig, ConnectionConfig]:
     """A hospital's site.toml: ``[site]`` (data, state, budget) and ``[connection]``."""
     path = Path(path)
-    raw = _load_tables(path, ("site", "connection"))
+    raw = load_tables(path, ("site", "connection"))
     site_items = dict(raw.get("site", {}))
     if "data-path" not in site_items:
         raise ConfigError(f"{path}: [site] needs data-path, the folder that holds the site's manifest.csv")
-    site = _build(SiteConfig, {"data-path": "", **HOSPITAL_POLICY, **site_items}, "site", str(path))
-    connection = _build(ConnectionConfig, raw.get("connection", {}), "connection", str(path))
+    site = build_table(SiteConfig, {"data-path": "", **HOSPITAL_POLICY, **site_items}, "site", str(path))
+    connection = build_table(ConnectionConfig, raw.get("connection", {}), "connection", str(path))
     base = path.parent
     site = dataclasses.replace(site, data_path=_resolve(base, site.data_path), state_dir=_resolve(base, site.state_dir))
     connection = dataclasses.replace(connection, ca_cert=_resolve(base, connection.ca_cert),
@@ -452,133 +419,40 @@ def load_site(path: str | Path) -> tuple[SiteConfig, ConnectionConfig]:
 def load_coordinator(path: str | Path) -> CoordinatorConfig:
     """The coordinator's coordinator.toml: one ``[coordinator]`` table."""
     path = Path(path)
-    raw = _load_tables(path, ("coordinator",))
-    config = _build(CoordinatorConfig, raw.get("coordinator", {}), "coordinator", str(path))
+    raw = load_tables(path, ("coordinator",))
+    config = build_table(CoordinatorConfig, raw.get("coordinator", {}), "coordinator", str(path))
     base = path.parent
     return dataclasses.replace(config, certs_dir=_resolve(base, config.certs_dir),
                                database=_resolve(base, config.database)).validate()
 
 
-TABLES = ("run", "task", "privacy", "aggregation")
-
-
-@dataclass(frozen=True)
-class StudyConfig:
-    """A whole study: the run, the task, privacy and aggregation settings."""
-
-    run: RunConfig = field(default_factory=RunConfig)
-    task: TaskConfig = field(default_factory=TaskConfig)
-    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
-    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
-
-    def validate(self) -> "StudyConfig":
-        self.run.validate()
-        self.task.validate()
-        self.privacy.validate()
-        self.aggregation.validate()
-        agg = self.aggregation
-        robust = sorted({p for p in (agg.policy, *agg.overrides().values()) if p in ("trimmed-mean", "median")})
-        if self.privacy.central_noise_multiplier > 0 and robust:
-            raise ConfigError(
-                f"aggregation policy {robust[0]!r} cannot be combined with privacy.central-noise-multiplier: "
-                "central DP needs an equal-weight mean of clipped updates"
-            )
-        if self.privacy.secagg and (robust or agg.has_site_state or agg.server_optimizer != "fedavg"
-                                    or agg.proximal_mu > 0):
-            raise ConfigError(
-                "privacy.secagg supports plain averaging only: leave [aggregation] at its defaults "
-                "(secure aggregation hides individual updates, so robust or per-site policies cannot see them)"
-            )
-        return self
-
-    # --- nested dict (TOML) -------------------------------------------------------
-    @classmethod
-    def from_dict(cls, raw: Mapping[str, Any], source: str = "config") -> "StudyConfig":
-        unknown = set(raw) - set(TABLES)
-        if unknown:
-            raise ConfigError(
-                f"{source}: unknown table(s) {sorted(unknown)}; allowed: {', '.join(f'[{t}]' for t in TABLES)}"
-            )
-        run = _build(RunConfig, raw.get("run", {}), "run", source)
-        task = _build(TaskConfig, raw.get("task", {}), "task", source)
-        privacy = _build(PrivacyConfig, raw.get("privacy", {}), "privacy", source)
-        aggregation = _build(AggregationConfig, raw.get("aggregation", {}), "aggregation", source)
-        return cls(run=run, task=task, privacy=privacy, aggregation=aggregation).validate()
-
-    def to_dict(self) -> dict[str, dict[str, Any]]:
-        return {
-            table: {_key(k): v for k, v in dataclasses.asdict(getattr(self, table)).items()} for table in TABLES
-        }
-
-    # --- flat dotted dict (Flower run config) ----------------------------------------
-    @classmethod
-    def from_flat(cls, flat: Mapping[str, Any], source: str = "run config") -> "StudyConfig":
-        nested: dict[str, dict[str, Any]] = {}
-        for key, value in flat.items():
-            table, _, name = key.partition(".")
-            if not name:
-                raise ConfigError(f"{source}: key {key!r} must be TABLE.NAME with TABLE one of {', '.join(TABLES)}")
-            nested.setdefault(table, {})[name] = value
-        return cls.from_dict(nested, source)
-
-    def to_flat(self) -> dict[str, Any]:
-        return {f"{table}.{k}": v for table, values in self.to_dict().items() for k, v in values.items()}
-
-    def replace(
-        self,
-        run: Mapping[str, Any] | None = None,
-        task: Mapping[str, Any] | None = None,
-        privacy: Mapping[str, Any] | None = None,
-        aggregation: Mapping[str, Any] | None = None,
-    ) -> "StudyConfig":
-        """A copy with some fields changed (Python field names), validated again."""
-        return StudyConfig(
-            run=dataclasses.replace(self.run, **(run or {})),
-            task=dataclasses.replace(self.task, **(task or {})),
-            privacy=dataclasses.replace(self.privacy, **(privacy or {})),
-            aggregation=dataclasses.replace(self.aggregation, **(aggregation or {})),
-        ).validate()
-
-
-def _table_from_flat(cls: type, table: str, flat: Mapping[str, Any]) -> Any:
-    items = {k[len(table) + 1:]: v for k, v in flat.items() if k.startswith(f"{table}.")}
-    config = _build(cls, items, table, "round config")
-    config.validate()
-    return config
-
-
-def task_config_from_flat(flat: Mapping[str, Any]) -> TaskConfig:
-    """Rebuild the task config a client receives in a round's ConfigRecord."""
-    return _table_from_flat(TaskConfig, "task", flat)
+def table_items(flat: Mapping[str, Any], table: str) -> dict[str, Any]:
+    """The ``TABLE.key`` items of a flat (Flower) config, without the table prefix."""
+    return {k[len(table) + 1:]: v for k, v in flat.items() if k.startswith(f"{table}.")}
 
 
 def privacy_config_from_flat(flat: Mapping[str, Any]) -> PrivacyConfig:
     """Rebuild the privacy settings a client receives in a round's ConfigRecord."""
-    return _table_from_flat(PrivacyConfig, "privacy", flat)
+    config = build_table(PrivacyConfig, table_items(flat, "privacy"), "privacy", "round config")
+    config.validate()
+    return config
 
 
 def aggregation_config_from_flat(flat: Mapping[str, Any]) -> AggregationConfig:
-    """Rebuild the aggregation settings a client receives (keys absent: the defaults)."""
-    return _table_from_flat(AggregationConfig, "aggregation", flat)
+    """Rebuild the aggregation settings a client receives in a round's ConfigRecord."""
+    config = build_table(AggregationConfig, table_items(flat, "aggregation"), "aggregation", "round config")
+    config.validate()
+    return config
 
 
-def load_study(path: str | Path) -> StudyConfig:
-    """Read and validate a study TOML file ([run], [task], [privacy])."""
-    return StudyConfig.from_dict(_load_tables(path, TABLES), str(path))
-
-
-def dump_study(config: StudyConfig) -> str:
-    return tomli_w.dumps(config.to_dict())
-
-
-def _positive(key: str, value: float) -> None:
+def require_positive(key: str, value: float) -> None:
     if value <= 0:
         raise ConfigError(f"{key} = {value}; it must be a positive number")
 
 
-def _build(cls: type, values: Mapping[str, Any], table: str, source: str) -> Any:
+def build_table(cls: type, values: Mapping[str, Any], table: str, source: str) -> Any:
     """Make a dataclass from config keys, naming any unknown key or wrong type."""
-    by_key = {_key(f.name): f for f in fields(cls)}
+    by_key = {config_key(f.name): f for f in fields(cls)}
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
         f = by_key.get(key)

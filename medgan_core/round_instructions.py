@@ -12,16 +12,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+import dataclasses
+
 from medgan_core.config import (
     AggregationConfig,
     PrivacyConfig,
-    StudyConfig,
     TaskConfig,
     aggregation_config_from_flat,
+    config_key,
     privacy_config_from_flat,
-    task_config_from_flat,
+    table_items,
 )
 from medgan_core.errors import ConfigError
+from medgan_core.study_config import StudyConfig
+from medgan_core.tasks.registry import task_config_from_items
 
 ROUND_KEYS = ("device", "planned-rounds", "study-id", "server-round")
 
@@ -56,5 +60,11 @@ class RoundInstructions:
             raise ConfigError("planned-rounds and server-round must be whole numbers") from None
         if planned < 1 or server_round < 0:
             raise ConfigError(f"planned-rounds = {planned}, server-round = {server_round}; out of range")
-        return cls(task_config_from_flat(flat), privacy_config_from_flat(flat), aggregation_config_from_flat(flat),
-                   str(flat["device"]), planned, study_id, server_round)
+        task = task_config_from_items(table_items(flat, "task"), "round config")
+        privacy, aggregation = privacy_config_from_flat(flat), aggregation_config_from_flat(flat)
+        expected = {f"task.{key}" for key in task.to_items()} | {
+            f"{table}.{config_key(f.name)}" for table, config in (("privacy", privacy), ("aggregation", aggregation))
+            for f in dataclasses.fields(config)}
+        if missing := sorted(expected - set(flat)):
+            raise ConfigError(f"the round's instructions lack {', '.join(missing[:5])}; refusing to guess them")
+        return cls(task, privacy, aggregation, str(flat["device"]), planned, study_id, server_round)

@@ -14,7 +14,7 @@ import torch  # noqa: F401  (import before Flower unpickles torch-backed arrays)
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
-from medgan_core.config import StudyConfig
+from medgan_core.study_config import StudyConfig
 from server.run_folder import RunFolder
 from server.study import RoundSummary, run_study
 

@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from medgan_core.config import StudyConfig, load_study
+from medgan_core.study_config import StudyConfig, load_study
 from medgan_core.console import console, fail, run_foreground
 from medgan_core.errors import MedGANError
 from medgan_core.run_layout import RunLayout

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import tomli_w
 
-from medgan_core.config import CoordinatorConfig, StudyConfig
+from medgan_core.config import CoordinatorConfig
+from medgan_core.study_config import StudyConfig
 from medgan_core.credentials import check_certificate, check_private_key, check_public_key
 from medgan_core.runtime import APP_DIR, flower_tool, offline_env
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from medgan_core.config import load_study
+from medgan_core.study_config import load_study
 from medgan_core.errors import MedGANError
 from medgan_core.fileio import atomic_write_text
 from server.run_folder import RunFolder

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from medgan_core.config import StudyConfig
+from medgan_core.study_config import StudyConfig
 from medgan_core.fileio import atomic_write_text
 from server.run_folder import RunFolder
 
@@ -22,7 +22,7 @@ def _fmt(value: Any) -> str:
 
 def aggregation_line(study: StudyConfig) -> str:
     """How the groups were combined, in words (from the same settings the server used)."""
-    from medgan_core.tasks import build_task
+    from medgan_core.tasks.registry import build_task
 
     agg = study.aggregation
     words = {"average": "sample-weighted mean", "local": "kept at each site (never sent)",

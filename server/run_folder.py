@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from medgan_core.config import StudyConfig, dump_study
+from medgan_core.study_config import StudyConfig, dump_study
 from medgan_core.fileio import append_jsonl, atomic_write_text, read_jsonl
 import numpy as np
 

@@ -24,11 +24,12 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid, ServerApp
 
 from medgan_core.arrays import check_arrays
-from medgan_core.config import StudyConfig
+from medgan_core.study_config import StudyConfig
 from medgan_core.errors import ConfigError
 from medgan_core.privacy.dp_sgd import validate_private_modules
 from medgan_core.sharing import ordered_names
-from medgan_core.tasks import Task, build_task
+from medgan_core.tasks.base import Task
+from medgan_core.tasks.registry import build_task
 from server.report import write_report
 from server.run_folder import RunFolder
 from server.study import RoundSummary, record_round, round_config_items

@@ -18,12 +18,13 @@ import numpy as np
 from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 
-from medgan_core.config import StudyConfig
+from medgan_core.study_config import StudyConfig
 from medgan_core.errors import MedGANError
 from medgan_core.round_instructions import RoundInstructions
 from medgan_core.privacy.dp_sgd import validate_private_modules
 from medgan_core.sharing import local_array_names
-from medgan_core.tasks import Task, build_task
+from medgan_core.tasks.base import Task
+from medgan_core.tasks.registry import build_task
 from server.report import write_report
 from server.run_folder import RunFolder
 from server.samples import save_grid

@@ -10,7 +10,7 @@ import pytest
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from medgan_core.config import StudyConfig  # noqa: E402
+from medgan_core.study_config import StudyConfig  # noqa: E402
 from medgan_core.data.simulate import DEFAULT_SITES, simulate_site  # noqa: E402
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Message
 
-from medgan_core.config import StudyConfig
+from medgan_core.study_config import StudyConfig
 from medgan_core.fileio import read_jsonl
 from server.checkpoints import load_checkpoint
 from medgan.simulation import simulate_federation

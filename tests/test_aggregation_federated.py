@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from flwr.app import Message
 
-from medgan_core.config import StudyConfig
+from medgan_core.study_config import StudyConfig
 from medgan_core.fileio import read_jsonl
 from medgan_core.sharing import calibration_array_names, norm_array_names
 from medgan_core.site_state import SiteState
-from medgan_core.tasks import build_task
+from medgan_core.tasks.registry import build_task
 from server.checkpoints import load_checkpoint
 from medgan.simulation import simulate_federation
 

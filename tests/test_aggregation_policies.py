@@ -7,16 +7,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medgan_core.config import AggregationConfig, PrivacyConfig, SiteConfig, StudyConfig, TaskConfig
+from medgan_core.config import AggregationConfig, PrivacyConfig, SiteConfig
+from medgan_core.study_config import StudyConfig
 from medgan_core.errors import ConfigError
 from medgan_core.sharing import local_array_names, norm_array_names
 from medgan_core.site_round import load_site_model, shared_weights, train_site_round
 from medgan_core.site_state import SiteState
-from medgan_core.tasks import build_task
-from medgan_core.tasks.registry import load_task_data
+from medgan_core.tasks.registry import build_task
+from medgan_core.tasks.registry import load_task_data, task_config
 from strategies.aggregation import aggregate_by_policy, coordinate_wise
 
-DENOISE = TaskConfig(name="denoise", image_size=16, width=8, batch_size=8, local_steps=3,
+DENOISE = task_config(name="denoise", image_size=16, width=8, batch_size=8, local_steps=3,
                      lr_generator=2e-3, lr_discriminator=2e-3)
 
 
@@ -57,7 +58,7 @@ def test_local_groups_and_fedbn_norm_layers_are_named_from_the_model() -> None:
 
 
 def test_local_calibration_names_the_site_calibration_layers_only() -> None:
-    cycle = build_task(TaskConfig(name="cycle", width=8))
+    cycle = build_task(task_config(name="cycle", width=8))
     local = local_array_names(cycle.groups, AggregationConfig(local_calibration=True))
     assert local == {f"generator.calibrate_{d}.map.{k}" for d in ("ab", "ba") for k in ("weight", "bias")}
     assert local <= set(cycle.weight_shapes())
@@ -85,7 +86,7 @@ def test_bad_aggregation_settings_name_the_key(changes: dict, fragment: str) -> 
 
 
 def test_a_study_toml_can_set_aggregation(tmp_path: Path) -> None:
-    from medgan_core.config import load_study
+    from medgan_core.study_config import load_study
 
     path = tmp_path / "study.toml"
     path.write_text('[aggregation]\npolicy = "median"\ngroup-policies = "discriminator=local"\nlocal-norm = true\n')

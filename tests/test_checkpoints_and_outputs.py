@@ -49,7 +49,7 @@ def test_jsonl_reader_skips_a_torn_last_line(tmp_path: Path) -> None:
 
 
 def test_a_new_run_archives_the_previous_one_instead_of_mixing(tmp_path: Path) -> None:
-    from medgan_core.config import StudyConfig
+    from medgan_core.study_config import StudyConfig
     from server.run_folder import RunFolder
 
     folder = RunFolder(tmp_path / "run")

@@ -37,7 +37,7 @@ def test_demo_with_bad_config_fails_cleanly(tmp_path: Path) -> None:
 
 
 def test_privacy_report_command(tmp_path: Path) -> None:
-    from medgan_core.config import StudyConfig
+    from medgan_core.study_config import StudyConfig
     from server.run_folder import RunFolder
 
     folder = RunFolder(tmp_path / "run").start(StudyConfig())

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from federation_checks import site_without
-from medgan_core.config import TaskConfig
 from medgan_core.data.dataset import label_slices
 from medgan_core.data.manifest import read_manifest
 from medgan_core.data.labels import LESION, LIVER, lesion_burden
@@ -18,10 +17,10 @@ from medgan_core.data.simulate import phantom_labels
 from medgan_core.errors import ConfigError, DataError
 from medgan_core.metrics.features import burden_grade
 from medgan_core.privacy import DPSettings
-from medgan_core.tasks import build_task
-from medgan_core.tasks.registry import load_task_data
+from medgan_core.tasks.registry import build_task
+from medgan_core.tasks.registry import load_task_data, replace_task, task_config
 
-CONFIG = TaskConfig(name="conditional", image_size=16, width=8, z_dim=16, batch_size=8, local_steps=3, eval_samples=32)
+CONFIG = task_config(name="conditional", image_size=16, width=8, z_dim=16, batch_size=8, local_steps=3, eval_samples=32)
 
 
 def test_severity_grows_lesion_burden() -> None:
@@ -58,7 +57,7 @@ def test_missing_label_maps_are_a_clear_error(tmp_path: Path, tiny_sites: list[P
     with pytest.raises(DataError, match="label map"):
         load_task_data(site, CONFIG)
     with pytest.raises(ConfigError, match="task.condition"):
-        TaskConfig(name="conditional", condition="stage").validate()
+        task_config(name="conditional", condition="stage")
 
 
 def test_label_maps_resize_by_nearest_neighbour() -> None:
@@ -70,7 +69,7 @@ def test_label_maps_resize_by_nearest_neighbour() -> None:
 
 @pytest.mark.parametrize("condition, dim", [("grade", 4), ("severity", 1)])
 def test_generator_output_depends_on_the_condition(condition: str, dim: int) -> None:
-    task = build_task(TaskConfig(**{**CONFIG.__dict__, "condition": condition}))
+    task = build_task(replace_task(CONFIG, **{"condition": condition}))
     encoded = task.encode(torch.tensor([0.0, 0.3]))
     assert encoded.shape == (2, dim)
     mild = task.sample(4, seed=1, conditions=task.encode(torch.full((4,), 0.01)))

@@ -2,8 +2,10 @@ from pathlib import Path
 
 import pytest
 
-from medgan_core.config import StudyConfig, dump_study, load_study, task_config_from_flat
+from medgan_core.round_instructions import RoundInstructions
+from medgan_core.study_config import StudyConfig, dump_study, load_study
 from medgan_core.errors import ConfigError
+from medgan_core.tasks.registry import SHARED_KEYS, task_names
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,8 +33,13 @@ def test_pyproject_flower_config_is_a_valid_study() -> None:
     raw = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     study = StudyConfig.from_dict(raw, "pyproject.toml")
     assert study.task.name == "synthesis"
-    # `flwr run --run-config` can only override keys that exist there: all must.
-    assert {f"{t}.{k}" for t, keys in raw.items() for k in keys} == set(StudyConfig().to_flat())
+    # `flwr run --run-config` can only override keys that exist there: every shared key must,
+    # and no task's own key may (it would be refused when another task is named).
+    shared = {k for k in StudyConfig().to_flat() if not k.startswith("task.")} | {f"task.{k}" for k in SHARED_KEYS}
+    assert {f"{t}.{k}" for t, keys in raw.items() for k in keys} == shared
+    for name in task_names():
+        modality = "MR" if name == "recon" else "CT"
+        assert StudyConfig.from_dict({**raw, "task": {**raw["task"], "name": name, "modality": modality}}).task.name == name
 
 
 @pytest.mark.parametrize(
@@ -45,18 +52,18 @@ def test_pyproject_flower_config_is_a_valid_study() -> None:
         ("[task]\nmodality = 'PET'\n", "choose one of CT, MR"),
         ("[task]\nwindow-low = 100.0\nwindow-high = 0.0\n", "task.window-high"),
         ("[run]\ndevice = 'tpu'\n", "run.device = 'tpu'"),
-        ("[task]\nl1-weight = 0.0\n", "task.l1-weight = 0.0; it must be a positive number"),
-        ("[task]\nssim-weight = -1.0\n", "task.ssim-weight = -1.0; it must be 0 (off) or a positive number"),
-        ("[task]\nname = 'cycle'\nssim-weight = 10.0\n", "task 'cycle' has no paired target"),
-        ("[task]\nssim-weight = 10.0\n", "task 'synthesis' has no paired target"),
+        ("[task]\nname = 'denoise'\nl1-weight = 0.0\n", "task.l1-weight = 0.0; it must be a positive number"),
+        ("[task]\nname = 'denoise'\nssim-weight = -1.0\n", "task.ssim-weight = -1.0; it must be 0 (off) or a positive number"),
+        ("[task]\nname = 'cycle'\nssim-weight = 10.0\n", "task 'cycle' has no key task.ssim-weight (a key of task 'denoise'"),
+        ("[task]\nssim-weight = 10.0\n", "task 'synthesis' has no key task.ssim-weight"),
         ("[task]\nname = 'cycle'\nidentity-weight = -1.0\n", "task.identity-weight = -1.0; it must be 0 (off)"),
-        ("[task]\nname = 'denoise'\ncrop-size = 32\n", "task 'denoise' trains on whole slices"),
+        ("[task]\nname = 'denoise'\ncrop-size = 32\n", "task 'denoise' has no key task.crop-size (a key of task 'cycle')"),
         ("[task]\nname = 'cycle'\ncrop-size = 18\n", "task.crop-size = 18; it must be 0 (whole slices) or a multiple of 4"),
         ("[task]\nname = 'cycle'\ncrop-size = 128\n", "from 16 to task.image-size (64)"),
         ("[task]\nname = 'cycle'\ncycle-pool = 3\n", "task.cycle-pool = 3; choose one of 1, 2, 4"),
         ("[task]\nname = 'cycle'\ntv-weight = -0.5\n", "task.tv-weight = -0.5; it must be 0 (off)"),
-        ("[task]\nname = 'denoise'\ntv-weight = 1.0\n", "but task 'denoise' would ignore them"),
-        ("[task]\nname = 'translate'\ncycle-pool = 2\n", "but task 'translate' would ignore them"),
+        ("[task]\nname = 'denoise'\ntv-weight = 1.0\n", "task 'denoise' has no key task.tv-weight"),
+        ("[task]\nname = 'translate'\ncycle-pool = 2\n", "task 'translate' has no key task.cycle-pool"),
         ("[runs]\n", "unknown table"),
         ("[run\n", "not valid TOML"),
     ],
@@ -72,7 +79,7 @@ def test_bad_config_names_key_and_allowed_values(tmp_path: Path, text: str, frag
 def test_ssim_weight_is_accepted_by_every_task_that_reads_it() -> None:
     for name in ("translate", "denoise", "superres", "recon"):
         modality = "MR" if name == "recon" else "CT"
-        assert StudyConfig().replace(task={"name": name, "modality": modality, "ssim_weight": 5.0}).task.ssim_weight == 5.0
+        assert StudyConfig().replace(task={"name": name, "modality": modality, "ssim_weight": 5.0}).task.params.ssim_weight == 5.0
 
 
 def test_missing_config_file(tmp_path: Path) -> None:
@@ -80,9 +87,14 @@ def test_missing_config_file(tmp_path: Path) -> None:
         load_study(tmp_path / "nope.toml")
 
 
-def test_task_config_from_round_config_ignores_other_keys() -> None:
-    flat = {"task.image-size": 32, "task.name": "synthesis", "server-round": 3, "device": "cpu"}
-    assert task_config_from_flat(flat).image_size == 32
+def test_round_instructions_need_every_key_of_the_task_the_coordinator_names() -> None:
+    study = StudyConfig().replace(task={"name": "superres", "scale": 4})
+    flat = {**RoundInstructions.for_study(study, "s1"), "server-round": 3}
+    assert RoundInstructions.from_flat(flat).task.params == study.task.params
+    with pytest.raises(ConfigError, match="lack task.scale"):
+        RoundInstructions.from_flat({k: v for k, v in flat.items() if k != "task.scale"})
+    with pytest.raises(ConfigError, match="task 'superres' has no key task.z-dim"):
+        RoundInstructions.from_flat({**flat, "task.z-dim": 8})
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "sites_example").glob("*.toml")), ids=lambda p: p.name)

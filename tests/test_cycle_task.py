@@ -10,17 +10,16 @@ import pytest
 import torch
 
 from federation_checks import site_without
-from medgan_core.config import TaskConfig
 from medgan_core.data.dataset import labelled_slices, unpaired_subjects
 from medgan_core.data.manifest import read_manifest
 from medgan_core.data.simulate import DEFAULT_SITES
 from medgan_core.errors import ConfigError, DataError
 from medgan_core.models.unet import CycleGenerators
 from medgan_core.privacy import DPSettings, SiteAccountant, make_private
-from medgan_core.tasks import build_task
-from medgan_core.tasks.registry import load_task_data
+from medgan_core.tasks.registry import build_task
+from medgan_core.tasks.registry import load_task_data, replace_task, task_config
 
-CONFIG = TaskConfig(name="cycle", image_size=32, width=8, batch_size=8, local_steps=3, lr_generator=2e-3,
+CONFIG = task_config(name="cycle", image_size=32, width=8, batch_size=8, local_steps=3, lr_generator=2e-3,
                     lr_discriminator=2e-3)
 
 
@@ -49,7 +48,7 @@ def test_scanner_b_differs_by_its_calibration(tiny_sites: list[Path]) -> None:
 
 def test_cycle_needs_ct_and_the_second_scanner(tmp_path: Path, tiny_sites: list[Path]) -> None:
     with pytest.raises(ConfigError, match="two CT scanners"):
-        TaskConfig(name="cycle", modality="MR").validate()
+        task_config(name="cycle", modality="MR")
     site = site_without(tiny_sites[0], tmp_path, "scanner-b")
     with pytest.raises(DataError, match="scanner-b"):
         load_task_data(site, CONFIG)
@@ -97,7 +96,7 @@ def test_dp_training_spends_one_joint_release_per_step_and_changes_both_groups(t
 
 
 def test_harmonisation_moves_scanner_b_towards_scanner_a(tiny_sites: list[Path]) -> None:
-    config = TaskConfig(**{**CONFIG.__dict__, "image_size": 16})
+    config = replace_task(CONFIG, **{"image_size": 16})
     data = load_task_data(tiny_sites[0], config)
     task = build_task(config)
     start = task.evaluate(data)
@@ -133,7 +132,7 @@ def test_cycle_federated_two_sites_two_rounds(tiny_sites: list[Path], tmp_path: 
 
 
 def test_crops_are_windows_of_their_own_images() -> None:
-    task = build_task(TaskConfig(**{**CONFIG.__dict__, "crop_size": 16}))
+    task = build_task(replace_task(CONFIG, **{"crop_size": 16}))
     images = torch.arange(3 * 32 * 32, dtype=torch.float32).reshape(3, 1, 32, 32)
     crops = task._crops(images, torch.Generator().manual_seed(0))
     assert crops.shape == (3, 1, 16, 16)
@@ -146,7 +145,7 @@ def test_crops_are_windows_of_their_own_images() -> None:
 
 
 def test_crop_training_trains_the_calibration_and_scores_whole_slices(tiny_sites: list[Path]) -> None:
-    config = TaskConfig(**{**CONFIG.__dict__, "crop_size": 16})
+    config = replace_task(CONFIG, **{"crop_size": 16})
     data = load_task_data(tiny_sites[0], config)
     task = build_task(config)
     generators = task.groups["generator"]
@@ -162,7 +161,7 @@ def test_the_identity_weight_reaches_the_generator_loss(tiny_sites: list[Path]) 
 
     def trained(weight: float) -> dict[str, np.ndarray]:
         torch.manual_seed(0)
-        task = build_task(TaskConfig(**{**CONFIG.__dict__, "identity_weight": weight}))
+        task = build_task(replace_task(CONFIG, **{"identity_weight": weight}))
         task.train(data, steps=2, seed=0)
         return task.get_weights()
 
@@ -196,7 +195,7 @@ def test_tv_weight_smooths_the_translation_and_cycle_pool_reaches_the_loss(tiny_
 
     def trained(**settings: float) -> tuple[dict[str, np.ndarray], float, dict[str, float]]:
         torch.manual_seed(0)
-        task = build_task(TaskConfig(**{**CONFIG.__dict__, "identity_weight": 0.0, **settings}))
+        task = build_task(replace_task(CONFIG, **{"identity_weight": 0.0, **settings}))
         losses = task.train(data, steps=6, seed=0)
         with torch.no_grad():
             roughness = float(total_variation(task.restore(data.test_input)))

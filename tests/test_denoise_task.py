@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 
 from federation_checks import site_without
-from medgan_core.config import PrivacyConfig, SiteConfig, TaskConfig
+from medgan_core.config import PrivacyConfig, SiteConfig
 from medgan_core.data import read_manifest
 from medgan_core.errors import DataError
 from medgan_core.site_round import train_site_round
-from medgan_core.tasks import build_task
-from medgan_core.tasks.registry import load_task_data
+from medgan_core.tasks.registry import build_task
+from medgan_core.tasks.registry import load_task_data, task_config
 
-CONFIG = TaskConfig(name="denoise", image_size=32, width=8, batch_size=8, local_steps=3, lr_generator=2e-3,
+CONFIG = task_config(name="denoise", image_size=32, width=8, batch_size=8, local_steps=3, lr_generator=2e-3,
                     lr_discriminator=2e-3)
 
 
@@ -116,7 +116,7 @@ def test_denoise_trains_on_turned_pairs_and_recon_does_not(tiny_sites: list[Path
     monkeypatch.setattr(paired, "dihedral_pairs", lambda *b, generator: calls.append(len(b[0])) or original(*b, generator=generator))
     build_task(CONFIG).train(load_task_data(tiny_sites[1], CONFIG), steps=2, seed=0)
     assert calls == [CONFIG.batch_size] * 2
-    recon = TaskConfig(name="recon", modality="MR", image_size=32, width=8, batch_size=8)
+    recon = task_config(name="recon", modality="MR", image_size=32, width=8, batch_size=8)
     build_task(recon).train(load_task_data(tiny_sites[1], recon), steps=2, seed=0)
     assert len(calls) == 2  # k-space inputs are not turned: their mask channel is not an image
 

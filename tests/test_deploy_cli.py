@@ -10,7 +10,8 @@ from cryptography import x509
 from typer.testing import CliRunner
 
 from client.daemon import node_config, supernode_command
-from medgan_core.config import ConnectionConfig, CoordinatorConfig, SiteConfig, StudyConfig, load_site
+from medgan_core.config import ConnectionConfig, CoordinatorConfig, SiteConfig, load_site
+from medgan_core.study_config import StudyConfig
 from medgan.cli import app
 from server.deploy import run_command, superlink_command
 
@@ -100,7 +101,8 @@ def test_coordinator_commands_check_before_connecting(credentials: Path, tmp_pat
 
 def test_example_federation_configs_load() -> None:
     root = Path(__file__).resolve().parents[1] / "sites_example" / "federation"
-    from medgan_core.config import load_coordinator, load_study
+    from medgan_core.config import load_coordinator
+    from medgan_core.study_config import load_study
 
     coordinator = load_coordinator(root / "coordinator.toml")
     ports = set()

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from client.daemon import supernode_command
-from medgan_core.config import ConnectionConfig, CoordinatorConfig, SiteConfig, StudyConfig
+from medgan_core.config import ConnectionConfig, CoordinatorConfig, SiteConfig
+from medgan_core.study_config import StudyConfig
 from medgan_core.credentials import init_certificates, site_key_pair
 from medgan_core.fileio import read_jsonl
 from server.deploy import register_command, submit_study, superlink_command

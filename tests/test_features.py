@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from medgan_core.config import TaskConfig
 from medgan_core.errors import WeightsError
 from medgan_core.metrics.features import (
     WEIGHTS_FILE,
@@ -20,7 +19,7 @@ from medgan_core.metrics.features import (
     kernel_distance,
     load_feature_net,
 )
-from medgan_core.tasks.registry import load_task_data
+from medgan_core.tasks.registry import load_task_data, task_config
 
 
 def test_frechet_distance_matches_the_closed_form() -> None:
@@ -64,7 +63,7 @@ def test_shipped_weights_load_and_a_damaged_file_is_refused(tmp_path: Path) -> N
 def test_features_separate_real_anatomy_from_degraded_images(tiny_sites: list[Path]) -> None:
     """Two sites' real CT are closer to each other than either is to the same slices blurred
     and shifted: FID and KID rank what a radiologist would."""
-    config = TaskConfig(image_size=64)
+    config = task_config(image_size=64)
     a = load_task_data(tiny_sites[0], config).train
     b = load_task_data(tiny_sites[1], config).train
     degraded = torch.nn.functional.avg_pool2d(b, 5, 1, 2).clamp(-1, 1) * 0.6

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from flwr.app import Message
 
-from medgan_core.config import StudyConfig
+from medgan_core.study_config import StudyConfig
 from medgan_core.fileio import read_jsonl
-from medgan_core.tasks import build_task
+from medgan_core.tasks.registry import build_task
 from server.checkpoints import load_checkpoint
 import medgan.simulation as simulation
 from medgan.simulation import cpu_share, simulate_federation

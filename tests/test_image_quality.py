@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from medgan_core.config import PrivacyConfig, SiteConfig, TaskConfig
+from medgan_core.config import PrivacyConfig, SiteConfig
 from medgan_core.metrics.image_quality import psnr_ssim, ssim_per_image
 from medgan_core.site_round import train_site_round
-from medgan_core.tasks import build_task
-from medgan_core.tasks.registry import load_task_data
+from medgan_core.tasks.registry import build_task
+from medgan_core.tasks.registry import load_task_data, replace_task, task_config
 
 
 def test_torch_ssim_equals_scikit_image() -> None:
@@ -26,10 +26,10 @@ def test_torch_ssim_equals_scikit_image() -> None:
 
 
 def test_the_ssim_term_is_trained_only_when_weighted_and_works_under_dp(tiny_sites: list[Path], tmp_path: Path) -> None:
-    config = TaskConfig(name="denoise", image_size=32, width=8, batch_size=8, local_steps=2)
+    config = task_config(name="denoise", image_size=32, width=8, batch_size=8, local_steps=2)
     data = load_task_data(tiny_sites[0], config)
     assert "loss-ssim" not in build_task(config).train(data, 2, seed=0)
-    weighted = TaskConfig(**{**config.__dict__, "ssim_weight": 50.0})
+    weighted = replace_task(config, **{"ssim_weight": 50.0})
     losses = build_task(weighted).train(data, 2, seed=0)
     assert 0.0 < losses["loss-ssim"] < 2.0
     # Under DP-SGD the term goes through the per-sample clipping like the others.

@@ -9,14 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medgan_core.config import PrivacyConfig, SiteConfig, StudyConfig, TaskConfig, load_study
+from medgan_core.config import PrivacyConfig, SiteConfig
+from medgan_core.study_config import StudyConfig, load_study
 from medgan_core.errors import ConfigError
 from medgan_core.site_round import train_site_round
-from medgan_core.tasks import build_task
+from medgan_core.tasks.registry import build_task
 from medgan_core.tasks.base import COSINE_FLOOR, lr_scale
-from medgan_core.tasks.registry import load_task_data
+from medgan_core.tasks.registry import load_task_data, task_config
 
-DENOISE = TaskConfig(name="denoise", image_size=16, width=8, batch_size=8, local_steps=3,
+DENOISE = task_config(name="denoise", image_size=16, width=8, batch_size=8, local_steps=3,
                      lr_generator=2e-3, lr_discriminator=1e-3, lr_schedule="cosine")
 
 

@@ -10,7 +10,8 @@ import torch
 from opacus.accountants import RDPAccountant
 from torch import nn
 
-from medgan_core.config import PrivacyConfig, SiteConfig, StudyConfig
+from medgan_core.config import PrivacyConfig, SiteConfig
+from medgan_core.study_config import StudyConfig
 from medgan_core.data.dataset import load_site_data
 from medgan_core.errors import PrivacyBudgetExhausted, PrivacyError
 from medgan_core.models import DCGANDiscriminator
@@ -23,7 +24,7 @@ from medgan_core.privacy import (
     validate_private_modules,
 )
 from medgan_core.site_round import accountant_path, train_site_round
-from medgan_core.tasks import build_task
+from medgan_core.tasks.registry import build_task
 
 
 def _opacus_epsilon(sigma: float, q: float, steps: int, delta: float) -> float:

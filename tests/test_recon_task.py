@@ -10,15 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from medgan_core.config import TaskConfig
 from medgan_core.data import read_manifest
 from medgan_core.data.kspace import acquired_columns, crop_kspace, read_kspace
 from medgan_core.errors import ConfigError, DataError
 from medgan_core.models.unet import DataConsistentUNet
-from medgan_core.tasks import build_task
-from medgan_core.tasks.registry import load_task_data
+from medgan_core.tasks.registry import build_task
+from medgan_core.tasks.registry import load_task_data, task_config
 
-CONFIG = TaskConfig(name="recon", modality="MR", image_size=32, width=8, batch_size=8, local_steps=3,
+CONFIG = task_config(name="recon", modality="MR", image_size=32, width=8, batch_size=8, local_steps=3,
                     lr_generator=2e-3, lr_discriminator=2e-3, acceleration=4)
 
 
@@ -99,10 +98,10 @@ def test_reconstruction_beats_zero_filling(tiny_sites: list[Path]) -> None:
 
 
 def test_recon_settings_are_checked() -> None:
-    with pytest.raises(ConfigError, match="set task.modality = 'MR'"):
-        TaskConfig(name="recon").validate()
+    with pytest.raises(ConfigError, match="needs task.modality = 'MR'"):
+        task_config(name="recon")
     with pytest.raises(ConfigError, match="task.acceleration = 6"):
-        TaskConfig(name="recon", modality="MR", acceleration=6).validate()
+        task_config(name="recon", modality="MR", acceleration=6)
 
 
 def test_preview_and_clinical_size() -> None:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Context, Message
 
-from medgan_core.config import StudyConfig
+from medgan_core.study_config import StudyConfig
 from medgan_core.fileio import read_jsonl
 from server.checkpoints import load_checkpoint
 from medgan.simulation import simulate_federation

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from medgan_core.config import StudyConfig, load_study
+from medgan_core.study_config import StudyConfig, load_study
 from medgan_core.credentials import init_certificates, site_key_pair
 from medgan_core.data.manifest import read_manifest
 from medgan_core.data.simulate import DEFAULT_SITES, SIMULATED_MARK, simulate_study

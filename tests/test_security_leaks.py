@@ -18,11 +18,12 @@ from flwr.clientapp import ClientApp
 from client.app import build_client_app
 from client.audit import AUDIT_BLOCKED, MAX_METRICS, audit_outgoing_mod
 from client.site_errors import SITE_ERROR, mask_paths, one_line_reason
-from medgan_core.config import SiteConfig, StudyConfig
+from medgan_core.config import SiteConfig
+from medgan_core.study_config import StudyConfig
 from medgan_core.errors import DataError
 from medgan_core.site_round import PRIVACY_METRICS
-from medgan_core.tasks import build_task
-from medgan_core.tasks.registry import task_class, task_names
+from medgan_core.tasks.registry import build_task
+from medgan_core.tasks.registry import task_class, task_config, task_names
 
 pytestmark = pytest.mark.security
 GLOBAL = {"generator.w": np.zeros((3, 3), np.float32)}
@@ -69,12 +70,11 @@ def test_a_few_undeclared_scalars_are_blocked_too() -> None:
 
 def test_every_task_declares_what_it_reports(tiny_sites: list[Path]) -> None:
     """The declarations are the truth: a task reporting an undeclared name would be blocked."""
-    from medgan_core.config import TaskConfig
     from medgan_core.tasks.registry import load_task_data
 
     for name in task_names():
-        config = TaskConfig(name=name, image_size=16, batch_size=4, local_steps=1, width=8, z_dim=8, eval_samples=8,
-                            modality="MR" if name == "recon" else "CT")
+        config = task_config(name=name, image_size=16, batch_size=4, local_steps=1, width=8, eval_samples=8,
+                             modality="MR" if name == "recon" else "CT")
         task = build_task(config)
         data = load_task_data(tiny_sites[0], config)
         assert set(task.train(data, 1, 0)) <= task_class(name).train_metrics, name

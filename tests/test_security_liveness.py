@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, Metadata
 
-from medgan_core.config import StudyConfig
+from medgan_core.study_config import StudyConfig
 from server.run_folder import RunFolder
 from server.study import StudyFailed, run_study
 from strategies.grouped_fedavg import GroupedFedAvg

@@ -15,24 +15,18 @@ import numpy as np
 import pytest
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
-from medgan_core.config import (
-    PrivacyConfig,
-    SiteConfig,
-    StudyConfig,
-    TaskConfig,
-    load_site,
-    privacy_config_from_flat,
-)
+from medgan_core.config import PrivacyConfig, SiteConfig, load_site, privacy_config_from_flat
+from medgan_core.study_config import StudyConfig
 from medgan_core.errors import ConfigError, PrivacyError
 from medgan_core.privacy import DPSettings, SiteAccountant, plan_dp
 from medgan_core.privacy.dp_sgd import joint_noise_multiplier
 from medgan_core.site_round import accountant_path, train_site_round
-from medgan_core.tasks import build_task
-from medgan_core.tasks.registry import load_task_data
+from medgan_core.tasks.registry import build_task
+from medgan_core.tasks.registry import load_task_data, task_config
 
 pytestmark = pytest.mark.security
 ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
-DENOISE = TaskConfig(name="denoise", image_size=16, batch_size=8, local_steps=3, width=8, seed=0)
+DENOISE = task_config(name="denoise", image_size=16, batch_size=8, local_steps=3, width=8, seed=0)
 
 
 def _rdp_epsilon(sigma: float, q: float, steps: int, delta: float = 1e-5) -> float:

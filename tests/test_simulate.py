@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from medgan_core.config import TaskConfig
+from medgan_core.tasks.registry import task_config
 from medgan_core.data import read_manifest
 from medgan_core.data.simulate import phantom_scanner_series, simulate_study, site_profile
 from medgan_core.errors import ConfigError
@@ -108,7 +108,7 @@ def test_a_rescan_differs_from_the_scan_only_by_quantum_noise(tiny_sites: list[P
     profile = site_profile(tiny_sites[0])
     assert profile.name == "hospital-a"
     main, second = profile.scanners()
-    config = TaskConfig(name="cycle", image_size=32)
+    config = task_config(name="cycle", image_size=32)
     scan, rescan, scan_b = phantom_scanner_series(3, config, profile, [main, main, second], seed=4)
     assert scan.shape == rescan.shape == scan_b.shape == (3, 1, 32, 32)
     body = scan > -0.99

@@ -9,14 +9,13 @@ import pytest
 import torch
 
 from federation_checks import site_without
-from medgan_core.config import TaskConfig
 from medgan_core.data import read_manifest
 from medgan_core.data.simulate import coarse_grid
 from medgan_core.errors import ConfigError, DataError
-from medgan_core.tasks import build_task
-from medgan_core.tasks.registry import load_task_data
+from medgan_core.tasks.registry import build_task
+from medgan_core.tasks.registry import load_task_data, replace_task, task_config
 
-CONFIG = TaskConfig(name="superres", image_size=32, width=8, batch_size=8, local_steps=3, lr_generator=2e-3,
+CONFIG = task_config(name="superres", image_size=32, width=8, batch_size=8, local_steps=3, lr_generator=2e-3,
                     lr_discriminator=2e-3, scale=2)
 
 
@@ -36,16 +35,16 @@ def test_simulator_writes_coarse_grid_series_of_the_same_acquisition(tiny_sites:
 
 def test_inputs_are_bicubic_interpolations_of_the_coarse_grid(tiny_sites: list[Path]) -> None:
     x2 = load_task_data(tiny_sites[0], CONFIG)
-    x4 = load_task_data(tiny_sites[0], TaskConfig(**{**CONFIG.__dict__, "scale": 4}))
+    x4 = load_task_data(tiny_sites[0], replace_task(CONFIG, **{"scale": 4}))
     assert x2.train_input is not None and x4.train_input is not None
     assert x2.train_input.shape == x2.train.shape == x4.train_input.shape
     torch.testing.assert_close(x2.train, x4.train)  # same targets …
     error = lambda d: float((d.train_input - d.train).abs().mean())  # noqa: E731
     assert 0 < error(x2) < error(x4)  # … coarser inputs are further from them
     with pytest.raises(ConfigError, match="task.scale = 3"):
-        TaskConfig(name="superres", scale=3).validate()
+        task_config(name="superres", scale=3)
     with pytest.raises(DataError, match="too small"):
-        load_task_data(tiny_sites[0], TaskConfig(**{**CONFIG.__dict__, "image_size": 16, "scale": 4}))
+        load_task_data(tiny_sites[0], replace_task(CONFIG, **{"image_size": 16, "scale": 4}))
 
 
 def test_missing_low_res_partner_is_a_clear_error(tmp_path: Path, tiny_sites: list[Path]) -> None:

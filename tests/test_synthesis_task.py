@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from medgan_core.config import StudyConfig
+from medgan_core.study_config import StudyConfig
 from medgan_core.data.dataset import load_site_data
 from medgan_core.errors import WeightsError
 from medgan_core.metrics import intensity_distance, sliced_wasserstein
-from medgan_core.tasks import build_task
+from medgan_core.tasks.registry import build_task
 
 
 def test_swd_is_small_for_same_distribution_and_large_for_noise(tiny_sites: list[Path]) -> None:

@@ -9,12 +9,11 @@ import pytest
 import torch
 
 from federation_checks import site_without
-from medgan_core.config import TaskConfig
 from medgan_core.errors import DataError
-from medgan_core.tasks import build_task
-from medgan_core.tasks.registry import load_task_data
+from medgan_core.tasks.registry import build_task
+from medgan_core.tasks.registry import load_task_data, task_config
 
-CONFIG = TaskConfig(name="translate", image_size=32, width=8, batch_size=8, local_steps=3, lr_generator=2e-3,
+CONFIG = task_config(name="translate", image_size=32, width=8, batch_size=8, local_steps=3, lr_generator=2e-3,
                     lr_discriminator=2e-3)
 
 

@@ -16,15 +16,51 @@ from medgan_core.data.preprocess import volume_to_slices
 from medgan_core.data.labels import lesion_burden
 from medgan_core.errors import DataError
 
-SINGLE = "single"
-LOW_DOSE_PAIRS = "pairs:low-dose"
-CONDITIONAL = "conditional"  # images + per-slice lesion burden from the label maps
-SCANNER_B_UNPAIRED = "unpaired:scanner-b"  # scanner A and scanner B images of disjoint subjects
+@dataclass(frozen=True)
+class Slices:
+    """One image per slice of ``task.modality`` (synthesis)."""
 
 
-def pairs_of(variant: str) -> str:
-    """The data kind of (degraded ``variant``, original) pairs, e.g. ``pairs:low-res-x2``."""
-    return f"pairs:{variant}"
+@dataclass(frozen=True)
+class SlicesWithBurden:
+    """Slices and each slice's lesion burden, from the subject's label map (conditional synthesis)."""
+
+
+@dataclass(frozen=True)
+class DegradedPairs:
+    """(degraded, original) slices of the same subject, matched by ``pair_id``: the
+    degraded series' domain ends in ``-<variant>`` (``low-dose``, ``low-res-x2``). With
+    ``scale`` > 1 the input is area-averaged to ``image-size / scale`` and interpolated
+    bicubically back (what a viewer shows, and the classical baseline)."""
+
+    variant: str
+    scale: int = 1
+
+
+@dataclass(frozen=True)
+class KSpacePairs:
+    """(undersampled k-space, fully sampled image) of MR at an ``acceleration`` (4, 10)."""
+
+    acceleration: int
+
+
+@dataclass(frozen=True)
+class ModalityPairs:
+    """The same subject's ``source``-modality slices as inputs to ``task.modality`` targets."""
+
+    source: str
+
+
+@dataclass(frozen=True)
+class UnpairedDomains:
+    """Images of two domains (the main scanner, and a ``variant`` series such as
+    ``scanner-b``) from disjoint training subjects; held out, paired by subject."""
+
+    variant: str
+
+
+#: What a task reads from a site (``Task.data_spec``).
+DataSpec = Slices | SlicesWithBurden | DegradedPairs | KSpacePairs | ModalityPairs | UnpairedDomains
 
 
 @dataclass
@@ -50,52 +86,48 @@ class SiteData:
         return int(self.train.shape[0])
 
 
-def load_site_data(data_path: str | Path, task: TaskConfig, kind: str = SINGLE) -> SiteData:
-    """Read the site manifest and every image the task needs.
+def load_site_data(data_path: str | Path, task: TaskConfig, spec: DataSpec = Slices()) -> SiteData:
+    """Read the site manifest and every image the task's ``spec`` names.
 
     The held-out metric uses the ``test`` split; ``val`` stands in when a site has no
-    test subjects. ``kind`` is ``single`` (one image per slice); ``pairs:<variant>`` (a
-    degraded series — ``low-dose``, ``low-res-x2``/``-x4``, ``kspace-r4``/``-r10`` — and
-    its original partner, matched by ``pair_id``); or ``translate:<modality>`` (the same
-    subject's series in another modality as input, e.g. MR for MR→CT). A low-resolution
-    input is brought to the training grid the way a viewer would: area-averaged to
-    ``image-size / scale``, then bicubic-interpolated to ``image-size`` (the classical
-    baseline).
+    test subjects.
     """
     manifest = read_manifest(data_path)
     test_split = "test" if manifest.select(modality=task.modality, split="test") else "val"
-    if kind == SINGLE:
-        train = _stack(manifest, task, _need(manifest, task, "train"))
-        test_entries = manifest.select(modality=task.modality, split=test_split)
-        if not test_entries:
-            raise DataError(f"{manifest.path}: no test or val images of modality {task.modality} to evaluate on")
-        return SiteData(manifest.root.name, train, _stack(manifest, task, test_entries))
-    if kind == CONDITIONAL:
-        train, train_c = _with_burden(manifest, task, "train")
-        test, test_c = _with_burden(manifest, task, test_split)
-        return SiteData(manifest.root.name, train, test, train_condition=train_c, test_condition=test_c)
-    if kind == SCANNER_B_UNPAIRED:
-        variant = kind.split(":", 1)[1]
-        domain_b, domain_a, keys = _variant_pairs(manifest, task, "train", variant, "main-scanner and scanner-B")
-        if len(keys) < 2:
-            raise DataError(f"{manifest.path}: unpaired training needs at least 2 training subjects (one per scanner)")
-        keys_a, keys_b = unpaired_subjects(keys)
-        train_a = _stack(manifest, task, [domain_a[k] for k in keys_a])
-        train_b = _stack(manifest, task, [domain_b[k] for k in keys_b])
-        test_b, test_a = _pairs(manifest, task, test_split, variant)
-        return SiteData(manifest.root.name, train_a, test_a, train_b, test_b)
-    if kind.startswith("translate:"):
-        source = kind.split(":", 1)[1]
-        train_in, train = _modality_pairs(manifest, task, "train", source)
-        test_in, test = _modality_pairs(manifest, task, test_split, source)
-        return SiteData(manifest.root.name, train, test, train_in, test_in)
-    if kind.startswith("pairs:"):
-        variant = kind.split(":", 1)[1]
-        pairs = _kspace_pairs if variant.startswith("kspace-") else _pairs
-        train_in, train = pairs(manifest, task, "train", variant)
-        test_in, test = pairs(manifest, task, test_split, variant)
-        return SiteData(manifest.root.name, train, test, train_in, test_in)
-    raise ValueError(f"unknown data kind {kind!r}")
+    site = manifest.root.name
+    match spec:
+        case Slices():
+            train = _stack(manifest, task, _need(manifest, task, "train"))
+            test_entries = manifest.select(modality=task.modality, split=test_split)
+            if not test_entries:
+                raise DataError(f"{manifest.path}: no test or val images of modality {task.modality} to evaluate on")
+            return SiteData(site, train, _stack(manifest, task, test_entries))
+        case SlicesWithBurden():
+            train, train_c = _with_burden(manifest, task, "train")
+            test, test_c = _with_burden(manifest, task, test_split)
+            return SiteData(site, train, test, train_condition=train_c, test_condition=test_c)
+        case UnpairedDomains(variant=variant):
+            domain_b, domain_a, keys = _variant_pairs(manifest, task, "train", variant, "main-scanner and scanner-B")
+            if len(keys) < 2:
+                raise DataError(f"{manifest.path}: unpaired training needs at least 2 training subjects (one per scanner)")
+            keys_a, keys_b = unpaired_subjects(keys)
+            train_a = _stack(manifest, task, [domain_a[k] for k in keys_a])
+            train_b = _stack(manifest, task, [domain_b[k] for k in keys_b])
+            test_b, test_a = _pairs(manifest, task, test_split, DegradedPairs(variant))
+            return SiteData(site, train_a, test_a, train_b, test_b)
+        case ModalityPairs(source=source):
+            train_in, train = _modality_pairs(manifest, task, "train", source)
+            test_in, test = _modality_pairs(manifest, task, test_split, source)
+            return SiteData(site, train, test, train_in, test_in)
+        case DegradedPairs():
+            train_in, train = _pairs(manifest, task, "train", spec)
+            test_in, test = _pairs(manifest, task, test_split, spec)
+            return SiteData(site, train, test, train_in, test_in)
+        case KSpacePairs(acceleration=acceleration):
+            train_in, train = _kspace_pairs(manifest, task, "train", f"kspace-r{acceleration}")
+            test_in, test = _kspace_pairs(manifest, task, test_split, f"kspace-r{acceleration}")
+            return SiteData(site, train, test, train_in, test_in)
+    raise TypeError(f"{spec!r} is not a DataSpec")
 
 
 def _need(manifest: Manifest, task: TaskConfig, split: str) -> list[ManifestEntry]:
@@ -105,11 +137,11 @@ def _need(manifest: Manifest, task: TaskConfig, split: str) -> list[ManifestEntr
     return entries
 
 
-def _pairs(manifest: Manifest, task: TaskConfig, split: str, variant: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _pairs(manifest: Manifest, task: TaskConfig, split: str, spec: DegradedPairs) -> tuple[torch.Tensor, torch.Tensor]:
     """(degraded inputs, original targets) of a split, matched by pair_id."""
+    variant, scale = spec.variant, spec.scale
     what = "low-dose and full-dose" if variant == "low-dose" else f"{variant} and original"
     low, full, keys = _variant_pairs(manifest, task, split, variant, what)
-    scale = int(variant.rsplit("x", 1)[1]) if variant.startswith("low-res-x") else 1
     targets = _stack(manifest, task, [full[k] for k in keys])
     if scale == 1:
         inputs = _stack(manifest, task, [low[k] for k in keys])

@@ -483,9 +483,11 @@ def phantom_ct_pairs(n: int, task: "TaskConfig", seed: int = 0) -> tuple["torch.
     return low, full
 
 
-def phantom_mr_kspace(n: int, task: "TaskConfig", seed: int = 0) -> tuple["torch.Tensor", "torch.Tensor"]:
+def phantom_mr_kspace(
+    n: int, task: "TaskConfig", acceleration: int, seed: int = 0
+) -> tuple["torch.Tensor", "torch.Tensor"]:
     """``n`` (undersampled input, fully sampled target) MR slices of one phantom subject at
-    ``task.acceleration``, prepared like a site's data; for the coordinator's preview grids."""
+    ``acceleration``, prepared like a site's data; for the coordinator's preview grids."""
     import torch
 
     from medgan_core.data.kspace import reconstruction_pair
@@ -494,7 +496,7 @@ def phantom_mr_kspace(n: int, task: "TaskConfig", seed: int = 0) -> tuple["torch
     profile, size = DEFAULT_SITES[0], 128
     labels = phantom_labels(rng, size, n, profile.body_scale, severity=0.6)
     mr = mr_acquire(labels, _texture(rng, labels.shape, sigma=1.5), profile, rng)
-    mask = sampling_mask(size, task.acceleration, rng, profile.mr_center_fraction)
+    mask = sampling_mask(size, acceleration, rng, profile.mr_center_fraction)
     inputs, targets = reconstruction_pair(undersample(mr, mask), mr, task.image_size)
     return torch.from_numpy(inputs), torch.from_numpy(targets)
 

@@ -1,6 +1,4 @@
-"""Imaging GAN tasks behind one interface, found by name."""
+"""Imaging GAN tasks behind one interface (``base.Task``), found by name (``registry``).
 
-from medgan_core.tasks.base import Task
-from medgan_core.tasks.registry import build_task, task_names
-
-__all__ = ["Task", "build_task", "task_names"]
+Deliberately empty: importing a task module must not import the registry, which imports
+every task (no import circle through this package)."""

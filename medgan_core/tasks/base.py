@@ -7,6 +7,7 @@ the same in a federation, in a notebook, or on one machine.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import warnings
 from abc import ABC, abstractmethod
@@ -18,9 +19,9 @@ import torch
 from opacus import GradSampleModule
 from torch import nn
 
-from medgan_core.config import TaskConfig
-from medgan_core.errors import WeightsError
-from medgan_core.data.dataset import SINGLE, SiteData
+from medgan_core.config import TaskConfig, TaskParams
+from medgan_core.data.dataset import DataSpec, SiteData, Slices
+from medgan_core.errors import ConfigError, WeightsError
 from medgan_core.models.weights import expected_shapes, group_arrays, load_group_arrays
 from medgan_core.privacy.accountant import SiteAccountant
 from medgan_core.privacy.dp_sgd import (
@@ -68,23 +69,26 @@ def lr_scale(schedule: str, server_round: int, planned_rounds: int) -> float:
 
 
 class Task(ABC):
-    """Builds its networks from a TaskConfig; trains and evaluates on a site's data."""
+    """Builds its networks from a TaskConfig; trains and evaluates on a site's data.
+
+    A task owns its spec: its name, its own settings (``Params``, a ``TaskParams``
+    dataclass that checks itself), the modalities it accepts, what it reads from a site
+    (``data_spec``), the private groups, and every scalar it may report. Registering it is
+    one line (``medgan_core.tasks.registry``).
+    """
 
     name: ClassVar[str]
+    #: The task's own ``[task]`` keys beside the shared ones (none: ``TaskParams``).
+    Params: ClassVar[type[TaskParams]] = TaskParams
+    #: ``task.modality`` values the task accepts (empty: any), and why, for the refusal.
+    modalities: ClassVar[tuple[str, ...]] = ()
+    modality_reason: ClassVar[str] = ""
     #: Parameter groups that read real images and so must train with DP-SGD.
     private_groups: ClassVar[tuple[str, ...]]
-    #: What the task reads from a site (see ``medgan_core.data.dataset``).
-    data_kind: ClassVar[str] = SINGLE
     #: Columns of the per-round sample grid (3: input | output | target).
     preview_columns: ClassVar[int] = 4
     #: How many previews (images, or input/output/target rows) a grid shows.
     preview_count: ClassVar[int] = 16
-    #: Config keys of loss terms to a paired target that this task's training reads.
-    #: ``TaskConfig.validate`` refuses an ``ssim-weight`` above 0 for a task without it
-    #: (``l1-weight`` has a non-zero default, so elsewhere it is only unused).
-    target_loss_keys: ClassVar[frozenset[str]] = frozenset()
-    #: Whether ``task.crop-size`` applies: training on random crops of each slice.
-    trains_on_crops: ClassVar[bool] = False
     #: Every scalar ``train`` may report (the outgoing audit allows no other name).
     train_metrics: ClassVar[frozenset[str]] = frozenset()
     #: Every scalar ``evaluate`` may report, and the one the CLI and reports lead with.
@@ -92,9 +96,9 @@ class Task(ABC):
     headline_metric: ClassVar[str] = ""
 
     @classmethod
-    def data_kind_for(cls, config: TaskConfig) -> str:
-        """What to read from a site for this configuration (most tasks: ``data_kind``)."""
-        return cls.data_kind
+    def data_spec(cls, config: TaskConfig) -> DataSpec:
+        """What to read from a site for this configuration (default: single slices)."""
+        return Slices()
 
     @property
     def dp_releases_per_step(self) -> int:
@@ -103,7 +107,12 @@ class Task(ABC):
         return len(self.private_groups)
 
     def __init__(self, config: TaskConfig, device: torch.device | str = "cpu") -> None:
+        if type(config.params) is TaskParams:  # a bare TaskConfig(...): this task's defaults
+            config = dataclasses.replace(config, params=self.Params())
+        if not isinstance(config.params, self.Params):
+            raise ConfigError(f"task {self.name!r} takes {self.Params.__name__}, not {type(config.params).__name__}")
         self.config = config
+        self.params = config.params
         self.device = torch.device(device)
         self.local_training = LocalTraining()
 
@@ -183,6 +192,17 @@ class TrainingSetup:
     opt_d: torch.optim.Optimizer
     sampler: torch.Generator
     rng: torch.Generator
+
+    @contextlib.contextmanager
+    def learning_through(self, module: nn.Module) -> Iterator[None]:
+        """While the other network learns through ``module`` (G through D's judgement; D on
+        G's output), ``module``'s per-sample gradient hooks are off: it is not updated
+        then, and under DP its hooks would record activations it never steps on."""
+        set_hooks(module, enabled=False)
+        try:
+            yield
+        finally:
+            set_hooks(module, enabled=True)
 
 
 class GANTask(Task):
@@ -283,17 +303,52 @@ class GANTask(Task):
         finally:
             close_private(setup.generator, setup.discriminator)
 
-    def next_batch(
-        self, data: SiteData, setup: TrainingSetup, dp: DPSettings | None, accountant: SiteAccountant | None
-    ) -> torch.Tensor | None:
-        """Indices of the next batch; under DP a Poisson batch, every release accounted
-        (None for an empty batch: the step is spent, nothing is learned)."""
+    def batch_pools(self, data: SiteData) -> dict[str, int]:
+        """The record pools a step draws one batch from each, by size; a record is in one
+        pool only (default: the training split)."""
+        return {"train": data.num_train}
+
+    @abstractmethod
+    def train_step(self, s: TrainingSetup, data: SiteData, pool: str, idx: torch.Tensor) -> dict[str, float]:
+        """One update of the networks on a batch (indices ``idx`` of ``pool``); the losses.
+
+        Under DP the private networks in ``s`` are Opacus-wrapped: a network another one
+        learns through must have its per-sample hooks off then (``s.learning_through``)."""
+
+    def train(
+        self,
+        data: SiteData,
+        steps: int,
+        seed: int,
+        dp: DPSettings | None = None,
+        accountant: SiteAccountant | None = None,
+    ) -> dict[str, float]:
+        """The one GAN loop: every step draws a batch of each pool (Poisson and accounted
+        once under DP) and the task steps on each non-empty one; the mean losses."""
+        totals: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        pools = self.batch_pools(data)
+        with self.training_setup(dp, seed) as s:
+            for _ in range(steps):
+                for pool, idx in self.draw_batches(pools, s, dp, accountant).items():
+                    if idx.numel() == 0:
+                        continue  # an empty Poisson batch: the step is spent, nothing is learned
+                    for key, value in self.train_step(s, data, pool, idx).items():
+                        totals[key] = totals.get(key, 0.0) + value
+                        counts[key] = counts.get(key, 0) + 1
+        return {key: totals[key] / counts[key] for key in totals}
+
+    def draw_batches(
+        self, pools: Mapping[str, int], s: TrainingSetup, dp: DPSettings | None, accountant: SiteAccountant | None
+    ) -> dict[str, torch.Tensor]:
+        """Indices of this step's batch of each pool. Under DP, Poisson batches from the secret
+        sampler, and the step accounted once: each record is in one pool, so the step is one
+        release of the joint mechanism whatever the number of pools."""
         if dp is None:
-            size = min(self.config.batch_size, data.num_train)
-            return torch.randint(0, data.num_train, (size,), generator=setup.rng)
-        idx = poisson_batch(data.num_train, dp.sample_rate, setup.sampler)
+            return {pool: torch.randint(0, n, (min(self.config.batch_size, n),), generator=s.rng)
+                    for pool, n in pools.items()}
         self.account_step(dp, accountant)
-        return idx if idx.numel() else None
+        return {pool: poisson_batch(n, dp.sample_rate, s.sampler) for pool, n in pools.items()}
 
     def account_step(self, dp: DPSettings, accountant: SiteAccountant | None) -> None:
         """One step on one Poisson batch is one release of the joint mechanism of the private

@@ -17,18 +17,35 @@ wants.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from medgan_core.data.dataset import CONDITIONAL, SiteData
+from medgan_core.config import TaskConfig
+from medgan_core.data.dataset import DataSpec, SiteData, SlicesWithBurden
+from medgan_core.errors import ConfigError
 from medgan_core.metrics.features import N_GRADES, burden_grade, load_feature_net
 from medgan_core.models.dcgan import ConditionalDiscriminator, ConditionalGenerator, init_dcgan_weights
-from medgan_core.tasks.synthesis import SynthesisTask
+from medgan_core.tasks.synthesis import SynthesisParams, SynthesisTask
 
 GRADES = N_GRADES
 SEVERITY_SCALE = 0.5  # burden of severity 1.0
 #: One burden per grade: the preview rows, and what evaluation asks the generator for.
 PREVIEW_BURDENS = (0.0, 0.03, 0.1, 0.3)
+
+
+CONDITIONS = ("grade", "severity")
+
+
+@dataclass(frozen=True)
+class ConditionalParams(SynthesisParams):
+    condition: str = "grade"  # lesion-burden grade 0-3 (a class), or the burden itself ("severity")
+
+    def validate(self, task: TaskConfig) -> None:
+        super().validate(task)
+        if self.condition not in CONDITIONS:
+            raise ConfigError(f"task.condition = {self.condition!r}; choose one of {', '.join(CONDITIONS)}")
 
 
 def balanced_accuracy(predicted: torch.Tensor, truth: torch.Tensor) -> float:
@@ -40,15 +57,20 @@ class ConditionalSynthesisTask(SynthesisTask):
     name = "conditional"
     eval_metrics = SynthesisTask.eval_metrics | {"grade-accuracy", "grade-accuracy-real", "severity-mae",
                                                  "severity-mae-real"}
-    data_kind = CONDITIONAL
+    Params = ConditionalParams
+    params: ConditionalParams
+
+    @classmethod
+    def data_spec(cls, config: TaskConfig) -> DataSpec:
+        return SlicesWithBurden()
 
     @property
     def cond_dim(self) -> int:
-        return GRADES if self.config.condition == "grade" else 1
+        return GRADES if self.params.condition == "grade" else 1
 
     def build_networks(self) -> tuple[ConditionalGenerator, ConditionalDiscriminator]:
         cfg = self.config
-        generator = ConditionalGenerator(cfg.z_dim, self.cond_dim, cfg.image_size, cfg.width)
+        generator = ConditionalGenerator(self.params.z_dim, self.cond_dim, cfg.image_size, cfg.width)
         discriminator = ConditionalDiscriminator(self.cond_dim, cfg.image_size, cfg.width)
         generator.apply(init_dcgan_weights)
         discriminator.apply(init_dcgan_weights)
@@ -56,7 +78,7 @@ class ConditionalSynthesisTask(SynthesisTask):
 
     def encode(self, burden: torch.Tensor) -> torch.Tensor:
         """Lesion burdens (n,) -> condition vectors (n, cond_dim)."""
-        if self.config.condition == "grade":
+        if self.params.condition == "grade":
             return F.one_hot(burden_grade(burden), GRADES).float()
         return (burden / SEVERITY_SCALE).clamp(0, 1)[:, None].float()
 
@@ -65,7 +87,7 @@ class ConditionalSynthesisTask(SynthesisTask):
         return self.encode(data.train_condition[idx]).to(self.device)
 
     def prior_conditions(self, n: int, rng: torch.Generator) -> torch.Tensor:
-        if self.config.condition == "grade":
+        if self.params.condition == "grade":
             return F.one_hot(torch.randint(0, GRADES, (n,), generator=rng), GRADES).float().to(self.device)
         severity = torch.rand(n, generator=rng) * (torch.rand(n, generator=rng) > 0.25)
         return severity[:, None].to(self.device)
@@ -86,7 +108,7 @@ class ConditionalSynthesisTask(SynthesisTask):
         generated = self.sample(len(asked), seed=self.config.seed + 7927, conditions=self.encode(asked))
         read_fake = reader.read_burden(generated.to(self.device)).cpu()
         read_real = reader.read_burden(data.test.to(self.device)).cpu()
-        if self.config.condition == "grade":
+        if self.params.condition == "grade":
             metrics["grade-accuracy"] = balanced_accuracy(burden_grade(read_fake), burden_grade(asked))
             metrics["grade-accuracy-real"] = balanced_accuracy(burden_grade(read_real), burden_grade(data.test_condition))
         else:

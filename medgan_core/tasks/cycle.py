@@ -31,71 +31,75 @@ penalty on each translated image, which removes that noise and keeps edges.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from medgan_core.data.dataset import SCANNER_B_UNPAIRED, SiteData
+from medgan_core.config import TaskConfig, TaskParams
+from medgan_core.data.dataset import DataSpec, SiteData, UnpairedDomains
+from medgan_core.errors import ConfigError
 from medgan_core.models.unet import CycleDiscriminators, CycleGenerators
-from medgan_core.privacy.accountant import SiteAccountant
-from medgan_core.privacy.dp_sgd import DPSettings, poisson_batch
-from medgan_core.tasks.base import TrainingSetup, set_hooks
+from medgan_core.tasks.base import TrainingSetup
 from medgan_core.tasks.paired import PairedImageTask
 
 CYCLE_WEIGHT = 10.0  # CycleGAN's lambda (the identity weight is task.identity-weight: 5 = 0.5 * lambda)
 OTHER = {"a": "b", "b": "a"}
+POOLS = (1, 2, 4)  # every crop size (a multiple of 4) and image size divides by these
+
+
+@dataclass(frozen=True)
+class CycleParams(TaskParams):
+    """CycleGAN's losses and what it trains on (no paired target: no L1 or SSIM weights)."""
+
+    identity_weight: float = 5.0  # weight of the identity loss (CycleGAN's 0.5 × the cycle weight; 0: off)
+    crop_size: int = 0  # train on random crops of this size (0: whole slices)
+    cycle_pool: int = 1  # compare the cycle's round trip after average pooling by this factor (1: per pixel)
+    tv_weight: float = 0.0  # weight of a total-variation penalty on each translated image (0: off)
+
+    def validate(self, task: TaskConfig) -> None:
+        if self.identity_weight < 0:
+            raise ConfigError(f"task.identity-weight = {self.identity_weight}; it must be 0 (off) or a positive number")
+        if self.crop_size and (self.crop_size % 4 or not 16 <= self.crop_size <= task.image_size):
+            raise ConfigError(f"task.crop-size = {self.crop_size}; it must be 0 (whole slices) or a multiple of 4 "
+                              f"from 16 to task.image-size ({task.image_size})")
+        if self.cycle_pool not in POOLS:
+            raise ConfigError(f"task.cycle-pool = {self.cycle_pool}; choose one of {', '.join(map(str, POOLS))}")
+        if self.tv_weight < 0:
+            raise ConfigError(f"task.tv-weight = {self.tv_weight}; it must be 0 (off) or a positive number")
 
 
 class CycleTask(PairedImageTask):
     name = "cycle"
+    Params: ClassVar[type[TaskParams]] = CycleParams
+    params: CycleParams  # type: ignore[assignment]
+    modalities = ("CT",)
+    modality_reason = "it harmonises a site's two CT scanners"
     train_metrics = frozenset({"loss-d", "loss-g", "loss-cycle", "loss-tv", "loss-identity"})
-    data_kind = SCANNER_B_UNPAIRED
-    target_loss_keys: ClassVar[frozenset[str]] = frozenset()  # unpaired: no target to compare with
-    trains_on_crops = True  # every loss is per pixel or per patch, none needs the whole slice
+
+    @classmethod
+    def data_spec(cls, config: TaskConfig) -> DataSpec:
+        return UnpairedDomains("scanner-b")
 
     def build_networks(self) -> tuple[CycleGenerators, CycleDiscriminators]:
         return CycleGenerators(self.config.width), CycleDiscriminators(self.config.width)
 
-    def train(
-        self,
-        data: SiteData,
-        steps: int,
-        seed: int,
-        dp: DPSettings | None = None,
-        accountant: SiteAccountant | None = None,
-    ) -> dict[str, float]:
+    def batch_pools(self, data: SiteData) -> dict[str, int]:
+        """Scanner A's and scanner B's training subjects: a record is in one pool only."""
         assert data.train_input is not None, "cycle needs scanner-B images"
-        pools = {"a": data.train, "b": data.train_input}
-        keys = ["loss-d", "loss-g", "loss-cycle", "loss-tv"] + (["loss-identity"] if self.config.identity_weight else [])
-        totals = dict.fromkeys(keys, 0.0)
-        updates = 0
-        with self.training_setup(dp, seed) as s:
-            for _ in range(steps):
-                batches = self._batches(pools, s, dp, accountant)
-                for domain, idx in batches.items():
-                    if idx.numel() == 0:
-                        continue  # an empty Poisson batch: the step is spent, nothing learned
-                    real = self._crops(pools[domain][idx], s.rng).to(self.device)
-                    for key, value in self._phase(s, real, domain).items():
-                        totals[key] += value
-                    updates += 1
-        return {k: v / max(updates, 1) for k, v in totals.items()}
+        return {"a": len(data.train), "b": len(data.train_input)}
 
-    def _batches(
-        self, pools: dict[str, torch.Tensor], s: TrainingSetup, dp: DPSettings | None, accountant: SiteAccountant | None
-    ) -> dict[str, torch.Tensor]:
-        if dp is None:
-            return {d: torch.randint(0, len(x), (min(self.config.batch_size, len(x)),), generator=s.rng)
-                    for d, x in pools.items()}
-        self.account_step(dp, accountant)  # each record is in one scanner's pool: one joint release
-        return {d: poisson_batch(len(x), dp.sample_rate, s.sampler) for d, x in pools.items()}
+    def train_step(self, s: TrainingSetup, data: SiteData, pool: str, idx: torch.Tensor) -> dict[str, float]:
+        images = data.train if pool == "a" else data.train_input
+        assert images is not None
+        return self._phase(s, self._crops(images[idx], s.rng).to(self.device), pool)
 
     def _crops(self, images: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
         """A random ``task.crop-size`` square of each image (crop-size 0: the images as
         they are). The fully convolutional networks learn the same mapping from patches at a
         fraction of the cost per step, so a round affords more, and more varied, steps."""
-        size = self.config.crop_size
+        size = self.params.crop_size
         n, _, height, width = images.shape
         if not size or (size >= height and size >= width):
             return images
@@ -109,32 +113,30 @@ class CycleTask(PairedImageTask):
         other = OTHER[domain]
         forward, back = domain + other, other + domain
 
-        set_hooks(s.generator, enabled=False)
-        with torch.no_grad():
+        with s.learning_through(s.generator), torch.no_grad():
             fake = s.generator(real, forward)
-        set_hooks(s.generator, enabled=True)
         loss_d = (F.softplus(-s.discriminator(real, domain)) + F.softplus(s.discriminator(fake, other))).mean()
         s.opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
         s.opt_d.step()
 
-        set_hooks(s.discriminator, enabled=False)
-        config = self.config
-        fake = s.generator(real, forward)
-        loss_adv = F.softplus(-s.discriminator(fake, other)).mean()
-        loss_cycle = (pooled(s.generator(fake, back), config.cycle_pool) - pooled(real, config.cycle_pool)).abs().mean()
-        loss_tv = total_variation(fake)
-        loss = loss_adv + CYCLE_WEIGHT * loss_cycle + config.tv_weight * loss_tv
-        losses = {"loss-d": loss_d.item(), "loss-g": loss_adv.item(), "loss-cycle": loss_cycle.item(),
-                  "loss-tv": loss_tv.item()}
-        if config.identity_weight:  # off, it costs no third generator pass
-            loss_identity = (s.generator(real, back) - real).abs().mean()
-            loss = loss + config.identity_weight * loss_identity
-            losses["loss-identity"] = loss_identity.item()
-        s.opt_g.zero_grad(set_to_none=True)
-        loss.backward()
-        s.opt_g.step()
-        set_hooks(s.discriminator, enabled=True)
+        params = self.params
+        with s.learning_through(s.discriminator):
+            fake = s.generator(real, forward)
+            loss_adv = F.softplus(-s.discriminator(fake, other)).mean()
+            loss_cycle = (pooled(s.generator(fake, back), params.cycle_pool)
+                          - pooled(real, params.cycle_pool)).abs().mean()
+            loss_tv = total_variation(fake)
+            loss = loss_adv + CYCLE_WEIGHT * loss_cycle + params.tv_weight * loss_tv
+            losses = {"loss-d": loss_d.item(), "loss-g": loss_adv.item(), "loss-cycle": loss_cycle.item(),
+                      "loss-tv": loss_tv.item()}
+            if params.identity_weight:  # off, it costs no third generator pass
+                loss_identity = (s.generator(real, back) - real).abs().mean()
+                loss = loss + params.identity_weight * loss_identity
+                losses["loss-identity"] = loss_identity.item()
+            s.opt_g.zero_grad(set_to_none=True)
+            loss.backward()
+            s.opt_g.step()
         return losses
 
     def preview_pairs(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:

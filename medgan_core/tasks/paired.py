@@ -11,6 +11,7 @@ release of their joint mechanism (noise multiplier σ/√2), accounted once.
 from __future__ import annotations
 
 from abc import abstractmethod
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -21,16 +22,32 @@ from medgan_core.data.augment import dihedral_average, dihedral_pairs
 from medgan_core.data.dataset import SiteData
 from medgan_core.metrics.image_quality import psnr_ssim, ssim_per_image
 from medgan_core.models.unet import PatchDiscriminator, ResidualUNet
-from medgan_core.privacy.accountant import SiteAccountant
-from medgan_core.privacy.dp_sgd import DPSettings
-from medgan_core.tasks.base import GANTask, set_hooks
+from medgan_core.config import TaskConfig, TaskParams
+from medgan_core.errors import ConfigError
+from medgan_core.tasks.base import GANTask, TrainingSetup
 
 EVAL_BATCH = 64
+
+
+@dataclass(frozen=True)
+class PairedParams(TaskParams):
+    """The loss to the paired target beside the adversarial one."""
+
+    l1_weight: float = 100.0  # weight of the L1 fidelity term
+    ssim_weight: float = 0.0  # weight of a (1 - SSIM) term (0: none)
+
+    def validate(self, task: TaskConfig) -> None:
+        if self.l1_weight <= 0:
+            raise ConfigError(f"task.l1-weight = {self.l1_weight}; it must be a positive number")
+        if self.ssim_weight < 0:
+            raise ConfigError(f"task.ssim-weight = {self.ssim_weight}; it must be 0 (off) or a positive number")
 
 
 class PairedImageTask(GANTask):
     """Degraded input -> original, evaluated against the original on held-out pairs."""
 
+    Params: ClassVar[type[TaskParams]] = PairedParams
+    params: PairedParams
     private_groups = ("generator", "discriminator")
     train_metrics = frozenset({"loss-d", "loss-g", "loss-l1", "loss-ssim"})
     eval_metrics = frozenset({"mae-hu", "psnr", "psnr-input", "ssim", "ssim-input"})
@@ -45,7 +62,6 @@ class PairedImageTask(GANTask):
     #: Restore by averaging the model over the 8 flips/quarter turns (``dihedral_average``);
     #: for a model trained on turned pairs, 8x the inference cost for a cleaner estimate.
     self_ensemble: ClassVar[bool] = False
-    target_loss_keys: ClassVar[frozenset[str]] = frozenset({"l1-weight", "ssim-weight"})
 
     def build_networks(self) -> tuple[nn.Module, PatchDiscriminator]:
         return self.build_generator(), PatchDiscriminator(self.config.width, channels=self.input_channels + 1)
@@ -63,60 +79,38 @@ class PairedImageTask(GANTask):
         """Task-specific held-out metrics beyond PSNR/SSIM (and MAE in HU for CT)."""
         return {}
 
-    def train(
-        self,
-        data: SiteData,
-        steps: int,
-        seed: int,
-        dp: DPSettings | None = None,
-        accountant: SiteAccountant | None = None,
-    ) -> dict[str, float]:
+    def train_step(self, s: TrainingSetup, data: SiteData, pool: str, idx: torch.Tensor) -> dict[str, float]:
         assert data.train_input is not None, f"{self.name} needs paired inputs"
-        totals = {"loss-d": 0.0, "loss-g": 0.0, "loss-l1": 0.0}
-        if self.config.ssim_weight > 0:
-            totals["loss-ssim"] = 0.0
-        updates = 0
-        with self.training_setup(dp, seed) as s:
-            for _ in range(steps):
-                idx = self.next_batch(data, s, dp, accountant)
-                if idx is None:
-                    continue
-                low, full = data.train_input[idx], data.train[idx]
-                if self.augment:
-                    low, full = dihedral_pairs(low, full, generator=s.rng)
-                low, full = low.to(self.device), full.to(self.device)
+        low, full = data.train_input[idx], data.train[idx]
+        if self.augment:
+            low, full = dihedral_pairs(low, full, generator=s.rng)
+        low, full = low.to(self.device), full.to(self.device)
 
-                # Discriminator: each example's real pair and fake pair share one per-sample
-                # gradient (one backward), so one patient counts once.
-                set_hooks(s.generator, enabled=False)
-                with torch.no_grad():
-                    fake = s.generator(low)
-                set_hooks(s.generator, enabled=True)
-                loss_d = (F.softplus(-s.discriminator(low, full)) + F.softplus(s.discriminator(low, fake))).mean()
-                s.opt_d.zero_grad(set_to_none=True)
-                loss_d.backward()
-                s.opt_d.step()
+        # Discriminator: each example's real pair and fake pair share one per-sample
+        # gradient (one backward), so one patient counts once.
+        with s.learning_through(s.generator), torch.no_grad():
+            fake = s.generator(low)
+        loss_d = (F.softplus(-s.discriminator(low, full)) + F.softplus(s.discriminator(low, fake))).mean()
+        s.opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        s.opt_d.step()
 
-                # Generator: adversarial + L1 (+ 1 - SSIM) to the full-dose image, per-sample clipped.
-                set_hooks(s.discriminator, enabled=False)
-                fake = s.generator(low)
-                loss_adv = F.softplus(-s.discriminator(low, fake)).mean()
-                loss_l1 = (fake - full).abs().mean()
-                loss_g = loss_adv + self.config.l1_weight * loss_l1
-                if self.config.ssim_weight > 0:
-                    loss_ssim = (1 - ssim_per_image(fake, full)).mean()
-                    loss_g = loss_g + self.config.ssim_weight * loss_ssim
-                    totals["loss-ssim"] += loss_ssim.item()
-                s.opt_g.zero_grad(set_to_none=True)
-                loss_g.backward()
-                s.opt_g.step()
-                set_hooks(s.discriminator, enabled=True)
-
-                updates += 1
-                totals["loss-d"] += loss_d.item()
-                totals["loss-g"] += loss_adv.item()
-                totals["loss-l1"] += loss_l1.item()
-        return {k: v / max(updates, 1) for k, v in totals.items()}
+        # Generator: adversarial + L1 (+ 1 - SSIM) to the original, per-sample clipped.
+        params = self.params
+        losses = {"loss-d": loss_d.item()}
+        with s.learning_through(s.discriminator):
+            fake = s.generator(low)
+            loss_adv = F.softplus(-s.discriminator(low, fake)).mean()
+            loss_l1 = (fake - full).abs().mean()
+            loss_g = loss_adv + params.l1_weight * loss_l1
+            if params.ssim_weight > 0:
+                loss_ssim = (1 - ssim_per_image(fake, full)).mean()
+                loss_g = loss_g + params.ssim_weight * loss_ssim
+                losses["loss-ssim"] = loss_ssim.item()
+            s.opt_g.zero_grad(set_to_none=True)
+            loss_g.backward()
+            s.opt_g.step()
+        return {**losses, "loss-g": loss_adv.item(), "loss-l1": loss_l1.item()}
 
     @torch.no_grad()
     def restore(self, images: torch.Tensor) -> torch.Tensor:

@@ -9,13 +9,28 @@ inverse FFT (the input).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from medgan_core.config import TaskConfig
-from medgan_core.data.dataset import pairs_of
+from medgan_core.data.dataset import DataSpec, KSpacePairs
+from medgan_core.data.kspace import ACCELERATIONS
+from medgan_core.errors import ConfigError
 from medgan_core.models.unet import DataConsistentUNet
-from medgan_core.tasks.paired import PairedImageTask
+from medgan_core.tasks.paired import PairedImageTask, PairedParams
+
+
+@dataclass(frozen=True)
+class ReconParams(PairedParams):
+    acceleration: int = 4  # k-space undersampling: 4 (25 % of the lines) or 10 (10 %)
+
+    def validate(self, task: TaskConfig) -> None:
+        super().validate(task)
+        if self.acceleration not in ACCELERATIONS:
+            raise ConfigError(
+                f"task.acceleration = {self.acceleration}; choose one of {', '.join(map(str, ACCELERATIONS))}")
 
 
 def nmse(output: torch.Tensor, target: torch.Tensor) -> float:
@@ -27,12 +42,16 @@ def nmse(output: torch.Tensor, target: torch.Tensor) -> float:
 
 class ReconTask(PairedImageTask):
     name = "recon"
+    Params = ReconParams
+    params: ReconParams
+    modalities = ("MR",)
+    modality_reason = "it reconstructs MR k-space"
     eval_metrics = frozenset({"nmse", "nmse-input", "psnr", "psnr-input", "ssim", "ssim-input"})
     input_channels = 3  # zero-filled real, imaginary, sampling mask
 
     @classmethod
-    def data_kind_for(cls, config: TaskConfig) -> str:
-        return pairs_of(f"kspace-r{config.acceleration}")
+    def data_spec(cls, config: TaskConfig) -> DataSpec:
+        return KSpacePairs(config.params.acceleration)  # type: ignore[attr-defined]
 
     def build_generator(self) -> nn.Module:
         return DataConsistentUNet(self.config.width)
@@ -48,4 +67,4 @@ class ReconTask(PairedImageTask):
     def preview_pairs(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         from medgan_core.data.simulate import phantom_mr_kspace
 
-        return phantom_mr_kspace(n, self.config, seed=self.config.seed)
+        return phantom_mr_kspace(n, self.config, self.params.acceleration, seed=self.config.seed)

@@ -1,39 +1,125 @@
-"""Task names (``--task``, ``task.name``) to Task classes."""
+"""Task names (``--task``, ``task.name``) to Task classes, and task configs built from keys.
+
+The built-in tasks are registered in ``BUILT_IN`` below, one line each. A task written
+outside this package registers with one line in its own package's metadata, an entry
+point in the ``medgan.tasks`` group (``toy = "my_tasks.toy:ToyTask"``), the way pytest
+and Flower find their plugins: nothing here changes, and the name is known in every
+process that can import the package, Ray's simulation workers included.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import sys
+from functools import lru_cache
+from importlib import import_module, metadata
 from pathlib import Path
+from typing import Any, Mapping
 
 import torch
 
-from medgan_core.config import TaskConfig
+from medgan_core.config import TaskConfig, TaskParams, build_table, config_key
 from medgan_core.data.dataset import SiteData, load_site_data
 from medgan_core.errors import ConfigError
 from medgan_core.tasks.base import Task
 
+#: Built-in tasks: name -> "module:Class" (imported when first asked for).
+BUILT_IN = {
+    "synthesis": "medgan_core.tasks.synthesis:SynthesisTask",
+    "conditional": "medgan_core.tasks.conditional:ConditionalSynthesisTask",
+    "denoise": "medgan_core.tasks.denoise:DenoiseTask",
+    "superres": "medgan_core.tasks.superres:SuperResTask",
+    "recon": "medgan_core.tasks.recon:ReconTask",
+    "translate": "medgan_core.tasks.translate:TranslateTask",
+    "cycle": "medgan_core.tasks.cycle:CycleTask",
+}
+ENTRY_POINT_GROUP = "medgan.tasks"
+SHARED_KEYS = tuple(config_key(f.name) for f in dataclasses.fields(TaskConfig) if f.name != "params")
 
-def _registry() -> dict[str, type[Task]]:
-    from medgan_core.tasks.conditional import ConditionalSynthesisTask
-    from medgan_core.tasks.cycle import CycleTask
-    from medgan_core.tasks.denoise import DenoiseTask
-    from medgan_core.tasks.recon import ReconTask
-    from medgan_core.tasks.superres import SuperResTask
-    from medgan_core.tasks.synthesis import SynthesisTask
-    from medgan_core.tasks.translate import TranslateTask
 
-    return {cls.name: cls for cls in (SynthesisTask, ConditionalSynthesisTask, DenoiseTask, SuperResTask, ReconTask,
-                                        TranslateTask, CycleTask)}
+def _targets() -> dict[str, str]:
+    return _targets_on(tuple(sys.path))
+
+
+@lru_cache(maxsize=8)
+def _targets_on(path: tuple[str, ...]) -> dict[str, str]:
+    """Built-in tasks and those installed packages register (looked up again when sys.path changes)."""
+    plugins = {ep.name: ep.value for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    clash = sorted(plugins.keys() & BUILT_IN.keys())
+    if clash:
+        raise ConfigError(f"an installed package registers task {clash[0]!r}, a built-in task's name; rename it")
+    return {**BUILT_IN, **plugins}
 
 
 def task_names() -> list[str]:
-    return sorted(_registry())
+    return sorted(_targets())
 
 
 def task_class(name: str) -> type[Task]:
+    targets = _targets()
+    if name not in targets:
+        raise ConfigError(f"task.name = {name!r} is not a known task; choose one of {', '.join(task_names())}")
+    module, _, attribute = targets[name].partition(":")
     try:
-        return _registry()[name]
-    except KeyError:
-        raise ConfigError(f"unknown task {name!r}; choose one of {', '.join(task_names())}") from None
+        cls = getattr(import_module(module), attribute)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"task {name!r} is registered as {targets[name]}, which cannot be loaded ({exc})") from None
+    if not (isinstance(cls, type) and issubclass(cls, Task)) or cls.name != name:
+        raise ConfigError(f"task {name!r} is registered as {targets[name]}, which is not a Task named {name!r}")
+    return cls
+
+
+def task_config(source: str = "task settings", **values: Any) -> TaskConfig:
+    """A validated TaskConfig from Python field names (``task_config(name="superres", scale=4)``)."""
+    return task_config_from_items({config_key(k): v for k, v in values.items()}, source)
+
+
+def task_config_from_items(items: Mapping[str, Any], source: str = "config") -> TaskConfig:
+    """The ``[task]`` table (config keys), shared and task-specific keys together, validated:
+    the shared keys by ``TaskConfig``, the rest by the task's own ``Params``."""
+    name = items.get("name", TaskConfig.name)
+    if not isinstance(name, str):
+        raise ConfigError(f"{source}: task.name = {name!r}; expected the name of a task")
+    cls = task_class(name)
+    own = {key: value for key, value in items.items() if key not in SHARED_KEYS}
+    param_keys = _param_keys(cls)
+    unknown = sorted(set(own) - param_keys)
+    if unknown:
+        owners = [other for other in task_names() if unknown[0] in _param_keys(task_class(other))]
+        belongs = f" (a key of task {' and '.join(map(repr, owners))})" if owners else ""
+        raise ConfigError(f"{source}: task {name!r} has no key task.{unknown[0]}{belongs}; its keys are "
+                          f"{', '.join(sorted((*SHARED_KEYS, *param_keys)))}")
+    shared = build_table(TaskConfig, {k: v for k, v in items.items() if k in SHARED_KEYS}, "task", source)
+    config = dataclasses.replace(shared, params=build_table(cls.Params, own, "task", source))
+    validate_task_config(config)
+    return config
+
+
+def _param_keys(cls: type[Task]) -> set[str]:
+    return {config_key(f.name) for f in dataclasses.fields(cls.Params)}
+
+
+def validate_task_config(config: TaskConfig) -> None:
+    """Shared keys, the task's modality and its own keys (``Params`` of the named task)."""
+    cls = task_class(config.name)
+    if not isinstance(config.params, cls.Params):
+        raise ConfigError(f"task {config.name!r} takes {cls.Params.__name__}, not {type(config.params).__name__}")
+    if cls.modalities and config.modality not in cls.modalities:
+        raise ConfigError(f"task.name = {config.name!r} needs task.modality = {' or '.join(map(repr, cls.modalities))}"
+                          f" ({cls.modality_reason})")
+    config.validate()
+
+
+def replace_task(config: TaskConfig, **changes: Any) -> TaskConfig:
+    """``config`` with some fields changed (Python names, shared or the task's own), validated.
+    A new ``name`` starts from that task's own defaults."""
+    items = config.to_items() if changes.get("name", config.name) == config.name else {
+        key: value for key, value in config.to_items().items() if key in SHARED_KEYS}
+    return task_config_from_items({**items, **{config_key(k): v for k, v in changes.items()}}, "task settings")
+
+
+def default_params(name: str) -> TaskParams:
+    return task_class(name).Params()
 
 
 def build_task(config: TaskConfig, device: torch.device | str = "cpu") -> Task:
@@ -41,6 +127,5 @@ def build_task(config: TaskConfig, device: torch.device | str = "cpu") -> Task:
 
 
 def load_task_data(data_path: str | Path, config: TaskConfig) -> SiteData:
-    """A site's data in the form its task needs (single images, or degraded/original pairs)."""
-    kind = task_class(config.name).data_kind_for(config)
-    return load_site_data(data_path, config, kind)
+    """A site's data in the form its task reads (``Task.data_spec``)."""
+    return load_site_data(data_path, config, task_class(config.name).data_spec(config))

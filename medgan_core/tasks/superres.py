@@ -6,24 +6,42 @@ a viewer shows, and the classical baseline); the generator learns the missing de
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from medgan_core.config import TaskConfig
-from medgan_core.data.dataset import pairs_of, upsample
-from medgan_core.tasks.paired import PairedImageTask
+from medgan_core.data.dataset import DataSpec, DegradedPairs, upsample
+from medgan_core.errors import ConfigError
+from medgan_core.tasks.paired import PairedImageTask, PairedParams
+
+SCALES = (2, 4)
+
+
+@dataclass(frozen=True)
+class SuperResParams(PairedParams):
+    scale: int = 2  # the coarse grid's pixel is scale × scale fine pixels
+
+    def validate(self, task: TaskConfig) -> None:
+        super().validate(task)
+        if self.scale not in SCALES:
+            raise ConfigError(f"task.scale = {self.scale}; choose one of {', '.join(map(str, SCALES))}")
 
 
 class SuperResTask(PairedImageTask):
     name = "superres"
+    Params = SuperResParams
+    params: SuperResParams
 
     @classmethod
-    def data_kind_for(cls, config: TaskConfig) -> str:
-        return pairs_of(f"low-res-x{config.scale}")
+    def data_spec(cls, config: TaskConfig) -> DataSpec:
+        scale = config.params.scale  # type: ignore[attr-defined]
+        return DegradedPairs(f"low-res-x{scale}", scale)
 
     def preview_pairs(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         from medgan_core.data.simulate import phantom_ct_pairs
 
         _, full = phantom_ct_pairs(n, self.config, seed=self.config.seed)
-        scale = self.config.scale
+        scale = self.params.scale
         coarse = torch.nn.functional.avg_pool2d(full, scale)  # the coarse grid of the same anatomy
         return upsample(coarse, scale), full

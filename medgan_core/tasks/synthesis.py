@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -9,9 +11,18 @@ from medgan_core.data.dataset import SiteData
 from medgan_core.metrics.distribution import intensity_distance, sliced_wasserstein
 from medgan_core.metrics.features import PhantomFeatureNet, fid_kid, load_feature_net
 from medgan_core.models.dcgan import DCGANDiscriminator, DCGANGenerator, init_dcgan_weights
-from medgan_core.privacy.accountant import SiteAccountant
-from medgan_core.privacy.dp_sgd import DPSettings
-from medgan_core.tasks.base import GANTask, set_hooks
+from medgan_core.config import TaskConfig, TaskParams
+from medgan_core.errors import ConfigError
+from medgan_core.tasks.base import GANTask, TrainingSetup
+
+
+@dataclass(frozen=True)
+class SynthesisParams(TaskParams):
+    z_dim: int = 64  # length of the generator's latent code
+
+    def validate(self, task: TaskConfig) -> None:
+        if self.z_dim <= 0:
+            raise ConfigError(f"task.z-dim = {self.z_dim}; it must be a positive number")
 
 
 class SynthesisTask(GANTask):
@@ -22,6 +33,8 @@ class SynthesisTask(GANTask):
     """
 
     name = "synthesis"
+    Params = SynthesisParams
+    params: SynthesisParams
     private_groups = ("discriminator",)
     train_metrics = frozenset({"loss-d", "loss-g", "d-real", "d-fake"})
     eval_metrics = frozenset({"swd", "intensity-w1", "fid", "kid"})
@@ -29,60 +42,39 @@ class SynthesisTask(GANTask):
 
     def build_networks(self) -> tuple[DCGANGenerator, DCGANDiscriminator]:
         cfg = self.config
-        generator = DCGANGenerator(cfg.z_dim, cfg.image_size, cfg.width)
+        generator = DCGANGenerator(self.params.z_dim, cfg.image_size, cfg.width)
         discriminator = DCGANDiscriminator(cfg.image_size, cfg.width)
         generator.apply(init_dcgan_weights)
         discriminator.apply(init_dcgan_weights)
         return generator, discriminator
 
-    def train(
-        self,
-        data: SiteData,
-        steps: int,
-        seed: int,
-        dp: DPSettings | None = None,
-        accountant: SiteAccountant | None = None,
-    ) -> dict[str, float]:
-        totals = {"loss-d": 0.0, "loss-g": 0.0, "d-real": 0.0, "d-fake": 0.0}
-        updates = 0
-        with self.training_setup(dp, seed) as s:
-            for _ in range(steps):
-                idx = self.next_batch(data, s, dp, accountant)
-                if idx is None:
-                    continue
-                real = data.train[idx].to(self.device)
-                y_real = self.real_conditions(data, idx)
-                z = torch.randn(real.shape[0], self.config.z_dim, generator=s.rng).to(self.device)
-                y_fake = self.prior_conditions(real.shape[0], s.rng)
-                fake = _call(s.generator, z, y_fake)
+    def train_step(self, s: TrainingSetup, data: SiteData, pool: str, idx: torch.Tensor) -> dict[str, float]:
+        real = data.train[idx].to(self.device)
+        y_real = self.real_conditions(data, idx)
+        z = torch.randn(real.shape[0], self.params.z_dim, generator=s.rng).to(self.device)
+        y_fake = self.prior_conditions(real.shape[0], s.rng)
+        fake = _call(s.generator, z, y_fake)
 
-                # Discriminator: real and fake halves are separate backward passes, so under
-                # DP each real image is one clipped per-sample gradient and generated images
-                # cost no privacy.
-                s.opt_d.zero_grad(set_to_none=True)
-                logits_real = _call(s.discriminator, real, y_real)
-                loss_real = F.softplus(-logits_real).mean()
-                loss_real.backward()
-                logits_fake = _call(s.discriminator, fake.detach(), y_fake)
-                loss_fake = F.softplus(logits_fake).mean()
-                loss_fake.backward()
-                s.opt_d.step()
+        # Discriminator: real and fake halves are separate backward passes, so under DP
+        # each real image is one clipped per-sample gradient and generated images cost no
+        # privacy.
+        s.opt_d.zero_grad(set_to_none=True)
+        logits_real = _call(s.discriminator, real, y_real)
+        loss_real = F.softplus(-logits_real).mean()
+        loss_real.backward()
+        logits_fake = _call(s.discriminator, fake.detach(), y_fake)
+        loss_fake = F.softplus(logits_fake).mean()
+        loss_fake.backward()
+        s.opt_d.step()
 
-                # Generator: learns only through D's judgement of generated images, so D's
-                # per-sample hooks are off here.
-                set_hooks(s.discriminator, enabled=False)
-                loss_g = F.softplus(-_call(s.discriminator, fake, y_fake)).mean()
-                s.opt_g.zero_grad(set_to_none=True)
-                loss_g.backward()
-                s.opt_g.step()
-                set_hooks(s.discriminator, enabled=True)
-
-                updates += 1
-                totals["loss-d"] += (loss_real + loss_fake).item()
-                totals["loss-g"] += loss_g.item()
-                totals["d-real"] += torch.sigmoid(logits_real).mean().item()
-                totals["d-fake"] += torch.sigmoid(logits_fake).mean().item()
-        return {k: v / max(updates, 1) for k, v in totals.items()}
+        # Generator: learns only through D's judgement of generated images.
+        with s.learning_through(s.discriminator):
+            loss_g = F.softplus(-_call(s.discriminator, fake, y_fake)).mean()
+            s.opt_g.zero_grad(set_to_none=True)
+            loss_g.backward()
+            s.opt_g.step()
+        return {"loss-d": (loss_real + loss_fake).item(), "loss-g": loss_g.item(),
+                "d-real": torch.sigmoid(logits_real).mean().item(), "d-fake": torch.sigmoid(logits_fake).mean().item()}
 
     def real_conditions(self, data: SiteData, idx: torch.Tensor) -> torch.Tensor | None:
         """Condition vectors of real training images (None: unconditional)."""
@@ -95,7 +87,7 @@ class SynthesisTask(GANTask):
     @torch.no_grad()
     def sample(self, n: int, seed: int, conditions: torch.Tensor | None = None) -> torch.Tensor:
         self.generator.eval()
-        z = torch.randn(n, self.config.z_dim, generator=torch.Generator().manual_seed(seed)).to(self.device)
+        z = torch.randn(n, self.params.z_dim, generator=torch.Generator().manual_seed(seed)).to(self.device)
         y = None if conditions is None else conditions.to(self.device)
         return _call(self.generator, z, y).cpu()
 

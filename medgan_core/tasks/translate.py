@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from medgan_core.config import TaskConfig
+from medgan_core.data.dataset import DataSpec, ModalityPairs
 from medgan_core.tasks.paired import PairedImageTask
 
 
@@ -17,9 +18,9 @@ class TranslateTask(PairedImageTask):
     name = "translate"
 
     @classmethod
-    def data_kind_for(cls, config: TaskConfig) -> str:
+    def data_spec(cls, config: TaskConfig) -> DataSpec:
         """The target is ``task.modality`` (CT by default); the input the other modality."""
-        return "translate:" + ("MR" if config.modality == "CT" else "CT")
+        return ModalityPairs("MR" if config.modality == "CT" else "CT")
 
     def preview_pairs(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         from medgan_core.data.simulate import phantom_mr_ct
