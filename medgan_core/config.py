@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from medgan_core.errors import ConfigError
+from medgan_core.policies.registry import LOCAL, policy_class, policy_names
 
 MODALITIES = ("CT", "MR")
 DEVICES = ("auto", "cpu", "cuda")
@@ -23,7 +24,6 @@ ACCOUNTANTS = ("rdp", "prv")
 LR_SCHEDULES = ("constant", "cosine")  # learning rate over a study's rounds (medgan_core.tasks.base.lr_scale)
 #: A δ this large lets a mechanism publish a whole record with that probability: refused.
 MAX_DELTA = 0.1
-POLICIES = ("average", "local", "trimmed-mean", "median")
 SERVER_OPTIMIZERS = ("fedavg", "fedadam", "fedyogi")
 
 
@@ -214,6 +214,14 @@ class AggregationConfig:
             out[group] = policy
         return out
 
+    def combined_policies(self) -> list[str]:
+        """The policies named that the coordinator computes (all but ``local``)."""
+        return sorted({p for p in (self.policy, *self.overrides().values()) if p != LOCAL})
+
+    def nonlinear_policies(self) -> list[str]:
+        """Named policies that are not a mean of the updates (no secure aggregation, no central DP)."""
+        return [p for p in self.combined_policies() if not policy_class(p).linear]
+
     def policy_of(self, group: str) -> str:
         return self.overrides().get(group, self.policy)
 
@@ -232,14 +240,14 @@ class AggregationConfig:
         """Whether sites must keep weights or optimiser state between rounds."""
         overrides = self.overrides()
         return (self.local_norm or self.local_calibration or self.keep_optimizer_state
-                or "local" in (self.policy, *overrides.values()))
+                or LOCAL in (self.policy, *overrides.values()))
 
     def validate(self) -> None:
         for key, value in (("aggregation.policy", self.policy), *(
             (f"aggregation.group-policies ({group})", policy) for group, policy in self.overrides().items()
         )):
-            if value not in POLICIES:
-                raise ConfigError(f"{key} = {value!r}; choose one of {', '.join(POLICIES)}")
+            if value not in policy_names():
+                raise ConfigError(f"{key} = {value!r}; choose one of {', '.join(policy_names())}")
         if not 0 <= self.trim_fraction < 0.5:
             raise ConfigError(f"aggregation.trim-fraction = {self.trim_fraction}; it must lie in [0, 0.5)")
         if self.server_optimizer not in SERVER_OPTIMIZERS:

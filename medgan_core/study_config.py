@@ -10,6 +10,7 @@ that task types and checks (its ``Params``, found through ``medgan_core.tasks.re
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -26,9 +27,37 @@ from medgan_core.config import (
     load_tables,
 )
 from medgan_core.errors import ConfigError
-from medgan_core.tasks.registry import default_params, replace_task, task_config_from_items, validate_task_config
+from medgan_core.tasks.registry import (
+    SHARED_KEYS,
+    default_params,
+    replace_task,
+    task_config_from_items,
+    validate_task_config,
+)
 
 TABLES = ("run", "task", "privacy", "aggregation")
+#: ``[task] params``: the named task's own keys as the body of a TOML inline table
+#: (``"scale = 4, l1-weight = 50.0"``). Flower's run config has a fixed set of keys (those
+#: in pyproject.toml), the same for every task, so ``flwr run`` and a deployed study carry
+#: a task's own keys in this one shared key; a study file may also write them directly.
+PARAMS_KEY = "params"
+
+
+def _task_items(table: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """``[task]`` with the keys folded into ``params`` unfolded (a key given both ways: refused)."""
+    items = dict(table)
+    text = items.pop(PARAMS_KEY, "")
+    if not isinstance(text, str):
+        raise ConfigError(f"{source}: task.params = {text!r}; expected text such as \"scale = 4, l1-weight = 50.0\"")
+    if not text.strip():
+        return items
+    try:
+        folded = tomllib.loads(f"params = {{ {text} }}")["params"]
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: task.params = {text!r} is not 'KEY = VALUE, …' in TOML ({exc})") from None
+    if twice := sorted(folded.keys() & items.keys()):
+        raise ConfigError(f"{source}: task.{twice[0]} is given both directly and in task.params; give it once")
+    return {**items, **folded}
 
 
 def _default_task() -> TaskConfig:
@@ -50,7 +79,7 @@ class StudyConfig:
         self.privacy.validate()
         self.aggregation.validate()
         agg = self.aggregation
-        robust = sorted({p for p in (agg.policy, *agg.overrides().values()) if p in ("trimmed-mean", "median")})
+        robust = agg.nonlinear_policies()
         if self.privacy.central_noise_multiplier > 0 and robust:
             raise ConfigError(
                 f"aggregation policy {robust[0]!r} cannot be combined with privacy.central-noise-multiplier: "
@@ -73,7 +102,7 @@ class StudyConfig:
                 f"{source}: unknown table(s) {sorted(unknown)}; allowed: {', '.join(f'[{t}]' for t in TABLES)}"
             )
         run = build_table(RunConfig, raw.get("run", {}), "run", source)
-        task = task_config_from_items(raw.get("task", {}), source)
+        task = task_config_from_items(_task_items(raw.get("task", {}), source), source)
         privacy = build_table(PrivacyConfig, raw.get("privacy", {}), "privacy", source)
         aggregation = build_table(AggregationConfig, raw.get("aggregation", {}), "aggregation", source)
         return cls(run=run, task=task, privacy=privacy, aggregation=aggregation).validate()
@@ -95,7 +124,17 @@ class StudyConfig:
         return cls.from_dict(nested, source)
 
     def to_flat(self) -> dict[str, Any]:
+        """Every key as ``TABLE.key`` (what the coordinator sends the sites each round)."""
         return {f"{table}.{k}": v for table, values in self.to_dict().items() for k, v in values.items()}
+
+    def to_run_config(self) -> dict[str, dict[str, Any]]:
+        """Tables for Flower's run config: the task's own keys folded into ``task.params``,
+        because Flower accepts only the keys pyproject.toml lists, the same for every task."""
+        tables = self.to_dict()
+        shared = {k: v for k, v in self.task.to_items().items() if k in SHARED_KEYS}
+        own = {k: v for k, v in tables["task"].items() if k not in SHARED_KEYS}
+        inline = tomli_w.dumps({"p": own}).strip().removeprefix("[p]").strip().replace("\n", ", ")
+        return {**tables, "task": {**shared, PARAMS_KEY: inline}}
 
     def replace(
         self,

@@ -85,7 +85,7 @@ def run_command(config: CoordinatorConfig, study: StudyConfig, workdir: str | Pa
     """flwr run of this app on the federation, with the study's settings as the run config."""
     coordinator_files(config)
     overrides = Path(workdir) / "run-config.toml"
-    overrides.write_text(tomli_w.dumps(study.to_dict()))
+    overrides.write_text(tomli_w.dumps(study.to_run_config()))
     env = offline_env({"FLWR_HOME": str(flwr_home(config))})
     return [flower_tool("flwr"), "run", str(APP_DIR), FEDERATION, "--stream", "--run-config", str(overrides)], env
 

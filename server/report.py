@@ -22,14 +22,16 @@ def _fmt(value: Any) -> str:
 
 def aggregation_line(study: StudyConfig) -> str:
     """How the groups were combined, in words (from the same settings the server used)."""
+    from medgan_core.policies.registry import LOCAL, policy_class
     from medgan_core.tasks.registry import build_task
 
     agg = study.aggregation
-    words = {"average": "sample-weighted mean", "local": "kept at each site (never sent)",
-             "trimmed-mean": f"coordinate-wise trimmed mean ({agg.trim_fraction:g} cut at each end)",
-             "median": "coordinate-wise median"}
+
+    def words(policy: str) -> str:
+        return "kept at each site (never sent)" if policy == LOCAL else policy_class(policy)(agg).describe()
+
     policies = agg.policies(list(build_task(study.task).groups))
-    line = "- Aggregation: " + ", ".join(f"{g}: {words[p]}" for g, p in policies.items())
+    line = "- Aggregation: " + ", ".join(f"{g}: {words(p)}" for g, p in policies.items())
     if agg.local_norm:
         line += "; normalisation layers kept at each site (FedBN)"
     if agg.local_calibration:

@@ -1,6 +1,6 @@
 """GAN-aware aggregation: how each parameter group is combined across sites."""
 
-from strategies.aggregation import aggregate_by_group, aggregate_by_policy, coordinate_wise, split_groups, weighted_mean
+from strategies.aggregation import aggregate_by_group, aggregate_by_policy, split_groups, weighted_mean
 from strategies.grouped_fedavg import (
     GroupedFedAdam,
     GroupedFedAvg,
@@ -13,6 +13,6 @@ from strategies.grouped_fedavg import (
 
 __all__ = [
     "GroupedFedAdam", "GroupedFedAvg", "GroupedFedYogi", "RoundLog", "SiteReply", "build_strategy",
-    "weighted_metrics", "aggregate_by_group", "aggregate_by_policy", "coordinate_wise", "split_groups",
+    "weighted_metrics", "aggregate_by_group", "aggregate_by_policy", "split_groups",
     "weighted_mean",
 ]

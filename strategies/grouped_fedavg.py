@@ -253,7 +253,7 @@ class GroupedFedAvg(FedAvg):
             self._log(server_round).central_noise_std = self.central.last_std
         else:
             weights = [r.num_examples for r in accepted]
-            combined = aggregate_by_policy([r.arrays for r in accepted], weights, self.policies, self.trim_fraction)
+            combined = aggregate_by_policy([r.arrays for r in accepted], weights, self.policies, settings=self)
         # Arrays that stay at the sites keep the server's values (the initial model).
         return record_from_arrays({**self._current, **combined}), MetricRecord(weighted_metrics(accepted))
 

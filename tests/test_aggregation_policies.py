@@ -15,7 +15,8 @@ from medgan_core.site_round import load_site_model, shared_weights, train_site_r
 from medgan_core.site_state import SiteState
 from medgan_core.tasks.registry import build_task
 from medgan_core.tasks.registry import load_task_data, task_config
-from strategies.aggregation import aggregate_by_policy, coordinate_wise
+from medgan_core.policies.robust import TrimmedMean
+from strategies.aggregation import aggregate_by_policy
 
 DENOISE = task_config(name="denoise", image_size=16, width=8, batch_size=8, local_steps=3,
                      lr_generator=2e-3, lr_discriminator=2e-3)
@@ -28,19 +29,19 @@ def _site_arrays(g: float, d: float) -> dict[str, np.ndarray]:
 def test_each_group_is_combined_by_its_own_policy() -> None:
     sites = [_site_arrays(v, v) for v in (0.0, 1.0, 2.0, 3.0, 100.0)]  # the last site is off the scale
     weights = [1, 1, 1, 1, 6]
-    out = aggregate_by_policy(sites, weights, {"generator": "median", "discriminator": "average"})
+    out = aggregate_by_policy(sites, weights, {"generator": "median", "discriminator": "average"}, AggregationConfig())
     np.testing.assert_allclose(out["generator.w"], 2.0)  # median ignores the outlier …
     np.testing.assert_allclose(out["discriminator.w"], (0 + 1 + 2 + 3 + 600) / 10)  # … the weighted mean does not
-    trimmed = coordinate_wise(sites, "trimmed-mean", trim_fraction=0.2)  # drops one site at each end
+    trimmed = TrimmedMean(AggregationConfig(trim_fraction=0.2)).combine(sites, weights)  # drops one site at each end
     np.testing.assert_allclose(trimmed["generator.w"], 2.0)
     assert out["generator.w"].dtype == np.float32
 
 
 def test_only_arrays_that_arrived_are_combined() -> None:
     sites = [{"generator.w": np.full(2, v, np.float32)} for v in (1.0, 3.0)]  # D stayed at the sites
-    assert set(aggregate_by_policy(sites, [1, 1], {})) == {"generator.w"}
-    with pytest.raises(ValueError, match="cannot combine"):
-        aggregate_by_policy(sites, [1, 1], {"generator": "local"})
+    assert set(aggregate_by_policy(sites, [1, 1], {}, AggregationConfig())) == {"generator.w"}
+    with pytest.raises(ConfigError, match="cannot combine"):
+        aggregate_by_policy(sites, [1, 1], {"generator": "local"}, AggregationConfig())
 
 
 def test_local_groups_and_fedbn_norm_layers_are_named_from_the_model() -> None:

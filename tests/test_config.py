@@ -35,11 +35,24 @@ def test_pyproject_flower_config_is_a_valid_study() -> None:
     assert study.task.name == "synthesis"
     # `flwr run --run-config` can only override keys that exist there: every shared key must,
     # and no task's own key may (it would be refused when another task is named).
+    # A task's own keys travel folded into task.params (Flower refuses keys pyproject lacks).
     shared = {k for k in StudyConfig().to_flat() if not k.startswith("task.")} | {f"task.{k}" for k in SHARED_KEYS}
-    assert {f"{t}.{k}" for t, keys in raw.items() for k in keys} == shared
+    assert {f"{t}.{k}" for t, keys in raw.items() for k in keys} == shared | {"task.params"}
     for name in task_names():
         modality = "MR" if name == "recon" else "CT"
         assert StudyConfig.from_dict({**raw, "task": {**raw["task"], "name": name, "modality": modality}}).task.name == name
+
+
+def test_a_tasks_own_keys_fold_into_task_params_for_flowers_run_config() -> None:
+    study = StudyConfig().replace(task={"name": "cycle", "crop_size": 32, "tv_weight": 2.0})
+    tables = study.to_run_config()
+    assert tables["task"]["params"] == "identity-weight = 5.0, crop-size = 32, cycle-pool = 1, tv-weight = 2.0"
+    assert StudyConfig.from_dict(tables) == study
+    assert "crop-size" not in tables["task"] and study.to_flat()["task.crop-size"] == 32
+    with pytest.raises(ConfigError, match="task.crop-size is given both directly and in task.params"):
+        StudyConfig.from_dict({"task": {**tables["task"], "crop-size": 16}})
+    with pytest.raises(ConfigError, match="is not 'KEY = VALUE, …' in TOML"):
+        StudyConfig.from_dict({"task": {"name": "cycle", "params": "crop-size 32"}})
 
 
 @pytest.mark.parametrize(
