@@ -6,6 +6,7 @@ from typing import Any
 
 from medgan_core.study_config import StudyConfig
 from medgan_core.fileio import atomic_write_text
+from medgan_core.tasks.registry import build_task, task_class
 from server.run_folder import RunFolder
 
 def _columns(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
@@ -23,7 +24,6 @@ def _fmt(value: Any) -> str:
 def aggregation_line(study: StudyConfig) -> str:
     """How the groups were combined, in words (from the same settings the server used)."""
     from medgan_core.policies.registry import LOCAL, policy_class
-    from medgan_core.tasks.registry import build_task
 
     agg = study.aggregation
 
@@ -49,6 +49,7 @@ def aggregation_line(study: StudyConfig) -> str:
 
 
 def write_report(folder: RunFolder, study: StudyConfig) -> str:
+    spec = task_class(study.task.name)  # what the task's metrics mean, and which one leads
     records = folder.read_metrics()
     run, task, privacy = study.run, study.task, study.privacy
     columns = _columns(records)
@@ -72,17 +73,7 @@ def write_report(folder: RunFolder, study: StudyConfig) -> str:
         aggregation_line(study),
         privacy_line,
         "- Metrics are computed by every site on its own held-out (test) split and averaged by sample count. "
-        "Synthesis: `swd` is the sliced Wasserstein distance between multi-scale 7×7 patches of generated and "
-        "real slices, `intensity-w1` the Wasserstein-1 distance between their pixel-value distributions, "
-        "`fid`/`kid` the Fréchet and kernel distances on the project's phantom feature network (lower is "
-        "better); conditional synthesis adds `grade-accuracy`, the share of generated slices whose lesion "
-        "burden reads as the grade asked for (`-real`: the same reading of real slices, its ceiling). "
-        "Image-to-image tasks (denoise, superres, recon, translate, cycle): `psnr`/`ssim` against "
-        "the target (full dose, original grid, fully sampled k-space, the other modality, the same subject "
-        "on the main scanner); `-input` is the input's own (low-dose image, bicubic interpolation, "
-        "zero-filled inverse FFT, source modality, second scanner); "
-        "`mae-hu` in HU within the window (CT targets), "
-        "`nmse` the normalised squared error (MR).",
+        + spec.note(),
         "",
         "## Rounds",
         "",
@@ -97,7 +88,9 @@ def write_report(folder: RunFolder, study: StudyConfig) -> str:
             notes.append(f"model unchanged: {record['round-failed']}")
         excluded = "; ".join(notes)
         lines.append(f"| {record['round']} | {sites} | " + " | ".join(values) + f" | {excluded} |")
-    for key, label in (("swd", "Held-out SWD"), ("psnr", "Held-out PSNR (dB)")):
+    key = spec.headline_metric
+    if key:
+        label = f"Held-out `{key}`"
         series = [(r["round"], r["evaluate"][key]) for r in records if key in r.get("evaluate", {})]
         if len(series) >= 2:
             (first_round, first), (last_round, last) = series[0], series[-1]

@@ -94,6 +94,13 @@ class Task(ABC):
     #: Every scalar ``evaluate`` may report, and the one the CLI and reports lead with.
     eval_metrics: ClassVar[frozenset[str]] = frozenset()
     headline_metric: ClassVar[str] = ""
+    #: What the held-out metrics mean, for the study report (a sentence or two).
+    metrics_note: ClassVar[str] = ""
+
+    @classmethod
+    def note(cls) -> str:
+        """``metrics_note`` (a task may build it from its own wording)."""
+        return cls.metrics_note
 
     @classmethod
     def data_spec(cls, config: TaskConfig) -> DataSpec:

@@ -57,6 +57,9 @@ class ConditionalSynthesisTask(SynthesisTask):
     name = "conditional"
     eval_metrics = SynthesisTask.eval_metrics | {"grade-accuracy", "grade-accuracy-real", "severity-mae",
                                                  "severity-mae-real"}
+    metrics_note = SynthesisTask.metrics_note + (
+        " `grade-accuracy` is the share of generated slices whose lesion burden reads as the grade asked for "
+        "(`severity-mae` the error of the severity read); `-real`: the same reading of real slices, its ceiling.")
     Params = ConditionalParams
     params: ConditionalParams
 

@@ -72,6 +72,8 @@ class CycleParams(TaskParams):
 
 class CycleTask(PairedImageTask):
     name = "cycle"
+    target_words = "the same subject on the main scanner"
+    input_words = "the second scanner's image"
     Params: ClassVar[type[TaskParams]] = CycleParams
     params: CycleParams  # type: ignore[assignment]
     modalities = ("CT",)

@@ -11,6 +11,8 @@ from medgan_core.tasks.paired import PairedImageTask
 
 class DenoiseTask(PairedImageTask):
     name = "denoise"
+    target_words = "the full-dose image"
+    input_words = "the low-dose image"
     augment = True  # noise has no orientation; ~100 slices a site are few for 800 steps
     self_ensemble = True  # measured +0.1-0.3 dB PSNR on the benchmark's held-out slices
 

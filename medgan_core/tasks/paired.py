@@ -52,6 +52,15 @@ class PairedImageTask(GANTask):
     train_metrics = frozenset({"loss-d", "loss-g", "loss-l1", "loss-ssim"})
     eval_metrics = frozenset({"mae-hu", "psnr", "psnr-input", "ssim", "ssim-input"})
     headline_metric = "psnr"
+    #: The target and the input, in words, for the report (``metrics_note``).
+    target_words: ClassVar[str] = "the target"
+    input_words: ClassVar[str] = "the input"
+
+    @classmethod
+    def note(cls) -> str:
+        return (f"`psnr`/`ssim` of the output against {cls.target_words}; `-input`: the same for "
+                f"{cls.input_words}, the classical baseline; `mae-hu` the mean absolute error in HU within "
+                "the window (CT targets); `nmse` the normalised squared error (MR reconstruction).")
     preview_columns = 3
     preview_count = 4
     #: Channels of the degraded input (the discriminator sees them beside the candidate).

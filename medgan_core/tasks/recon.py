@@ -42,6 +42,8 @@ def nmse(output: torch.Tensor, target: torch.Tensor) -> float:
 
 class ReconTask(PairedImageTask):
     name = "recon"
+    target_words = "the fully sampled image"
+    input_words = "the zero-filled inverse FFT"
     Params = ReconParams
     params: ReconParams
     modalities = ("MR",)

@@ -30,6 +30,8 @@ class SuperResParams(PairedParams):
 
 class SuperResTask(PairedImageTask):
     name = "superres"
+    target_words = "the original grid"
+    input_words = "bicubic interpolation of the coarse grid"
     Params = SuperResParams
     params: SuperResParams
 

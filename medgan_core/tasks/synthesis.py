@@ -39,6 +39,10 @@ class SynthesisTask(GANTask):
     train_metrics = frozenset({"loss-d", "loss-g", "d-real", "d-fake"})
     eval_metrics = frozenset({"swd", "intensity-w1", "fid", "kid"})
     headline_metric = "swd"
+    metrics_note = ("`swd` is the sliced Wasserstein distance between multi-scale 7×7 patches of generated and real "
+                    "slices, `intensity-w1` the Wasserstein-1 distance between their pixel-value distributions, "
+                    "`fid`/`kid` the Fréchet and kernel distances on the project's phantom feature network (lower "
+                    "is better).")
 
     def build_networks(self) -> tuple[DCGANGenerator, DCGANDiscriminator]:
         cfg = self.config

@@ -16,6 +16,8 @@ from medgan_core.tasks.paired import PairedImageTask
 
 class TranslateTask(PairedImageTask):
     name = "translate"
+    target_words = "the subject's scan in the target modality"
+    input_words = "the source modality"
 
     @classmethod
     def data_spec(cls, config: TaskConfig) -> DataSpec:
