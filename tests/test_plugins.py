@@ -97,3 +97,20 @@ def test_a_registered_task_and_policy_run_federated(installed_plugins: None, tin
         for name, value in aggregate.items():  # the registered policy combined them: each site counts once
             np.testing.assert_allclose(value, (updates[0][name] + updates[1][name]) / 2, rtol=1e-5, atol=1e-6)
     assert sys.modules["toy_task"].ToyTask is type(build_task(study.task))
+
+
+def test_a_bad_registration_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dist = tmp_path / "bad_plugins-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: bad-plugins\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[medgan.tasks]\nfake = equal_mean:EqualMean\nlost = nowhere:Task\n")
+    for path in (str(tmp_path), str(PLUGINS)):
+        monkeypatch.syspath_prepend(path)
+    with pytest.raises(ConfigError, match="registered as equal_mean:EqualMean, which is not a Task named 'fake'"):
+        StudyConfig.from_dict({"task": {"name": "fake"}})
+    with pytest.raises(ConfigError, match="registered as nowhere:Task, which cannot be loaded"):
+        StudyConfig.from_dict({"task": {"name": "lost"}})
+    (dist / "entry_points.txt").write_text("[medgan.policies]\nmedian = equal_mean:EqualMean\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "again"))  # a new path: the registry looks again
+    with pytest.raises(ConfigError, match="registers aggregation policy 'median', a built-in name"):
+        policy_names()

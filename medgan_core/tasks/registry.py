@@ -10,9 +10,6 @@ process that can import the package, Ray's simulation workers included.
 from __future__ import annotations
 
 import dataclasses
-import sys
-from functools import lru_cache
-from importlib import import_module, metadata
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -21,6 +18,7 @@ import torch
 from medgan_core.config import TaskConfig, TaskParams, build_table, config_key
 from medgan_core.data.dataset import SiteData, load_site_data
 from medgan_core.errors import ConfigError
+from medgan_core.plugins import load_registered, registered
 from medgan_core.tasks.base import Task
 
 #: Built-in tasks: name -> "module:Class" (imported when first asked for).
@@ -38,17 +36,7 @@ SHARED_KEYS = tuple(config_key(f.name) for f in dataclasses.fields(TaskConfig) i
 
 
 def _targets() -> dict[str, str]:
-    return _targets_on(tuple(sys.path))
-
-
-@lru_cache(maxsize=8)
-def _targets_on(path: tuple[str, ...]) -> dict[str, str]:
-    """Built-in tasks and those installed packages register (looked up again when sys.path changes)."""
-    plugins = {ep.name: ep.value for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
-    clash = sorted(plugins.keys() & BUILT_IN.keys())
-    if clash:
-        raise ConfigError(f"an installed package registers task {clash[0]!r}, a built-in task's name; rename it")
-    return {**BUILT_IN, **plugins}
+    return registered(ENTRY_POINT_GROUP, BUILT_IN, "task")
 
 
 def task_names() -> list[str]:
@@ -59,14 +47,7 @@ def task_class(name: str) -> type[Task]:
     targets = _targets()
     if name not in targets:
         raise ConfigError(f"task.name = {name!r} is not a known task; choose one of {', '.join(task_names())}")
-    module, _, attribute = targets[name].partition(":")
-    try:
-        cls = getattr(import_module(module), attribute)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"task {name!r} is registered as {targets[name]}, which cannot be loaded ({exc})") from None
-    if not (isinstance(cls, type) and issubclass(cls, Task)) or cls.name != name:
-        raise ConfigError(f"task {name!r} is registered as {targets[name]}, which is not a Task named {name!r}")
-    return cls
+    return load_registered("task", name, targets[name], Task)
 
 
 def task_config(source: str = "task settings", **values: Any) -> TaskConfig:
