@@ -35,7 +35,8 @@ STEPS = 4
 
 def small_config(name: str) -> TaskConfig:
     modality = "MR" if name == "recon" else "CT"
-    return task_config(name=name, modality=modality, batch_size=8, local_steps=STEPS, width=16, eval_samples=32)
+    own = {"eval_samples": 32} if name in ("synthesis", "conditional") else {}
+    return task_config(name=name, modality=modality, batch_size=8, local_steps=STEPS, width=16, **own)
 
 
 def check_task(name: str, site: Path, device: torch.device, state_dir: Path) -> dict[str, object]:

@@ -62,7 +62,6 @@ class TaskConfig:
     width: int = 32
     window_low: float = -160.0
     window_high: float = 240.0
-    eval_samples: int = 128
     lr_schedule: str = "constant"  # both learning rates over the study's rounds: constant, or cosine down to 1/10
     seed: int = 0
     params: TaskParams = field(default_factory=TaskParams)
@@ -82,7 +81,6 @@ class TaskConfig:
         require_positive("task.batch-size", self.batch_size)
         require_positive("task.local-steps", self.local_steps)
         require_positive("task.width", self.width)
-        require_positive("task.eval-samples", self.eval_samples)
         if self.width % 8:
             raise ConfigError(f"task.width = {self.width}; it must be a multiple of 8 (GroupNorm groups)")
         if self.lr_schedule not in LR_SCHEDULES:

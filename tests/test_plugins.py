@@ -45,7 +45,7 @@ def installed_plugins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def _toy_study() -> StudyConfig:
     return StudyConfig().replace(
         run={"rounds": 2, "num_sites": 2, "device": "cpu"},
-        task={"name": "toy", "hidden": 4, "image_size": 16, "batch_size": 8, "local_steps": 3, "eval_samples": 16},
+        task={"name": "toy", "hidden": 4, "image_size": 16, "batch_size": 8, "local_steps": 3},
         aggregation={"policy": "equal-mean"},
         privacy={"secure_rng": False},
     )

@@ -73,7 +73,7 @@ def test_every_task_declares_what_it_reports(tiny_sites: list[Path]) -> None:
     from medgan_core.tasks.registry import load_task_data
 
     for name in task_names():
-        config = task_config(name=name, image_size=16, batch_size=4, local_steps=1, width=8, eval_samples=8,
+        config = task_config(name=name, image_size=16, batch_size=4, local_steps=1, width=8,
                              modality="MR" if name == "recon" else "CT")
         task = build_task(config)
         data = load_task_data(tiny_sites[0], config)

@@ -102,7 +102,7 @@ class ConditionalSynthesisTask(SynthesisTask):
         rare grades count as much as common ones; the same reading of the real slices,
         balanced over the grades they have, is the reader's ceiling)."""
         assert data.test_condition is not None
-        n = self.config.eval_samples
+        n = self.params.eval_samples
         burden = data.test_condition[torch.arange(n) % len(data.test_condition)]
         fake = self.sample(n, seed=self.config.seed + 7919, conditions=self.encode(burden))
         reader = load_feature_net(device=self.device)

@@ -19,10 +19,12 @@ from medgan_core.tasks.base import GANTask, TrainingSetup
 @dataclass(frozen=True)
 class SynthesisParams(TaskParams):
     z_dim: int = 64  # length of the generator's latent code
+    eval_samples: int = 128  # generated images per held-out evaluation
 
     def validate(self, task: TaskConfig) -> None:
-        if self.z_dim <= 0:
-            raise ConfigError(f"task.z-dim = {self.z_dim}; it must be a positive number")
+        for key, value in (("task.z-dim", self.z_dim), ("task.eval-samples", self.eval_samples)):
+            if value <= 0:
+                raise ConfigError(f"{key} = {value}; it must be a positive number")
 
 
 class SynthesisTask(GANTask):
@@ -107,7 +109,7 @@ class SynthesisTask(GANTask):
         }
 
     def evaluate(self, data: SiteData) -> dict[str, float]:
-        fake = self.sample(self.config.eval_samples, seed=self.config.seed + 7919)
+        fake = self.sample(self.params.eval_samples, seed=self.config.seed + 7919)
         return self.distribution_metrics(fake, data.test)
 
     def preview(self, n: int) -> torch.Tensor:
