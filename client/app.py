@@ -19,8 +19,10 @@ from flwr.clientapp.typing import Mod
 
 from client.audit import audit_outgoing_mod
 from client.payload import evaluate_reply, train_reply
+from client.ray_guard import ray_exposure
 from client.site import cached_site_data, site_from_context, site_seed
 from medgan_core.config import SiteConfig
+from medgan_core.errors import PrivacyError
 from medgan_core.round_instructions import RoundInstructions
 from medgan_core.runtime import resolve_device
 from client.site_errors import site_error_reply
@@ -48,6 +50,8 @@ def build_client_app(sites: Sequence[SiteConfig] | None = None, mods: Sequence[M
     app = ClientApp(mods=[*mods, audit_outgoing_mod])  # every reply is audited before it leaves
 
     def prepare(msg: Message, context: Context) -> tuple[Task, SiteConfig, RoundInstructions]:
+        if refusal := ray_exposure():  # before any image is read
+            raise PrivacyError(refusal)
         round_ = RoundInstructions.from_flat(dict(msg.content["config"]))  # parsed once, typed
         site = site_from_context(context.node_config, context.run_config, sites)
         # A site's own device setting wins; "auto" follows the study's hint (run.device).

@@ -20,6 +20,8 @@ from flwr.compat.client.numpy_client import NumPyClient
 from client.site import cached_site_data, site_from_context, site_seed
 from medgan_core.arrays import check_arrays
 from medgan_core.config import SiteConfig
+from client.ray_guard import ray_exposure
+from medgan_core.errors import PrivacyError
 from medgan_core.round_instructions import RoundInstructions
 from medgan_core.runtime import resolve_device
 from medgan_core.sharing import ordered_names
@@ -33,6 +35,8 @@ class SiteNumPyClient(NumPyClient):
         self.site = site
 
     def _task(self, parameters: list[np.ndarray], config: dict[str, Scalar]) -> tuple[Task, RoundInstructions]:
+        if refusal := ray_exposure():  # before any image is read
+            raise PrivacyError(refusal)
         round_ = RoundInstructions.from_flat(config)  # parsed once, typed, no defaults
         device = resolve_device(self.site.device if self.site.device != "auto" else round_.device)
         task = build_task(round_.task, device)

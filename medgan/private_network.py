@@ -1,9 +1,9 @@
 """Run a simulation where nothing on the network can reach it: a private network namespace.
 
-Flower's simulation engine is Ray, and Ray 2.55.1 (the version Flower 1.42 pins) opens
-its GCS, raylet and worker gRPC servers on every interface, with no setting to change
-that. So ``medgan demo`` runs the simulation in a Linux network namespace of its own
-that holds only a loopback interface: Ray's ports exist there and nowhere else. No root
+Flower's simulation engine is Ray. Every simulation keeps Ray on 127.0.0.1
+(``client.ray_guard``); ``medgan demo`` also runs it in a Linux network namespace of its
+own that holds only a loopback interface, so Ray's ports exist there and nowhere else
+even if that setting were lost. No root
 is needed (an unprivileged user namespace maps the user to root inside it); where the
 kernel forbids that (some hardened systems), the demo says so and runs as before.
 ``MEDGAN_PRIVATE_NETWORK=0`` opts out (e.g. to use an existing Ray cluster).

@@ -15,6 +15,10 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # hospitals and CI are off
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
+from client.ray_guard import keep_ray_on_loopback  # noqa: E402
+
+keep_ray_on_loopback()  # before Flower imports Ray, which reads the setting once
+
 import torch  # noqa: E402
 from flwr.simulation import run_simulation  # noqa: E402
 
@@ -52,6 +56,7 @@ def simulate_federation(
     for site in sites:
         if not Path(site.data_path).exists():
             raise ConfigError(f"site folder {site.data_path} does not exist; run 'medgan sites simulate' first")
+    keep_ray_on_loopback()  # again: something else may have imported Ray since
     use_gpu = resolve_device(study.run.device).type == "cuda"
     cpus = os.cpu_count() or 1
     backend_config = {

@@ -1,14 +1,16 @@
 """The simulation cannot be reached from the network (issue 19, point 2).
 
-Ray, Flower's simulation engine, opens gRPC servers on every interface and the pinned
-Ray 2.55.1 has no setting to change that. ``medgan demo`` therefore runs the simulation
-in a private network namespace that holds only loopback. This test starts the real
-command and inspects Ray's own processes while they run: their network namespace is not
-this machine's, and it has no interface but ``lo``.
+Ray, Flower's simulation engine, opens its gRPC servers on every interface unless its
+node address is loopback, which on Linux it is only with
+``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``. Every simulation path sets that before Ray starts,
+and every simulated site refuses to touch its images in a Ray that is not on loopback;
+``medgan demo`` also runs in a private network namespace that holds only loopback. These
+tests run the real paths and read the sockets Ray's own processes listen on.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import subprocess
 import sys
@@ -18,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from medgan import private_network
+from medgan_core.fileio import read_jsonl
 
 pytestmark = [pytest.mark.slow, pytest.mark.security]
 
@@ -42,6 +45,67 @@ def _descendants(root: int) -> dict[int, str]:
                 found[pid] = names[pid]
                 frontier.append(pid)
     return found
+
+
+def _listening(pids: set[int]) -> dict[str, str]:
+    """Socket inode -> the address each listening TCP socket of ``pids`` is bound to (/proc: state 0A)."""
+    inodes = set()
+    for pid in pids:
+        try:
+            links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+        except OSError:
+            continue
+        inodes |= {link[8:-1] for link in links if link.startswith("socket:[")}
+    found = {}
+    for table, width in (("tcp", 8), ("tcp6", 32)):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A" or fields[9] not in inodes:
+                continue
+            raw = bytes.fromhex(fields[1].split(":")[0])
+            words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # /proc prints host order
+            found[fields[9]] = str(ipaddress.ip_address(words))
+    return found
+
+
+def _loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    return ip.is_loopback or (ip.version == 6 and ip.ipv4_mapped is not None and ip.ipv4_mapped.is_loopback)
+
+
+def test_the_python_api_keeps_ray_on_loopback(tiny_sites: list[Path], tmp_path: Path, tiny_study) -> None:
+    """simulate_federation (no namespace): every socket Ray's processes listen on is loopback."""
+    from medgan.simulation import simulate_federation
+
+    seen: dict[str, str] = {}
+
+    def look(summary: object) -> None:
+        if getattr(summary, "server_round", 0) == 1:
+            seen.update(_listening({os.getpid(), *_descendants(os.getpid())}))
+
+    simulate_federation(tiny_study.replace(run={"rounds": 1}), tiny_sites, tmp_path / "run", progress=look)
+    assert len(seen) >= 4, seen  # the driver's, GCS's, raylet's and the workers' servers, seen mid-study
+    assert all(_loopback(address) for address in seen.values()), seen
+
+
+def test_a_site_in_a_ray_open_to_the_network_refuses(tiny_sites: list[Path], tmp_path: Path, tiny_study,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """As if Ray had been started the way it starts by default: every site refuses, in one line."""
+    import ray._private.ray_constants as ray_constants
+
+    import medgan.simulation as simulation
+    from server.study import StudyFailed
+
+    monkeypatch.setattr(simulation, "keep_ray_on_loopback", lambda: None)
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "1")
+    with pytest.raises(StudyFailed):
+        simulation.simulate_federation(tiny_study.replace(run={"rounds": 1}), tiny_sites, tmp_path / "run")
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    reasons = [e["reason"] for r in records for e in r.get("excluded", [])]
+    assert reasons and all("this simulated site refuses to train: the simulation's Ray listens on" in r
+                           for r in reasons), reasons
+    assert not (tmp_path / "run" / "site-state" / tiny_sites[0].name / f"ledger-index.json").exists()
 
 
 def _interfaces(pid: int) -> set[str]:

@@ -1,0 +1,45 @@
+"""A simulated site trains only where Ray, Flower's simulation engine, is on loopback.
+
+Ray opens its GCS, raylet and worker gRPC servers on ``0.0.0.0`` unless the node's
+address is loopback, and on Linux it picks the machine's routable address unless
+``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (read once, when Ray is imported) makes it take
+127.0.0.1. Every simulated site runs inside a Ray worker, so checking there covers every
+way a simulation starts (``medgan demo``, ``simulate_federation``, ``flwr run``): a site
+whose Ray can be reached from the network refuses to touch its images.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import sys
+
+#: The setting that keeps Ray on 127.0.0.1 (it must be in the environment before Ray is imported).
+LOOPBACK_ENV = ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+def keep_ray_on_loopback() -> None:
+    """Make the Ray that a simulation starts here listen on 127.0.0.1 only, it and its workers."""
+    name, value = LOOPBACK_ENV
+    os.environ[name] = value  # Ray's raylet and workers inherit it
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:  # Ray already imported: it read the setting then
+        constants.ENABLE_RAY_CLUSTER = False
+
+
+def ray_exposure() -> str:
+    """Why this process may not handle a site's images ('' when it may): it runs in a Ray whose
+    node address is not loopback, so Ray's servers listen on every interface."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return ""  # a deployed SuperNode: no Ray
+    address = ray.util.get_node_ip_address()
+    try:
+        if ipaddress.ip_address(address).is_loopback:
+            return ""
+    except ValueError:
+        pass
+    name, value = LOOPBACK_ENV
+    return (f"this simulated site refuses to train: the simulation's Ray listens on {address} and every other "
+            f"interface, so others on the network could reach it; use 'medgan demo', or export {name}={value} "
+            "before 'flwr run'")
