@@ -7,13 +7,16 @@ Columns: ``file`` (relative to the manifest; a folder means a DICOM series),
 series, ``-low-res-x2``/``-low-res-x4`` a series acquired on a 2×/4× coarser grid,
 ``-kspace-r4``/``-kspace-r10`` undersampled MR k-space, see ``medgan_core.data.kspace``,
 ``-scanner-b`` the site's second scanner, for unpaired harmonisation),
-``label`` (class) and ``pair_id`` (links images of one subject across modalities, doses
-or resolutions for paired tasks).
+``label`` (class), ``pair_id`` (links images of one subject across modalities, doses
+or resolutions for paired tasks) and ``series`` (the SeriesInstanceUID to read where a
+folder holds several series, as PACS exports do; ``medgan site index`` fills it in).
+A DICOM ``file`` is a series folder or one (enhanced multi-frame) file.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
@@ -47,6 +50,7 @@ class ManifestEntry:
     domain: str = ""
     label: str = ""
     pair_id: str = ""
+    series: str = ""
 
 
 @dataclass(frozen=True)
@@ -72,7 +76,7 @@ class Manifest:
         ]
 
     def load(self, entry: ManifestEntry) -> Volume:
-        return read_volume(self.root / entry.file, entry.modality)
+        return read_volume(self.root / entry.file, entry.modality, entry.series)
 
 
 def read_manifest(path: str | Path, check_files: bool = True) -> Manifest:
@@ -146,16 +150,34 @@ def write_manifest(entries: list[ManifestEntry], path: str | Path) -> Path:
     return path
 
 
-def read_volume(path: str | Path, modality: str = "OT") -> Volume:
-    """Pick the reader by what the path is: a folder (DICOM series), .nii/.nii.gz, .png."""
+#: Modalities whose DICOM header must agree with the manifest (a label map's may differ).
+CHECKED_MODALITIES = ("CT", "MR")
+
+
+def read_volume(path: str | Path, modality: str = "OT", series: str = "") -> Volume:
+    """Pick the reader by what the path is: a folder or .dcm file (DICOM), .nii/.nii.gz,
+    .png. The manifest's modality wins; a DICOM header that says otherwise is an error."""
     path = Path(path)
     name = path.name.lower()
-    if path.is_dir():
-        return read_dicom_series(path)
     if name.endswith((".nii", ".nii.gz")):
         return read_nifti(path, modality)
     if name.endswith(".png"):
         return read_png(path, modality)
     if not path.exists():
         raise DataError(f"{path} does not exist")
-    raise DataError(f"{path}: unknown image format; use a DICOM series folder, .nii/.nii.gz or .png")
+    if path.is_dir() or name.endswith((".dcm", ".dicom", ".ima")) or series or _is_dicom(path):
+        volume = read_dicom_series(path, series)
+        if modality in CHECKED_MODALITIES and volume.modality != modality:
+            raise DataError(f"{path}: the manifest says {modality} but the DICOM header says {volume.modality}; "
+                            "correct the manifest's modality column or pick the right series")
+        return dataclasses.replace(volume, modality=modality)
+    raise DataError(f"{path}: unknown image format; use a DICOM series folder or file, .nii/.nii.gz or .png")
+
+
+def _is_dicom(path: Path) -> bool:
+    """A DICOM Part 10 file: 'DICM' after the 128-byte preamble."""
+    try:
+        with path.open("rb") as handle:
+            return handle.read(132)[128:] == b"DICM"
+    except OSError:
+        return False

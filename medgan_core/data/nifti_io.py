@@ -1,4 +1,4 @@
-"""NIfTI volumes through nibabel, affine kept."""
+"""NIfTI volumes through nibabel, turned to the canonical orientation by their affine."""
 
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ def read_nifti(path: str | Path, modality: str = "MR") -> Volume:
         raise DataError(f"{path}: expected a 3D volume, got shape {data.shape}")
     if not np.all(np.isfinite(data)):
         raise DataError(f"{path}: volume contains NaN or infinite values")
-    return Volume(data=data, affine=np.asarray(image.affine, dtype=float), modality=modality, source=str(path))
+    volume = Volume(data=data, affine=np.asarray(image.affine, dtype=float), modality=modality, source=str(path))
+    return volume.canonical()  # the same orientation as DICOM (LPS voxel axes), whatever the file's
 
 
 def write_nifti(data: np.ndarray, affine: np.ndarray, path: str | Path, dtype: type = np.float32) -> Path:

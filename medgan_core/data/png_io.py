@@ -24,7 +24,9 @@ def read_png(path: str | Path, modality: str = "OT") -> Volume:
             pixels = np.asarray(image, dtype=np.float32)
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise DataError(f"{path}: not a readable PNG image ({exc})") from exc
-    return Volume(data=pixels.T[:, :, None].copy(), affine=np.eye(4), modality=modality, source=str(path))
+    # A PNG is a picture as displayed: columns run to the patient's left, rows to posterior (LPS).
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0])
+    return Volume(data=pixels.T[:, :, None].copy(), affine=affine, modality=modality, source=str(path)).canonical()
 
 
 def write_png(pixels: np.ndarray, path: str | Path) -> Path:

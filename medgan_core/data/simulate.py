@@ -374,7 +374,9 @@ def simulate_site(
         ct, ct_low, ct_b = (np.stack([a[i] for a in acquired]) for i in range(3))
         mr = mr_acquire(labels, texture, profile, rng)
         label = "lesion" if has_lesion else "normal"
-        affine = np.diag([pixel_mm, pixel_mm, slice_mm, 1.0])
+        # The arrays are (k, rows, cols) as displayed: columns run to the patient's left and rows
+        # to posterior, so the NIfTI affine (RAS+) has negative x and y steps, like the DICOM series.
+        affine = np.diag([-pixel_mm, -pixel_mm, slice_mm, 1.0])
 
         def add(rel: Path, modality: str, domain: str) -> None:
             entries.append(ManifestEntry(str(rel), subject, modality, split, f"{profile.name}-{domain}", label, subject))
