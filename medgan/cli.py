@@ -12,7 +12,7 @@ import typer
 from client.commands import site_app
 from medgan_core.study_config import StudyConfig, load_study
 from medgan_core.console import console, fail
-from medgan_core.data.simulate import find_sites, remove_simulated_study, simulate_study
+from medgan_core.data.simulate import find_sites, remove_simulated_study, simulate_study, stale_simulation
 from medgan_core.errors import MedGANError
 from server.commands import certs_app, privacy_app, report, resumed_study, run, server_app
 
@@ -109,6 +109,8 @@ def _run_demo(study: StudyConfig, verbose: bool) -> None:
     sites_dir = Path(study.run.sites_dir)
     sites = find_sites(sites_dir) if sites_dir.exists() else []
     simulated_here = (sites_dir / "study.json").exists()
+    if simulated_here and (stale := stale_simulation(sites_dir)):
+        raise MedGANError(stale)
     if not sites and not simulated_here:
         console.print(f"No study in {sites_dir}: simulating one of {study.run.num_sites} sites.")
         sites = _simulate(sites_dir, study.run.num_sites, DEMO_SUBJECTS, DEMO_SLICES, 128, study.task.seed,
@@ -131,8 +133,7 @@ def _run_demo(study: StudyConfig, verbose: bool) -> None:
 
     console.print("Network: " + ("private namespace, loopback only (nothing outside can reach the simulation)"
                                  if private_network.inside() else
-                                 "[yellow]shared with this machine: Ray listens on every interface; keep inbound "
-                                 "connections firewalled[/]"))
+                                 "shared with this machine; Ray listens on 127.0.0.1 only"))
     privacy = study.privacy
     if privacy.enabled:
         console.print(f"Privacy: DP-SGD at every site, budget ε = {privacy.target_epsilon:g} at δ = {privacy.delta:g}"

@@ -119,3 +119,14 @@ def test_a_rescan_differs_from_the_scan_only_by_quantum_noise(tiny_sites: list[P
     assert all(torch.equal(x, y) for x, y in zip(again, (scan, rescan, scan_b)))  # seeded
     with pytest.raises(ConfigError, match="site.json"):
         site_profile(tiny_sites[0] / "ct")
+
+
+def test_a_study_simulated_in_the_old_format_is_named_stale(tmp_path: Path) -> None:
+    import json
+
+    from medgan_core.data.simulate import SIMULATOR_FORMAT, stale_simulation
+
+    (tmp_path / "study.json").write_text(json.dumps({"sites": [], "seed": 0}))
+    assert "simulated by an older version (format 1" in stale_simulation(tmp_path)
+    (tmp_path / "study.json").write_text(json.dumps({"sites": [], "format": SIMULATOR_FORMAT}))
+    assert stale_simulation(tmp_path) == ""

@@ -432,9 +432,28 @@ def simulate_study(
         )
         (folder / SIMULATED_MARK).write_text("written by medgan sites simulate; --force may replace this folder\n")
         folders.append(folder)
-    study = {"sites": [f.name for f in folders], "seed": seed, "subjects": n_subjects, "slices": n_slices, "size": size}
+    study = {"sites": [f.name for f in folders], "seed": seed, "subjects": n_subjects, "slices": n_slices, "size": size,
+             "format": SIMULATOR_FORMAT}
     (out_dir / "study.json").write_text(json.dumps(study, indent=2))
     return folders
+
+
+#: The simulator's output format; 2: NIfTI affines say what the arrays hold (format 1's
+#: claimed RAS for arrays in display order, which the canonical orientation would flip).
+SIMULATOR_FORMAT = 2
+
+
+def stale_simulation(sites_dir: Path) -> str:
+    """Why a simulated study in ``sites_dir`` cannot be used ('' when it can)."""
+    study = sites_dir / "study.json"
+    try:
+        found = int(json.loads(study.read_text()).get("format", 1))
+    except (OSError, ValueError, AttributeError):
+        return ""
+    if found >= SIMULATOR_FORMAT:
+        return ""
+    return (f"{sites_dir} was simulated by an older version (format {found}; its NIfTI orientation is wrong for "
+            f"this one); replace it with 'medgan sites simulate --force --out {sites_dir}'")
 
 
 #: A file in every site folder the simulator wrote: only such folders are ever replaced.
