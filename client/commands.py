@@ -1,4 +1,4 @@
-"""The hospital's commands: ``medgan site keys`` and ``medgan site start``."""
+"""The hospital's commands: ``medgan site index|check|keys|start``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,49 @@ import typer
 from medgan_core.console import console, fail, run_foreground
 from medgan_core.errors import MedGANError
 
-site_app = typer.Typer(help="Hospital side of a real federation: keys and the site daemon.", no_args_is_help=True)
+site_app = typer.Typer(help="Hospital side of a real federation: data, keys and the site daemon.",
+                       no_args_is_help=True)
+
+
+@site_app.command("index")
+def site_index(
+    export: Path = typer.Argument(..., help="A PACS export: nested folders, DICOMDIR, mixed series, NIfTI."),
+    out: Path = typer.Option(..., "--out", help="The manifest to write, in EXPORT or a folder above it."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the subjects' train/val/test split."),
+    nifti_modality: str = typer.Option("MR", "--nifti-modality", help="Modality of NIfTI files (no header says)."),
+    pseudonymise: bool = typer.Option(False, "--pseudonymise", help="Subjects as keyed hashes of the PatientID."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing manifest."),
+) -> None:
+    """Write a draft manifest of every usable CT/MR series for you to review; the export is only read."""
+    from rich.table import Table
+
+    from client.site_index import index_export, write_index
+
+    try:
+        result = index_export(export, out, seed=seed, nifti_modality=nifti_modality, pseudonymise=pseudonymise)
+        path = write_index(result, out, force)
+    except MedGANError as exc:
+        fail(exc)
+    table = Table("file", "subject", "modality", "split", "domain")
+    for e in result.entries:
+        table.add_row(e.file, e.subject, e.modality, e.split, e.domain)
+    console.print(table)
+    for what, why in result.skipped:
+        console.print(f"left out: {what}: {why}")
+    console.print(f"{len(result.entries)} series written to {path}; {len(result.skipped)} left out. Review it, "
+                  "then run 'medgan site check'.")
+
+
+@site_app.command("check")
+def site_check(
+    data: Path = typer.Argument(None, help="The site folder (holding manifest.csv); or use --config."),
+    config: Path = typer.Option(None, "--config", help="The site's site.toml (its data-path is checked)."),
+    task: str = typer.Option("", "--task", help="Also assemble this task's data (pairs, labels)."),
+) -> None:
+    """Decode every image the site lists and print a table per series; exit 1 on any problem."""
+    code = check_and_report(_data_path(data, config), task)
+    if code:
+        raise typer.Exit(code)
 
 
 @site_app.command("keys")
@@ -29,6 +71,43 @@ def site_keys(
     console.print(f"public key (send to the coordinator): {public}")
 
 
+def _data_path(data: Path | None, config: Path | None) -> Path:
+    from medgan_core.config import load_site
+
+    if (data is None) == (config is None):
+        fail(MedGANError("name the site folder or --config site.toml (one of them)"))
+    if config is not None:
+        try:
+            return Path(load_site(config)[0].data_path)
+        except MedGANError as exc:
+            fail(exc)
+    return data  # type: ignore[return-value]
+
+
+def check_and_report(data: Path, task: str = "") -> int:
+    """Run the site check with progress, print its table and problems; 0 when all is well."""
+    from rich.table import Table
+
+    from client.site_check import check_site_data
+
+    with console.status("decoding every image…") as status:
+        reports, problems = check_site_data(
+            data, task, progress=lambda done, total: status.update(f"decoding every image… {done}/{total} series"))
+    if reports:
+        table = Table("file", "modality", "split", "slices", "size", "spacing (mm)", "values", "problem")
+        for r in reports:
+            table.add_row(r.file, r.modality, r.split, str(r.slices or ""), r.size, r.spacing, r.value_range,
+                          r.problem)
+        console.print(table)
+    for problem in problems:
+        console.print(f"[red]problem:[/] {problem}")
+    if problems:
+        console.print(f"{len(problems)} problem(s) in {data}; fix them before this site joins a study")
+        return 1
+    console.print(f"{len(reports)} series in {data} read without problems")
+    return 0
+
+
 @site_app.command("start")
 def site_start(config: Path = typer.Option(..., "--config", help="The site's site.toml.")) -> None:
     """Check the site's data, certificate and key, then run its SuperNode (Ctrl+C stops it)."""
@@ -40,6 +119,8 @@ def site_start(config: Path = typer.Option(..., "--config", help="The site's sit
         command, env = supernode_command(site, connection)
     except MedGANError as exc:
         fail(exc)
+    if check_and_report(Path(site.data_path)):  # a bad file stops the site here, before any round
+        raise typer.Exit(1)
     console.print(f"site {site.site_name}: data {site.data_path}, state {site.state_dir}")
     console.print(f"connecting to {connection.superlink} (TLS, CA {connection.ca_cert}, key {connection.private_key})")
     run_foreground(command, env)

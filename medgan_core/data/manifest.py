@@ -101,7 +101,7 @@ def read_manifest(path: str | Path, check_files: bool = True) -> Manifest:
         raise DataError(f"{path}: malformed CSV ({exc})") from exc
 
     entries = []
-    first_line: dict[tuple[str, str], int] = {}
+    first_line: dict[tuple[str, str, str], int] = {}
     subject_split: dict[str, tuple[str, int]] = {}
     for line, row in enumerate(rows, start=2):
         values = {k: (row.get(k) or "").strip() for k in known}
@@ -112,9 +112,10 @@ def read_manifest(path: str | Path, check_files: bool = True) -> Manifest:
             raise DataError(f"{path}, line {line}: split {values['split']!r} is not one of {', '.join(SPLITS)}")
         entry = ManifestEntry(**values)
         _check_inside(path, line, entry.file)
-        key = (str(PurePosixPath(entry.file.replace("\\", "/"))), entry.modality)
+        key = (str(PurePosixPath(entry.file.replace("\\", "/"))), entry.modality, entry.series)
         if key in first_line:
-            raise DataError(f"{path}, line {line}: {entry.file} ({entry.modality}) is already listed on line "
+            series = f", series {entry.series}" if entry.series else ""
+            raise DataError(f"{path}, line {line}: {entry.file} ({entry.modality}{series}) is already listed on line "
                             f"{first_line[key]}; a duplicate row would count its images twice and understate ε")
         first_line[key] = line
         earlier = subject_split.setdefault(entry.subject, (entry.split, line))
