@@ -208,7 +208,7 @@ def test_second_run_on_a_locked_folder_is_refused(tmp_path: Path) -> None:
         config = tmp_path / "study.toml"
         config.write_text(f'[run]\nout-dir = "{tmp_path / "run"}"\nsites-dir = "{tmp_path / "none"}"\n')
         (tmp_path / "none").mkdir()
-        (tmp_path / "none" / "study.json").write_text('{"sites": ["a", "b", "c"]}')
+        (tmp_path / "none" / "study.json").write_text('{"sites": ["a", "b", "c"], "format": 2}')
         out = _one_line_error(runner.invoke(app, ["demo", "--config", str(config)]))
         assert "in use by another run" in out
         assert (folder.root / "marker").read_text() == "first run"  # not archived mid-run
