@@ -17,7 +17,7 @@ from medgan_core.data.manifest import read_volume
 from medgan_core.data.simulate import DEFAULT_SITES, simulate_site
 from medgan_core.data.volume import CANONICAL
 from medgan_core.errors import DataError
-from tests.dicom_samples import bundled, enhanced_ct, variant_of
+from tests.dicom_samples import bundled, enhanced_ct, jpeg_lossless_sv1, variant_of
 
 #: MR_small in other transfer syntaxes, all lossless: the same values must come out.
 MR_SMALL_ENCODINGS = ["MR_small_RLE.dcm", "MR_small_bigendian.dcm", "MR_small_expb.dcm", "MR_small_implicit.dcm",
@@ -48,6 +48,17 @@ def test_lossless_encodings_read_the_same_values(name: str) -> None:
     expected = _reference("MR_small.dcm")
     values = _slice(read_dicom_series(bundled(name)))
     np.testing.assert_array_equal(values, expected)
+
+
+def test_a_jpeg_lossless_ct_slice_reads_in_hu(tmp_path: Path) -> None:
+    from pydicom.encaps import encapsulate
+
+    ds = pydicom.dcmread(bundled("CT_small.dcm"))
+    ds.PixelData = encapsulate([jpeg_lossless_sv1(ds.pixel_array.view(np.uint16))])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = uid.JPEGLosslessSV1
+    ds.save_as(tmp_path / "jpeg-lossless.dcm")
+    np.testing.assert_array_equal(_slice(read_dicom_series(tmp_path / "jpeg-lossless.dcm")), _reference("CT_small.dcm"))
 
 
 def test_jpeg_extended_and_lossy_jpeg2000_decode() -> None:
