@@ -1,9 +1,10 @@
 """``medgan site index``: a draft manifest from a PACS export, for the site to review.
 
-It reads headers only (no pixel data), never moves or writes anything in the export,
-groups DICOM files by SeriesInstanceUID (nested folders, DICOMDIRs and folders that mix
-series are all fine), adds NIfTI files, and says why each series it leaves out cannot be
-used. Subjects are split into train/val/test by a seeded shuffle, never a subject in two.
+It never moves or writes anything in the export. It groups DICOM files by
+SeriesInstanceUID (nested folders, DICOMDIRs and folders that mix series are all fine),
+decodes each candidate series as training would, so what it lists can be trained on,
+adds NIfTI files, and says why each series it leaves out cannot be used. Subjects are
+split into train/val/test by a seeded shuffle, never a subject in two.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from medgan_core.data.dicom_io import GREYSCALE, MEDIA_STORAGE_DIRECTORY
+from medgan_core.data.dicom_io import GREYSCALE, MEDIA_STORAGE_DIRECTORY, read_dicom_series
 from medgan_core.data.manifest import ManifestEntry, write_manifest
-from medgan_core.errors import ConfigError
+from medgan_core.errors import ConfigError, MedGANError
 
 #: Image storage SOP classes a CT or MR volume comes in (classic, enhanced, legacy converted).
 VOLUME_SOP_CLASSES = {
@@ -106,6 +107,8 @@ def index_export(
             skipped.append((what, f"split over {len(folders)} folders; gather its files in one folder"))
         elif not item.patient:
             skipped.append((what, "no PatientID, so no subject to split by; add one, or list it by hand"))
+        elif problem := _unreadable(item.files[0] if len(item.files) == 1 else next(iter(folders)), item):
+            skipped.append((what, problem))
         else:
             target = item.files[0] if len(item.files) == 1 else folders.pop()
             rows.append((_rel(target, root), item.patient, item.modality, _domain(item.description, item.modality),
@@ -154,6 +157,15 @@ def _unusable(item: Series) -> str:
         return f"derived ({'/'.join(item.image_type)}), a reformat or projection, not an acquisition"
     if item.photometric and item.photometric not in GREYSCALE:
         return f"{item.photometric} holds colours, not intensities"
+    return ""
+
+
+def _unreadable(path: Path, item: Series) -> str:
+    """Why the series cannot be read as a volume ('' when it reads), decoded as training would."""
+    try:
+        read_dicom_series(path, item.uid)
+    except MedGANError as exc:
+        return " ".join(str(exc).split())
     return ""
 
 

@@ -7,6 +7,7 @@ import hashlib
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 from typer.testing import CliRunner
@@ -46,7 +47,7 @@ def test_index_lists_usable_series_says_why_others_are_left_out_and_never_touche
     assert _digest(export) == before  # nothing moved, changed or added in the export
     rows = read_manifest(manifest).entries
     by_file = {e.file: e for e in rows}
-    assert "export/pacs/77654033/CT2" in by_file and by_file["export/pacs/77654033/CT2"].modality == "CT"
+    assert by_file["export/pacs/98892001/CT5N"].modality == "CT" and "export/pacs/77654033/CT2" not in by_file
     assert "export/mixed/CT_small.dcm" in by_file and "export/mixed/MR_small.dcm" in by_file
     assert all(e.series for e in rows)  # each row names its series: folders may mix several
     assert len({(e.subject, e.split) for e in rows}) == len({e.subject for e in rows})  # a subject in one split
@@ -84,20 +85,33 @@ def test_splits_are_by_subject_seeded_and_cover_val_and_test() -> None:
     assert set(assign_splits(["a", "b", "c"], 0).values()) == {"train", "val", "test"}
 
 
-def test_check_reads_every_indexed_series_and_names_each_problem(export: Path) -> None:
+def test_index_decodes_what_it_lists_so_check_passes(export: Path) -> None:
     manifest = export.parent / "manifest.csv"
-    assert runner.invoke(app, ["site", "index", str(export), "--out", str(manifest)]).exit_code == 0
+    result = runner.invoke(app, ["site", "index", str(export), "--out", str(manifest)])
+    output = " ".join(result.output.split())
+    # pydicom's sample study keeps a few slices of a brain CT and pixel-less files: left out, and why
+    assert "slices are unevenly spaced" in output and "has no pixel data" in output
     reports, problems = check_site_data(export.parent)
+    assert problems == []
     by_file = {r.file: r for r in reports}
     smartscore = by_file["export/pacs/98892001/CT5N"]
-    assert not smartscore.problem and smartscore.slices > 1 and smartscore.spacing and smartscore.value_range
-    assert not by_file["export/mixed/CT_small.dcm"].problem
-    # pydicom's sample study keeps a few slices of a brain CT and pixel-less files: both named
-    assert "slices are unevenly spaced" in by_file["export/pacs/77654033/CT2"].problem
-    assert any("TINY_ALPHA" in p and "has no pixel data" in p for p in problems)
-    assert all("\n" not in p for p in problems)
+    assert smartscore.slices > 1 and smartscore.spacing and smartscore.value_range
+    assert "export/mixed/CT_small.dcm" in by_file and "export/pacs/77654033/CT2" not in by_file
     result = runner.invoke(app, ["site", "check", str(export.parent)])
-    assert result.exit_code == 1 and f"{len(problems)} problem(s)" in " ".join(result.output.split())
+    assert result.exit_code == 0 and f"{len(reports)} series" in " ".join(result.output.split())
+
+
+def test_check_names_each_problem_in_one_line(export: Path) -> None:
+    manifest = export.parent / "manifest.csv"
+    assert runner.invoke(app, ["site", "index", str(export), "--out", str(manifest)]).exit_code == 0
+    text = manifest.read_text()  # a reviewer adds the uneven brain CT back by hand
+    uid = str(pydicom.dcmread(next((export / "pacs/77654033/CT2").iterdir()), stop_before_pixels=True)
+              .SeriesInstanceUID)
+    manifest.write_text(text + f"export/pacs/77654033/CT2,77654033,CT,train,brain,,,{uid}\n")
+    reports, problems = check_site_data(export.parent)
+    assert len(problems) == 1 and "slices are unevenly spaced" in problems[0] and "\n" not in problems[0]
+    result = runner.invoke(app, ["site", "check", str(export.parent)])
+    assert result.exit_code == 1 and "1 problem(s)" in " ".join(result.output.split())
 
 
 @pytest.fixture(scope="module")
@@ -150,3 +164,30 @@ def test_site_start_checks_the_data_before_joining(good_site: Path, tmp_path: Pa
     result = runner.invoke(app, ["site", "start", "--config", str(tmp_path / "site.toml")])
     assert result.exit_code == 1 and "not a DICOM file" in " ".join(result.output.split())
     assert not started  # the SuperNode never dialled the coordinator
+
+
+def test_a_pacs_export_is_indexed_checked_and_trained_on_without_hand_work(good_site: Path, tmp_path: Path) -> None:
+    """Every CT series of a phantom site thrown into one PACS-style folder (files renamed,
+    series mixed), plus one nested study folder: index, check, and a training step."""
+    from medgan_core.tasks.registry import build_task, load_task_data, task_config
+
+    export = tmp_path / "site" / "export"
+    flat, nested = export / "DICOM", export / "STUDY1" / "SERIES1"
+    flat.mkdir(parents=True)
+    manifest = read_manifest(good_site)
+    ct = manifest.select(modality="CT", variant=None)
+    for n, entry in enumerate(ct):
+        for m, path in enumerate(sorted((good_site / entry.file).iterdir())):
+            target = nested if n == 0 else flat
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, target / f"IM{n:02d}{m:04d}")
+    result = runner.invoke(app, ["site", "index", str(export), "--out", str(tmp_path / "site" / "manifest.csv")])
+    assert result.exit_code == 0, result.output
+    indexed = read_manifest(tmp_path / "site").entries
+    assert len(indexed) == len(ct) and {e.subject for e in indexed} == {e.subject for e in ct}
+    assert {e.split for e in indexed} == {"train", "val", "test"}
+    assert runner.invoke(app, ["site", "check", str(tmp_path / "site"), "--task", "synthesis"]).exit_code == 0
+    config = task_config(name="synthesis", image_size=16, width=8, batch_size=4, local_steps=2, z_dim=8)
+    data = load_task_data(tmp_path / "site", config)
+    losses = build_task(config).train(data, 2, seed=0)
+    assert data.num_train > 0 and all(np.isfinite(v) for v in losses.values())
