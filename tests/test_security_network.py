@@ -105,7 +105,7 @@ def test_a_site_in_a_ray_open_to_the_network_refuses(tiny_sites: list[Path], tmp
     reasons = [e["reason"] for r in records for e in r.get("excluded", [])]
     assert reasons and all("this simulated site refuses to train: the simulation's Ray listens on" in r
                            for r in reasons), reasons
-    assert not (tmp_path / "run" / "site-state" / tiny_sites[0].name / f"ledger-index.json").exists()
+    assert not (tmp_path / "run" / "site-state" / tiny_sites[0].name / "ledger-index.json").exists()
 
 
 def _interfaces(pid: int) -> set[str]:
