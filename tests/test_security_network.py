@@ -105,7 +105,11 @@ def test_a_site_in_a_ray_open_to_the_network_refuses(tiny_sites: list[Path], tmp
     reasons = [e["reason"] for r in records for e in r.get("excluded", [])]
     assert reasons and all("this simulated site refuses to train: the simulation's Ray listens on" in r
                            for r in reasons), reasons
-    assert not (tmp_path / "run" / "site-state" / tiny_sites[0].name / "ledger-index.json").exists()
+    from medgan_core.run_layout import RunLayout
+
+    for site in tiny_sites:  # refused before any step: no privacy was spent, nothing was accounted
+        state = RunLayout(tmp_path / "run").site_state(site.name)
+        assert not list(state.glob("accountant-*")) and not (state / "ledger-index.json").exists()
 
 
 def _interfaces(pid: int) -> set[str]:
