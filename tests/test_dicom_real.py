@@ -214,3 +214,22 @@ def test_a_folder_of_several_series_needs_the_series_named(tmp_path: Path) -> No
         read_dicom_series(folder)
     mr_uid = str(pydicom.dcmread(bundled("MR_small.dcm")).SeriesInstanceUID)
     np.testing.assert_array_equal(_slice(read_dicom_series(folder, mr_uid)), _reference("MR_small.dcm"))
+
+
+@pytest.mark.parametrize("name", ["anatomical.nii", "reoriented_anat_moved.nii", "standard.nii.gz"])
+def test_nibabels_bundled_nifti_comes_out_canonical_voxel_for_voxel(name: str) -> None:
+    """Real NIfTI files in other orientations: every voxel stays at its world position."""
+    import nibabel as nib
+
+    from medgan_core.data.nifti_io import read_nifti
+
+    path = Path(nib.__file__).parent / "tests" / "data" / name
+    original = nib.load(path)
+    data = np.asarray(original.get_fdata(dtype=np.float32))
+    volume = read_nifti(path)
+    assert volume.orientation == CANONICAL
+    rng = np.random.default_rng(0)
+    for voxel in zip(*(rng.integers(0, n, 20) for n in data.shape[:3])):
+        world = original.affine @ np.array([*voxel, 1.0])
+        i, j, k = np.rint(np.linalg.inv(volume.affine) @ world)[:3].astype(int)
+        assert volume.data[i, j, k] == data[voxel]
