@@ -22,7 +22,7 @@ from medgan_core.metrics.image_quality import psnr_ssim
 from medgan_core.site_round import load_site_model
 from medgan_core.tasks.base import Task
 from medgan_core.tasks.registry import build_task
-from server.checkpoints import load_checkpoint
+from medgan_core.checkpoints import load_checkpoint
 from medgan.simulation import simulate_federation
 
 

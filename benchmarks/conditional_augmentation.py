@@ -43,7 +43,7 @@ from medgan_core.metrics.features import N_GRADES, PhantomFeatureNet, burden_gra
 from medgan_core.tasks.registry import build_task
 from medgan_core.tasks.conditional import balanced_accuracy
 from medgan_core.tasks.registry import load_task_data
-from server.checkpoints import load_checkpoint
+from medgan_core.checkpoints import load_checkpoint
 
 SYNTHETIC_PER_GRADE = 64
 

@@ -31,7 +31,7 @@ from medgan_core.study_config import StudyConfig
 from medgan_core.metrics.image_quality import psnr_ssim
 from medgan_core.tasks.registry import build_task
 from medgan_core.tasks.registry import load_task_data
-from server.checkpoints import load_checkpoint
+from medgan_core.checkpoints import load_checkpoint
 from medgan.simulation import simulate_federation
 
 # Strength grids are fine and reach past the values chosen on these sites, so no filter is held

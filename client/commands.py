@@ -124,3 +124,32 @@ def site_start(config: Path = typer.Option(..., "--config", help="The site's sit
     console.print(f"site {site.site_name}: data {site.data_path}, state {site.state_dir}")
     console.print(f"connecting to {connection.superlink} (TLS, CA {connection.ca_cert}, key {connection.private_key})")
     run_foreground(command, env)
+
+
+def infer_command(
+    model: Path = typer.Option(..., "--model", help="A model file from 'medgan export'."),
+    source: Path = typer.Option(..., "--input", help="A NIfTI file, a DICOM series folder or file, or a folder of studies."),
+    output: Path = typer.Option(..., "--output", help="Folder for the outputs (NIfTI in, NIfTI out; DICOM in, DICOM out)."),
+    device: str = typer.Option("auto", "--device", help="auto (GPU if present), cpu or cuda."),
+) -> None:
+    """Apply a denoise, superres, translate or cycle model to scans, written in their own format."""
+    from client.infer import infer
+    from medgan_core.model_file import load_model
+    from medgan_core.runtime import resolve_device
+
+    try:
+        loaded = load_model(model)
+        with console.status("applying the model…") as status:
+            summary = infer(loaded, source, output, device=resolve_device(device),
+                            progress=lambda name, done, total: status.update(f"{done}/{total}: {name}"))
+    except MedGANError as exc:
+        fail(exc)
+    for path in summary.written:
+        console.print(f"written: {path}")
+    for path in summary.skipped:
+        console.print(f"already there, skipped: {path}")
+    for name, reason in summary.failed:
+        console.print(f"[red]failed:[/] {name}: {reason}")
+    console.print(f"{len(summary.written)} written, {len(summary.skipped)} skipped, {len(summary.failed)} failed")
+    if summary.failed:
+        raise typer.Exit(1)

@@ -9,12 +9,12 @@ from typing import Optional
 
 import typer
 
-from client.commands import site_app
+from client.commands import infer_command, site_app
 from medgan_core.study_config import StudyConfig, load_study
 from medgan_core.console import console, fail
 from medgan_core.data.simulate import find_sites, remove_simulated_study, simulate_study, stale_simulation
 from medgan_core.errors import MedGANError
-from server.commands import certs_app, privacy_app, report, resumed_study, run, server_app
+from server.commands import certs_app, export, privacy_app, report, resumed_study, run, server_app
 
 DEFAULT_CONFIG = Path("sites_example/demo.toml")
 # Demo sites: ~340 training slices each. DP-SGD needs data: noise per step shrinks with N.
@@ -186,6 +186,8 @@ def app_hash_command() -> None:
 
 app.command("run")(run)  # the coordinator's: submit a study to the federation
 app.command("report")(report)
+app.command("export")(export)  # the coordinator's (or a site's, with its own layers): a model file
+app.command("infer")(infer_command)  # a hospital's: apply a model to its scans
 
 
 def main() -> None:
@@ -197,7 +199,7 @@ def main() -> None:
     from medgan import private_network
 
     if sys.argv[1:2] == ["demo"] and not private_network.inside() and private_network.available():
-        # Ray (Flower's simulation engine) listens on every interface: run it where only loopback exists.
+        # Defence in depth beside Ray on 127.0.0.1: the demo runs where only loopback exists.
         sys.exit(private_network.run_inside(["-m", "medgan.cli", *sys.argv[1:]]))
     if private_network.inside():
         private_network.loopback_up()

@@ -136,3 +136,20 @@ def run(
     except MedGANError as exc:
         fail(exc)
     raise typer.Exit(code=code)
+
+
+def export(
+    run_dir: Path = typer.Argument(..., help="A finished run folder (or a copy of one)."),
+    out: Path = typer.Option(..., "--out", help="The model file to write, e.g. denoise.medgan."),
+    server_round: int = typer.Option(None, "--round", help="The round to export (default: the last trained one)."),
+    site_state: Path = typer.Option(None, "--site-state", help="At a site: its state folder, for its own local layers."),
+    for_new_site: bool = typer.Option(False, "--for-new-site", help="Site-kept layers at their initial values."),
+) -> None:
+    """Write the study's model with everything needed to apply it, and where it came from."""
+    from server.export import export_model
+
+    try:
+        path = export_model(run_dir, out, server_round=server_round, site_state=site_state, for_new_site=for_new_site)
+    except MedGANError as exc:
+        fail(exc)
+    console.print(f"model written to {path}; apply it with 'medgan infer --model {path} --input … --output …'")

@@ -17,7 +17,7 @@ import numpy as np
 
 from medgan_core.errors import MedGANError
 from medgan_core.run_layout import RunLayout
-from server.checkpoints import load_checkpoint
+from medgan_core.checkpoints import load_checkpoint
 
 
 @dataclass(frozen=True)

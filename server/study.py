@@ -28,7 +28,7 @@ from medgan_core.tasks.registry import build_task
 from server.report import write_report
 from server.run_folder import RunFolder
 from server.samples import save_grid
-from server.checkpoints import load_checkpoint, save_checkpoint
+from medgan_core.checkpoints import load_checkpoint, save_checkpoint
 from strategies.aggregation import split_groups
 from strategies.grouped_fedavg import (
     GroupedFedAvg,

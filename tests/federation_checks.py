@@ -12,7 +12,7 @@ from flwr.app import Message
 
 from medgan_core.study_config import StudyConfig
 from medgan_core.fileio import read_jsonl
-from server.checkpoints import load_checkpoint
+from medgan_core.checkpoints import load_checkpoint
 from medgan.simulation import simulate_federation
 
 

@@ -13,7 +13,7 @@ from medgan_core.fileio import read_jsonl
 from medgan_core.sharing import calibration_array_names, norm_array_names
 from medgan_core.site_state import SiteState
 from medgan_core.tasks.registry import build_task
-from server.checkpoints import load_checkpoint
+from medgan_core.checkpoints import load_checkpoint
 from medgan.simulation import simulate_federation
 
 pytestmark = pytest.mark.slow

@@ -7,7 +7,7 @@ from PIL import Image
 
 from medgan_core.errors import MedGANError
 from medgan_core.fileio import append_jsonl, read_jsonl
-from server.checkpoints import load_checkpoint, save_checkpoint
+from medgan_core.checkpoints import load_checkpoint, save_checkpoint
 from server.samples import save_grid
 
 

@@ -11,7 +11,7 @@ from flwr.app import Message
 from medgan_core.study_config import StudyConfig
 from medgan_core.fileio import read_jsonl
 from medgan_core.tasks.registry import build_task
-from server.checkpoints import load_checkpoint
+from medgan_core.checkpoints import load_checkpoint
 import medgan.simulation as simulation
 from medgan.simulation import cpu_share, simulate_federation
 

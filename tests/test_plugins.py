@@ -16,7 +16,7 @@ from medgan_core.fileio import read_jsonl
 from medgan_core.policies.registry import policy_names
 from medgan_core.study_config import StudyConfig
 from medgan_core.tasks.registry import build_task, task_names
-from server.checkpoints import load_checkpoint
+from medgan_core.checkpoints import load_checkpoint
 
 PLUGINS = Path(__file__).resolve().parent / "plugins"
 #: The whole registration of both: what a plugin package's entry_points.txt holds.

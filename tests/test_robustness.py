@@ -11,7 +11,7 @@ from flwr.app import Array, ArrayRecord, Context, Message
 
 from medgan_core.study_config import StudyConfig
 from medgan_core.fileio import read_jsonl
-from server.checkpoints import load_checkpoint
+from medgan_core.checkpoints import load_checkpoint
 from medgan.simulation import simulate_federation
 from server.study import StudyFailed
 

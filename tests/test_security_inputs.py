@@ -227,7 +227,7 @@ def test_lock_is_released_when_the_holder_dies(tmp_path: Path) -> None:
 
 # --- 13: a power loss mid-write ------------------------------------------------------------------
 def test_resume_repairs_a_torn_metrics_line_and_orphaned_temp_files(tmp_path: Path) -> None:
-    from server.checkpoints import save_checkpoint
+    from medgan_core.checkpoints import save_checkpoint
 
     import numpy as np
 

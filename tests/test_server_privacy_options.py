@@ -9,7 +9,7 @@ import pytest
 
 from medgan_core.study_config import StudyConfig
 from medgan_core.fileio import read_jsonl
-from server.checkpoints import load_checkpoint
+from medgan_core.checkpoints import load_checkpoint
 from medgan.simulation import simulate_federation
 
 pytestmark = pytest.mark.slow

@@ -233,8 +233,17 @@ def write_dicom_series(
         ds.Modality = modality
         ds.Manufacturer = manufacturer
         ds.PatientID = patient_id
-        ds.PatientName = patient_id
-        ds.StudyDate = ds.SeriesDate = now.strftime("%Y%m%d")
+        ds.PatientName = patient_id.replace("-", "^")  # PN components, not a retired form
+        ds.StudyDate = ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
+        ds.StudyTime = ds.SeriesTime = ds.ContentTime = "090000"
+        ds.PatientBirthDate, ds.PatientSex, ds.ReferringPhysicianName = "", "O", ""
+        ds.StudyID, ds.AccessionNumber, ds.PositionReferenceIndicator = "1", "", ""
+        ds.PatientPosition = "HFS"
+        ds.BodyPartExamined = "ABDOMEN"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.AcquisitionNumber = 1
+        if modality == "CT":
+            ds.KVP = 120
         ds.SeriesNumber = 1
         ds.InstanceNumber = int(n_slices - k)  # deliberately reversed
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]

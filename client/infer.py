@@ -1,0 +1,273 @@
+"""``medgan infer``: apply an image-to-image model to a hospital's scans, in their own format.
+
+A NIfTI input gives a NIfTI output with the input's affine and orientation. A DICOM
+series gives a derived series in the same study (new Series and SOP Instance UIDs,
+ImageType DERIVED\\SECONDARY, a Series Description naming the model, the source images
+referenced, geometry kept, rescale and pixel representation fitted to the output). Each
+slice is fed to the model as training fed it (canonical orientation, the task's
+intensity mapping and grid) and mapped back to the input's grid. Outputs already written
+are skipped on a rerun; a bad input is reported and the rest go on.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import torch
+import torch.nn.functional as F
+from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_modality_lut
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from medgan_core.data.dicom_io import GREYSCALE, MEDIA_STORAGE_DIRECTORY
+from medgan_core.data.nifti_io import read_nifti
+from medgan_core.data.preprocess import normalise_mr, resize_slices, window_ct
+from medgan_core.data.volume import CANONICAL
+from medgan_core.errors import DataError, MedGANError
+from medgan_core.model_file import ModelFile
+from medgan_core.tasks.paired import PairedImageTask
+
+#: Type 2 attributes of the Patient, General Study, General Series, Frame of Reference and
+#: CT/MR Image modules: present (maybe empty) in every output, whatever the source omitted.
+TYPE_2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+          "ReferringPhysicianName", "StudyID", "AccessionNumber", "PositionReferenceIndicator", "AcquisitionNumber")
+DONE = ".medgan-complete"  # written last into a finished DICOM output folder
+APPLIES_TO = ("denoise", "superres", "translate", "cycle")
+
+
+@dataclass
+class Job:
+    """One input: a NIfTI file, or the files of one DICOM series."""
+
+    name: str
+    nifti: Path | None = None
+    dicom: list[Path] = field(default_factory=list)
+
+
+@dataclass
+class InferSummary:
+    written: list[Path] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+
+class Applier:
+    """The model and the mapping between a scan's values and the model's [-1, 1] grid."""
+
+    def __init__(self, model: ModelFile, device: torch.device | str = "cpu") -> None:
+        if model.task.name not in APPLIES_TO:
+            raise MedGANError(f"medgan infer applies {', '.join(APPLIES_TO)} models; this one is {model.task.name!r}"
+                              + (" (use 'medgan synth')" if model.task.name in ("synthesis", "conditional") else ""))
+        self.model = model
+        self.task = model.build(device)
+        assert isinstance(self.task, PairedImageTask)
+        self.scale = int(getattr(model.task.params, "scale", 1)) if model.task.name == "superres" else 1
+        self.output_modality = model.task.modality
+        self.input_modality = ("MR" if model.task.modality == "CT" else "CT") if model.task.name == "translate" \
+            else model.task.modality
+
+    def apply(self, slices: np.ndarray) -> np.ndarray:
+        """(k, rows, cols) values in canonical display orientation -> outputs on the input grid
+        (times ``scale`` for super-resolution), in the output modality's units."""
+        config = self.model.task
+        size = config.image_size
+        if self.input_modality == "CT":
+            normalised = window_ct(slices, config.window_low, config.window_high)
+        else:
+            normalised = normalise_mr(slices)
+        if self.scale > 1:  # the model reads the coarse grid interpolated bicubically, as in training
+            coarse = resize_slices(normalised, size // self.scale)
+            model_input = F.interpolate(coarse, scale_factor=self.scale, mode="bicubic", align_corners=False).clamp(-1, 1)
+        else:
+            model_input = resize_slices(normalised, size)
+        output = self.task.restore(model_input)
+        rows, cols = slices.shape[1] * self.scale, slices.shape[2] * self.scale
+        output = F.interpolate(output, size=(rows, cols), mode="bilinear", align_corners=False)[:, 0].numpy()
+        if self.output_modality == "CT":
+            return ((output + 1) / 2 * (config.window_high - config.window_low) + config.window_low).astype(np.float32)
+        top = float(np.percentile(slices, 99.5)) or 1.0  # MR: back to the input's own intensity scale
+        return ((output + 1) / 2 * top).astype(np.float32)
+
+
+def find_jobs(source: Path) -> list[Job]:
+    """NIfTI files and DICOM series (grouped by SeriesInstanceUID and folder) under ``source``."""
+    if not source.exists():
+        raise MedGANError(f"input {source} does not exist")
+    files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file()
+                                                      and not any(part.startswith(".") for part in p.parts))
+    jobs: dict[str, Job] = {}
+    for path in files:
+        if path.name.lower().endswith((".nii", ".nii.gz")):
+            jobs[str(path)] = Job(path.name, nifti=path)
+            continue
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, EOFError, ValueError):
+            continue
+        if str(ds.get("SOPClassUID", "")) == MEDIA_STORAGE_DIRECTORY:
+            continue
+        uid = str(ds.get("SeriesInstanceUID", path))
+        key = f"{path.parent}|{uid}"
+        inside = path.parent.relative_to(source).as_posix() if source.is_dir() else ""
+        name = inside.replace("/", "_") if inside not in ("", ".") else (source.name if source.is_dir() else path.stem)
+        jobs.setdefault(key, Job(f"{name}-{uid[-12:]}")).dicom.append(path)
+    if not jobs:
+        raise MedGANError(f"{source} holds no NIfTI file or DICOM image")
+    return list(jobs.values())
+
+
+def infer(model: ModelFile, source: Path, output: Path, *, device: torch.device | str = "cpu",
+          progress: Callable[[str, int, int], None] | None = None) -> InferSummary:
+    applier = Applier(model, device)
+    output.mkdir(parents=True, exist_ok=True)
+    summary = InferSummary()
+    jobs = find_jobs(source)
+    for done, job in enumerate(jobs, start=1):
+        target = output / (job.nifti.name if job.nifti else job.name)
+        if progress:
+            progress(job.name, done, len(jobs))
+        if (target.is_file() if job.nifti else (target / DONE).exists()):
+            summary.skipped.append(target)
+            continue
+        try:
+            (_nifti if job.nifti else _dicom)(applier, job, target)
+        except MedGANError as exc:
+            summary.failed.append((job.name, " ".join(str(exc).split())))
+            continue
+        summary.written.append(target)
+    return summary
+
+
+def _nifti(applier: Applier, job: Job, target: Path) -> None:
+    assert job.nifti is not None
+    original = nib.load(str(job.nifti))
+    volume = read_nifti(job.nifti, applier.input_modality)  # canonical (L, P, S)
+    out = applier.apply(volume.axial_slices()).transpose(2, 1, 0)  # back to (i, j, k)
+    scale = applier.scale
+    affine = volume.affine.copy()
+    if scale > 1:  # finer in-plane grid: voxel centres move by half the old voxel less half the new one
+        for axis in (0, 1):
+            affine[:3, 3] += affine[:3, axis] * (1 / scale - 1) / 2
+            affine[:3, axis] /= scale
+    # Back to the input file's own orientation, so the output overlays it voxel for voxel.
+    back = ornt_transform(axcodes2ornt(CANONICAL), io_orientation(original.affine))
+    data = apply_orientation(out, back)
+    from nibabel.orientations import inv_ornt_aff
+
+    affine = affine @ inv_ornt_aff(back, out.shape)
+    image = nib.Nifti1Image(np.ascontiguousarray(data, dtype=np.float32), affine, header=original.header.copy())
+    image.set_data_dtype(np.float32)
+    image.header.set_slope_inter(1.0, 0.0)
+    partial = target.with_name(target.name + ".partial" + "".join(target.suffixes))
+    nib.save(image, str(partial))
+    os.replace(partial, target)
+
+
+def _dicom(applier: Applier, job: Job, target: Path) -> None:
+    """A derived series: each source slice, turned to the canonical display orientation,
+    through the model, turned back, and written as a new instance referencing its source."""
+    sources = []
+    for path in job.dicom:
+        try:
+            ds = pydicom.dcmread(path)
+        except Exception as exc:  # noqa: BLE001 - a truncated file: this series fails, others go on
+            raise DataError(f"{path}: unreadable DICOM file ({type(exc).__name__})") from exc
+        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+            raise DataError(f"{path}: enhanced multi-frame output is not written yet; convert to a classic series")
+        if str(ds.get("PhotometricInterpretation", "")) not in GREYSCALE or "ImageOrientationPatient" not in ds:
+            raise DataError(f"{path}: not a greyscale image with a patient geometry")
+        modality = str(ds.get("Modality", ""))
+        if modality != applier.input_modality:
+            raise DataError(f"{path}: a {modality} image; this model reads {applier.input_modality}")
+        sources.append(ds)
+    flips = [_display_flips(ds) for ds in sources]
+    values = np.stack([_displayed(np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float32), f)
+                       for ds, f in zip(sources, flips)])
+    outputs = applier.apply(values)
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    series_uid = generate_uid()
+    description = f"MedGAN-FL {applier.model.task.name} (study {applier.model.provenance.get('study-id', '?')[:8]}, " \
+                  f"round {applier.model.provenance.get('round', '?')})"
+    for number, (ds, flip, out) in enumerate(zip(sources, flips, outputs), start=1):
+        derived = _derived(ds, _displayed(out, flip), series_uid, description, applier.scale)
+        derived.save_as(partial / f"IM{number:05d}.dcm", enforce_file_format=True)
+    (partial / DONE).write_text(f"{len(sources)} slices from {job.name}\n")
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(partial, target)
+
+
+def _display_flips(ds: Dataset) -> tuple[bool, bool]:
+    """(flip rows, flip columns) that turn a stored axial slice into the canonical display
+    (rows running to posterior, columns to the patient's left)."""
+    orientation = np.asarray(ds.ImageOrientationPatient, dtype=float)
+    row_dir, col_dir = orientation[:3], orientation[3:]
+    if abs(row_dir[0]) < 0.9 or abs(col_dir[1]) < 0.9:
+        raise DataError(f"{ds.filename}: not an axial slice (ImageOrientationPatient {list(orientation)}); "
+                        "this model takes axial slices")
+    return bool(col_dir[1] < 0), bool(row_dir[0] < 0)
+
+
+def _displayed(image: np.ndarray, flips: tuple[bool, bool]) -> np.ndarray:
+    """Apply (or undo: the flips are their own inverse) the display flips."""
+    if flips[0]:
+        image = image[::-1]
+    if flips[1]:
+        image = image[:, ::-1]
+    return np.ascontiguousarray(image)
+
+
+def _derived(source: Dataset, values: np.ndarray, series_uid: str, description: str, scale: int) -> Dataset:
+    ds = copy.deepcopy(source)  # Dataset.copy() is shallow: the source's UIDs would change too
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = series_uid
+    ds.SeriesNumber = int(source.get("SeriesNumber", 0) or 0) + 1000
+    ds.SeriesDescription = description[:64]
+    ds.ImageType = ["DERIVED", "SECONDARY", *list(source.get("ImageType") or ["", "", "AXIAL"])[2:3]]
+    for keyword in TYPE_2:  # empty but present, as the IOD requires, where the source left them out
+        if keyword not in ds:
+            setattr(ds, keyword, "")
+    ds.DerivationDescription = f"{description}; values from a generative model, not measured"[:1024]
+    reference = Dataset()
+    reference.ReferencedSOPClassUID = source.SOPClassUID
+    reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    ds.SourceImageSequence = Sequence([reference])
+    for tag in ("VOILUTSequence", "ModalityLUTSequence", "WindowCenterWidthExplanation"):
+        if tag in ds:
+            del ds[tag]
+    if scale > 1:
+        spacing = [float(v) / scale for v in source.PixelSpacing]
+        ds.PixelSpacing = spacing
+        ds.Rows, ds.Columns = values.shape
+        origin = np.asarray(source.ImagePositionPatient, dtype=float)
+        orientation = np.asarray(source.ImageOrientationPatient, dtype=float)
+        shift = (orientation[:3] * float(source.PixelSpacing[1]) + orientation[3:] * float(source.PixelSpacing[0])) \
+            * (1 / scale - 1) / 2
+        ds.ImagePositionPatient = [float(v) for v in origin + shift]
+    intercept = float(np.floor(min(values.min(), 0.0)))
+    stored = np.rint(values - intercept)
+    if stored.max() > 65535:
+        raise DataError("output values exceed what 16 bits can store")
+    ds.RescaleIntercept, ds.RescaleSlope = intercept, 1.0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    for tag in ("SmallestImagePixelValue", "LargestImagePixelValue", "PixelPaddingValue"):
+        if tag in ds:
+            del ds[tag]
+    ds.PixelData = stored.astype(np.uint16).tobytes()
+    ds["PixelData"].VR = "OW"
+    return ds

@@ -1,0 +1,66 @@
+"""A model file that applies itself: trained weights plus what applying them needs.
+
+One safetensors file (no pickle: loading a model cannot run code) whose metadata holds
+the format, the task's settings (name, modality, image size, CT window, the task's own
+keys: everything preprocessing and the network need), and the provenance a reader of
+its outputs should know: study id, round, sites, aggregation policy, ε per site and δ,
+what it was trained on, where site-kept layers came from, and the code version.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from medgan_core.checkpoints import load_checkpoint, save_checkpoint
+from medgan_core.config import TaskConfig
+from medgan_core.errors import MedGANError
+from medgan_core.tasks.base import Task
+from medgan_core.tasks.registry import build_task, task_config_from_items
+
+FORMAT = "medgan-model/1"
+SUFFIX = ".medgan"
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    arrays: dict[str, np.ndarray]
+    task: TaskConfig
+    provenance: dict[str, Any]
+
+    def build(self, device: torch.device | str = "cpu") -> Task:
+        """The task with these weights, ready to apply (a shape or name mismatch is an error)."""
+        task = build_task(self.task, device)
+        task.set_weights(self.arrays, source="model file")
+        return task
+
+
+def code_version() -> str:
+    try:
+        return metadata.version("medgan-fl")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def save_model(path: str | Path, arrays: Mapping[str, np.ndarray], task: TaskConfig,
+               provenance: Mapping[str, Any]) -> Path:
+    build_task(task).set_weights(dict(arrays), source="weights to export")  # refuse a model that cannot load
+    return save_checkpoint(path, arrays, {"format": FORMAT, "task": task.to_items(),
+                                          "provenance": {**provenance, "code-version": code_version()}})
+
+
+def load_model(path: str | Path) -> ModelFile:
+    path = Path(path)
+    arrays, meta = load_checkpoint(path)
+    if meta.get("format") != FORMAT:
+        raise MedGANError(f"{path} is not a MedGAN-FL model file (format {meta.get('format')!r}, expected {FORMAT}); "
+                          "make one with 'medgan export'")
+    task = task_config_from_items(meta.get("task", {}), str(path))
+    model = ModelFile(arrays, task, dict(meta.get("provenance", {})))
+    model.build()  # names and shapes checked now, not halfway through a folder of scans
+    return model

@@ -1,0 +1,66 @@
+"""``medgan export``: a finished study's model as one file a hospital can apply.
+
+The coordinator's checkpoint holds every shared array. Arrays a study kept at the sites
+(local groups, FedBN's normalisation layers, site calibration) are not in it: at a site,
+``--site-state`` takes that site's own (its state never leaves it); ``--for-new-site``
+keeps the coordinator's values for them (their initial values: identity normalisation
+affines and calibration), for a hospital outside the study, and says so in the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from medgan_core.checkpoints import load_checkpoint
+from medgan_core.errors import MedGANError
+from medgan_core.model_file import save_model
+from medgan_core.sharing import local_array_names
+from medgan_core.site_state import SiteState
+from medgan_core.study_config import StudyConfig
+from medgan_core.tasks.registry import build_task
+from server.run_folder import RunFolder
+
+
+def export_model(run_dir: str | Path, out: str | Path, *, server_round: int | None = None,
+                 site_state: str | Path | None = None, for_new_site: bool = False) -> Path:
+    folder = RunFolder(Path(run_dir))
+    trained = folder.trained_rounds()
+    if not trained:
+        raise MedGANError(f"{folder.root} holds no trained round to export")
+    chosen = trained[-1] if server_round is None else server_round
+    if chosen not in trained:
+        raise MedGANError(f"round {chosen} of {folder.root} updated no model; trained rounds: "
+                          f"{', '.join(map(str, trained))}")
+    arrays, meta = load_checkpoint(folder.checkpoint(chosen))
+    study = StudyConfig.from_dict(meta["study"], str(folder.checkpoint(chosen)))
+    local = sorted(local_array_names(build_task(study.task).groups, study.aggregation))
+    study_id = folder.study_id()
+    if local and site_state:
+        saved = SiteState(site_state, study_id).latest(before=chosen + 1)
+        if saved is None or set(local) - set(saved.local):
+            raise MedGANError(f"{site_state} holds no site state of study {study_id} up to round {chosen}")
+        arrays.update({name: saved.local[name] for name in local})
+        layers = f"this site's own ({site_state}, round {saved.server_round})"
+    elif local and for_new_site:
+        layers = "the coordinator's initial values (the study kept them at its sites; adapt them to yours)"
+    elif local:
+        raise MedGANError(f"this study kept {len(local)} array(s) at its sites ({local[0]}, …), which the coordinator "
+                          "never received; at a site pass --site-state STATE_DIR, or --for-new-site for a hospital "
+                          "outside the study")
+    else:
+        layers = "none: every array was shared"
+    record = next(r for r in folder.read_metrics() if r["round"] == chosen)
+    privacy = study.privacy
+    provenance = {
+        "study-id": study_id, "round": chosen, "rounds-planned": study.run.rounds,
+        "sites": len(record.get("sites", [])),
+        "aggregation": {"policy": study.aggregation.policy, "group-policies": study.aggregation.group_policies,
+                        "local-norm": study.aggregation.local_norm},
+        "site-kept-layers": layers,
+        "privacy": {"dp": privacy.enabled, "delta": privacy.delta if privacy.enabled else None,
+                    "epsilon-per-site": [s.get("train", {}).get("epsilon") for s in record.get("sites", [])]},
+        "trained-on": f"{study.task.modality} slices of {len(record.get('sites', []))} site(s), resized to "
+                      f"{study.task.image_size}×{study.task.image_size}",
+        "held-out": record.get("evaluate", {}),
+    }
+    return save_model(out, arrays, study.task, provenance)

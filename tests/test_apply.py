@@ -1,0 +1,179 @@
+"""Apply what a federation trained: `medgan export` and `medgan infer`, NIfTI and DICOM in
+their own format, geometry and values checked, reruns skipped, bad inputs reported."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from typer.testing import CliRunner
+
+from client.infer import Applier, infer
+from medgan.cli import app
+from medgan_core.checkpoints import save_checkpoint
+from medgan_core.data.dicom_io import read_dicom_series
+from medgan_core.data.manifest import read_manifest
+from medgan_core.data.nifti_io import read_nifti
+from medgan_core.errors import MedGANError
+from medgan_core.model_file import load_model
+from medgan_core.study_config import StudyConfig
+from medgan_core.tasks.registry import build_task, load_task_data
+from server.export import export_model
+from server.run_folder import RunFolder
+from tests.dicom_samples import variant_of
+
+runner = CliRunner()
+
+
+def _run(tmp_path: Path, study: StudyConfig, data_site: Path | None = None) -> Path:
+    """A run folder as a finished study leaves it: config, study id, a round-1 checkpoint, metrics."""
+    folder = RunFolder(tmp_path / "run").start(study)
+    task = build_task(study.task)
+    if data_site is not None:  # a few steps, so the model is not the initial one
+        task.train(load_task_data(data_site, study.task), 3, seed=0)
+    save_checkpoint(folder.checkpoint(1), task.get_weights(), {"round": 1, "study": study.to_dict()})
+    folder.append_metrics({"round": 1, "sites": [{"node": 7, "train": {"epsilon": 1.25}}], "evaluate": {"psnr": 31.0}})
+    return folder.root
+
+
+@pytest.fixture(scope="module")
+def denoise_model(tmp_path_factory: pytest.TempPathFactory, tiny_sites: list[Path]) -> Path:
+    tmp = tmp_path_factory.mktemp("model")
+    study = StudyConfig().replace(task={"name": "denoise", "image_size": 32, "width": 8, "batch_size": 4})
+    return export_model(_run(tmp, study, tiny_sites[0]), tmp / "denoise.medgan")
+
+
+def test_export_bundles_task_and_provenance_and_loads_back(denoise_model: Path) -> None:
+    model = load_model(denoise_model)
+    assert model.task.name == "denoise" and model.task.image_size == 32
+    assert model.provenance["round"] == 1 and model.provenance["privacy"]["epsilon-per-site"] == [1.25]
+    assert model.provenance["site-kept-layers"] == "none: every array was shared"
+    assert len(model.provenance["study-id"]) == 32 and model.provenance["code-version"]
+
+
+def test_export_refuses_site_kept_layers_unless_told_where_they_come_from(tmp_path: Path) -> None:
+    study = StudyConfig().replace(task={"name": "denoise", "image_size": 16, "width": 8},
+                                  aggregation={"local_norm": True})
+    run = _run(tmp_path, study)
+    with pytest.raises(MedGANError, match="kept .* at its sites .* --site-state STATE_DIR, or --for-new-site"):
+        export_model(run, tmp_path / "m.medgan")
+    model = load_model(export_model(run, tmp_path / "m.medgan", for_new_site=True))
+    assert "initial values" in model.provenance["site-kept-layers"]
+    result = runner.invoke(app, ["export", str(run), "--out", str(tmp_path / "x.medgan")])
+    assert result.exit_code == 2 and "--for-new-site" in result.output
+
+
+def test_a_file_that_is_not_a_model_is_refused(tmp_path: Path) -> None:
+    study = StudyConfig().replace(task={"name": "denoise", "image_size": 16, "width": 8})
+    checkpoint = RunFolder(_run(tmp_path, study)).checkpoint(1)
+    with pytest.raises(MedGANError, match="is not a MedGAN-FL model file"):
+        load_model(checkpoint)
+
+
+def _ct_series(site: Path) -> Path:
+    return site / read_manifest(site).select(modality="CT", split="test")[0].file
+
+
+def test_nifti_in_nifti_out_with_the_inputs_affine(denoise_model: Path, tiny_sites: list[Path], tmp_path: Path) -> None:
+    volume = read_dicom_series(_ct_series(tiny_sites[0]))
+    affine = np.array([[0, 0.8, 0, -40], [-0.8, 0, 0, 30], [0, 0, 2.5, 5], [0, 0, 0, 1]])  # rows, columns swapped
+    stored = volume.data.transpose(1, 0, 2)[::-1].copy()
+    nib.save(nib.Nifti1Image(stored, affine), str(tmp_path / "ct.nii.gz"))
+    model = load_model(denoise_model)
+    summary = infer(model, tmp_path / "ct.nii.gz", tmp_path / "out")
+    assert summary.written == [tmp_path / "out" / "ct.nii.gz"] and not summary.failed
+    out = nib.load(str(tmp_path / "out" / "ct.nii.gz"))
+    np.testing.assert_allclose(out.affine, affine, atol=1e-5)
+    assert out.shape == stored.shape
+    expected = Applier(model).apply(read_nifti(tmp_path / "ct.nii.gz", "CT").axial_slices())
+    np.testing.assert_allclose(read_nifti(tmp_path / "out" / "ct.nii.gz", "CT").axial_slices(), expected, atol=1e-3)
+    again = infer(model, tmp_path / "ct.nii.gz", tmp_path / "out")
+    assert again.skipped == [tmp_path / "out" / "ct.nii.gz"] and not again.written
+
+
+def test_dicom_in_a_derived_dicom_series_out(denoise_model: Path, tiny_sites: list[Path], tmp_path: Path) -> None:
+    series = _ct_series(tiny_sites[0])
+    model = load_model(denoise_model)
+    summary = infer(model, series, tmp_path / "out")
+    assert len(summary.written) == 1 and not summary.failed
+    folder = summary.written[0]
+    sources = {str(ds.SOPInstanceUID): ds for ds in (pydicom.dcmread(p) for p in series.iterdir())}
+    outputs = [pydicom.dcmread(p) for p in sorted(folder.glob("*.dcm"))]
+    assert len(outputs) == len(sources)
+    assert len({str(ds.SeriesInstanceUID) for ds in outputs}) == 1
+    for ds in outputs:
+        source = sources[str(ds.SourceImageSequence[0].ReferencedSOPInstanceUID)]
+        assert ds.SeriesInstanceUID != source.SeriesInstanceUID and ds.SOPInstanceUID != source.SOPInstanceUID
+        assert ds.StudyInstanceUID == source.StudyInstanceUID and list(ds.ImageType)[:2] == ["DERIVED", "SECONDARY"]
+        assert "MedGAN-FL denoise" in ds.SeriesDescription and "generative model" in ds.DerivationDescription
+        assert list(ds.ImagePositionPatient) == list(source.ImagePositionPatient)
+        assert list(ds.PixelSpacing) == list(source.PixelSpacing)
+    original, derived = read_dicom_series(series), read_dicom_series(folder)
+    np.testing.assert_allclose(derived.affine, original.affine)
+    expected = Applier(model).apply(original.axial_slices())
+    assert np.abs(derived.axial_slices() - expected).max() <= 0.5  # stored to the nearest HU
+    assert (folder / ".medgan-complete").exists()
+
+
+def test_a_series_stored_upside_down_comes_out_upside_down(denoise_model: Path, tiny_sites: list[Path],
+                                                           tmp_path: Path) -> None:
+    """The model sees every slice as a console shows it; the output is stored as the input was."""
+    series = _ct_series(tiny_sites[0])
+    flipped = tmp_path / "flipped"
+    flipped.mkdir()
+    for path in series.iterdir():
+        ds = pydicom.dcmread(path)
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        y += (int(ds.Rows) - 1) * float(ds.PixelSpacing[0])
+        variant_of(path, flipped / path.name, ImageOrientationPatient=[1, 0, 0, 0, -1, 0],
+                   ImagePositionPatient=[x, y, z], PixelData=ds.pixel_array[::-1].copy())
+    model = load_model(denoise_model)
+    straight = read_dicom_series(infer(model, series, tmp_path / "a").written[0])
+    upside_down = read_dicom_series(infer(model, flipped, tmp_path / "b").written[0])
+    np.testing.assert_array_equal(upside_down.data, straight.data)  # the same anatomy, voxel for voxel
+
+
+def test_a_bad_input_is_reported_and_the_rest_go_on(denoise_model: Path, tiny_sites: list[Path],
+                                                    tmp_path: Path) -> None:
+    studies = tmp_path / "studies"
+    good = studies / "good"
+    good.mkdir(parents=True)
+    for path in _ct_series(tiny_sites[0]).iterdir():
+        (good / path.name).write_bytes(path.read_bytes())
+    mr = read_manifest(tiny_sites[0]).select(modality="MR")[0]
+    (studies / "mr.nii.gz").write_bytes((tiny_sites[0] / mr.file).read_bytes())  # an MR: this model reads CT?
+    bad = studies / "bad"
+    bad.mkdir()
+    source = next(_ct_series(tiny_sites[0]).iterdir())
+    variant_of(source, bad / "oblique.dcm", ImageOrientationPatient=[1, 0, 0, 0, 0.8, 0.6])
+    result = runner.invoke(app, ["infer", "--model", str(denoise_model), "--input", str(studies),
+                                 "--output", str(tmp_path / "out"), "--device", "cpu"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and "not an axial slice" in text
+    assert "2 written, 0 skipped, 1 failed" in text  # the CT series and the NIfTI (read as the model's CT)
+    again = runner.invoke(app, ["infer", "--model", str(denoise_model), "--input", str(studies),
+                                "--output", str(tmp_path / "out"), "--device", "cpu"])
+    assert "0 written, 2 skipped, 1 failed" in " ".join(again.output.split())
+
+
+def test_infer_refuses_a_synthesis_model(tmp_path: Path) -> None:
+    study = StudyConfig().replace(task={"name": "synthesis", "image_size": 16, "width": 8, "z_dim": 8})
+    model = load_model(export_model(_run(tmp_path, study), tmp_path / "s.medgan"))
+    with pytest.raises(MedGANError, match="use 'medgan synth'"):
+        Applier(model)
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None,
+                    reason="dicom3tools is not installed ('make test' installs it with apt-get where it can)")
+def test_derived_dicom_passes_dciodvfy(denoise_model: Path, tiny_sites: list[Path], tmp_path: Path) -> None:
+    series = _ct_series(tiny_sites[0])
+    folder = infer(load_model(denoise_model), series, tmp_path / "out").written[0]
+    for path in [*sorted(folder.glob("*.dcm"))[:2], next(series.iterdir())]:  # outputs, and the simulator's input
+        result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+        errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
+        assert errors == [], (path, errors)
