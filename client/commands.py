@@ -153,3 +153,26 @@ def infer_command(
     console.print(f"{len(summary.written)} written, {len(summary.skipped)} skipped, {len(summary.failed)} failed")
     if summary.failed:
         raise typer.Exit(1)
+
+
+def synth_command(
+    model: Path = typer.Option(..., "--model", help="A synthesis or conditional model file from 'medgan export'."),
+    n: int = typer.Option(..., "--n", help="How many images."),
+    out: Path = typer.Option(..., "--out", help="A new folder for the images, their manifest and provenance."),
+    fmt: str = typer.Option("png", "--format", help="png, nifti or dicom."),
+    label: int = typer.Option(None, "--label", help="Lesion-burden grade 0-3 (a grade-conditioned model)."),
+    severity: float = typer.Option(None, "--severity", help="Severity 0-1 (a severity-conditioned model)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the latent codes."),
+    device: str = typer.Option("auto", "--device", help="auto (GPU if present), cpu or cuda."),
+) -> None:
+    """Draw synthetic images, each marked synthetic, with a manifest naming the model, round and ε."""
+    from client.synth import synthesise
+    from medgan_core.model_file import load_model
+    from medgan_core.runtime import resolve_device
+
+    try:
+        entries = synthesise(load_model(model), n, out, fmt=fmt, label=label, severity=severity, seed=seed,
+                             device=resolve_device(device))
+    except MedGANError as exc:
+        fail(exc)
+    console.print(f"{len(entries)} synthetic image(s) in {out} (manifest.csv, provenance.json)")

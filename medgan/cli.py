@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from client.commands import infer_command, site_app
+from client.commands import infer_command, site_app, synth_command
 from medgan_core.study_config import StudyConfig, load_study
 from medgan_core.console import console, fail
 from medgan_core.data.simulate import find_sites, remove_simulated_study, simulate_study, stale_simulation
@@ -188,6 +188,7 @@ app.command("run")(run)  # the coordinator's: submit a study to the federation
 app.command("report")(report)
 app.command("export")(export)  # the coordinator's (or a site's, with its own layers): a model file
 app.command("infer")(infer_command)  # a hospital's: apply a model to its scans
+app.command("synth")(synth_command)  # synthetic images from a synthesis model
 
 
 def main() -> None:

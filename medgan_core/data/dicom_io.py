@@ -206,6 +206,8 @@ def write_dicom_series(
     rescale_intercept: float = -1024.0,
     rescale_slope: float = 1.0,
     seed: int = 0,
+    description: str = "",
+    derived: bool = False,
 ) -> Path:
     """Write a (k, rows, cols) array as one DICOM series, one file per slice.
 
@@ -240,7 +242,9 @@ def write_dicom_series(
         ds.StudyID, ds.AccessionNumber, ds.PositionReferenceIndicator = "1", "", ""
         ds.PatientPosition = "HFS"
         ds.BodyPartExamined = "ABDOMEN"
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"] if derived else ["ORIGINAL", "PRIMARY", "AXIAL"]
+        if description:
+            ds.SeriesDescription = description[:64]
         ds.AcquisitionNumber = 1
         if modality == "CT":
             ds.KVP = 120
