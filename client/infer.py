@@ -31,6 +31,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from medgan_core.data.dicom_io import GREYSCALE, MEDIA_STORAGE_DIRECTORY
+from medgan_core.data.kspace import read_kspace, reconstruction_input
 from medgan_core.data.nifti_io import read_nifti
 from medgan_core.data.preprocess import normalise_mr, resize_slices, window_ct
 from medgan_core.data.volume import CANONICAL
@@ -43,7 +44,7 @@ from medgan_core.tasks.paired import PairedImageTask
 TYPE_2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
           "ReferringPhysicianName", "StudyID", "AccessionNumber", "PositionReferenceIndicator", "AcquisitionNumber")
 DONE = ".medgan-complete"  # written last into a finished DICOM output folder
-APPLIES_TO = ("denoise", "superres", "translate", "cycle")
+APPLIES_TO = ("denoise", "superres", "translate", "cycle", "recon")
 
 
 @dataclass
@@ -76,6 +77,13 @@ class Applier:
         self.output_modality = model.task.modality
         self.input_modality = ("MR" if model.task.modality == "CT" else "CT") if model.task.name == "translate" \
             else model.task.modality
+
+    def apply_kspace(self, kspace: np.ndarray) -> np.ndarray:
+        """(n, rows, cols) undersampled k-space -> (n, size, size) reconstructed images (recon),
+        on the central k-space grid the model was trained at, in the measurement's intensities."""
+        inputs, top = reconstruction_input(kspace, self.model.task.image_size)
+        output = self.task.restore(torch.from_numpy(inputs))[:, 0].numpy()
+        return ((output + 1) / 2 * top).astype(np.float32)
 
     def apply(self, slices: np.ndarray) -> np.ndarray:
         """(k, rows, cols) values in canonical display orientation -> outputs on the input grid
@@ -152,6 +160,9 @@ def infer(model: ModelFile, source: Path, output: Path, *, device: torch.device 
 def _nifti(applier: Applier, job: Job, target: Path) -> None:
     assert job.nifti is not None
     original = nib.load(str(job.nifti))
+    if applier.model.task.name == "recon":
+        _kspace_nifti(applier, job.nifti, original, target)
+        return
     volume = read_nifti(job.nifti, applier.input_modality)  # canonical (L, P, S)
     out = applier.apply(volume.axial_slices()).transpose(2, 1, 0)  # back to (i, j, k)
     scale = applier.scale
@@ -174,9 +185,29 @@ def _nifti(applier: Applier, job: Job, target: Path) -> None:
     os.replace(partial, target)
 
 
+def _kspace_nifti(applier: Applier, source: Path, original: nib.Nifti1Image, target: Path) -> None:
+    """Undersampled k-space (a complex NIfTI, voxel order i, j, k like its image) -> the
+    reconstructed images on the model's grid over the same field of view."""
+    kspace = read_kspace(source)  # (n, rows, cols)
+    images = applier.apply_kspace(kspace)
+    size = images.shape[-1]
+    affine = np.asarray(original.affine, dtype=float).copy()
+    for axis, count in ((0, kspace.shape[2]), (1, kspace.shape[1])):
+        factor = count / size  # the same field of view on fewer, larger pixels
+        affine[:3, 3] += affine[:3, axis] * (factor - 1) / 2
+        affine[:3, axis] *= factor
+    image = nib.Nifti1Image(np.ascontiguousarray(images.transpose(2, 1, 0)), affine)
+    image.header.set_xyzt_units("mm")
+    partial = target.with_name(target.name + ".partial" + "".join(target.suffixes))
+    nib.save(image, str(partial))
+    os.replace(partial, target)
+
+
 def _dicom(applier: Applier, job: Job, target: Path) -> None:
     """A derived series: each source slice, turned to the canonical display orientation,
     through the model, turned back, and written as a new instance referencing its source."""
+    if applier.model.task.name == "recon":
+        raise DataError(f"{job.dicom[0]}: a recon model reads undersampled k-space (a complex NIfTI), not DICOM images")
     sources = []
     for path in job.dicom:
         try:

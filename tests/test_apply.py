@@ -177,3 +177,26 @@ def test_derived_dicom_passes_dciodvfy(denoise_model: Path, tiny_sites: list[Pat
         result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
         errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
         assert errors == [], (path, errors)
+
+
+def test_recon_reads_undersampled_kspace_and_writes_the_image_over_the_same_field(tiny_sites: list[Path],
+                                                                                  tmp_path: Path) -> None:
+    from client.infer import Applier
+    from medgan_core.data.kspace import read_kspace
+
+    study = StudyConfig().replace(task={"name": "recon", "modality": "MR", "image_size": 32, "width": 8})
+    model = load_model(export_model(_run(tmp_path, study), tmp_path / "recon.medgan"))
+    entry = next(e for e in read_manifest(tiny_sites[0]).entries if e.domain.endswith("-kspace-r4"))
+    source = tiny_sites[0] / entry.file
+    summary = infer(model, source, tmp_path / "out")
+    assert len(summary.written) == 1 and not summary.failed
+    out, original = nib.load(str(summary.written[0])), nib.load(str(source))
+    kspace = read_kspace(source)
+    assert out.shape == (32, 32, kspace.shape[0])
+    np.testing.assert_allclose(np.asarray(out.dataobj).transpose(2, 1, 0), Applier(model).apply_kspace(kspace),
+                               rtol=1e-5, atol=1e-5)
+    # the same field of view: the outer edges of the first and last pixels coincide
+    def corners(image: nib.Nifti1Image, shape: tuple[int, ...]) -> np.ndarray:
+        return np.array([image.affine @ np.array([i, j, 0, 1.0]) for i, j in ((-0.5, -0.5), (shape[0] - 0.5,
+                                                                                             shape[1] - 0.5))])
+    np.testing.assert_allclose(corners(out, out.shape), corners(original, original.shape), atol=1e-4)

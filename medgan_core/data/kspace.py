@@ -102,9 +102,16 @@ def reconstruction_pair(kspace: np.ndarray, image: np.ndarray, size: int) -> tup
     """
     if image.shape != kspace.shape:
         raise DataError(f"k-space of shape {kspace.shape} does not match its image's {image.shape}")
-    zero_filled = crop_kspace(np.fft.ifft2(kspace, norm="ortho"), size)
+    inputs, top = reconstruction_input(kspace, size)
     target = crop_kspace(image.astype(np.float32), size).real
+    return inputs, (2 * target / top - 1)[:, None].astype(np.float32)
+
+
+def reconstruction_input(kspace: np.ndarray, size: int) -> tuple[np.ndarray, float]:
+    """The network input of ``reconstruction_pair`` from the measurement alone, and the
+    intensity ``top`` that maps the network's [-1, 1] back to image values."""
+    zero_filled = crop_kspace(np.fft.ifft2(kspace, norm="ortho"), size)
     top = KSPACE_SCALE * float(np.mean(zero_filled.real)) or 1.0
     mask = np.broadcast_to(crop_mask(acquired_columns(kspace), size)[None, :], zero_filled.shape)
     inputs = np.stack([2 * zero_filled.real / top - 1, 2 * zero_filled.imag / top, mask], axis=1)
-    return inputs.astype(np.float32), (2 * target / top - 1)[:, None].astype(np.float32)
+    return inputs.astype(np.float32), top
