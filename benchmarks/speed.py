@@ -1,0 +1,195 @@
+"""What a site's training step costs in the framework, against the bare loops it wraps.
+
+For every task: images per second of one ``Task.train`` call (a round's local steps, set-up
+included once) on one site, without and with DP-SGD (the framework's one private path:
+Opacus wrapping, Poisson batches from a secret sampler), after a warm-up call. For the two generator families, the same
+networks and batch in a bare PyTorch GAN loop and a bare Opacus loop (``GradSampleModule``
++ ``DPOptimizer``, fixed batches): the framework's overhead over the loops it wraps.
+Also the bytes a site sends per round (its shared arrays) and the process's peak memory.
+
+    python benchmarks/speed.py [--steps 20] [--out benchmarks/results/speed]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
+
+from medgan_core.data.dataset import SiteData
+from medgan_core.privacy.dp_sgd import DPSettings
+from medgan_core.tasks.registry import build_task, task_config, task_names
+
+BATCH, RECORDS = 32, 320  # sample rate 0.1: Poisson batches of 32 on average
+
+
+def _data(name: str, size: int, generator: torch.Generator) -> SiteData:
+    """Random tensors shaped like the task's site data (the step's cost does not depend on content)."""
+    def images(channels: int = 1) -> torch.Tensor:
+        return torch.rand(RECORDS, channels, size, size, generator=generator) * 2 - 1
+
+    if name == "recon":
+        return SiteData("bench", images(), images(), images(3), images(3))
+    if name == "conditional":
+        burden = torch.rand(RECORDS, generator=generator) * 0.3
+        return SiteData("bench", images(), images(), train_condition=burden, test_condition=burden)
+    if name in ("synthesis",):
+        return SiteData("bench", images(), images())
+    return SiteData("bench", images(), images(), images(), images())
+
+
+def _rate(step: Callable[[], None], steps: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        step()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * BATCH / (time.perf_counter() - started)
+
+
+def _round_rate(train: Callable[[int], object], steps: int, batches_per_step: int) -> float:
+    """Images/s of one ``train`` call of ``steps`` steps (a round: wrapping and set-up included
+    once, as at a site), after a 2-step warm-up call."""
+    train(2)
+    started = time.perf_counter()
+    train(steps)
+    return steps * BATCH * batches_per_step / (time.perf_counter() - started)
+
+
+def framework_rates(name: str, size: int, width: int, steps: int) -> dict[str, float]:
+    modality = "MR" if name == "recon" else "CT"
+    own = {"z_dim": 64} if name in ("synthesis", "conditional") else {}
+    config = task_config(name=name, modality=modality, image_size=size, width=width, batch_size=BATCH, **own)
+    task = build_task(config)
+    data = _data(name, size, torch.Generator().manual_seed(0))
+    dp = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=BATCH / RECORDS, expected_batch_size=BATCH,
+                    secure_rng=True)
+    per_step = len(task.batch_pools(data))  # cycle: a batch of each scanner per step
+    plain = _round_rate(lambda n: task.train(data, n, seed=0), steps, per_step)
+    private = _round_rate(lambda n: task.train(data, n, seed=0, dp=dp), steps, per_step)
+    sent = sum(a.nbytes for a in task.get_weights().values())
+    return {"plain": plain, "dp": private, "dp-cost": plain / private, "bytes-sent": float(sent)}
+
+
+def bare_synthesis(size: int, width: int, steps: int) -> dict[str, float]:
+    """A bare DCGAN loop (non-saturating loss, Adam 0.5/0.999) on the framework's own networks."""
+    task = build_task(task_config(name="synthesis", image_size=size, width=width, z_dim=64, batch_size=BATCH))
+    return _bare_gan(task.generator, task.discriminator, lambda n: torch.randn(n, 64), size, steps, paired=False)
+
+
+def bare_pix2pix(size: int, width: int, steps: int) -> dict[str, float]:
+    """A bare pix2pix loop (adversarial + 100 × L1) on the framework's denoising networks."""
+    task = build_task(task_config(name="denoise", image_size=size, width=width, batch_size=BATCH))
+    return _bare_gan(task.generator, task.discriminator, None, size, steps, paired=True)
+
+
+def _bare_gan(generator: torch.nn.Module, discriminator: torch.nn.Module, latent: Callable | None, size: int,
+              steps: int, paired: bool) -> dict[str, float]:
+    real = torch.rand(BATCH, 1, size, size) * 2 - 1
+    low = real + 0.1 * torch.randn_like(real)
+    rates = {}
+    for mode in ("plain", "dp"):
+        g, d = generator, discriminator
+        opt_g = torch.optim.Adam(g.parameters(), 2e-4, betas=(0.5, 0.999))
+        opt_d = torch.optim.Adam(d.parameters(), 2e-4, betas=(0.5, 0.999))
+        if mode == "dp":
+            d = GradSampleModule(d)
+            opt_d = DPOptimizer(opt_d, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=BATCH)
+            if paired:
+                g = GradSampleModule(g)
+                opt_g = DPOptimizer(opt_g, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=BATCH)
+
+        def step() -> None:
+            if paired:
+                with torch.no_grad():
+                    fake = g(low)
+                loss_d = (F.softplus(-d(low, real)) + F.softplus(d(low, fake))).mean()
+                opt_d.zero_grad()
+                loss_d.backward()
+                opt_d.step()
+                fake = g(low)
+                loss_g = F.softplus(-d(low, fake)).mean() + 100 * (fake - real).abs().mean()
+            else:
+                fake = g(latent(BATCH))
+                opt_d.zero_grad()
+                F.softplus(-d(real)).mean().backward()
+                F.softplus(d(fake.detach())).mean().backward()
+                opt_d.step()
+                loss_g = F.softplus(-d(fake)).mean()
+            opt_g.zero_grad()
+            loss_g.backward()
+            opt_g.step()
+            if mode == "dp":
+                opt_d.zero_grad()
+
+        rates[mode] = _rate(step, steps)
+        if isinstance(d, GradSampleModule):
+            d._close()
+        if isinstance(g, GradSampleModule):
+            g._close()
+    return {"plain": rates["plain"], "dp": rates["dp"], "dp-cost": rates["plain"] / rates["dp"]}
+
+
+def machine() -> dict[str, object]:
+    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+            "processor": platform.processor() or platform.machine()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/speed"))
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")  # Opacus on a first layer: harmless
+    widths = {"synthesis": 32, "conditional": 32}
+    tasks = {}
+    for name in task_names():
+        tasks[name] = framework_rates(name, args.size, widths.get(name, 16), args.steps)
+        print(name, {k: round(v, 2) for k, v in tasks[name].items()}, flush=True)
+    bare = {"synthesis": bare_synthesis(args.size, 32, args.steps), "denoise": bare_pix2pix(args.size, 16, args.steps)}
+    print("bare", bare, flush=True)
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    results = {"command": f"python benchmarks/speed.py --steps {args.steps} --size {args.size}", "machine": machine(),
+               "batch": BATCH, "size": args.size, "tasks": tasks, "bare": bare, "peak-rss-mib": peak_mib}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    lines = [
+        "# A site's training step: framework against bare loops", "",
+        f"Command: `{results['command']}`. Machine: {results['machine']}. Batch {BATCH} (DP: Poisson, expected "
+        f"{BATCH}), {args.size}×{args.size}; synthesis and conditional width 32, the others 16. Images per second over "
+        f"one round of {args.steps} local steps (bare loops: {args.steps} steps after 3 warm-up steps); peak resident "
+        "memory of the whole benchmark process "
+        f"{peak_mib:.0f} MiB.", "",
+        "| task | plain img/s | DP img/s | DP cost (plain / DP) | bytes sent per round |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, row in tasks.items():
+        lines.append(f"| {name} | {row['plain']:.1f} | {row['dp']:.1f} | {row['dp-cost']:.2f}× | "
+                     f"{row['bytes-sent'] / 1e6:.2f} MB |")
+    lines += ["", "Bare loops on the same networks and batch (Opacus `GradSampleModule` + `DPOptimizer`, fixed "
+              "batches, no accounting):", "", "| loop | plain img/s | DP img/s | DP cost | framework plain / bare plain |"
+              " framework DP / bare DP |", "|---|---:|---:|---:|---:|---:|"]
+    for name, row in bare.items():
+        ours = tasks[name]
+        lines.append(f"| {name} | {row['plain']:.1f} | {row['dp']:.1f} | {row['dp-cost']:.2f}× | "
+                     f"{ours['plain'] / row['plain']:.2f} | {ours['dp'] / row['dp']:.2f} |")
+    (args.out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
