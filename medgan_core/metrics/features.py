@@ -167,3 +167,44 @@ def fid_kid(net: PhantomFeatureNet, fake: torch.Tensor, real: torch.Tensor, seed
     """``{"fid": …, "kid": …}`` of generated against real images."""
     f_fake, f_real = extract_features(net, fake), extract_features(net, real)
     return {"fid": frechet_distance(f_fake, f_real), "kid": kernel_distance(f_fake, f_real, seed=seed)}
+
+
+#: At most this many images of each side enter the pairwise scores (memory grows with its square).
+PAIRWISE_LIMIT = 1000
+
+
+def feature_scores(net: PhantomFeatureNet, fake: torch.Tensor, real: torch.Tensor, seed: int = 0) -> dict[str, float]:
+    """FID and KID, and the scores that see mode collapse: diversity, precision and recall."""
+    f_fake, f_real = extract_features(net, fake), extract_features(net, real)
+    rng = np.random.default_rng(seed)
+    few_fake, few_real = (f[rng.permutation(len(f))[:PAIRWISE_LIMIT]] for f in (f_fake, f_real))
+    return {"fid": frechet_distance(f_fake, f_real), "kid": kernel_distance(f_fake, f_real, seed=seed),
+            "diversity": diversity(few_fake, few_real), **precision_recall(few_fake, few_real)}
+
+
+def diversity(fake: np.ndarray, real: np.ndarray) -> float:
+    """Mean pairwise feature distance of generated images as a share of the real images':
+    about 1 when they vary as much as real anatomy, towards 0 as a generator collapses onto
+    a few images (which FID can miss when those few are realistic)."""
+    def spread(features: np.ndarray) -> float:
+        distances = np.sqrt(((features[:, None, :] - features[None, :, :]) ** 2).sum(-1))
+        n = len(features)
+        return float(distances.sum() / max(n * (n - 1), 1))
+
+    return spread(fake) / max(spread(real), 1e-12)
+
+
+def precision_recall(fake: np.ndarray, real: np.ndarray, k: int = 3) -> dict[str, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019) in feature space: the share of
+    generated images inside the real images' manifold (each real image's ball out to its k-th
+    nearest real neighbour), and the share of real images inside the generated manifold.
+    Precision is realism; recall is coverage, which a collapsed generator loses."""
+    def radii(features: np.ndarray) -> np.ndarray:
+        distances = np.sqrt(((features[:, None, :] - features[None, :, :]) ** 2).sum(-1))
+        return np.sort(distances, axis=1)[:, min(k, len(features) - 1)]
+
+    def inside(points: np.ndarray, support: np.ndarray, support_radii: np.ndarray) -> float:
+        distances = np.sqrt(((points[:, None, :] - support[None, :, :]) ** 2).sum(-1))
+        return float((distances <= support_radii[None, :]).any(axis=1).mean())
+
+    return {"precision": inside(fake, real, radii(real)), "recall": inside(real, fake, radii(fake))}

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from medgan_core.data.dataset import SiteData
 from medgan_core.metrics.distribution import intensity_distance, sliced_wasserstein
-from medgan_core.metrics.features import PhantomFeatureNet, fid_kid, load_feature_net
+from medgan_core.metrics.features import PhantomFeatureNet, feature_scores, load_feature_net
 from medgan_core.models.dcgan import DCGANDiscriminator, DCGANGenerator, init_dcgan_weights
 from medgan_core.config import TaskConfig, TaskParams
 from medgan_core.errors import ConfigError
@@ -39,12 +39,15 @@ class SynthesisTask(GANTask):
     params: SynthesisParams
     private_groups = ("discriminator",)
     train_metrics = frozenset({"loss-d", "loss-g", "d-real", "d-fake"})
-    eval_metrics = frozenset({"swd", "intensity-w1", "fid", "kid"})
+    eval_metrics = frozenset({"swd", "intensity-w1", "fid", "kid", "diversity", "precision", "recall"})
     headline_metric = "swd"
     metrics_note = ("`swd` is the sliced Wasserstein distance between multi-scale 7×7 patches of generated and real "
                     "slices, `intensity-w1` the Wasserstein-1 distance between their pixel-value distributions, "
                     "`fid`/`kid` the Fréchet and kernel distances on the project's phantom feature network (lower "
-                    "is better).")
+                    "is better); `diversity` the generated slices' mean pairwise feature distance as a share of the "
+                    "real slices' (near 1: as varied as real anatomy; near 0: mode collapse), `precision` and "
+                    "`recall` the shares of generated slices inside the real feature manifold and of real slices "
+                    "inside the generated one (k = 3 nearest neighbours).")
 
     def build_networks(self) -> tuple[DCGANGenerator, DCGANDiscriminator]:
         cfg = self.config
@@ -105,7 +108,7 @@ class SynthesisTask(GANTask):
         return {
             "swd": sliced_wasserstein(fake, real, seed=self.config.seed),
             "intensity-w1": intensity_distance(fake, real),
-            **fid_kid(features, fake, real, seed=self.config.seed),
+            **feature_scores(features, fake, real, seed=self.config.seed),
         }
 
     def evaluate(self, data: SiteData) -> dict[str, float]:
