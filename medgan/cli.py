@@ -29,6 +29,36 @@ app.add_typer(privacy_app, name="privacy")
 app.add_typer(certs_app, name="certs")
 app.add_typer(site_app, name="site")
 app.add_typer(server_app, name="server")
+study_app = typer.Typer(help="Studies on one machine: is a federation worth joining?", no_args_is_help=True)
+app.add_typer(study_app, name="study")
+
+
+@study_app.command("compare")
+def study_compare(
+    config: Path = typer.Option(..., "--config", help="The study TOML to compare."),
+    out: Path = typer.Option(Path("runs/compare"), "--out", help="Folder for every arm's run and the results."),
+    sites_dir: Optional[Path] = typer.Option(None, "--sites-dir", help="Override run.sites-dir."),
+    rounds: Optional[int] = typer.Option(None, "--rounds", min=1, help="Override run.rounds."),
+    local_steps: Optional[int] = typer.Option(None, "--local-steps", min=1, help="Override task.local-steps."),
+    privacy: Optional[bool] = typer.Option(None, "--privacy/--no-privacy", help="Override privacy.enabled."),
+    leave_one_out: bool = typer.Option(False, "--leave-one-out", help="Also federate without each site, applied to it."),
+) -> None:
+    """Train the study, local-only and pooled on the same budget; score every site's held-out split."""
+    from medgan.compare import compare_study
+
+    try:
+        study = _demo_config(config, rounds, local_steps, sites_dir, None, "cpu")
+        if privacy is not None:
+            study = study.replace(privacy={"enabled": privacy})
+        sites = find_sites(Path(study.run.sites_dir)) if Path(study.run.sites_dir).exists() else []
+        if len(sites) < 2:
+            raise MedGANError(f"{study.run.sites_dir} holds {len(sites)} site(s); a comparison needs at least two")
+        study = study.replace(run={"num_sites": len(sites)})
+        results = compare_study(study, sites, out, leave_one_out=leave_one_out, progress=console.print)
+    except MedGANError as exc:
+        fail(exc)
+    console.print((out / "results.md").read_text())
+    console.print(f"results: {out / 'results.json'}, {out / 'results.md'}; task {results['task']}")
 
 
 @sites_app.command("simulate")

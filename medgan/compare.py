@@ -1,0 +1,171 @@
+"""``medgan study compare``: is this federation worth joining? The study against its alternatives.
+
+On the same budget of local steps and the same sites (simulation):
+- ``federated``: the study as configured, each site scored with its own model (the global
+  arrays plus any it kept at home);
+- ``local only``: every site trains alone (every group kept local), same rounds and steps;
+- ``pooled``: one model on all sites' training images together, as many steps as all sites
+  took (the ceiling a federation tries to reach; no DP, since the images would have left);
+- with ``--leave-one-out``, for each site: the federation of the others applied to it, and
+  each other site's local model applied to it.
+Every arm is scored on every site's held-out split by the task's own ``evaluate``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from medgan_core.checkpoints import load_checkpoint
+from medgan_core.config import SiteConfig
+from medgan_core.data.dataset import SiteData
+from medgan_core.errors import MedGANError
+from medgan_core.fileio import atomic_write_text
+from medgan_core.run_layout import RunLayout
+from medgan_core.site_round import load_site_model
+from medgan_core.study_config import StudyConfig
+from medgan_core.tasks.base import Task
+from medgan_core.tasks.registry import build_task, load_task_data, task_class
+from medgan.simulation import simulate_federation
+
+Progress = Callable[[str], None]
+
+
+def compare_study(study: StudyConfig, sites: list[Path], out: Path, *, leave_one_out: bool = False,
+                  progress: Progress = print) -> dict[str, Any]:
+    if len(sites) < 2:
+        raise MedGANError("a comparison needs at least two sites")
+    out.mkdir(parents=True, exist_ok=True)
+    headline = task_class(study.task.name).headline_metric
+    data = {site.name: load_task_data(site, study.task) for site in sites}
+    scores: dict[str, dict[str, dict[str, float]]] = {}
+    seconds: dict[str, float] = {}
+
+    def federate(arm: str, arm_study: StudyConfig, arm_sites: list[Path]) -> dict[str, Task]:
+        started = time.monotonic()
+        run_dir = out / arm.replace(" ", "-")
+        simulate_federation(arm_study, arm_sites, run_dir,
+                            progress=lambda s: progress(f"{arm}: round {s.server_round}/{arm_study.run.rounds}"))
+        seconds[arm] = time.monotonic() - started
+        return _site_models(arm_study, arm_sites, run_dir)
+
+    federated = federate("federated", study, sites)
+    scores["federated"] = {name: model.evaluate(data[name]) for name, model in federated.items()}
+    local_study = study.replace(aggregation={"policy": "local", "group_policies": "", "server_optimizer": "fedavg"},
+                                privacy={"secagg": False, "central_noise_multiplier": 0.0})
+    local = federate("local only", local_study, sites)
+    scores["local only"] = {name: model.evaluate(data[name]) for name, model in local.items()}
+    progress("pooled: training on every site's images together")
+    started = time.monotonic()
+    pooled = _pooled(study, list(data.values()))
+    seconds["pooled"] = time.monotonic() - started
+    scores["pooled"] = {name: pooled.evaluate(d) for name, d in data.items()}
+    held_out: dict[str, dict[str, Any]] = {}
+    if leave_one_out:
+        for site in sites:
+            others = [s for s in sites if s != site]
+            arm_study = study.replace(run={"num_sites": len(others)})
+            models = federate(f"without {site.name}", arm_study, others)
+            any_model = next(iter(models.values()))  # shared arrays; a site-kept layer is not the held-out site's
+            held_out[site.name] = {
+                "federated (others)": any_model.evaluate(data[site.name]),
+                "single sites": {other: local[other].evaluate(data[site.name]) for other in models},
+            }
+    results = {"task": study.task.name, "headline": headline, "privacy": study.privacy.enabled,
+               "rounds": study.run.rounds, "local-steps": study.task.local_steps, "sites": [s.name for s in sites],
+               "scores": scores, "leave-one-out": held_out, "seconds": seconds}
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    atomic_write_text(out / "results.md", _markdown(results))
+    _plot(results, out / "per-site.png", progress)
+    return results
+
+
+def _site_models(study: StudyConfig, sites: list[Path], run_dir: Path) -> dict[str, Task]:
+    """Each site's final model: the last checkpoint plus what the site kept at home."""
+    layout = RunLayout(run_dir)
+    weights = load_checkpoint(layout.checkpoint(study.run.rounds))[0]
+    study_id = layout.study_id_file.read_text().strip()
+    models = {}
+    for site in sites:
+        task = build_task(study.task)
+        task.set_weights(weights)
+        load_site_model(task, SiteConfig(str(site), state_dir=str(layout.site_state(site.name))),
+                        study.aggregation, study_id=study_id, server_round=study.run.rounds, training=False)
+        models[site.name] = task
+    return models
+
+
+def _pooled(study: StudyConfig, data: list[SiteData]) -> Task:
+    """One model on the union of every site's training images, as many steps as all sites took."""
+    def joined(field: str) -> torch.Tensor | None:
+        parts = [getattr(d, field) for d in data]
+        return None if any(p is None for p in parts) else torch.cat(parts)
+
+    union = SiteData("pooled", joined("train"), joined("test"), joined("train_input"), joined("test_input"),  # type: ignore[arg-type]
+                     joined("train_condition"), joined("test_condition"))
+    task = build_task(study.task)
+    for server_round in range(1, study.run.rounds + 1):
+        for site in range(len(data)):
+            task.train(union, study.task.local_steps, seed=server_round * 100 + site)
+    return task
+
+
+def _markdown(results: dict[str, Any]) -> str:
+    key = results["headline"]
+    arms = list(results["scores"])
+    lines = [f"# Is the federation worth joining? Task `{results['task']}`", "",
+             f"{len(results['sites'])} sites, {results['rounds']} rounds × {results['local-steps']} local steps, "
+             f"DP {'on' if results['privacy'] else 'off'} for the federated and local arms (pooled: no DP). "
+             f"Held-out `{key}` at each site, each arm's own model there "
+             f"({'higher' if key not in ('swd', 'fid', 'kid', 'mae-hu', 'nmse') else 'lower'} is better).", "",
+             "| site | " + " | ".join(arms) + " |", "|---|" + "---:|" * len(arms)]
+    for site in results["sites"]:
+        lines.append(f"| {site} | " + " | ".join(f"{results['scores'][arm][site].get(key, float('nan')):.3f}"
+                                                 for arm in arms) + " |")
+    means = {arm: sum(results["scores"][arm][s][key] for s in results["sites"]) / len(results["sites"]) for arm in arms}
+    lines.append("| mean | " + " | ".join(f"{means[arm]:.3f}" for arm in arms) + " |")
+    input_key = f"{key}-input"
+    first = results["scores"]["federated"][results["sites"][0]]
+    if input_key in first:  # image-to-image: the gain over the input, and the share of pooling's gain
+        gain = {arm: sum(results["scores"][arm][s][key] - results["scores"][arm][s][input_key]
+                         for s in results["sites"]) / len(results["sites"]) for arm in arms}
+        share = gain["federated"] / gain["pooled"] if gain["pooled"] else float("nan")
+        lines += ["", "Mean gain over the input: " + ", ".join(f"{arm} {gain[arm]:+.3f}" for arm in arms)
+                  + f". The federation reaches {share:.0%} of pooled training's gain."]
+    if results["leave-one-out"]:
+        lines += ["", "Leave one site out: the federation of the others, and each single site's own model, "
+                  f"applied to the site left out (`{key}`):", "", "| site left out | federated (others) | single sites |",
+                  "|---|---:|---|"]
+        for site, row in results["leave-one-out"].items():
+            singles = ", ".join(f"{name} {s[key]:.3f}" for name, s in row["single sites"].items())
+            lines.append(f"| {site} | {row['federated (others)'][key]:.3f} | {singles} |")
+    lines += ["", "Training seconds: " + ", ".join(f"{arm} {s:.0f}" for arm, s in results["seconds"].items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(results: dict[str, Any], path: Path, progress: Progress) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        progress("no plot: matplotlib is not installed (pip install -e '.[bench]')")
+        return
+    key, arms, sites = results["headline"], list(results["scores"]), results["sites"]
+    figure, axis = plt.subplots(figsize=(2 + 1.5 * len(sites), 3.5))
+    width = 0.8 / len(arms)
+    for i, arm in enumerate(arms):
+        axis.bar([s + i * width for s in range(len(sites))], [results["scores"][arm][site][key] for site in sites],
+                 width, label=arm)
+    axis.set_xticks([s + 0.4 - width / 2 for s in range(len(sites))], sites, rotation=15)
+    axis.set_ylabel(key)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
