@@ -17,7 +17,7 @@ from torch import nn
 
 from medgan_core.config import SiteConfig
 from medgan_core.study_config import StudyConfig
-from medgan_core.data.simulate import simulate_study
+from medgan_core.data.simulate import simulate_study, stale_simulation
 from medgan_core.metrics.image_quality import psnr_ssim
 from medgan_core.site_round import load_site_model
 from medgan_core.tasks.base import Task
@@ -44,6 +44,8 @@ def arguments(doc: str | None, out: str, data: str = "benchmarks/data/sites", ro
 def study_sites(data: Path) -> list[Path]:
     """Three simulated hospitals (12 subjects × 12 slices, 128²), written once and reused
     (again when a study written by an older simulator lacks the label maps)."""
+    if (data / "study.json").exists() and (stale := stale_simulation(data)):
+        raise SystemExit(stale)  # its NIfTI would now read flipped against its DICOM
     if not (data / "study.json").exists() or not any(data.glob("*/seg")):
         simulate_study(data, n_sites=3, n_subjects=12, n_slices=12, size=128, seed=3)
     return sorted(p for p in data.iterdir() if (p / "manifest.csv").exists())
