@@ -19,7 +19,7 @@ from flwr.clientapp.typing import Mod
 
 from client.audit import audit_outgoing_mod
 from client.payload import evaluate_reply, train_reply
-from client.ray_guard import ray_exposure
+from client.ray_guard import keep_ray_on_loopback, ray_exposure
 from client.site import cached_site_data, site_from_context, site_seed
 from medgan_core.config import SiteConfig
 from medgan_core.errors import PrivacyError
@@ -38,6 +38,10 @@ from medgan_core.tasks.registry import build_task
 
 
 log = logging.getLogger("medgan.site")
+
+# Flower's simulation (`flwr run`) loads the ClientApp in its own process before it starts
+# Ray: from here on, that Ray binds 127.0.0.1 only. A SuperNode runs no Ray; nothing changes.
+keep_ray_on_loopback()
 
 
 def build_client_app(sites: Sequence[SiteConfig] | None = None, mods: Sequence[Mod] = ()) -> ClientApp:

@@ -41,5 +41,5 @@ def ray_exposure() -> str:
         pass
     name, value = LOOPBACK_ENV
     return (f"this simulated site refuses to train: the simulation's Ray listens on {address} and every other "
-            f"interface, so others on the network could reach it; use 'medgan demo', or export {name}={value} "
-            "before 'flwr run'")
+            f"interface, so others on the network could reach it; start it with {name}={value} in the environment "
+            "(medgan demo, simulate_federation and flwr run of this app do)")

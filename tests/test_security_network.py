@@ -112,6 +112,56 @@ def test_a_site_in_a_ray_open_to_the_network_refuses(tiny_sites: list[Path], tmp
         assert not list(state.glob("accountant-*")) and not (state / "ledger-index.json").exists()
 
 
+def _ray_processes(marker: str) -> set[int]:
+    """Ray's own processes (GCS, raylet, workers) whose environment holds ``marker``."""
+    found = set()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            name = (proc / "comm").read_text().strip()
+        except OSError:
+            continue
+        if marker.encode() in environ and (name in ("raylet", "gcs_server") or name.startswith("ray::")):
+            found.add(int(proc.name))
+    return found
+
+
+def test_flwr_run_keeps_ray_on_loopback(tiny_sites: list[Path], tmp_path: Path) -> None:
+    """`flwr run . local-sim` without the README's export: Flower loads our ClientApp before it
+    starts Ray, and loading it keeps that Ray on 127.0.0.1."""
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text('[superlink]\ndefault = "local-sim"\n\n[superlink.local-sim]\n'
+                                      'address = ":local:"\noptions.num-supernodes = 2\n')
+    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # as a user's shell would have it
+    settings = (f'run.rounds=1 run.num-sites=2 task.local-steps=1 task.image-size=16 task.width=8 task.batch-size=4 '
+                f'run.sites-dir="{tiny_sites[0].parent}" run.out-dir="{tmp_path / "run"}" privacy.enabled=false')
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.Popen([str(Path(sys.executable).parent / "flwr"), "run", str(root), "local-sim", "--stream",
+                            "--run-config", settings], cwd=root, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    seen: dict[str, str] = {}
+    try:
+        deadline = time.monotonic() + 240
+        while run.poll() is None and time.monotonic() < deadline:
+            seen.update(_listening(_ray_processes(f"FLWR_HOME={home}")))
+            time.sleep(0.3)
+        output = run.communicate(timeout=60)[0]
+    finally:
+        run.kill()
+        for proc in Path("/proc").glob("[0-9]*"):  # the local SuperLink flwr run left in the background
+            try:
+                if f"FLWR_HOME={home}".encode() in (proc / "environ").read_bytes().split(b"\0"):
+                    os.kill(int(proc.name), 9)
+            except OSError:
+                continue
+    assert run.returncode == 0, output[-3000:]
+    assert len(seen) >= 3, (seen, output[-2000:])  # GCS, raylet and workers seen while the run went on
+    assert all(_loopback(address) for address in seen.values()), seen
+
+
 def _interfaces(pid: int) -> set[str]:
     lines = Path(f"/proc/{pid}/net/dev").read_text().splitlines()[2:]
     return {line.split(":")[0].strip() for line in lines}
