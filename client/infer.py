@@ -30,7 +30,7 @@ from pydicom.pixels import apply_modality_lut
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from medgan_core.data.dicom_io import GREYSCALE, MEDIA_STORAGE_DIRECTORY
+from medgan_core.data.dicom_io import GREYSCALE, MEDIA_STORAGE_DIRECTORY, frames_of
 from medgan_core.data.kspace import read_kspace, reconstruction_input
 from medgan_core.data.nifti_io import read_nifti
 from medgan_core.data.preprocess import normalise_mr, resize_slices, window_ct
@@ -215,7 +215,10 @@ def _dicom(applier: Applier, job: Job, target: Path) -> None:
         except Exception as exc:  # noqa: BLE001 - a truncated file: this series fails, others go on
             raise DataError(f"{path}: unreadable DICOM file ({type(exc).__name__})") from exc
         if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-            raise DataError(f"{path}: enhanced multi-frame output is not written yet; convert to a classic series")
+            if len(job.dicom) > 1:
+                raise DataError(f"{path}: a multi-frame object shares its series with other files; infer it alone")
+            _enhanced(applier, ds, path, target)
+            return
         if str(ds.get("PhotometricInterpretation", "")) not in GREYSCALE or "ImageOrientationPatient" not in ds:
             raise DataError(f"{path}: not a greyscale image with a patient geometry")
         modality = str(ds.get("Modality", ""))
@@ -230,8 +233,7 @@ def _dicom(applier: Applier, job: Job, target: Path) -> None:
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     series_uid = generate_uid()
-    description = f"MedGAN-FL {applier.model.task.name} (study {applier.model.provenance.get('study-id', '?')[:8]}, " \
-                  f"round {applier.model.provenance.get('round', '?')})"
+    description = _description(applier)
     for number, (ds, flip, out) in enumerate(zip(sources, flips, outputs), start=1):
         derived = _derived(ds, _displayed(out, flip), series_uid, description, applier.scale)
         derived.save_as(partial / f"IM{number:05d}.dcm", enforce_file_format=True)
@@ -241,13 +243,96 @@ def _dicom(applier: Applier, job: Job, target: Path) -> None:
     os.replace(partial, target)
 
 
+def _enhanced(applier: Applier, ds: Dataset, path: Path, target: Path) -> None:
+    """An enhanced multi-frame object in, a derived enhanced object out: every frame through
+    the model in the display orientation, written back into one file with the same
+    functional groups, a fitted shared rescale, and new UIDs."""
+    if "PerFrameFunctionalGroupsSequence" not in ds:
+        raise DataError(f"{path}: a multi-frame image without per-frame geometry; refused")
+    modality = str(ds.get("Modality", ""))
+    if modality != applier.input_modality:
+        raise DataError(f"{path}: a {modality} image; this model reads {applier.input_modality}")
+    frames = frames_of(ds, path)
+    flips = [_flips(frame.orientation, frame.source) for frame in frames]
+    outputs = applier.apply(np.stack([_displayed(f.values, flip) for f, flip in zip(frames, flips)]))
+    stored_frames = [_displayed(out, flip) for out, flip in zip(outputs, flips)]
+    derived = copy.deepcopy(ds)
+    derived.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    derived.SOPInstanceUID = derived.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    derived.SeriesInstanceUID = generate_uid()
+    description = _description(applier)
+    derived.SeriesDescription = description[:64]
+    derived.ImageType = ["DERIVED", "SECONDARY", *list(ds.get("ImageType") or ["", "", "VOLUME", "NONE"])[2:4]]
+    derived.DerivationDescription = f"{description}; values from a generative model, not measured"[:1024]
+    reference = Dataset()
+    reference.ReferencedSOPClassUID, reference.ReferencedSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    derived.SourceImageSequence = Sequence([reference])
+    values = np.stack(stored_frames)
+    intercept = float(np.floor(min(values.min(), 0.0)))
+    stored = np.rint(values - intercept)
+    if stored.max() > 65535:
+        raise DataError(f"{path}: output values exceed what 16 bits can store")
+    for group in derived.PerFrameFunctionalGroupsSequence:  # one shared rescale for every frame
+        if "PixelValueTransformationSequence" in group:
+            del group.PixelValueTransformationSequence
+    if "SharedFunctionalGroupsSequence" not in derived:
+        derived.SharedFunctionalGroupsSequence = Sequence([Dataset()])
+    transform = Dataset()
+    transform.RescaleSlope, transform.RescaleIntercept = 1.0, intercept
+    transform.RescaleType = "HU" if applier.output_modality == "CT" else "US"
+    derived.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence = Sequence([transform])
+    if applier.scale > 1:
+        _rescale_enhanced_grid(derived, applier.scale)
+    derived.Rows, derived.Columns = values.shape[1:]
+    derived.BitsAllocated, derived.BitsStored, derived.HighBit, derived.PixelRepresentation = 16, 16, 15, 0
+    derived.PhotometricInterpretation = "MONOCHROME2"
+    derived.PixelData = stored.astype(np.uint16).tobytes()
+    derived["PixelData"].VR = "OW"
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    derived.save_as(partial / "enhanced.dcm", enforce_file_format=True)
+    (partial / DONE).write_text(f"{len(frames)} frames from {path.name}\n")
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(partial, target)
+
+
+def _rescale_enhanced_grid(ds: Dataset, scale: int) -> None:
+    """A super-resolved enhanced object: finer pixel spacing, each frame's first pixel moved
+    half an old pixel less half a new one along the rows and columns."""
+    groups = [*ds.PerFrameFunctionalGroupsSequence, *ds.get("SharedFunctionalGroupsSequence", [])]
+    for group in groups:
+        if "PixelMeasuresSequence" in group:
+            measures = group.PixelMeasuresSequence[0]
+            measures.PixelSpacing = [float(v) / scale for v in measures.PixelSpacing]
+    shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else Dataset()
+    for group in ds.PerFrameFunctionalGroupsSequence:
+        orientation = (group if "PlaneOrientationSequence" in group else shared).PlaneOrientationSequence[0]
+        measures = (group if "PixelMeasuresSequence" in group else shared).PixelMeasuresSequence[0]
+        direction = np.asarray(orientation.ImageOrientationPatient, dtype=float)
+        row_spacing, col_spacing = (float(v) * scale for v in measures.PixelSpacing)  # the old spacing
+        position = group.PlanePositionSequence[0]
+        shift = (direction[:3] * col_spacing + direction[3:] * row_spacing) * (1 / scale - 1) / 2
+        position.ImagePositionPatient = [float(v) for v in np.asarray(position.ImagePositionPatient, float) + shift]
+
+
+def _description(applier: Applier) -> str:
+    provenance = applier.model.provenance
+    return (f"MedGAN-FL {applier.model.task.name} (study {str(provenance.get('study-id', '?'))[:8]}, "
+            f"round {provenance.get('round', '?')})")
+
+
 def _display_flips(ds: Dataset) -> tuple[bool, bool]:
+    return _flips(np.asarray(ds.ImageOrientationPatient, dtype=float), str(ds.filename))
+
+
+def _flips(orientation: np.ndarray, source: str) -> tuple[bool, bool]:
     """(flip rows, flip columns) that turn a stored axial slice into the canonical display
     (rows running to posterior, columns to the patient's left)."""
-    orientation = np.asarray(ds.ImageOrientationPatient, dtype=float)
     row_dir, col_dir = orientation[:3], orientation[3:]
     if abs(row_dir[0]) < 0.9 or abs(col_dir[1]) < 0.9:
-        raise DataError(f"{ds.filename}: not an axial slice (ImageOrientationPatient {list(orientation)}); "
+        raise DataError(f"{source}: not an axial slice (ImageOrientationPatient {list(orientation)}); "
                         "this model takes axial slices")
     return bool(col_dir[1] < 0), bool(row_dir[0] < 0)
 

@@ -200,3 +200,24 @@ def test_recon_reads_undersampled_kspace_and_writes_the_image_over_the_same_fiel
         return np.array([image.affine @ np.array([i, j, 0, 1.0]) for i, j in ((-0.5, -0.5), (shape[0] - 0.5,
                                                                                              shape[1] - 0.5))])
     np.testing.assert_allclose(corners(out, out.shape), corners(original, original.shape), atol=1e-4)
+
+
+def test_an_enhanced_multiframe_ct_comes_out_as_a_derived_enhanced_object(denoise_model: Path, tiny_sites: list[Path],
+                                                                          tmp_path: Path) -> None:
+    from tests.dicom_samples import enhanced_ct
+
+    (tmp_path / "in").mkdir()
+    source = enhanced_ct(_ct_series(tiny_sites[0]), tmp_path / "in" / "enhanced.dcm", shuffle_seed=2)
+    model = load_model(denoise_model)
+    summary = infer(model, source, tmp_path / "out")
+    assert len(summary.written) == 1 and not summary.failed, summary.failed
+    files = list(summary.written[0].glob("*.dcm"))
+    assert len(files) == 1
+    ds, original = pydicom.dcmread(files[0]), pydicom.dcmread(source)
+    assert int(ds.NumberOfFrames) == int(original.NumberOfFrames) and ds.SOPClassUID == original.SOPClassUID
+    assert ds.SeriesInstanceUID != original.SeriesInstanceUID and list(ds.ImageType)[:2] == ["DERIVED", "SECONDARY"]
+    assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == original.SOPInstanceUID
+    derived, volume = read_dicom_series(files[0]), read_dicom_series(source)
+    np.testing.assert_allclose(derived.affine, volume.affine)
+    expected = Applier(model).apply(volume.axial_slices())
+    assert np.abs(derived.axial_slices() - expected).max() <= 0.5

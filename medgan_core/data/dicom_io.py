@@ -72,7 +72,7 @@ def read_dicom_series(path: str | Path, series_uid: str = "") -> Volume:
     elif len(uids) > 1:
         raise DataError(f"{path} mixes {len(uids)} DICOM series; name one in the manifest's series column "
                         "('medgan site index' writes it)")
-    frames = [frame for ds, p in datasets for frame in _frames(ds, p)]
+    frames = [frame for ds, p in datasets for frame in frames_of(ds, p)]
     first_ds = datasets[0][0]
     return _stack(frames, str(first_ds.get("Modality", "OT")), str(path)).canonical()
 
@@ -95,7 +95,7 @@ def _read(path: Path) -> Dataset:
     return ds
 
 
-def _frames(ds: Dataset, path: Path) -> list[Frame]:
+def frames_of(ds: Dataset, path: Path) -> list[Frame]:
     """The frames of one file: a classic slice, or every frame of an enhanced multi-frame object."""
     try:
         stored = ds.pixel_array
