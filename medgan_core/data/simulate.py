@@ -31,7 +31,10 @@ simulated here is non-IID.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import multiprocessing
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -420,16 +423,32 @@ def simulate_study(
     size: int = 128,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
+    workers: int | None = None,
 ) -> list[Path]:
-    """Write ``n_sites`` hospitals under ``out_dir``; returns their folders in order."""
+    """Write ``n_sites`` hospitals under ``out_dir``; returns their folders in order.
+
+    Sites are independent (each its own seed), so they are simulated in ``workers``
+    processes at once (default: one per CPU, at most one per site); the files are the same
+    as one after the other. With several workers ``progress`` hears of each finished site."""
     out_dir = Path(out_dir)
+    jobs = [(profile, out_dir / f"site-{index + 1:02d}-{profile.name}", seed * 1000 + index)
+            for index, profile in enumerate(site_profiles(n_sites, seed))]
+    workers = min(workers or os.cpu_count() or 1, len(jobs))
+    if workers <= 1:
+        for profile, folder, site_seed in jobs:
+            simulate_site(profile, folder, n_subjects=n_subjects, n_slices=n_slices, size=size, seed=site_seed,
+                          progress=progress)
+    else:
+        context = multiprocessing.get_context("spawn")  # no forked torch or Ray state in the workers
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+            running = {pool.submit(simulate_site, profile, folder, n_subjects=n_subjects, n_slices=n_slices,
+                                   size=size, seed=site_seed): folder for profile, folder, site_seed in jobs}
+            for done in concurrent.futures.as_completed(running):
+                done.result()  # a failed site raises here, in the caller's process
+                if progress is not None:
+                    progress(f"{running[done].name}: written")
     folders = []
-    for index, profile in enumerate(site_profiles(n_sites, seed)):
-        folder = out_dir / f"site-{index + 1:02d}-{profile.name}"
-        simulate_site(
-            profile, folder, n_subjects=n_subjects, n_slices=n_slices, size=size,
-            seed=seed * 1000 + index, progress=progress,
-        )
+    for _, folder, _ in jobs:
         (folder / SIMULATED_MARK).write_text("written by medgan sites simulate; --force may replace this folder\n")
         folders.append(folder)
     study = {"sites": [f.name for f in folders], "seed": seed, "subjects": n_subjects, "slices": n_slices, "size": size,
