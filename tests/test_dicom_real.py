@@ -233,3 +233,14 @@ def test_nibabels_bundled_nifti_comes_out_canonical_voxel_for_voxel(name: str) -
         world = original.affine @ np.array([*voxel, 1.0])
         i, j, k = np.rint(np.linalg.inv(volume.affine) @ world)[:3].astype(int)
         assert volume.data[i, j, k] == data[voxel]
+
+
+def test_picking_a_series_from_an_export_folder_ignores_other_files(tmp_path: Path) -> None:
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "MR_small.dcm").write_bytes(bundled("MR_small.dcm").read_bytes())
+    (folder / "README.txt").write_text("exported by the PACS")
+    uid_ = str(pydicom.dcmread(bundled("MR_small.dcm")).SeriesInstanceUID)
+    np.testing.assert_array_equal(_slice(read_dicom_series(folder, uid_)), _reference("MR_small.dcm"))
+    with pytest.raises(DataError, match="README.txt: not a DICOM file"):
+        read_dicom_series(folder)  # a series folder of its own must hold only that series

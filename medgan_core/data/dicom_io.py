@@ -59,7 +59,9 @@ def read_dicom_series(path: str | Path, series_uid: str = "") -> Volume:
             raise DataError(f"{path} is a DICOMDIR, an index of files; name the series' folder or file instead")
     elif path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-        datasets = [(ds, p) for p in files if (ds := _read(p)) is not None]
+        # Picking one series from an export folder: other files there (notes, viewers, other
+        # formats) are not this series' business. A series folder of its own must hold only it.
+        datasets = [(ds, p) for p in files if (ds := _read(p, skip_foreign=bool(series_uid))) is not None]
         if not datasets:
             raise DataError(f"DICOM series folder {path} holds no DICOM images")
     else:
@@ -77,10 +79,12 @@ def read_dicom_series(path: str | Path, series_uid: str = "") -> Volume:
     return _stack(frames, str(first_ds.get("Modality", "OT")), str(path)).canonical()
 
 
-def _read(path: Path) -> Dataset:
+def _read(path: Path, skip_foreign: bool = False) -> Dataset:
     try:
         ds = pydicom.dcmread(path)
     except InvalidDicomError as exc:
+        if skip_foreign:
+            return None  # type: ignore[return-value]
         raise DataError(f"{path}: not a DICOM file ({exc})") from exc
     except Exception as exc:  # pydicom raises several types for truncated files
         raise DataError(f"{path}: unreadable DICOM file ({type(exc).__name__}: {exc})") from exc
