@@ -116,8 +116,9 @@ def find_jobs(source: Path) -> list[Job]:
                                                       and not any(part.startswith(".") for part in p.parts))
     jobs: dict[str, Job] = {}
     for path in files:
-        if path.name.lower().endswith((".nii", ".nii.gz")):
-            jobs[str(path)] = Job(path.name, nifti=path)
+        if path.name.lower().endswith((".nii", ".nii.gz")):  # named by its place, so two scan.nii never collide
+            name = path.relative_to(source).as_posix().replace("/", "_") if source.is_dir() else path.name
+            jobs[str(path)] = Job(name, nifti=path)
             continue
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -142,7 +143,7 @@ def infer(model: ModelFile, source: Path, output: Path, *, device: torch.device 
     summary = InferSummary()
     jobs = find_jobs(source)
     for done, job in enumerate(jobs, start=1):
-        target = output / (job.nifti.name if job.nifti else job.name)
+        target = output / job.name
         if progress:
             progress(job.name, done, len(jobs))
         if (target.is_file() if job.nifti else (target / DONE).exists()):

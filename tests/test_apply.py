@@ -221,3 +221,13 @@ def test_an_enhanced_multiframe_ct_comes_out_as_a_derived_enhanced_object(denois
     np.testing.assert_allclose(derived.affine, volume.affine)
     expected = Applier(model).apply(volume.axial_slices())
     assert np.abs(derived.axial_slices() - expected).max() <= 0.5
+
+
+def test_two_scans_of_one_name_in_different_studies_both_come_out(denoise_model: Path, tiny_sites: list[Path],
+                                                                   tmp_path: Path) -> None:
+    volume = read_dicom_series(_ct_series(tiny_sites[0]))
+    for study in ("study-1", "study-2"):
+        (tmp_path / "in" / study).mkdir(parents=True)
+        nib.save(nib.Nifti1Image(volume.data, volume.affine), str(tmp_path / "in" / study / "ct.nii.gz"))
+    summary = infer(load_model(denoise_model), tmp_path / "in", tmp_path / "out")
+    assert sorted(p.name for p in summary.written) == ["study-1_ct.nii.gz", "study-2_ct.nii.gz"]
