@@ -108,12 +108,15 @@ class Applier:
         return ((output + 1) / 2 * top).astype(np.float32)
 
 
-def find_jobs(source: Path) -> list[Job]:
-    """NIfTI files and DICOM series (grouped by SeriesInstanceUID and folder) under ``source``."""
+def find_jobs(source: Path, exclude: Path | None = None) -> list[Job]:
+    """NIfTI files and DICOM series (grouped by SeriesInstanceUID and folder) under ``source``,
+    leaving out ``exclude`` (the output folder, when it lies inside the input)."""
     if not source.exists():
         raise MedGANError(f"input {source} does not exist")
-    files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file()
-                                                      and not any(part.startswith(".") for part in p.parts))
+    skip = exclude.resolve() if exclude is not None else None
+    files = [source] if source.is_file() else sorted(
+        p for p in source.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.parts)
+        and not (skip is not None and (skip == p.resolve().parent or skip in p.resolve().parents)))
     jobs: dict[str, Job] = {}
     for path in files:
         if path.name.lower().endswith((".nii", ".nii.gz")):  # named by its place, so two scan.nii never collide
@@ -141,7 +144,7 @@ def infer(model: ModelFile, source: Path, output: Path, *, device: torch.device 
     applier = Applier(model, device)
     output.mkdir(parents=True, exist_ok=True)
     summary = InferSummary()
-    jobs = find_jobs(source)
+    jobs = find_jobs(source, exclude=output)
     for done, job in enumerate(jobs, start=1):
         target = output / job.name
         if progress:

@@ -231,3 +231,14 @@ def test_two_scans_of_one_name_in_different_studies_both_come_out(denoise_model:
         nib.save(nib.Nifti1Image(volume.data, volume.affine), str(tmp_path / "in" / study / "ct.nii.gz"))
     summary = infer(load_model(denoise_model), tmp_path / "in", tmp_path / "out")
     assert sorted(p.name for p in summary.written) == ["study-1_ct.nii.gz", "study-2_ct.nii.gz"]
+
+
+def test_an_output_folder_inside_the_input_is_not_read_as_input(denoise_model: Path, tiny_sites: list[Path],
+                                                                tmp_path: Path) -> None:
+    volume = read_dicom_series(_ct_series(tiny_sites[0]))
+    (tmp_path / "data").mkdir()
+    nib.save(nib.Nifti1Image(volume.data, volume.affine), str(tmp_path / "data" / "ct.nii.gz"))
+    model = load_model(denoise_model)
+    assert len(infer(model, tmp_path / "data", tmp_path / "data" / "denoised").written) == 1
+    again = infer(model, tmp_path / "data", tmp_path / "data" / "denoised")
+    assert not again.written and len(again.skipped) == 1  # its own outputs were not taken for new scans
