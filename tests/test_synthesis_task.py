@@ -61,3 +61,20 @@ def test_set_weights_rejects_wrong_names_shapes_and_nan(tiny_study: StudyConfig)
     bad.flat[0] = np.nan
     with pytest.raises(WeightsError, match="NaN"):
         task.set_weights({**weights, name: bad})
+
+
+def test_ema_ends_the_round_on_the_average_of_the_generators_steps(tiny_sites: list[Path], tiny_study) -> None:
+    """task.ema: the generator sent is the moving average of its steps, which lags the last step."""
+    from medgan_core.tasks.registry import replace_task
+
+    def generator_after(ema: float) -> tuple[dict, dict]:
+        task = build_task(replace_task(tiny_study.task, ema=ema))
+        before = {k: v.copy() for k, v in task.get_weights().items() if k.startswith("generator.")}
+        task.train(load_site_data(tiny_sites[0], task.config), 6, seed=0)
+        return before, {k: v for k, v in task.get_weights().items() if k.startswith("generator.")}
+
+    start, plain = generator_after(0.0)
+    _, averaged = generator_after(0.9)
+    moved = sum(float(np.abs(plain[k] - start[k]).sum()) for k in start)
+    moved_averaged = sum(float(np.abs(averaged[k] - start[k]).sum()) for k in start)
+    assert 0 < moved_averaged < moved  # same seed, same steps: the average sits between start and end
