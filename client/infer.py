@@ -104,7 +104,8 @@ class Applier:
         output = F.interpolate(output, size=(rows, cols), mode="bilinear", align_corners=False)[:, 0].numpy()
         if self.output_modality == "CT":
             return ((output + 1) / 2 * (config.window_high - config.window_low) + config.window_low).astype(np.float32)
-        top = float(np.percentile(slices, 99.5)) or 1.0  # MR: back to the input's own intensity scale
+        # MR: back to the input's own intensity scale (an MR made from CT: a nominal 0-1000)
+        top = (float(np.percentile(slices, 99.5)) or 1.0) if self.input_modality == "MR" else 1000.0
         return ((output + 1) / 2 * top).astype(np.float32)
 
 
@@ -115,7 +116,8 @@ def find_jobs(source: Path, exclude: Path | None = None) -> list[Job]:
         raise MedGANError(f"input {source} does not exist")
     skip = exclude.resolve() if exclude is not None else None
     files = [source] if source.is_file() else sorted(
-        p for p in source.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.parts)
+        p for p in source.rglob("*") if p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(source).parts)  # hidden below the input only
         and not (skip is not None and (skip == p.resolve().parent or skip in p.resolve().parents)))
     jobs: dict[str, Job] = {}
     for path in files:
