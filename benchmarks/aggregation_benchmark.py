@@ -18,12 +18,9 @@ from __future__ import annotations
 import json
 import time
 
-import torch
 
 from bench_common import arguments, image_scores, paired_study, site_models, study_sites, train_federated
-from medgan_core.study_config import StudyConfig
-from medgan_core.data.dataset import SiteData
-from medgan_core.tasks.registry import build_task
+from medgan.compare import pooled_model
 from medgan_core.tasks.registry import load_task_data
 
 METHODS: dict[str, dict[str, object]] = {
@@ -34,17 +31,6 @@ METHODS: dict[str, dict[str, object]] = {
     "FedAdam (η = 0.003)": {"server_optimizer": "fedadam", "server_lr": 0.003},
     "local only": {"policy": "local"},
 }
-
-
-def pooled(study: StudyConfig, data: list[SiteData]) -> object:
-    """One model trained on every site's images together, as many steps as all sites did."""
-    union = SiteData("pooled", torch.cat([d.train for d in data]), torch.cat([d.test for d in data]),
-                     torch.cat([d.train_input for d in data]), torch.cat([d.test_input for d in data]))  # type: ignore[list-item]
-    task = build_task(study.task)
-    for server_round in range(1, study.run.rounds + 1):
-        for site in range(len(data)):
-            task.train(union, study.task.local_steps, seed=server_round * 100 + site)
-    return task
 
 
 def main() -> None:
@@ -72,7 +58,7 @@ def main() -> None:
         score(method, models)
         print(f"{method}: {seconds[method]:.0f} s", flush=True)
     started = time.monotonic()
-    model = pooled(base, data)
+    model = pooled_model(base, data)  # as many steps as all sites took, on their union
     seconds["pooled (central)"] = time.monotonic() - started
     score("pooled (central)", [model] * len(sites))
 

@@ -15,14 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medgan_core.config import SiteConfig
 from medgan_core.study_config import StudyConfig
 from medgan_core.data.simulate import simulate_study, stale_simulation
 from medgan_core.metrics.image_quality import psnr_ssim
-from medgan_core.site_round import load_site_model
 from medgan_core.tasks.base import Task
 from medgan_core.tasks.registry import build_task
 from medgan_core.checkpoints import load_checkpoint
+import medgan.compare as compare
 from medgan.simulation import simulate_federation
 
 
@@ -95,18 +94,9 @@ def image_scores(output: torch.Tensor, target: torch.Tensor, hu_per_unit: float)
 
 
 def site_models(study: StudyConfig, sites: list[Path], run_dir: Path, trained: Task) -> list[Task]:
-    """Each site's own final model: the global arrays plus what the site kept at home under
-    ``[aggregation]`` (local groups, FedBN's normalisation layers), read from its state folder."""
-    weights = trained.get_weights()
-    study_id = (run_dir / "study-id").read_text().strip()
-    models = []
-    for site in sites:
-        task = build_task(study.task)
-        task.set_weights(weights)
-        load_site_model(task, SiteConfig(str(site), state_dir=str(run_dir / "site-state" / site.name)),
-                        study.aggregation, study_id=study_id, server_round=study.run.rounds, training=False)
-        models.append(task)
-    return models
+    """Each site's own final model: ``trained``'s arrays plus what the site kept at home
+    (``medgan study compare`` builds them the same way)."""
+    return list(compare.site_models(study, sites, run_dir, trained.get_weights()).values())
 
 
 def fit_cross_entropy(net: nn.Module, images: torch.Tensor, targets: torch.Tensor, steps: int, seed: int,

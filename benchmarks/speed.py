@@ -22,7 +22,6 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from opacus import GradSampleModule
@@ -45,7 +44,7 @@ def _data(name: str, size: int, generator: torch.Generator) -> SiteData:
     if name == "conditional":
         burden = torch.rand(RECORDS, generator=generator) * 0.3
         return SiteData("bench", images(), images(), train_condition=burden, test_condition=burden)
-    if name in ("synthesis",):
+    if name == "synthesis":
         return SiteData("bench", images(), images())
     return SiteData("bench", images(), images(), images(), images())
 

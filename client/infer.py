@@ -23,7 +23,7 @@ import numpy as np
 import pydicom
 import torch
 import torch.nn.functional as F
-from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut
@@ -33,7 +33,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from medgan_core.data.dicom_io import GREYSCALE, MEDIA_STORAGE_DIRECTORY, frames_of
 from medgan_core.data.kspace import read_kspace, reconstruction_input
 from medgan_core.data.nifti_io import read_nifti
-from medgan_core.data.preprocess import normalise_mr, resize_slices, window_ct
+from medgan_core.data.preprocess import normalise_mr, resize_slices, to_hu, window_ct
 from medgan_core.data.volume import CANONICAL
 from medgan_core.errors import DataError, MedGANError
 from medgan_core.model_file import ModelFile
@@ -103,7 +103,7 @@ class Applier:
         rows, cols = slices.shape[1] * self.scale, slices.shape[2] * self.scale
         output = F.interpolate(output, size=(rows, cols), mode="bilinear", align_corners=False)[:, 0].numpy()
         if self.output_modality == "CT":
-            return ((output + 1) / 2 * (config.window_high - config.window_low) + config.window_low).astype(np.float32)
+            return to_hu(output, config.window_low, config.window_high).astype(np.float32)
         # MR: back to the input's own intensity scale (an MR made from CT: a nominal 0-1000)
         top = (float(np.percentile(slices, 99.5)) or 1.0) if self.input_modality == "MR" else 1000.0
         return ((output + 1) / 2 * top).astype(np.float32)
@@ -180,8 +180,6 @@ def _nifti(applier: Applier, job: Job, target: Path) -> None:
     # Back to the input file's own orientation, so the output overlays it voxel for voxel.
     back = ornt_transform(axcodes2ornt(CANONICAL), io_orientation(original.affine))
     data = apply_orientation(out, back)
-    from nibabel.orientations import inv_ornt_aff
-
     affine = affine @ inv_ornt_aff(back, out.shape)
     image = nib.Nifti1Image(np.ascontiguousarray(data, dtype=np.float32), affine, header=original.header.copy())
     image.set_data_dtype(np.float32)
@@ -262,22 +260,10 @@ def _enhanced(applier: Applier, ds: Dataset, path: Path, target: Path) -> None:
     flips = [_flips(frame.orientation, frame.source) for frame in frames]
     outputs = applier.apply(np.stack([_displayed(f.values, flip) for f, flip in zip(frames, flips)]))
     stored_frames = [_displayed(out, flip) for out, flip in zip(outputs, flips)]
-    derived = copy.deepcopy(ds)
-    derived.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    derived.SOPInstanceUID = derived.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    derived.SeriesInstanceUID = generate_uid()
-    description = _description(applier)
-    derived.SeriesDescription = description[:64]
-    derived.ImageType = ["DERIVED", "SECONDARY", *list(ds.get("ImageType") or ["", "", "VOLUME", "NONE"])[2:4]]
-    derived.DerivationDescription = f"{description}; values from a generative model, not measured"[:1024]
-    reference = Dataset()
-    reference.ReferencedSOPClassUID, reference.ReferencedSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
-    derived.SourceImageSequence = Sequence([reference])
+    derived = _derived_copy(ds, generate_uid(), _description(applier),
+                            list(ds.get("ImageType") or ["", "", "VOLUME", "NONE"])[2:4])
     values = np.stack(stored_frames)
-    intercept = float(np.floor(min(values.min(), 0.0)))
-    stored = np.rint(values - intercept)
-    if stored.max() > 65535:
-        raise DataError(f"{path}: output values exceed what 16 bits can store")
+    stored, intercept = _stored(values, path)
     for group in derived.PerFrameFunctionalGroupsSequence:  # one shared rescale for every frame
         if "PixelValueTransformationSequence" in group:
             del group.PixelValueTransformationSequence
@@ -290,10 +276,7 @@ def _enhanced(applier: Applier, ds: Dataset, path: Path, target: Path) -> None:
     if applier.scale > 1:
         _rescale_enhanced_grid(derived, applier.scale)
     derived.Rows, derived.Columns = values.shape[1:]
-    derived.BitsAllocated, derived.BitsStored, derived.HighBit, derived.PixelRepresentation = 16, 16, 15, 0
-    derived.PhotometricInterpretation = "MONOCHROME2"
-    derived.PixelData = stored.astype(np.uint16).tobytes()
-    derived["PixelData"].VR = "OW"
+    _set_pixels(derived, stored)
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -352,22 +335,43 @@ def _displayed(image: np.ndarray, flips: tuple[bool, bool]) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
-def _derived(source: Dataset, values: np.ndarray, series_uid: str, description: str, scale: int) -> Dataset:
+def _derived_copy(source: Dataset, series_uid: str, description: str, image_type: list[str]) -> Dataset:
+    """A copy of ``source`` as a new derived instance of a new series that references it."""
     ds = copy.deepcopy(source)  # Dataset.copy() is shallow: the source's UIDs would change too
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     ds.SeriesInstanceUID = series_uid
     ds.SeriesNumber = int(source.get("SeriesNumber", 0) or 0) + 1000
     ds.SeriesDescription = description[:64]
-    ds.ImageType = ["DERIVED", "SECONDARY", *list(source.get("ImageType") or ["", "", "AXIAL"])[2:3]]
+    ds.ImageType = ["DERIVED", "SECONDARY", *image_type]
+    ds.DerivationDescription = f"{description}; values from a generative model, not measured"[:1024]
+    reference = Dataset()
+    reference.ReferencedSOPClassUID, reference.ReferencedSOPInstanceUID = source.SOPClassUID, source.SOPInstanceUID
+    ds.SourceImageSequence = Sequence([reference])
+    return ds
+
+
+def _stored(values: np.ndarray, source: object) -> tuple[np.ndarray, float]:
+    """Unsigned 16-bit stored values and the intercept that maps them back (slope 1)."""
+    intercept = float(np.floor(min(values.min(), 0.0)))
+    stored = np.rint(values - intercept)
+    if stored.max() > 65535:
+        raise DataError(f"{source}: output values exceed what 16 bits can store")
+    return stored.astype(np.uint16), intercept
+
+
+def _set_pixels(ds: Dataset, stored: np.ndarray) -> None:
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.PixelData = stored.tobytes()
+    ds["PixelData"].VR = "OW"
+
+
+def _derived(source: Dataset, values: np.ndarray, series_uid: str, description: str, scale: int) -> Dataset:
+    ds = _derived_copy(source, series_uid, description, list(source.get("ImageType") or ["", "", "AXIAL"])[2:3])
     for keyword in TYPE_2:  # empty but present, as the IOD requires, where the source left them out
         if keyword not in ds:
             setattr(ds, keyword, "")
-    ds.DerivationDescription = f"{description}; values from a generative model, not measured"[:1024]
-    reference = Dataset()
-    reference.ReferencedSOPClassUID = source.SOPClassUID
-    reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
-    ds.SourceImageSequence = Sequence([reference])
     for tag in ("VOILUTSequence", "ModalityLUTSequence", "WindowCenterWidthExplanation"):
         if tag in ds:
             del ds[tag]
@@ -380,16 +384,10 @@ def _derived(source: Dataset, values: np.ndarray, series_uid: str, description: 
         shift = (orientation[:3] * float(source.PixelSpacing[1]) + orientation[3:] * float(source.PixelSpacing[0])) \
             * (1 / scale - 1) / 2
         ds.ImagePositionPatient = [float(v) for v in origin + shift]
-    intercept = float(np.floor(min(values.min(), 0.0)))
-    stored = np.rint(values - intercept)
-    if stored.max() > 65535:
-        raise DataError("output values exceed what 16 bits can store")
+    stored, intercept = _stored(values, source.get("filename", "output"))
     ds.RescaleIntercept, ds.RescaleSlope = intercept, 1.0
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     for tag in ("SmallestImagePixelValue", "LargestImagePixelValue", "PixelPaddingValue"):
         if tag in ds:
             del ds[tag]
-    ds.PixelData = stored.astype(np.uint16).tobytes()
-    ds["PixelData"].VR = "OW"
+    _set_pixels(ds, stored)
     return ds

@@ -18,6 +18,7 @@ from medgan_core.data.dicom_io import write_dicom_series
 from medgan_core.data.manifest import ManifestEntry, write_manifest
 from medgan_core.data.nifti_io import write_nifti
 from medgan_core.data.png_io import write_png
+from medgan_core.data.preprocess import to_hu
 from medgan_core.errors import MedGANError
 from medgan_core.fileio import atomic_write_text
 from medgan_core.model_file import ModelFile
@@ -90,5 +91,5 @@ def _values(images: np.ndarray, model: ModelFile) -> np.ndarray:
     """[-1, 1] -> HU within the training window (CT), or relative intensity 0-1000 (MR)."""
     config = model.task
     if config.modality == "CT":
-        return ((images + 1) / 2 * (config.window_high - config.window_low) + config.window_low).astype(np.float32)
+        return to_hu(images, config.window_low, config.window_high).astype(np.float32)
     return ((images + 1) / 2 * 1000).astype(np.float32)

@@ -51,7 +51,7 @@ def compare_study(study: StudyConfig, sites: list[Path], out: Path, *, leave_one
         simulate_federation(arm_study, arm_sites, run_dir,
                             progress=lambda s: progress(f"{arm}: round {s.server_round}/{arm_study.run.rounds}"))
         seconds[arm] = time.monotonic() - started
-        return _site_models(arm_study, arm_sites, run_dir)
+        return site_models(arm_study, arm_sites, run_dir)
 
     federated = federate("federated", study, sites)
     scores["federated"] = {name: model.evaluate(data[name]) for name, model in federated.items()}
@@ -61,7 +61,7 @@ def compare_study(study: StudyConfig, sites: list[Path], out: Path, *, leave_one
     scores["local only"] = {name: model.evaluate(data[name]) for name, model in local.items()}
     progress("pooled: training on every site's images together")
     started = time.monotonic()
-    pooled = _pooled(study, list(data.values()))
+    pooled = pooled_model(study, list(data.values()))
     seconds["pooled"] = time.monotonic() - started
     scores["pooled"] = {name: pooled.evaluate(d) for name, d in data.items()}
     held_out: dict[str, dict[str, Any]] = {}
@@ -84,10 +84,13 @@ def compare_study(study: StudyConfig, sites: list[Path], out: Path, *, leave_one
     return results
 
 
-def _site_models(study: StudyConfig, sites: list[Path], run_dir: Path) -> dict[str, Task]:
-    """Each site's final model: the last checkpoint plus what the site kept at home."""
+def site_models(study: StudyConfig, sites: list[Path], run_dir: Path,
+                weights: dict | None = None) -> dict[str, Task]:
+    """Each site's final model: the global weights (default: the last checkpoint) plus what the
+    site kept at home under ``[aggregation]`` (local groups, FedBN's layers), from its state folder."""
     layout = RunLayout(run_dir)
-    weights = load_checkpoint(layout.checkpoint(study.run.rounds))[0]
+    if weights is None:
+        weights = load_checkpoint(layout.checkpoint(study.run.rounds))[0]
     study_id = layout.study_id_file.read_text().strip()
     models = {}
     for site in sites:
@@ -99,7 +102,7 @@ def _site_models(study: StudyConfig, sites: list[Path], run_dir: Path) -> dict[s
     return models
 
 
-def _pooled(study: StudyConfig, data: list[SiteData]) -> Task:
+def pooled_model(study: StudyConfig, data: list[SiteData]) -> Task:
     """One model on the union of every site's training images, as many steps as all sites took."""
     def joined(field: str) -> torch.Tensor | None:
         parts = [getattr(d, field) for d in data]

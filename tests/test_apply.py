@@ -181,7 +181,6 @@ def test_derived_dicom_passes_dciodvfy(denoise_model: Path, tiny_sites: list[Pat
 
 def test_recon_reads_undersampled_kspace_and_writes_the_image_over_the_same_field(tiny_sites: list[Path],
                                                                                   tmp_path: Path) -> None:
-    from client.infer import Applier
     from medgan_core.data.kspace import read_kspace
 
     study = StudyConfig().replace(task={"name": "recon", "modality": "MR", "image_size": 32, "width": 8})

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from medgan_core.data.volume import Volume
+
+T = TypeVar("T", torch.Tensor, np.ndarray)
 
 
 def window_ct(slices_hu: np.ndarray, low: float, high: float) -> np.ndarray:
@@ -40,6 +44,6 @@ def volume_to_slices(volume: Volume, size: int, window: tuple[float, float]) -> 
     return resize_slices(normalised, size)
 
 
-def to_hu(images: torch.Tensor, low: float, high: float) -> torch.Tensor:
-    """Inverse of ``window_ct`` inside the window: [-1, 1] -> HU."""
+def to_hu(images: T, low: float, high: float) -> T:
+    """Inverse of ``window_ct`` inside the window: [-1, 1] -> HU (a tensor or an array)."""
     return (images + 1.0) / 2.0 * (high - low) + low

@@ -5,7 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
+from nibabel.orientations import (
+    aff2axcodes,
+    apply_orientation,
+    axcodes2ornt,
+    inv_ornt_aff,
+    io_orientation,
+    ornt_transform,
+)
 
 from medgan_core.errors import DataError
 
@@ -45,8 +52,6 @@ class Volume:
     @property
     def orientation(self) -> tuple[str, ...]:
         """Where each voxel axis points, e.g. ``("L", "P", "S")``."""
-        from nibabel.orientations import aff2axcodes
-
         return tuple(aff2axcodes(self.affine))
 
     def obliquity(self) -> float:
