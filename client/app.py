@@ -81,7 +81,7 @@ def build_client_app(sites: Sequence[SiteConfig] | None = None, mods: Sequence[M
 
     def _train(msg: Message, context: Context) -> Message:
         task, site, round_ = prepare(msg, context)
-        data = cached_site_data(site.data_path, task.config)
+        data = cached_site_data(site.data_path, task.config, site.state_dir)
         metrics = train_site_round(
             task, data, site, round_.privacy,
             planned_rounds=round_.planned_rounds,
@@ -102,7 +102,7 @@ def build_client_app(sites: Sequence[SiteConfig] | None = None, mods: Sequence[M
             task, site, round_.aggregation, study_id=round_.study_id, server_round=round_.server_round,
             training=False,
         )
-        data = cached_site_data(site.data_path, task.config)
+        data = cached_site_data(site.data_path, task.config, site.state_dir)
         scores = task.evaluate(data)
         log.info("site %s, round %s, held-out scores (kept here unless release-test-metrics): %s",
                  site.site_name, round_.server_round, _rounded(scores))

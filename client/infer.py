@@ -33,11 +33,12 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from medgan_core.data.dicom_io import GREYSCALE, MEDIA_STORAGE_DIRECTORY, frames_of
 from medgan_core.data.kspace import read_kspace, reconstruction_input
 from medgan_core.data.nifti_io import read_nifti
-from medgan_core.data.preprocess import normalise_mr, resize_slices, to_hu, window_ct
+from medgan_core.data.preprocess import normalise_values, resample_slices, resample_to, resize_slices, to_hu, window_ct
+from medgan_core.data.slice_store import chunks
 from medgan_core.data.volume import CANONICAL
 from medgan_core.errors import DataError, MedGANError
 from medgan_core.model_file import ModelFile
-from medgan_core.tasks.paired import PairedImageTask
+from medgan_core.tasks.paired import EVAL_SLICES, PairedImageTask
 
 #: Type 2 attributes of the Patient, General Study, General Series, Frame of Reference and
 #: CT/MR Image modules: present (maybe empty) in every output, whatever the source omitted.
@@ -85,28 +86,40 @@ class Applier:
         output = self.task.restore(torch.from_numpy(inputs))[:, 0].numpy()
         return ((output + 1) / 2 * top).astype(np.float32)
 
-    def apply(self, slices: np.ndarray) -> np.ndarray:
-        """(k, rows, cols) values in canonical display orientation -> outputs on the input grid
-        (times ``scale`` for super-resolution), in the output modality's units."""
+    def apply(self, slices: np.ndarray, spacing: tuple[float, float]) -> np.ndarray:
+        """(k, rows, cols) values in canonical display orientation, with pixel ``spacing`` (mm
+        between rows, between columns) -> outputs on the input grid (times ``scale`` for
+        super-resolution), in the output modality's units."""
+        if self.task.clinical:
+            return self._apply_clinical(slices, spacing)
         config = self.model.task
         size = config.image_size
-        if self.input_modality == "CT":
-            normalised = window_ct(slices, config.window_low, config.window_high)
-        else:
-            normalised = normalise_mr(slices)
-        if self.scale > 1:  # the model reads the coarse grid interpolated bicubically, as in training
-            coarse = resize_slices(normalised, size // self.scale)
-            model_input = F.interpolate(coarse, scale_factor=self.scale, mode="bicubic", align_corners=False).clamp(-1, 1)
-        else:
-            model_input = resize_slices(normalised, size)
-        output = self.task.restore(model_input)
-        rows, cols = slices.shape[1] * self.scale, slices.shape[2] * self.scale
+        normalised = normalise_values(slices, self.input_modality, (config.window_low, config.window_high))
+        output = self.task.restore(resize_slices(normalised, size))
+        rows, cols = slices.shape[1], slices.shape[2]
         output = F.interpolate(output, size=(rows, cols), mode="bilinear", align_corners=False)[:, 0].numpy()
         if self.output_modality == "CT":
             return to_hu(output, config.window_low, config.window_high).astype(np.float32)
         # MR: back to the input's own intensity scale (an MR made from CT: a nominal 0-1000)
         top = (float(np.percentile(slices, 99.5)) or 1.0) if self.input_modality == "MR" else 1000.0
         return ((output + 1) / 2 * top).astype(np.float32)
+
+    def _apply_clinical(self, slices: np.ndarray, spacing: tuple[float, float]) -> np.ndarray:
+        """At the model's pixel size over the whole CT range, whole slices tile by tile, a few
+        slices at a time; back on the input grid (super-resolution: ``scale`` times finer)."""
+        model_spacing = self.model.task.spacing
+        scale = self.scale
+        fine_shape = (slices.shape[1] * scale, slices.shape[2] * scale)
+        fine_spacing = (spacing[0] / scale, spacing[1] / scale)
+        outputs = []
+        for part in chunks(len(slices), EVAL_SLICES):
+            values = torch.from_numpy(window_ct(slices[part], *self.task.ct_range))[:, None]
+            if scale > 1:  # the coarse acquisition interpolated bicubically, as the model was trained on
+                values = resample_to(values, fine_shape, "bicubic").clamp(-1, 1)
+            model_input = resample_slices(values[:, 0], fine_spacing, model_spacing)
+            restored = resample_to(self.task.restore(model_input), fine_shape)
+            outputs.append(to_hu(restored[:, 0].numpy(), *self.task.ct_range))
+        return np.concatenate(outputs).astype(np.float32)
 
 
 def find_jobs(source: Path, exclude: Path | None = None) -> list[Job]:
@@ -170,7 +183,8 @@ def _nifti(applier: Applier, job: Job, target: Path) -> None:
         _kspace_nifti(applier, job.nifti, original, target)
         return
     volume = read_nifti(job.nifti, applier.input_modality)  # canonical (L, P, S)
-    out = applier.apply(volume.axial_slices()).transpose(2, 1, 0)  # back to (i, j, k)
+    col_mm, row_mm, _ = volume.spacing
+    out = applier.apply(volume.axial_slices(), (row_mm, col_mm)).transpose(2, 1, 0)  # back to (i, j, k)
     scale = applier.scale
     affine = volume.affine.copy()
     if scale > 1:  # finer in-plane grid: voxel centres move by half the old voxel less half the new one
@@ -232,7 +246,7 @@ def _dicom(applier: Applier, job: Job, target: Path) -> None:
     flips = [_display_flips(ds) for ds in sources]
     values = np.stack([_displayed(np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float32), f)
                        for ds, f in zip(sources, flips)])
-    outputs = applier.apply(values)
+    outputs = applier.apply(values, _pixel_spacing(sources[0]))
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -258,7 +272,7 @@ def _enhanced(applier: Applier, ds: Dataset, path: Path, target: Path) -> None:
         raise DataError(f"{path}: a {modality} image; this model reads {applier.input_modality}")
     frames = frames_of(ds, path)
     flips = [_flips(frame.orientation, frame.source) for frame in frames]
-    outputs = applier.apply(np.stack([_displayed(f.values, flip) for f, flip in zip(frames, flips)]))
+    outputs = applier.apply(np.stack([_displayed(f.values, flip) for f, flip in zip(frames, flips)]), frames[0].spacing)
     stored_frames = [_displayed(out, flip) for out, flip in zip(outputs, flips)]
     derived = _derived_copy(ds, generate_uid(), _description(applier),
                             list(ds.get("ImageType") or ["", "", "VOLUME", "NONE"])[2:4])
@@ -304,6 +318,17 @@ def _rescale_enhanced_grid(ds: Dataset, scale: int) -> None:
         position = group.PlanePositionSequence[0]
         shift = (direction[:3] * col_spacing + direction[3:] * row_spacing) * (1 / scale - 1) / 2
         position.ImagePositionPatient = [float(v) for v in np.asarray(position.ImagePositionPatient, float) + shift]
+
+
+def _pixel_spacing(ds: Dataset) -> tuple[float, float]:
+    """(mm between rows, between columns) of a classic image; display flips keep them."""
+    try:
+        row_mm, col_mm = (float(v) for v in ds.PixelSpacing)
+    except (AttributeError, TypeError, ValueError):
+        raise DataError(f"{ds.filename}: no usable PixelSpacing; the model works in mm") from None
+    if not (row_mm > 0 and col_mm > 0):
+        raise DataError(f"{ds.filename}: PixelSpacing {list(ds.PixelSpacing)} is not positive")
+    return row_mm, col_mm
 
 
 def _description(applier: Applier) -> str:

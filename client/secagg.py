@@ -45,7 +45,7 @@ class SiteNumPyClient(NumPyClient):
 
     def fit(self, parameters: list[np.ndarray], config: dict[str, Scalar]) -> tuple[list[np.ndarray], int, dict]:
         task, round_ = self._task(parameters, config)
-        data = cached_site_data(self.site.data_path, task.config)
+        data = cached_site_data(self.site.data_path, task.config, self.site.state_dir)
         metrics = train_site_round(
             task, data, self.site, round_.privacy,
             planned_rounds=round_.planned_rounds, study_id=round_.study_id,
@@ -59,7 +59,7 @@ class SiteNumPyClient(NumPyClient):
 
     def evaluate(self, parameters: list[np.ndarray], config: dict[str, Scalar]) -> tuple[float, int, dict]:
         task, _ = self._task(parameters, config)
-        data = cached_site_data(self.site.data_path, task.config)
+        data = cached_site_data(self.site.data_path, task.config, self.site.state_dir)
         scores = task.evaluate(data) if self.site.release_test_metrics else {}
         metrics = outgoing_eval_metrics(task, scores, self.site)
         # the legacy API wants a "loss": the task's headline score where the site releases it

@@ -69,10 +69,16 @@ def _number(value: object, key: str) -> float:
         raise ConfigError(f"node config {key} = {value!r}; use a number") from None
 
 
+#: The folder under a site's state folder that holds its preprocessed slices (private to the site).
+DATA_CACHE = "data-cache"
+
+
 @lru_cache(maxsize=4)
-def cached_site_data(data_path: str, task: TaskConfig) -> SiteData:
-    """Decode a site's images once per process, not every round (read-only cache)."""
-    return load_task_data(data_path, task)
+def cached_site_data(data_path: str, task: TaskConfig, state_dir: str = "") -> SiteData:
+    """Decode a site's images once per process, not every round (read-only cache); slices at
+    clinical geometry are also kept memory-mapped under ``state_dir`` (decoded once per study
+    and setting, even across restarts)."""
+    return load_task_data(data_path, task, Path(state_dir) / DATA_CACHE if state_dir else None)
 
 
 def site_seed(base_seed: int, server_round: int, data_path: str | Path) -> int:

@@ -12,13 +12,21 @@ import typer
 from client.commands import infer_command, site_app, synth_command
 from medgan_core.study_config import StudyConfig, load_study
 from medgan_core.console import console, fail
-from medgan_core.data.simulate import find_sites, remove_simulated_study, simulate_study, stale_simulation
+from medgan_core.data.simulate import (
+    SERIES,
+    find_sites,
+    remove_simulated_study,
+    series_for,
+    simulate_study,
+    stale_simulation,
+)
 from medgan_core.errors import MedGANError
+from medgan_core.tasks.registry import task_class, task_config_from_items
 from server.commands import certs_app, export, privacy_app, report, resumed_study, run, server_app
 
 DEFAULT_CONFIG = Path("sites_example/demo.toml")
 # Demo sites: ~340 training slices each. DP-SGD needs data: noise per step shrinks with N.
-DEMO_SUBJECTS, DEMO_SLICES = 24, 20
+DEMO_SUBJECTS, DEMO_SLICES, DEMO_SIZE = 24, 20, 512  # clinical geometry: 0.78 mm pixels
 
 
 app = typer.Typer(help="MedGAN-FL: federated, privacy-preserving GANs for medical imaging.",
@@ -67,19 +75,28 @@ def sites_simulate(
     sites: int = typer.Option(3, "--sites", min=1, help="Number of hospitals."),
     subjects: int = typer.Option(10, "--subjects", min=3, help="Subjects per site (split 70/10/20 into train/val/test)."),
     slices: int = typer.Option(16, "--slices", min=1, help="Axial slices per volume."),
-    size: int = typer.Option(128, "--size", min=32, help="In-plane matrix size of the scanner images."),
+    size: int = typer.Option(512, "--size", min=32,
+                             help="CT matrix over the 400 mm field of view (512: 0.78 mm pixels; MR: at most 256)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the phantom model and the scanners' noise."),
+    series: str = typer.Option(",".join(SERIES), "--series",
+                               help=f"Series groups to write, comma-separated (of {', '.join(SERIES)})."),
+    task: Optional[str] = typer.Option(None, "--task", help="Write only the series this task reads (e.g. denoise)."),
     force: bool = typer.Option(False, "--force",
                                help="Replace the simulated sites of a study in --out (other folders stay)."),
 ) -> None:
     """Write a multi-site study: CT as DICOM series, MR as NIfTI, a manifest.csv per site."""
     try:
-        _simulate(out, sites, subjects, slices, size, seed, force)
+        groups = tuple(filter(None, (part.strip() for part in series.split(","))))
+        if task is not None:
+            config = task_config_from_items({"name": task}, "--task")
+            groups = series_for(task_class(task).data_spec(config), config.modality)
+        _simulate(out, sites, subjects, slices, size, seed, force, groups)
     except MedGANError as exc:
         fail(exc)
 
 
-def _simulate(out: Path, sites: int, subjects: int, slices: int, size: int, seed: int, force: bool) -> list[Path]:
+def _simulate(out: Path, sites: int, subjects: int, slices: int, size: int, seed: int, force: bool,
+              series: tuple[str, ...] = SERIES) -> list[Path]:
     if (out / "study.json").exists():
         if not force:
             raise MedGANError(f"{out} already holds a study; pass --force to replace its simulated sites")
@@ -89,7 +106,7 @@ def _simulate(out: Path, sites: int, subjects: int, slices: int, size: int, seed
     started = time.monotonic()
     with console.status("simulating sites…") as status:
         folders = simulate_study(out, n_sites=sites, n_subjects=subjects, n_slices=slices, size=size, seed=seed,
-                                 progress=lambda text: status.update(f"simulating {text}"))
+                                 progress=lambda text: status.update(f"simulating {text}"), series=series)
     for folder in folders:
         console.print(f"  [green]✓[/] {folder}  ({folder / 'manifest.csv'})")
     console.print(f"{len(folders)} site(s) written to {out} in {time.monotonic() - started:.1f} s")
@@ -143,8 +160,9 @@ def _run_demo(study: StudyConfig, verbose: bool) -> None:
         raise MedGANError(stale)
     if not sites and not simulated_here:
         console.print(f"No study in {sites_dir}: simulating one of {study.run.num_sites} sites.")
-        sites = _simulate(sites_dir, study.run.num_sites, DEMO_SUBJECTS, DEMO_SLICES, 128, study.task.seed,
-                          force=False)
+        series = series_for(task_class(study.task.name).data_spec(study.task), study.task.modality)
+        sites = _simulate(sites_dir, study.run.num_sites, DEMO_SUBJECTS, DEMO_SLICES, DEMO_SIZE, study.task.seed,
+                          force=False, series=series)
     elif len(sites) != study.run.num_sites:  # never delete a user's sites to make the count fit
         raise MedGANError(
             f"{sites_dir} holds {len(sites)} site(s) but run.num-sites = {study.run.num_sites}; use another "
@@ -170,8 +188,6 @@ def _run_demo(study: StudyConfig, verbose: bool) -> None:
                       + (f"; central DP σ = {privacy.central_noise_multiplier:g}" if privacy.central_noise_multiplier else ""))
     else:
         console.print("[yellow]Privacy: differential privacy is OFF for this study.[/]")
-    from medgan_core.tasks.registry import task_class
-
     headline = task_class(study.task.name).headline_metric  # the task says which score leads
     first: dict[str, float] = {}
 

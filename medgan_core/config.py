@@ -25,6 +25,7 @@ LR_SCHEDULES = ("constant", "cosine")  # learning rate over a study's rounds (me
 #: A δ this large lets a mechanism publish a whole record with that probability: refused.
 MAX_DELTA = 0.1
 SERVER_OPTIMIZERS = ("fedavg", "fedadam", "fedyogi")
+MIN_SPACING_MM, MAX_SPACING_MM = 0.1, 20.0  # task.spacing: finer than any clinical scan .. coarser than any
 
 
 def config_key(name: str) -> str:
@@ -50,11 +51,19 @@ class TaskConfig:
 
     Only what every task shares; ``params`` holds the task's own settings, typed by the
     task (``medgan_core.tasks.registry.task_config`` builds both from config keys).
+
+    ``spacing`` is the in-plane pixel size in mm the task works at (0: each series' own,
+    or, for the whole-slice tasks, the slice resized to ``image-size`` whatever its
+    pixels). ``image-size`` is the side of what a network sees at once: the training patch
+    (and inference tile) of a task at clinical geometry (denoise, superres), the whole
+    image of the others; with ``spacing`` > 0 a whole-slice task's image covers
+    ``image-size × spacing`` mm, centred on the slice.
     """
 
     name: str = "synthesis"
     modality: str = "CT"
     image_size: int = 64
+    spacing: float = 0.0
     batch_size: int = 32
     local_steps: int = 50
     lr_generator: float = 2e-4
@@ -78,6 +87,9 @@ class TaskConfig:
         size = self.image_size
         if size < 16 or size > 256 or size & (size - 1):
             raise ConfigError(f"task.image-size = {size}; it must be a power of two from 16 to 256")
+        if not (self.spacing == 0 or MIN_SPACING_MM <= self.spacing <= MAX_SPACING_MM):
+            raise ConfigError(f"task.spacing = {self.spacing}; give a pixel size in mm from {MIN_SPACING_MM:g} to "
+                              f"{MAX_SPACING_MM:g}, or 0 for each series' own")
         require_positive("task.batch-size", self.batch_size)
         require_positive("task.local-steps", self.local_steps)
         require_positive("task.width", self.width)

@@ -1,7 +1,7 @@
 """A model file that applies itself: trained weights plus what applying them needs.
 
 One safetensors file (no pickle: loading a model cannot run code) whose metadata holds
-the format, the task's settings (name, modality, image size, CT window, the task's own
+the format, the task's settings (name, modality, image size, pixel spacing, CT window, the task's own
 keys: everything preprocessing and the network need), and the provenance a reader of
 its outputs should know: study id, round, sites, aggregation policy, ε per site and δ,
 what it was trained on, where site-kept layers came from, and the code version.
@@ -23,7 +23,8 @@ from medgan_core.errors import MedGANError
 from medgan_core.tasks.base import Task
 from medgan_core.tasks.registry import build_task, task_config_from_items
 
-FORMAT = "medgan-model/1"
+#: 2: image-to-image CT models work at a pixel size (``spacing``) over the whole CT range.
+FORMAT = "medgan-model/2"
 SUFFIX = ".medgan"
 
 
@@ -57,6 +58,9 @@ def save_model(path: str | Path, arrays: Mapping[str, np.ndarray], task: TaskCon
 def load_model(path: str | Path) -> ModelFile:
     path = Path(path)
     arrays, meta = load_checkpoint(path)
+    if meta.get("format") == "medgan-model/1":
+        raise MedGANError(f"{path} was made by an older version (whole slices resized, CT windowed); this version "
+                          "applies models trained at clinical geometry: train and export the study again")
     if meta.get("format") != FORMAT:
         raise MedGANError(f"{path} is not a MedGAN-FL model file (format {meta.get('format')!r}, expected {FORMAT}); "
                           "make one with 'medgan export'")

@@ -13,10 +13,16 @@ from PIL import Image
 from medgan_core.fileio import atomic_write_bytes
 
 
-def image_grid(images: torch.Tensor, columns: int | None = None, pad: int = 2, upscale: int = 2) -> np.ndarray:
+#: Images up to this side are shown twice as large (thumbnails); clinical slices as they are.
+UPSCALE_BELOW = 256
+
+
+def image_grid(images: torch.Tensor, columns: int | None = None, pad: int = 2, upscale: int | None = None) -> np.ndarray:
     """(n, 1, H, W) in [-1, 1] -> one uint8 (rows, cols) mosaic with a dark border."""
     images = images.detach().float().cpu().clamp(-1, 1)
     n, _, h, w = images.shape
+    if upscale is None:
+        upscale = 2 if max(h, w) < UPSCALE_BELOW else 1
     columns = columns or math.ceil(math.sqrt(n))
     rows = math.ceil(n / columns)
     grid = np.zeros((rows * (h + pad) + pad, columns * (w + pad) + pad), dtype=np.uint8)

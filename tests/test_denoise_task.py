@@ -13,7 +13,7 @@ from medgan_core.data import read_manifest
 from medgan_core.errors import DataError
 from medgan_core.site_round import train_site_round
 from medgan_core.tasks.registry import build_task
-from medgan_core.tasks.registry import load_task_data, task_config
+from medgan_core.tasks.registry import load_task_data, replace_task, task_config
 
 CONFIG = task_config(name="denoise", image_size=32, width=8, batch_size=8, local_steps=3, lr_generator=2e-3,
                     lr_discriminator=2e-3)
@@ -69,10 +69,10 @@ def test_dp_covers_both_networks_and_counts_one_joint_release_per_step(tiny_site
 
 
 def test_preview_rows_are_input_output_target_from_phantoms() -> None:
-    task = build_task(CONFIG)
+    task = build_task(replace_task(CONFIG, spacing=3.125))
     grid = task.preview(2)
-    assert grid.shape == (6, 1, 32, 32)
-    assert np.allclose(grid[0].numpy(), grid[1].numpy())  # untrained: output = input
+    assert grid.shape == (6, 1, 128, 128)  # whole phantom slices (400 mm) at the task's 3.125 mm
+    assert np.allclose(grid[0].numpy(), grid[1].numpy(), atol=1e-5)  # untrained: output = input (tiles blended)
     assert not np.allclose(grid[0].numpy(), grid[2].numpy())  # low dose differs from full dose
 
 

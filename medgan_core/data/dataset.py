@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -12,7 +13,15 @@ import torch.nn.functional as F
 from medgan_core.config import TaskConfig
 from medgan_core.data.kspace import read_kspace, reconstruction_pair
 from medgan_core.data.manifest import SEGMENTATION, Manifest, ManifestEntry, read_manifest
-from medgan_core.data.preprocess import volume_to_slices
+from medgan_core.data.preprocess import (
+    CT_FULL_RANGE,
+    normalise_values,
+    resample_slices,
+    resample_to,
+    volume_to_slices,
+)
+from medgan_core.data.slice_store import cache_key, source_fingerprint, stack_series
+from medgan_core.data.volume import Volume
 from medgan_core.data.labels import lesion_burden
 from medgan_core.errors import DataError
 
@@ -29,12 +38,18 @@ class SlicesWithBurden:
 @dataclass(frozen=True)
 class DegradedPairs:
     """(degraded, original) slices of the same subject, matched by ``pair_id``: the
-    degraded series' domain ends in ``-<variant>`` (``low-dose``, ``low-res-x2``). With
-    ``scale`` > 1 the input is area-averaged to ``image-size / scale`` and interpolated
-    bicubically back (what a viewer shows, and the classical baseline)."""
+    degraded series' domain ends in ``-<variant>`` (``low-dose``, ``low-res-x2``).
+
+    ``clinical``: at clinical geometry. Whole slices resampled to ``task.spacing`` mm
+    (0: the original series' own pixels), CT over its whole range (``CT_FULL_RANGE``), the
+    degraded series resampled onto the original's grid (bicubic: what a viewer shows of a
+    coarser acquisition, and the classical baseline); kept on disk when the site has a
+    cache folder. Otherwise both are resized whole to ``image-size`` (the test pairs of
+    unpaired harmonisation). ``scale``: how much coarser the degraded grid is."""
 
     variant: str
     scale: int = 1
+    clinical: bool = False
 
 
 @dataclass(frozen=True)
@@ -86,11 +101,14 @@ class SiteData:
         return int(self.train.shape[0])
 
 
-def load_site_data(data_path: str | Path, task: TaskConfig, spec: DataSpec = Slices()) -> SiteData:
+def load_site_data(
+    data_path: str | Path, task: TaskConfig, spec: DataSpec = Slices(), cache_dir: Path | None = None
+) -> SiteData:
     """Read the site manifest and every image the task's ``spec`` names.
 
     The held-out metric uses the ``test`` split; ``val`` stands in when a site has no
-    test subjects.
+    test subjects. Clinical-geometry data is kept memory-mapped in ``cache_dir`` (a
+    folder private to the site) when one is given (``medgan_core.data.slice_store``).
     """
     manifest = read_manifest(data_path)
     test_split = "test" if manifest.select(modality=task.modality, split="test") else "val"
@@ -119,6 +137,10 @@ def load_site_data(data_path: str | Path, task: TaskConfig, spec: DataSpec = Sli
             train_in, train = _modality_pairs(manifest, task, "train", source)
             test_in, test = _modality_pairs(manifest, task, test_split, source)
             return SiteData(site, train, test, train_in, test_in)
+        case DegradedPairs(clinical=True):
+            train_in, train = _clinical_pairs(manifest, task, "train", spec, cache_dir)
+            test_in, test = _clinical_pairs(manifest, task, test_split, spec, cache_dir)
+            return SiteData(site, train, test, train_in, test_in)
         case DegradedPairs():
             train_in, train = _pairs(manifest, task, "train", spec)
             test_in, test = _pairs(manifest, task, test_split, spec)
@@ -138,21 +160,56 @@ def _need(manifest: Manifest, task: TaskConfig, split: str) -> list[ManifestEntr
 
 
 def _pairs(manifest: Manifest, task: TaskConfig, split: str, spec: DegradedPairs) -> tuple[torch.Tensor, torch.Tensor]:
-    """(degraded inputs, original targets) of a split, matched by pair_id."""
-    variant, scale = spec.variant, spec.scale
+    """(degraded inputs, original targets) of a split, matched by pair_id, resized whole."""
+    variant = spec.variant
     what = "low-dose and full-dose" if variant == "low-dose" else f"{variant} and original"
     low, full, keys = _variant_pairs(manifest, task, split, variant, what)
     targets = _stack(manifest, task, [full[k] for k in keys])
-    if scale == 1:
-        inputs = _stack(manifest, task, [low[k] for k in keys])
-    else:
-        if task.image_size // scale < 8:
-            raise DataError(f"task.image-size = {task.image_size} is too small for ×{scale} super-resolution")
-        coarse = _stack(manifest, task, [low[k] for k in keys], size=task.image_size // scale)
-        inputs = upsample(coarse, scale)
+    inputs = _stack(manifest, task, [low[k] for k in keys])
     if inputs.shape != targets.shape:
         raise DataError(f"{manifest.path}: the {what} series of a pair differ in slice count")
     return inputs, targets
+
+
+def _clinical_pairs(
+    manifest: Manifest, task: TaskConfig, split: str, spec: DegradedPairs, cache_dir: Path | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(degraded inputs, original targets) of a split at clinical geometry (``DegradedPairs``)."""
+    what = "low-dose and full-dose" if spec.variant == "low-dose" else f"{spec.variant} and original"
+    low, full, keys = _variant_pairs(manifest, task, split, spec.variant, what)
+    ct_range = CT_FULL_RANGE if task.modality == "CT" else (task.window_low, task.window_high)
+    mode = "bicubic" if spec.scale > 1 else "bilinear"
+
+    def pairs() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for key in keys:
+            target_volume, input_volume = manifest.load(full[key]), manifest.load(low[key])
+            target = clinical_slices(target_volume, task.spacing, ct_range)
+            inputs = clinical_slices(input_volume, 0.0, ct_range)
+            if inputs.shape[0] != target.shape[0]:
+                raise DataError(f"{manifest.path}: the {what} series of {key} differ in slice count")
+            if not same_field_of_view(input_volume, target_volume):
+                raise DataError(f"{manifest.path}: the {what} series of {key} cover different fields of view")
+            yield resample_to(inputs, tuple(target.shape[-2:]), mode)[:, 0].clamp(-1, 1).numpy(), target[:, 0].numpy()
+
+    sources = [manifest.root / e.file for k in keys for e in (low[k], full[k])]
+    key = cache_key({"spec": repr(spec), "split": split, "spacing": task.spacing, "range": ct_range,
+                     "modality": task.modality, "sources": source_fingerprint(sources)})
+    inputs, targets = stack_series(pairs(), 2, cache_dir, f"{split}-{spec.variant}-{key}")
+    return inputs, targets
+
+
+def clinical_slices(volume: Volume, spacing: float, ct_range: tuple[float, float]) -> torch.Tensor:
+    """A volume's axial slices as (k, 1, R, C) in [-1, 1] at ``spacing`` mm (0: its own)."""
+    slices = normalise_values(volume.axial_slices(), volume.modality, ct_range)
+    col_mm, row_mm, _ = volume.spacing
+    return resample_slices(slices, (row_mm, col_mm), spacing)
+
+
+def same_field_of_view(a: Volume, b: Volume) -> bool:
+    """Whether two volumes' slices cover the same in-plane extent (within one coarse pixel)."""
+    extent = lambda v: np.array(v.data.shape[:2]) * np.array(v.spacing[:2])  # noqa: E731
+    tolerance = max(max(a.spacing[:2]), max(b.spacing[:2])) * 1.01
+    return bool(np.all(np.abs(extent(a) - extent(b)) <= tolerance))
 
 
 def _matched(
@@ -272,6 +329,6 @@ def upsample(images: torch.Tensor, scale: int) -> torch.Tensor:
     return F.interpolate(images, scale_factor=scale, mode="bicubic", align_corners=False).clamp(-1, 1)
 
 
-def _stack(manifest: Manifest, task: TaskConfig, entries: list[ManifestEntry], size: int | None = None) -> torch.Tensor:
+def _stack(manifest: Manifest, task: TaskConfig, entries: list[ManifestEntry]) -> torch.Tensor:
     window = (task.window_low, task.window_high)
-    return torch.cat([volume_to_slices(manifest.load(e), size or task.image_size, window) for e in entries])
+    return torch.cat([volume_to_slices(manifest.load(e), task.image_size, window, task.spacing) for e in entries])

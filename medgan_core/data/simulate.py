@@ -40,9 +40,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-from scipy.ndimage import gaussian_filter
+from scipy.ndimage import gaussian_filter, zoom
 from skimage.transform import iradon, radon
 
+from medgan_core.data.dataset import (
+    DataSpec,
+    DegradedPairs,
+    KSpacePairs,
+    ModalityPairs,
+    SlicesWithBurden,
+    UnpairedDomains,
+)
+from medgan_core.data.ct_noise import MU_WATER_PER_MM, fbp_images, outside_scan_circle
 from medgan_core.data.dicom_io import write_dicom_series
 from medgan_core.data.kspace import ACCELERATIONS
 from medgan_core.data.labels import (  # noqa: F401  (re-exported: the simulator's label names)
@@ -82,10 +91,10 @@ TISSUES: dict[int, tuple[float, float, float, float]] = {
     GAS: (-900.0, 0.0, 1.0, 1.0),
     LESION: (25.0, 0.9, 1100.0, 110.0),
 }
-MU_WATER_PER_MM = 0.0193  # linear attenuation of water at ~70 keV
 LOW_DOSE_FRACTION = 0.25  # quarter dose, as in the AAPM low-dose CT challenge
 LOW_RES_SCALES = (2, 4)  # paired low-resolution series for super-resolution
 SPLIT_FRACTIONS = (0.7, 0.1, 0.2)  # train, val, test by subject
+FIELD_OF_VIEW_MM = 400.0  # every simulated slice spans this; the matrix sets the pixel size
 
 
 @dataclass(frozen=True)
@@ -261,6 +270,18 @@ def tissue_hu(labels: np.ndarray, texture: np.ndarray | None = None) -> np.ndarr
     return hu
 
 
+def tissue_texture(rng: np.random.Generator, shape: tuple[int, int, int]) -> np.ndarray:
+    """``_texture`` with the same grain in mm at any matrix (that of 1.5 pixels at 128 over the
+    field of view), drawn on a 128-pixel grid and interpolated: a 3D blur at 512 costs seconds."""
+    k, rows, cols = shape
+    factor = max(1, rows // 128)
+    coarse = _texture(rng, (k, -(-rows // factor), -(-cols // factor)), sigma=1.5 * rows / (128 * factor))
+    if factor == 1:
+        return coarse
+    fine = zoom(coarse, (1, factor, factor), order=1, grid_mode=True, mode="nearest")
+    return (fine[:, :rows, :cols] / (fine.std() + 1e-8)).astype(np.float32)
+
+
 def _texture(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> np.ndarray:
     """Smooth zero-mean tissue texture, unit std."""
     field = gaussian_filter(rng.standard_normal(shape), sigma)
@@ -285,8 +306,27 @@ def ct_acquire_doses(
 def ct_acquire_scanners(
     hu: np.ndarray, scanners: list[CTScanner], pixel_mm: float, rng: np.random.Generator
 ) -> list[np.ndarray]:
-    """The same anatomy's line integrals measured by each scanner: its own photon count
-    (Poisson noise), FBP kernel, calibration offset and gain."""
+    """The same anatomy as each scanner reconstructs it: its own dose (quantum noise with
+    FBP's texture), kernel, calibration offset and gain (``medgan_core.data.ct_noise``, the
+    image-domain model of ``ct_project_scanners``). A scanner with the kernel of an earlier
+    one and fewer photons is a reduced-dose series of that acquisition: its noise contains
+    the earlier one's. The same scanner named twice is a re-scan: independent noise."""
+    kernels = [s.kernel for s in scanners]
+    photons = [s.photons for s in scanners]
+    correlated = [next((j for j in range(i) if kernels[j] == kernels[i] and photons[j] > photons[i]
+                        and scanners[j].gain == scanners[i].gain), -1) for i in range(len(scanners))]
+    images = fbp_images(hu, kernels, photons, pixel_mm, rng, correlated)
+    outside = outside_scan_circle(hu.shape[0])
+    return [np.clip(np.where(outside, -1000.0, image * scanner.gain + scanner.offset_hu), -1024.0, 3071.0)
+            .astype(np.float32) for image, scanner in zip(images, scanners)]
+
+
+def ct_project_scanners(
+    hu: np.ndarray, scanners: list[CTScanner], pixel_mm: float, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """The reference physics the image-domain model is calibrated on (seconds a slice at
+    512×512): line integrals by the Radon transform, Poisson photon counts at each
+    scanner's dose, FBP with its kernel, its calibration offset and gain."""
     size = hu.shape[0]
     mu = np.clip(MU_WATER_PER_MM * (1.0 + hu / 1000.0), 0, None)
     yy, xx = np.mgrid[:size, :size]
@@ -334,19 +374,48 @@ def mr_acquire(labels: np.ndarray, texture: np.ndarray, profile: SiteProfile, rn
 
 
 # --- study ---------------------------------------------------------------------------
+#: Series groups a simulated site can hold (``simulate_site(series=...)``): the main CT,
+#: its quarter dose, its 2×/4× coarser grids, the second scanner, MR, MR k-space, labels.
+SERIES = ("ct", "ct-low-dose", "ct-low-res", "ct-scanner-b", "mr", "mr-kspace", "seg")
+#: MR is acquired on a coarser matrix than CT over the same field of view (at most this).
+MR_MAX_MATRIX = 256
+
+
+def series_for(spec: DataSpec, modality: str) -> tuple[str, ...]:
+    """The series groups a task reading ``spec`` of ``modality`` needs from a simulated site."""
+    own = "ct" if modality == "CT" else "mr"
+    match spec:
+        case SlicesWithBurden():
+            return (own, "seg")
+        case DegradedPairs(variant="low-dose"):
+            return ("ct", "ct-low-dose")
+        case DegradedPairs():
+            return ("ct", "ct-low-res")
+        case KSpacePairs():
+            return ("mr", "mr-kspace")
+        case ModalityPairs():
+            return ("ct", "mr")
+        case UnpairedDomains():
+            return ("ct", "ct-scanner-b", "seg")
+    return (own,)
+
+
 def simulate_site(
     profile: SiteProfile,
     out_dir: str | Path,
     *,
     n_subjects: int = 10,
     n_slices: int = 16,
-    size: int = 128,
+    size: int = 512,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
+    series: tuple[str, ...] = SERIES,
 ) -> Path:
     """Write one hospital: per subject CT DICOM series (full and quarter dose, 2×/4× coarser
-    grids, second scanner), MR NIfTI and its undersampled k-space, a label map; and
-    manifest.csv."""
+    grids, second scanner), MR NIfTI (at most ``MR_MAX_MATRIX`` pixels across) and its
+    undersampled k-space, a label map; and manifest.csv. ``series`` picks which groups
+    (``SERIES``) are written: a study for one task needs only what that task reads. The
+    field of view is 400 mm, so 512 pixels are 0.78 mm, as in abdominal CT."""
     if n_subjects < 3:
         raise ConfigError(f"subjects = {n_subjects}; a site needs at least 3 (train, val and test)")
     if size < 32 or n_slices < 1 or size % max(LOW_RES_SCALES):
@@ -354,15 +423,21 @@ def simulate_site(
             f"size = {size}, slices = {n_slices}; need a size >= 32 divisible by {max(LOW_RES_SCALES)} "
             "(for the low-resolution series) and at least one slice"
         )
+    unknown = sorted(set(series) - set(SERIES))
+    if unknown or not series:
+        raise ConfigError(f"series {', '.join(unknown) or '(none)'}; choose from {', '.join(SERIES)}")
     out_dir = Path(out_dir)
     rng = np.random.default_rng(seed)
-    pixel_mm, slice_mm = 400.0 / size, 5.0
+    pixel_mm, slice_mm = FIELD_OF_VIEW_MM / size, 5.0
+    mr_factor = max(1, size // MR_MAX_MATRIX)
+    mr_size = size // mr_factor
     n_train = max(1, round(n_subjects * SPLIT_FRACTIONS[0]))
     n_val = max(1, round(n_subjects * SPLIT_FRACTIONS[1]))
     n_train = min(n_train, n_subjects - n_val - 1)
     # One sampling pattern per accelerated protocol of this site (its own scanner set-up).
-    masks = {r: sampling_mask(size, r, np.random.default_rng(seed + 31 * r), profile.mr_center_fraction)
+    masks = {r: sampling_mask(mr_size, r, np.random.default_rng(seed + 31 * r), profile.mr_center_fraction)
              for r in ACCELERATIONS}
+    wanted = set(series)
     entries = []
     for s in range(n_subjects):
         subject = f"{profile.name}-{s:03d}"
@@ -370,16 +445,25 @@ def simulate_site(
         has_lesion = bool(rng.random() < profile.lesion_rate)
         severity = float(np.clip(rng.normal(profile.lesion_severity, 0.2), 0.05, 1.0)) if has_lesion else 0.0
         labels = phantom_labels(rng, size, n_slices, profile.body_scale, severity)
-        texture = _texture(rng, labels.shape, sigma=1.5)
+        texture = tissue_texture(rng, labels.shape)
         hu = tissue_hu(labels, texture)
         scanners = profile.scanners((1.0, LOW_DOSE_FRACTION))
+        # every CT series is drawn, written or not, so a subset has the same images as the full study
         acquired = [ct_acquire_scanners(hu[k], scanners, pixel_mm, rng) for k in range(n_slices)]
         ct, ct_low, ct_b = (np.stack([a[i] for a in acquired]) for i in range(3))
-        mr = mr_acquire(labels, texture, profile, rng)
+        if wanted & {"mr", "mr-kspace"}:  # MR's noise from its own stream: the CT is the same without it
+            mr = mr_acquire(labels, texture, profile, np.random.default_rng([seed, s, 7]))
+            if mr_factor > 1:
+                mr = coarse_grid(mr, mr_factor)
         label = "lesion" if has_lesion else "normal"
         # The arrays are (k, rows, cols) as displayed: columns run to the patient's left and rows
         # to posterior, so the NIfTI affine (RAS+) has negative x and y steps, like the DICOM series.
+        # Placed as the DICOM series are (first pixel at half the field of view to the patient's right
+        # and anterior), so every series of a subject shares one patient frame.
         affine = np.diag([-pixel_mm, -pixel_mm, slice_mm, 1.0])
+        affine[:2, 3] = FIELD_OF_VIEW_MM / 2
+        mr_affine = np.diag([-pixel_mm * mr_factor, -pixel_mm * mr_factor, slice_mm, 1.0])
+        mr_affine[:2, 3] = FIELD_OF_VIEW_MM / 2 - pixel_mm * (mr_factor - 1) / 2  # coarser voxels, same field
 
         def add(rel: Path, modality: str, domain: str) -> None:
             entries.append(ManifestEntry(str(rel), subject, modality, split, f"{profile.name}-{domain}", label, subject))
@@ -392,21 +476,28 @@ def simulate_site(
             )
             add(rel, "CT", folder)
 
-        add_ct(ct, "ct", 0)
-        add_ct(ct_low, "ct" + LOW_DOSE, 500)
-        add_ct(ct_b, "ct" + SCANNER_B, 900)
-        for scale in LOW_RES_SCALES:
-            add_ct(coarse_grid(ct, scale), f"ct-low-res-x{scale}", 700 + scale, scale)
-        mr_rel = Path("mr") / f"{subject}.nii.gz"
-        write_nifti(mr.transpose(2, 1, 0), affine, out_dir / mr_rel)
-        add(mr_rel, "MR", "mr")
-        for r, mask in masks.items():
-            rel = Path(f"mr-kspace-r{r}") / f"{subject}.nii.gz"
-            write_kspace(undersample(mr, mask), affine, out_dir / rel)
-            add(rel, "MR", f"mr-kspace-r{r}")
-        seg_rel = Path("seg") / f"{subject}.nii.gz"
-        write_nifti(labels.transpose(2, 1, 0), affine, out_dir / seg_rel, dtype=np.uint8)
-        add(seg_rel, SEGMENTATION, "seg")
+        if "ct" in wanted:
+            add_ct(ct, "ct", 0)
+        if "ct-low-dose" in wanted:
+            add_ct(ct_low, "ct" + LOW_DOSE, 500)
+        if "ct-scanner-b" in wanted:
+            add_ct(ct_b, "ct" + SCANNER_B, 900)
+        if "ct-low-res" in wanted:
+            for scale in LOW_RES_SCALES:
+                add_ct(coarse_grid(ct, scale), f"ct-low-res-x{scale}", 700 + scale, scale)
+        if "mr" in wanted:
+            mr_rel = Path("mr") / f"{subject}.nii.gz"
+            write_nifti(mr.transpose(2, 1, 0), mr_affine, out_dir / mr_rel)
+            add(mr_rel, "MR", "mr")
+        if "mr-kspace" in wanted:
+            for r, mask in masks.items():
+                rel = Path(f"mr-kspace-r{r}") / f"{subject}.nii.gz"
+                write_kspace(undersample(mr, mask), mr_affine, out_dir / rel)
+                add(rel, "MR", f"mr-kspace-r{r}")
+        if "seg" in wanted:
+            seg_rel = Path("seg") / f"{subject}.nii.gz"
+            write_nifti(labels.transpose(2, 1, 0), affine, out_dir / seg_rel, dtype=np.uint8)
+            add(seg_rel, SEGMENTATION, "seg")
         if progress:
             progress(f"{profile.name}: subject {s + 1}/{n_subjects}")
     write_manifest(entries, out_dir / "manifest.csv")
@@ -420,10 +511,11 @@ def simulate_study(
     n_sites: int = 3,
     n_subjects: int = 10,
     n_slices: int = 16,
-    size: int = 128,
+    size: int = 512,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
     workers: int | None = None,
+    series: tuple[str, ...] = SERIES,
 ) -> list[Path]:
     """Write ``n_sites`` hospitals under ``out_dir``; returns their folders in order.
 
@@ -437,12 +529,12 @@ def simulate_study(
     if workers <= 1:
         for profile, folder, site_seed in jobs:
             simulate_site(profile, folder, n_subjects=n_subjects, n_slices=n_slices, size=size, seed=site_seed,
-                          progress=progress)
+                          progress=progress, series=series)
     else:
         context = multiprocessing.get_context("spawn")  # no forked torch or Ray state in the workers
         with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
             running = {pool.submit(simulate_site, profile, folder, n_subjects=n_subjects, n_slices=n_slices,
-                                   size=size, seed=site_seed): folder for profile, folder, site_seed in jobs}
+                                   size=size, seed=site_seed, series=series): folder for profile, folder, site_seed in jobs}
             for done in concurrent.futures.as_completed(running):
                 done.result()  # a failed site raises here, in the caller's process
                 if progress is not None:
@@ -452,7 +544,7 @@ def simulate_study(
         (folder / SIMULATED_MARK).write_text("written by medgan sites simulate; --force may replace this folder\n")
         folders.append(folder)
     study = {"sites": [f.name for f in folders], "seed": seed, "subjects": n_subjects, "slices": n_slices, "size": size,
-             "format": SIMULATOR_FORMAT}
+             "series": list(series), "format": SIMULATOR_FORMAT}
     (out_dir / "study.json").write_text(json.dumps(study, indent=2))
     return folders
 
@@ -506,21 +598,28 @@ def find_sites(sites_dir: str | Path) -> list[Path]:
     return sorted(p.parent for p in sites_dir.glob("*/manifest.csv"))
 
 
-def phantom_ct_pairs(n: int, task: "TaskConfig", seed: int = 0) -> tuple["torch.Tensor", "torch.Tensor"]:
-    """``n`` (low-dose, full-dose) CT slices of one phantom subject, windowed and resized
-    like a site's data. The coordinator uses these for preview grids: no patient data."""
-    from medgan_core.data.preprocess import resize_slices, window_ct
+def phantom_ct_pairs(
+    n: int, task: "TaskConfig", seed: int = 0, clinical: bool = False
+) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """``n`` (low-dose, full-dose) CT slices of one phantom subject, prepared like a site's
+    data: at clinical geometry (512×512 over 400 mm, resampled to ``task.spacing``, the
+    whole CT range), or windowed and resized to ``image-size``. The coordinator uses these
+    for preview grids: no patient data."""
+    from medgan_core.data.preprocess import CT_FULL_RANGE, resample_slices, resize_slices, window_ct
 
     rng = np.random.default_rng(seed + 424242)
     profile = DEFAULT_SITES[0]
-    size = 128
+    size = 512 if clinical else 128
     labels = phantom_labels(rng, size, n, profile.body_scale, severity=0.6)
-    hu = tissue_hu(labels)
-    pairs = [ct_acquire_doses(hu[k], profile, 400.0 / size, rng, (1.0, LOW_DOSE_FRACTION)) for k in range(n)]
+    hu = tissue_hu(labels, tissue_texture(rng, labels.shape))
+    pixel_mm = FIELD_OF_VIEW_MM / size
+    pairs = [ct_acquire_doses(hu[k], profile, pixel_mm, rng, (1.0, LOW_DOSE_FRACTION)) for k in range(n)]
+    full, low = np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+    if clinical:
+        return tuple(resample_slices(window_ct(x, *CT_FULL_RANGE), (pixel_mm, pixel_mm), task.spacing)
+                     for x in (low, full))  # type: ignore[return-value]
     window = (task.window_low, task.window_high)
-    full = resize_slices(window_ct(np.stack([p[0] for p in pairs]), *window), task.image_size)
-    low = resize_slices(window_ct(np.stack([p[1] for p in pairs]), *window), task.image_size)
-    return low, full
+    return resize_slices(window_ct(low, *window), task.image_size), resize_slices(window_ct(full, *window), task.image_size)
 
 
 def phantom_mr_kspace(

@@ -14,19 +14,24 @@ from abc import abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from medgan_core.data.augment import dihedral_average, dihedral_pairs
 from medgan_core.data.dataset import SiteData
-from medgan_core.metrics.image_quality import psnr_ssim, ssim_per_image
+from medgan_core.data.preprocess import CT_FULL_RANGE, to_hu, window_ct
+from medgan_core.data.slice_store import chunks, random_crops
+from medgan_core.metrics.image_quality import ct_scores, psnr_ssim, ssim_per_image
+from medgan_core.models.tiling import tiled
 from medgan_core.models.unet import PatchDiscriminator, ResidualUNet
 from medgan_core.config import TaskConfig, TaskParams
 from medgan_core.errors import ConfigError
 from medgan_core.tasks.base import GANTask, TrainingSetup
 
-EVAL_BATCH = 64
+EVAL_BATCH = 64  # images (or tiles) through the generator at once
+EVAL_SLICES = 8  # whole clinical slices restored and scored at once
 
 
 @dataclass(frozen=True)
@@ -50,14 +55,24 @@ class PairedImageTask(GANTask):
     params: PairedParams
     private_groups = ("generator", "discriminator")
     train_metrics = frozenset({"loss-d", "loss-g", "loss-l1", "loss-ssim"})
-    eval_metrics = frozenset({"mae-hu", "psnr", "psnr-input", "ssim", "ssim-input"})
+    eval_metrics = frozenset({"mae-hu", "mae-hu-input", "psnr", "psnr-input", "psnr-window", "psnr-window-input",
+                              "ssim", "ssim-input"})
     headline_metric = "psnr"
     #: The target and the input, in words, for the report (``metrics_note``).
     target_words: ClassVar[str] = "the target"
     input_words: ClassVar[str] = "the input"
 
+    #: At clinical geometry (``DegradedPairs(clinical=True)``): whole slices at ``task.spacing``
+    #: over the whole CT range, trained on ``image-size`` patches, restored tile by tile.
+    clinical: ClassVar[bool] = False
+
     @classmethod
     def note(cls) -> str:
+        if cls.clinical:
+            return (f"At clinical geometry, on whole held-out slices: `psnr` of the output against "
+                    f"{cls.target_words} over the whole CT range (-1024 to 3071 HU), `psnr-window` and `ssim` in "
+                    "the soft-tissue window, `mae-hu` the mean absolute error in HU inside the body, bone "
+                    f"included; `-input`: the same for {cls.input_words}, the classical baseline.")
         return (f"`psnr`/`ssim` of the output against {cls.target_words}; `-input`: the same for "
                 f"{cls.input_words}, the classical baseline; `mae-hu` the mean absolute error in HU within "
                 "the window (CT targets); `nmse` the normalised squared error (MR reconstruction).")
@@ -90,7 +105,11 @@ class PairedImageTask(GANTask):
 
     def train_step(self, s: TrainingSetup, data: SiteData, pool: str, idx: torch.Tensor) -> dict[str, float]:
         assert data.train_input is not None, f"{self.name} needs paired inputs"
-        low, full = data.train_input[idx], data.train[idx]
+        size = self.config.image_size
+        if tuple(data.train.shape[-2:]) == (size, size):
+            low, full = data.train_input[idx], data.train[idx]
+        else:  # whole slices: one random patch of each sampled slice (the record is still the slice)
+            low, full = random_crops([data.train_input, data.train], idx, size, s.rng)
         if self.augment:
             low, full = dihedral_pairs(low, full, generator=s.rng)
         low, full = low.to(self.device), full.to(self.device)
@@ -123,17 +142,25 @@ class PairedImageTask(GANTask):
 
     @torch.no_grad()
     def restore(self, images: torch.Tensor) -> torch.Tensor:
-        """The generator on any number of degraded images of any size divisible by 4."""
+        """The generator on any number of degraded images of any size: whole slices larger
+        than the training patch are restored tile by tile (``medgan_core.models.tiling``)."""
         self.generator.eval()
+        size = self.config.image_size
 
         def run(batch: torch.Tensor) -> torch.Tensor:
-            return torch.cat([self.generator(batch[i : i + EVAL_BATCH].to(self.device)).cpu()
-                              for i in range(0, len(batch), EVAL_BATCH)])
+            return tiled(self.generator, batch, size, EVAL_BATCH, self.device)
 
         return (dihedral_average(run, images) if self.self_ensemble else run(images)).clamp(-1, 1)
 
+    @property
+    def ct_range(self) -> tuple[float, float]:
+        """What [-1, 1] means in HU for this task's CT images."""
+        return CT_FULL_RANGE if self.clinical else (self.config.window_low, self.config.window_high)
+
     def evaluate(self, data: SiteData) -> dict[str, float]:
         assert data.test_input is not None
+        if self.clinical and self.config.modality == "CT":
+            return self._evaluate_clinical(data)
         output = self.restore(data.test_input)
         baseline = self.input_image(data.test_input)
         psnr, ssim = psnr_ssim(output, data.test)
@@ -144,13 +171,30 @@ class PairedImageTask(GANTask):
             metrics["mae-hu"] = float((output - data.test).abs().mean()) * hu_per_unit
         return {**metrics, **self.extra_metrics(output, data.test, baseline)}
 
+    def _evaluate_clinical(self, data: SiteData) -> dict[str, float]:
+        """Whole held-out slices, a few at a time (a site's test split need not fit in memory)."""
+        assert data.test_input is not None
+        window = (self.config.window_low, self.config.window_high)
+        scores: dict[str, list[float]] = {}
+        for part in chunks(len(data.test), EVAL_SLICES):
+            target, inputs = data.test[part], data.test_input[part]
+            for suffix, images in (("", self.restore(inputs)), ("-input", self.input_image(inputs))):
+                for key, values in ct_scores(images, target, self.ct_range, window).items():
+                    scores.setdefault(key + suffix, []).extend(values)
+        return {key: float(np.mean(values)) for key, values in scores.items()}
+
     @abstractmethod
     def preview_pairs(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` (degraded, original) pairs the coordinator makes itself (no patient data)."""
 
     def preview(self, n: int) -> torch.Tensor:
-        """Rows of input | output | target on the coordinator's own phantom slices."""
+        """Rows of input | output | target on the coordinator's own phantom slices, shown in
+        the soft-tissue window."""
         degraded, original = self.preview_pairs(n)
         out = self.restore(degraded)
         rows = [self.input_image(degraded).clamp(-1, 1), out, original.clamp(-1, 1)]
-        return torch.stack(rows, dim=1).reshape(-1, 1, *degraded.shape[-2:])
+        grid = torch.stack(rows, dim=1).reshape(-1, 1, *degraded.shape[-2:])
+        if self.ct_range == (self.config.window_low, self.config.window_high) or self.config.modality != "CT":
+            return grid
+        return torch.from_numpy(window_ct(to_hu(grid.numpy(), *self.ct_range), self.config.window_low,
+                                          self.config.window_high))

@@ -107,6 +107,7 @@ def build_task(config: TaskConfig, device: torch.device | str = "cpu") -> Task:
     return task_class(config.name)(config, device)
 
 
-def load_task_data(data_path: str | Path, config: TaskConfig) -> SiteData:
-    """A site's data in the form its task reads (``Task.data_spec``)."""
-    return load_site_data(data_path, config, task_class(config.name).data_spec(config))
+def load_task_data(data_path: str | Path, config: TaskConfig, cache_dir: Path | None = None) -> SiteData:
+    """A site's data in the form its task reads (``Task.data_spec``); clinical-geometry slices
+    are kept memory-mapped in ``cache_dir`` when given."""
+    return load_site_data(data_path, config, task_class(config.name).data_spec(config), cache_dir)

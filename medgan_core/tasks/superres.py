@@ -1,7 +1,8 @@
 """CT super-resolution (×2, ×4): a coarse-grid acquisition -> the original grid.
 
 The input is the low-resolution series interpolated bicubically to the target grid (what
-a viewer shows, and the classical baseline); the generator learns the missing detail.
+a viewer shows, and the classical baseline); the generator learns the missing detail. At
+clinical geometry: the target grid is ``task.spacing`` (0: the original series' pixels).
 """
 
 from __future__ import annotations
@@ -34,16 +35,17 @@ class SuperResTask(PairedImageTask):
     input_words = "bicubic interpolation of the coarse grid"
     Params = SuperResParams
     params: SuperResParams
+    clinical = True
 
     @classmethod
     def data_spec(cls, config: TaskConfig) -> DataSpec:
         scale = config.params.scale  # type: ignore[attr-defined]
-        return DegradedPairs(f"low-res-x{scale}", scale)
+        return DegradedPairs(f"low-res-x{scale}", scale, clinical=True)
 
     def preview_pairs(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         from medgan_core.data.simulate import phantom_ct_pairs
 
-        _, full = phantom_ct_pairs(n, self.config, seed=self.config.seed)
+        _, full = phantom_ct_pairs(n, self.config, seed=self.config.seed, clinical=True)
         scale = self.params.scale
         coarse = torch.nn.functional.avg_pool2d(full, scale)  # the coarse grid of the same anatomy
         return upsample(coarse, scale), full

@@ -1,0 +1,140 @@
+"""A site's slices at clinical geometry, kept on disk and read lazily.
+
+A hospital site holds thousands of 512×512 slices: more than a site process should hold
+in memory several times over (inputs and targets, train and test). Each split's slices
+are resampled once to the task's pixel size, written to one ``.npy`` file in the site's
+private state folder, and opened memory-mapped: training reads only the patches its
+batches touch, and the operating system may drop pages it has not touched recently.
+The file's name is a hash of what made it (the source files' names, sizes and
+modification times, the pixel size, the intensity scale), so a changed series or setting
+makes a new one; a half-written file never has the final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+#: Bumped when what a cache file holds changes meaning; old files are then not reused.
+CACHE_FORMAT = 1
+#: The value a slice is padded with to the split's common canvas: air (-1 in [-1, 1]).
+PAD_VALUE = -1.0
+
+
+def source_fingerprint(paths: Iterable[Path]) -> list[tuple[str, int, int]]:
+    """(name, size, mtime) of every file under ``paths`` (a DICOM folder: each file)."""
+    found = []
+    for path in paths:
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for file in files:
+            stat = file.stat()
+            found.append((str(file), stat.st_size, stat.st_mtime_ns))
+    return found
+
+
+def cache_key(what: dict) -> str:
+    """A short hash of a JSON-able description of a cache file's content."""
+    text = json.dumps({"format": CACHE_FORMAT, **what}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def pad_to(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A (rows, cols) slice centred on a canvas of ``shape`` padded with air (never cropped)."""
+    rows, cols = image.shape
+    top, left = (shape[0] - rows) // 2, (shape[1] - cols) // 2
+    out = np.full(shape, PAD_VALUE, np.float32)
+    out[top : top + rows, left : left + cols] = image
+    return out
+
+
+def stack_series(
+    series: Iterable[tuple[np.ndarray, ...]], roles: int, cache_dir: Path | None, key: str
+) -> list[torch.Tensor]:
+    """``roles`` aligned (n, 1, H, W) tensors (e.g. input and target) from series that each
+    yield ``roles`` arrays of (k, rows, cols) slices in [-1, 1], padded to one canvas.
+
+    With ``cache_dir``: built one series at a time (memory: one series), stored as
+    ``<key>-<role>.npy`` and returned memory-mapped; existing files of that key are reused
+    without reading a source. Without: ordinary in-memory tensors.
+    """
+    if cache_dir is None:
+        parts = list(series)
+        canvas = _canvas(part[0].shape[1:] for part in parts)
+        return [torch.from_numpy(np.concatenate([_padded(part[r], canvas) for part in parts]))[:, None]
+                for r in range(roles)]
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    finals = [cache_dir / f"{key}-{role}.npy" for role in range(roles)]
+    if all(f.is_file() for f in finals):
+        return [_open(f) for f in finals]
+    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".building-") as scratch:
+        paths: list[list[Path]] = [[] for _ in range(roles)]
+        for index, part in enumerate(series):  # each series to its own file first: the canvas is not known yet
+            for role in range(roles):
+                path = Path(scratch) / f"{index}-{role}.npy"
+                np.save(path, np.asarray(part[role], np.float32))
+                paths[role].append(path)
+        shapes = [np.load(p, mmap_mode="r").shape for p in paths[0]]
+        canvas = _canvas(s[1:] for s in shapes)
+        for role in range(roles):
+            partial = Path(scratch) / f"stack-{role}.npy"
+            out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32,
+                                            shape=(sum(s[0] for s in shapes), 1, *canvas))
+            start = 0
+            for path, shape in zip(paths[role], shapes):
+                out[start : start + shape[0], 0] = _padded(np.load(path, mmap_mode="r"), canvas)
+                start += shape[0]
+            out.flush()
+            del out
+            os.replace(partial, finals[role])
+    return [_open(f) for f in finals]
+
+
+def _open(path: Path) -> torch.Tensor:
+    # copy-on-write: torch wants a writable array; nothing is ever written back to the file
+    return torch.from_numpy(np.load(path, mmap_mode="c"))
+
+
+def _canvas(shapes: Iterable[tuple[int, ...]]) -> tuple[int, int]:
+    shapes = list(shapes)
+    return max(s[0] for s in shapes), max(s[1] for s in shapes)
+
+
+def _padded(part: np.ndarray, canvas: tuple[int, int]) -> np.ndarray:
+    if tuple(part.shape[1:]) == canvas:
+        return np.asarray(part, np.float32)
+    return np.stack([pad_to(np.asarray(s, np.float32), canvas) for s in part])
+
+
+def random_crops(
+    images: list[torch.Tensor], idx: torch.Tensor, size: int, generator: torch.Generator
+) -> list[torch.Tensor]:
+    """One ``size``×``size`` patch of each record ``idx`` of every tensor in ``images``
+    (aligned tensors of one canvas: input and target), at the same random place for all;
+    only those patches are read from a memory-mapped tensor. A record is one slice,
+    whichever patch of it is drawn: Poisson sampling under DP samples slices."""
+    rows, cols = images[0].shape[-2:]
+    if rows < size or cols < size:
+        padded = [torch.nn.functional.pad(im[idx], _padding(rows, cols, size), value=PAD_VALUE) for im in images]
+        return random_crops(padded, torch.arange(len(idx)), size, generator)
+    tops = torch.randint(0, rows - size + 1, (len(idx),), generator=generator).tolist()
+    lefts = torch.randint(0, cols - size + 1, (len(idx),), generator=generator).tolist()
+    return [torch.stack([im[i, :, t : t + size, l : l + size] for i, t, l in zip(idx.tolist(), tops, lefts)])
+            for im in images]
+
+
+def _padding(rows: int, cols: int, size: int) -> tuple[int, int, int, int]:
+    extra_r, extra_c = max(0, size - rows), max(0, size - cols)
+    return extra_c // 2, extra_c - extra_c // 2, extra_r // 2, extra_r - extra_r // 2
+
+
+def chunks(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))
+
