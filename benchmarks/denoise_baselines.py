@@ -29,11 +29,21 @@ import numpy as np
 import torch
 from skimage.restoration import denoise_nl_means, denoise_tv_chambolle
 
-from bench_common import site_models
+from bench_common import (
+    CLINICAL_SIZE,
+    CLINICAL_SLICES,
+    CLINICAL_SUBJECTS,
+    CLINICAL_TABLE,
+    CLINICAL_WINDOW,
+    clinical_row,
+    clinical_scores,
+    clinical_sites,
+    site_models,
+    timed,
+)
 from medgan.simulation import simulate_federation
 from medgan_core.checkpoints import load_checkpoint
 from medgan_core.data.preprocess import CT_FULL_RANGE
-from medgan_core.data.simulate import simulate_study, stale_simulation
 from medgan_core.metrics.image_quality import ct_scores
 from medgan_core.study_config import StudyConfig
 from medgan_core.tasks.registry import build_task, load_task_data
@@ -52,17 +62,6 @@ ROUNDS, LOCAL_STEPS = 32, 25  # 800 local steps per site
 PATCH, WIDTH, BATCH = 64, 16, 16
 L1_WEIGHT, LR = 1000.0, 4e-4
 TUNE_SLICES, CROP = 4, 256  # tuning: central crops of a few training slices (BM3D takes ~7 s a whole slice)
-SUBJECTS, SLICES, SIZE = 12, 8, 512
-
-
-def study_sites(data: Path) -> list[Path]:
-    """Three hospitals at clinical geometry (only the full- and quarter-dose CT), written once."""
-    if (data / "study.json").exists() and (stale := stale_simulation(data)):
-        raise SystemExit(stale)
-    if not (data / "study.json").exists():
-        simulate_study(data, n_sites=3, n_subjects=SUBJECTS, n_slices=SLICES, size=SIZE, seed=3,
-                       series=("ct", "ct-low-dose"))
-    return sorted(p for p in data.iterdir() if (p / "manifest.csv").exists())
 
 
 def filtered(kind: str, images: torch.Tensor, param: float) -> torch.Tensor:
@@ -75,17 +74,10 @@ def tune(kind: str, inputs: torch.Tensor, targets: torch.Tensor) -> float:
     pick = torch.linspace(0, len(inputs) - 1, TUNE_SLICES).long()
     top, left = (inputs.shape[-2] - CROP) // 2, (inputs.shape[-1] - CROP) // 2
     crop = lambda x: x[pick, :, top : top + CROP, left : left + CROP]  # noqa: E731
-    window = (-160.0, 240.0)
-    scores = {p: float(np.mean(ct_scores(filtered(kind, crop(inputs), p), crop(targets), CT_FULL_RANGE, window)["psnr"]))
+    scores = {p: float(np.mean(ct_scores(filtered(kind, crop(inputs), p), crop(targets), CT_FULL_RANGE,
+                                         CLINICAL_WINDOW)["psnr"]))
               for p in FILTERS[kind][1]}
     return max(scores, key=scores.get)  # type: ignore[arg-type]
-
-
-def timed(fn: Callable[[], torch.Tensor], slices: int) -> tuple[torch.Tensor, float]:
-    """fn()'s output and its CPU seconds per slice (process time: both cores count)."""
-    started = time.process_time()
-    out = fn()
-    return out, (time.process_time() - started) / slices
 
 
 def main() -> None:
@@ -98,10 +90,11 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="Evaluate the finished run in --out instead of training.")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    sites = study_sites(args.data)
+    sites = clinical_sites(args.data, ("ct", "ct-low-dose"))
     args.out.mkdir(parents=True, exist_ok=True)
     study = StudyConfig().replace(
-        run={"rounds": args.rounds, "num_sites": len(sites), "device": "cpu"},
+        # whole-slice evaluation each round would cost more than the training: rounds 0, 1 and the last only
+        run={"rounds": args.rounds, "num_sites": len(sites), "device": "cpu", "evaluate_every": args.rounds},
         task={"name": "denoise", "width": WIDTH, "batch_size": BATCH, "image_size": PATCH, "spacing": 0.0,
               "local_steps": args.local_steps, "l1_weight": L1_WEIGHT, "lr_generator": LR, "lr_discriminator": LR},
         privacy={"enabled": False},
@@ -121,7 +114,6 @@ def main() -> None:
     print(f"GAN trained in {train_seconds:.0f} s", flush=True)
 
     rows, tuned = [], {}
-    window = (study.task.window_low, study.task.window_high)
     for index, site in enumerate(sites):
         data = load_task_data(site, study.task)
         assert data.test_input is not None and data.train_input is not None
@@ -132,9 +124,8 @@ def main() -> None:
             outputs[f"{kind} (tuned: {param:g})"] = timed(lambda: filtered(kind, inputs, param), len(inputs))
         outputs["federated GAN (FedBN)"] = timed(lambda: models[index].restore(inputs), len(inputs))
         for method, (output, seconds) in outputs.items():
-            scores = {key: float(np.mean(values)) for key, values in ct_scores(output, targets, CT_FULL_RANGE, window).items()}
             rows.append({"site": site.name, "method": method, "test_slices": len(inputs), "cpu_s_per_slice": seconds,
-                         **scores})
+                         **clinical_scores(output, targets)})
             print(json.dumps(rows[-1]), flush=True)
     machine = f"{torch.get_num_threads()} torch threads; os.cpu_count() = {__import__('os').cpu_count()}"
     (args.out / "results.json").write_text(json.dumps({"rows": rows, "train_seconds": train_seconds,
@@ -143,7 +134,8 @@ def main() -> None:
                f"--test-every {args.test_every}")
     lines = [
         "# Low-dose CT denoising at clinical resolution: federated GAN vs classical filters", "",
-        f"3 simulated hospitals, {SUBJECTS} subjects × {SLICES} slices each, {SIZE}×{SIZE} over 400 mm (0.78 mm "
+        f"3 simulated hospitals, {CLINICAL_SUBJECTS} subjects × {CLINICAL_SLICES} slices each, "
+        f"{CLINICAL_SIZE}×{CLINICAL_SIZE} over 400 mm (0.78 mm "
         f"pixels), quarter dose → full dose. GAN: {args.rounds} rounds × {args.local_steps} local steps, "
         f"{PATCH}×{PATCH} patches at the scans' own pixels over the whole CT range, width {WIDTH}, batch {BATCH}, "
         f"L1 weight {L1_WEIGHT:g}, lr {LR:g}, FedBN, flips/turns in training and the 8-turn self-ensemble at "
@@ -151,13 +143,11 @@ def main() -> None:
         "its training pairs. Scored on every "
         f"{'' if args.test_every == 1 else f'{args.test_every}nd '}held-out slice of each site. Training: "
         f"{train_seconds / 60:.1f} min on this machine ({machine}). Command: `{command}`.", "",
-        "PSNR: whole CT range (data range 4095 HU); PSNR-W and SSIM: soft-tissue window [-160, 240] HU; MAE: HU "
-        "inside the body, bone included; CPU s: CPU seconds per 512×512 slice.", "",
+        CLINICAL_TABLE, "",
         "| site | method | PSNR (dB) | PSNR-W (dB) | SSIM | MAE (HU) | CPU s/slice |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
-    lines += [f"| {r['site']} | {r['method']} | {r['psnr']:.2f} | {r['psnr-window']:.2f} | {r['ssim']:.3f} | "
-              f"{r['mae-hu']:.1f} | {r['cpu_s_per_slice']:.2f} |" for r in rows]
+    lines += [clinical_row(r, "site", "method") for r in rows]
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
     print(f"results in {args.out}")
 

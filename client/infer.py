@@ -111,14 +111,22 @@ class Applier:
         scale = self.scale
         fine_shape = (slices.shape[1] * scale, slices.shape[2] * scale)
         fine_spacing = (spacing[0] / scale, spacing[1] / scale)
+        ct_range = self.task.ct_range
+        top = float(np.percentile(slices, 99.5)) or 1.0  # an MR input's own scale (the volume's, as in training)
         outputs = []
         for part in chunks(len(slices), EVAL_SLICES):
-            values = torch.from_numpy(window_ct(slices[part], *self.task.ct_range))[:, None]
+            if self.input_modality == "CT":
+                values = torch.from_numpy(window_ct(slices[part], *ct_range))[:, None]
+            else:
+                values = torch.from_numpy((np.clip(slices[part] / top, 0.0, 1.0) * 2 - 1).astype(np.float32))[:, None]
             if scale > 1:  # the coarse acquisition interpolated bicubically, as the model was trained on
                 values = resample_to(values, fine_shape, "bicubic").clamp(-1, 1)
             model_input = resample_slices(values[:, 0], fine_spacing, model_spacing)
-            restored = resample_to(self.task.restore(model_input), fine_shape)
-            outputs.append(to_hu(restored[:, 0].numpy(), *self.task.ct_range))
+            restored = resample_to(self.task.restore(model_input), fine_shape)[:, 0].numpy()
+            if self.output_modality == "CT":
+                outputs.append(to_hu(restored, *ct_range))
+            else:  # an MR made from CT: a nominal 0-1000
+                outputs.append((restored + 1) / 2 * 1000.0)
         return np.concatenate(outputs).astype(np.float32)
 
 

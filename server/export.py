@@ -17,19 +17,8 @@ from medgan_core.model_file import save_model
 from medgan_core.sharing import local_array_names
 from medgan_core.site_state import SiteState
 from medgan_core.study_config import StudyConfig
-from medgan_core.config import TaskConfig
-from medgan_core.tasks.registry import build_task, task_class
+from medgan_core.tasks.registry import build_task, geometry_words
 from server.run_folder import RunFolder
-
-
-def trained_on(task: TaskConfig, sites: int) -> str:
-    """What the model saw, in words, for its provenance."""
-    where = f"{task.modality} slices of {sites} site(s)"
-    if getattr(task_class(task.name), "clinical", False):
-        pixels = f"{task.spacing:g} mm pixels" if task.spacing > 0 else "each series' own pixels"
-        return (f"{where}, whole slices at {pixels} over the whole CT range, trained on "
-                f"{task.image_size}×{task.image_size} patches")
-    return f"{where}, resized to {task.image_size}×{task.image_size}"
 
 
 def export_model(run_dir: str | Path, out: str | Path, *, server_round: int | None = None,
@@ -70,7 +59,8 @@ def export_model(run_dir: str | Path, out: str | Path, *, server_round: int | No
         "site-kept-layers": layers,
         "privacy": {"dp": privacy.enabled, "delta": privacy.delta if privacy.enabled else None,
                     "epsilon-per-site": [s.get("train", {}).get("epsilon") for s in record.get("sites", [])]},
-        "trained-on": trained_on(study.task, len(record.get("sites", []))),
+        "trained-on": f"{study.task.modality} slices of {len(record.get('sites', []))} site(s), "
+                      + geometry_words(study.task),
         "held-out": record.get("evaluate", {}),
     }
     return save_model(out, arrays, study.task, provenance)

@@ -6,7 +6,7 @@ from typing import Any
 
 from medgan_core.study_config import StudyConfig
 from medgan_core.fileio import atomic_write_text
-from medgan_core.tasks.registry import build_task, task_class
+from medgan_core.tasks.registry import build_task, geometry_words, task_class
 from server.run_folder import RunFolder
 
 def _columns(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
@@ -67,7 +67,7 @@ def write_report(folder: RunFolder, study: StudyConfig) -> str:
     lines = [
         f"# MedGAN-FL run: {task.name}",
         "",
-        f"- Task: `{task.name}` on {task.modality} slices, {task.image_size}×{task.image_size}",
+        f"- Task: `{task.name}` on {task.modality} slices, " + geometry_words(task),
         f"- Sites: {run.num_sites}; rounds: {run.rounds}; local steps per round: {task.local_steps}; "
         f"batch size: {task.batch_size}; seed: {task.seed}",
         aggregation_line(study),
@@ -96,14 +96,15 @@ def write_report(folder: RunFolder, study: StudyConfig) -> str:
             (first_round, first), (last_round, last) = series[0], series[-1]
             lines += ["", f"{label} went from {first:.4f} (round {first_round}) to {last:.4f} (round {last_round})."]
     lines += ["", "## Generated samples", ""]
-    shown = sorted({r["round"] for r in records} & {0, 1, records[-1]["round"] if records else 0})
-    for record in records:
+    drawn = [r for r in records if "samples" in r]  # rounds the study evaluated (run.evaluate-every)
+    shown = sorted({r["round"] for r in drawn} & {0, 1, drawn[-1]["round"] if drawn else 0})
+    for record in drawn:
         if record["round"] in shown:
             lines += [f"Round {record['round']}:", "", f"![round {record['round']}]({record['samples']})", ""]
     lines += ["## Files", "", "- `config.toml`: the exact settings of this run", "- `metrics.jsonl`: one line per round (per-site metrics included)"]
     if records:
         lines.append(f"- `checkpoints/`: global weights per round (safetensors); final: `{records[-1]['checkpoint']}`")
-        lines.append("- `samples/`: a PNG grid per round (synthesis: generated slices; image-to-image tasks: rows "
+        lines.append("- `samples/`: a PNG grid per evaluated round (synthesis: generated slices; image-to-image tasks: rows "
                      "of input | output | target on the coordinator's own phantom slices, never patient data)")
     text = "\n".join(lines) + "\n"
     atomic_write_text(folder.report, text)

@@ -116,14 +116,18 @@ def _run_study(
             new_arrays, _ = strategy.aggregate_train(server_round, replies)
             if new_arrays is not None:
                 arrays = new_arrays
-        replies = grid.send_and_receive(
-            strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(round_config)), grid), timeout=timeout
-        )
-        strategy.aggregate_evaluate(server_round, replies)
+        evaluating = study.run.evaluates(server_round)
+        if evaluating:
+            replies = grid.send_and_receive(
+                strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(round_config)), grid),
+                timeout=timeout,
+            )
+            strategy.aggregate_evaluate(server_round, replies)
         current = arrays_from_record(arrays)
         if server_round > 0 and study.aggregation.server_optimizer != "fedavg":  # before the round counts as done
             save_checkpoint(folder.server_optimizer(server_round), strategy.optimizer_state(), {"round": server_round})
-        summary = record_round(study, folder, task, server_round, current, previous, strategy.rounds.get(server_round))
+        summary = record_round(study, folder, task, server_round, current, previous, strategy.rounds.get(server_round),
+                               preview=evaluating)
         summary.seconds = time.monotonic() - started
         if progress is not None:
             progress(summary)
@@ -177,13 +181,16 @@ def record_round(
     current: dict[str, np.ndarray],
     previous: dict[str, np.ndarray],
     log: RoundLog | None,
+    preview: bool = True,
 ) -> RoundSummary:
+    """Checkpoint, metrics line and (with ``preview``) the sample grid of a finished round."""
     log = log or RoundLog()
     task.set_weights(current, source=f"aggregate of round {server_round}")
     checkpoint = save_checkpoint(
         folder.checkpoint(server_round), current, {"round": server_round, "study": study.to_dict()}
     )
-    samples = save_grid(task.preview(task.preview_count), folder.samples(server_round), columns=task.preview_columns)
+    samples = (save_grid(task.preview(task.preview_count), folder.samples(server_round), columns=task.preview_columns)
+               if preview else None)
     summary = RoundSummary(
         server_round=server_round,
         rounds=study.run.rounds,
@@ -211,7 +218,7 @@ def record_round(
             **({"sites-connected": log.waited} if log.waited else {}),
             "update-norm": _update_norms(current, previous),
             "checkpoint": str(checkpoint.relative_to(folder.root)),
-            "samples": str(samples.relative_to(folder.root)),
+            **({"samples": str(samples.relative_to(folder.root))} if samples is not None else {}),
         }
     )
     return summary

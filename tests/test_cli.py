@@ -25,6 +25,24 @@ def test_sites_simulate_writes_sites_and_refuses_to_overwrite(tmp_path: Path) ->
     assert runner.invoke(app, args + ["--force"]).exit_code == 0
 
 
+def test_sites_simulate_writes_only_what_a_task_reads(tmp_path: Path) -> None:
+    import json
+
+    base = ["sites", "simulate", "--sites", "1", "--subjects", "3", "--slices", "1", "--size", "32"]
+    result = runner.invoke(app, base + ["--out", str(tmp_path / "d"), "--task", "denoise"])
+    assert result.exit_code == 0, result.output
+    site = next(p for p in (tmp_path / "d").iterdir() if p.is_dir())
+    assert {e.domain.removeprefix("hospital-a-") for e in read_manifest(site).entries} == {"ct", "ct-low-dose"}
+    assert json.loads((tmp_path / "d" / "study.json").read_text())["series"] == ["ct", "ct-low-dose"]
+    result = runner.invoke(app, base + ["--out", str(tmp_path / "m"), "--series", "mr,seg"])
+    assert result.exit_code == 0, result.output
+    assert {e.modality for e in read_manifest(tmp_path / "m" / "site-01-hospital-a").entries} == {"MR", "SEG"}
+    bad = runner.invoke(app, base + ["--out", str(tmp_path / "x"), "--series", "ct,pet"])
+    assert bad.exit_code == 2 and "series pet; choose from" in bad.output and "Traceback" not in bad.output
+    unknown = runner.invoke(app, base + ["--out", str(tmp_path / "y"), "--task", "segment"])
+    assert unknown.exit_code == 2 and "segment" in unknown.output
+
+
 def test_demo_with_bad_config_fails_cleanly(tmp_path: Path) -> None:
     config = tmp_path / "bad.toml"
     config.write_text("[task]\nname = 'pix2pixx'\n")

@@ -180,3 +180,18 @@ def test_the_simulation_engine_is_given_that_share(tiny_sites: list[Path], tmp_p
     simulation.simulate_federation(study, tiny_sites, tmp_path / "run")
     assert seen["backend_config"]["client_resources"]["num_cpus"] == 0.5  # 2 sites on 1 core: both at once
     assert seen["backend_config"]["init_args"]["num_cpus"] == 1
+
+
+@pytest.mark.slow
+def test_evaluate_every_skips_the_held_out_evaluation_and_grid_between(tiny_sites: list[Path], tmp_path: Path,
+                                                                      tiny_study: StudyConfig) -> None:
+    study = tiny_study.replace(run={"rounds": 4, "evaluate_every": 3}, task={"local_steps": 1},
+                               privacy={"enabled": False})
+    simulate_federation(study, tiny_sites, tmp_path / "run")
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    evaluated = [r["round"] for r in records if r["evaluate"]]
+    assert [r["round"] for r in records] == [0, 1, 2, 3, 4] and evaluated == [0, 1, 3, 4]
+    assert "samples" not in records[2] and not (tmp_path / "run" / "samples" / "round-002.png").exists()
+    assert all((tmp_path / "run" / r["samples"]).is_file() for r in records if r["round"] in evaluated)
+    assert (tmp_path / "run" / records[2]["checkpoint"]).is_file()  # every round is still checkpointed
+    assert "samples/round-004.png" in (tmp_path / "run" / "report.md").read_text()

@@ -61,9 +61,14 @@ class KSpacePairs:
 
 @dataclass(frozen=True)
 class ModalityPairs:
-    """The same subject's ``source``-modality slices as inputs to ``task.modality`` targets."""
+    """The same subject's ``source``-modality slices as inputs to ``task.modality`` targets.
+
+    ``clinical``: at clinical geometry, as ``DegradedPairs``: targets at ``task.spacing``
+    (0: their own pixels), CT over its whole range, each input resampled onto its target's
+    grid (the same field of view: an MR of 256 pixels onto a CT of 512)."""
 
     source: str
+    clinical: bool = False
 
 
 @dataclass(frozen=True)
@@ -133,6 +138,10 @@ def load_site_data(
             train_b = _stack(manifest, task, [domain_b[k] for k in keys_b])
             test_b, test_a = _pairs(manifest, task, test_split, DegradedPairs(variant))
             return SiteData(site, train_a, test_a, train_b, test_b)
+        case ModalityPairs(clinical=True):
+            train_in, train = _clinical_pairs(manifest, task, "train", spec, cache_dir)
+            test_in, test = _clinical_pairs(manifest, task, test_split, spec, cache_dir)
+            return SiteData(site, train, test, train_in, test_in)
         case ModalityPairs(source=source):
             train_in, train = _modality_pairs(manifest, task, "train", source)
             test_in, test = _modality_pairs(manifest, task, test_split, source)
@@ -172,19 +181,26 @@ def _pairs(manifest: Manifest, task: TaskConfig, split: str, spec: DegradedPairs
 
 
 def _clinical_pairs(
-    manifest: Manifest, task: TaskConfig, split: str, spec: DegradedPairs, cache_dir: Path | None
+    manifest: Manifest, task: TaskConfig, split: str, spec: DegradedPairs | ModalityPairs, cache_dir: Path | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(degraded inputs, original targets) of a split at clinical geometry (``DegradedPairs``)."""
-    what = "low-dose and full-dose" if spec.variant == "low-dose" else f"{spec.variant} and original"
-    low, full, keys = _variant_pairs(manifest, task, split, spec.variant, what)
-    ct_range = CT_FULL_RANGE if task.modality == "CT" else (task.window_low, task.window_high)
-    mode = "bicubic" if spec.scale > 1 else "bilinear"
+    """(inputs, targets) of a split at clinical geometry (``DegradedPairs``, ``ModalityPairs``)."""
+    if isinstance(spec, DegradedPairs):
+        what = "low-dose and full-dose" if spec.variant == "low-dose" else f"{spec.variant} and original"
+        low, full, keys = _variant_pairs(manifest, task, split, spec.variant, what)
+        mode, tag = ("bicubic" if spec.scale > 1 else "bilinear"), spec.variant
+    else:
+        what = f"{spec.source} and {task.modality}"
+        low, full, keys = _matched(
+            manifest, manifest.select(modality=spec.source, split=split), manifest.select(modality=task.modality, split=split),
+            f"no {split} subjects with both a {spec.source} and a {task.modality} series (they are matched by pair_id)",
+        )
+        mode, tag = "bilinear", f"{spec.source}-{task.modality}"
 
     def pairs() -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for key in keys:
             target_volume, input_volume = manifest.load(full[key]), manifest.load(low[key])
-            target = clinical_slices(target_volume, task.spacing, ct_range)
-            inputs = clinical_slices(input_volume, 0.0, ct_range)
+            target = clinical_slices(target_volume, task.spacing, CT_FULL_RANGE)
+            inputs = clinical_slices(input_volume, 0.0, CT_FULL_RANGE)
             if inputs.shape[0] != target.shape[0]:
                 raise DataError(f"{manifest.path}: the {what} series of {key} differ in slice count")
             if not same_field_of_view(input_volume, target_volume):
@@ -192,9 +208,9 @@ def _clinical_pairs(
             yield resample_to(inputs, tuple(target.shape[-2:]), mode)[:, 0].clamp(-1, 1).numpy(), target[:, 0].numpy()
 
     sources = [manifest.root / e.file for k in keys for e in (low[k], full[k])]
-    key = cache_key({"spec": repr(spec), "split": split, "spacing": task.spacing, "range": ct_range,
+    key = cache_key({"spec": repr(spec), "split": split, "spacing": task.spacing, "range": CT_FULL_RANGE,
                      "modality": task.modality, "sources": source_fingerprint(sources)})
-    inputs, targets = stack_series(pairs(), 2, cache_dir, f"{split}-{spec.variant}-{key}")
+    inputs, targets = stack_series(pairs(), 2, cache_dir, f"{split}-{tag}-{key}")
     return inputs, targets
 
 

@@ -381,6 +381,13 @@ SERIES = ("ct", "ct-low-dose", "ct-low-res", "ct-scanner-b", "mr", "mr-kspace", 
 MR_MAX_MATRIX = 256
 
 
+def check_series(series: tuple[str, ...]) -> None:
+    """Refuse an unknown or empty choice of series groups (ConfigError naming them)."""
+    unknown = sorted(set(series) - set(SERIES))
+    if unknown or not series:
+        raise ConfigError(f"series {', '.join(unknown) or '(none)'}; choose from {', '.join(SERIES)}")
+
+
 def series_for(spec: DataSpec, modality: str) -> tuple[str, ...]:
     """The series groups a task reading ``spec`` of ``modality`` needs from a simulated site."""
     own = "ct" if modality == "CT" else "mr"
@@ -423,9 +430,7 @@ def simulate_site(
             f"size = {size}, slices = {n_slices}; need a size >= 32 divisible by {max(LOW_RES_SCALES)} "
             "(for the low-resolution series) and at least one slice"
         )
-    unknown = sorted(set(series) - set(SERIES))
-    if unknown or not series:
-        raise ConfigError(f"series {', '.join(unknown) or '(none)'}; choose from {', '.join(SERIES)}")
+    check_series(series)
     out_dir = Path(out_dir)
     rng = np.random.default_rng(seed)
     pixel_mm, slice_mm = FIELD_OF_VIEW_MM / size, 5.0
@@ -522,6 +527,7 @@ def simulate_study(
     Sites are independent (each its own seed), so they are simulated in ``workers``
     processes at once (default: one per CPU, at most one per site); the files are the same
     as one after the other. With several workers ``progress`` hears of each finished site."""
+    check_series(series)  # here, not in a worker process
     out_dir = Path(out_dir)
     jobs = [(profile, out_dir / f"site-{index + 1:02d}-{profile.name}", seed * 1000 + index)
             for index, profile in enumerate(site_profiles(n_sites, seed))]
@@ -640,20 +646,43 @@ def phantom_mr_kspace(
     return torch.from_numpy(inputs), torch.from_numpy(targets)
 
 
-def phantom_mr_ct(n: int, task: "TaskConfig", seed: int = 0) -> tuple["torch.Tensor", "torch.Tensor"]:
-    """``n`` aligned (MR, CT) slices of one phantom subject, normalised and resized like a
-    site's data; for the coordinator's preview grids of MR→CT translation."""
-    from medgan_core.data.preprocess import normalise_mr, resize_slices, window_ct
+def phantom_mr_ct(
+    n: int, task: "TaskConfig", seed: int = 0, clinical: bool = False
+) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """``n`` aligned (MR, CT) slices of one phantom subject, prepared like a site's data (at
+    clinical geometry: the CT at ``task.spacing`` over its whole range, the MR on its grid;
+    else both resized to ``image-size``, the CT windowed); for the coordinator's previews."""
+    from medgan_core.data.preprocess import (
+        CT_FULL_RANGE,
+        normalise_mr,
+        resample_slices,
+        resample_to,
+        resize_slices,
+        window_ct,
+    )
 
     rng = np.random.default_rng(seed + 626262)
-    profile, size = DEFAULT_SITES[0], 128
+    profile = DEFAULT_SITES[0]
+    size = 512 if clinical else 128
     labels = phantom_labels(rng, size, n, profile.body_scale, severity=0.6)
-    texture = _texture(rng, labels.shape, sigma=1.5)
+    texture = tissue_texture(rng, labels.shape)
     hu = tissue_hu(labels, texture)
-    ct = np.stack([ct_acquire(hu[k], profile, 400.0 / size, rng) for k in range(n)])
+    pixel_mm = FIELD_OF_VIEW_MM / size
+    ct = np.stack([ct_acquire(hu[k], profile, pixel_mm, rng) for k in range(n)])
     mr = mr_acquire(labels, texture, profile, rng)
-    return (resize_slices(normalise_mr(mr), task.image_size),
-            resize_slices(window_ct(ct, task.window_low, task.window_high), task.image_size))
+    if not clinical:
+        return (resize_slices(normalise_mr(mr), task.image_size),
+                resize_slices(window_ct(ct, task.window_low, task.window_high), task.image_size))
+    ct_t = resample_slices(window_ct(ct, *CT_FULL_RANGE), (pixel_mm, pixel_mm), task.spacing)
+    mr_coarse = coarse_grid(mr, max(1, size // MR_MAX_MATRIX))  # acquired on MR's own, coarser matrix
+    return resample_to(torch_from(normalise_mr(mr_coarse)), tuple(ct_t.shape[-2:])).clamp(-1, 1), ct_t
+
+
+def torch_from(slices: np.ndarray) -> "torch.Tensor":
+    """(n, rows, cols) -> an (n, 1, rows, cols) float tensor."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32))[:, None]
 
 
 def phantom_scanner_pair(n: int, task: "TaskConfig", seed: int = 0) -> tuple["torch.Tensor", "torch.Tensor"]:

@@ -192,9 +192,18 @@ class PairedImageTask(GANTask):
         the soft-tissue window."""
         degraded, original = self.preview_pairs(n)
         out = self.restore(degraded)
-        rows = [self.input_image(degraded).clamp(-1, 1), out, original.clamp(-1, 1)]
-        grid = torch.stack(rows, dim=1).reshape(-1, 1, *degraded.shape[-2:])
-        if self.ct_range == (self.config.window_low, self.config.window_high) or self.config.modality != "CT":
-            return grid
-        return torch.from_numpy(window_ct(to_hu(grid.numpy(), *self.ct_range), self.config.window_low,
-                                          self.config.window_high))
+        rows = [self.displayed(self.input_image(degraded).clamp(-1, 1), self.input_modality),
+                self.displayed(out, self.config.modality), self.displayed(original.clamp(-1, 1), self.config.modality)]
+        return torch.stack(rows, dim=1).reshape(-1, 1, *degraded.shape[-2:])
+
+    @property
+    def input_modality(self) -> str:
+        """The modality of the degraded input (the target's, unless a task translates)."""
+        return self.config.modality
+
+    def displayed(self, images: torch.Tensor, modality: str) -> torch.Tensor:
+        """Images as a grid shows them: CT on the whole range put into the soft-tissue window."""
+        window = (self.config.window_low, self.config.window_high)
+        if modality != "CT" or self.ct_range == window:
+            return images
+        return torch.from_numpy(window_ct(to_hu(images.numpy(), *self.ct_range), *window))

@@ -111,3 +111,14 @@ def load_task_data(data_path: str | Path, config: TaskConfig, cache_dir: Path | 
     """A site's data in the form its task reads (``Task.data_spec``); clinical-geometry slices
     are kept memory-mapped in ``cache_dir`` when given."""
     return load_site_data(data_path, config, task_class(config.name).data_spec(config), cache_dir)
+
+
+def geometry_words(config: TaskConfig) -> str:
+    """How a task's images were prepared, in words (reports, model provenance)."""
+    size = f"{config.image_size}×{config.image_size}"
+    if getattr(task_class(config.name), "clinical", False):
+        pixels = f"{config.spacing:g} mm pixels" if config.spacing > 0 else "each series' own pixels"
+        return f"whole slices at {pixels} over the whole CT range, trained on {size} patches"
+    if config.spacing > 0:
+        return f"the central {size} at {config.spacing:g} mm pixels"
+    return f"resized to {size}"
