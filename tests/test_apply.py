@@ -123,6 +123,9 @@ def test_dicom_in_a_derived_dicom_series_out(denoise_model: Path, tiny_sites: li
     np.testing.assert_allclose(derived.affine, original.affine)
     expected = _applied(model, original)
     assert np.abs(derived.axial_slices() - expected).max() <= 0.5  # stored to the nearest HU
+    # the whole CT range, not a window: air and cortical bone keep their HU (a 240 HU clip was a defect)
+    assert derived.axial_slices().min() < -900 and derived.axial_slices().max() > 800
+    assert "whole CT range" in model.provenance["trained-on"]
     assert (folder / ".medgan-complete").exists()
 
 

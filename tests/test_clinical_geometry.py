@@ -126,6 +126,8 @@ def test_clinical_slices_are_cached_on_disk_and_rebuilt_when_a_source_changes(
     assert len(files) == 4  # train and test, input and target
     stored = np.load(cache / files[0], mmap_mode="r")
     assert isinstance(stored, np.memmap) and stored.shape[1:] == (1, 128, 128)
+    assert cache.stat().st_mode & 0o777 == 0o700  # images derived from patients: the site's user only
+    assert all(p.stat().st_mode & 0o777 == 0o600 for p in cache.glob("*.npy"))
 
     loads: list[str] = []
     original = Manifest.load
@@ -155,6 +157,14 @@ def test_random_patches_are_aligned_and_small_slices_are_padded_with_air() -> No
     assert any(torch.equal(low[0], images[4, :, t:t + 16, l:l + 16]) for t in range(25) for l in range(35))
     small, = random_crops([torch.zeros(2, 1, 10, 12)], torch.tensor([1]), 16, torch.Generator().manual_seed(0))
     assert small.shape == (1, 1, 16, 16) and (small == -1).sum() == 16 * 16 - 10 * 12
+    body = -torch.ones(4, 1, 64, 64)
+    body[:, :, 24:64, 24:64] = 0.5  # the patient fills a corner of the slice
+    centres = [crop[0, 0, 8, 8].item() for _ in range(40)
+               for crop in random_crops([body], torch.tensor([0]), 16, torch.Generator().manual_seed(_), centre_above=0.0)]
+    assert np.mean(np.array(centres) > 0) > 0.95  # drawn on the patient, not the air around it
+    uniform = [crop[0, 0, 8, 8].item() for _ in range(40)
+               for crop in random_crops([body], torch.tensor([0]), 16, torch.Generator().manual_seed(_))]
+    assert np.mean(np.array(uniform) > 0) < 0.7  # about 45 % by chance
 
 
 def test_whole_slices_go_through_the_network_as_blended_tiles_of_the_patch_size() -> None:
@@ -208,3 +218,19 @@ def test_spacing_is_checked_and_whole_slice_tasks_take_the_centre_at_that_spacin
     padded = volume_to_slices(volume, 128, window, spacing=6.25)  # 800 mm asked of a 400 mm scan: air around it
     torch.testing.assert_close(padded[..., 32:96, 32:96], resampled)
     assert (padded[..., :32, :] == -1).all()
+
+
+def test_the_ssim_loss_of_whole_range_ct_is_taken_in_the_window() -> None:
+    from medgan_core.metrics.image_quality import ssim_per_image
+    from medgan_core.tasks.registry import build_task
+
+    task = build_task(DENOISE)
+    hu = torch.full((1, 1, 16, 16), 40.0)
+    hu[..., 4:8, 4:8] = 1500.0  # bone: beyond the window, the same as 240 HU there
+    unit = lambda h: (h - CT_FULL_RANGE[0]) / (CT_FULL_RANGE[1] - CT_FULL_RANGE[0]) * 2 - 1  # noqa: E731
+    shown = task.in_window(unit(hu))
+    assert shown.min() == pytest.approx(0.0, abs=1e-4) and shown.max() == 1.0  # 40 HU: mid-window; bone clipped
+    brighter = hu.clone()
+    brighter[..., 4:8, 4:8] = 2500.0
+    assert ssim_per_image(task.in_window(unit(brighter)), shown).item() == pytest.approx(1.0)
+    assert ssim_per_image(unit(brighter), unit(hu)).item() < 1.0  # the whole range would count the bone

@@ -7,7 +7,8 @@ private state folder, and opened memory-mapped: training reads only the patches 
 batches touch, and the operating system may drop pages it has not touched recently.
 The file's name is a hash of what made it (the source files' names, sizes and
 modification times, the pixel size, the intensity scale), so a changed series or setting
-makes a new one; a half-written file never has the final name.
+makes a new one; a half-written file never has the final name. The folder is the site
+user's alone (0700, files 0600): it holds images derived from patients' scans.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ def stack_series(
         return [torch.from_numpy(np.concatenate([_padded(part[r], canvas) for part in parts]))[:, None]
                 for r in range(roles)]
     cache_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(cache_dir, 0o700)  # derived from patient images: the site's user only, like its other state
     finals = [cache_dir / f"{key}-{role}.npy" for role in range(roles)]
     if all(f.is_file() for f in finals):
         return [_open(f) for f in finals]
@@ -90,8 +92,9 @@ def stack_series(
             for path, shape in zip(paths[role], shapes):
                 out[start : start + shape[0], 0] = _padded(np.load(path, mmap_mode="r"), canvas)
                 start += shape[0]
-            out.flush()
+            out.flush()  # on disk before the file takes its final name
             del out
+            os.chmod(partial, 0o600)
             os.replace(partial, finals[role])
     return [_open(f) for f in finals]
 
@@ -113,20 +116,31 @@ def _padded(part: np.ndarray, canvas: tuple[int, int]) -> np.ndarray:
 
 
 def random_crops(
-    images: list[torch.Tensor], idx: torch.Tensor, size: int, generator: torch.Generator
+    images: list[torch.Tensor], idx: torch.Tensor, size: int, generator: torch.Generator,
+    centre_above: float | None = None, tries: int = 8,
 ) -> list[torch.Tensor]:
     """One ``size``×``size`` patch of each record ``idx`` of every tensor in ``images``
     (aligned tensors of one canvas: input and target), at the same random place for all;
     only those patches are read from a memory-mapped tensor. A record is one slice,
-    whichever patch of it is drawn: Poisson sampling under DP samples slices."""
+    whichever patch of it is drawn: Poisson sampling under DP samples slices.
+
+    ``centre_above``: redraw a place (up to ``tries`` times) until the patch's centre pixel
+    in the last tensor (the target) is above it, so that patches fall on the patient rather
+    than the air around (a per-record choice: under DP each record is still one clipped
+    gradient)."""
     rows, cols = images[0].shape[-2:]
     if rows < size or cols < size:
         padded = [torch.nn.functional.pad(im[idx], _padding(rows, cols, size), value=PAD_VALUE) for im in images]
-        return random_crops(padded, torch.arange(len(idx)), size, generator)
-    tops = torch.randint(0, rows - size + 1, (len(idx),), generator=generator).tolist()
-    lefts = torch.randint(0, cols - size + 1, (len(idx),), generator=generator).tolist()
-    return [torch.stack([im[i, :, t : t + size, l : l + size] for i, t, l in zip(idx.tolist(), tops, lefts)])
-            for im in images]
+        return random_crops(padded, torch.arange(len(idx)), size, generator, centre_above, tries)
+    places = []
+    for i in idx.tolist():
+        for _ in range(tries if centre_above is not None else 1):
+            top = int(torch.randint(0, rows - size + 1, (1,), generator=generator))
+            left = int(torch.randint(0, cols - size + 1, (1,), generator=generator))
+            if centre_above is None or float(images[-1][i, 0, top + size // 2, left + size // 2]) > centre_above:
+                break
+        places.append((i, top, left))
+    return [torch.stack([im[i, :, t : t + size, l : l + size] for i, t, l in places]) for im in images]
 
 
 def _padding(rows: int, cols: int, size: int) -> tuple[int, int, int, int]:

@@ -23,7 +23,7 @@ from medgan_core.data.augment import dihedral_average, dihedral_pairs
 from medgan_core.data.dataset import SiteData
 from medgan_core.data.preprocess import CT_FULL_RANGE, to_hu, window_ct
 from medgan_core.data.slice_store import chunks, random_crops
-from medgan_core.metrics.image_quality import ct_scores, psnr_ssim, ssim_per_image
+from medgan_core.metrics.image_quality import BODY_THRESHOLD_HU, ct_scores, psnr_ssim, ssim_per_image
 from medgan_core.models.tiling import tiled
 from medgan_core.models.unet import PatchDiscriminator, ResidualUNet
 from medgan_core.config import TaskConfig, TaskParams
@@ -108,8 +108,8 @@ class PairedImageTask(GANTask):
         size = self.config.image_size
         if tuple(data.train.shape[-2:]) == (size, size):
             low, full = data.train_input[idx], data.train[idx]
-        else:  # whole slices: one random patch of each sampled slice (the record is still the slice)
-            low, full = random_crops([data.train_input, data.train], idx, size, s.rng)
+        else:  # whole slices: one random patch of each sampled slice (the record is still the slice), on the body
+            low, full = random_crops([data.train_input, data.train], idx, size, s.rng, centre_above=self.body_level)
         if self.augment:
             low, full = dihedral_pairs(low, full, generator=s.rng)
         low, full = low.to(self.device), full.to(self.device)
@@ -131,8 +131,8 @@ class PairedImageTask(GANTask):
             loss_adv = F.softplus(-s.discriminator(low, fake)).mean()
             loss_l1 = (fake - full).abs().mean()
             loss_g = loss_adv + params.l1_weight * loss_l1
-            if params.ssim_weight > 0:
-                loss_ssim = (1 - ssim_per_image(fake, full)).mean()
+            if params.ssim_weight > 0:  # SSIM as reported: in the soft-tissue window for whole-range CT
+                loss_ssim = (1 - ssim_per_image(self.in_window(fake), self.in_window(full))).mean()
                 loss_g = loss_g + params.ssim_weight * loss_ssim
                 losses["loss-ssim"] = loss_ssim.item()
             s.opt_g.zero_grad(set_to_none=True)
@@ -151,6 +151,24 @@ class PairedImageTask(GANTask):
             return tiled(self.generator, batch, size, EVAL_BATCH, self.device)
 
         return (dihedral_average(run, images) if self.self_ensemble else run(images)).clamp(-1, 1)
+
+    @property
+    def body_level(self) -> float | None:
+        """A target value above which a pixel is inside the patient (CT: ``BODY_THRESHOLD_HU``)."""
+        if self.config.modality != "CT":
+            return None
+        low, high = self.ct_range
+        return (BODY_THRESHOLD_HU - low) / (high - low) * 2.0 - 1.0
+
+    def in_window(self, images: torch.Tensor) -> torch.Tensor:
+        """Whole-range CT images as the soft-tissue window shows them, in [-1, 1] (differentiable
+        inside the window); other images as they are."""
+        low, high = self.ct_range
+        window_low, window_high = self.config.window_low, self.config.window_high
+        if self.config.modality != "CT" or (low, high) == (window_low, window_high):
+            return images
+        hu = (images + 1.0) / 2.0 * (high - low) + low
+        return ((hu - window_low) / (window_high - window_low)).clamp(0.0, 1.0) * 2.0 - 1.0
 
     @property
     def ct_range(self) -> tuple[float, float]:
