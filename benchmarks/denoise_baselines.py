@@ -58,7 +58,7 @@ FILTERS: dict[str, tuple[Filter, tuple[float, ...]]] = {
                         (0.005, 0.01, 0.015, 0.02, 0.03, 0.045, 0.07, 0.1, 0.14)),
     "bm3d": (lambda img, p: bm3d.bm3d(img, sigma_psd=p), (0.005, 0.01, 0.015, 0.02, 0.03, 0.045, 0.07, 0.1, 0.14)),
 }
-ROUNDS, LOCAL_STEPS = 32, 25  # 800 local steps per site
+ROUNDS, LOCAL_STEPS = 40, 25  # 1000 local steps per site (1500 steps of one site alone: +0.18 dB over 600)
 PATCH, WIDTH, BATCH = 64, 16, 16
 L1_WEIGHT, LR = 1000.0, 4e-4
 TUNE_SLICES, CROP = 4, 256  # tuning: central crops of a few training slices (BM3D takes ~7 s a whole slice)

@@ -165,6 +165,10 @@ def test_random_patches_are_aligned_and_small_slices_are_padded_with_air() -> No
     uniform = [crop[0, 0, 8, 8].item() for _ in range(40)
                for crop in random_crops([body], torch.tensor([0]), 16, torch.Generator().manual_seed(_))]
     assert np.mean(np.array(uniform) > 0) < 0.7  # about 45 % by chance
+    mixed = [crop[0, 0, 8, 8].item() for _ in range(40)
+             for crop in random_crops([body], torch.tensor([0]), 16, torch.Generator().manual_seed(_), centre_above=0.0,
+                                      anywhere=1.0)]
+    assert np.mean(np.array(mixed) > 0) < 0.7  # anywhere = 1: every place drawn uniformly again
 
 
 def test_whole_slices_go_through_the_network_as_blended_tiles_of_the_patch_size() -> None:

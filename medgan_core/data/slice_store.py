@@ -117,7 +117,7 @@ def _padded(part: np.ndarray, canvas: tuple[int, int]) -> np.ndarray:
 
 def random_crops(
     images: list[torch.Tensor], idx: torch.Tensor, size: int, generator: torch.Generator,
-    centre_above: float | None = None, tries: int = 8,
+    centre_above: float | None = None, tries: int = 8, anywhere: float = 0.0,
 ) -> list[torch.Tensor]:
     """One ``size``×``size`` patch of each record ``idx`` of every tensor in ``images``
     (aligned tensors of one canvas: input and target), at the same random place for all;
@@ -126,18 +126,21 @@ def random_crops(
 
     ``centre_above``: redraw a place (up to ``tries`` times) until the patch's centre pixel
     in the last tensor (the target) is above it, so that patches fall on the patient rather
-    than the air around (a per-record choice: under DP each record is still one clipped
-    gradient)."""
+    than the air around; a share ``anywhere`` of the records still draws its place
+    uniformly, for a network that must learn the air too (whole slices are restored tile
+    by tile, air included). A per-record choice: under DP each record is still one
+    clipped gradient."""
     rows, cols = images[0].shape[-2:]
     if rows < size or cols < size:
         padded = [torch.nn.functional.pad(im[idx], _padding(rows, cols, size), value=PAD_VALUE) for im in images]
-        return random_crops(padded, torch.arange(len(idx)), size, generator, centre_above, tries)
+        return random_crops(padded, torch.arange(len(idx)), size, generator, centre_above, tries, anywhere)
     places = []
     for i in idx.tolist():
-        for _ in range(tries if centre_above is not None else 1):
+        targeted = centre_above is not None and float(torch.rand((), generator=generator)) >= anywhere
+        for _ in range(tries if targeted else 1):
             top = int(torch.randint(0, rows - size + 1, (1,), generator=generator))
             left = int(torch.randint(0, cols - size + 1, (1,), generator=generator))
-            if centre_above is None or float(images[-1][i, 0, top + size // 2, left + size // 2]) > centre_above:
+            if not targeted or float(images[-1][i, 0, top + size // 2, left + size // 2]) > centre_above:
                 break
         places.append((i, top, left))
     return [torch.stack([im[i, :, t : t + size, l : l + size] for i, t, l in places]) for im in images]

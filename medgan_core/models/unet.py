@@ -23,11 +23,14 @@ class ResidualUNet(nn.Module):
     """x -> x + r(x): learns the correction (noise, artefact) rather than the whole image.
 
     With more ``in_channels`` than ``channels`` (extra inputs such as a sampling mask),
-    the residual is added to the first ``channels`` input channels."""
+    the residual is added to the first ``channels`` input channels. ``residual=False``: the
+    output is the network's own (another modality's values, where the input's are no
+    starting point)."""
 
-    def __init__(self, width: int = 16, channels: int = 1, in_channels: int | None = None) -> None:
+    def __init__(self, width: int = 16, channels: int = 1, in_channels: int | None = None, residual: bool = True) -> None:
         super().__init__()
         self.channels = channels
+        self.residual = residual
         self.enc1 = _block(in_channels or channels, width)
         self.enc2 = _block(width, 2 * width, stride=2)
         self.enc3 = _block(2 * width, 4 * width, stride=2)
@@ -36,8 +39,9 @@ class ResidualUNet(nn.Module):
         self.up1 = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), _block(2 * width, width))
         self.dec1 = _block(2 * width, width)
         self.out = nn.Conv2d(width, channels, 1)
-        nn.init.zeros_(self.out.weight)  # start as the identity: output = input
-        nn.init.zeros_(self.out.bias)
+        if residual:
+            nn.init.zeros_(self.out.weight)  # start as the identity: output = input
+            nn.init.zeros_(self.out.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         e1 = self.enc1(x)
@@ -45,7 +49,8 @@ class ResidualUNet(nn.Module):
         e3 = self.enc3(e2)
         d2 = self.dec2(torch.cat([self.up2(e3), e2], dim=1))
         d1 = self.dec1(torch.cat([self.up1(d2), e1], dim=1))
-        return x[:, : self.channels] + self.out(d1)
+        out = self.out(d1)
+        return x[:, : self.channels] + out if self.residual else out
 
 
 class PatchDiscriminator(nn.Module):

@@ -65,6 +65,10 @@ class PairedImageTask(GANTask):
     #: At clinical geometry (``DegradedPairs(clinical=True)``): whole slices at ``task.spacing``
     #: over the whole CT range, trained on ``image-size`` patches, restored tile by tile.
     clinical: ClassVar[bool] = False
+    #: Share of training patches drawn anywhere on the slice; the rest are centred on the
+    #: patient. A residual network leaves air as it is; one that makes another modality's
+    #: values must learn the air too.
+    patches_anywhere: ClassVar[float] = 0.0
 
     @classmethod
     def note(cls) -> str:
@@ -109,7 +113,8 @@ class PairedImageTask(GANTask):
         if tuple(data.train.shape[-2:]) == (size, size):
             low, full = data.train_input[idx], data.train[idx]
         else:  # whole slices: one random patch of each sampled slice (the record is still the slice), on the body
-            low, full = random_crops([data.train_input, data.train], idx, size, s.rng, centre_above=self.body_level)
+            low, full = random_crops([data.train_input, data.train], idx, size, s.rng, centre_above=self.body_level,
+                                     anywhere=self.patches_anywhere)
         if self.augment:
             low, full = dihedral_pairs(low, full, generator=s.rng)
         low, full = low.to(self.device), full.to(self.device)

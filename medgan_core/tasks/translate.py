@@ -10,9 +10,11 @@ body, PSNR and SSIM against the real CT.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from medgan_core.config import TaskConfig
 from medgan_core.data.dataset import DataSpec, ModalityPairs
+from medgan_core.models.unet import ResidualUNet
 from medgan_core.tasks.paired import PairedImageTask
 
 
@@ -21,11 +23,16 @@ class TranslateTask(PairedImageTask):
     target_words = "the subject's scan in the target modality"
     input_words = "the source modality"
     clinical = True
+    patches_anywhere = 0.25  # not residual: it must learn that air stays air
 
     @classmethod
     def data_spec(cls, config: TaskConfig) -> DataSpec:
         """The target is ``task.modality`` (CT by default); the input the other modality."""
         return ModalityPairs("MR" if config.modality == "CT" else "CT", clinical=True)
+
+    def build_generator(self) -> nn.Module:
+        """Not residual: an MR intensity is no starting point for a HU value."""
+        return ResidualUNet(self.config.width, residual=False)
 
     @property
     def input_modality(self) -> str:
