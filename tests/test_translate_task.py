@@ -39,7 +39,7 @@ def test_translation_learns_hounsfield_units(tiny_sites: list[Path]) -> None:
     task.train(data, steps=80, seed=0)
     after = task.evaluate(data)
     assert after["mae-hu"] < 0.5 * before["mae-hu"]
-    assert after["psnr"] > after["psnr-input"] + 3.0 and after["ssim"] > before["ssim"]  # (the MR is no CT estimate)
+    assert after["psnr"] > after["psnr-input"] + 2.0 and after["ssim"] > before["ssim"]  # (the MR is no CT estimate)
 
 
 def test_the_translator_is_not_residual_and_learns_the_air_too() -> None:

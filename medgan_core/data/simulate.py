@@ -422,7 +422,20 @@ def simulate_site(
     grids, second scanner), MR NIfTI (at most ``MR_MAX_MATRIX`` pixels across) and its
     undersampled k-space, a label map; and manifest.csv. ``series`` picks which groups
     (``SERIES``) are written: a study for one task needs only what that task reads. The
-    field of view is 400 mm, so 512 pixels are 0.78 mm, as in abdominal CT."""
+    field of view is 400 mm, so 512 pixels are 0.78 mm, as in abdominal CT. Each subject
+    draws from its own seeded stream (``simulate_subject``), so subjects may be written in
+    any order or in parallel with the same result."""
+    check_site_settings(n_subjects, n_slices, size, series)
+    entries = []
+    for s in range(n_subjects):
+        entries += simulate_subject(profile, out_dir, s, n_subjects=n_subjects, n_slices=n_slices, size=size,
+                                    seed=seed, series=series)
+        if progress:
+            progress(f"{profile.name}: subject {s + 1}/{n_subjects}")
+    return finish_site(profile, out_dir, entries)
+
+
+def check_site_settings(n_subjects: int, n_slices: int, size: int, series: tuple[str, ...]) -> None:
     if n_subjects < 3:
         raise ConfigError(f"subjects = {n_subjects}; a site needs at least 3 (train, val and test)")
     if size < 32 or n_slices < 1 or size % max(LOW_RES_SCALES):
@@ -431,83 +444,93 @@ def simulate_site(
             "(for the low-resolution series) and at least one slice"
         )
     check_series(series)
+
+
+def finish_site(profile: SiteProfile, out_dir: str | Path, entries: list[ManifestEntry]) -> Path:
+    """The site's manifest.csv and site.json, once every subject is written."""
     out_dir = Path(out_dir)
-    rng = np.random.default_rng(seed)
+    write_manifest(entries, out_dir / "manifest.csv")
+    (out_dir / "site.json").write_text(json.dumps(asdict(profile), indent=2))
+    return out_dir
+
+
+def simulate_subject(
+    profile: SiteProfile, out_dir: str | Path, s: int, *, n_subjects: int, n_slices: int, size: int, seed: int,
+    series: tuple[str, ...],
+) -> list[ManifestEntry]:
+    """Write subject ``s`` of a site; its manifest entries."""
+    out_dir = Path(out_dir)
+    rng = np.random.default_rng([seed, s])
     pixel_mm, slice_mm = FIELD_OF_VIEW_MM / size, 5.0
     mr_factor = max(1, size // MR_MAX_MATRIX)
     mr_size = size // mr_factor
     n_train = max(1, round(n_subjects * SPLIT_FRACTIONS[0]))
     n_val = max(1, round(n_subjects * SPLIT_FRACTIONS[1]))
     n_train = min(n_train, n_subjects - n_val - 1)
-    # One sampling pattern per accelerated protocol of this site (its own scanner set-up).
-    masks = {r: sampling_mask(mr_size, r, np.random.default_rng(seed + 31 * r), profile.mr_center_fraction)
-             for r in ACCELERATIONS}
     wanted = set(series)
-    entries = []
-    for s in range(n_subjects):
-        subject = f"{profile.name}-{s:03d}"
-        split = "train" if s < n_train else "val" if s < n_train + n_val else "test"
-        has_lesion = bool(rng.random() < profile.lesion_rate)
-        severity = float(np.clip(rng.normal(profile.lesion_severity, 0.2), 0.05, 1.0)) if has_lesion else 0.0
-        labels = phantom_labels(rng, size, n_slices, profile.body_scale, severity)
-        texture = tissue_texture(rng, labels.shape)
-        hu = tissue_hu(labels, texture)
-        scanners = profile.scanners((1.0, LOW_DOSE_FRACTION))
-        # every CT series is drawn, written or not, so a subset has the same images as the full study
-        acquired = [ct_acquire_scanners(hu[k], scanners, pixel_mm, rng) for k in range(n_slices)]
-        ct, ct_low, ct_b = (np.stack([a[i] for a in acquired]) for i in range(3))
-        if wanted & {"mr", "mr-kspace"}:  # MR's noise from its own stream: the CT is the same without it
-            mr = mr_acquire(labels, texture, profile, np.random.default_rng([seed, s, 7]))
-            if mr_factor > 1:
-                mr = coarse_grid(mr, mr_factor)
-        label = "lesion" if has_lesion else "normal"
-        # The arrays are (k, rows, cols) as displayed: columns run to the patient's left and rows
-        # to posterior, so the NIfTI affine (RAS+) has negative x and y steps, like the DICOM series.
-        # Placed as the DICOM series are (first pixel at half the field of view to the patient's right
-        # and anterior), so every series of a subject shares one patient frame.
-        affine = np.diag([-pixel_mm, -pixel_mm, slice_mm, 1.0])
-        affine[:2, 3] = FIELD_OF_VIEW_MM / 2
-        mr_affine = np.diag([-pixel_mm * mr_factor, -pixel_mm * mr_factor, slice_mm, 1.0])
-        mr_affine[:2, 3] = FIELD_OF_VIEW_MM / 2 - pixel_mm * (mr_factor - 1) / 2  # coarser voxels, same field
+    entries: list[ManifestEntry] = []
+    subject = f"{profile.name}-{s:03d}"
+    split = "train" if s < n_train else "val" if s < n_train + n_val else "test"
+    has_lesion = bool(rng.random() < profile.lesion_rate)
+    severity = float(np.clip(rng.normal(profile.lesion_severity, 0.2), 0.05, 1.0)) if has_lesion else 0.0
+    labels = phantom_labels(rng, size, n_slices, profile.body_scale, severity)
+    texture = tissue_texture(rng, labels.shape)
+    hu = tissue_hu(labels, texture)
+    scanners = profile.scanners((1.0, LOW_DOSE_FRACTION))
+    # every CT series is drawn, written or not, so a subset has the same images as the full study
+    acquired = [ct_acquire_scanners(hu[k], scanners, pixel_mm, rng) for k in range(n_slices)]
+    ct, ct_low, ct_b = (np.stack([a[i] for a in acquired]) for i in range(3))
+    if wanted & {"mr", "mr-kspace"}:  # MR's noise from its own stream: the CT is the same without it
+        mr = mr_acquire(labels, texture, profile, np.random.default_rng([seed, s, 7]))
+        if mr_factor > 1:
+            mr = coarse_grid(mr, mr_factor)
+    label = "lesion" if has_lesion else "normal"
+    # The arrays are (k, rows, cols) as displayed: columns run to the patient's left and rows
+    # to posterior, so the NIfTI affine (RAS+) has negative x and y steps, like the DICOM series.
+    # Placed as the DICOM series are (first pixel at half the field of view to the patient's right
+    # and anterior), so every series of a subject shares one patient frame.
+    affine = np.diag([-pixel_mm, -pixel_mm, slice_mm, 1.0])
+    affine[:2, 3] = FIELD_OF_VIEW_MM / 2
+    mr_affine = np.diag([-pixel_mm * mr_factor, -pixel_mm * mr_factor, slice_mm, 1.0])
+    mr_affine[:2, 3] = FIELD_OF_VIEW_MM / 2 - pixel_mm * (mr_factor - 1) / 2  # coarser voxels, same field
 
-        def add(rel: Path, modality: str, domain: str) -> None:
-            entries.append(ManifestEntry(str(rel), subject, modality, split, f"{profile.name}-{domain}", label, subject))
+    def add(rel: Path, modality: str, domain: str) -> None:
+        entries.append(ManifestEntry(str(rel), subject, modality, split, f"{profile.name}-{domain}", label, subject))
 
-        def add_ct(series: np.ndarray, folder: str, offset: int, scale: int = 1) -> None:
-            rel = Path(folder) / subject
-            write_dicom_series(
-                series, out_dir / rel, spacing=(pixel_mm * scale, pixel_mm * scale, slice_mm), patient_id=subject,
-                manufacturer=f"{profile.name} CT", seed=seed + s + offset,
-            )
-            add(rel, "CT", folder)
+    def add_ct(series: np.ndarray, folder: str, offset: int, scale: int = 1) -> None:
+        rel = Path(folder) / subject
+        write_dicom_series(
+            series, out_dir / rel, spacing=(pixel_mm * scale, pixel_mm * scale, slice_mm), patient_id=subject,
+            manufacturer=f"{profile.name} CT", seed=seed + s + offset,
+        )
+        add(rel, "CT", folder)
 
-        if "ct" in wanted:
-            add_ct(ct, "ct", 0)
-        if "ct-low-dose" in wanted:
-            add_ct(ct_low, "ct" + LOW_DOSE, 500)
-        if "ct-scanner-b" in wanted:
-            add_ct(ct_b, "ct" + SCANNER_B, 900)
-        if "ct-low-res" in wanted:
-            for scale in LOW_RES_SCALES:
-                add_ct(coarse_grid(ct, scale), f"ct-low-res-x{scale}", 700 + scale, scale)
-        if "mr" in wanted:
-            mr_rel = Path("mr") / f"{subject}.nii.gz"
-            write_nifti(mr.transpose(2, 1, 0), mr_affine, out_dir / mr_rel)
-            add(mr_rel, "MR", "mr")
-        if "mr-kspace" in wanted:
-            for r, mask in masks.items():
-                rel = Path(f"mr-kspace-r{r}") / f"{subject}.nii.gz"
-                write_kspace(undersample(mr, mask), mr_affine, out_dir / rel)
-                add(rel, "MR", f"mr-kspace-r{r}")
-        if "seg" in wanted:
-            seg_rel = Path("seg") / f"{subject}.nii.gz"
-            write_nifti(labels.transpose(2, 1, 0), affine, out_dir / seg_rel, dtype=np.uint8)
-            add(seg_rel, SEGMENTATION, "seg")
-        if progress:
-            progress(f"{profile.name}: subject {s + 1}/{n_subjects}")
-    write_manifest(entries, out_dir / "manifest.csv")
-    (out_dir / "site.json").write_text(json.dumps(asdict(profile), indent=2))
-    return out_dir
+    if "ct" in wanted:
+        add_ct(ct, "ct", 0)
+    if "ct-low-dose" in wanted:
+        add_ct(ct_low, "ct" + LOW_DOSE, 500)
+    if "ct-scanner-b" in wanted:
+        add_ct(ct_b, "ct" + SCANNER_B, 900)
+    if "ct-low-res" in wanted:
+        for scale in LOW_RES_SCALES:
+            add_ct(coarse_grid(ct, scale), f"ct-low-res-x{scale}", 700 + scale, scale)
+    if "mr" in wanted:
+        mr_rel = Path("mr") / f"{subject}.nii.gz"
+        write_nifti(mr.transpose(2, 1, 0), mr_affine, out_dir / mr_rel)
+        add(mr_rel, "MR", "mr")
+    if "mr-kspace" in wanted:
+        # the site's own sampling pattern per accelerated protocol (its scanner set-up): the same for all subjects
+        masks = {r: sampling_mask(mr_size, r, np.random.default_rng(seed + 31 * r), profile.mr_center_fraction)
+                 for r in ACCELERATIONS}
+        for r, mask in masks.items():
+            rel = Path(f"mr-kspace-r{r}") / f"{subject}.nii.gz"
+            write_kspace(undersample(mr, mask), mr_affine, out_dir / rel)
+            add(rel, "MR", f"mr-kspace-r{r}")
+    if "seg" in wanted:
+        seg_rel = Path("seg") / f"{subject}.nii.gz"
+        write_nifti(labels.transpose(2, 1, 0), affine, out_dir / seg_rel, dtype=np.uint8)
+        add(seg_rel, SEGMENTATION, "seg")
+    return entries
 
 
 def simulate_study(
@@ -524,27 +547,33 @@ def simulate_study(
 ) -> list[Path]:
     """Write ``n_sites`` hospitals under ``out_dir``; returns their folders in order.
 
-    Sites are independent (each its own seed), so they are simulated in ``workers``
-    processes at once (default: one per CPU, at most one per site); the files are the same
-    as one after the other. With several workers ``progress`` hears of each finished site."""
-    check_series(series)  # here, not in a worker process
+    Subjects are independent (each its own seeded stream), so every site's subjects are
+    simulated in ``workers`` processes at once (default: one per CPU), keeping both cores
+    busy however the subjects divide among sites; the files are the same as one after the
+    other. With several workers ``progress`` hears of each finished site."""
+    check_site_settings(n_subjects, n_slices, size, series)  # here, not in a worker process
     out_dir = Path(out_dir)
     jobs = [(profile, out_dir / f"site-{index + 1:02d}-{profile.name}", seed * 1000 + index)
             for index, profile in enumerate(site_profiles(n_sites, seed))]
-    workers = min(workers or os.cpu_count() or 1, len(jobs))
+    workers = min(workers or os.cpu_count() or 1, len(jobs) * n_subjects)
     if workers <= 1:
         for profile, folder, site_seed in jobs:
             simulate_site(profile, folder, n_subjects=n_subjects, n_slices=n_slices, size=size, seed=site_seed,
                           progress=progress, series=series)
     else:
+        entries: dict[Path, dict[int, list[ManifestEntry]]] = {folder: {} for _, folder, _ in jobs}
         context = multiprocessing.get_context("spawn")  # no forked torch or Ray state in the workers
         with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-            running = {pool.submit(simulate_site, profile, folder, n_subjects=n_subjects, n_slices=n_slices,
-                                   size=size, seed=site_seed, series=series): folder for profile, folder, site_seed in jobs}
+            running = {pool.submit(simulate_subject, profile, folder, s, n_subjects=n_subjects, n_slices=n_slices,
+                                   size=size, seed=site_seed, series=series): (profile, folder, s)
+                       for profile, folder, site_seed in jobs for s in range(n_subjects)}
             for done in concurrent.futures.as_completed(running):
-                done.result()  # a failed site raises here, in the caller's process
-                if progress is not None:
-                    progress(f"{running[done].name}: written")
+                profile, folder, s = running[done]
+                entries[folder][s] = done.result()  # a failed subject raises here, in the caller's process
+                if len(entries[folder]) == n_subjects:
+                    finish_site(profile, folder, [e for k in sorted(entries[folder]) for e in entries[folder][k]])
+                    if progress is not None:
+                        progress(f"{folder.name}: written")
     folders = []
     for _, folder, _ in jobs:
         (folder / SIMULATED_MARK).write_text("written by medgan sites simulate; --force may replace this folder\n")
