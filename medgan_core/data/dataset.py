@@ -251,7 +251,7 @@ def _variant_pairs(
         manifest.select(modality=task.modality, split=split),
         f"no {split} pairs of {what} {task.modality} series "
         f"(a {variant} series has a domain ending in '-{variant}' and the pair_id of its original partner; "
-        "a phantom study simulated by an older version lacks it: run 'medgan sites simulate --force')",
+        f"a simulated study written for another task lacks it: run 'medgan sites simulate --force --task {task.name}')",
     )
 
 
@@ -317,8 +317,8 @@ def _labelled(
         manifest, manifest.select(modality=task.modality, split=split, variant=variant),
         manifest.select(modality=SEGMENTATION, split=split),
         f"no {split} subjects with both a {task.modality} series and a label map (modality {SEGMENTATION}, "
-        "matched by pair_id; a phantom study simulated by an older version lacks them: "
-        "run 'medgan sites simulate --force')",
+        "matched by pair_id; a simulated study written for another task lacks them: "
+        f"run 'medgan sites simulate --force --task {task.name}')",
     )
 
 
