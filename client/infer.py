@@ -33,7 +33,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from medgan_core.data.dicom_io import GREYSCALE, MEDIA_STORAGE_DIRECTORY, frames_of
 from medgan_core.data.kspace import read_kspace, reconstruction_input
 from medgan_core.data.nifti_io import read_nifti
-from medgan_core.data.preprocess import normalise_values, resample_slices, resample_to, resize_slices, to_hu, window_ct
+from medgan_core.data.preprocess import normalise_values, resample_slices, resample_to, resize_slices, to_hu
 from medgan_core.data.slice_store import chunks
 from medgan_core.data.volume import CANONICAL
 from medgan_core.errors import DataError, MedGANError
@@ -112,13 +112,10 @@ class Applier:
         fine_shape = (slices.shape[1] * scale, slices.shape[2] * scale)
         fine_spacing = (spacing[0] / scale, spacing[1] / scale)
         ct_range = self.task.ct_range
-        top = float(np.percentile(slices, 99.5)) or 1.0  # an MR input's own scale (the volume's, as in training)
+        normalised = normalise_values(slices, self.input_modality, ct_range)  # MR: the volume's own scale, as in training
         outputs = []
         for part in chunks(len(slices), EVAL_SLICES):
-            if self.input_modality == "CT":
-                values = torch.from_numpy(window_ct(slices[part], *ct_range))[:, None]
-            else:
-                values = torch.from_numpy((np.clip(slices[part] / top, 0.0, 1.0) * 2 - 1).astype(np.float32))[:, None]
+            values = torch.from_numpy(normalised[part])[:, None]
             if scale > 1:  # the coarse acquisition interpolated bicubically, as the model was trained on
                 values = resample_to(values, fine_shape, "bicubic").clamp(-1, 1)
             model_input = resample_slices(values[:, 0], fine_spacing, model_spacing)

@@ -138,17 +138,13 @@ def load_site_data(
             train_b = _stack(manifest, task, [domain_b[k] for k in keys_b])
             test_b, test_a = _pairs(manifest, task, test_split, DegradedPairs(variant))
             return SiteData(site, train_a, test_a, train_b, test_b)
-        case ModalityPairs(clinical=True):
+        case DegradedPairs(clinical=True) | ModalityPairs(clinical=True):
             train_in, train = _clinical_pairs(manifest, task, "train", spec, cache_dir)
             test_in, test = _clinical_pairs(manifest, task, test_split, spec, cache_dir)
             return SiteData(site, train, test, train_in, test_in)
         case ModalityPairs(source=source):
             train_in, train = _modality_pairs(manifest, task, "train", source)
             test_in, test = _modality_pairs(manifest, task, test_split, source)
-            return SiteData(site, train, test, train_in, test_in)
-        case DegradedPairs(clinical=True):
-            train_in, train = _clinical_pairs(manifest, task, "train", spec, cache_dir)
-            test_in, test = _clinical_pairs(manifest, task, test_split, spec, cache_dir)
             return SiteData(site, train, test, train_in, test_in)
         case DegradedPairs():
             train_in, train = _pairs(manifest, task, "train", spec)
@@ -190,10 +186,7 @@ def _clinical_pairs(
         mode, tag = ("bicubic" if spec.scale > 1 else "bilinear"), spec.variant
     else:
         what = f"{spec.source} and {task.modality}"
-        low, full, keys = _matched(
-            manifest, manifest.select(modality=spec.source, split=split), manifest.select(modality=task.modality, split=split),
-            f"no {split} subjects with both a {spec.source} and a {task.modality} series (they are matched by pair_id)",
-        )
+        low, full, keys = _modality_matched(manifest, task, split, spec.source)
         mode, tag = "bilinear", f"{spec.source}-{task.modality}"
 
     def pairs() -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -258,14 +251,21 @@ def _variant_pairs(
 def _modality_pairs(manifest: Manifest, task: TaskConfig, split: str, source: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(``source``-modality inputs, ``task.modality`` targets) of the same subjects, matched
     by pair_id; each normalised the way its modality is (CT window, MR percentile)."""
-    inputs, target, keys = _matched(
-        manifest, manifest.select(modality=source, split=split), manifest.select(modality=task.modality, split=split),
-        f"no {split} subjects with both a {source} and a {task.modality} series (they are matched by pair_id)",
-    )
+    inputs, target, keys = _modality_matched(manifest, task, split, source)
     x, y = _stack(manifest, task, [inputs[k] for k in keys]), _stack(manifest, task, [target[k] for k in keys])
     if x.shape != y.shape:
         raise DataError(f"{manifest.path}: the {source} and {task.modality} series of a subject differ in slice count")
     return x, y
+
+
+def _modality_matched(
+    manifest: Manifest, task: TaskConfig, split: str, source: str
+) -> tuple[dict[str, ManifestEntry], dict[str, ManifestEntry], list[str]]:
+    """``source``-modality and ``task.modality`` entries of a split, matched by pair_id."""
+    return _matched(
+        manifest, manifest.select(modality=source, split=split), manifest.select(modality=task.modality, split=split),
+        f"no {split} subjects with both a {source} and a {task.modality} series (they are matched by pair_id)",
+    )
 
 
 def _kspace_pairs(manifest: Manifest, task: TaskConfig, split: str, variant: str) -> tuple[torch.Tensor, torch.Tensor]:
