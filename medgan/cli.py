@@ -124,6 +124,8 @@ def demo(
     privacy: Optional[bool] = typer.Option(None, "--privacy/--no-privacy", help="Override privacy.enabled."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this run folder after its last complete round."),
     verbose: bool = typer.Option(False, "--verbose", help="Show Flower's and Ray's own logs."),
+    ray_address: Optional[str] = typer.Option(
+        None, "--ray-address", help="HOST:PORT of a running Ray head: run the sites on that cluster (README)."),
 ) -> None:
     """Simulate the sites if needed, then run a federated study in Flower's simulation engine."""
     try:
@@ -133,7 +135,7 @@ def demo(
             study = _demo_config(config, rounds, local_steps, sites_dir, out, device)
         if privacy is not None:
             study = study.replace(privacy={"enabled": privacy})
-        _run_demo(study, verbose)
+        _run_demo(study, verbose, ray_address)
     except MedGANError as exc:
         fail(exc)
 
@@ -148,7 +150,7 @@ def _demo_config(config: Path, rounds: Optional[int], local_steps: Optional[int]
     return study.replace(run=run_changes, task=task_changes)
 
 
-def _run_demo(study: StudyConfig, verbose: bool) -> None:
+def _run_demo(study: StudyConfig, verbose: bool, ray_address: str | None = None) -> None:
     from medgan.simulation import simulate_federation  # Flower and Ray load only when needed
     from server.run_folder import RunFolder
     from server.study import RoundSummary
@@ -179,9 +181,13 @@ def _run_demo(study: StudyConfig, verbose: bool) -> None:
                   f"{study.task.local_steps} local steps · run folder {run_dir}")
     from medgan import private_network
 
-    console.print("Network: " + ("private namespace, loopback only (nothing outside can reach the simulation)"
-                                 if private_network.inside() else
-                                 "shared with this machine; Ray listens on 127.0.0.1 only"))
+    if ray_address:
+        console.print(f"Network: the Ray cluster at {ray_address} (its sites refuse to train unless its nodes are on "
+                      "loopback or ask for a token over TLS)")
+    else:
+        console.print("Network: " + ("private namespace, loopback only (nothing outside can reach the simulation)"
+                                     if private_network.inside() else
+                                     "shared with this machine; Ray listens on 127.0.0.1 only"))
     privacy = study.privacy
     if privacy.enabled:
         console.print(f"Privacy: DP-SGD at every site, budget ε = {privacy.target_epsilon:g} at δ = {privacy.delta:g}"
@@ -209,7 +215,7 @@ def _run_demo(study: StudyConfig, verbose: bool) -> None:
             console.print(f"  [red]left out node {excluded['node']}:[/] {excluded['reason']}")
 
     started = time.monotonic()
-    simulate_federation(study, sites, run_dir, progress=show, verbose=verbose)
+    simulate_federation(study, sites, run_dir, progress=show, verbose=verbose, ray_address=ray_address)
     console.print(f"Done in {time.monotonic() - started:.0f} s.")
     console.print(f"  report:      {run_dir / 'report.md'}")
     console.print(f"  metrics:     {run_dir / 'metrics.jsonl'}")
@@ -245,7 +251,8 @@ def main() -> None:
 
     from medgan import private_network
 
-    if sys.argv[1:2] == ["demo"] and not private_network.inside() and private_network.available():
+    joins_cluster = any(arg.startswith("--ray-address") for arg in sys.argv[2:])  # its head is outside
+    if sys.argv[1:2] == ["demo"] and not joins_cluster and not private_network.inside() and private_network.available():
         # Defence in depth beside Ray on 127.0.0.1: the demo runs where only loopback exists.
         sys.exit(private_network.run_inside(["-m", "medgan.cli", *sys.argv[1:]]))
     if private_network.inside():

@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
+import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -45,10 +47,14 @@ def simulate_federation(
     on_train_replies: Callable[[int, list[Message]], None] | None = None,
     client_mods: Sequence[Mod] = (),
     verbose: bool = False,
+    ray_address: str | None = None,
 ) -> Path:
     """Train ``study`` across ``site_paths`` (one simulated hospital each); returns the run folder.
 
-    A site given as a path keeps its privacy state under ``RUN_DIR/site-state/<site>``.
+    A site given as a path keeps its privacy state under ``RUN_DIR/site-state/<site>``. With
+    ``ray_address`` (``HOST:PORT`` of a running Ray head) the sites run on that cluster instead of
+    a Ray started here; each node must hold this checkout at the same path and see the sites'
+    folders (README: "A study on a Ray cluster").
     """
     if len(site_paths) != study.run.num_sites:
         raise ConfigError(f"run.num-sites = {study.run.num_sites} but {len(site_paths)} site folder(s) were given")
@@ -57,12 +63,17 @@ def simulate_federation(
         if not Path(site.data_path).exists():
             raise ConfigError(f"site folder {site.data_path} does not exist; run 'medgan sites simulate' first")
     keep_ray_on_loopback()  # again: something else may have imported Ray since
-    use_gpu = resolve_device(study.run.device).type == "cuda"
-    cpus = os.cpu_count() or 1
+    if ray_address is None:
+        use_gpu = resolve_device(study.run.device).type == "cuda"
+        cpus, gpus = os.cpu_count() or 1, torch.cuda.device_count() if use_gpu else 0
+        init_args = {"num_cpus": cpus, "num_gpus": gpus, "include_dashboard": False, "log_to_driver": verbose}
+    else:  # joined here, so that the sites' shares come from the cluster's size; Flower then finds Ray running
+        cpus, gpus = join_ray_cluster(ray_address, verbose)
+        use_gpu, init_args = gpus > 0 and study.run.device != "cpu", {}
     backend_config = {
-        "client_resources": {"num_cpus": cpu_share(cpus, len(sites)), "num_gpus": (1.0 / len(site_paths)) if use_gpu else 0.0},
-        "init_args": {"num_cpus": cpus, "num_gpus": torch.cuda.device_count() if use_gpu else 0,
-                      "include_dashboard": False, "log_to_driver": verbose},
+        "client_resources": {"num_cpus": cpu_share(cpus, len(sites)),
+                             "num_gpus": min(1.0, gpus / len(sites)) if use_gpu else 0.0},
+        "init_args": init_args,
     }
     flwr_logger = logging.getLogger("flwr")
     level = flwr_logger.level
@@ -86,6 +97,10 @@ def simulate_federation(
         )
     finally:
         flwr_logger.setLevel(level)
+        if ray_address is not None:  # leave the cluster (Flower disconnects too, unless it failed first)
+            import ray
+
+            ray.shutdown()
     if failures:  # the study itself failed: say so (one line at the CLI), do not return as if done
         raise failures[0]
     return Path(run_dir)
@@ -100,6 +115,37 @@ def cpu_share(cpus: int, n_sites: int) -> float:
     if n_sites <= cpus:
         return 1.0
     return max(0.5, math.floor(cpus / n_sites * 10_000) / 10_000)
+
+
+#: Seconds to wait for a Ray head's port: Ray itself retries an absent head for minutes.
+RAY_CONNECT_TIMEOUT_S = 10.0
+
+
+def join_ray_cluster(address: str, verbose: bool = False) -> tuple[int, int]:
+    """Connect this process to the Ray cluster whose head is at ``HOST:PORT``; its (CPUs, GPUs).
+
+    The workers import this checkout through PYTHONPATH, as Flower's own Ray start arranges."""
+    import ray
+
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--ray-address {address!r}: expected HOST:PORT of the Ray head (ray start --head --port)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise ConfigError(f"no Ray head answers at {address} ({exc.strerror or exc}); start one with "
+                          f"'ray start --head --port {port}' or check the address") from None
+    pythonpath = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
+    try:
+        ray.init(address=address, log_to_driver=verbose, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise ConfigError(f"cannot join the Ray cluster at {address}: {exc}") from None
+    resources = ray.cluster_resources()
+    cpus, gpus = int(resources.get("CPU", 0)), int(resources.get("GPU", 0))
+    if cpus < 1:
+        ray.shutdown()
+        raise ConfigError(f"the Ray cluster at {address} offers no CPU to run sites on")
+    return cpus, gpus
 
 
 def _site(site: str | Path | SiteConfig, run_dir: Path) -> SiteConfig:
