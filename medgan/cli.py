@@ -151,6 +151,7 @@ def _demo_config(config: Path, rounds: Optional[int], local_steps: Optional[int]
 
 
 def _run_demo(study: StudyConfig, verbose: bool, ray_address: str | None = None) -> None:
+    from medgan.live import SiteBoard
     from medgan.simulation import simulate_federation  # Flower and Ray load only when needed
     from server.run_folder import RunFolder
     from server.study import RoundSummary
@@ -215,7 +216,10 @@ def _run_demo(study: StudyConfig, verbose: bool, ray_address: str | None = None)
             console.print(f"  [red]left out node {excluded['node']}:[/] {excluded['reason']}")
 
     started = time.monotonic()
-    simulate_federation(study, sites, run_dir, progress=show, verbose=verbose, ray_address=ray_address)
+    with console.status("starting the simulation…") as status:
+        board = SiteBoard(study.run.rounds, show=status.update, note=lambda text: console.print(f"  [red]{text}[/]"))
+        simulate_federation(study, sites, run_dir, progress=show, verbose=verbose, ray_address=ray_address,
+                            watch=board)
     console.print(f"Done in {time.monotonic() - started:.0f} s.")
     console.print(f"  report:      {run_dir / 'report.md'}")
     console.print(f"  metrics:     {run_dir / 'metrics.jsonl'}")

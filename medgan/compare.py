@@ -69,8 +69,10 @@ def compare_study(study: StudyConfig, sites: list[Path], out: Path, *, leave_one
         for site in sites:
             others = [s for s in sites if s != site]
             arm_study = study.replace(run={"num_sites": len(others)})
-            models = federate(f"without {site.name}", arm_study, others)
-            any_model = next(iter(models.values()))  # shared arrays; a site-kept layer is not the held-out site's
+            federate(f"without {site.name}", arm_study, others)
+            # The shared arrays (a site-kept layer is not the held-out site's; no one's personal model)
+            models = site_models(arm_study, others, out / f"without {site.name}".replace(" ", "-"), personal=False)
+            any_model = next(iter(models.values()))
             held_out[site.name] = {
                 "federated (others)": any_model.evaluate(data[site.name]),
                 "single sites": {other: local[other].evaluate(data[site.name]) for other in models},
@@ -85,9 +87,10 @@ def compare_study(study: StudyConfig, sites: list[Path], out: Path, *, leave_one
 
 
 def site_models(study: StudyConfig, sites: list[Path], run_dir: Path,
-                weights: dict | None = None) -> dict[str, Task]:
+                weights: dict | None = None, personal: bool = True) -> dict[str, Task]:
     """Each site's final model: the global weights (default: the last checkpoint) plus what the
-    site kept at home under ``[aggregation]`` (local groups, FedBN's layers), from its state folder."""
+    site kept at home under ``[aggregation]`` (local groups, FedBN's layers), from its state folder;
+    its personal model where it fine-tuned one (``finetune-steps``) and ``personal``."""
     layout = RunLayout(run_dir)
     if weights is None:
         weights = load_checkpoint(layout.checkpoint(study.run.rounds))[0]
@@ -97,13 +100,15 @@ def site_models(study: StudyConfig, sites: list[Path], run_dir: Path,
         task = build_task(study.task)
         task.set_weights(weights)
         load_site_model(task, SiteConfig(str(site), state_dir=str(layout.site_state(site.name))),
-                        study.aggregation, study_id=study_id, server_round=study.run.rounds, training=False)
+                        study.aggregation, study_id=study_id, server_round=study.run.rounds, training=False,
+                        personal=personal)
         models[site.name] = task
     return models
 
 
 def pooled_model(study: StudyConfig, data: list[SiteData]) -> Task:
-    """One model on the union of every site's training images, as many steps as all sites took."""
+    """One model on the union of every site's training images, as many steps as all sites took
+    (their personal fine-tunes included)."""
     def joined(field: str) -> torch.Tensor | None:
         parts = [getattr(d, field) for d in data]
         return None if any(p is None for p in parts) else torch.cat(parts)
@@ -114,6 +119,8 @@ def pooled_model(study: StudyConfig, data: list[SiteData]) -> Task:
     for server_round in range(1, study.run.rounds + 1):
         for site in range(len(data)):
             task.train(union, study.task.local_steps, seed=server_round * 100 + site)
+    if study.aggregation.finetune_steps:
+        task.train(union, study.aggregation.finetune_steps * len(data), seed=study.run.rounds * 100 + 99)
     return task
 
 

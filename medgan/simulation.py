@@ -33,7 +33,7 @@ from medgan_core.runtime import resolve_device  # noqa: E402
 from server.app import build_server_app  # noqa: E402
 from client.secagg import build_secagg_client_app  # noqa: E402
 from server.secagg import build_secagg_server_app  # noqa: E402
-from server.study import RoundSummary  # noqa: E402
+from server.study import RoundSummary, SiteWatcher  # noqa: E402
 from flwr.app import Message  # noqa: E402
 from flwr.clientapp.typing import Mod  # noqa: E402
 
@@ -48,6 +48,7 @@ def simulate_federation(
     client_mods: Sequence[Mod] = (),
     verbose: bool = False,
     ray_address: str | None = None,
+    watch: SiteWatcher | None = None,
 ) -> Path:
     """Train ``study`` across ``site_paths`` (one simulated hospital each); returns the run folder.
 
@@ -86,7 +87,7 @@ def simulate_federation(
             client_app = build_secagg_client_app(sites)
         else:
             server_app = build_server_app(study, run_dir, progress=progress, on_train_replies=on_train_replies,
-                                          failures=failures)
+                                          failures=failures, watch=watch)
             client_app = build_client_app(sites, client_mods)
         run_simulation(
             server_app=server_app,

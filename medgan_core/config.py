@@ -107,6 +107,9 @@ class TaskConfig:
         self.params.validate(self)
 
 
+TRACKERS = ("none", "tensorboard")  # run.tracking (server.tracking)
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """How the federation runs: rounds, sites, outputs, device."""
@@ -121,6 +124,7 @@ class RunConfig:
     round_timeout: float = 3600.0
     resume: bool = False  # continue the run in out-dir from its last complete round
     evaluate_every: int = 1  # held-out evaluation and sample grid: rounds 0, 1, every N-th and the last
+    tracking: str = "none"  # or "tensorboard": round metrics and sample grids under RUN_DIR/tensorboard
 
     def evaluates(self, server_round: int) -> bool:
         """Whether the sites evaluate (and the coordinator draws a sample grid) after this round."""
@@ -143,6 +147,8 @@ class RunConfig:
             raise ConfigError(f"run.fraction-train = {self.fraction_train}; it must lie in (0, 1]")
         if not 0 < self.min_answer_fraction <= 1:
             raise ConfigError(f"run.min-answer-fraction = {self.min_answer_fraction}; it must lie in (0, 1]")
+        if self.tracking not in TRACKERS:
+            raise ConfigError(f"run.tracking = {self.tracking!r}; choose one of {', '.join(TRACKERS)}")
 
 
 @dataclass(frozen=True)
@@ -200,7 +206,10 @@ class AggregationConfig:
     output gain and offset: each hospital's own scanner calibration). ``server-optimizer``
     applies FedAdam/FedYogi (Flower's) to the averaged update;
     ``proximal-mu`` > 0 pulls each site's weights back towards the global model (FedProx);
-    ``keep-optimizer-state`` carries each site's Adam moments from round to round.
+    ``keep-optimizer-state`` carries each site's Adam moments from round to round;
+    ``finetune-steps`` > 0: after its last round's federated steps each site trains that many
+    more on its own data and keeps the result, its personal model, which it evaluates and
+    exports but never sends.
     """
 
     policy: str = "average"
@@ -215,6 +224,7 @@ class AggregationConfig:
     server_tau: float = 1e-3
     proximal_mu: float = 0.0
     keep_optimizer_state: bool = False
+    finetune_steps: int = 0
 
     def overrides(self) -> dict[str, str]:
         """``group-policies`` parsed: ``{"discriminator": "local", …}``."""
@@ -255,7 +265,7 @@ class AggregationConfig:
     def has_site_state(self) -> bool:
         """Whether sites must keep weights or optimiser state between rounds."""
         overrides = self.overrides()
-        return (self.local_norm or self.local_calibration or self.keep_optimizer_state
+        return (self.local_norm or self.local_calibration or self.keep_optimizer_state or self.finetune_steps > 0
                 or LOCAL in (self.policy, *overrides.values()))
 
     def validate(self) -> None:
@@ -277,6 +287,9 @@ class AggregationConfig:
                 raise ConfigError(f"{key} = {beta}; it must lie in [0, 1)")
         if self.proximal_mu < 0:
             raise ConfigError(f"aggregation.proximal-mu = {self.proximal_mu}; it must be >= 0 (0 = no FedProx term)")
+        if not 0 <= self.finetune_steps <= 100_000:
+            raise ConfigError(f"aggregation.finetune-steps = {self.finetune_steps}; it must lie in 0..100000 "
+                              "(0 = no personal fine-tune)")
 
 
 @dataclass(frozen=True)

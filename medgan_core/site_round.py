@@ -5,7 +5,9 @@ refuses models Opacus cannot train, derives the site's DP-SGD noise, checks the 
 before any step, trains, and persists the accountant before anything is sent. Under the
 study's ``[aggregation]`` settings it also puts the site's local arrays (local groups,
 FedBN's normalisation layers) and optimiser state back before training, saves them after,
-and sends only the shared arrays (``shared_weights``).
+and sends only the shared arrays (``shared_weights``). With ``finetune-steps`` it trains on
+after its last round's update is fixed, accounts those steps too, and keeps that personal
+model in its state folder for its own evaluation and export.
 """
 
 from __future__ import annotations
@@ -43,12 +45,14 @@ def load_site_model(
     study_id: str,
     server_round: int,
     training: bool,
+    personal: bool = True,
 ) -> SiteState | None:
     """Put what this site keeps between rounds onto the global model ``task`` holds.
 
     For training in round r: the state saved in an earlier round (local arrays and, with
     ``keep-optimizer-state``, Adam's moments); for evaluating round r: the state round r
-    left. Returns the site's state store (None when the study keeps nothing at sites).
+    left, or (``personal``) the site's personal model where that round fine-tuned one. Returns the site's
+    state store (None when the study keeps nothing at sites).
     """
     local = local_array_names(task.groups, aggregation)
     task.local_training = LocalTraining(aggregation.proximal_mu, frozenset(local))
@@ -62,6 +66,9 @@ def load_site_model(
     state = SiteState(site.state_dir, study_id)
     saved = state.latest(before=server_round if training else server_round + 1)
     if saved is None:
+        return state
+    if personal and not training and saved.personal and saved.server_round == server_round:
+        task.set_weights(saved.personal, source=f"this site's personal model in {state.path(saved.server_round)}")
         return state
     if local:
         missing = sorted(local - set(saved.local))
@@ -106,9 +113,11 @@ def train_site_round(
     state = load_site_model(task, site, aggregation, study_id=study_id, server_round=server_round, training=True)
     task.local_training = dataclasses.replace(
         task.local_training, lr_scale=lr_scale(task.config.lr_schedule, server_round, planned_rounds))
+    finetune = aggregation.finetune_steps if server_round == planned_rounds else 0
     if not privacy.enabled:
         metrics = task.train(data, task.config.local_steps, seed)
-        _save_state(task, state, aggregation, server_round)
+        personal = _finetune(task, data, finetune, seed)
+        _save_state(task, state, aggregation, server_round, personal)
         return {**metrics, "dp": 0.0}
     steps = task.config.local_steps
     if not site.state_dir:
@@ -128,11 +137,12 @@ def train_site_round(
     k = task.dp_releases_per_step
     # Noise planned for the stricter of the study's target and the site's own budget, so a
     # stricter site still trains every planned round rather than stopping part-way.
-    dp = plan_dp(privacy, data.num_train, task.config.batch_size, planned_rounds * steps, k,
-                 epsilon=min(budget, privacy.target_epsilon))
-    check_budget(accountant, dp, steps, budget, site.site_name, k)
+    dp = plan_dp(privacy, data.num_train, task.config.batch_size, planned_rounds * steps + aggregation.finetune_steps,
+                 k, epsilon=min(budget, privacy.target_epsilon))
+    check_budget(accountant, dp, steps + finetune, budget, site.site_name, k)
     metrics = task.train(data, steps, seed, dp=dp, accountant=accountant)
-    _save_state(task, state, aggregation, server_round)
+    personal = _finetune(task, data, finetune, seed, dp=dp, accountant=accountant)  # accounted like every step
+    _save_state(task, state, aggregation, server_round, personal)
     metrics = {
         **metrics,
         "dp": 1.0,
@@ -153,14 +163,32 @@ def train_site_round(
     return metrics
 
 
-def _save_state(task: Task, state: SiteState | None, aggregation: AggregationConfig, server_round: int) -> None:
-    """Keep the site's local arrays and optimiser state for the next round (before replying)."""
+def _finetune(task: Task, data: SiteData, steps: int, seed: int, **dp: object) -> dict[str, np.ndarray] | None:
+    """Train ``steps`` more on the site's own data from the model the round just trained, and
+    return that personal model; ``task`` is left holding the round's model, the one it sends."""
+    if steps <= 0:
+        return None
+    sent = task.get_weights()
+    task.train(data, steps, seed + FINETUNE_SEED_OFFSET, **dp)  # type: ignore[arg-type]
+    personal = task.get_weights()
+    task.set_weights(sent, source="this round's update")
+    return personal
+
+
+#: The fine-tune draws its batches from another stream than the round's own steps.
+FINETUNE_SEED_OFFSET = 7919
+
+
+def _save_state(task: Task, state: SiteState | None, aggregation: AggregationConfig, server_round: int,
+                personal: dict[str, np.ndarray] | None = None) -> None:
+    """Keep the site's local arrays and optimiser state for the next round (before replying),
+    and its personal model after its last round."""
     if state is None:
         return
     local = local_array_names(task.groups, aggregation)
     weights = task.get_weights()
     optimizer = task.optimizer_state() if aggregation.keep_optimizer_state else {}
-    state.save(server_round, {name: weights[name] for name in sorted(local)}, optimizer)
+    state.save(server_round, {name: weights[name] for name in sorted(local)}, optimizer, personal)
 
 
 #: What the privacy design lets a DP site send from training: bookkeeping of the mechanism

@@ -1,4 +1,5 @@
-"""What a site keeps between rounds: its local arrays and its optimiser state.
+"""What a site keeps between rounds: its local arrays and its optimiser state (and, after
+its last round, its personal model: ``aggregation.finetune-steps``).
 
 One safetensors file per round in ``<state-dir>/state-<study-id>/round-NNN.safetensors``,
 written atomically before the site's reply leaves. Training in round r starts from the
@@ -25,7 +26,7 @@ from medgan_core.errors import MedGANError
 from medgan_core.fileio import atomic_write_bytes
 
 KEEP_ROUNDS = 3  # older files are removed; a resumed round needs only the one before it
-LOCAL, OPTIMIZER = "local:", "optimizer:"
+LOCAL, OPTIMIZER, PERSONAL = "local:", "optimizer:", "personal:"
 _ROUND_FILE = re.compile(r"round-(\d+)\.safetensors$")
 
 
@@ -34,6 +35,8 @@ class SavedState:
     server_round: int
     local: dict[str, np.ndarray] = field(default_factory=dict)
     optimizer: dict[str, np.ndarray] = field(default_factory=dict)
+    #: Every array of the site's fine-tuned model (only in the state of the last round).
+    personal: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class SiteState:
@@ -50,9 +53,11 @@ class SiteState:
             return []
         return sorted(int(m.group(1)) for p in self.folder.iterdir() if (m := _ROUND_FILE.match(p.name)))
 
-    def save(self, server_round: int, local: Mapping[str, np.ndarray], optimizer: Mapping[str, np.ndarray]) -> Path:
+    def save(self, server_round: int, local: Mapping[str, np.ndarray], optimizer: Mapping[str, np.ndarray],
+             personal: Mapping[str, np.ndarray] | None = None) -> Path:
         arrays = {LOCAL + k: np.ascontiguousarray(v) for k, v in local.items()}
         arrays.update({OPTIMIZER + k: np.ascontiguousarray(v) for k, v in optimizer.items()})
+        arrays.update({PERSONAL + k: np.ascontiguousarray(v) for k, v in (personal or {}).items()})
         data = st_save(arrays, metadata={"round": json.dumps(server_round)})
         path = atomic_write_bytes(self.path(server_round), data)
         for old in self.rounds()[:-KEEP_ROUNDS]:
@@ -73,4 +78,5 @@ class SiteState:
             earlier[-1],
             {k[len(LOCAL):]: v for k, v in arrays.items() if k.startswith(LOCAL)},
             {k[len(OPTIMIZER):]: v for k, v in arrays.items() if k.startswith(OPTIMIZER)},
+            {k[len(PERSONAL):]: v for k, v in arrays.items() if k.startswith(PERSONAL)},
         )

@@ -16,7 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from medgan_core.study_config import StudyConfig
 from server.run_folder import RunFolder
-from server.study import RoundSummary, run_study
+from server.study import RoundSummary, SiteWatcher, run_study
 
 
 def build_server_app(
@@ -26,6 +26,7 @@ def build_server_app(
     progress: Callable[[RoundSummary], None] | None = None,
     on_train_replies: Callable[[int, list[Message]], None] | None = None,
     failures: list[BaseException] | None = None,
+    watch: SiteWatcher | None = None,
 ) -> ServerApp:
     """A ServerApp for ``study`` (or, when None, for the run config Flower passes in).
 
@@ -39,7 +40,7 @@ def build_server_app(
         try:
             config = study if study is not None else StudyConfig.from_flat(context.run_config)
             folder = RunFolder(Path(run_dir) if run_dir is not None else Path(config.run.out_dir))
-            run_study(grid, config, folder, progress=progress, on_train_replies=on_train_replies)
+            run_study(grid, config, folder, progress=progress, on_train_replies=on_train_replies, watch=watch)
         except BaseException as exc:
             if failures is None:
                 raise

@@ -2,7 +2,8 @@
 
 The coordinator's checkpoint holds every shared array. Arrays a study kept at the sites
 (local groups, FedBN's normalisation layers, site calibration) are not in it: at a site,
-``--site-state`` takes that site's own (its state never leaves it); ``--for-new-site``
+``--site-state`` takes that site's own (its state never leaves it), or its whole personal
+model where the study fine-tuned one (``aggregation.finetune-steps``); ``--for-new-site``
 keeps the coordinator's values for them (their initial values: identity normalisation
 affines and calibration), for a hospital outside the study, and says so in the file.
 """
@@ -35,7 +36,12 @@ def export_model(run_dir: str | Path, out: str | Path, *, server_round: int | No
     study = StudyConfig.from_dict(meta["study"], str(folder.checkpoint(chosen)))
     local = sorted(local_array_names(build_task(study.task).groups, study.aggregation))
     study_id = folder.study_id()
-    if local and site_state:
+    personal = SiteState(site_state, study_id).latest(before=chosen + 1) if site_state else None
+    if personal is not None and personal.personal and personal.server_round == chosen:
+        arrays = dict(personal.personal)  # the site's fine-tuned model: every array its own
+        layers = (f"this site's personal model ({site_state}): round {chosen}'s model fine-tuned for "
+                  f"{study.aggregation.finetune_steps} steps on its own data")
+    elif local and site_state:
         saved = SiteState(site_state, study_id).latest(before=chosen + 1)
         if saved is None or set(local) - set(saved.local):
             raise MedGANError(f"{site_state} holds no site state of study {study_id} up to round {chosen}")
@@ -55,7 +61,7 @@ def export_model(run_dir: str | Path, out: str | Path, *, server_round: int | No
         "study-id": study_id, "round": chosen, "rounds-planned": study.run.rounds,
         "sites": len(record.get("sites", [])),
         "aggregation": {"policy": study.aggregation.policy, "group-policies": study.aggregation.group_policies,
-                        "local-norm": study.aggregation.local_norm},
+                        "local-norm": study.aggregation.local_norm, "finetune-steps": study.aggregation.finetune_steps},
         "site-kept-layers": layers,
         "privacy": {"dp": privacy.enabled, "delta": privacy.delta if privacy.enabled else None,
                     "epsilon-per-site": [s.get("train", {}).get("epsilon") for s in record.get("sites", [])]},

@@ -42,6 +42,9 @@ def aggregation_line(study: StudyConfig) -> str:
         line += f"; FedProx μ = {agg.proximal_mu:g}"
     if agg.keep_optimizer_state:
         line += "; sites keep their optimiser state between rounds"
+    if agg.finetune_steps:
+        line += (f"; after the last round each site fine-tunes its model for {agg.finetune_steps} steps on its own "
+                 "data and keeps it (the last round's held-out metrics are those personal models')")
     if agg.local_norm or agg.local_calibration or "local" in policies.values():
         line += (". Local arrays stay at the sites: held-out metrics use each site's own model, while the "
                  "checkpoints and sample grids hold the server's initial values for them")

@@ -33,6 +33,7 @@ from medgan_core.tasks.registry import build_task
 from server.report import write_report
 from server.run_folder import RunFolder
 from server.study import RoundSummary, record_round, round_config_items
+from server.tracking import NoTracking, Tracker, open_tracker
 from strategies.grouped_fedavg import RoundLog, SiteReply, weighted_metrics
 
 CLIPPING_RANGE = 8.0  # SecAgg+ quantises each weight within ±8: far beyond GAN weights here
@@ -51,6 +52,7 @@ class RecordingFedAvg(LegacyFedAvg):
             **kwargs,  # type: ignore[arg-type]
         )
         self.study, self.folder, self.task, self.progress = study, folder, task, progress
+        self.tracker: Tracker = NoTracking()
         self.names = ordered_names(task)
         self.current = task.get_weights()
         self.logs: dict[int, RoundLog] = {}
@@ -84,7 +86,7 @@ class RecordingFedAvg(LegacyFedAvg):
     def _record(self, server_round: int, parameters: Parameters) -> None:
         arrays = dict(zip(self.names, parameters_to_ndarrays(parameters)))
         summary = record_round(self.study, self.folder, self.task, server_round, arrays, self.current,
-                               self.logs.get(server_round))
+                               self.logs.get(server_round), tracker=self.tracker)
         summary.seconds = time.monotonic() - self.started
         self.started = time.monotonic()
         self.current = arrays
@@ -119,7 +121,11 @@ def build_secagg_server_app(
                 clipping_range=CLIPPING_RANGE, timeout=study.run.round_timeout,
             )
         )
-        workflow(grid, legacy)
+        strategy.tracker = open_tracker(study.run.tracking, folder.root)
+        try:
+            workflow(grid, legacy)
+        finally:
+            strategy.tracker.close()
         write_report(folder, study)
 
     return app

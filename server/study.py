@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from math import ceil
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 from flwr.app import ConfigRecord, Message
@@ -28,6 +28,7 @@ from medgan_core.tasks.registry import build_task
 from server.report import write_report
 from server.run_folder import RunFolder
 from server.samples import save_grid
+from server.tracking import NoTracking, Tracker, open_tracker
 from medgan_core.checkpoints import load_checkpoint, save_checkpoint
 from strategies.aggregation import split_groups
 from strategies.grouped_fedavg import (
@@ -61,6 +62,56 @@ class RoundSummary:
     excluded: list[dict[str, str | int]] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class SiteEvent:
+    """One site's state within a round, as it changes (a live display's input): ``working``
+    when the round's message is sent to it, then ``done``, ``failed`` (with the site's one-line
+    reason) or ``no answer`` (when the round's wait ends without its reply)."""
+
+    server_round: int
+    phase: str  # "train" or "evaluate"
+    node: int
+    state: str
+    detail: str = ""
+
+
+SiteWatcher = Callable[[SiteEvent], None]
+
+
+def exchange(grid: Grid, messages: Iterable[Message], *, timeout: float, server_round: int, phase: str,
+             watch: SiteWatcher | None = None) -> list[Message]:
+    """``grid.send_and_receive``, telling ``watch`` about each site as its reply arrives."""
+    if watch is None:
+        return list(grid.send_and_receive(messages, timeout=timeout))
+    messages = list(messages)
+    ids = list(grid.push_messages(messages))
+    node_of = {msg_id: msg.metadata.dst_node_id for msg_id, msg in zip(ids, messages)}
+    for node in node_of.values():
+        watch(SiteEvent(server_round, phase, node, "working"))
+    waiting, replies = set(ids), []
+    deadline = time.monotonic() + timeout
+    while waiting:
+        for reply in grid.pull_messages(waiting):
+            msg_id = reply.metadata.reply_to_message_id
+            if msg_id not in waiting:
+                continue
+            waiting.discard(msg_id)
+            replies.append(reply)
+            if reply.has_error():
+                watch(SiteEvent(server_round, phase, node_of[msg_id], "failed", " ".join(str(reply.error.reason).split())[:300]))
+            else:
+                watch(SiteEvent(server_round, phase, node_of[msg_id], "done"))
+        if not waiting or time.monotonic() >= deadline:
+            break
+        time.sleep(PULL_INTERVAL_S)
+    for msg_id in waiting:
+        watch(SiteEvent(server_round, phase, node_of[msg_id], "no answer", f"no reply within {timeout:g} s"))
+    return replies
+
+
+PULL_INTERVAL_S = 0.2  # how often a watched round asks for replies (the grid's own loop sleeps as long)
+
+
 def run_study(
     grid: Grid,
     study: StudyConfig,
@@ -68,6 +119,7 @@ def run_study(
     *,
     progress: Callable[[RoundSummary], None] | None = None,
     on_train_replies: Callable[[int, list[Message]], None] | None = None,
+    watch: SiteWatcher | None = None,
 ) -> dict[str, np.ndarray]:
     """Run every round of ``study`` and return the final global weights.
 
@@ -76,7 +128,7 @@ def run_study(
     so on CPU with seeded noise it ends with the weights an uninterrupted run has.
     """
     with folder.lock():  # one run per folder: a second is refused, not interleaved
-        return _run_study(grid, study, folder, progress, on_train_replies)
+        return _run_study(grid, study, folder, progress, on_train_replies, watch)
 
 
 def _run_study(
@@ -85,6 +137,7 @@ def _run_study(
     folder: RunFolder,
     progress: Callable[[RoundSummary], None] | None,
     on_train_replies: Callable[[int, list[Message]], None] | None,
+    watch: SiteWatcher | None,
 ) -> dict[str, np.ndarray]:
     task = build_task(study.task, "cpu")  # the server holds no images: it only previews G
     if study.privacy.enabled:
@@ -102,6 +155,22 @@ def _run_study(
     else:
         folder.start(study)
         first_round = 0
+    tracker = open_tracker(study.run.tracking, folder.root)  # in the started folder, before any round
+    try:
+        _rounds(grid, study, folder, task, strategy, first_round, progress, watch, tracker)
+    finally:
+        tracker.close()
+    write_report(folder, study)
+    trained = [strategy.rounds.get(r) for r in range(max(first_round, 1), study.run.rounds + 1)]
+    if trained and not any(log is not None and log.train and not log.failed for log in trained):
+        raise StudyFailed(f"the study ended without one usable round: no round updated the model (too few sites "
+                          f"sent a usable update; reasons in {folder.metrics})")
+    return task.get_weights()
+
+
+def _rounds(grid: Grid, study: StudyConfig, folder: RunFolder, task: Task, strategy: GroupedFedAvg, first_round: int,
+            progress: Callable[[RoundSummary], None] | None, watch: SiteWatcher | None, tracker: Tracker) -> None:
+    """Every round from ``first_round`` on; ``task`` ends holding the last round's global weights."""
     round_config = ConfigRecord(round_config_items(study, folder))
     arrays = record_from_arrays(task.get_weights())
     timeout = study.run.round_timeout
@@ -110,34 +179,25 @@ def _run_study(
         started = time.monotonic()
         previous = arrays_from_record(arrays)
         if server_round > 0:
-            replies = grid.send_and_receive(
-                strategy.configure_train(server_round, arrays, ConfigRecord(dict(round_config)), grid), timeout=timeout
-            )
+            replies = exchange(grid, strategy.configure_train(server_round, arrays, ConfigRecord(dict(round_config)), grid),
+                               timeout=timeout, server_round=server_round, phase="train", watch=watch)
             new_arrays, _ = strategy.aggregate_train(server_round, replies)
             if new_arrays is not None:
                 arrays = new_arrays
         evaluating = study.run.evaluates(server_round)
         if evaluating:
-            replies = grid.send_and_receive(
-                strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(round_config)), grid),
-                timeout=timeout,
-            )
+            replies = exchange(grid, strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(round_config)),
+                                                                 grid),
+                               timeout=timeout, server_round=server_round, phase="evaluate", watch=watch)
             strategy.aggregate_evaluate(server_round, replies)
         current = arrays_from_record(arrays)
         if server_round > 0 and study.aggregation.server_optimizer != "fedavg":  # before the round counts as done
             save_checkpoint(folder.server_optimizer(server_round), strategy.optimizer_state(), {"round": server_round})
         summary = record_round(study, folder, task, server_round, current, previous, strategy.rounds.get(server_round),
-                               preview=evaluating)
+                               preview=evaluating, tracker=tracker)
         summary.seconds = time.monotonic() - started
         if progress is not None:
             progress(summary)
-
-    write_report(folder, study)
-    trained = [strategy.rounds.get(r) for r in range(max(first_round, 1), study.run.rounds + 1)]
-    if trained and not any(log is not None and log.train and not log.failed for log in trained):
-        raise StudyFailed(f"the study ended without one usable round: no round updated the model (too few sites "
-                          f"sent a usable update; reasons in {folder.metrics})")
-    return arrays_from_record(arrays)
 
 
 def _strategy(
@@ -182,8 +242,10 @@ def record_round(
     previous: dict[str, np.ndarray],
     log: RoundLog | None,
     preview: bool = True,
+    tracker: Tracker | None = None,
 ) -> RoundSummary:
-    """Checkpoint, metrics line and (with ``preview``) the sample grid of a finished round."""
+    """Checkpoint, metrics line and (with ``preview``) the sample grid of a finished round;
+    then the same to ``tracker``."""
     log = log or RoundLog()
     task.set_weights(current, source=f"aggregate of round {server_round}")
     checkpoint = save_checkpoint(
@@ -206,21 +268,21 @@ def record_round(
             entry = sites.setdefault(reply.node_id, {"node": reply.node_id})
             entry[kind] = reply.metrics
             entry[f"{kind}-examples"] = reply.num_examples
-    folder.append_metrics(
-        {
-            "round": server_round,
-            "train": summary.train,
-            "evaluate": summary.evaluate,
-            "sites": list(sites.values()),
-            "excluded": log.excluded,
-            "central-noise-std": log.central_noise_std,
-            "round-failed": log.failed,
-            **({"sites-connected": log.waited} if log.waited else {}),
-            "update-norm": _update_norms(current, previous),
-            "checkpoint": str(checkpoint.relative_to(folder.root)),
-            **({"samples": str(samples.relative_to(folder.root))} if samples is not None else {}),
-        }
-    )
+    record = {
+        "round": server_round,
+        "train": summary.train,
+        "evaluate": summary.evaluate,
+        "sites": list(sites.values()),
+        "excluded": log.excluded,
+        "central-noise-std": log.central_noise_std,
+        "round-failed": log.failed,
+        **({"sites-connected": log.waited} if log.waited else {}),
+        "update-norm": _update_norms(current, previous),
+        "checkpoint": str(checkpoint.relative_to(folder.root)),
+        **({"samples": str(samples.relative_to(folder.root))} if samples is not None else {}),
+    }
+    folder.append_metrics(record)
+    (tracker or NoTracking()).log_round(record, samples)
     return summary
 
 

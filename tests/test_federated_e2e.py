@@ -21,18 +21,47 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def federated_run(tiny_sites: list[Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
     study = StudyConfig().replace(
-        run={"rounds": 2, "num_sites": 2, "device": "cpu"},
+        run={"rounds": 2, "num_sites": 2, "device": "cpu", "tracking": "tensorboard"},
         task={"image_size": 16, "batch_size": 8, "local_steps": 3, "width": 8, "z_dim": 8, "eval_samples": 16},
         privacy={"secure_rng": False},  # seeded DP noise, so that two runs can be compared
     )
     run_dir = tmp_path_factory.mktemp("run")
     received: dict[int, list[Message]] = {}
-    summaries = []
+    summaries, events = [], []
     simulate_federation(
         study, tiny_sites, run_dir, progress=summaries.append,
-        on_train_replies=lambda rnd, replies: received.__setitem__(rnd, replies),
+        on_train_replies=lambda rnd, replies: received.__setitem__(rnd, replies), watch=events.append,
     )
-    return {"study": study, "run_dir": run_dir, "received": received, "summaries": summaries}
+    return {"study": study, "run_dir": run_dir, "received": received, "summaries": summaries, "events": events}
+
+
+def test_each_site_is_watched_as_its_reply_arrives(federated_run: dict) -> None:
+    """The live display's input: every site goes working -> done in every phase of every round."""
+    records = read_jsonl(federated_run["run_dir"] / "metrics.jsonl")
+    nodes = {site["node"] for site in records[1]["sites"]}
+    events = federated_run["events"]
+    for server_round, phase in ((0, "evaluate"), (1, "train"), (1, "evaluate"), (2, "train"), (2, "evaluate")):
+        seen = [(e.node, e.state) for e in events if (e.server_round, e.phase) == (server_round, phase)]
+        assert sorted(seen) == sorted([(n, "working") for n in nodes] + [(n, "done") for n in nodes]), seen
+        for node in nodes:  # working before done
+            assert seen.index((node, "working")) < seen.index((node, "done"))
+
+
+def test_tensorboard_tracking_holds_every_round(federated_run: dict) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir: Path = federated_run["run_dir"]
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    swd = events.Scalars("evaluate/swd")
+    assert [e.step for e in swd] == [0, 1, 2]
+    assert [e.value for e in swd] == pytest.approx([r["evaluate"]["swd"] for r in records], rel=1e-6)
+    epsilon = events.Scalars("train/epsilon")
+    assert [e.step for e in epsilon] == [1, 2]
+    assert [e.value for e in epsilon] == pytest.approx([r["train"]["epsilon"] for r in records[1:]], rel=1e-6)
+    assert [e.step for e in events.Images("samples")] == [0, 1, 2]
+    assert [e.value for e in events.Scalars("sites/answered")] == [2, 2, 2]
 
 
 def _client_update(msg: Message) -> tuple[dict[str, np.ndarray], float]:
