@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -20,10 +22,11 @@ from medgan_core.data.preprocess import (
     resample_to,
     volume_to_slices,
 )
-from medgan_core.data.slice_store import cache_key, source_fingerprint, stack_series
+from medgan_core.data.slice_store import cache_key, open_arrays, source_fingerprint, stack_series, store_arrays
 from medgan_core.data.volume import Volume
 from medgan_core.data.labels import lesion_burden
 from medgan_core.errors import DataError
+from medgan_core.fileio import atomic_write_text
 
 @dataclass(frozen=True)
 class Slices:
@@ -112,10 +115,35 @@ def load_site_data(
     """Read the site manifest and every image the task's ``spec`` names.
 
     The held-out metric uses the ``test`` split; ``val`` stands in when a site has no
-    test subjects. Clinical-geometry data is kept memory-mapped in ``cache_dir`` (a
-    folder private to the site) when one is given (``medgan_core.data.slice_store``).
+    test subjects. With ``cache_dir`` (a folder private to the site) the decoded data is
+    kept there memory-mapped (``medgan_core.data.slice_store``): clinical-geometry slices
+    series by series; any other task's arrays whole, keyed by the source files' names, sizes
+    and times and the task settings, so every process of the site on the machine (simulated
+    sites share a few Ray workers) maps one copy instead of decoding its own.
     """
     manifest = read_manifest(data_path)
+    if cache_dir is None or _is_clinical(spec):
+        return _load(manifest, task, spec, cache_dir)
+    # Decoded once for all of this site's processes on the machine, then memory-mapped.
+    sources = [manifest.path, *(manifest.root / e.file for e in manifest.entries)]
+    key = "site-" + cache_key({"spec": repr(spec), "task": asdict(task), "sources": source_fingerprint(sources)})
+    fields = ("train", "test", "train_input", "test_input", "train_condition", "test_condition")
+    names = cache_dir / f"{key}-fields.json"
+    if names.is_file() and (found := open_arrays(json.loads(names.read_text()), cache_dir, key)) is not None:
+        return SiteData(manifest.root.name, **found)  # type: ignore[arg-type]
+    data = _load(manifest, task, spec, None)
+    present = {f: getattr(data, f) for f in fields if getattr(data, f) is not None}
+    stored = store_arrays(present, cache_dir, key)
+    atomic_write_text(names, json.dumps(sorted(present)))  # last: the files it names are all in place
+    os.chmod(names, 0o600)
+    return SiteData(data.site, **stored)  # type: ignore[arg-type]
+
+
+def _is_clinical(spec: DataSpec) -> bool:
+    return isinstance(spec, (DegradedPairs, ModalityPairs)) and spec.clinical
+
+
+def _load(manifest: Manifest, task: TaskConfig, spec: DataSpec, cache_dir: Path | None) -> SiteData:
     test_split = "test" if manifest.select(modality=task.modality, split="test") else "val"
     site = manifest.root.name
     match spec:

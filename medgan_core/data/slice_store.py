@@ -1,4 +1,5 @@
-"""A site's slices at clinical geometry, kept on disk and read lazily.
+"""A site's slices at clinical geometry (and any task's decoded site data), kept on disk and
+read lazily.
 
 A hospital site holds thousands of 512×512 slices: more than a site process should hold
 in memory several times over (inputs and targets, train and test). Each split's slices
@@ -155,3 +156,24 @@ def chunks(n: int, size: int) -> Iterator[slice]:
     for start in range(0, n, size):
         yield slice(start, min(n, start + size))
 
+
+def store_arrays(arrays: dict[str, torch.Tensor], cache_dir: Path, key: str) -> dict[str, torch.Tensor]:
+    """Write each tensor to ``<key>-<name>.npy`` (atomically, 0600) and return them memory-mapped,
+    so that every process of a site on this machine reads one copy through the page cache."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(cache_dir, 0o700)
+    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".building-") as scratch:
+        for name, tensor in arrays.items():
+            partial = Path(scratch) / f"{name}.npy"
+            np.save(partial, tensor.detach().cpu().numpy())
+            os.chmod(partial, 0o600)
+            os.replace(partial, cache_dir / f"{key}-{name}.npy")
+    return {name: _open(cache_dir / f"{key}-{name}.npy") for name in arrays}
+
+
+def open_arrays(names: Iterable[str], cache_dir: Path, key: str) -> dict[str, torch.Tensor] | None:
+    """The tensors ``store_arrays`` wrote under ``key``, memory-mapped (None unless all are there)."""
+    paths = {name: cache_dir / f"{key}-{name}.npy" for name in names}
+    if not paths or not all(p.is_file() for p in paths.values()):
+        return None
+    return {name: _open(path) for name, path in paths.items()}

@@ -1,0 +1,63 @@
+"""A site's decoded data is kept on disk once, memory-mapped by every process that needs it:
+simulated sites share a few Ray workers, and a worker's in-memory cache holds only a few
+sites, so without it a study of many sites decoded every site's images again every round."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medgan_core.data.manifest import Manifest, read_manifest
+from medgan_core.tasks.registry import load_task_data, task_config
+
+SYNTHESIS = task_config(name="synthesis", image_size=16)
+CONDITIONAL = task_config(name="conditional", image_size=16)
+
+
+@pytest.mark.parametrize("config", [SYNTHESIS, CONDITIONAL], ids=["slices", "slices-with-burden"])
+def test_whole_slice_data_is_decoded_once_and_mapped_after(tiny_sites: list[Path], tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch, config) -> None:
+    cache = tmp_path / "cache"
+    plain = load_task_data(tiny_sites[1], config)
+    first = load_task_data(tiny_sites[1], config, cache)
+    for field in ("train", "test", "train_condition", "test_condition"):
+        expected, got = getattr(plain, field), getattr(first, field)
+        assert (expected is None) == (got is None)
+        if expected is not None:
+            torch.testing.assert_close(got, expected)  # the same data as decoding it directly
+    assert cache.stat().st_mode & 0o777 == 0o700  # derived from patients' images: the site's user only
+    assert all(p.stat().st_mode & 0o777 == 0o600 for p in cache.iterdir())
+    assert isinstance(np.load(next(cache.glob("*-train.npy")), mmap_mode="r"), np.memmap)
+
+    loads: list[str] = []
+    original = Manifest.load
+    monkeypatch.setattr(Manifest, "load", lambda self, entry: loads.append(entry.file) or original(self, entry))
+    again = load_task_data(tiny_sites[1], config, cache)
+    assert loads == []  # mapped, not decoded
+    torch.testing.assert_close(again.train, first.train)
+
+    other = load_task_data(tiny_sites[1], task_config(name=config.name, image_size=32), cache)
+    assert loads and other.train.shape[-1] == 32  # another setting is another entry, not a stale one
+
+
+def test_a_changed_source_file_is_decoded_again(tiny_sites: list[Path], tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = tmp_path / "cache"
+    load_task_data(tiny_sites[1], SYNTHESIS, cache)
+    loads: list[str] = []
+    original = Manifest.load
+    monkeypatch.setattr(Manifest, "load", lambda self, entry: loads.append(entry.file) or original(self, entry))
+    manifest = read_manifest(tiny_sites[1])
+    touched = next((tiny_sites[1] / manifest.select(modality="CT", split="train")[0].file).iterdir())
+    stat = touched.stat()
+    os.utime(touched, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    try:
+        load_task_data(tiny_sites[1], SYNTHESIS, cache)
+    finally:
+        os.utime(touched, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert loads  # a new key: the site's images were read again
+    assert len(list(cache.glob("*-fields.json"))) == 2 and not list(cache.glob(".building-*"))
