@@ -54,6 +54,9 @@ def privacy_report(folder: RunFolder) -> str:
             f"δ = {privacy.delta:g}, per-sample clipping norm C = {privacy.max_grad_norm:g}.",
             f"- Target ε = {privacy.target_epsilon:g} over {study.run.rounds} planned rounds × "
             f"{study.task.local_steps} local steps"
+            + (f", plus {study.aggregation.finetune_steps} steps of each site's personal fine-tune after the last "
+               "round (accounted in its ε; the personal model never leaves the site)"
+               if study.aggregation.finetune_steps else "")
             + (f"; noise multiplier fixed at σ = {privacy.noise_multiplier:g}." if privacy.noise_multiplier > 0
                else "; each site derives σ from its own sample rate."),
             f"- Noise and sampling randomness: {'OS entropy' if privacy.secure_rng else '**seeded (testing only: not private)**'}.",

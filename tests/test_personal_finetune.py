@@ -20,6 +20,7 @@ from medgan_core.site_state import SiteState
 from medgan_core.study_config import StudyConfig
 from medgan_core.tasks.registry import build_task, load_task_data, task_config
 from server.export import export_model
+from server.privacy_report import privacy_report
 from server.report import aggregation_line
 from server.run_folder import RunFolder
 
@@ -101,6 +102,7 @@ def test_export_at_the_site_takes_its_personal_model(tiny_sites: list[Path], tmp
         np.testing.assert_array_equal(at_site.arrays[name], value)
     shared = load_model(export_model(folder.root, tmp_path / "shared.medgan"))  # the coordinator's: the federated one
     assert any(not np.array_equal(shared.arrays[n], personal[n]) for n in personal)
+    assert "plus 4 steps of each site's personal fine-tune" in privacy_report(folder)  # what ε covers, said
 
 
 def test_finetune_steps_are_validated_and_reported() -> None:

@@ -23,32 +23,13 @@ import pytest
 
 from medgan_core.errors import ConfigError
 from medgan_core.fileio import read_jsonl
+from tests.process_tree import descendants
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _processes_below(root: int) -> dict[int, str]:
-    """pid -> command name of every process below ``root`` (from /proc)."""
-    parents, names = {}, {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        rest = text[text.rindex(")") + 2:].split()
-        parents[int(stat.parent.name)], names[int(stat.parent.name)] = int(rest[1]), text[text.index("(") + 1: text.rindex(")")]
-    found, frontier = {}, [root]
-    while frontier:
-        parent = frontier.pop()
-        for pid, ppid in parents.items():
-            if ppid == parent and pid not in found:
-                found[pid] = names[pid]
-                frontier.append(pid)
-    return found
 
 
 @pytest.fixture()
@@ -96,8 +77,8 @@ def test_a_study_runs_on_a_ray_cluster_started_with_ray_start(ray_head, tiny_sit
 
     def look(summary: object) -> None:
         if getattr(summary, "server_round", 0) == 1:
-            seen["head"] = _processes_below(head.pid)
-            seen["driver"] = {pid: name for pid, name in _processes_below(os.getpid()).items()
+            seen["head"] = descendants(head.pid)
+            seen["driver"] = {pid: name for pid, name in descendants(os.getpid()).items()
                               if pid != head.pid and pid not in seen["head"]}  # the fixture started the head
 
     run = simulate_federation(tiny_study.replace(run={"rounds": 1}), tiny_sites, tmp_path / "run", progress=look,

@@ -21,30 +21,9 @@ import pytest
 
 from medgan import private_network
 from medgan_core.fileio import read_jsonl
+from tests.process_tree import descendants
 
 pytestmark = [pytest.mark.slow, pytest.mark.security]
-
-
-def _descendants(root: int) -> dict[int, str]:
-    """pid -> command name of every process below ``root``."""
-    parents: dict[int, int] = {}
-    names: dict[int, str] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        name, rest = text[text.index("(") + 1: text.rindex(")")], text[text.rindex(")") + 2:].split()
-        pid = int(stat.parent.name)
-        parents[pid], names[pid] = int(rest[1]), name
-    found, frontier = {}, [root]
-    while frontier:
-        parent = frontier.pop()
-        for pid, ppid in parents.items():
-            if ppid == parent and pid not in found:
-                found[pid] = names[pid]
-                frontier.append(pid)
-    return found
 
 
 def _listening(pids: set[int]) -> dict[str, str]:
@@ -81,7 +60,7 @@ def test_the_python_api_keeps_ray_on_loopback(tiny_sites: list[Path], tmp_path: 
 
     def look(summary: object) -> None:
         if getattr(summary, "server_round", 0) == 1:
-            seen.update(_listening({os.getpid(), *_descendants(os.getpid())}))
+            seen.update(_listening({os.getpid(), *descendants(os.getpid())}))
 
     simulate_federation(tiny_study.replace(run={"rounds": 1}), tiny_sites, tmp_path / "run", progress=look)
     assert len(seen) >= 4, seen  # the driver's, GCS's, raylet's and the workers' servers, seen mid-study
@@ -180,7 +159,7 @@ def test_demo_runs_ray_where_only_loopback_exists(tiny_sites: list[Path], tmp_pa
     checked: dict[int, set[str]] = {}
     deadline = time.monotonic() + 240
     while demo.poll() is None and time.monotonic() < deadline:
-        for pid, name in _descendants(demo.pid).items():
+        for pid, name in descendants(demo.pid).items():
             if name in ("gcs_server", "raylet") and pid not in checked:
                 try:
                     checked[pid] = _interfaces(pid)
