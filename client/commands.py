@@ -176,3 +176,31 @@ def synth_command(
     except MedGANError as exc:
         fail(exc)
     console.print(f"{len(entries)} synthetic image(s) in {out} (manifest.csv, provenance.json)")
+
+
+def adapt_command(
+    model: Path = typer.Option(..., "--model", help="A model file from 'medgan export --for-new-site'."),
+    data: Path = typer.Option(..., "--data", help="This hospital's site folder (manifest.csv, as 'medgan site index' writes)."),
+    out: Path = typer.Option(..., "--out", help="The adapted model file to write."),
+    steps: int = typer.Option(200, "--steps", min=1, help="Training steps on this site's images."),
+    all_layers: bool = typer.Option(False, "--all-layers", help="Fine-tune every layer, not only the site-kept ones."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the batches."),
+    device: str = typer.Option("auto", "--device", help="auto (GPU if present), cpu or cuda."),
+) -> None:
+    """Fit the layers a study kept at its sites to this hospital's own images; nothing leaves it."""
+    from client.adapt import adapt_model
+    from medgan_core.model_file import load_model
+    from medgan_core.runtime import resolve_device
+
+    if out.exists():
+        fail(MedGANError(f"{out} exists; name a new file for the adapted model"))
+    try:
+        with console.status(f"adapting for {steps} steps…"):
+            result = adapt_model(load_model(model), data, out, steps=steps, seed=seed, all_layers=all_layers,
+                                 device=resolve_device(device))
+    except MedGANError as exc:
+        fail(exc)
+    shown = ", ".join(f"{k} {result.before[k]:.4g} -> {result.after[k]:.4g}" for k in result.after
+                      if k in result.before and not k.endswith("-input"))
+    console.print(f"held-out at this site: {shown}")
+    console.print(f"adapted model ({result.layers} arrays trained): {result.path}")

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from client.commands import infer_command, site_app, synth_command
+from client.commands import adapt_command, infer_command, site_app, synth_command
 from medgan_core.study_config import StudyConfig, load_study
 from medgan_core.console import console, fail
 from medgan_core.data.simulate import (
@@ -245,6 +245,7 @@ app.command("report")(report)
 app.command("export")(export)  # the coordinator's (or a site's, with its own layers): a model file
 app.command("infer")(infer_command)  # a hospital's: apply a model to its scans
 app.command("synth")(synth_command)  # synthetic images from a synthesis model
+app.command("adapt")(adapt_command)  # a hospital outside the study: fit the site-kept layers to its images
 
 
 def main() -> None:

@@ -48,7 +48,8 @@ def export_model(run_dir: str | Path, out: str | Path, *, server_round: int | No
         arrays.update({name: saved.local[name] for name in local})
         layers = f"this site's own ({site_state}, round {saved.server_round})"
     elif local and for_new_site:
-        layers = "the coordinator's initial values (the study kept them at its sites; adapt them to yours)"
+        layers = ("the coordinator's initial values (the study kept them at its sites; fit them to yours with "
+                  "'medgan adapt')")
     elif local:
         raise MedGANError(f"this study kept {len(local)} array(s) at its sites ({local[0]}, …), which the coordinator "
                           "never received; at a site pass --site-state STATE_DIR, or --for-new-site for a hospital "
@@ -61,7 +62,9 @@ def export_model(run_dir: str | Path, out: str | Path, *, server_round: int | No
         "study-id": study_id, "round": chosen, "rounds-planned": study.run.rounds,
         "sites": len(record.get("sites", [])),
         "aggregation": {"policy": study.aggregation.policy, "group-policies": study.aggregation.group_policies,
-                        "local-norm": study.aggregation.local_norm, "finetune-steps": study.aggregation.finetune_steps},
+                        "local-norm": study.aggregation.local_norm,
+                        "local-calibration": study.aggregation.local_calibration,
+                        "finetune-steps": study.aggregation.finetune_steps},
         "site-kept-layers": layers,
         "privacy": {"dp": privacy.enabled, "delta": privacy.delta if privacy.enabled else None,
                     "epsilon-per-site": [s.get("train", {}).get("epsilon") for s in record.get("sites", [])]},
