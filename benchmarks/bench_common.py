@@ -28,10 +28,10 @@ from medgan.simulation import simulate_federation
 
 
 def arguments(doc: str | None, out: str, data: str = "benchmarks/data/sites", rounds: int = 5,
-              local_steps: int = 60, reuse_help: str = "") -> argparse.Namespace:
+              local_steps: int = 60, reuse_help: str = "", seeds: int = 0) -> argparse.Namespace:
     """--out, --data, --rounds (5) and --local-steps (60): sized for about 3 minutes a run on 2 cores
     at width 16 (a script that needs more passes its own defaults); --reuse when ``reuse_help`` says
-    what it reuses."""
+    what it reuses; --seeds (default ``seeds``) when a script repeats a measurement over seeds."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(out))
     parser.add_argument("--data", type=Path, default=Path(data))
@@ -39,6 +39,8 @@ def arguments(doc: str | None, out: str, data: str = "benchmarks/data/sites", ro
     parser.add_argument("--local-steps", type=int, default=local_steps)
     if reuse_help:
         parser.add_argument("--reuse", action="store_true", help=reuse_help)
+    if seeds:
+        parser.add_argument("--seeds", type=int, default=seeds, help="Repeats over seeds (mean ± standard deviation).")
     return parser.parse_args()
 
 

@@ -1,7 +1,7 @@
 """Conditional synthesis (cGAN on lesion-burden grade): does it learn, does it follow the
 condition, and does it help a classifier of the rare grades?
 
-    python benchmarks/conditional_augmentation.py [--out benchmarks/results/conditional] [--rounds 5] [--local-steps 150]
+    python benchmarks/conditional_augmentation.py [--out benchmarks/results/conditional] [--rounds 5] [--local-steps 150] [--seeds 3]
 
 Three simulated hospitals with different lesion prevalence and severity; each slice's
 condition is its lesion-burden grade (0 none, 1 ≤ 5 % of the liver, 2 ≤ 15 %, 3 more)
@@ -46,6 +46,17 @@ from medgan_core.tasks.registry import load_task_data
 from medgan_core.checkpoints import load_checkpoint
 
 SYNTHETIC_PER_GRADE = 64
+MEASURES = ("balanced_accuracy_real", "balanced_accuracy_augmented", "cnn_training_accuracy_real", "probe_grade_real",
+            "probe_grade_augmented", "probe_present_real", "probe_present_augmented")
+
+
+def _mean_sd(values: list[float]) -> dict[str, float]:
+    tensor = torch.tensor(values, dtype=torch.float64)
+    return {"mean": float(tensor.mean()), "sd": float(tensor.std()) if len(values) > 1 else 0.0, "runs": values}
+
+
+def _cell(value: dict[str, float], signed: bool = False) -> str:
+    return f"{value['mean']:{'+' if signed else ''}.3f} ± {value['sd']:.3f}"
 
 
 class GradeClassifier(torch.nn.Module):
@@ -79,14 +90,14 @@ def classifier_accuracy(net: GradeClassifier, images: torch.Tensor, grades: torc
 
 
 def probe_accuracy(features: PhantomFeatureNet, images: torch.Tensor, labels: torch.Tensor,
-                   test_images: torch.Tensor, test_labels: torch.Tensor, steps: int = 2000) -> float:
+                   test_images: torch.Tensor, test_labels: torch.Tensor, steps: int = 2000, seed: int = 0) -> float:
     """Balanced accuracy of a class-weighted logistic regression on the frozen feature network's
     features (standardised on the training set): a reader that needs few examples per class."""
     with torch.no_grad():
         train_f, test_f = features.features(images), features.features(test_images)
     mean, std = train_f.mean(0), train_f.std(0) + 1e-6
     classes = int(max(labels.max(), test_labels.max())) + 1
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     linear = torch.nn.Linear(train_f.shape[1], classes)
     weight = 1.0 / torch.bincount(labels, minlength=classes).clamp(min=1).float()
     optimizer = torch.optim.Adam(linear.parameters(), lr=1e-2, weight_decay=1e-3)
@@ -130,7 +141,7 @@ def round_curve(study: StudyConfig, sites: list[Path], run_dir: Path) -> list[di
 
 def main() -> None:
     args = arguments(__doc__, "benchmarks/results/conditional", local_steps=150,
-                     reuse_help="reuse a finished run in OUT/run")
+                     reuse_help="reuse a finished run in OUT/run", seeds=3)
     sites = study_sites(args.data)
     args.out.mkdir(parents=True, exist_ok=True)
     study = StudyConfig().replace(
@@ -145,26 +156,35 @@ def main() -> None:
     datas = [load_task_data(site, study.task) for site in sites]
     test_images, test_grades = held_out_subjects(study.task, args.data.parent / "held-out-subjects")
     wanted = torch.arange(N_GRADES).repeat_interleave(SYNTHETIC_PER_GRADE)
-    synthetic = task.sample(len(wanted), seed=12345, conditions=F.one_hot(wanted, N_GRADES).float())
     features = load_feature_net()
     rows = []
+    present = lambda g: (g > 0).long()  # noqa: E731
     for site, data in zip(sites, datas):
         grades = burden_grade(data.train_condition)
         counts = [int((grades == g).sum()) for g in range(N_GRADES)]
-        real_only = train_classifier(data.train, grades)
-        with_generated = torch.cat([data.train, synthetic]), torch.cat([grades, wanted])
-        augmented = train_classifier(*with_generated)
-        present = lambda g: (g > 0).long()  # noqa: E731
-        rows.append({"site": site.name, "train_slices_per_grade": counts,
-                     "balanced_accuracy_real": classifier_accuracy(real_only, test_images, test_grades),
-                     "balanced_accuracy_augmented": classifier_accuracy(augmented, test_images, test_grades),
-                     "cnn_training_accuracy_real": classifier_accuracy(real_only, data.train, grades),
-                     "probe_grade_real": probe_accuracy(features, data.train, grades, test_images, test_grades),
-                     "probe_grade_augmented": probe_accuracy(features, *with_generated, test_images, test_grades),
-                     "probe_present_real": probe_accuracy(features, data.train, present(grades), test_images,
-                                                          present(test_grades)),
-                     "probe_present_augmented": probe_accuracy(features, with_generated[0], present(with_generated[1]),
-                                                               test_images, present(test_grades))})
+        runs: dict[str, list[float]] = {key: [] for key in MEASURES}
+        for seed in range(args.seeds):  # the generated slices, the classifiers' init and batches all move
+            synthetic = task.sample(len(wanted), seed=12345 + seed, conditions=F.one_hot(wanted, N_GRADES).float())
+            with_generated = torch.cat([data.train, synthetic]), torch.cat([grades, wanted])
+            real_only = train_classifier(data.train, grades, seed=seed)
+            augmented = train_classifier(*with_generated, seed=seed)
+            values = {
+                "balanced_accuracy_real": classifier_accuracy(real_only, test_images, test_grades),
+                "balanced_accuracy_augmented": classifier_accuracy(augmented, test_images, test_grades),
+                "cnn_training_accuracy_real": classifier_accuracy(real_only, data.train, grades),
+                "probe_grade_real": probe_accuracy(features, data.train, grades, test_images, test_grades, seed=seed),
+                "probe_grade_augmented": probe_accuracy(features, *with_generated, test_images, test_grades,
+                                                        seed=seed),
+                "probe_present_real": probe_accuracy(features, data.train, present(grades), test_images,
+                                                     present(test_grades), seed=seed),
+                "probe_present_augmented": probe_accuracy(features, with_generated[0], present(with_generated[1]),
+                                                          test_images, present(test_grades), seed=seed)}
+            for key, value in values.items():
+                runs[key].append(value)
+        rows.append({"site": site.name, "train_slices_per_grade": counts, "seeds": args.seeds,
+                     **{key: _mean_sd(v) for key, v in runs.items()},
+                     **{f"gain_{name}": _mean_sd([a - r for a, r in zip(runs[f"{name}_augmented"], runs[f"{name}_real"])])
+                        for name in ("balanced_accuracy", "probe_grade", "probe_present")}})
         print(json.dumps(rows[-1]), flush=True)
     aug_seconds = time.monotonic() - started
     test_counts = [int((test_grades == g).sum()) for g in range(N_GRADES)]
@@ -174,7 +194,8 @@ def main() -> None:
     lines = ["# Conditional synthesis on lesion-burden grade (cGAN)", "",
              f"3 simulated hospitals, {args.rounds} rounds × {args.local_steps} local steps, 64×64, width 32, no DP. "
              f"Training time on 2 CPU cores: {seconds / 60:.1f} min (augmentation study {aug_seconds:.0f} s). Command: "
-             f"`python benchmarks/conditional_augmentation.py --rounds {args.rounds} --local-steps {args.local_steps}`.",
+             f"`python benchmarks/conditional_augmentation.py --rounds {args.rounds} --local-steps {args.local_steps} "
+             f"--seeds {args.seeds}`.",
              "", "Held-out metrics per round (sample-weighted mean over sites; FID/KID on the phantom feature network, "
              "see medgan_core/metrics/features.py):", "",
              "| round | FID | KID | SWD | grade accuracy, generated (balanced) | grade accuracy, real held-out slices (reader's ceiling) |",
@@ -183,15 +204,19 @@ def main() -> None:
               f"{c['grade-accuracy-real']:.3f} |" for c in curve]
     lines += ["", f"Augmentation: grade classifier per site (class-balanced batches), tested on every slice of 20 new "
               f"phantom subjects per hospital profile (slices per grade 0-3: {test_counts}); "
-              f"{SYNTHETIC_PER_GRADE} generated slices per grade added.", "",
+              f"{SYNTHETIC_PER_GRADE} generated slices per grade added. Each cell is the mean ± standard deviation "
+              f"over {args.seeds} seeds (the generated slices, the classifiers' initialisation and batches); the "
+              "gain is augmented minus own, paired by seed.", "",
               "Balanced accuracy on those slices (chance: 0.25 for grades, 0.5 for present/absent):", "",
-              "| site | training slices per grade 0-3 | CNN, own slices (its training accuracy) | + generated "
-              "| feature probe, grade: own | + generated | feature probe, lesion present: own | + generated |",
-              "|---|---|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['site']} | {r['train_slices_per_grade']} | {r['balanced_accuracy_real']:.3f} "
-              f"({r['cnn_training_accuracy_real']:.2f}) | {r['balanced_accuracy_augmented']:.3f} | "
-              f"{r['probe_grade_real']:.3f} | {r['probe_grade_augmented']:.3f} | {r['probe_present_real']:.3f} | "
-              f"{r['probe_present_augmented']:.3f} |" for r in rows]
+              "| site | training slices per grade 0-3 | CNN, own slices (its training accuracy) | + generated | gain "
+              "| feature probe, grade: own | + generated | gain | feature probe, lesion present: own | + generated "
+              "| gain |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['site']} | {r['train_slices_per_grade']} | {_cell(r['balanced_accuracy_real'])} "
+              f"({r['cnn_training_accuracy_real']['mean']:.2f}) | {_cell(r['balanced_accuracy_augmented'])} | "
+              f"{_cell(r['gain_balanced_accuracy'], True)} | {_cell(r['probe_grade_real'])} | "
+              f"{_cell(r['probe_grade_augmented'])} | {_cell(r['gain_probe_grade'], True)} | "
+              f"{_cell(r['probe_present_real'])} | {_cell(r['probe_present_augmented'])} | "
+              f"{_cell(r['gain_probe_present'], True)} |" for r in rows]
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
     print(f"results in {args.out}")
 

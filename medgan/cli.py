@@ -217,7 +217,8 @@ def _run_demo(study: StudyConfig, verbose: bool, ray_address: str | None = None)
 
     started = time.monotonic()
     with console.status("starting the simulation…") as status:
-        board = SiteBoard(study.run.rounds, show=status.update, note=lambda text: console.print(f"  [red]{text}[/]"))
+        board = SiteBoard(study.run.rounds, show=lambda _: status.update(board),  # re-rendered as it spins
+                          note=lambda text: console.print(f"  [red]{text}[/]"))
         simulate_federation(study, sites, run_dir, progress=show, verbose=verbose, ray_address=ray_address,
                             watch=board)
     console.print(f"Done in {time.monotonic() - started:.0f} s.")

@@ -41,6 +41,10 @@ class SiteBoard:
                           f"(node {event.node}) {event.state}" + (f": {event.detail}" if event.detail else ""))
         self.show(self.line())
 
+    def __rich__(self) -> str:
+        """Rich redraws a status several times a second: the elapsed times tick between events."""
+        return self.line() if self.current[1] else "starting the simulation…"
+
     def line(self) -> str:
         server_round, phase = self.current
         now = self.clock()

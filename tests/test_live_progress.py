@@ -79,14 +79,17 @@ def test_the_live_line_says_each_sites_state_and_time() -> None:
     now = [100.0]
     shown, notes = [], []
     board = SiteBoard(8, show=shown.append, note=notes.append, clock=lambda: now[0])
+    assert board.__rich__() == "starting the simulation…"
     board(SiteEvent(3, "train", 901, "working"))
+    now[0] = 105.0
+    assert board.__rich__() == "Round 3/8 training: 0/1 answered · #1 … 5 s"  # ticks between events as rich redraws
     board(SiteEvent(3, "train", 902, "working"))
     now[0] = 112.0
     board(SiteEvent(3, "train", 901, "done"))
-    assert shown[-1] == "Round 3/8 training: 1/2 answered · #1 ✓ 12 s · #2 … 12 s"
+    assert shown[-1] == "Round 3/8 training: 1/2 answered · #1 ✓ 12 s · #2 … 7 s"
     now[0] = 130.0
     board(SiteEvent(3, "train", 902, "failed", "privacy budget: spent"))
-    assert shown[-1] == "Round 3/8 training: 2/2 answered · #1 ✓ 12 s · #2 ✗ 30 s"
+    assert shown[-1] == "Round 3/8 training: 2/2 answered · #1 ✓ 12 s · #2 ✗ 25 s"
     assert notes == ["round 3 training: site #2 (node 902) failed: privacy budget: spent"]
     board(SiteEvent(3, "evaluate", 902, "working"))  # a new phase starts a new line; numbers stay
     assert shown[-1] == "Round 3/8 evaluating: 0/1 answered · #2 … 0 s"
