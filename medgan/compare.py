@@ -45,13 +45,13 @@ def compare_study(study: StudyConfig, sites: list[Path], out: Path, *, leave_one
     scores: dict[str, dict[str, dict[str, float]]] = {}
     seconds: dict[str, float] = {}
 
-    def federate(arm: str, arm_study: StudyConfig, arm_sites: list[Path]) -> dict[str, Task]:
+    def federate(arm: str, arm_study: StudyConfig, arm_sites: list[Path], personal: bool = True) -> dict[str, Task]:
         started = time.monotonic()
         run_dir = out / arm.replace(" ", "-")
         simulate_federation(arm_study, arm_sites, run_dir,
                             progress=lambda s: progress(f"{arm}: round {s.server_round}/{arm_study.run.rounds}"))
         seconds[arm] = time.monotonic() - started
-        return site_models(arm_study, arm_sites, run_dir)
+        return site_models(arm_study, arm_sites, run_dir, personal=personal)
 
     federated = federate("federated", study, sites)
     scores["federated"] = {name: model.evaluate(data[name]) for name, model in federated.items()}
@@ -69,9 +69,8 @@ def compare_study(study: StudyConfig, sites: list[Path], out: Path, *, leave_one
         for site in sites:
             others = [s for s in sites if s != site]
             arm_study = study.replace(run={"num_sites": len(others)})
-            federate(f"without {site.name}", arm_study, others)
             # The shared arrays (a site-kept layer is not the held-out site's; no one's personal model)
-            models = site_models(arm_study, others, out / f"without {site.name}".replace(" ", "-"), personal=False)
+            models = federate(f"without {site.name}", arm_study, others, personal=False)
             any_model = next(iter(models.values()))
             held_out[site.name] = {
                 "federated (others)": any_model.evaluate(data[site.name]),

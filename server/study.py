@@ -36,6 +36,7 @@ from strategies.grouped_fedavg import (
     RoundLog,
     arrays_from_record,
     build_strategy,
+    error_reason,
     record_from_arrays,
     weighted_metrics,
 )
@@ -98,7 +99,7 @@ def exchange(grid: Grid, messages: Iterable[Message], *, timeout: float, server_
             waiting.discard(msg_id)
             replies.append(reply)
             if reply.has_error():
-                watch(SiteEvent(server_round, phase, node_of[msg_id], "failed", " ".join(str(reply.error.reason).split())[:300]))
+                watch(SiteEvent(server_round, phase, node_of[msg_id], "failed", error_reason(reply)))
             else:
                 watch(SiteEvent(server_round, phase, node_of[msg_id], "done"))
         if not waiting or time.monotonic() >= deadline:

@@ -199,8 +199,7 @@ class GroupedFedAvg(FedAvg):
         accepted = []
         for node, msg in self._sites_of(replies):
             if msg.has_error():
-                reason = " ".join(str(msg.error.reason).split())[:300]  # one line, bounded, whatever the site sent
-                self._exclude(server_round, node, f"site error: {reason}")
+                self._exclude(server_round, node, f"site error: {error_reason(msg)}")
                 continue
             content = msg.content
             try:
@@ -349,3 +348,8 @@ def weighted_metrics(replies: Sequence[SiteReply]) -> dict[str, float]:
     total = sum(r.num_examples for r in replies)
     names = set.intersection(*(set(r.metrics) for r in replies))
     return {n: sum(r.metrics[n] * r.num_examples for r in replies) / total for n in sorted(names)}
+
+
+def error_reason(msg: Message) -> str:
+    """A failed reply's reason as one bounded line, whatever the site sent."""
+    return " ".join(str(msg.error.reason).split())[:300]

@@ -127,8 +127,13 @@ def test_a_cluster_open_to_the_network_needs_token_and_tls(monkeypatch: pytest.M
     assert ray_guard.ray_exposure() == ""  # loopback: nothing to ask for
 
 
-def test_token_authentication_is_read_from_ray() -> None:
-    """The guard asks the installed Ray, not our own guess: off unless RAY_AUTH_MODE=token."""
+def test_token_authentication_is_read_from_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guard asks the installed Ray (its auth mode), not the environment or our own guess."""
+    from ray._private.authentication import authentication_utils
+
     from client.ray_guard import token_authenticated
 
-    assert token_authenticated() is (os.environ.get("RAY_AUTH_MODE", "").lower() == "token")
+    assert token_authenticated() is authentication_utils.is_token_auth_enabled()
+    for mode in (True, False):
+        monkeypatch.setattr(authentication_utils, "is_token_auth_enabled", lambda mode=mode: mode)
+        assert token_authenticated() is mode

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterator
 
@@ -127,12 +127,12 @@ def load_site_data(
     # Decoded once for all of this site's processes on the machine, then memory-mapped.
     sources = [manifest.path, *(manifest.root / e.file for e in manifest.entries)]
     key = "site-" + cache_key({"spec": repr(spec), "task": asdict(task), "sources": source_fingerprint(sources)})
-    fields = ("train", "test", "train_input", "test_input", "train_condition", "test_condition")
+    arrays = [f.name for f in fields(SiteData) if f.name != "site"]
     names = cache_dir / f"{key}-fields.json"
     if names.is_file() and (found := open_arrays(json.loads(names.read_text()), cache_dir, key)) is not None:
         return SiteData(manifest.root.name, **found)  # type: ignore[arg-type]
     data = _load(manifest, task, spec, None)
-    present = {f: getattr(data, f) for f in fields if getattr(data, f) is not None}
+    present = {name: getattr(data, name) for name in arrays if getattr(data, name) is not None}
     stored = store_arrays(present, cache_dir, key)
     atomic_write_text(names, json.dumps(sorted(present)))  # last: the files it names are all in place
     os.chmod(names, 0o600)
