@@ -31,7 +31,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from medgan_core.data.dicom_io import GREYSCALE, MEDIA_STORAGE_DIRECTORY, frames_of
-from medgan_core.data.kspace import read_kspace, reconstruction_input
+from medgan_core.data.kspace import matrix_at, read_kspace, reconstruction_input
 from medgan_core.data.nifti_io import read_nifti
 from medgan_core.data.preprocess import normalise_values, resample_slices, resample_to, resize_slices, to_hu
 from medgan_core.data.slice_store import chunks
@@ -79,10 +79,13 @@ class Applier:
         self.input_modality = ("MR" if model.task.modality == "CT" else "CT") if model.task.name == "translate" \
             else model.task.modality
 
-    def apply_kspace(self, kspace: np.ndarray) -> np.ndarray:
-        """(n, rows, cols) undersampled k-space -> (n, size, size) reconstructed images (recon),
-        on the central k-space grid the model was trained at, in the measurement's intensities."""
-        inputs, top = reconstruction_input(kspace, self.model.task.image_size)
+    def apply_kspace(self, kspace: np.ndarray, pixel_mm: tuple[float, float]) -> np.ndarray:
+        """(n, rows, cols) undersampled k-space whose image pixels are ``pixel_mm`` (between
+        rows, between columns) -> reconstructed images (recon) on the matrix of the model's
+        ``spacing`` (0: the acquired one) over the same field of view, in the measurement's
+        intensities."""
+        matrix = matrix_at(kspace.shape[1:], pixel_mm, self.model.task.spacing)
+        inputs, top = reconstruction_input(kspace, matrix)
         output = self.task.restore(torch.from_numpy(inputs))[:, 0].numpy()
         return ((output + 1) / 2 * top).astype(np.float32)
 
@@ -212,10 +215,10 @@ def _kspace_nifti(applier: Applier, source: Path, original: nib.Nifti1Image, tar
     """Undersampled k-space (a complex NIfTI, voxel order i, j, k like its image) -> the
     reconstructed images on the model's grid over the same field of view."""
     kspace = read_kspace(source)  # (n, rows, cols)
-    images = applier.apply_kspace(kspace)
-    size = images.shape[-1]
+    col_mm, row_mm = (float(z) for z in original.header.get_zooms()[:2])
+    images = applier.apply_kspace(kspace, (row_mm, col_mm))
     affine = np.asarray(original.affine, dtype=float).copy()
-    for axis, count in ((0, kspace.shape[2]), (1, kspace.shape[1])):
+    for axis, count, size in ((0, kspace.shape[2], images.shape[2]), (1, kspace.shape[1], images.shape[1])):
         factor = count / size  # the same field of view on fewer, larger pixels
         affine[:3, 3] += affine[:3, axis] * (factor - 1) / 2
         affine[:3, axis] *= factor

@@ -11,14 +11,16 @@ import pytest
 import torch
 
 from medgan_core.data import read_manifest
-from medgan_core.data.kspace import acquired_columns, crop_kspace, read_kspace
+from medgan_core.data.kspace import acquired_columns, crop_kspace, matrix_at, read_kspace
 from medgan_core.errors import ConfigError, DataError
-from medgan_core.models.unet import DataConsistentUNet
+from medgan_core.models.unet import DataConsistentUNet, data_consistency
 from medgan_core.tasks.registry import build_task
 from medgan_core.tasks.registry import load_task_data, task_config
 
-CONFIG = task_config(name="recon", modality="MR", image_size=32, width=8, batch_size=8, local_steps=3,
-                    lr_generator=2e-3, lr_discriminator=2e-3, acceleration=4)
+# The sites' MR is 128×128 at 3.125 mm: at 6.25 mm the task reconstructs 64×64 slices from the
+# central k-space and trains on strips of 32 whole rows.
+CONFIG = task_config(name="recon", modality="MR", image_size=32, spacing=6.25, width=8, batch_size=8, local_steps=3,
+                     lr_generator=2e-3, lr_discriminator=2e-3, acceleration=4)
 
 
 def _masks(site: Path, acceleration: int) -> list[np.ndarray]:
@@ -71,7 +73,7 @@ def test_kspace_cropping_keeps_intensity_and_resamples_exactly() -> None:
 
 def test_data_consistency_keeps_every_measured_line(tiny_sites: list[Path]) -> None:
     data = load_task_data(tiny_sites[0], CONFIG)
-    assert data.train_input is not None and data.train_input.shape[1:] == (3, 32, 32)
+    assert data.train_input is not None and data.train_input.shape[1:] == (3, 64, 64)
     net = DataConsistentUNet(8)
     torch.nn.init.normal_(net.unet.out.weight, std=0.5)  # an untrained network that changes things
     with torch.no_grad():
@@ -83,6 +85,39 @@ def test_data_consistency_keeps_every_measured_line(tiny_sites: list[Path]) -> N
     assert (k_out[..., ~mask] - k_meas[..., ~mask]).abs().max() > 1e-2  # it filled in the missing lines …
     torch.testing.assert_close(k_out[..., mask], k_meas[..., mask], rtol=1e-4, atol=1e-4)  # … and kept the rest
     torch.testing.assert_close(shown[:, 0], 2 * image.abs() - 1, rtol=1e-4, atol=1e-4)  # magnitude is shown
+
+
+def test_data_consistency_on_a_strip_of_rows_is_the_whole_slices(tiny_sites: list[Path]) -> None:
+    """Training reads strips of whole rows: each row's projection must not depend on the
+    others, so the network on a strip agrees with the 2D projection on the whole slice."""
+    data = load_task_data(tiny_sites[0], CONFIG)
+    assert data.train_input is not None
+    inputs = data.train_input[:3]
+    estimate = torch.randn(3, 2, 64, 64, generator=torch.Generator().manual_seed(0))
+    strip = data_consistency(estimate[..., 16:48, :], inputs[..., 16:48, :])
+    mask = inputs[:, 2]
+    as_2d = torch.fft.ifft2(mask * torch.fft.fft2(torch.complex((inputs[:, 0] + 1) / 2, inputs[:, 1] / 2))
+                            + (1 - mask) * torch.fft.fft2(torch.complex((estimate[:, 0] + 1) / 2, estimate[:, 1] / 2)))
+    torch.testing.assert_close(strip, as_2d[..., 16:48, :], rtol=1e-4, atol=1e-5)
+    task = build_task(CONFIG)
+    low, full = task.training_pair(data, torch.tensor([0, 2, 5]), torch.Generator().manual_seed(1))
+    assert low.shape == (3, 3, 32, 64) and full.shape == (3, 1, 32, 64)  # image-size rows, every column
+    rows = [next(t for t in range(33) if torch.equal(full[j], data.train[i, :, t : t + 32]))
+            for j, i in enumerate((0, 2, 5))]
+    assert all(torch.equal(low[j], data.train_input[i, :, t : t + 32]) for j, (i, t) in enumerate(zip((0, 2, 5), rows)))
+
+
+def test_the_matrix_follows_the_spacing_and_never_invents_detail(tiny_sites: list[Path]) -> None:
+    assert matrix_at((256, 256), (1.5625, 1.5625), 0.0) == (256, 256)
+    assert matrix_at((270, 250), (1.0, 1.0), 0.0) == (268, 248)  # the U-Net halves it twice
+    assert matrix_at((256, 256), (1.5625, 1.5625), 3.125) == (128, 128)
+    with pytest.raises(DataError, match="finer than the acquisition"):
+        matrix_at((256, 256), (1.5625, 1.5625), 1.0)
+    native = load_task_data(tiny_sites[0], task_config(name="recon", modality="MR", image_size=32, acceleration=4))
+    assert native.train.shape[-2:] == (128, 128)  # spacing 0: the acquired matrix
+    with pytest.raises(DataError, match="finer than the acquisition"):
+        load_task_data(tiny_sites[0], task_config(name="recon", modality="MR", image_size=32, spacing=1.0,
+                                                  acceleration=4))
 
 
 def test_reconstruction_beats_zero_filling(tiny_sites: list[Path]) -> None:
@@ -102,12 +137,33 @@ def test_recon_settings_are_checked() -> None:
         task_config(name="recon")
     with pytest.raises(ConfigError, match="task.acceleration = 6"):
         task_config(name="recon", modality="MR", acceleration=6)
+    with pytest.raises(ConfigError, match="task.cascades = 0"):
+        task_config(name="recon", modality="MR", cascades=0)
+
+
+def test_a_cascade_starts_as_zero_filling_and_keeps_the_measured_lines(tiny_sites: list[Path]) -> None:
+    data = load_task_data(tiny_sites[0], CONFIG)
+    assert data.train_input is not None
+    inputs = data.train_input[:2]
+    net = DataConsistentUNet(8, cascades=3)
+    assert len(net.more) == 2 and "more.1.out.weight" in net.state_dict()
+    with torch.no_grad():
+        torch.testing.assert_close(net(inputs), build_task(CONFIG).input_image(inputs), rtol=1e-4, atol=1e-4)
+        for stage in (net.unet, *net.more):
+            torch.nn.init.normal_(stage.out.weight, std=0.5)
+        single = DataConsistentUNet(8)
+        single.unet.load_state_dict(net.unet.state_dict())
+        image = net.complex_image(inputs)
+        assert (image - single.complex_image(inputs)).abs().max() > 1e-3  # the later stages change the image …
+    mask = inputs[0, 2, 0].bool()
+    measured = torch.fft.fft2(torch.complex((inputs[:, 0] + 1) / 2, inputs[:, 1] / 2))
+    torch.testing.assert_close(torch.fft.fft2(image)[..., mask], measured[..., mask], rtol=1e-4, atol=1e-4)  # … not the data
 
 
 def test_preview_and_clinical_size() -> None:
     task = build_task(CONFIG)
     grid = task.preview(2)
-    assert grid.shape == (6, 1, 32, 32) and grid.min() >= -1 and grid.max() <= 1
+    assert grid.shape == (6, 1, 64, 64) and grid.min() >= -1 and grid.max() <= 1  # 256² MR at 6.25 mm
     assert not torch.allclose(grid[0], grid[2])  # zero-filled differs from fully sampled
     assert task.restore(torch.zeros(1, 3, 512, 512)).shape == (1, 1, 512, 512)
 

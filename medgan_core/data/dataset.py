@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from medgan_core.config import TaskConfig
-from medgan_core.data.kspace import read_kspace, reconstruction_pair
+from medgan_core.data.kspace import matrix_at, read_kspace, reconstruction_pair
 from medgan_core.data.manifest import SEGMENTATION, Manifest, ManifestEntry, read_manifest
 from medgan_core.data.preprocess import (
     CT_FULL_RANGE,
@@ -57,7 +57,10 @@ class DegradedPairs:
 
 @dataclass(frozen=True)
 class KSpacePairs:
-    """(undersampled k-space, fully sampled image) of MR at an ``acceleration`` (4, 10)."""
+    """(undersampled k-space, fully sampled image) of MR at an ``acceleration`` (4, 10), as
+    whole slices on the acquired matrix (``task.spacing`` 0) or on the coarser one of
+    ``task.spacing`` mm over the same field of view (k-space cropped: the measured lines
+    stay exact)."""
 
     acceleration: int
 
@@ -298,15 +301,21 @@ def _modality_matched(
 
 def _kspace_pairs(manifest: Manifest, task: TaskConfig, split: str, variant: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(undersampled inputs, fully sampled targets) for compressed-sensing MR reconstruction
-    (see ``medgan_core.data.kspace.reconstruction_pair``)."""
+    (see ``medgan_core.data.kspace.reconstruction_pair``), every subject on one matrix."""
     low, full, keys = _variant_pairs(manifest, task, split, variant, f"{variant} and fully sampled")
     inputs, targets = [], []
     for key in keys:
         try:
-            x, y = reconstruction_pair(read_kspace(manifest.root / low[key].file),
-                                       manifest.load(full[key]).axial_slices(), task.image_size)
+            kspace, volume = read_kspace(manifest.root / low[key].file), manifest.load(full[key])
+            col_mm, row_mm, _ = volume.spacing
+            matrix = matrix_at(kspace.shape[1:], (row_mm, col_mm), task.spacing)
+            x, y = reconstruction_pair(kspace, volume.axial_slices(), matrix)
         except DataError as exc:
             raise DataError(f"{manifest.path}: {low[key].file}: {exc}") from exc
+        if inputs and x.shape[-2:] != inputs[0].shape[-2:]:
+            raise DataError(f"{manifest.path}: {low[key].file}: a {x.shape[-2]}×{x.shape[-1]} matrix where the "
+                            f"site's other subjects have {inputs[0].shape[-2]}×{inputs[0].shape[-1]}; reconstruction "
+                            "needs one matrix at a site: one field of view, and task.spacing for one pixel size")
         inputs.append(x)
         targets.append(y)
     return torch.from_numpy(np.concatenate(inputs)), torch.from_numpy(np.concatenate(targets))

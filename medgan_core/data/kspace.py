@@ -72,15 +72,16 @@ def acquired_columns(kspace: np.ndarray) -> np.ndarray:
     return np.any(np.abs(kspace) > 0, axis=(0, 1))
 
 
-def crop_kspace(images: np.ndarray, size: int) -> np.ndarray:
-    """(n, rows, cols) images -> (n, size, size) on a coarser grid by keeping the central
-    ``size × size`` k-space (exact band-limited resampling; intensities preserved)."""
+def crop_kspace(images: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """(n, rows, cols) images -> (n, *size) on a coarser grid over the same field of view by
+    keeping the central k-space (exact band-limited resampling; intensities preserved)."""
     n, rows, cols = images.shape
-    if size > min(rows, cols):
-        raise DataError(f"image size {size} is larger than the {rows}×{cols} k-space matrix")
+    out_rows, out_cols = (size, size) if isinstance(size, int) else size
+    if out_rows > rows or out_cols > cols:
+        raise DataError(f"image size {out_rows}×{out_cols} is larger than the {rows}×{cols} k-space matrix")
     spectrum = np.fft.fftshift(np.fft.fft2(images, norm="forward"), axes=(-2, -1))
-    r0, c0 = (rows - size) // 2, (cols - size) // 2
-    cropped = np.fft.ifftshift(spectrum[:, r0 : r0 + size, c0 : c0 + size], axes=(-2, -1))
+    r0, c0 = (rows - out_rows) // 2, (cols - out_cols) // 2
+    cropped = np.fft.ifftshift(spectrum[:, r0 : r0 + out_rows, c0 : c0 + out_cols], axes=(-2, -1))
     return np.fft.ifft2(cropped, norm="forward")
 
 
@@ -91,10 +92,27 @@ def crop_mask(mask: np.ndarray, size: int) -> np.ndarray:
     return np.fft.ifftshift(shifted[start : start + size])
 
 
-def reconstruction_pair(kspace: np.ndarray, image: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+def matrix_at(shape: tuple[int, int], pixel_mm: tuple[float, float], spacing: float) -> tuple[int, int]:
+    """The (rows, cols) matrix over the same field of view at ``spacing`` mm (0: the
+    acquired matrix ``shape``; rows and columns ``pixel_mm`` apart), a multiple of 4 each
+    way (the U-Net halves it twice). Cropping k-space can only make pixels coarser: a finer
+    spacing than acquired is a DataError."""
+    if spacing <= 0:
+        return (shape[0] - shape[0] % 4, shape[1] - shape[1] % 4)
+    matrix = tuple(max(16, 4 * round(n * mm / spacing / 4)) for n, mm in zip(shape, pixel_mm))
+    if matrix[0] > shape[0] or matrix[1] > shape[1]:
+        raise DataError(f"task.spacing = {spacing:g} mm is finer than the acquisition's "
+                        f"{pixel_mm[0]:g} × {pixel_mm[1]:g} mm pixels; k-space holds no finer detail "
+                        "(set task.spacing = 0 for the acquired matrix)")
+    return matrix  # type: ignore[return-value]
+
+
+def reconstruction_pair(
+    kspace: np.ndarray, image: np.ndarray, size: int | tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
     """One subject's (network input, target) for compressed-sensing reconstruction.
 
-    Both are brought to ``size`` by cropping k-space (so the measured lines stay exact),
+    Both are brought to the matrix ``size`` by cropping k-space (so the measured lines stay exact),
     scaled so that 1 is ``KSPACE_SCALE`` × the subject's mean intensity (its k-space
     centre, which every protocol samples: known from the measurement alone), and mapped
     to [-1, 1] linearly (no clipping: data consistency needs linearity). Inputs have three
@@ -107,11 +125,11 @@ def reconstruction_pair(kspace: np.ndarray, image: np.ndarray, size: int) -> tup
     return inputs, (2 * target / top - 1)[:, None].astype(np.float32)
 
 
-def reconstruction_input(kspace: np.ndarray, size: int) -> tuple[np.ndarray, float]:
+def reconstruction_input(kspace: np.ndarray, size: int | tuple[int, int]) -> tuple[np.ndarray, float]:
     """The network input of ``reconstruction_pair`` from the measurement alone, and the
     intensity ``top`` that maps the network's [-1, 1] back to image values."""
     zero_filled = crop_kspace(np.fft.ifft2(kspace, norm="ortho"), size)
     top = KSPACE_SCALE * float(np.mean(zero_filled.real)) or 1.0
-    mask = np.broadcast_to(crop_mask(acquired_columns(kspace), size)[None, :], zero_filled.shape)
+    mask = np.broadcast_to(crop_mask(acquired_columns(kspace), zero_filled.shape[-1])[None, :], zero_filled.shape)
     inputs = np.stack([2 * zero_filled.real / top - 1, 2 * zero_filled.imag / top, mask], axis=1)
     return inputs.astype(np.float32), top

@@ -661,17 +661,21 @@ def phantom_mr_kspace(
     n: int, task: "TaskConfig", acceleration: int, seed: int = 0
 ) -> tuple["torch.Tensor", "torch.Tensor"]:
     """``n`` (undersampled input, fully sampled target) MR slices of one phantom subject at
-    ``acceleration``, prepared like a site's data; for the coordinator's preview grids."""
+    ``acceleration``, acquired on the simulator's MR matrix (``MR_MAX_MATRIX`` over
+    ``FIELD_OF_VIEW_MM``) and prepared like a site's data (at ``task.spacing``); for the
+    coordinator's preview grids."""
     import torch
 
-    from medgan_core.data.kspace import reconstruction_pair
+    from medgan_core.data.kspace import matrix_at, reconstruction_pair
 
     rng = np.random.default_rng(seed + 525252)
-    profile, size = DEFAULT_SITES[0], 128
+    profile, size = DEFAULT_SITES[0], MR_MAX_MATRIX
     labels = phantom_labels(rng, size, n, profile.body_scale, severity=0.6)
     mr = mr_acquire(labels, _texture(rng, labels.shape, sigma=1.5), profile, rng)
     mask = sampling_mask(size, acceleration, rng, profile.mr_center_fraction)
-    inputs, targets = reconstruction_pair(undersample(mr, mask), mr, task.image_size)
+    pixel_mm = FIELD_OF_VIEW_MM / size
+    inputs, targets = reconstruction_pair(undersample(mr, mask), mr, matrix_at((size, size), (pixel_mm, pixel_mm),
+                                                                                 task.spacing))
     return torch.from_numpy(inputs), torch.from_numpy(targets)
 
 

@@ -107,14 +107,19 @@ class PairedImageTask(GANTask):
         """Task-specific held-out metrics beyond PSNR/SSIM (and MAE in HU for CT)."""
         return {}
 
-    def train_step(self, s: TrainingSetup, data: SiteData, pool: str, idx: torch.Tensor) -> dict[str, float]:
+    def training_pair(self, data: SiteData, idx: torch.Tensor, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets) of the sampled records ``idx``: whole images of ``image-size``,
+        else one random patch of each sampled slice (the record is still the slice), on the body."""
         assert data.train_input is not None, f"{self.name} needs paired inputs"
         size = self.config.image_size
         if tuple(data.train.shape[-2:]) == (size, size):
-            low, full = data.train_input[idx], data.train[idx]
-        else:  # whole slices: one random patch of each sampled slice (the record is still the slice), on the body
-            low, full = random_crops([data.train_input, data.train], idx, size, s.rng, centre_above=self.body_level,
-                                     anywhere=self.patches_anywhere)
+            return data.train_input[idx], data.train[idx]
+        low, full = random_crops([data.train_input, data.train], idx, size, rng, centre_above=self.body_level,
+                                 anywhere=self.patches_anywhere)
+        return low, full
+
+    def train_step(self, s: TrainingSetup, data: SiteData, pool: str, idx: torch.Tensor) -> dict[str, float]:
+        low, full = self.training_pair(data, idx, s.rng)
         if self.augment:
             low, full = dihedral_pairs(low, full, generator=s.rng)
         low, full = low.to(self.device), full.to(self.device)

@@ -5,6 +5,12 @@ layer: the k-space lines the scanner measured are kept exactly, the network fill
 missing ones; a PatchGAN conditioned on the zero-filled image keeps the filling realistic.
 Evaluated against the fully sampled image by PSNR, SSIM and NMSE, beside the zero-filled
 inverse FFT (the input).
+
+It works on the acquired matrix (``task.spacing`` 0; e.g. 256×256) or a coarser one of
+``task.spacing`` mm. The sampling mask picks phase-encoding columns, so each image row
+is its own 1D reconstruction problem: training reads strips of ``image-size`` whole rows
+(a quarter of a 256-row slice at 64), data consistency is exact on a strip, and whole
+slices are restored in one pass. Under DP the record is still the slice.
 """
 
 from __future__ import annotations
@@ -15,22 +21,28 @@ import torch
 from torch import nn
 
 from medgan_core.config import TaskConfig
-from medgan_core.data.dataset import DataSpec, KSpacePairs
+from medgan_core.data.dataset import DataSpec, KSpacePairs, SiteData
 from medgan_core.data.kspace import ACCELERATIONS
 from medgan_core.errors import ConfigError
 from medgan_core.models.unet import DataConsistentUNet
-from medgan_core.tasks.paired import PairedImageTask, PairedParams
+from medgan_core.tasks.paired import EVAL_SLICES, PairedImageTask, PairedParams
+
+
+MAX_CASCADES = 8
 
 
 @dataclass(frozen=True)
 class ReconParams(PairedParams):
     acceleration: int = 4  # k-space undersampling: 4 (25 % of the lines) or 10 (10 %)
+    cascades: int = 1  # (U-Net, data consistency) stages in a row
 
     def validate(self, task: TaskConfig) -> None:
         super().validate(task)
         if self.acceleration not in ACCELERATIONS:
             raise ConfigError(
                 f"task.acceleration = {self.acceleration}; choose one of {', '.join(map(str, ACCELERATIONS))}")
+        if not 1 <= self.cascades <= MAX_CASCADES:
+            raise ConfigError(f"task.cascades = {self.cascades}; choose 1 to {MAX_CASCADES}")
 
 
 def nmse(output: torch.Tensor, target: torch.Tensor) -> float:
@@ -56,7 +68,27 @@ class ReconTask(PairedImageTask):
         return KSpacePairs(config.params.acceleration)  # type: ignore[attr-defined]
 
     def build_generator(self) -> nn.Module:
-        return DataConsistentUNet(self.config.width)
+        return DataConsistentUNet(self.config.width, self.params.cascades)
+
+    def training_pair(self, data: SiteData, idx: torch.Tensor, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """A random strip of ``image-size`` whole rows of each sampled slice (the slice whole
+        when it has no more rows): full width, so every row's k-space is all there."""
+        assert data.train_input is not None, "recon needs undersampled inputs"
+        rows, size = data.train.shape[-2], self.config.image_size
+        if rows <= size:
+            return data.train_input[idx], data.train[idx]
+        tops = torch.randint(0, rows - size + 1, (len(idx),), generator=rng).tolist()
+        strips = [(data.train_input[i, :, t : t + size], data.train[i, :, t : t + size])
+                  for i, t in zip(idx.tolist(), tops)]
+        return torch.stack([x for x, _ in strips]), torch.stack([y for _, y in strips])
+
+    @torch.no_grad()
+    def restore(self, images: torch.Tensor) -> torch.Tensor:
+        """Whole slices, a few at a time: data consistency needs every column of a row."""
+        self.generator.eval()
+        out = [self.generator(images[i : i + EVAL_SLICES].to(self.device)).cpu()
+               for i in range(0, len(images), EVAL_SLICES)]
+        return torch.cat(out).clamp(-1, 1) if out else images[:, :1].clone()
 
     def input_image(self, inputs: torch.Tensor) -> torch.Tensor:
         """The zero-filled reconstruction: magnitude of the inverse FFT of the measured lines."""

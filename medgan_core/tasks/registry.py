@@ -116,6 +116,9 @@ def load_task_data(data_path: str | Path, config: TaskConfig, cache_dir: Path | 
 def geometry_words(config: TaskConfig) -> str:
     """How a task's images were prepared, in words (reports, model provenance)."""
     size = f"{config.image_size}×{config.image_size}"
+    if config.name == "recon":
+        pixels = f"at {config.spacing:g} mm pixels" if config.spacing > 0 else "on the acquired matrix"
+        return f"whole slices {pixels} from the central k-space, trained on strips of {config.image_size} whole rows"
     if getattr(task_class(config.name), "clinical", False):
         pixels = f"{config.spacing:g} mm pixels" if config.spacing > 0 else "each series' own pixels"
         return f"whole slices at {pixels} over the whole CT range, trained on {size} patches"
