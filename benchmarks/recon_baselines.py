@@ -37,11 +37,11 @@ LR = 1e-3  # above the DCGAN default 2e-4, at which 5 short rounds reached only 
 # 256; four (U-Net, data consistency) stages of width 16 mix whole rows four times. Measured on
 # hospital A alone at 4× (400 steps, batch 16, strips of 32 rows, every 3rd test slice): one
 # width-32 stage 37.4 dB at 0.55 s a step, four width-16 stages 40.0 dB at 0.66 s a step, both
-# still rising; TV-CS reached 45.5 dB on those slices. (At 64×64 slices cropped from 128×128,
-# width 32 and one stage beat TV at every site; two stages gained 0.1 dB there.)
+# still rising; TV-CS reached 45.5 dB on those slices. Eight stages gained nothing over four
+# at twice the cost (hospital B alone, 300 steps: 34.93 vs 34.89 dB). (At 64×64 slices cropped
+# from 128×128, width 32 and one stage beat TV at every site; two stages gained 0.1 dB there.)
 WIDTH, CASCADES = 16, 4
-# 8 rounds took 16 min per acceleration on 2 cores while the third site trained after the other
-# two; with every site training at once (medgan.simulation.cpu_share) they fit the 15 minutes.
+# 8 rounds: 14.6 min (4×) and 16.1 min (10×) of training on 2 cores.
 ROUNDS, LOCAL_STEPS = 8, 60
 # Strips of 32 whole rows (32×256, twice a 64² patch): a batch of 16 steps in 0.55 s on 2 cores;
 # strips of 64 rows cost the same at batch 8 (fewer records a step).
