@@ -81,7 +81,7 @@ def compare_study(study: StudyConfig, sites: list[Path], out: Path, *, leave_one
                "scores": scores, "leave-one-out": held_out, "seconds": seconds}
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     atomic_write_text(out / "results.md", _markdown(results))
-    _plot(results, out / "per-site.png", progress)
+    _plot(results, out, progress)
     return results
 
 
@@ -156,25 +156,30 @@ def _markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(results: dict[str, Any], path: Path, progress: Progress) -> None:
+def _plot(results: dict[str, Any], out: Path, progress: Progress) -> None:
+    """``per-site.png``: each arm's held-out score at each site; ``gain.png`` (image-to-image
+    tasks): each arm's gain over the input there, the number a hospital joins for."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        progress("no plot: matplotlib is not installed (pip install -e '.[bench]')")
+        progress("no plots: matplotlib is not installed (pip install -e '.[bench]')")
         return
     key, arms, sites = results["headline"], list(results["scores"]), results["sites"]
-    figure, axis = plt.subplots(figsize=(2 + 1.5 * len(sites), 3.5))
-    width = 0.8 / len(arms)
-    for i, arm in enumerate(arms):
-        axis.bar([s + i * width for s in range(len(sites))], [results["scores"][arm][site][key] for site in sites],
-                 width, label=arm)
-    axis.set_xticks([s + 0.4 - width / 2 for s in range(len(sites))], sites, rotation=15)
-    axis.set_ylabel(key)
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
+    charts = {"per-site.png": (key, lambda m: m[key])}
+    if f"{key}-input" in results["scores"]["federated"][sites[0]]:
+        charts["gain.png"] = (f"{key} gain over the input", lambda m: m[key] - m[f"{key}-input"])
+    for name, (label, value) in charts.items():
+        figure, axis = plt.subplots(figsize=(3.5 + 1.5 * len(sites), 3.5))
+        width = 0.8 / len(arms)
+        for i, arm in enumerate(arms):
+            axis.bar([s + i * width for s in range(len(sites))], [value(results["scores"][arm][site]) for site in sites],
+                     width, label=arm)
+        axis.set_xticks([s + 0.4 - width / 2 for s in range(len(sites))], sites, rotation=15)
+        axis.set_ylabel(label)
+        axis.legend(bbox_to_anchor=(1.01, 1), loc="upper left", fontsize="small")  # beside the bars, never on them
+        figure.tight_layout()
+        figure.savefig(out / name, dpi=120)
+        plt.close(figure)

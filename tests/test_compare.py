@@ -35,6 +35,11 @@ def test_every_arm_is_scored_at_every_site(tiny_sites: list[Path], tmp_path: Pat
     table = (tmp_path / "cmp" / "results.md").read_text()
     assert "| mean |" in table and "of pooled training's gain" in table and "Leave one site out" in table
     assert any("federated: round 1/1" in line for line in seen) and any("pooled" in line for line in seen)
+    from PIL import Image
+
+    for chart in ("per-site.png", "gain.png"):  # matplotlib is a dev dependency: the plots must be there
+        with Image.open(tmp_path / "cmp" / chart) as image:
+            assert image.format == "PNG" and image.width > 200 and image.height > 200
 
 
 def test_a_comparison_needs_two_sites(tiny_sites: list[Path], tmp_path: Path) -> None:
