@@ -24,7 +24,10 @@ from medgan_core.tasks.base import Task
 from medgan_core.tasks.registry import build_task, task_config_from_items
 
 #: 2: image-to-image CT models work at a pixel size (``spacing``) over the whole CT range.
-FORMAT = "medgan-model/2"
+#: 3: ``recon`` works on the acquired k-space matrix (or ``spacing``), no longer the central
+#: ``image-size``; a format-2 model of any other task reads the same and still loads.
+FORMAT = "medgan-model/3"
+STILL_READ = ("medgan-model/2", FORMAT)
 SUFFIX = ".medgan"
 
 
@@ -61,9 +64,13 @@ def load_model(path: str | Path) -> ModelFile:
     if meta.get("format") == "medgan-model/1":
         raise MedGANError(f"{path} was made by an older version (whole slices resized, CT windowed); this version "
                           "applies models trained at clinical geometry: train and export the study again")
-    if meta.get("format") != FORMAT:
+    if meta.get("format") not in STILL_READ:
         raise MedGANError(f"{path} is not a MedGAN-FL model file (format {meta.get('format')!r}, expected {FORMAT}); "
                           "make one with 'medgan export'")
+    if meta.get("format") != FORMAT and meta.get("task", {}).get("name") == "recon":
+        raise MedGANError(f"{path} is a recon model made by an older version (it reconstructs the central image-size "
+                          "of k-space); this version reconstructs the acquired matrix or task.spacing: train and "
+                          "export the study again")
     task = task_config_from_items(meta.get("task", {}), str(path))
     model = ModelFile(arrays, task, dict(meta.get("provenance", {})))
     model.build()  # names and shapes checked now, not halfway through a folder of scans

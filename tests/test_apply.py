@@ -81,6 +81,21 @@ def test_a_file_that_is_not_a_model_is_refused(tmp_path: Path) -> None:
         load_model(checkpoint)
 
 
+def test_an_older_recon_model_is_refused_and_an_older_denoise_model_still_loads(denoise_model: Path,
+                                                                                 tmp_path: Path) -> None:
+    """Format 3 changed what a recon model's grid means (the acquired matrix, not the central
+    image-size); a format-2 file of any other task means what it meant."""
+    from medgan_core.checkpoints import load_checkpoint
+
+    arrays, meta = load_checkpoint(denoise_model)
+    older = {**meta, "format": "medgan-model/2"}
+    save_checkpoint(tmp_path / "denoise-2.medgan", arrays, older)
+    assert load_model(tmp_path / "denoise-2.medgan").task.name == "denoise"
+    save_checkpoint(tmp_path / "recon-2.medgan", arrays, {**older, "task": {**meta["task"], "name": "recon"}})
+    with pytest.raises(MedGANError, match="recon model made by an older version"):
+        load_model(tmp_path / "recon-2.medgan")
+
+
 def _ct_series(site: Path) -> Path:
     return site / read_manifest(site).select(modality="CT", split="test")[0].file
 
