@@ -43,8 +43,9 @@ LR = 1e-3  # above the DCGAN default 2e-4, at which 5 short rounds reached only 
 WIDTH, CASCADES = 16, 4
 # 8 rounds: 14.6 min (4×) and 16.1 min (10×) of training on 2 cores.
 ROUNDS, LOCAL_STEPS = 8, 60
-# Strips of 32 whole rows (32×256, twice a 64² patch): a batch of 16 steps in 0.55 s on 2 cores;
-# strips of 64 rows cost the same at batch 8 (fewer records a step).
+# Strips of 32 whole rows (32×256, twice a 64² patch): with one width-32 stage a batch of 16
+# steps in 0.55 s on 2 cores, and strips of 64 rows cost the same at batch 8 (fewer records a
+# step); the four width-16 stages take 0.66-0.70 s a step.
 STRIP_ROWS = 32
 # Fidelity weighted up (L1 1000, not pix2pix's 100) and a (1 - SSIM) term: with L1 100 the GAN
 # trailed TV on SSIM at hospital A (0.932 vs 0.935 after 8 rounds). At 7 x 60 and 4x, by site:
