@@ -14,6 +14,7 @@ Every arm is scored on every site's held-out split by the task's own ``evaluate`
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -181,5 +182,7 @@ def _plot(results: dict[str, Any], out: Path, progress: Progress) -> None:
         axis.set_ylabel(label)
         axis.legend(bbox_to_anchor=(1.01, 1), loc="upper left", fontsize="small")  # beside the bars, never on them
         figure.tight_layout()
-        figure.savefig(out / name, dpi=120)
+        partial = out / f".{name}.partial.png"
+        figure.savefig(partial, dpi=120)
         plt.close(figure)
+        os.replace(partial, out / name)  # a chart is whole or absent

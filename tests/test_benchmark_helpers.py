@@ -64,3 +64,16 @@ def test_the_cycle_example_study_has_the_benchmarks_settings() -> None:
                for key, value in TASK.items())
     assert all(getattr(study.aggregation, key) == value for key, value in AGGREGATION.items())
     assert describe({"local_calibration": True, "crop_size": 32}) == "local-calibration = true, crop-size = 32"
+
+
+def test_the_translate_compare_study_trains_what_the_translate_benchmark_trains() -> None:
+    """sites_example/translate-compare.toml: the README's comparison table was measured with the
+    translate benchmark's own task settings, sites and rounds (its numbers must match that run)."""
+    from translate_baselines import MR_PIXEL_MM
+
+    study = load_study(Path(__file__).resolve().parents[1] / "sites_example" / "translate-compare.toml")
+    three_sites = [Path("a"), Path("b"), Path("c")]
+    benchmark = bench_common.paired_study(argparse.Namespace(rounds=10, local_steps=60), three_sites,
+                                          name="translate", spacing=MR_PIXEL_MM)
+    assert study.task == benchmark.task and study.run.rounds == benchmark.run.rounds
+    assert not study.privacy.enabled and study.run.sites_dir == "benchmarks/data/translate-native"
