@@ -67,11 +67,14 @@ def load_model(path: str | Path) -> ModelFile:
     if meta.get("format") not in STILL_READ:
         raise MedGANError(f"{path} is not a MedGAN-FL model file (format {meta.get('format')!r}, expected {FORMAT}); "
                           "make one with 'medgan export'")
-    if meta.get("format") != FORMAT and meta.get("task", {}).get("name") == "recon":
+    task_items = meta.get("task")
+    if not isinstance(task_items, dict):
+        raise MedGANError(f"{path}: its metadata holds no task settings; make the model again with 'medgan export'")
+    if meta.get("format") != FORMAT and task_items.get("name") == "recon":
         raise MedGANError(f"{path} is a recon model made by an older version (it reconstructs the central image-size "
                           "of k-space); this version reconstructs the acquired matrix or task.spacing: train and "
                           "export the study again")
-    task = task_config_from_items(meta.get("task", {}), str(path))
+    task = task_config_from_items(task_items, str(path))
     model = ModelFile(arrays, task, dict(meta.get("provenance", {})))
     model.build()  # names and shapes checked now, not halfway through a folder of scans
     return model

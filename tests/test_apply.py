@@ -94,6 +94,9 @@ def test_an_older_recon_model_is_refused_and_an_older_denoise_model_still_loads(
     save_checkpoint(tmp_path / "recon-2.medgan", arrays, {**older, "task": {**meta["task"], "name": "recon"}})
     with pytest.raises(MedGANError, match="recon model made by an older version"):
         load_model(tmp_path / "recon-2.medgan")
+    save_checkpoint(tmp_path / "no-task.medgan", arrays, {**meta, "task": "denoise"})
+    with pytest.raises(MedGANError, match="holds no task settings"):
+        load_model(tmp_path / "no-task.medgan")
 
 
 def _ct_series(site: Path) -> Path:
