@@ -18,6 +18,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 
 from medgan_core.errors import PrivacyError
+from medgan_core.privacy.per_sample import FastConvGradSampleModule
 
 
 @dataclass(frozen=True)
@@ -69,8 +70,9 @@ def validate_private_modules(modules: Mapping[str, nn.Module]) -> None:
 def make_private(
     module: nn.Module, optimizer: torch.optim.Optimizer, dp: DPSettings, generator: torch.Generator | None = None
 ) -> tuple[GradSampleModule, DPOptimizer]:
-    """Wrap ``module`` for per-sample gradients and ``optimizer`` for clipping and noise."""
-    wrapped = GradSampleModule(module)
+    """Wrap ``module`` for per-sample gradients (Opacus', convolutions by the faster exact form:
+    ``per_sample``) and ``optimizer`` for clipping and noise."""
+    wrapped = FastConvGradSampleModule(module)
     private = DPOptimizer(
         optimizer,
         noise_multiplier=dp.noise_multiplier,

@@ -89,16 +89,21 @@ class SynthesisTask(GANTask):
         y_fake = self.prior_conditions(real.shape[0], s.rng)
         fake = _call(s.generator, z, y_fake)
 
-        # Discriminator: real and fake halves are separate backward passes, so under DP
-        # each real image is one clipped per-sample gradient and generated images cost no
-        # privacy.
+        # Discriminator: one pass over real and generated images together, on the mean loss
+        # over all 2n of them (what Opacus' per-sample gradients assume), so under DP every
+        # image is its own clipped per-sample gradient: a real record counts once and a
+        # generated image, which depends on no record, costs no privacy. One pass instead of
+        # one per half halves the per-sample work and spares Opacus concatenating two sets
+        # of per-sample gradients at every clipping (most of a DP step's time before). The
+        # gradient is half that of the two means' sum, which Adam's update does not see.
+        n = real.shape[0]
+        y_both = None if y_real is None else torch.cat([y_real, y_fake])
         s.opt_d.zero_grad(set_to_none=True)
-        logits_real = _call(s.discriminator, real, y_real)
+        logits = _call(s.discriminator, torch.cat([real, fake.detach()]), y_both)
+        logits_real, logits_fake = logits[:n], logits[n:]
         loss_real = F.softplus(-logits_real).mean()
-        loss_real.backward()
-        logits_fake = _call(s.discriminator, fake.detach(), y_fake)
         loss_fake = F.softplus(logits_fake).mean()
-        loss_fake.backward()
+        ((loss_real + loss_fake) / 2).backward()
         s.opt_d.step()
 
         # Generator: learns only through D's judgement of generated images.

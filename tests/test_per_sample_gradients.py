@@ -1,0 +1,83 @@
+"""The per-sample gradients DP-SGD clips: the faster convolution form equals Opacus' own,
+and a synthesis step clips each real and each generated image on its own, in one pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
+from torch import nn
+
+from medgan_core.data.dataset import SiteData
+from medgan_core.privacy import DPSettings
+from medgan_core.privacy.per_sample import FastConvGradSampleModule, takes_convolution_form
+from medgan_core.tasks.registry import build_task, task_config
+
+
+def _net() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),  # 32×32 out, stride 1: the convolution form
+        nn.GroupNorm(2, 4),
+        nn.LeakyReLU(0.2),
+        nn.Conv2d(4, 4, 3, padding=1, bias=False),  # wide, no bias: the convolution form
+        nn.LeakyReLU(0.2),
+        nn.Conv2d(4, 6, 4, stride=2, padding=1),  # strided: Opacus' unfolded form
+        nn.LeakyReLU(0.2),
+        nn.Conv2d(6, 3, 3, padding=1),  # 16×16 out: Opacus' unfolded form
+        nn.Flatten(),
+        nn.Linear(3 * 16 * 16, 1),
+    )
+
+
+def test_convolution_form_is_chosen_only_for_wide_plain_layers() -> None:
+    net = _net()
+    wide, strided = torch.zeros(1, 4, 32, 32), torch.zeros(1, 6, 16, 16)
+    assert takes_convolution_form(net[0], wide)
+    assert takes_convolution_form(net[3], wide)
+    assert not takes_convolution_form(net[5], strided)
+    assert not takes_convolution_form(net[7], torch.zeros(1, 3, 16, 16))
+
+
+def test_fast_per_sample_gradients_equal_opacus_own() -> None:
+    torch.manual_seed(0)
+    reference_net = _net()
+    fast_net = _net()
+    fast_net.load_state_dict(reference_net.state_dict())
+    images = torch.randn(5, 2, 32, 32)
+    gradients = []
+    for wrapper, net in ((GradSampleModule, reference_net), (FastConvGradSampleModule, fast_net)):
+        module = wrapper(net)
+        (module(images) ** 2).mean().backward()
+        gradients.append([p.grad_sample for p in module.parameters()])
+        assert all(g.shape[0] == 5 for g in gradients[-1])
+    for reference, fast in zip(*gradients):
+        assert torch.allclose(fast, reference, rtol=1e-4, atol=1e-5)
+    # The summed per-sample gradients are the ordinary gradient.
+    for p in fast_net.parameters():
+        assert torch.allclose(p.grad_sample.sum(0) / 5, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_synthesis_clips_every_image_of_its_discriminator_step_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = task_config(name="synthesis", modality="CT", image_size=16, width=8, batch_size=4, z_dim=8)
+    task = build_task(config)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(40, 1, 16, 16, generator=generator) * 2 - 1
+    data = SiteData("site", images, images[:8])
+    seen: list[tuple[int, list[object]]] = []
+    clip = DPOptimizer.clip_and_accumulate
+
+    def recording(self: DPOptimizer) -> None:
+        seen.append((self.expected_batch_size, [p.grad_sample for p in self.params]))
+        clip(self)
+
+    monkeypatch.setattr(DPOptimizer, "clip_and_accumulate", recording)
+    dp = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.25, expected_batch_size=10, secure_rng=False)
+    task.train(data, 4, seed=1, dp=dp)
+    assert seen  # the discriminator stepped privately
+    for _, samples in seen:
+        # One backward pass: a single tensor per parameter, one row per image, real
+        # (Poisson batch) and generated (as many) alike, each clipped on its own.
+        assert all(isinstance(s, torch.Tensor) for s in samples)
+        rows = {s.shape[0] for s in samples}
+        assert len(rows) == 1 and rows.pop() % 2 == 0
