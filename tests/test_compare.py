@@ -16,14 +16,17 @@ pytestmark = pytest.mark.slow
 
 
 def test_every_arm_is_scored_at_every_site(tiny_sites: list[Path], tmp_path: Path) -> None:
+    """DP on: the three arms, leave-one-out, and the ε–utility curve (ε = 8 as configured, 4,
+    and the same federation without DP)."""
     study = StudyConfig().replace(
         run={"rounds": 1, "num_sites": 2, "device": "cpu"},
         task={"name": "denoise", "image_size": 16, "width": 8, "batch_size": 4, "local_steps": 2},
-        privacy={"enabled": False})
+        privacy={"enabled": True, "target_epsilon": 8.0})
     seen: list[str] = []
-    results = compare_study(study, tiny_sites, tmp_path / "cmp", leave_one_out=True, progress=seen.append)
+    results = compare_study(study, tiny_sites, tmp_path / "cmp", leave_one_out=True, epsilons=[4.0, 8.0],
+                            progress=seen.append)
     names = [s.name for s in tiny_sites]
-    assert set(results["scores"]) == {"federated", "local only", "pooled"}
+    assert set(results["scores"]) == {"federated", "federated, ε=4", "federated, no DP", "local only", "pooled"}
     for arm, per_site in results["scores"].items():
         assert set(per_site) == set(names) and all("psnr" in m and "psnr-input" in m for m in per_site.values())
     # local-only models differ between sites; the federated arm's are one shared model
@@ -31,13 +34,20 @@ def test_every_arm_is_scored_at_every_site(tiny_sites: list[Path], tmp_path: Pat
     assert local[names[0]]["psnr"] != results["scores"]["federated"][names[0]]["psnr"]
     assert set(results["leave-one-out"]) == set(names)
     assert set(results["leave-one-out"][names[0]]["single sites"]) == {names[1]}
+    # The curve: each DP point at the ε its sites spent, within its target, in order.
+    curve = results["epsilon-utility"]
+    assert [p["arm"] for p in curve] == ["federated, ε=4", "federated"]
+    assert 0 < curve[0]["epsilon-spent"] <= 4.0 + 1e-6 and 4.0 < curve[1]["epsilon-spent"] <= 8.0 + 1e-6
+    assert results["scores"]["federated, no DP"] != results["scores"]["federated"]
     assert json.loads((tmp_path / "cmp" / "results.json").read_text())["headline"] == "psnr"
     table = (tmp_path / "cmp" / "results.md").read_text()
     assert "| mean |" in table and "of pooled training's gain" in table and "Leave one site out" in table
+    assert "ε–utility" in table and "| no DP | ∞ |" in table and "share of the non-DP gain" in table
     assert any("federated: round 1/1" in line for line in seen) and any("pooled" in line for line in seen)
+    assert any("federated, no DP: round 1/1" in line for line in seen)
     from PIL import Image
 
-    for chart in ("per-site.png", "gain.png"):  # matplotlib is a dev dependency: the plots must be there
+    for chart in ("per-site.png", "gain.png", "epsilon-utility.png"):  # matplotlib is a dev dependency
         with Image.open(tmp_path / "cmp" / chart) as image:
             assert image.format == "PNG" and image.width > 200 and image.height > 200
 
@@ -48,3 +58,13 @@ def test_a_comparison_needs_two_sites(tiny_sites: list[Path], tmp_path: Path) ->
     config.write_text(f'[run]\nsites-dir = "{tmp_path / "one"}"\n')
     result = CliRunner().invoke(app, ["study", "compare", "--config", str(config), "--out", str(tmp_path / "c")])
     assert result.exit_code == 2 and "a comparison needs at least two" in result.output
+
+
+def test_bad_epsilons_are_refused_in_one_line(tiny_sites: list[Path], tmp_path: Path) -> None:
+    config = tmp_path / "study.toml"
+    config.write_text(f'[run]\nsites-dir = "{tiny_sites[0].parent}"\n')
+    for bad in ("4,x", "0", "-1", "inf"):
+        result = CliRunner().invoke(app, ["study", "compare", "--config", str(config), "--out", str(tmp_path / "c"),
+                                          "--epsilons", bad])
+        assert result.exit_code == 2 and "--epsilons" in result.output and "Traceback" not in result.output
+        assert not (tmp_path / "c" / "results.json").exists()

@@ -39,7 +39,10 @@ def test_convolution_form_is_chosen_only_for_wide_plain_layers() -> None:
     assert not takes_convolution_form(net[7], torch.zeros(1, 3, 16, 16))
 
 
-def test_fast_per_sample_gradients_equal_opacus_own() -> None:
+@pytest.mark.parametrize("passes", [1, 2])
+def test_fast_per_sample_gradients_equal_opacus_own(passes: int) -> None:
+    """One pass, and two through the same network in one backward (a pix2pix discriminator
+    judging the real and the generated pair of each record: one summed gradient per record)."""
     torch.manual_seed(0)
     reference_net = _net()
     fast_net = _net()
@@ -48,7 +51,10 @@ def test_fast_per_sample_gradients_equal_opacus_own() -> None:
     gradients = []
     for wrapper, net in ((GradSampleModule, reference_net), (FastConvGradSampleModule, fast_net)):
         module = wrapper(net)
-        (module(images) ** 2).mean().backward()
+        loss = (module(images) ** 2).mean()
+        if passes == 2:
+            loss = loss + torch.nn.functional.softplus(module(images.flip(-1) * 0.5)).mean()
+        loss.backward()
         gradients.append([p.grad_sample for p in module.parameters()])
         assert all(g.shape[0] == 5 for g in gradients[-1])
     for reference, fast in zip(*gradients):

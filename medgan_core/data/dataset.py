@@ -80,9 +80,14 @@ class ModalityPairs:
 @dataclass(frozen=True)
 class UnpairedDomains:
     """Images of two domains (the main scanner, and a ``variant`` series such as
-    ``scanner-b``) from disjoint training subjects; held out, paired by subject."""
+    ``scanner-b``) from disjoint training subjects; held out, paired by subject.
+
+    ``clinical``: at clinical geometry, as ``DegradedPairs``: whole slices of both domains at
+    ``task.spacing`` (0: each series' own pixels), CT over its whole range, kept on disk when
+    the site has a cache folder; the held-out pairs as ``DegradedPairs(clinical=True)``."""
 
     variant: str
+    clinical: bool = False
 
 
 #: What a task reads from a site (``Task.data_spec``).
@@ -143,7 +148,7 @@ def load_site_data(
 
 
 def _is_clinical(spec: DataSpec) -> bool:
-    return isinstance(spec, (DegradedPairs, ModalityPairs)) and spec.clinical
+    return isinstance(spec, (DegradedPairs, ModalityPairs, UnpairedDomains)) and spec.clinical
 
 
 def _load(manifest: Manifest, task: TaskConfig, spec: DataSpec, cache_dir: Path | None) -> SiteData:
@@ -160,6 +165,15 @@ def _load(manifest: Manifest, task: TaskConfig, spec: DataSpec, cache_dir: Path 
             train, train_c = _with_burden(manifest, task, "train")
             test, test_c = _with_burden(manifest, task, test_split)
             return SiteData(site, train, test, train_condition=train_c, test_condition=test_c)
+        case UnpairedDomains(variant=variant, clinical=True):
+            domain_b, domain_a, keys = _variant_pairs(manifest, task, "train", variant, "main-scanner and scanner-B")
+            if len(keys) < 2:
+                raise DataError(f"{manifest.path}: unpaired training needs at least 2 training subjects (one per scanner)")
+            keys_a, keys_b = unpaired_subjects(keys)
+            train_a = _clinical_series(manifest, task, [domain_a[k] for k in keys_a], cache_dir, "train-a")
+            train_b = _clinical_series(manifest, task, [domain_b[k] for k in keys_b], cache_dir, f"train-{variant}")
+            test_b, test_a = _clinical_pairs(manifest, task, test_split, DegradedPairs(variant, clinical=True), cache_dir)
+            return SiteData(site, train_a, test_a, train_b, test_b)
         case UnpairedDomains(variant=variant):
             domain_b, domain_a, keys = _variant_pairs(manifest, task, "train", variant, "main-scanner and scanner-B")
             if len(keys) < 2:
@@ -236,6 +250,20 @@ def _clinical_pairs(
                      "modality": task.modality, "sources": source_fingerprint(sources)})
     inputs, targets = stack_series(pairs(), 2, cache_dir, f"{split}-{tag}-{key}")
     return inputs, targets
+
+
+def _clinical_series(
+    manifest: Manifest, task: TaskConfig, entries: list[ManifestEntry], cache_dir: Path | None, tag: str
+) -> torch.Tensor:
+    """The slices of ``entries`` at clinical geometry (``task.spacing``, the whole CT range),
+    one canvas; stored memory-mapped in ``cache_dir`` when given."""
+    def series() -> Iterator[tuple[np.ndarray]]:
+        for entry in entries:
+            yield (clinical_slices(manifest.load(entry), task.spacing, CT_FULL_RANGE)[:, 0].numpy(),)
+
+    key = cache_key({"split": tag, "spacing": task.spacing, "range": CT_FULL_RANGE, "modality": task.modality,
+                     "sources": source_fingerprint([manifest.root / e.file for e in entries])})
+    return stack_series(series(), 1, cache_dir, f"{tag}-{key}")[0]
 
 
 def clinical_slices(volume: Volume, spacing: float, ct_range: tuple[float, float]) -> torch.Tensor:
