@@ -50,6 +50,10 @@ def study_compare(
     local_steps: Optional[int] = typer.Option(None, "--local-steps", min=1, help="Override task.local-steps."),
     privacy: Optional[bool] = typer.Option(None, "--privacy/--no-privacy", help="Override privacy.enabled."),
     leave_one_out: bool = typer.Option(False, "--leave-one-out", help="Also federate without each site, applied to it."),
+    epsilons: str = typer.Option(
+        "1,4", "--epsilons",
+        help="With DP on: the further target ε values of the ε–utility curve, comma-separated ('none': only the "
+             "configured one); the federation also runs once without DP, the curve's ceiling."),
 ) -> None:
     """Train the study, local-only and pooled on the same budget; score every site's held-out split."""
     from medgan.compare import compare_study
@@ -62,11 +66,25 @@ def study_compare(
         if len(sites) < 2:
             raise MedGANError(f"{study.run.sites_dir} holds {len(sites)} site(s); a comparison needs at least two")
         study = study.replace(run={"num_sites": len(sites)})
-        results = compare_study(study, sites, out, leave_one_out=leave_one_out, progress=console.print)
+        results = compare_study(study, sites, out, leave_one_out=leave_one_out, epsilons=parse_epsilons(epsilons),
+                                progress=console.print)
     except MedGANError as exc:
         fail(exc)
     console.print((out / "results.md").read_text())
     console.print(f"results: {out / 'results.json'}, {out / 'results.md'}; task {results['task']}")
+
+
+def parse_epsilons(text: str) -> list[float]:
+    """``--epsilons``: positive numbers, comma-separated, or ``none``."""
+    if text.strip().lower() in ("", "none"):
+        return []
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise MedGANError(f"--epsilons {text!r}: give positive numbers separated by commas, or 'none'") from None
+    if any(not value > 0 or value == float("inf") for value in values):
+        raise MedGANError(f"--epsilons {text!r}: every ε must be a positive finite number")
+    return values
 
 
 @sites_app.command("simulate")

@@ -7,7 +7,10 @@ On the same budget of local steps and the same sites (simulation):
 - ``pooled``: one model on all sites' training images together, as many steps as all sites
   took (the ceiling a federation tries to reach; no DP, since the images would have left);
 - with ``--leave-one-out``, for each site: the federation of the others applied to it, and
-  each other site's local model applied to it.
+  each other site's local model applied to it;
+- with DP on, the ε–utility curve: the federated study again at each further target ε
+  (``epsilons``, the noise derived for each) and once without DP, the ceiling its privacy
+  costs against. Each point is placed at the ε the sites actually spent (the largest).
 Every arm is scored on every site's held-out split by the task's own ``evaluate``.
 """
 
@@ -17,7 +20,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -32,14 +35,21 @@ from medgan_core.study_config import StudyConfig
 from medgan_core.tasks.base import Task
 from medgan_core.tasks.registry import build_task, load_task_data, task_class
 from medgan.simulation import simulate_federation
+from server.privacy_report import collect
+from server.run_folder import RunFolder
 
 Progress = Callable[[str], None]
 
 
+NO_DP = "federated, no DP"
+
+
 def compare_study(study: StudyConfig, sites: list[Path], out: Path, *, leave_one_out: bool = False,
-                  progress: Progress = print) -> dict[str, Any]:
+                  epsilons: Sequence[float] = (), progress: Progress = print) -> dict[str, Any]:
     if len(sites) < 2:
         raise MedGANError("a comparison needs at least two sites")
+    if any(not eps > 0 for eps in epsilons):
+        raise MedGANError(f"--epsilons {','.join(f'{e:g}' for e in epsilons)}: every ε must be positive")
     out.mkdir(parents=True, exist_ok=True)
     headline = task_class(study.task.name).headline_metric
     data = {site.name: load_task_data(site, study.task) for site in sites}
@@ -56,6 +66,18 @@ def compare_study(study: StudyConfig, sites: list[Path], out: Path, *, leave_one
 
     federated = federate("federated", study, sites)
     scores["federated"] = {name: model.evaluate(data[name]) for name, model in federated.items()}
+    curve: list[dict[str, Any]] = []
+    if study.privacy.enabled:
+        curve.append({"arm": "federated", "target-epsilon": study.privacy.target_epsilon,
+                      "epsilon-spent": spent_epsilon(out / "federated")})
+        for eps in sorted(set(epsilons) - {study.privacy.target_epsilon}):
+            arm = f"federated, ε={eps:g}"
+            models = federate(arm, study.replace(privacy={"target_epsilon": eps, "noise_multiplier": 0.0}), sites)
+            scores[arm] = {name: model.evaluate(data[name]) for name, model in models.items()}
+            curve.append({"arm": arm, "target-epsilon": eps, "epsilon-spent": spent_epsilon(out / arm.replace(" ", "-"))})
+        models = federate(NO_DP, study.replace(privacy={"enabled": False}), sites)
+        scores[NO_DP] = {name: model.evaluate(data[name]) for name, model in models.items()}
+        curve.sort(key=lambda point: point["epsilon-spent"])
     local_study = study.replace(aggregation={"policy": "local", "group_policies": "", "server_optimizer": "fedavg"},
                                 privacy={"secagg": False, "central_noise_multiplier": 0.0})
     local = federate("local only", local_study, sites)
@@ -78,12 +100,30 @@ def compare_study(study: StudyConfig, sites: list[Path], out: Path, *, leave_one
                 "single sites": {other: local[other].evaluate(data[site.name]) for other in models},
             }
     results = {"task": study.task.name, "headline": headline, "privacy": study.privacy.enabled,
+               "delta": study.privacy.delta,
                "rounds": study.run.rounds, "local-steps": study.task.local_steps, "sites": [s.name for s in sites],
-               "scores": scores, "leave-one-out": held_out, "seconds": seconds}
+               "scores": scores, "leave-one-out": held_out, "epsilon-utility": curve, "seconds": seconds}
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     atomic_write_text(out / "results.md", _markdown(results))
     _plot(results, out, progress)
     return results
+
+
+def spent_epsilon(run_dir: Path) -> float:
+    """The largest ε any site of a DP run had spent by its last reported round."""
+    rows, _ = collect(RunFolder(run_dir))
+    last: dict[int, float] = {}
+    for row in sorted(rows, key=lambda r: r.server_round):
+        if "epsilon" in row.values:
+            last[row.node] = row.values["epsilon"]
+    if not last:
+        raise MedGANError(f"{run_dir} reports no ε; was DP on?")
+    return max(last.values())
+
+
+def mean_score(results: dict[str, Any], arm: str, key: str) -> float:
+    sites = results["sites"]
+    return sum(results["scores"][arm][s][key] for s in sites) / len(sites)
 
 
 def site_models(study: StudyConfig, sites: list[Path], run_dir: Path,
@@ -153,8 +193,31 @@ def _markdown(results: dict[str, Any]) -> str:
         for site, row in results["leave-one-out"].items():
             singles = ", ".join(f"{name} {s[key]:.3f}" for name, s in row["single sites"].items())
             lines.append(f"| {site} | {row['federated (others)'][key]:.3f} | {singles} |")
+    if results["epsilon-utility"]:
+        lines += ["", *_curve_markdown(results)]
     lines += ["", "Training seconds: " + ", ".join(f"{arm} {s:.0f}" for arm, s in results["seconds"].items()) + "."]
     return "\n".join(lines) + "\n"
+
+
+def _curve_markdown(results: dict[str, Any]) -> list[str]:
+    """The ε–utility table: each DP point's held-out mean and, for image-to-image tasks, the
+    share of the non-DP federation's gain over the input it keeps (the target is ≥ 85 % at ε = 8)."""
+    key = results["headline"]
+    has_input = f"{key}-input" in results["scores"]["federated"][results["sites"][0]]
+
+    def gain(arm: str) -> float:
+        return mean_score(results, arm, key) - mean_score(results, arm, f"{key}-input")
+
+    lines = [f"ε–utility (δ = {results.get('delta', 1e-5):g}; each point at the largest ε a site spent; "
+             f"the last row: the same federation without DP):", "",
+             f"| target ε | ε spent | mean `{key}` | " + ("share of the non-DP gain |" if has_input else "") ,
+             "|---:|---:|---:|" + ("---:|" if has_input else "")]
+    for point in results["epsilon-utility"]:
+        share = f" {gain(point['arm']) / gain(NO_DP):.0%} |" if has_input and gain(NO_DP) else (" — |" if has_input else "")
+        lines.append(f"| {point['target-epsilon']:g} | {point['epsilon-spent']:.2f} | "
+                     f"{mean_score(results, point['arm'], key):.3f} |{share}")
+    lines.append(f"| no DP | ∞ | {mean_score(results, NO_DP, key):.3f} |" + (" 100% |" if has_input else ""))
+    return lines
 
 
 def _plot(results: dict[str, Any], out: Path, progress: Progress) -> None:
@@ -181,8 +244,24 @@ def _plot(results: dict[str, Any], out: Path, progress: Progress) -> None:
         axis.set_xticks([s + 0.4 - width / 2 for s in range(len(sites))], sites, rotation=15)
         axis.set_ylabel(label)
         axis.legend(bbox_to_anchor=(1.01, 1), loc="upper left", fontsize="small")  # beside the bars, never on them
-        figure.tight_layout()
-        partial = out / f".{name}.partial.png"
-        figure.savefig(partial, dpi=120)
-        plt.close(figure)
-        os.replace(partial, out / name)  # a chart is whole or absent
+        _save(plt, figure, out / name)
+    if results["epsilon-utility"]:
+        figure, axis = plt.subplots(figsize=(5.5, 3.5))
+        points = results["epsilon-utility"]
+        axis.plot([p["epsilon-spent"] for p in points], [mean_score(results, p["arm"], key) for p in points],
+                  "o-", label="federated, DP (mean)")
+        axis.axhline(mean_score(results, NO_DP, key), linestyle="--", color="grey", label="federated, no DP")
+        axis.set_xscale("log")
+        axis.set_xlabel("ε spent (largest site)")
+        axis.set_ylabel(f"mean held-out {key}")
+        axis.legend(fontsize="small")
+        _save(plt, figure, out / "epsilon-utility.png")
+
+
+def _save(plt: Any, figure: Any, path: Path) -> None:
+    """Write a chart whole or not at all (a temporary file, then replace)."""
+    figure.tight_layout()
+    partial = path.with_name(f".{path.stem}.partial.png")
+    figure.savefig(partial, dpi=120)
+    plt.close(figure)
+    os.replace(partial, path)
