@@ -22,9 +22,10 @@ def _net() -> nn.Module:
         nn.LeakyReLU(0.2),
         nn.Conv2d(4, 4, 3, padding=1, bias=False),  # wide, no bias: the convolution form
         nn.LeakyReLU(0.2),
-        nn.Conv2d(4, 6, 4, stride=2, padding=1),  # strided: Opacus' unfolded form
+        nn.Conv2d(4, 6, 4, stride=2, padding=1),  # strided: the unfolded form, one group
         nn.LeakyReLU(0.2),
-        nn.Conv2d(6, 3, 3, padding=1),  # 16×16 out: Opacus' unfolded form
+        nn.Conv2d(6, 6, 3, padding="same", groups=2),  # grouped, string padding: Opacus' own
+        nn.Conv2d(6, 3, 3, padding=1),  # 16×16 out: the unfolded form, one group
         nn.Flatten(),
         nn.Linear(3 * 16 * 16, 1),
     )
@@ -36,7 +37,7 @@ def test_convolution_form_is_chosen_only_for_wide_plain_layers() -> None:
     assert takes_convolution_form(net[0], wide)
     assert takes_convolution_form(net[3], wide)
     assert not takes_convolution_form(net[5], strided)
-    assert not takes_convolution_form(net[7], torch.zeros(1, 3, 16, 16))
+    assert not takes_convolution_form(net[8], torch.zeros(1, 3, 16, 16))
 
 
 @pytest.mark.parametrize("passes", [1, 2])
