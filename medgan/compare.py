@@ -37,6 +37,7 @@ from medgan_core.tasks.registry import build_task, load_task_data, task_class
 from medgan.simulation import simulate_federation
 from server.privacy_report import collect
 from server.run_folder import RunFolder
+from server.warm_start import initial_weights
 
 Progress = Callable[[str], None]
 
@@ -156,6 +157,9 @@ def pooled_model(study: StudyConfig, data: list[SiteData]) -> Task:
     union = SiteData("pooled", joined("train"), joined("test"), joined("train_input"), joined("test_input"),  # type: ignore[arg-type]
                      joined("train_condition"), joined("test_condition"))
     task = build_task(study.task)
+    warm = initial_weights(study)  # the same start as the federation's (run.initial-model)
+    if warm is not None:
+        task.set_weights(warm, source=f"run.initial-model {study.run.initial_model}")
     for server_round in range(1, study.run.rounds + 1):
         for site in range(len(data)):
             task.train(union, study.task.local_steps, seed=server_round * 100 + site)

@@ -31,6 +31,7 @@ from medgan_core.errors import ConfigError  # noqa: E402
 from medgan_core.run_layout import RunLayout  # noqa: E402
 from medgan_core.runtime import resolve_device  # noqa: E402
 from server.app import build_server_app  # noqa: E402
+from server.warm_start import initial_weights  # noqa: E402
 from client.secagg import build_secagg_client_app  # noqa: E402
 from server.secagg import build_secagg_server_app  # noqa: E402
 from server.study import RoundSummary, SiteWatcher  # noqa: E402
@@ -63,6 +64,8 @@ def simulate_federation(
     for site in sites:
         if not Path(site.data_path).exists():
             raise ConfigError(f"site folder {site.data_path} does not exist; run 'medgan sites simulate' first")
+    if not study.run.resume:
+        initial_weights(study)  # a bad starting model (run.initial-model) fails here, before Ray starts
     keep_ray_on_loopback()  # again: something else may have imported Ray since
     if ray_address is None:
         use_gpu = resolve_device(study.run.device).type == "cuda"

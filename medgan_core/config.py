@@ -125,6 +125,7 @@ class RunConfig:
     resume: bool = False  # continue the run in out-dir from its last complete round
     evaluate_every: int = 1  # held-out evaluation and sample grid: rounds 0, 1, every N-th and the last
     tracking: str = "none"  # or "tensorboard": round metrics and sample grids under RUN_DIR/tensorboard
+    initial_model: str = ""  # a .medgan model file whose weights start round 0 (a warm start; public data only)
 
     def evaluates(self, server_round: int) -> bool:
         """Whether the sites evaluate (and the coordinator draws a sample grid) after this round."""

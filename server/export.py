@@ -20,6 +20,7 @@ from medgan_core.site_state import SiteState
 from medgan_core.study_config import StudyConfig
 from medgan_core.tasks.registry import build_task, geometry_words
 from server.run_folder import RunFolder
+from server.warm_start import initial_model_provenance
 
 
 def export_model(run_dir: str | Path, out: str | Path, *, server_round: int | None = None,
@@ -71,5 +72,6 @@ def export_model(run_dir: str | Path, out: str | Path, *, server_round: int | No
         "trained-on": f"{study.task.modality} slices of {len(record.get('sites', []))} site(s), "
                       + geometry_words(study.task),
         "held-out": record.get("evaluate", {}),
+        "initial-model": initial_model_provenance(study),
     }
     return save_model(out, arrays, study.task, provenance)

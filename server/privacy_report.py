@@ -8,6 +8,7 @@ Flower node id, the only identity the coordinator has.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from medgan_core.study_config import load_study
@@ -73,6 +74,10 @@ def privacy_report(folder: RunFolder) -> str:
         lines.append(f"- Central DP on the aggregate: clipping {privacy.central_clipping_norm:g}, "
                      f"noise multiplier {privacy.central_noise_multiplier:g} (site-level, equal weights).")
     lines.append(f"- Secure aggregation (SecAgg+): {'on' if privacy.secagg else 'off'}.")
+    if study.run.initial_model:
+        lines.append(f"- Starting weights: `{Path(study.run.initial_model).name}` (`run.initial-model`), trained "
+                     "outside this study; ε covers what the sites' images added from round 1 on, not what that "
+                     "model learned from its own data, which must be public.")
     lines += ["", "## ε spent per site and round", "",
               "| round | site (node) | ε spent | budget | δ | σ | C | q | DP steps |",
               "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
