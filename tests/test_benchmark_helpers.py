@@ -77,3 +77,10 @@ def test_the_translate_compare_study_trains_what_the_translate_benchmark_trains(
                                           name="translate", spacing=MR_PIXEL_MM)
     assert study.task == benchmark.task and study.run.rounds == benchmark.run.rounds
     assert not study.privacy.enabled and study.run.sites_dir == "benchmarks/data/translate-native"
+    # The DP comparison and the public warm start it starts from: the same task and rounds.
+    root = Path(__file__).resolve().parents[1] / "sites_example"
+    private, public = load_study(root / "translate-compare-dp.toml"), load_study(root / "translate-pretrain.toml")
+    assert private.task == public.task == study.task and private.run.rounds == study.run.rounds
+    assert private.privacy.enabled and private.privacy.target_epsilon == 8.0
+    assert private.run.initial_model == "runs/translate-public.medgan" and not public.privacy.enabled
+    assert public.run.sites_dir != study.run.sites_dir  # other phantom subjects than the study's
