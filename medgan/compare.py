@@ -101,7 +101,7 @@ def compare_study(study: StudyConfig, sites: list[Path], out: Path, *, leave_one
                 "single sites": {other: local[other].evaluate(data[site.name]) for other in models},
             }
     results = {"task": study.task.name, "headline": headline, "privacy": study.privacy.enabled,
-               "delta": study.privacy.delta,
+               "delta": study.privacy.delta, "initial-model": Path(study.run.initial_model).name or None,
                "rounds": study.run.rounds, "local-steps": study.task.local_steps, "sites": [s.name for s in sites],
                "scores": scores, "leave-one-out": held_out, "epsilon-utility": curve, "seconds": seconds}
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
@@ -175,7 +175,9 @@ def _markdown(results: dict[str, Any]) -> str:
              f"{len(results['sites'])} sites, {results['rounds']} rounds × {results['local-steps']} local steps, "
              f"DP {'on' if results['privacy'] else 'off'} for the federated and local arms (pooled: no DP). "
              f"Held-out `{key}` at each site, each arm's own model there "
-             f"({'higher' if key not in ('swd', 'fid', 'kid', 'mae-hu', 'nmse') else 'lower'} is better).", "",
+             f"({'higher' if key not in ('swd', 'fid', 'kid', 'mae-hu', 'nmse') else 'lower'} is better)."
+             + (f" Every arm starts from `{results['initial-model']}` (`run.initial-model`, public data)."
+                if results.get("initial-model") else ""), "",
              "| site | " + " | ".join(arms) + " |", "|---|" + "---:|" * len(arms)]
     for site in results["sites"]:
         lines.append(f"| {site} | " + " | ".join(f"{results['scores'][arm][site].get(key, float('nan')):.3f}"
@@ -214,7 +216,7 @@ def _curve_markdown(results: dict[str, Any]) -> list[str]:
 
     lines = [f"ε–utility (δ = {results.get('delta', 1e-5):g}; each point at the largest ε a site spent; "
              f"the last row: the same federation without DP):", "",
-             f"| target ε | ε spent | mean `{key}` | " + ("share of the non-DP gain |" if has_input else "") ,
+             f"| target ε | ε spent | mean `{key}` |" + (" share of the non-DP gain |" if has_input else ""),
              "|---:|---:|---:|" + ("---:|" if has_input else "")]
     for point in results["epsilon-utility"]:
         share = f" {gain(point['arm']) / gain(NO_DP):.0%} |" if has_input and gain(NO_DP) else (" — |" if has_input else "")
