@@ -258,6 +258,8 @@ def _plot(results: dict[str, Any], out: Path, progress: Progress) -> None:
                   "o-", label="federated, DP (mean)")
         axis.axhline(mean_score(results, NO_DP, key), linestyle="--", color="grey", label="federated, no DP")
         axis.set_xscale("log")
+        axis.set_xticks([p["epsilon-spent"] for p in points], [f"{p['epsilon-spent']:.2g}" for p in points])
+        axis.minorticks_off()
         axis.set_xlabel("ε spent (largest site)")
         axis.set_ylabel(f"mean held-out {key}")
         axis.legend(fontsize="small")
