@@ -10,7 +10,8 @@ from opacus.optimizers import DPOptimizer
 from torch import nn
 
 from medgan_core.data.dataset import SiteData
-from medgan_core.privacy import DPSettings
+from medgan_core.errors import PrivacyError
+from medgan_core.privacy import DPSettings, validate_private_modules
 from medgan_core.privacy.per_sample import FastConvGradSampleModule, takes_convolution_form
 from medgan_core.tasks.registry import build_task, task_config
 
@@ -38,6 +39,7 @@ def test_convolution_form_is_chosen_only_for_wide_plain_layers() -> None:
     assert takes_convolution_form(net[3], wide)
     assert not takes_convolution_form(net[5], strided)
     assert not takes_convolution_form(net[8], torch.zeros(1, 3, 16, 16))
+    assert not takes_convolution_form(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), wide)
 
 
 @pytest.mark.parametrize("passes", [1, 2])
@@ -88,3 +90,15 @@ def test_synthesis_clips_every_image_of_its_discriminator_step_alone(monkeypatch
         assert all(isinstance(s, torch.Tensor) for s in samples)
         rows = {s.shape[0] for s in samples}
         assert len(rows) == 1 and rows.pop() % 2 == 0
+
+
+@pytest.mark.parametrize("mode", ["replicate", "reflect", "circular"])
+def test_a_convolution_padded_other_than_with_zeros_is_refused_for_dp(mode: str) -> None:
+    """Opacus (1.6) computes such a layer's per-sample gradients as if it were zero-padded:
+    they do not add up to the layer's gradient, so clipping would bound the wrong vectors."""
+    net = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, padding_mode=mode), nn.Flatten(), nn.Linear(3 * 8 * 8, 1))
+    module = GradSampleModule(net)
+    (module(torch.randn(4, 2, 8, 8)) ** 2).mean().backward()
+    assert not torch.allclose(net[0].weight.grad_sample.sum(0) / 4, net[0].weight.grad, atol=1e-6)  # the defect
+    with pytest.raises(PrivacyError, match=f"generator.0 \\(Conv2d\\).*padding_mode='{mode}'"):
+        validate_private_modules({"generator": net})

@@ -58,9 +58,17 @@ def validate_private_modules(modules: Mapping[str, nn.Module]) -> None:
         for name, layer in module.named_modules():
             if any(True for _ in layer.children()):
                 continue
+            kind = type(layer).__name__
+            if isinstance(layer, nn.modules.conv._ConvNd) and layer.padding_mode != "zeros":
+                # Opacus computes its per-sample gradients as if zero-padded: they would not add
+                # up to the layer's gradient, and clipping would bound the wrong vectors.
+                raise PrivacyError(
+                    f"{group}.{name or kind} ({kind}) cannot be trained with differential privacy: "
+                    f"padding_mode={layer.padding_mode!r} (Opacus' per-sample gradients assume zero padding). "
+                    "Use padding_mode='zeros', or pad with an explicit layer before it."
+                )
             errors = ModuleValidator.validate(layer, strict=False)
             if errors:
-                kind = type(layer).__name__
                 raise PrivacyError(
                     f"{group}.{name or kind} ({kind}) cannot be trained with differential privacy: "
                     f"{str(errors[0]).split('.')[0]}. Use GroupNorm/InstanceNorm instead."

@@ -38,14 +38,18 @@ WIDE_OUTPUT = 32 * 32
 
 def takes_convolution_form(layer: nn.Conv2d, backprops: torch.Tensor) -> bool:
     """Whether ``layer``'s per-sample gradients are computed as a grouped convolution: a plain
-    (stride 1, no dilation, one group, numeric padding) layer with a wide output."""
+    (stride 1, no dilation, one group, numeric zero padding) layer with a wide output."""
     return (
         layer.stride == (1, 1)
         and layer.dilation == (1, 1)
-        and layer.groups == 1
-        and not isinstance(layer.padding, str)
+        and _plain(layer)
         and backprops.shape[-1] * backprops.shape[-2] >= WIDE_OUTPUT
     )
+
+
+def _plain(layer: nn.Conv2d) -> bool:
+    """One group, numeric zero padding: what both of our forms assume (anything else goes to Opacus)."""
+    return layer.groups == 1 and not isinstance(layer.padding, str) and layer.padding_mode == "zeros"
 
 
 def unfolded_grad_sample(
@@ -70,8 +74,7 @@ def conv2d_grad_sample(
     layer: nn.Conv2d, activations: List[torch.Tensor], backprops: torch.Tensor
 ) -> Dict[nn.Parameter, torch.Tensor]:
     """Per-sample gradients of ``layer``'s weight and bias, by whichever exact form is faster."""
-    plain = layer.groups == 1 and not isinstance(layer.padding, str)
-    if activations[0].shape[0] > 0 and plain and not takes_convolution_form(layer, backprops):
+    if activations[0].shape[0] > 0 and _plain(layer) and not takes_convolution_form(layer, backprops):
         return unfolded_grad_sample(layer, activations[0], backprops)
     if activations[0].shape[0] > 0 and takes_convolution_form(layer, backprops):
         grads = convolution2d_backward_as_a_convolution(layer, [activations[0].to(backprops.dtype)], backprops)
