@@ -23,10 +23,10 @@ def _net() -> nn.Module:
         nn.LeakyReLU(0.2),
         nn.Conv2d(4, 4, 3, padding=1, bias=False),  # wide, no bias: the convolution form
         nn.LeakyReLU(0.2),
-        nn.Conv2d(4, 6, 4, stride=2, padding=1),  # strided: the unfolded form, one group
+        nn.Conv2d(4, 6, 4, stride=2, padding=1),  # strided: Opacus' unfolded form
         nn.LeakyReLU(0.2),
         nn.Conv2d(6, 6, 3, padding="same", groups=2),  # grouped, string padding: Opacus' own
-        nn.Conv2d(6, 3, 3, padding=1),  # 16×16 out: the unfolded form, one group
+        nn.Conv2d(6, 3, 3, padding=1),  # 16×16 out: Opacus' unfolded form
         nn.Flatten(),
         nn.Linear(3 * 16 * 16, 1),
     )

@@ -5,9 +5,7 @@ into patches and multiplying by the output gradients. On wide images with few ch
 U-Net's full-resolution layers) the unfolded copy is large and that product is slow on a
 CPU; writing the same gradient as one grouped convolution of the input with the output
 gradients (Opacus' ``convolution2d_backward_as_a_convolution``) takes about half the time
-there. Deeper layers (few positions, many channels) are faster unfolded, and for a
-one-group layer the unfolded product needs none of the two copies Opacus makes for grouped
-ones (a third of the time on a DCGAN's deepest layer). All give the same
+there. Deeper layers (few positions, many channels) are faster unfolded. Both give the same
 per-sample gradients, so clipping, noise and the privacy analysis are unchanged; only which
 exact formula runs differs.
 
@@ -23,7 +21,6 @@ from __future__ import annotations
 from typing import Dict, List
 
 import torch
-import torch.nn.functional as F
 from opacus import GradSampleModule
 from opacus.grad_sample.conv import compute_conv_grad_sample, convolution2d_backward_as_a_convolution
 from opacus.grad_sample.functorch import ft_compute_per_sample_gradient
@@ -48,34 +45,14 @@ def takes_convolution_form(layer: nn.Conv2d, backprops: torch.Tensor) -> bool:
 
 
 def _plain(layer: nn.Conv2d) -> bool:
-    """One group, numeric zero padding: what both of our forms assume (anything else goes to Opacus)."""
+    """One group, numeric zero padding: what the convolution form assumes (anything else goes to Opacus)."""
     return layer.groups == 1 and not isinstance(layer.padding, str) and layer.padding_mode == "zeros"
-
-
-def unfolded_grad_sample(
-    layer: nn.Conv2d, activations: torch.Tensor, backprops: torch.Tensor
-) -> Dict[nn.Parameter, torch.Tensor]:
-    """Opacus' unfolded form for a one-group layer with numeric padding, without its two
-    copies that only a grouped layer needs: the batched product is already the weight's
-    per-sample gradient (n, out, in × kh × kw), and ``F.unfold`` pads as it unfolds."""
-    n = activations.shape[0]
-    patches = F.unfold(activations.to(backprops.dtype), layer.kernel_size, dilation=layer.dilation,
-                       padding=layer.padding, stride=layer.stride)  # (n, in × kh × kw, positions)
-    backprops = backprops.reshape(n, -1, patches.shape[-1])  # (n, out, positions)
-    grads: Dict[nn.Parameter, torch.Tensor] = {}
-    if layer.weight.requires_grad:
-        grads[layer.weight] = torch.bmm(backprops, patches.transpose(1, 2)).view(n, *layer.weight.shape)
-    if layer.bias is not None and layer.bias.requires_grad:
-        grads[layer.bias] = backprops.sum(dim=2)
-    return grads
 
 
 def conv2d_grad_sample(
     layer: nn.Conv2d, activations: List[torch.Tensor], backprops: torch.Tensor
 ) -> Dict[nn.Parameter, torch.Tensor]:
     """Per-sample gradients of ``layer``'s weight and bias, by whichever exact form is faster."""
-    if activations[0].shape[0] > 0 and _plain(layer) and not takes_convolution_form(layer, backprops):
-        return unfolded_grad_sample(layer, activations[0], backprops)
     if activations[0].shape[0] > 0 and takes_convolution_form(layer, backprops):
         grads = convolution2d_backward_as_a_convolution(layer, [activations[0].to(backprops.dtype)], backprops)
         grads[layer.weight] = grads[layer.weight].contiguous()  # clipping reads it flat, twice
