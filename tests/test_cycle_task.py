@@ -207,3 +207,27 @@ def test_tv_weight_smooths_the_translation_and_cycle_pool_reaches_the_loss(tiny_
     assert "loss-tv" in losses and "loss-identity" not in losses  # identity off: not computed
     assert any(not np.array_equal(v, pooled_weights[k]) for k, v in plain.items() if k.startswith("generator."))
     assert smooth_tv < plain_tv
+
+
+def test_unpaired_domains_at_clinical_geometry_keep_pixels_range_and_subjects(
+        tiny_sites: list[Path], tmp_path: Path) -> None:
+    """The data a clinical-geometry cycle task will read (the task itself still resizes):
+    both scanners' slices at the site's own pixels over the whole CT range, from disjoint
+    subjects, the held-out pairs aligned; kept memory-mapped in the site's cache and reused."""
+    from medgan_core.data.dataset import UnpairedDomains, load_site_data
+    from medgan_core.data.preprocess import CT_FULL_RANGE
+
+    spec = UnpairedDomains("scanner-b", clinical=True)
+    config = replace_task(CONFIG, spacing=0.0)
+    cache = tmp_path / "cache"
+    data = load_site_data(tiny_sites[1], config, spec, cache_dir=cache)
+    resized = load_task_data(tiny_sites[1], CONFIG)  # the same subjects, resized and windowed
+    assert data.train.shape == (12, 1, 128, 128) and data.train_input is not None
+    assert data.train_input.shape == (8, 1, 128, 128) and resized.train.shape[0] == 12
+    assert data.test_input is not None and data.test_input.shape == data.test.shape
+    low, high = CT_FULL_RANGE
+    hu = (data.train.float() + 1) / 2 * (high - low) + low
+    assert float(hu.min()) < -900 and float(hu.max()) > 400  # air and bone, not clipped to a window
+    assert any(cache.glob("train-a-*.npy")) and any(cache.glob("train-scanner-b-*.npy"))
+    again = load_site_data(tiny_sites[1], config, spec, cache_dir=cache)
+    assert torch.equal(again.train_input, data.train_input)
