@@ -35,9 +35,9 @@ from medgan_core.study_config import StudyConfig
 from medgan_core.tasks.base import Task
 from medgan_core.tasks.registry import build_task, load_task_data, task_class
 from medgan.simulation import simulate_federation
-from server.privacy_report import collect
+from server.privacy_report import collect, final_epsilons
 from server.run_folder import RunFolder
-from server.warm_start import initial_weights
+from server.warm_start import start_from_initial_model
 
 Progress = Callable[[str], None]
 
@@ -57,32 +57,36 @@ def compare_study(study: StudyConfig, sites: list[Path], out: Path, *, leave_one
     scores: dict[str, dict[str, dict[str, float]]] = {}
     seconds: dict[str, float] = {}
 
+    run_dirs: dict[str, Path] = {}
+
     def federate(arm: str, arm_study: StudyConfig, arm_sites: list[Path], personal: bool = True) -> dict[str, Task]:
         started = time.monotonic()
-        run_dir = out / arm.replace(" ", "-")
+        run_dir = run_dirs[arm] = out / arm.replace(" ", "-")
         simulate_federation(arm_study, arm_sites, run_dir,
                             progress=lambda s: progress(f"{arm}: round {s.server_round}/{arm_study.run.rounds}"))
         seconds[arm] = time.monotonic() - started
         return site_models(arm_study, arm_sites, run_dir, personal=personal)
 
-    federated = federate("federated", study, sites)
-    scores["federated"] = {name: model.evaluate(data[name]) for name, model in federated.items()}
+    def scored_arm(arm: str, arm_study: StudyConfig) -> dict[str, Task]:
+        """An arm on every site, each site's model scored on its own held-out split."""
+        models = federate(arm, arm_study, sites)
+        scores[arm] = {name: model.evaluate(data[name]) for name, model in models.items()}
+        return models
+
+    scored_arm("federated", study)
     curve: list[dict[str, Any]] = []
     if study.privacy.enabled:
         curve.append({"arm": "federated", "target-epsilon": study.privacy.target_epsilon,
-                      "epsilon-spent": spent_epsilon(out / "federated")})
+                      "epsilon-spent": spent_epsilon(run_dirs["federated"])})
         for eps in sorted(set(epsilons) - {study.privacy.target_epsilon}):
             arm = f"federated, ε={eps:g}"
-            models = federate(arm, study.replace(privacy={"target_epsilon": eps, "noise_multiplier": 0.0}), sites)
-            scores[arm] = {name: model.evaluate(data[name]) for name, model in models.items()}
-            curve.append({"arm": arm, "target-epsilon": eps, "epsilon-spent": spent_epsilon(out / arm.replace(" ", "-"))})
-        models = federate(NO_DP, study.replace(privacy={"enabled": False}), sites)
-        scores[NO_DP] = {name: model.evaluate(data[name]) for name, model in models.items()}
+            scored_arm(arm, study.replace(privacy={"target_epsilon": eps, "noise_multiplier": 0.0}))
+            curve.append({"arm": arm, "target-epsilon": eps, "epsilon-spent": spent_epsilon(run_dirs[arm])})
+        scored_arm(NO_DP, study.replace(privacy={"enabled": False}))
         curve.sort(key=lambda point: point["epsilon-spent"])
-    local_study = study.replace(aggregation={"policy": "local", "group_policies": "", "server_optimizer": "fedavg"},
-                                privacy={"secagg": False, "central_noise_multiplier": 0.0})
-    local = federate("local only", local_study, sites)
-    scores["local only"] = {name: model.evaluate(data[name]) for name, model in local.items()}
+    local = scored_arm("local only", study.replace(
+        aggregation={"policy": "local", "group_policies": "", "server_optimizer": "fedavg"},
+        privacy={"secagg": False, "central_noise_multiplier": 0.0}))
     progress("pooled: training on every site's images together")
     started = time.monotonic()
     pooled = pooled_model(study, list(data.values()))
@@ -112,19 +116,21 @@ def compare_study(study: StudyConfig, sites: list[Path], out: Path, *, leave_one
 
 def spent_epsilon(run_dir: Path) -> float:
     """The largest ε any site of a DP run had spent by its last reported round."""
-    rows, _ = collect(RunFolder(run_dir))
-    last: dict[int, float] = {}
-    for row in sorted(rows, key=lambda r: r.server_round):
-        if "epsilon" in row.values:
-            last[row.node] = row.values["epsilon"]
+    last = final_epsilons(collect(RunFolder(run_dir))[0])
     if not last:
         raise MedGANError(f"{run_dir} reports no ε; was DP on?")
     return max(last.values())
 
 
 def mean_score(results: dict[str, Any], arm: str, key: str) -> float:
+    """An arm's held-out ``key`` averaged over the sites."""
     sites = results["sites"]
     return sum(results["scores"][arm][s][key] for s in sites) / len(sites)
+
+
+def mean_gain(results: dict[str, Any], arm: str, key: str) -> float:
+    """An arm's mean gain in ``key`` over the input (image-to-image tasks)."""
+    return mean_score(results, arm, key) - mean_score(results, arm, f"{key}-input")
 
 
 def site_models(study: StudyConfig, sites: list[Path], run_dir: Path,
@@ -157,9 +163,7 @@ def pooled_model(study: StudyConfig, data: list[SiteData]) -> Task:
     union = SiteData("pooled", joined("train"), joined("test"), joined("train_input"), joined("test_input"),  # type: ignore[arg-type]
                      joined("train_condition"), joined("test_condition"))
     task = build_task(study.task)
-    warm = initial_weights(study)  # the same start as the federation's (run.initial-model)
-    if warm is not None:
-        task.set_weights(warm, source=f"run.initial-model {study.run.initial_model}")
+    start_from_initial_model(task, study)  # the same start as the federation's (run.initial-model)
     for server_round in range(1, study.run.rounds + 1):
         for site in range(len(data)):
             task.train(union, study.task.local_steps, seed=server_round * 100 + site)
@@ -182,13 +186,11 @@ def _markdown(results: dict[str, Any]) -> str:
     for site in results["sites"]:
         lines.append(f"| {site} | " + " | ".join(f"{results['scores'][arm][site].get(key, float('nan')):.3f}"
                                                  for arm in arms) + " |")
-    means = {arm: sum(results["scores"][arm][s][key] for s in results["sites"]) / len(results["sites"]) for arm in arms}
-    lines.append("| mean | " + " | ".join(f"{means[arm]:.3f}" for arm in arms) + " |")
+    lines.append("| mean | " + " | ".join(f"{mean_score(results, arm, key):.3f}" for arm in arms) + " |")
     input_key = f"{key}-input"
     first = results["scores"]["federated"][results["sites"][0]]
     if input_key in first:  # image-to-image: the gain over the input, and the share of pooling's gain
-        gain = {arm: sum(results["scores"][arm][s][key] - results["scores"][arm][s][input_key]
-                         for s in results["sites"]) / len(results["sites"]) for arm in arms}
+        gain = {arm: mean_gain(results, arm, key) for arm in arms}
         share = gain["federated"] / gain["pooled"] if gain["pooled"] else float("nan")
         lines += ["", "Mean gain over the input: " + ", ".join(f"{arm} {gain[arm]:+.3f}" for arm in arms)
                   + f". The federation reaches {share:.0%} of pooled training's gain."]
@@ -211,15 +213,15 @@ def _curve_markdown(results: dict[str, Any]) -> list[str]:
     key = results["headline"]
     has_input = f"{key}-input" in results["scores"]["federated"][results["sites"][0]]
 
-    def gain(arm: str) -> float:
-        return mean_score(results, arm, key) - mean_score(results, arm, f"{key}-input")
-
     lines = [f"ε–utility (δ = {results.get('delta', 1e-5):g}; each point at the largest ε a site spent; "
              f"the last row: the same federation without DP):", "",
              f"| target ε | ε spent | mean `{key}` |" + (" share of the non-DP gain |" if has_input else ""),
              "|---:|---:|---:|" + ("---:|" if has_input else "")]
     for point in results["epsilon-utility"]:
-        share = f" {gain(point['arm']) / gain(NO_DP):.0%} |" if has_input and gain(NO_DP) else (" — |" if has_input else "")
+        share = ""
+        if has_input:
+            ceiling = mean_gain(results, NO_DP, key)
+            share = f" {mean_gain(results, point['arm'], key) / ceiling:.0%} |" if ceiling else " — |"
         lines.append(f"| {point['target-epsilon']:g} | {point['epsilon-spent']:.2f} | "
                      f"{mean_score(results, point['arm'], key):.3f} |{share}")
     lines.append(f"| no DP | ∞ | {mean_score(results, NO_DP, key):.3f} |" + (" 100% |" if has_input else ""))

@@ -41,6 +41,11 @@ def collect(folder: RunFolder) -> tuple[list[SiteRoundPrivacy], list[dict[str, A
     return rows, excluded
 
 
+def final_epsilons(rows: list[SiteRoundPrivacy]) -> dict[int, float]:
+    """Each site's ε at the last round it reported one (``rows`` in round order, as ``collect`` gives)."""
+    return {row.node: row.values["epsilon"] for row in rows if "epsilon" in row.values}
+
+
 def privacy_report(folder: RunFolder) -> str:
     """Markdown report; also written to ``privacy-report.md`` in the run folder."""
     study = load_study(folder.config)
@@ -88,10 +93,7 @@ def privacy_report(folder: RunFolder) -> str:
             f"{_f(v.get('delta'), 'g')} | {_f(v.get('noise-multiplier'))} | {_f(v.get('max-grad-norm'))} | "
             f"{_f(v.get('sample-rate'))} | {_f(v.get('dp-steps'), '.0f')} |"
         )
-    final: dict[int, float] = {}
-    for row in rows:
-        if "epsilon" in row.values:
-            final[row.node] = row.values["epsilon"]
+    final = final_epsilons(rows)
     if final:
         lines += ["", "Final ε per site: " + ", ".join(f"node {n}: {e:.3f}" for n, e in sorted(final.items()))
                   + f" (max {max(final.values()):.3f})."]

@@ -30,7 +30,7 @@ from medgan_core.privacy.dp_sgd import validate_private_modules
 from medgan_core.sharing import ordered_names
 from medgan_core.tasks.base import Task
 from medgan_core.tasks.registry import build_task
-from server.warm_start import initial_weights
+from server.warm_start import start_from_initial_model
 from server.report import write_report
 from server.run_folder import RunFolder
 from server.study import RoundSummary, record_round, round_config_items
@@ -104,11 +104,9 @@ def build_secagg_server_app(
     def main(grid: Grid, context: Context) -> None:
         if study.run.resume:
             raise ConfigError("run.resume is not supported with privacy.secagg yet; start a new run")
-        warm = initial_weights(study)  # before the folder starts: a bad starting model leaves nothing behind
-        folder = RunFolder(Path(run_dir)).start(study)
         task = build_task(study.task, "cpu")
-        if warm is not None:
-            task.set_weights(warm, source=f"run.initial-model {study.run.initial_model}")
+        start_from_initial_model(task, study)  # before the folder starts: a bad starting model leaves nothing behind
+        folder = RunFolder(Path(run_dir)).start(study)
         if study.privacy.enabled:
             validate_private_modules(task.private_modules)
         n = study.run.num_sites

@@ -25,7 +25,7 @@ from medgan_core.privacy.dp_sgd import validate_private_modules
 from medgan_core.sharing import local_array_names
 from medgan_core.tasks.base import Task
 from medgan_core.tasks.registry import build_task
-from server.warm_start import initial_weights
+from server.warm_start import start_from_initial_model
 from server.report import write_report
 from server.run_folder import RunFolder
 from server.samples import save_grid
@@ -155,9 +155,7 @@ def _run_study(
             strategy.load_optimizer_state(load_checkpoint(folder.server_optimizer(last_round))[0])
         first_round = last_round + 1
     else:
-        warm = initial_weights(study)  # before the folder starts: a bad starting model leaves nothing behind
-        if warm is not None:
-            task.set_weights(warm, source=f"run.initial-model {study.run.initial_model}")
+        start_from_initial_model(task, study)  # before the folder starts: a bad starting model leaves nothing behind
         folder.start(study)
         first_round = 0
     tracker = open_tracker(study.run.tracking, folder.root)  # in the started folder, before any round

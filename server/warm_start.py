@@ -17,6 +17,7 @@ import numpy as np
 from medgan_core.errors import MedGANError
 from medgan_core.model_file import load_model
 from medgan_core.study_config import StudyConfig
+from medgan_core.tasks.base import Task
 
 #: Task settings a starting model must share with the study: they fix what the weights mean.
 MUST_MATCH = ("name", "modality", "image-size", "spacing", "width")
@@ -36,6 +37,13 @@ def initial_weights(study: StudyConfig) -> dict[str, np.ndarray] | None:
             raise MedGANError(f"run.initial-model {path} was made for task.{key} = {theirs.get(key)!r}; this study "
                               f"trains task.{key} = {ours.get(key)!r}")
     return model.arrays
+
+
+def start_from_initial_model(task: Task, study: StudyConfig) -> None:
+    """Put the warm start's weights on ``task`` (nothing without ``run.initial-model``)."""
+    warm = initial_weights(study)
+    if warm is not None:
+        task.set_weights(warm, source=f"run.initial-model {study.run.initial_model}")
 
 
 def initial_model_provenance(study: StudyConfig) -> dict[str, Any] | None:

@@ -165,23 +165,20 @@ def _load(manifest: Manifest, task: TaskConfig, spec: DataSpec, cache_dir: Path 
             train, train_c = _with_burden(manifest, task, "train")
             test, test_c = _with_burden(manifest, task, test_split)
             return SiteData(site, train, test, train_condition=train_c, test_condition=test_c)
-        case UnpairedDomains(variant=variant, clinical=True):
+        case UnpairedDomains(variant=variant, clinical=clinical):
             domain_b, domain_a, keys = _variant_pairs(manifest, task, "train", variant, "main-scanner and scanner-B")
             if len(keys) < 2:
                 raise DataError(f"{manifest.path}: unpaired training needs at least 2 training subjects (one per scanner)")
             keys_a, keys_b = unpaired_subjects(keys)
-            train_a = _clinical_series(manifest, task, [domain_a[k] for k in keys_a], cache_dir, "train-a")
-            train_b = _clinical_series(manifest, task, [domain_b[k] for k in keys_b], cache_dir, f"train-{variant}")
-            test_b, test_a = _clinical_pairs(manifest, task, test_split, DegradedPairs(variant, clinical=True), cache_dir)
-            return SiteData(site, train_a, test_a, train_b, test_b)
-        case UnpairedDomains(variant=variant):
-            domain_b, domain_a, keys = _variant_pairs(manifest, task, "train", variant, "main-scanner and scanner-B")
-            if len(keys) < 2:
-                raise DataError(f"{manifest.path}: unpaired training needs at least 2 training subjects (one per scanner)")
-            keys_a, keys_b = unpaired_subjects(keys)
-            train_a = _stack(manifest, task, [domain_a[k] for k in keys_a])
-            train_b = _stack(manifest, task, [domain_b[k] for k in keys_b])
-            test_b, test_a = _pairs(manifest, task, test_split, DegradedPairs(variant))
+            entries_a, entries_b = [domain_a[k] for k in keys_a], [domain_b[k] for k in keys_b]
+            if clinical:
+                train_a = _clinical_series(manifest, task, entries_a, cache_dir, "train-a")
+                train_b = _clinical_series(manifest, task, entries_b, cache_dir, f"train-{variant}")
+                test_b, test_a = _clinical_pairs(manifest, task, test_split, DegradedPairs(variant, clinical=True),
+                                                 cache_dir)
+            else:
+                train_a, train_b = _stack(manifest, task, entries_a), _stack(manifest, task, entries_b)
+                test_b, test_a = _pairs(manifest, task, test_split, DegradedPairs(variant))
             return SiteData(site, train_a, test_a, train_b, test_b)
         case DegradedPairs(clinical=True) | ModalityPairs(clinical=True):
             train_in, train = _clinical_pairs(manifest, task, "train", spec, cache_dir)

@@ -59,7 +59,7 @@ def validate_private_modules(modules: Mapping[str, nn.Module]) -> None:
             if any(True for _ in layer.children()):
                 continue
             kind = type(layer).__name__
-            if isinstance(layer, nn.modules.conv._ConvNd) and layer.padding_mode != "zeros":
+            if getattr(layer, "padding_mode", "zeros") != "zeros":  # a convolution padded otherwise
                 # Opacus computes its per-sample gradients as if zero-padded: they would not add
                 # up to the layer's gradient, and clipping would bound the wrong vectors.
                 raise PrivacyError(

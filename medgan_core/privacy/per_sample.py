@@ -39,14 +39,11 @@ def takes_convolution_form(layer: nn.Conv2d, backprops: torch.Tensor) -> bool:
     return (
         layer.stride == (1, 1)
         and layer.dilation == (1, 1)
-        and _plain(layer)
+        and layer.groups == 1
+        and not isinstance(layer.padding, str)
+        and layer.padding_mode == "zeros"
         and backprops.shape[-1] * backprops.shape[-2] >= WIDE_OUTPUT
     )
-
-
-def _plain(layer: nn.Conv2d) -> bool:
-    """One group, numeric zero padding: what the convolution form assumes (anything else goes to Opacus)."""
-    return layer.groups == 1 and not isinstance(layer.padding, str) and layer.padding_mode == "zeros"
 
 
 def conv2d_grad_sample(
