@@ -25,9 +25,18 @@ from medgan_core.tasks.registry import build_task, task_config_from_items
 
 #: 2: image-to-image CT models work at a pixel size (``spacing``) over the whole CT range.
 #: 3: ``recon`` works on the acquired k-space matrix (or ``spacing``), no longer the central
-#: ``image-size``; a format-2 model of any other task reads the same and still loads.
-FORMAT = "medgan-model/3"
-STILL_READ = ("medgan-model/2", FORMAT)
+#: ``image-size``.
+#: 4: ``cycle`` works at clinical geometry too, its discriminators reading two views of an image.
+#: An older model of a task whose format did not change since reads the same and still loads.
+FORMAT = "medgan-model/4"
+STILL_READ = ("medgan-model/2", "medgan-model/3", FORMAT)
+#: A task's models made before the format that changed how it reads images, and why they are refused.
+CHANGED_IN = {
+    "recon": ("medgan-model/3", "it reconstructs the central image-size of k-space; this version reconstructs the "
+                                "acquired matrix or task.spacing"),
+    "cycle": ("medgan-model/4", "it harmonises whole slices resized to image-size in the CT window; this version "
+                                "works at task.spacing over the whole CT range"),
+}
 SUFFIX = ".medgan"
 
 
@@ -70,9 +79,9 @@ def load_model(path: str | Path) -> ModelFile:
     task_items = meta.get("task")
     if not isinstance(task_items, dict):
         raise MedGANError(f"{path}: its metadata holds no task settings; make the model again with 'medgan export'")
-    if meta.get("format") != FORMAT and task_items.get("name") == "recon":
-        raise MedGANError(f"{path} is a recon model made by an older version (it reconstructs the central image-size "
-                          "of k-space); this version reconstructs the acquired matrix or task.spacing: train and "
+    name = task_items.get("name")
+    if name in CHANGED_IN and STILL_READ.index(meta["format"]) < STILL_READ.index(CHANGED_IN[name][0]):
+        raise MedGANError(f"{path} is a {name} model made by an older version ({CHANGED_IN[name][1]}): train and "
                           "export the study again")
     task = task_config_from_items(task_items, str(path))
     model = ModelFile(arrays, task, dict(meta.get("provenance", {})))

@@ -95,9 +95,9 @@ def test_fedbn_keeps_norm_layers_local_and_median_combines_the_rest(tiny_sites: 
 
 def test_each_hospital_keeps_its_own_scanner_calibration(tiny_sites: list[Path], tmp_path: Path) -> None:
     """``local-calibration``: the cycle generators' output gain and offset train at each site
-    (under DP-SGD, on crops) and never travel; the server's copy stays the identity."""
+    (under DP-SGD, on patches) and never travel; the server's copy stays the identity."""
     study = _study(local_calibration=True).replace(
-        task={"name": "cycle", "image_size": 32, "crop_size": 16, "local_steps": 2})
+        task={"name": "cycle", "image_size": 16, "local_steps": 2})
     received = _run(study, tiny_sites, tmp_path / "run")
     task = build_task(study.task)
     calibration = calibration_array_names(task.groups)

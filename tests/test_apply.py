@@ -81,17 +81,24 @@ def test_a_file_that_is_not_a_model_is_refused(tmp_path: Path) -> None:
         load_model(checkpoint)
 
 
-def test_an_older_recon_model_is_refused_and_an_older_denoise_model_still_loads(denoise_model: Path,
-                                                                                 tmp_path: Path) -> None:
+def test_older_recon_and_cycle_models_are_refused_and_an_older_denoise_model_still_loads(denoise_model: Path,
+                                                                                          tmp_path: Path) -> None:
     """Format 3 changed what a recon model's grid means (the acquired matrix, not the central
-    image-size); a format-2 file of any other task means what it meant."""
+    image-size), format 4 what a cycle model reads (clinical geometry, two views); an older
+    file of any other task means what it meant."""
     from medgan_core.checkpoints import load_checkpoint
 
     arrays, meta = load_checkpoint(denoise_model)
-    older = {**meta, "format": "medgan-model/2"}
-    save_checkpoint(tmp_path / "denoise-2.medgan", arrays, older)
-    assert load_model(tmp_path / "denoise-2.medgan").task.name == "denoise"
-    save_checkpoint(tmp_path / "recon-2.medgan", arrays, {**older, "task": {**meta["task"], "name": "recon"}})
+    assert meta["format"] == "medgan-model/4"
+    for older_format in ("medgan-model/2", "medgan-model/3"):
+        older = {**meta, "format": older_format}
+        save_checkpoint(tmp_path / "denoise-old.medgan", arrays, older)
+        assert load_model(tmp_path / "denoise-old.medgan").task.name == "denoise"
+        save_checkpoint(tmp_path / "cycle-old.medgan", arrays, {**older, "task": {**meta["task"], "name": "cycle"}})
+        with pytest.raises(MedGANError, match="cycle model made by an older version .*whole CT range"):
+            load_model(tmp_path / "cycle-old.medgan")
+    save_checkpoint(tmp_path / "recon-2.medgan", arrays, {**meta, "format": "medgan-model/2",
+                                                          "task": {**meta["task"], "name": "recon"}})
     with pytest.raises(MedGANError, match="recon model made by an older version"):
         load_model(tmp_path / "recon-2.medgan")
     save_checkpoint(tmp_path / "no-task.medgan", arrays, {**meta, "task": "denoise"})
@@ -270,3 +277,19 @@ def test_an_output_folder_inside_the_input_is_not_read_as_input(denoise_model: P
     assert len(infer(model, tmp_path / "data", tmp_path / "data" / "denoised").written) == 1
     again = infer(model, tmp_path / "data", tmp_path / "data" / "denoised")
     assert not again.written and len(again.skipped) == 1  # its own outputs were not taken for new scans
+
+
+def test_a_cycle_model_harmonises_the_whole_hu_range_at_the_scans_pixels(tiny_sites: list[Path],
+                                                                          tmp_path: Path) -> None:
+    """A cycle model applies at clinical geometry: an untrained one (the generators start
+    as the identity) hands scanner B's slice back on its own grid with its HU, bone and air
+    included, not clipped to the soft-tissue window; the site's real calibration is learnt."""
+    study = StudyConfig().replace(task={"name": "cycle", "image_size": 16, "width": 8, "batch_size": 4})
+    model = load_model(export_model(_run(tmp_path, study), tmp_path / "cycle.medgan"))
+    scanner_b = read_manifest(tiny_sites[0]).select(modality="CT", variant="scanner-b")[0]
+    volume = read_dicom_series(tiny_sites[0] / scanner_b.file)
+    out = _applied(model, volume)
+    slices = volume.axial_slices()
+    assert out.shape == slices.shape
+    assert slices.max() > 600 and out.max() > 600 and out.min() < -900  # bone and air, whole range
+    assert np.abs(out - np.clip(slices, -1024, 3071)).mean() < 5.0  # within a few HU of the identity

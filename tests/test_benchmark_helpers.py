@@ -14,7 +14,7 @@ from medgan_core.study_config import StudyConfig, load_study
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_common  # noqa: E402
-from cycle_adaptation import AGGREGATION, TASK, body_mean_error_hu, describe  # noqa: E402
+from cycle_adaptation import AGGREGATION, TASK, body_histogram_matched, body_mean_error_hu, describe  # noqa: E402
 from privacy_audit import auc, auc_standard_error  # noqa: E402
 
 
@@ -46,14 +46,30 @@ def test_the_audit_auc_standard_error_matches_the_spread_of_repeated_attacks() -
 
 
 def test_the_cycle_benchmark_mean_error_is_the_offset_inside_the_body_only() -> None:
-    """A harmoniser reading 12 HU high inside the body, whatever it does to the air around it."""
-    hu = 200.0
+    """A harmoniser reading 12 HU high inside the body, whatever it does to the air around it
+    (images over the whole CT range, -1024 to 3071 HU)."""
+    hu = 2047.5  # HU per unit of [-1, 1]
+    to_unit = lambda h: (h + 1024.0) / hu - 1.0  # noqa: E731
     target = torch.full((2, 1, 16, 16), -1.0)  # air
-    target[:, :, 4:12, 4:12] = torch.linspace(-0.7, 0.3, 64).view(8, 8)  # fat .. soft tissue
+    target[:, :, 4:12, 4:12] = to_unit(torch.linspace(-100.0, 1000.0, 64).view(8, 8))  # fat .. bone
     output = target + 12.0 / hu
     output[target == -1.0] = 0.5  # air mapped to tissue: not a calibration offset
-    assert body_mean_error_hu(output, target, hu) == pytest.approx(12.0, abs=1e-3)
-    assert body_mean_error_hu(target - 7.0 / hu, target, hu) == pytest.approx(-7.0, abs=1e-3)
+    assert body_mean_error_hu(output, target) == pytest.approx(12.0, abs=1e-2)
+    assert body_mean_error_hu(target - 7.0 / hu, target) == pytest.approx(-7.0, abs=1e-2)
+
+
+def test_the_cycle_baseline_matches_the_body_and_leaves_the_air() -> None:
+    """Histogram matching inside the body removes a scanner's offset whatever share of each
+    slice is air; the air stays where it was."""
+    to_unit = lambda h: (h + 1024.0) / 2047.5 - 1.0  # noqa: E731
+    generator = torch.Generator().manual_seed(0)
+    reference = torch.full((2, 1, 32, 32), -1.0)
+    reference[:, :, 4:28, 4:28] = to_unit(40 + 10 * torch.randn(2, 1, 24, 24, generator=generator))
+    images = torch.full((1, 1, 32, 32), -1.0)  # less body, more air than the reference
+    images[:, :, 10:20, 10:20] = to_unit(90 + 10 * torch.randn(1, 1, 10, 10, generator=generator))
+    matched = body_histogram_matched(images, reference)
+    assert torch.equal(matched[images == -1.0], images[images == -1.0])
+    assert float(matched[:, :, 10:20, 10:20].mean()) == pytest.approx(to_unit(40.0), abs=3 / 2047.5)
 
 
 def test_the_cycle_example_study_has_the_benchmarks_settings() -> None:
@@ -63,7 +79,7 @@ def test_the_cycle_example_study_has_the_benchmarks_settings() -> None:
     assert all(getattr(study.task, key, None) == value or getattr(study.task.params, key, None) == value
                for key, value in TASK.items())
     assert all(getattr(study.aggregation, key) == value for key, value in AGGREGATION.items())
-    assert describe({"local_calibration": True, "crop_size": 32}) == "local-calibration = true, crop-size = 32"
+    assert describe({"local_calibration": True, "cycle_pool": 2}) == "local-calibration = true, cycle-pool = 2"
 
 
 def test_the_translate_compare_study_trains_what_the_translate_benchmark_trains() -> None:

@@ -63,8 +63,9 @@ def test_missing_label_maps_are_a_clear_error(tmp_path: Path, tiny_sites: list[P
 def test_label_maps_resize_by_nearest_neighbour() -> None:
     labels = np.zeros((1, 8, 8), np.uint8)
     labels[0, :4, :4] = LESION
-    resized = label_slices(labels, 4)
+    resized = label_slices(labels, (4, 4))
     assert resized.dtype == torch.long and set(resized.unique().tolist()) == {0, LESION}
+    assert int((resized == LESION).sum()) == 4  # the lesion's quarter of the slice, not shifted by a pixel
 
 
 @pytest.mark.parametrize("condition, dim", [("grade", 4), ("severity", 1)])

@@ -44,15 +44,15 @@ def test_pyproject_flower_config_is_a_valid_study() -> None:
 
 
 def test_a_tasks_own_keys_fold_into_task_params_for_flowers_run_config() -> None:
-    study = StudyConfig().replace(task={"name": "cycle", "crop_size": 32, "tv_weight": 2.0})
+    study = StudyConfig().replace(task={"name": "cycle", "cycle_pool": 2, "tv_weight": 2.0})
     tables = study.to_run_config()
-    assert tables["task"]["params"] == "identity-weight = 5.0, crop-size = 32, cycle-pool = 1, tv-weight = 2.0"
+    assert tables["task"]["params"] == "identity-weight = 5.0, cycle-pool = 2, tv-weight = 2.0"
     assert StudyConfig.from_dict(tables) == study
-    assert "crop-size" not in tables["task"] and study.to_flat()["task.crop-size"] == 32
-    with pytest.raises(ConfigError, match="task.crop-size is given both directly and in task.params"):
-        StudyConfig.from_dict({"task": {**tables["task"], "crop-size": 16}})
+    assert "cycle-pool" not in tables["task"] and study.to_flat()["task.cycle-pool"] == 2
+    with pytest.raises(ConfigError, match="task.cycle-pool is given both directly and in task.params"):
+        StudyConfig.from_dict({"task": {**tables["task"], "cycle-pool": 4}})
     with pytest.raises(ConfigError, match="is not 'KEY = VALUE, …' in TOML"):
-        StudyConfig.from_dict({"task": {"name": "cycle", "params": "crop-size 32"}})
+        StudyConfig.from_dict({"task": {"name": "cycle", "params": "cycle-pool 2"}})
 
 
 @pytest.mark.parametrize(
@@ -70,9 +70,9 @@ def test_a_tasks_own_keys_fold_into_task_params_for_flowers_run_config() -> None
         ("[task]\nname = 'cycle'\nssim-weight = 10.0\n", "task 'cycle' has no key task.ssim-weight (a key of task 'denoise'"),
         ("[task]\nssim-weight = 10.0\n", "task 'synthesis' has no key task.ssim-weight"),
         ("[task]\nname = 'cycle'\nidentity-weight = -1.0\n", "task.identity-weight = -1.0; it must be 0 (off)"),
-        ("[task]\nname = 'denoise'\ncrop-size = 32\n", "task 'denoise' has no key task.crop-size (a key of task 'cycle')"),
-        ("[task]\nname = 'cycle'\ncrop-size = 18\n", "task.crop-size = 18; it must be 0 (whole slices) or a multiple of 4"),
-        ("[task]\nname = 'cycle'\ncrop-size = 128\n", "from 16 to task.image-size (64)"),
+        ("[task]\nname = 'denoise'\ncycle-pool = 2\n", "task 'denoise' has no key task.cycle-pool (a key of task 'cycle')"),
+        ("[task]\nname = 'cycle'\ncrop-size = 32\n", "task.crop-size is no longer a key of task 'cycle': cycle now trains "
+         "on task.image-size patches"),
         ("[task]\nname = 'cycle'\ncycle-pool = 3\n", "task.cycle-pool = 3; choose one of 1, 2, 4"),
         ("[task]\nname = 'cycle'\ntv-weight = -0.5\n", "task.tv-weight = -0.5; it must be 0 (off)"),
         ("[task]\nname = 'denoise'\ntv-weight = 1.0\n", "task 'denoise' has no key task.tv-weight"),

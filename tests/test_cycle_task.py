@@ -37,10 +37,14 @@ def test_training_scanners_come_from_disjoint_subjects(tiny_sites: list[Path]) -
 
 def test_scanner_b_differs_by_its_calibration(tiny_sites: list[Path]) -> None:
     """Hospital A's second scanner reads +45 HU and 12 % gain: visible in soft tissue."""
+    from medgan_core.data.preprocess import CT_FULL_RANGE
+
     data = load_task_data(tiny_sites[0], CONFIG)
     assert data.test_input is not None
-    hu_per_unit = (CONFIG.window_high - CONFIG.window_low) / 2
-    body = (data.test > -0.6) & (data.test < 0.6)  # soft tissue inside the window
+    low, high = CT_FULL_RANGE
+    hu_per_unit = (high - low) / 2
+    hu = (data.test + 1) * hu_per_unit + low
+    body = (hu > -100) & (hu < 200)  # soft tissue
     shift = float((data.test_input - data.test)[body].mean()) * hu_per_unit
     expected = DEFAULT_SITES[0].scanner_b_offset_hu
     assert expected - 20 < shift < expected + 25
@@ -106,21 +110,25 @@ def test_harmonisation_moves_scanner_b_towards_scanner_a(tiny_sites: list[Path])
     assert after["mae-hu"] < start["mae-hu"]
 
 
-def test_preview_rows_and_clinical_size() -> None:
-    task = build_task(CONFIG)
+def test_preview_rows_are_whole_slices_at_the_task_spacing() -> None:
+    task = build_task(replace_task(CONFIG, spacing=3.125))  # 400 mm at 3.125 mm: 128 pixels
     grid = task.preview(2)
-    assert grid.shape == (6, 1, 32, 32)
+    assert grid.shape == (6, 1, 128, 128)
     assert not torch.allclose(grid[0], grid[2])  # scanner B beside scanner A
-    assert task.restore(torch.zeros(1, 1, 512, 512)).shape == (1, 1, 512, 512)
+    assert task.restore(torch.zeros(1, 1, 200, 136)).shape == (1, 1, 200, 136)  # any whole slice, tile by tile
 
 
-def test_label_maps_align_with_the_images(tiny_sites: list[Path]) -> None:
-    images, labels = labelled_slices(tiny_sites[0], CONFIG, "train", variant="scanner-b")
-    assert images.shape[0] == labels.shape[0] and labels.shape[-2:] == (32, 32)
-    from medgan_core.data.simulate import AIR
+@pytest.mark.parametrize("clinical", [False, True])
+def test_label_maps_align_with_the_images(tiny_sites: list[Path], clinical: bool) -> None:
+    from medgan_core.data.labels import AIR, CORTICAL
 
-    outside = labels == AIR
-    assert float(images[:, 0][outside].mean()) < -0.95  # air is black on every scanner
+    config = replace_task(CONFIG, spacing=6.25) if clinical else CONFIG
+    images, labels = labelled_slices(tiny_sites[0], config, "train", variant="scanner-b", clinical=clinical)
+    assert images.shape[0] == labels.shape[0] and labels.shape[-2:] == images.shape[-2:]
+    assert labels.shape[-2:] == ((64, 64) if clinical else (32, 32))
+    assert float(images[:, 0][labels == AIR].mean()) < -0.95  # air is black on every scanner
+    if clinical:  # the whole CT range: bone is bright, not clipped at the window's top
+        assert float(images[:, 0][labels == CORTICAL].mean()) > -0.2  # cortical bone, over 600 HU
 
 
 @pytest.mark.slow
@@ -131,29 +139,39 @@ def test_cycle_federated_two_sites_two_rounds(tiny_sites: list[Path], tmp_path: 
     assert all({"psnr", "ssim", "mae-hu", "psnr-input"} <= set(m) for m in site_metrics(records))
 
 
-def test_crops_are_windows_of_their_own_images() -> None:
-    task = build_task(replace_task(CONFIG, **{"crop_size": 16}))
-    images = torch.arange(3 * 32 * 32, dtype=torch.float32).reshape(3, 1, 32, 32)
-    crops = task._crops(images, torch.Generator().manual_seed(0))
-    assert crops.shape == (3, 1, 16, 16)
-    for image, crop in zip(images, crops):
-        row, col = divmod(int(crop[0, 0, 0]) - int(image[0, 0, 0]), 32)  # the crop's top-left pixel
-        assert torch.equal(crop, image[:, row:row + 16, col:col + 16])
-    assert len({int(c[0, 0, 0]) % 1024 for c in crops}) > 1  # each image its own window
-    whole = build_task(CONFIG)._crops(images, torch.Generator().manual_seed(0))
-    assert whole is images  # crop-size 0: whole slices
+def test_patches_lie_on_the_patient_and_train_the_calibration_and_whole_slices_are_scored(
+        tiny_sites: list[Path]) -> None:
+    from medgan_core.data.slice_store import random_crops
 
-
-def test_crop_training_trains_the_calibration_and_scores_whole_slices(tiny_sites: list[Path]) -> None:
-    config = replace_task(CONFIG, **{"crop_size": 16})
+    config = replace_task(CONFIG, image_size=16)
     data = load_task_data(tiny_sites[0], config)
     task = build_task(config)
+    generator = torch.Generator().manual_seed(0)
+    idx = torch.arange(len(data.train))
+    (centred,) = random_crops([data.train], idx, 16, generator, centre_above=task.body_level)
+    (anywhere,) = random_crops([data.train], idx, 16, generator)
+    assert float(centred[:, 0, 8, 8].gt(task.body_level).float().mean()) > 0.9
+    assert float(anywhere[:, 0, 8, 8].gt(task.body_level).float().mean()) < 0.9
     generators = task.groups["generator"]
     assert generators.calibrate_ba.gain_offset == (1.0, 0.0)  # the identity at start
     task.train(data, steps=3, seed=0)
     assert generators.calibrate_ba.gain_offset != (1.0, 0.0) and generators.calibrate_ab.gain_offset != (1.0, 0.0)
-    metrics = task.evaluate(data)  # fully convolutional: trained on 16², scored on the 32² slices
-    assert np.isfinite(metrics["mae-hu"]) and task.restore(data.test_input[:1]).shape == (1, 1, 32, 32)
+    metrics = task.evaluate(data)  # fully convolutional: trained on 16² patches, scored on the 128² slices
+    assert {"psnr", "psnr-window", "ssim", "mae-hu", "psnr-input"} <= set(metrics)
+    assert np.isfinite(metrics["mae-hu"]) and task.restore(data.test_input[:1]).shape == (1, 1, 128, 128)
+
+
+def test_the_discriminators_and_losses_see_the_window_view() -> None:
+    """A 40 HU calibration error is 0.02 of the whole range but 0.2 of the window: the
+    second view carries it at the size a reader sees."""
+    task = build_task(CONFIG)
+    soft = torch.full((1, 1, 4, 4), (40.0 + 1024) / 2047.5 - 1)  # 40 HU
+    shifted = torch.full((1, 1, 4, 4), (80.0 + 1024) / 2047.5 - 1)  # 80 HU
+    views = task.views(soft)
+    assert views.shape == (1, 2, 4, 4)
+    difference = (task.views(shifted) - views).abs().mean(dim=(0, 2, 3))
+    assert float(difference[0]) == pytest.approx(40 / 2047.5, rel=1e-3)
+    assert float(difference[1]) == pytest.approx(40 / 200, rel=1e-3)  # window [-160, 240]: 400 HU over 2 units
 
 
 def test_the_identity_weight_reaches_the_generator_loss(tiny_sites: list[Path]) -> None:
@@ -188,7 +206,7 @@ def test_total_variation_scores_noise_not_flat_regions() -> None:
 def test_tv_weight_smooths_the_translation_and_cycle_pool_reaches_the_loss(tiny_sites: list[Path]) -> None:
     """Seeded runs that differ only in tv-weight (or cycle-pool) train different generators,
     and a heavy TV weight leaves the harmonised held-out slices with less pixel-to-pixel
-    variation than the same training without it."""
+    variation in the window than the same training without it."""
     from medgan_core.tasks.cycle import total_variation
 
     data = load_task_data(tiny_sites[0], CONFIG)
@@ -196,14 +214,14 @@ def test_tv_weight_smooths_the_translation_and_cycle_pool_reaches_the_loss(tiny_
     def trained(**settings: float) -> tuple[dict[str, np.ndarray], float, dict[str, float]]:
         torch.manual_seed(0)
         task = build_task(replace_task(CONFIG, **{"identity_weight": 0.0, **settings}))
-        losses = task.train(data, steps=6, seed=0)
+        losses = task.train(data, steps=12, seed=0)
         with torch.no_grad():
-            roughness = float(total_variation(task.restore(data.test_input)))
+            roughness = float(total_variation(task.in_window(task.restore(data.test_input))))
         return task.get_weights(), roughness, losses
 
     plain, plain_tv, losses = trained()
     pooled_weights, _, _ = trained(cycle_pool=2)
-    _, smooth_tv, _ = trained(tv_weight=50.0)
+    _, smooth_tv, _ = trained(tv_weight=500.0)
     assert "loss-tv" in losses and "loss-identity" not in losses  # identity off: not computed
     assert any(not np.array_equal(v, pooled_weights[k]) for k, v in plain.items() if k.startswith("generator."))
     assert smooth_tv < plain_tv
@@ -211,8 +229,7 @@ def test_tv_weight_smooths_the_translation_and_cycle_pool_reaches_the_loss(tiny_
 
 def test_unpaired_domains_at_clinical_geometry_keep_pixels_range_and_subjects(
         tiny_sites: list[Path], tmp_path: Path) -> None:
-    """The data a clinical-geometry cycle task will read (the task itself still resizes):
-    both scanners' slices at the site's own pixels over the whole CT range, from disjoint
+    """The data the cycle task reads at clinical geometry: both scanners' slices at the site's own pixels over the whole CT range, from disjoint
     subjects, the held-out pairs aligned; kept memory-mapped in the site's cache and reused."""
     from medgan_core.data.dataset import UnpairedDomains, load_site_data
     from medgan_core.data.preprocess import CT_FULL_RANGE
@@ -221,9 +238,9 @@ def test_unpaired_domains_at_clinical_geometry_keep_pixels_range_and_subjects(
     config = replace_task(CONFIG, spacing=0.0)
     cache = tmp_path / "cache"
     data = load_site_data(tiny_sites[1], config, spec, cache_dir=cache)
-    resized = load_task_data(tiny_sites[1], CONFIG)  # the same subjects, resized and windowed
     assert data.train.shape == (12, 1, 128, 128) and data.train_input is not None
-    assert data.train_input.shape == (8, 1, 128, 128) and resized.train.shape[0] == 12
+    assert data.train_input.shape == (8, 1, 128, 128)
+    assert torch.equal(load_task_data(tiny_sites[1], config).train, data.train)  # what the task reads
     assert data.test_input is not None and data.test_input.shape == data.test.shape
     low, high = CT_FULL_RANGE
     hu = (data.train.float() + 1) / 2 * (high - low) + low

@@ -121,6 +121,20 @@ def test_a_rescan_differs_from_the_scan_only_by_quantum_noise(tiny_sites: list[P
         site_profile(tiny_sites[0] / "ct")
 
 
+def test_the_clinical_rescan_is_at_the_task_spacing_over_the_whole_ct_range(tiny_sites: list[Path]) -> None:
+    """What the cycle benchmark's re-scan reference and the cycle previews read: 512×512 over
+    400 mm resampled to ``task.spacing``, bone above the soft-tissue window kept."""
+    profile = site_profile(tiny_sites[0])
+    main, second = profile.scanners()
+    config = task_config(name="cycle", image_size=32, spacing=3.125)
+    scan, rescan, scan_b = phantom_scanner_series(1, config, profile, [main, main, second], seed=4, clinical=True)
+    assert scan.shape == rescan.shape == scan_b.shape == (1, 1, 128, 128)
+    hu = (scan + 1) / 2 * 4095 - 1024
+    assert float(hu.max()) > 600 and float(hu.min()) < -900  # bone and air: not clipped to a window
+    body = (hu > -100) & (hu < 200)
+    assert float((scan_b - scan)[body].mean()) * 2047.5 > 20  # scanner B reads 45 HU high at hospital A
+
+
 def test_a_study_simulated_in_the_old_format_is_named_stale(tmp_path: Path) -> None:
     import json
 

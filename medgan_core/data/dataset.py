@@ -351,22 +351,27 @@ def unpaired_subjects(keys: list[str]) -> tuple[list[str], list[str]]:
     return keys[0::2], keys[1::2]
 
 
-def label_slices(volume_labels: np.ndarray, size: int) -> torch.Tensor:
-    """(k, rows, cols) integer labels -> (k, size, size) long, nearest-neighbour resized."""
+def label_slices(volume_labels: np.ndarray, shape: tuple[int, int]) -> torch.Tensor:
+    """(k, rows, cols) integer labels -> (k, *shape) long, nearest-neighbour resampled over the same field."""
     tensor = torch.from_numpy(np.ascontiguousarray(volume_labels, dtype=np.float32))[:, None]
-    return F.interpolate(tensor, size=(size, size), mode="nearest")[:, 0].round().long()
+    return F.interpolate(tensor, size=shape, mode="nearest-exact")[:, 0].round().long()
 
 
 def labelled_slices(
-    data_path: str | Path, task: TaskConfig, split: str, variant: str = ""
+    data_path: str | Path, task: TaskConfig, split: str, variant: str = "", clinical: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(images, label maps) of a split, matched by pair_id: images of ``task.modality``
     (of a ``variant`` series when given, e.g. ``scanner-b``), label maps from the SEG
-    entries, resized to the training grid. For segmenters that check an adaptation."""
+    entries on the images' grid (nearest neighbour). ``clinical``: the images as a
+    clinical-geometry task reads them (``clinical_slices``: ``task.spacing``, the whole CT
+    range); else resized to ``image-size`` in the window. For segmenters that check an adaptation."""
     manifest = read_manifest(data_path)
     images, labels, keys = _labelled(manifest, task, split, variant)
-    x = _stack(manifest, task, [images[k] for k in keys])
-    y = torch.cat([label_slices(_label_volume(manifest, labels[k]), task.image_size) for k in keys])
+    if clinical:
+        x = torch.cat([clinical_slices(manifest.load(images[k]), task.spacing, CT_FULL_RANGE) for k in keys])
+    else:
+        x = _stack(manifest, task, [images[k] for k in keys])
+    y = torch.cat([label_slices(_label_volume(manifest, labels[k]), tuple(x.shape[-2:])) for k in keys])
     if y.shape[0] != x.shape[0]:
         raise DataError(f"{manifest.path}: label maps and images of a subject differ in slice count")
     return x, y

@@ -718,32 +718,39 @@ def torch_from(slices: np.ndarray) -> "torch.Tensor":
     return torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32))[:, None]
 
 
-def phantom_scanner_pair(n: int, task: "TaskConfig", seed: int = 0) -> tuple["torch.Tensor", "torch.Tensor"]:
+def phantom_scanner_pair(
+    n: int, task: "TaskConfig", seed: int = 0, clinical: bool = False
+) -> tuple["torch.Tensor", "torch.Tensor"]:
     """``n`` slices of one phantom subject as (scanner B, main scanner) of the reference
-    hospital, windowed and resized like a site's data; for the coordinator's previews of
-    scanner harmonisation."""
+    hospital, prepared like a site's data (``phantom_scanner_series``); for the
+    coordinator's previews of scanner harmonisation."""
     profile = DEFAULT_SITES[0]
-    main, second = phantom_scanner_series(n, task, profile, profile.scanners(), seed=seed + 727272)
+    main, second = phantom_scanner_series(n, task, profile, profile.scanners(), seed=seed + 727272, clinical=clinical)
     return second, main
 
 
 def phantom_scanner_series(
-    n: int, task: "TaskConfig", profile: SiteProfile, scanners: list[CTScanner], seed: int = 0, lesion_severity: float = 0.6
+    n: int, task: "TaskConfig", profile: SiteProfile, scanners: list[CTScanner], seed: int = 0,
+    lesion_severity: float = 0.6, clinical: bool = False,
 ) -> list["torch.Tensor"]:
     """``n`` slices of one new phantom subject of ``profile``'s build, imaged by each of
-    ``scanners`` from the same projections (each with its own quantum noise), windowed
-    and resized like a site's data. Naming a scanner twice gives a re-scan: what the same
-    scanner shows of the same anatomy with other noise."""
-    from medgan_core.data.preprocess import resize_slices, window_ct
+    ``scanners`` from the same projections (each with its own quantum noise), prepared like
+    a site's data: at clinical geometry (512×512 over 400 mm, resampled to ``task.spacing``,
+    the whole CT range), or windowed and resized to ``image-size``. Naming a scanner twice
+    gives a re-scan: what the same scanner shows of the same anatomy with other noise."""
+    from medgan_core.data.preprocess import CT_FULL_RANGE, resample_slices, resize_slices, window_ct
 
     rng = np.random.default_rng(seed)
-    size = 128
+    size = 512 if clinical else 128
+    pixel_mm = FIELD_OF_VIEW_MM / size
     labels = phantom_labels(rng, size, n, profile.body_scale, severity=lesion_severity)
-    hu = tissue_hu(labels, _texture(rng, labels.shape, sigma=1.5))
-    acquired = [ct_acquire_scanners(hu[k], scanners, 400.0 / size, rng) for k in range(n)]
+    hu = tissue_hu(labels, tissue_texture(rng, labels.shape))
+    acquired = [ct_acquire_scanners(hu[k], scanners, pixel_mm, rng) for k in range(n)]
+    by_scanner = [np.stack([a[i] for a in acquired]) for i in range(len(scanners))]
+    if clinical:
+        return [resample_slices(window_ct(x, *CT_FULL_RANGE), (pixel_mm, pixel_mm), task.spacing) for x in by_scanner]
     window = (task.window_low, task.window_high)
-    return [resize_slices(window_ct(np.stack([a[i] for a in acquired]), *window), task.image_size)
-            for i in range(len(scanners))]
+    return [resize_slices(window_ct(x, *window), task.image_size) for x in by_scanner]
 
 
 def site_profile(site_dir: str | Path) -> SiteProfile:

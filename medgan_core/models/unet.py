@@ -141,12 +141,13 @@ class CycleGenerators(nn.Module):
 
 
 class CycleDiscriminators(nn.Module):
-    """CycleGAN's two PatchGANs as one parameter group: ``a`` judges domain A, ``b`` B."""
+    """CycleGAN's two PatchGANs as one parameter group: ``a`` judges domain A, ``b`` B, each
+    image as ``channels`` views of it."""
 
-    def __init__(self, width: int = 16) -> None:
+    def __init__(self, width: int = 16, channels: int = 1) -> None:
         super().__init__()
-        self.a = PatchDiscriminator(width, channels=1)
-        self.b = PatchDiscriminator(width, channels=1)
+        self.a = PatchDiscriminator(width, channels=channels)
+        self.b = PatchDiscriminator(width, channels=channels)
 
     def forward(self, images: torch.Tensor, domain: str) -> torch.Tensor:
         return (self.a if domain == "a" else self.b)(images)

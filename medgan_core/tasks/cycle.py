@@ -3,10 +3,18 @@ harmonised to the appearance of its main scanner (A).
 
 Two residual U-Net generators (``ab``, ``ba``) and two PatchGANs (``a``, ``b``), trained
 with adversarial, cycle-consistency and identity losses on scanner-A and scanner-B
-images of *different* subjects: no pair is used in training. Held out, ``ba`` maps each
-scanner-B slice to A and is scored against the same subject's scanner-A slice (PSNR,
-SSIM, MAE in HU) — the simulator can image one patient on both scanners, which is what
-makes the evaluation honest; the training never sees it.
+images of *different* subjects: no pair is used in training. At clinical geometry, as the
+other image-to-image tasks: both scanners' slices at ``task.spacing`` (0: their own pixels)
+over the whole CT range, trained on ``image-size`` patches (most centred on the patient),
+whole slices harmonised tile by tile. Held out, ``ba`` maps each scanner-B slice to A and
+is scored against the same subject's scanner-A slice (whole-range and window PSNR, SSIM
+in the window, MAE in HU inside the body) — the simulator can image one patient on both
+scanners, which is what makes the evaluation honest; the training never sees it.
+
+A scanner's calibration error (tens of HU) is a few hundredths of the whole CT range, so
+every loss and both discriminators see each image twice (``views``): over the whole range
+(bone and air must survive) and in the soft-tissue window, where that error is as large as
+it looks to a reader.
 
 The two generators form one parameter group and so do the two discriminators: each is
 clipped as one vector per example, so under DP two networks step on each record.
@@ -19,7 +27,7 @@ Each generator ends in a ``SiteCalibration`` (output gain and offset, the identi
 start). Shared, it is part of the one model; with ``[aggregation] local-calibration`` each
 hospital keeps its own, so the shared generators learn the appearance and every site the
 calibration of its own scanner A, which one shared model can only average.
-``task.crop-size`` trains on random patches, ``task.identity-weight`` sets the identity term.
+``task.identity-weight`` sets the identity term.
 
 Harmonising to a noisy scanner A (a low-dose main scanner) need not copy its noise: the
 held-out scores compare with one noisy scan, so the best output is the clean one. Two
@@ -39,6 +47,7 @@ import torch.nn.functional as F
 
 from medgan_core.config import TaskConfig, TaskParams
 from medgan_core.data.dataset import DataSpec, SiteData, UnpairedDomains
+from medgan_core.data.slice_store import random_crops
 from medgan_core.errors import ConfigError
 from medgan_core.models.unet import CycleDiscriminators, CycleGenerators
 from medgan_core.tasks.base import TrainingSetup
@@ -46,24 +55,21 @@ from medgan_core.tasks.paired import PairedImageTask
 
 CYCLE_WEIGHT = 10.0  # CycleGAN's lambda (the identity weight is task.identity-weight: 5 = 0.5 * lambda)
 OTHER = {"a": "b", "b": "a"}
-POOLS = (1, 2, 4)  # every crop size (a multiple of 4) and image size divides by these
+VIEWS = 2  # what the discriminators and losses see of an image: the whole range and the window (``views``)
+POOLS = (1, 2, 4)  # every image size (the training patch) divides by these
 
 
 @dataclass(frozen=True)
 class CycleParams(TaskParams):
-    """CycleGAN's losses and what it trains on (no paired target: no L1 or SSIM weights)."""
+    """CycleGAN's losses (no paired target: no L1 or SSIM weights)."""
 
     identity_weight: float = 5.0  # weight of the identity loss (CycleGAN's 0.5 × the cycle weight; 0: off)
-    crop_size: int = 0  # train on random crops of this size (0: whole slices)
     cycle_pool: int = 1  # compare the cycle's round trip after average pooling by this factor (1: per pixel)
     tv_weight: float = 0.0  # weight of a total-variation penalty on each translated image (0: off)
 
     def validate(self, task: TaskConfig) -> None:
         if self.identity_weight < 0:
             raise ConfigError(f"task.identity-weight = {self.identity_weight}; it must be 0 (off) or a positive number")
-        if self.crop_size and (self.crop_size % 4 or not 16 <= self.crop_size <= task.image_size):
-            raise ConfigError(f"task.crop-size = {self.crop_size}; it must be 0 (whole slices) or a multiple of 4 "
-                              f"from 16 to task.image-size ({task.image_size})")
         if self.cycle_pool not in POOLS:
             raise ConfigError(f"task.cycle-pool = {self.cycle_pool}; choose one of {', '.join(map(str, POOLS))}")
         if self.tv_weight < 0:
@@ -79,13 +85,15 @@ class CycleTask(PairedImageTask):
     modalities = ("CT",)
     modality_reason = "it harmonises a site's two CT scanners"
     train_metrics = frozenset({"loss-d", "loss-g", "loss-cycle", "loss-tv", "loss-identity"})
+    clinical = True
+    patches_anywhere = 0.25  # the discriminators must see air and the table too
 
     @classmethod
     def data_spec(cls, config: TaskConfig) -> DataSpec:
-        return UnpairedDomains("scanner-b")
+        return UnpairedDomains("scanner-b", clinical=True)
 
     def build_networks(self) -> tuple[CycleGenerators, CycleDiscriminators]:
-        return CycleGenerators(self.config.width), CycleDiscriminators(self.config.width)
+        return CycleGenerators(self.config.width), CycleDiscriminators(self.config.width, channels=VIEWS)
 
     def batch_pools(self, data: SiteData) -> dict[str, int]:
         """Scanner A's and scanner B's training subjects: a record is in one pool only."""
@@ -93,21 +101,16 @@ class CycleTask(PairedImageTask):
         return {"a": len(data.train), "b": len(data.train_input)}
 
     def train_step(self, s: TrainingSetup, data: SiteData, pool: str, idx: torch.Tensor) -> dict[str, float]:
+        """One random ``image-size`` patch of each sampled slice (the record is still the slice)."""
         images = data.train if pool == "a" else data.train_input
         assert images is not None
-        return self._phase(s, self._crops(images[idx], s.rng).to(self.device), pool)
+        (patches,) = random_crops([images], idx, self.config.image_size, s.rng, centre_above=self.body_level,
+                                  anywhere=self.patches_anywhere)
+        return self._phase(s, patches.to(self.device), pool)
 
-    def _crops(self, images: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
-        """A random ``task.crop-size`` square of each image (crop-size 0: the images as
-        they are). The fully convolutional networks learn the same mapping from patches at a
-        fraction of the cost per step, so a round affords more, and more varied, steps."""
-        size = self.params.crop_size
-        n, _, height, width = images.shape
-        if not size or (size >= height and size >= width):
-            return images
-        rows = torch.randint(0, height - size + 1, (n,), generator=rng).tolist()
-        cols = torch.randint(0, width - size + 1, (n,), generator=rng).tolist()
-        return torch.stack([images[i, :, r:r + size, c:c + size] for i, (r, c) in enumerate(zip(rows, cols))])
+    def views(self, images: torch.Tensor) -> torch.Tensor:
+        """(n, 1, H, W) whole-range CT -> (n, ``VIEWS``, H, W): the image and its soft-tissue window view."""
+        return torch.cat([images, self.in_window(images)], dim=1)
 
     def _phase(self, s: TrainingSetup, real: torch.Tensor, domain: str) -> dict[str, float]:
         """One update of both groups from a batch of one domain's images: each record's
@@ -117,7 +120,8 @@ class CycleTask(PairedImageTask):
 
         with s.learning_through(s.generator), torch.no_grad():
             fake = s.generator(real, forward)
-        loss_d = (F.softplus(-s.discriminator(real, domain)) + F.softplus(s.discriminator(fake, other))).mean()
+        loss_d = (F.softplus(-s.discriminator(self.views(real), domain))
+                  + F.softplus(s.discriminator(self.views(fake), other))).mean()
         s.opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
         s.opt_d.step()
@@ -125,15 +129,15 @@ class CycleTask(PairedImageTask):
         params = self.params
         with s.learning_through(s.discriminator):
             fake = s.generator(real, forward)
-            loss_adv = F.softplus(-s.discriminator(fake, other)).mean()
-            loss_cycle = (pooled(s.generator(fake, back), params.cycle_pool)
-                          - pooled(real, params.cycle_pool)).abs().mean()
-            loss_tv = total_variation(fake)
+            loss_adv = F.softplus(-s.discriminator(self.views(fake), other)).mean()
+            loss_cycle = l1_per_view(pooled(self.views(s.generator(fake, back)), params.cycle_pool),
+                                     pooled(self.views(real), params.cycle_pool))
+            loss_tv = total_variation(self.views(fake))
             loss = loss_adv + CYCLE_WEIGHT * loss_cycle + params.tv_weight * loss_tv
             losses = {"loss-d": loss_d.item(), "loss-g": loss_adv.item(), "loss-cycle": loss_cycle.item(),
                       "loss-tv": loss_tv.item()}
             if params.identity_weight:  # off, it costs no third generator pass
-                loss_identity = (s.generator(real, back) - real).abs().mean()
+                loss_identity = l1_per_view(self.views(s.generator(real, back)), self.views(real))
                 loss = loss + params.identity_weight * loss_identity
                 losses["loss-identity"] = loss_identity.item()
             s.opt_g.zero_grad(set_to_none=True)
@@ -144,7 +148,7 @@ class CycleTask(PairedImageTask):
     def preview_pairs(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         from medgan_core.data.simulate import phantom_scanner_pair
 
-        return phantom_scanner_pair(n, self.config, seed=self.config.seed)
+        return phantom_scanner_pair(n, self.config, seed=self.config.seed, clinical=True)
 
 
 def pooled(images: torch.Tensor, factor: int) -> torch.Tensor:
@@ -152,8 +156,15 @@ def pooled(images: torch.Tensor, factor: int) -> torch.Tensor:
     return F.avg_pool2d(images, factor) if factor > 1 else images
 
 
+def l1_per_view(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference in each channel (view), summed over the views: the window
+    view's error counts as fully as if it were the only image."""
+    return (a - b).abs().mean(dim=(0, 2, 3)).sum()
+
+
 def total_variation(images: torch.Tensor) -> torch.Tensor:
     """Mean absolute difference between neighbouring pixels, down the rows plus across the
-    columns: large for pixel noise, small for the few edges of an anatomy."""
-    return ((images[..., 1:, :] - images[..., :-1, :]).abs().mean()
-            + (images[..., :, 1:] - images[..., :, :-1]).abs().mean())
+    columns, summed over the channels (views): large for pixel noise, small for the few
+    edges of an anatomy."""
+    return ((images[..., 1:, :] - images[..., :-1, :]).abs().mean(dim=(0, 2, 3)).sum()
+            + (images[..., :, 1:] - images[..., :, :-1]).abs().mean(dim=(0, 2, 3)).sum())

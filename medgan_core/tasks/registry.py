@@ -55,6 +55,14 @@ def task_config(source: str = "task settings", **values: Any) -> TaskConfig:
     return task_config_from_items({config_key(k): v for k, v in values.items()}, source)
 
 
+#: Keys a task had and no longer has, and what took their place (a study written for an older
+#: version is refused with the reason, not only "no such key").
+RETIRED_KEYS = {
+    ("cycle", "crop-size"): "cycle now trains on task.image-size patches at task.spacing, as the other "
+                            "image-to-image tasks, and harmonises whole slices tile by tile",
+}
+
+
 def task_config_from_items(items: Mapping[str, Any], source: str = "config") -> TaskConfig:
     """The ``[task]`` table (config keys), shared and task-specific keys together, validated:
     the shared keys by ``TaskConfig``, the rest by the task's own ``Params``."""
@@ -65,6 +73,8 @@ def task_config_from_items(items: Mapping[str, Any], source: str = "config") -> 
     own = {key: value for key, value in items.items() if key not in SHARED_KEYS}
     param_keys = _param_keys(cls)
     unknown = sorted(set(own) - param_keys)
+    if unknown and (why := RETIRED_KEYS.get((name, unknown[0]))):
+        raise ConfigError(f"{source}: task.{unknown[0]} is no longer a key of task {name!r}: {why}; remove it")
     if unknown:
         owners = [other for other in task_names() if unknown[0] in _param_keys(task_class(other))]
         belongs = f" (a key of task {' and '.join(map(repr, owners))})" if owners else ""
