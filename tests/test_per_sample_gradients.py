@@ -92,6 +92,44 @@ def test_synthesis_clips_every_image_of_its_discriminator_step_alone(monkeypatch
         assert len(rows) == 1 and rows.pop() % 2 == 0
 
 
+def test_the_skip_discriminators_per_sample_gradients_are_each_images_own() -> None:
+    """The multi-scale discriminator reads each image at every resolution through its own
+    1×1 layers: the per-sample gradients DP-SGD clips must still be each image's alone."""
+    from medgan_core.models.dcgan import DCGANDiscriminator
+
+    torch.manual_seed(0)
+    wrapped_net, reference = DCGANDiscriminator(32, 8, skips=True), DCGANDiscriminator(32, 8, skips=True)
+    reference.load_state_dict(wrapped_net.state_dict())
+    images = torch.randn(3, 1, 32, 32)
+    module = FastConvGradSampleModule(wrapped_net)
+    torch.nn.functional.softplus(module(images)).mean().backward()
+    for i in range(3):
+        reference.zero_grad()
+        torch.nn.functional.softplus(reference(images[i : i + 1])).sum().backward()
+        for (name, p), q in zip(module.named_parameters(), reference.parameters()):
+            torch.testing.assert_close(p.grad_sample[i], q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_synthesis_with_skips_trains_privately_and_refuses_an_unknown_architecture(tiny_sites, tmp_path) -> None:
+    from medgan_core.errors import ConfigError
+    from medgan_core.privacy import SiteAccountant
+    from medgan_core.tasks.registry import load_task_data
+
+    config = task_config(name="synthesis", image_size=32, width=8, batch_size=8, z_dim=8, architecture="skips")
+    task = build_task(config)
+    assert task.generator.to_image is not None and task.discriminator.from_image is not None
+    before = task.get_weights()
+    accountant = SiteAccountant("rdp", 1e-5, tmp_path / "acc.json")
+    dp = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.25, expected_batch_size=4, secure_rng=False)
+    task.train(load_task_data(tiny_sites[0], config), 3, seed=0, dp=dp, accountant=accountant)
+    assert accountant.steps == 3
+    after = task.get_weights()
+    assert any(not torch.equal(torch.from_numpy(before[n]), torch.from_numpy(after[n])) for n in before
+               if "to_image" in n) and any("from_image" in n for n in after)
+    with pytest.raises(ConfigError, match="task.architecture = 'progressive'; choose one of dcgan, skips"):
+        task_config(name="conditional", architecture="progressive")
+
+
 @pytest.mark.parametrize("mode", ["replicate", "reflect", "circular"])
 def test_a_convolution_padded_other_than_with_zeros_is_refused_for_dp(mode: str) -> None:
     """Opacus (1.6) computes such a layer's per-sample gradients as if it were zero-padded:

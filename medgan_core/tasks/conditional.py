@@ -73,8 +73,9 @@ class ConditionalSynthesisTask(SynthesisTask):
 
     def build_networks(self) -> tuple[ConditionalGenerator, ConditionalDiscriminator]:
         cfg = self.config
-        generator = ConditionalGenerator(self.params.z_dim, self.cond_dim, cfg.image_size, cfg.width)
-        discriminator = ConditionalDiscriminator(self.cond_dim, cfg.image_size, cfg.width)
+        generator = ConditionalGenerator(self.params.z_dim, self.cond_dim, cfg.image_size, cfg.width,
+                                         skips=self.params.skips)
+        discriminator = ConditionalDiscriminator(self.cond_dim, cfg.image_size, cfg.width, skips=self.params.skips)
         generator.apply(init_dcgan_weights)
         discriminator.apply(init_dcgan_weights)
         return generator, discriminator

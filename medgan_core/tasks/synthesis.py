@@ -1,4 +1,6 @@
-"""Unconditional synthesis for data augmentation: a DCGAN on 2D slices."""
+"""Unconditional synthesis for data augmentation: a DCGAN on 2D slices (whole slices
+resized to ``image-size`` over the 400 mm field: 64 is 6.25 mm pixels, 128 is 3.125 mm;
+``task.architecture = "skips"`` is the multi-scale form for 128 and up)."""
 
 from __future__ import annotations
 
@@ -18,13 +20,23 @@ from medgan_core.privacy.dp_sgd import DPSettings
 from medgan_core.tasks.base import GANTask, TrainingSetup
 
 
+ARCHITECTURES = ("dcgan", "skips")
+
+
 @dataclass(frozen=True)
 class SynthesisParams(TaskParams):
     z_dim: int = 64  # length of the generator's latent code
     eval_samples: int = 128  # generated images per held-out evaluation
     ema: float = 0.0  # the generator a round ends with: an exponential moving average of its steps (0: the last)
+    architecture: str = "dcgan"  # "skips": the multi-scale DCGAN for 128×128 and up (``medgan_core.models.dcgan``)
+
+    @property
+    def skips(self) -> bool:
+        return self.architecture == "skips"
 
     def validate(self, task: TaskConfig) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise ConfigError(f"task.architecture = {self.architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
         for key, value in (("task.z-dim", self.z_dim), ("task.eval-samples", self.eval_samples)):
             if value <= 0:
                 raise ConfigError(f"{key} = {value}; it must be a positive number")
@@ -56,8 +68,8 @@ class SynthesisTask(GANTask):
 
     def build_networks(self) -> tuple[DCGANGenerator, DCGANDiscriminator]:
         cfg = self.config
-        generator = DCGANGenerator(self.params.z_dim, cfg.image_size, cfg.width)
-        discriminator = DCGANDiscriminator(cfg.image_size, cfg.width)
+        generator = DCGANGenerator(self.params.z_dim, cfg.image_size, cfg.width, skips=self.params.skips)
+        discriminator = DCGANDiscriminator(cfg.image_size, cfg.width, skips=self.params.skips)
         generator.apply(init_dcgan_weights)
         discriminator.apply(init_dcgan_weights)
         return generator, discriminator
