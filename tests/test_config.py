@@ -73,6 +73,7 @@ def test_a_tasks_own_keys_fold_into_task_params_for_flowers_run_config() -> None
         ("[task]\nname = 'denoise'\ncycle-pool = 2\n", "task 'denoise' has no key task.cycle-pool (a key of task 'cycle')"),
         ("[task]\nname = 'cycle'\ncrop-size = 32\n", "task.crop-size is no longer a key of task 'cycle': cycle now trains "
          "on task.image-size patches"),
+        ("[task]\nname = 'cycle'\nalpha = 1\ncrop-size = 32\n", "task.crop-size is no longer a key of task 'cycle'"),
         ("[task]\nname = 'cycle'\ncycle-pool = 3\n", "task.cycle-pool = 3; choose one of 1, 2, 4"),
         ("[task]\nname = 'cycle'\ntv-weight = -0.5\n", "task.tv-weight = -0.5; it must be 0 (off)"),
         ("[task]\nname = 'denoise'\ntv-weight = 1.0\n", "task 'denoise' has no key task.tv-weight"),

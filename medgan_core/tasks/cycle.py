@@ -117,10 +117,11 @@ class CycleTask(PairedImageTask):
         losses are in one backward pass per group (one clipped per-sample gradient)."""
         other = OTHER[domain]
         forward, back = domain + other, other + domain
+        real_views = self.views(real)  # the data's own: no gradient, shared by every loss below
 
         with s.learning_through(s.generator), torch.no_grad():
             fake = s.generator(real, forward)
-        loss_d = (F.softplus(-s.discriminator(self.views(real), domain))
+        loss_d = (F.softplus(-s.discriminator(real_views, domain))
                   + F.softplus(s.discriminator(self.views(fake), other))).mean()
         s.opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
@@ -129,15 +130,16 @@ class CycleTask(PairedImageTask):
         params = self.params
         with s.learning_through(s.discriminator):
             fake = s.generator(real, forward)
-            loss_adv = F.softplus(-s.discriminator(self.views(fake), other)).mean()
+            fake_views = self.views(fake)
+            loss_adv = F.softplus(-s.discriminator(fake_views, other)).mean()
             loss_cycle = l1_per_view(pooled(self.views(s.generator(fake, back)), params.cycle_pool),
-                                     pooled(self.views(real), params.cycle_pool))
-            loss_tv = total_variation(self.views(fake))
+                                     pooled(real_views, params.cycle_pool))
+            loss_tv = total_variation(fake_views)
             loss = loss_adv + CYCLE_WEIGHT * loss_cycle + params.tv_weight * loss_tv
             losses = {"loss-d": loss_d.item(), "loss-g": loss_adv.item(), "loss-cycle": loss_cycle.item(),
                       "loss-tv": loss_tv.item()}
             if params.identity_weight:  # off, it costs no third generator pass
-                loss_identity = l1_per_view(self.views(s.generator(real, back)), self.views(real))
+                loss_identity = l1_per_view(self.views(s.generator(real, back)), real_views)
                 loss = loss + params.identity_weight * loss_identity
                 losses["loss-identity"] = loss_identity.item()
             s.opt_g.zero_grad(set_to_none=True)

@@ -73,8 +73,10 @@ def task_config_from_items(items: Mapping[str, Any], source: str = "config") -> 
     own = {key: value for key, value in items.items() if key not in SHARED_KEYS}
     param_keys = _param_keys(cls)
     unknown = sorted(set(own) - param_keys)
-    if unknown and (why := RETIRED_KEYS.get((name, unknown[0]))):
-        raise ConfigError(f"{source}: task.{unknown[0]} is no longer a key of task {name!r}: {why}; remove it")
+    retired = [key for key in unknown if (name, key) in RETIRED_KEYS]
+    if retired:
+        raise ConfigError(f"{source}: task.{retired[0]} is no longer a key of task {name!r}: "
+                          f"{RETIRED_KEYS[(name, retired[0])]}; remove it")
     if unknown:
         owners = [other for other in task_names() if unknown[0] in _param_keys(task_class(other))]
         belongs = f" (a key of task {' and '.join(map(repr, owners))})" if owners else ""
