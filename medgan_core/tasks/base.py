@@ -212,6 +212,12 @@ class TrainingSetup:
             set_hooks(module, enabled=True)
 
 
+def check_ema(decay: float) -> None:
+    """Refuse a ``task.ema`` outside [0, 1), naming the key."""
+    if not 0 <= decay < 1:
+        raise ConfigError(f"task.ema = {decay}; it must lie in [0, 1) (0: off; 0.99 averages ~100 steps)")
+
+
 class GANTask(Task):
     """Shared plumbing of generator/discriminator tasks: Adam(0.5, 0.999) as in DCGAN and
     pix2pix, DP-SGD wrapping of ``private_groups``, Poisson or uniform batches."""
@@ -234,6 +240,13 @@ class GANTask(Task):
     @property
     def groups(self) -> dict[str, nn.Module]:
         return {"generator": self.generator, "discriminator": self.discriminator}
+
+    @property
+    def ema_decay(self) -> float:
+        """``task.ema`` where the task has it: the round ends on an exponential moving average
+        of the generator's steps (from the round's start) instead of its last step. Under DP
+        it is post-processing of the private iterates: no privacy cost. 0: the last step."""
+        return 0.0
 
     def optimizer_state(self) -> dict[str, np.ndarray]:
         """Adam's moments and step counts as ``<group>.<param index>.<key>`` arrays."""
@@ -335,6 +348,8 @@ class GANTask(Task):
         totals: dict[str, float] = {}
         counts: dict[str, int] = {}
         pools = self.batch_pools(data)
+        decay = self.ema_decay
+        average = [p.detach().clone() for p in self.generator.parameters()] if decay else None
         with self.training_setup(dp, seed) as s:
             for _ in range(steps):
                 for pool, idx in self.draw_batches(pools, s, dp, accountant).items():
@@ -343,6 +358,14 @@ class GANTask(Task):
                     for key, value in self.train_step(s, data, pool, idx).items():
                         totals[key] = totals.get(key, 0.0) + value
                         counts[key] = counts.get(key, 0) + 1
+                if average is not None:
+                    with torch.no_grad():
+                        for mean, param in zip(average, self.generator.parameters()):
+                            mean.lerp_(param.detach(), 1 - decay)
+        if average is not None:
+            with torch.no_grad():
+                for param, mean in zip(self.generator.parameters(), average):
+                    param.copy_(mean)
         return {key: totals[key] / counts[key] for key in totals}
 
     def draw_batches(

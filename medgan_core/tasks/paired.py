@@ -28,7 +28,8 @@ from medgan_core.models.tiling import tiled
 from medgan_core.models.unet import PatchDiscriminator, ResidualUNet
 from medgan_core.config import TaskConfig, TaskParams
 from medgan_core.errors import ConfigError
-from medgan_core.tasks.base import GANTask, TrainingSetup
+from medgan_core.privacy.multiplicity import average_views, repeat_records
+from medgan_core.tasks.base import GANTask, TrainingSetup, check_ema
 
 EVAL_BATCH = 64  # images (or tiles) through the generator at once
 EVAL_SLICES = 8  # whole clinical slices restored and scored at once
@@ -40,12 +41,22 @@ class PairedParams(TaskParams):
 
     l1_weight: float = 100.0  # weight of the L1 fidelity term
     ssim_weight: float = 0.0  # weight of a (1 - SSIM) term (0: none)
+    #: Random views (patch place, and flip/turn where the task augments) of each sampled
+    #: slice per step, their gradients averaged into the slice's one clipped gradient under
+    #: DP (augmentation multiplicity, ``medgan_core.privacy.multiplicity``): the same ε,
+    #: ``views-per-record`` times the compute of a step.
+    views_per_record: int = 1
+    ema: float = 0.0  # the generator a round ends with: an average of its steps (``GANTask.ema_decay``; 0: the last)
 
     def validate(self, task: TaskConfig) -> None:
         if self.l1_weight <= 0:
             raise ConfigError(f"task.l1-weight = {self.l1_weight}; it must be a positive number")
         if self.ssim_weight < 0:
             raise ConfigError(f"task.ssim-weight = {self.ssim_weight}; it must be 0 (off) or a positive number")
+        if self.views_per_record < 1:
+            raise ConfigError(f"task.views-per-record = {self.views_per_record}; it must be a whole number >= 1 "
+                              "(1: one view of each sampled slice)")
+        check_ema(self.ema)
 
 
 class PairedImageTask(GANTask):
@@ -91,6 +102,10 @@ class PairedImageTask(GANTask):
     #: for a model trained on turned pairs, 8x the inference cost for a cleaner estimate.
     self_ensemble: ClassVar[bool] = False
 
+    @property
+    def ema_decay(self) -> float:
+        return self.params.ema
+
     def build_networks(self) -> tuple[nn.Module, PatchDiscriminator]:
         return self.build_generator(), PatchDiscriminator(self.config.width, channels=self.input_channels + 1)
 
@@ -119,7 +134,8 @@ class PairedImageTask(GANTask):
         return low, full
 
     def train_step(self, s: TrainingSetup, data: SiteData, pool: str, idx: torch.Tensor) -> dict[str, float]:
-        low, full = self.training_pair(data, idx, s.rng)
+        views = self.params.views_per_record
+        low, full = self.training_pair(data, repeat_records(idx, views), s.rng)  # each view its own patch
         if self.augment:
             low, full = dihedral_pairs(low, full, generator=s.rng)
         low, full = low.to(self.device), full.to(self.device)
@@ -131,6 +147,7 @@ class PairedImageTask(GANTask):
         loss_d = (F.softplus(-s.discriminator(low, full)) + F.softplus(s.discriminator(low, fake))).mean()
         s.opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
+        average_views(s.discriminator, views)
         s.opt_d.step()
 
         # Generator: adversarial + L1 (+ 1 - SSIM) to the original, per-sample clipped.
@@ -147,6 +164,7 @@ class PairedImageTask(GANTask):
                 losses["loss-ssim"] = loss_ssim.item()
             s.opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
+            average_views(s.generator, views)
             s.opt_g.step()
         return {**losses, "loss-g": loss_adv.item(), "loss-l1": loss_l1.item()}
 

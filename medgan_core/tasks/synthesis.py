@@ -15,9 +15,7 @@ from medgan_core.metrics.features import PhantomFeatureNet, feature_scores, load
 from medgan_core.models.dcgan import DCGANDiscriminator, DCGANGenerator, init_dcgan_weights
 from medgan_core.config import TaskConfig, TaskParams
 from medgan_core.errors import ConfigError
-from medgan_core.privacy.accountant import SiteAccountant
-from medgan_core.privacy.dp_sgd import DPSettings
-from medgan_core.tasks.base import GANTask, TrainingSetup
+from medgan_core.tasks.base import GANTask, TrainingSetup, check_ema
 
 
 ARCHITECTURES = ("dcgan", "skips")
@@ -27,7 +25,7 @@ ARCHITECTURES = ("dcgan", "skips")
 class SynthesisParams(TaskParams):
     z_dim: int = 64  # length of the generator's latent code
     eval_samples: int = 128  # generated images per held-out evaluation
-    ema: float = 0.0  # the generator a round ends with: an exponential moving average of its steps (0: the last)
+    ema: float = 0.0  # the generator a round ends with: an average of its steps (``GANTask.ema_decay``; 0: the last)
     architecture: str = "dcgan"  # "skips": the multi-scale DCGAN for 128×128 and up (``medgan_core.models.dcgan``)
 
     @property
@@ -40,8 +38,7 @@ class SynthesisParams(TaskParams):
         for key, value in (("task.z-dim", self.z_dim), ("task.eval-samples", self.eval_samples)):
             if value <= 0:
                 raise ConfigError(f"{key} = {value}; it must be a positive number")
-        if not 0 <= self.ema < 1:
-            raise ConfigError(f"task.ema = {self.ema}; it must lie in [0, 1) (0: off; 0.99 averages ~100 steps)")
+        check_ema(self.ema)
 
 
 class SynthesisTask(GANTask):
@@ -74,25 +71,9 @@ class SynthesisTask(GANTask):
         discriminator.apply(init_dcgan_weights)
         return generator, discriminator
 
-    def train(self, data: SiteData, steps: int, seed: int, dp: DPSettings | None = None,
-              accountant: SiteAccountant | None = None) -> dict[str, float]:
-        """The shared GAN loop; with ``task.ema`` the round ends on the average of the generator's
-        steps (post-processing of what it learned: no privacy cost, the generator reads no image)."""
-        self._ema = [p.detach().clone() for p in self.generator.parameters()] if self.params.ema else None
-        metrics = super().train(data, steps, seed, dp, accountant)
-        if self._ema is not None:
-            with torch.no_grad():
-                for param, average in zip(self.generator.parameters(), self._ema):
-                    param.copy_(average)
-        self._ema = None
-        return metrics
-
-    def _track_average(self) -> None:
-        if getattr(self, "_ema", None) is not None:
-            decay = self.params.ema
-            with torch.no_grad():
-                for average, param in zip(self._ema, self.generator.parameters()):
-                    average.lerp_(param.detach(), 1 - decay)
+    @property
+    def ema_decay(self) -> float:
+        return self.params.ema
 
     def train_step(self, s: TrainingSetup, data: SiteData, pool: str, idx: torch.Tensor) -> dict[str, float]:
         real = data.train[idx].to(self.device)
@@ -124,7 +105,6 @@ class SynthesisTask(GANTask):
             s.opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
             s.opt_g.step()
-        self._track_average()
         return {"loss-d": (loss_real + loss_fake).item(), "loss-g": loss_g.item(),
                 "d-real": torch.sigmoid(logits_real).mean().item(), "d-fake": torch.sigmoid(logits_fake).mean().item()}
 
