@@ -174,6 +174,35 @@ def test_the_discriminators_and_losses_see_the_window_view() -> None:
     assert float(difference[1]) == pytest.approx(40 / 200, rel=1e-3)  # window [-160, 240]: 400 HU over 2 units
 
 
+def test_a_training_step_gives_every_loss_and_both_discriminators_the_two_views(
+    tiny_sites: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cycle, identity and TV losses and the discriminators read (whole range, window)
+    pairs whose second channel is the first put into the window, not the image alone."""
+    import medgan_core.tasks.cycle as cycle
+
+    task = build_task(replace_task(CONFIG, tv_weight=1.0))
+    seen: list[tuple[str, torch.Tensor]] = []
+
+    def spy(name, fn):  # type: ignore[no-untyped-def]
+        def wrapped(*tensors):  # type: ignore[no-untyped-def]
+            seen.extend((name, t.detach()) for t in tensors)
+            return fn(*tensors)
+        return wrapped
+
+    monkeypatch.setattr(cycle, "l1_per_view", spy("l1", cycle.l1_per_view))
+    monkeypatch.setattr(cycle, "total_variation", spy("tv", cycle.total_variation))
+    judge = task.discriminator.forward
+    monkeypatch.setattr(task.discriminator, "forward", lambda x, d: seen.append(("d", x.detach())) or judge(x, d))
+    task.train(load_task_data(tiny_sites[0], CONFIG), steps=1, seed=0)
+
+    kinds = [name for name, _ in seen]
+    assert kinds.count("l1") == 2 * 2 * 2 and kinds.count("tv") == 2 and kinds.count("d") >= 2 * 3
+    for name, tensor in seen:  # per pool: cycle and identity (2 tensors each), TV, D on real, fake, fake
+        assert tensor.shape[1] == 2, name
+        torch.testing.assert_close(tensor[:, 1:], task.in_window(tensor[:, :1]), msg=name)
+
+
 def test_the_identity_weight_reaches_the_generator_loss(tiny_sites: list[Path]) -> None:
     data = load_task_data(tiny_sites[0], CONFIG)
 

@@ -118,6 +118,7 @@ def test_views_per_record_and_ema_are_checked_at_load() -> None:
     with pytest.raises(ConfigError, match=r"task.ema = 1.0; it must lie in \[0, 1\)"):
         StudyConfig().replace(task={"name": "translate", "ema": 1.0})
     assert StudyConfig().replace(task={"name": "superres", "views_per_record": 3}).task.params.views_per_record == 3
+    assert StudyConfig().replace(task={"name": "cycle", "ema": 0.5}).task.params.ema == 0.5
 
 
 def test_paired_ema_ends_the_round_between_the_start_and_the_last_step(tiny_sites: list[Path]) -> None:
