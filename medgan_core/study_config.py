@@ -78,6 +78,9 @@ class StudyConfig:
         validate_task_config(self.task)
         self.privacy.validate()
         self.aggregation.validate()
+        if getattr(self.task.params, "trainable", "all") != "all" and not self.run.initial_model:
+            raise ConfigError(f"task.trainable = {self.task.params.trainable!r} fine-tunes a trained model; set "
+                              "run.initial-model to one (a model trained on public data), or task.trainable = 'all'")
         agg = self.aggregation
         robust = agg.nonlinear_policies()
         if self.privacy.central_noise_multiplier > 0 and robust:

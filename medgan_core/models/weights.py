@@ -39,3 +39,14 @@ def load_group_arrays(groups: Mapping[str, nn.Module], arrays: Mapping[str, np.n
         prefix = f"{group}."
         state = {k[len(prefix):]: torch.from_numpy(np.asarray(v)) for k, v in arrays.items() if k.startswith(prefix)}
         module.load_state_dict(state, strict=True)
+
+
+NORMALISATION_LAYERS = (nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm,
+                        nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def all_but_norms_and_biases(module: nn.Module) -> list[nn.Parameter]:
+    """Every parameter of ``module`` except normalisation layers' scales and shifts and the
+    biases of other layers: what stays fixed when only those are fine-tuned."""
+    return [param for layer in module.modules() if not isinstance(layer, NORMALISATION_LAYERS)
+            for name, param in layer.named_parameters(recurse=False) if name != "bias"]

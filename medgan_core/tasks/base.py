@@ -22,7 +22,7 @@ from torch import nn
 from medgan_core.config import TaskConfig, TaskParams
 from medgan_core.data.dataset import DataSpec, SiteData, Slices
 from medgan_core.errors import ConfigError, WeightsError
-from medgan_core.models.weights import expected_shapes, group_arrays, load_group_arrays
+from medgan_core.models.weights import all_but_norms_and_biases, expected_shapes, group_arrays, load_group_arrays
 from medgan_core.privacy.accountant import SiteAccountant
 from medgan_core.privacy.dp_sgd import (
     DPSettings,
@@ -212,10 +212,26 @@ class TrainingSetup:
             set_hooks(module, enabled=True)
 
 
-def check_ema(decay: float) -> None:
-    """Refuse a ``task.ema`` outside [0, 1), naming the key."""
-    if not 0 <= decay < 1:
-        raise ConfigError(f"task.ema = {decay}; it must lie in [0, 1) (0: off; 0.99 averages ~100 steps)")
+#: What a round trains (``task.trainable``): every parameter, or (fine-tuning a trained model)
+#: only the normalisation layers' scales and shifts and the biases (``norm_and_bias_only``).
+TRAINABLE = ("all", "norms")
+
+
+@dataclass(frozen=True)
+class GANParams(TaskParams):
+    """Settings every GAN task has beside its own losses."""
+
+    #: The generator a round ends with: an exponential moving average of its steps in the
+    #: round with this decay (``GANTask.ema_decay``; 0: the last step).
+    ema: float = 0.0
+    #: ``norms``: only normalisation scales/shifts and biases train (``GANTask.frozen_parameters``).
+    trainable: str = "all"
+
+    def validate(self, task: TaskConfig) -> None:
+        if not 0 <= self.ema < 1:
+            raise ConfigError(f"task.ema = {self.ema}; it must lie in [0, 1) (0: off; 0.99 averages ~100 steps)")
+        if self.trainable not in TRAINABLE:
+            raise ConfigError(f"task.trainable = {self.trainable!r}; choose one of {', '.join(TRAINABLE)}")
 
 
 class GANTask(Task):
@@ -243,10 +259,10 @@ class GANTask(Task):
 
     @property
     def ema_decay(self) -> float:
-        """``task.ema`` where the task has it: the round ends on an exponential moving average
-        of the generator's steps (from the round's start) instead of its last step. Under DP
-        it is post-processing of the private iterates: no privacy cost. 0: the last step."""
-        return 0.0
+        """``task.ema``: the round ends on an exponential moving average of the generator's
+        steps (from the round's start) instead of its last step. Under DP it is
+        post-processing of the private iterates: no privacy cost. 0: the last step."""
+        return self.params.ema if isinstance(self.params, GANParams) else 0.0
 
     def optimizer_state(self) -> dict[str, np.ndarray]:
         """Adam's moments and step counts as ``<group>.<param index>.<key>`` arrays."""
@@ -295,8 +311,35 @@ class GANTask(Task):
             optimizer.register_step_post_hook(proximal_step)  # fires after DPOptimizer's step too
         return optimizer
 
+    def frozen_parameters(self) -> list[nn.Parameter]:
+        """Parameters that keep their values this round: they get no gradient, no per-sample
+        gradient under DP, and no noise. With ``task.trainable = "norms"`` every weight of
+        both networks but the normalisation layers' and the biases (fine-tuning a trained
+        model with DP: the noise a step adds grows with the coordinates it trains, the
+        clipped signal does not; DP-BiTFiT, Bu et al. 2022). Otherwise none."""
+        if not isinstance(self.params, GANParams) or self.params.trainable == "all":
+            return []
+        return [p for module in self.groups.values() for p in all_but_norms_and_biases(module)]
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """``frozen_parameters`` without gradients for the duration, trainable again after."""
+        frozen = [p for p in self.frozen_parameters() if p.requires_grad]
+        for param in frozen:
+            param.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for param in frozen:
+                param.requires_grad_(True)
+
     @contextlib.contextmanager
     def training_setup(self, dp: DPSettings | None, seed: int) -> Iterator[TrainingSetup]:
+        with self.frozen():  # before Opacus wraps the networks: it hooks trainable layers only
+            yield from self._training_setup(dp, seed)
+
+    def _training_setup(self, dp: DPSettings | None, seed: int) -> Iterator[TrainingSetup]:
+        """``training_setup``'s body, with the frozen parameters already frozen."""
         cfg = self.config
         rng = torch.Generator().manual_seed(seed)
         opt_g = self._optimizer("generator", cfg.lr_generator)

@@ -50,7 +50,7 @@ from medgan_core.data.dataset import DataSpec, SiteData, UnpairedDomains
 from medgan_core.data.slice_store import random_crops
 from medgan_core.errors import ConfigError
 from medgan_core.models.unet import CycleDiscriminators, CycleGenerators
-from medgan_core.tasks.base import TrainingSetup, check_ema
+from medgan_core.tasks.base import GANParams, TrainingSetup
 from medgan_core.tasks.paired import PairedImageTask
 
 CYCLE_WEIGHT = 10.0  # CycleGAN's lambda (the identity weight is task.identity-weight: 5 = 0.5 * lambda)
@@ -60,22 +60,21 @@ POOLS = (1, 2, 4)  # every image size (the training patch) divides by these
 
 
 @dataclass(frozen=True)
-class CycleParams(TaskParams):
+class CycleParams(GANParams):
     """CycleGAN's losses (no paired target: no L1 or SSIM weights)."""
 
     identity_weight: float = 5.0  # weight of the identity loss (CycleGAN's 0.5 × the cycle weight; 0: off)
     cycle_pool: int = 1  # compare the cycle's round trip after average pooling by this factor (1: per pixel)
     tv_weight: float = 0.0  # weight of a total-variation penalty on each translated image (0: off)
-    ema: float = 0.0  # the generators a round ends with: an average of their steps (``GANTask.ema_decay``; 0: the last)
 
     def validate(self, task: TaskConfig) -> None:
+        super().validate(task)
         if self.identity_weight < 0:
             raise ConfigError(f"task.identity-weight = {self.identity_weight}; it must be 0 (off) or a positive number")
         if self.cycle_pool not in POOLS:
             raise ConfigError(f"task.cycle-pool = {self.cycle_pool}; choose one of {', '.join(map(str, POOLS))}")
         if self.tv_weight < 0:
             raise ConfigError(f"task.tv-weight = {self.tv_weight}; it must be 0 (off) or a positive number")
-        check_ema(self.ema)
 
 
 class CycleTask(PairedImageTask):

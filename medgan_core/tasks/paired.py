@@ -29,14 +29,14 @@ from medgan_core.models.unet import PatchDiscriminator, ResidualUNet
 from medgan_core.config import TaskConfig, TaskParams
 from medgan_core.errors import ConfigError
 from medgan_core.privacy.multiplicity import average_views, repeat_records
-from medgan_core.tasks.base import GANTask, TrainingSetup, check_ema
+from medgan_core.tasks.base import GANParams, GANTask, TrainingSetup
 
 EVAL_BATCH = 64  # images (or tiles) through the generator at once
 EVAL_SLICES = 8  # whole clinical slices restored and scored at once
 
 
 @dataclass(frozen=True)
-class PairedParams(TaskParams):
+class PairedParams(GANParams):
     """The loss to the paired target beside the adversarial one."""
 
     l1_weight: float = 100.0  # weight of the L1 fidelity term
@@ -46,9 +46,9 @@ class PairedParams(TaskParams):
     #: DP (augmentation multiplicity, ``medgan_core.privacy.multiplicity``): the same ε,
     #: ``views-per-record`` times the compute of a step.
     views_per_record: int = 1
-    ema: float = 0.0  # the generator a round ends with: an average of its steps (``GANTask.ema_decay``; 0: the last)
 
     def validate(self, task: TaskConfig) -> None:
+        super().validate(task)
         if self.l1_weight <= 0:
             raise ConfigError(f"task.l1-weight = {self.l1_weight}; it must be a positive number")
         if self.ssim_weight < 0:
@@ -56,7 +56,6 @@ class PairedParams(TaskParams):
         if self.views_per_record < 1:
             raise ConfigError(f"task.views-per-record = {self.views_per_record}; it must be a whole number >= 1 "
                               "(1: one view of each sampled slice)")
-        check_ema(self.ema)
 
 
 class PairedImageTask(GANTask):
@@ -101,10 +100,6 @@ class PairedImageTask(GANTask):
     #: Restore by averaging the model over the 8 flips/quarter turns (``dihedral_average``);
     #: for a model trained on turned pairs, 8x the inference cost for a cleaner estimate.
     self_ensemble: ClassVar[bool] = False
-
-    @property
-    def ema_decay(self) -> float:
-        return self.params.ema
 
     def build_networks(self) -> tuple[nn.Module, PatchDiscriminator]:
         return self.build_generator(), PatchDiscriminator(self.config.width, channels=self.input_channels + 1)

@@ -13,19 +13,18 @@ from medgan_core.data.dataset import SiteData
 from medgan_core.metrics.distribution import intensity_distance, sliced_wasserstein
 from medgan_core.metrics.features import PhantomFeatureNet, feature_scores, load_feature_net
 from medgan_core.models.dcgan import DCGANDiscriminator, DCGANGenerator, init_dcgan_weights
-from medgan_core.config import TaskConfig, TaskParams
+from medgan_core.config import TaskConfig
 from medgan_core.errors import ConfigError
-from medgan_core.tasks.base import GANTask, TrainingSetup, check_ema
+from medgan_core.tasks.base import GANParams, GANTask, TrainingSetup
 
 
 ARCHITECTURES = ("dcgan", "skips")
 
 
 @dataclass(frozen=True)
-class SynthesisParams(TaskParams):
+class SynthesisParams(GANParams):
     z_dim: int = 64  # length of the generator's latent code
     eval_samples: int = 128  # generated images per held-out evaluation
-    ema: float = 0.0  # the generator a round ends with: an average of its steps (``GANTask.ema_decay``; 0: the last)
     architecture: str = "dcgan"  # "skips": the multi-scale DCGAN for 128×128 and up (``medgan_core.models.dcgan``)
 
     @property
@@ -33,12 +32,12 @@ class SynthesisParams(TaskParams):
         return self.architecture == "skips"
 
     def validate(self, task: TaskConfig) -> None:
+        super().validate(task)
         if self.architecture not in ARCHITECTURES:
             raise ConfigError(f"task.architecture = {self.architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
         for key, value in (("task.z-dim", self.z_dim), ("task.eval-samples", self.eval_samples)):
             if value <= 0:
                 raise ConfigError(f"{key} = {value}; it must be a positive number")
-        check_ema(self.ema)
 
 
 class SynthesisTask(GANTask):
@@ -70,10 +69,6 @@ class SynthesisTask(GANTask):
         generator.apply(init_dcgan_weights)
         discriminator.apply(init_dcgan_weights)
         return generator, discriminator
-
-    @property
-    def ema_decay(self) -> float:
-        return self.params.ema
 
     def train_step(self, s: TrainingSetup, data: SiteData, pool: str, idx: torch.Tensor) -> dict[str, float]:
         real = data.train[idx].to(self.device)

@@ -1,6 +1,6 @@
-"""Augmentation multiplicity under DP-SGD: several views of each sampled slice, one clipped
-gradient per slice (the mean of its views'), the same accounting; and the generator's
-moving average at the end of a paired task's round."""
+"""Levers for training under DP: augmentation multiplicity (several views of each sampled
+slice, one clipped gradient per slice, the same accounting), the generator's moving average
+at the end of a round, and fine-tuning only normalisation layers and biases."""
 
 from __future__ import annotations
 
@@ -135,3 +135,49 @@ def test_paired_ema_ends_the_round_between_the_start_and_the_last_step(tiny_site
     moved = sum(float(np.abs(last[k] - start[k]).sum()) for k in start)
     moved_averaged = sum(float(np.abs(averaged[k] - start[k]).sum()) for k in start)
     assert 0 < moved_averaged < 0.8 * moved  # same seed, same steps: the average lags the last step
+
+
+def test_norms_and_biases_are_all_that_train_and_all_that_dp_clips(
+    tiny_sites: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from medgan_core.models.weights import all_but_norms_and_biases
+
+    config = replace_task(CONFIG, trainable="norms")
+    task = build_task(config)
+    frozen = {id(p) for module in task.groups.values() for p in all_but_norms_and_biases(module)}
+    names = {f"{group}.{name}" for group, module in task.groups.items() for name, p in module.named_parameters()
+             if id(p) not in frozen}
+    norms = {f"{group}.{layer_name}.{name}" for group, module in task.groups.items()
+             for layer_name, layer in module.named_modules() if isinstance(layer, nn.GroupNorm)
+             for name, _ in layer.named_parameters()}
+    biases = {f"{group}.{name}" for group, module in task.groups.items() for name, _ in module.named_parameters()
+              if name.endswith(".bias")}
+    assert norms and names == norms | biases  # no convolution weight
+    clipped: list[int] = []
+    original_clip = DPOptimizer.clip_and_accumulate
+
+    def recording_clip(self):  # type: ignore[no-untyped-def]
+        clipped.append(len(self.grad_samples))
+        return original_clip(self)
+
+    monkeypatch.setattr(DPOptimizer, "clip_and_accumulate", recording_clip)
+    before = task.get_weights()
+    dp = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5, expected_batch_size=10, secure_rng=False)
+    task.train(load_task_data(tiny_sites[1], config), steps=2, seed=0, dp=dp, accountant=SiteAccountant())
+    after = task.get_weights()
+
+    trained = {n for n in before if not np.array_equal(before[n], after[n])}
+    assert trained and trained <= names  # noise reaches every trainable coordinate, and only those
+    assert {n for n in names if n.startswith("generator.")} <= trained
+    per_group = {g: sum(1 for n in names if n.startswith(g + ".")) for g in ("discriminator", "generator")}
+    assert clipped and set(clipped) <= set(per_group.values())  # per-sample gradients of those alone
+    assert all(p.requires_grad for module in task.groups.values() for p in module.parameters())  # thawed after
+
+
+def test_trainable_norms_needs_a_trained_model_to_start_from() -> None:
+    with pytest.raises(ConfigError, match=r"task.trainable = 'norms' fine-tunes a trained model; set run.initial-model"):
+        StudyConfig().replace(task={"name": "translate", "trainable": "norms"})
+    with pytest.raises(ConfigError, match=r"task.trainable = 'some'; choose one of all, norms"):
+        StudyConfig().replace(task={"name": "denoise", "trainable": "some"})
+    study = StudyConfig().replace(run={"initial_model": "public.medgan"}, task={"name": "translate", "trainable": "norms"})
+    assert study.task.params.trainable == "norms"
