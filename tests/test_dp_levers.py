@@ -181,3 +181,13 @@ def test_trainable_norms_needs_a_trained_model_to_start_from() -> None:
         StudyConfig().replace(task={"name": "denoise", "trainable": "some"})
     study = StudyConfig().replace(run={"initial_model": "public.medgan"}, task={"name": "translate", "trainable": "norms"})
     assert study.task.params.trainable == "norms"
+
+
+def test_adam_beta1_reaches_both_optimisers_with_and_without_dp() -> None:
+    dp = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5, expected_batch_size=4, secure_rng=False)
+    for setting in (None, dp):
+        task = build_task(replace_task(CONFIG, adam_beta1=0.9))
+        with task.training_setup(setting, seed=0) as s:
+            assert [o.param_groups[0]["betas"] for o in (s.opt_g, s.opt_d)] == [(0.9, 0.999)] * 2
+    with pytest.raises(ConfigError, match=r"task.adam-beta1 = 1.0; it must lie in \[0, 1\)"):
+        StudyConfig().replace(task={"name": "translate", "adam_beta1": 1.0})

@@ -226,17 +226,23 @@ class GANParams(TaskParams):
     ema: float = 0.0
     #: ``norms``: only normalisation scales/shifts and biases train (``GANTask.frozen_parameters``).
     trainable: str = "all"
+    #: Adam's first-moment decay (DCGAN's and pix2pix's 0.5). Under DP a larger one averages
+    #: the noise of more steps into each update; the privacy cost is the same (post-processing).
+    adam_beta1: float = 0.5
 
     def validate(self, task: TaskConfig) -> None:
         if not 0 <= self.ema < 1:
             raise ConfigError(f"task.ema = {self.ema}; it must lie in [0, 1) (0: off; 0.99 averages ~100 steps)")
         if self.trainable not in TRAINABLE:
             raise ConfigError(f"task.trainable = {self.trainable!r}; choose one of {', '.join(TRAINABLE)}")
+        if not 0 <= self.adam_beta1 < 1:
+            raise ConfigError(f"task.adam-beta1 = {self.adam_beta1}; it must lie in [0, 1) (0.5: DCGAN's)")
 
 
 class GANTask(Task):
-    """Shared plumbing of generator/discriminator tasks: Adam(0.5, 0.999) as in DCGAN and
-    pix2pix, DP-SGD wrapping of ``private_groups``, Poisson or uniform batches."""
+    """Shared plumbing of generator/discriminator tasks: Adam (β1 = ``task.adam-beta1``, by default
+    0.5 as in DCGAN and pix2pix; β2 = 0.999), DP-SGD wrapping of ``private_groups``, Poisson or
+    uniform batches."""
 
     generator: nn.Module
     discriminator: nn.Module
@@ -293,7 +299,8 @@ class GANTask(Task):
         step attached when those are asked for."""
         module = self.groups[group]
         lr = lr * self.local_training.lr_scale
-        optimizer = torch.optim.Adam(module.parameters(), lr=lr, betas=(0.5, 0.999))
+        beta1 = self.params.adam_beta1 if isinstance(self.params, GANParams) else 0.5
+        optimizer = torch.optim.Adam(module.parameters(), lr=lr, betas=(beta1, 0.999))
         saved = self._optimizer_states.get(group)
         if saved is not None:
             optimizer.load_state_dict({"state": saved["state"], "param_groups": optimizer.state_dict()["param_groups"]})
