@@ -100,3 +100,12 @@ def test_the_translate_compare_study_trains_what_the_translate_benchmark_trains(
     assert private.privacy.enabled and private.privacy.target_epsilon == 8.0
     assert private.run.initial_model == "runs/translate-public.medgan" and not public.privacy.enabled
     assert public.run.sites_dir != study.run.sites_dir  # other phantom subjects than the study's
+    # The larger-site DP study: the same task but the learning rates, from the same public start.
+    large = load_study(root / "translate-large-dp.toml")
+    from medgan_core.tasks.registry import replace_task
+
+    assert replace_task(large.task, lr_generator=study.task.lr_generator,
+                        lr_discriminator=study.task.lr_discriminator) == study.task
+    assert (large.task.lr_generator, large.task.lr_discriminator) == (5e-5, 5e-5)
+    assert large.run.initial_model == private.run.initial_model and large.privacy == private.privacy
+    assert large.run.sites_dir == "benchmarks/data/translate-large"

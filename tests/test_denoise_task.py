@@ -133,3 +133,17 @@ def test_denoise_restores_by_self_ensemble_so_a_turned_slice_gives_the_turned_ou
     assert torch.allclose(task.restore(turned), torch.rot90(task.restore(x), 1, dims=(-2, -1)), atol=1e-5)
     plain = task.generator.eval()(turned).clamp(-1, 1)
     assert not torch.allclose(plain, torch.rot90(task.generator(x).clamp(-1, 1), 1, dims=(-2, -1)), atol=1e-3)
+
+
+def test_some_training_patches_fall_on_the_air_around_the_patient(tiny_sites: list[Path]) -> None:
+    """The denoiser must learn to flatten the noise in the air too (whole slices are restored
+    tile by tile): a share of its patches is drawn anywhere, most still on the body."""
+    import torch
+
+    config = replace_task(CONFIG, image_size=16)
+    data = load_task_data(tiny_sites[0], config)
+    task = build_task(config)
+    idx = torch.arange(len(data.train)).repeat(10)
+    _, full = task.training_pair(data, idx, torch.Generator().manual_seed(0))
+    on_body = float(full[:, 0, 8, 8].gt(task.body_level).float().mean())
+    assert 0.6 < on_body < 0.97
