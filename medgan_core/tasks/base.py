@@ -213,7 +213,7 @@ class TrainingSetup:
 
 
 #: What a round trains (``task.trainable``): every parameter, or (fine-tuning a trained model)
-#: only the normalisation layers' scales and shifts and the biases (``norm_and_bias_only``).
+#: only the normalisation layers' scales and shifts and the biases (``all_but_norms_and_biases`` stay).
 TRAINABLE = ("all", "norms")
 
 
