@@ -106,7 +106,7 @@ def test_dp_step_clips_one_gradient_per_slice_over_several_views_and_accounts_th
     for idx, full in pairs:
         records = len(idx) // views
         assert idx.tolist() == np.repeat(idx[::views].numpy(), views).tolist()  # each slice 4 times in a row
-        # its views are different patches (places, flips or turns) of the slice, not one patch 4 times
+        # its views are patches of the slice at different places (flips and turns come after), not one patch 4 times
         assert any(not torch.equal(full[r * views], full[r * views + j]) for r in range(records) for j in (1, 2, 3))
     # per step, D then G clip one gradient per sampled slice: a quarter of the rows they saw
     assert clipped == [n for idx, _ in pairs for n in (len(idx) // views,) * 2]
