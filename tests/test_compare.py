@@ -12,21 +12,20 @@ from medgan.cli import app
 from medgan.compare import compare_study
 from medgan_core.study_config import StudyConfig
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 def test_every_arm_is_scored_at_every_site(tiny_sites: list[Path], tmp_path: Path) -> None:
-    """DP on: the three arms, leave-one-out, and the ε–utility curve (ε = 8 as configured, 4,
-    and the same federation without DP)."""
+    """DP on: the three arms, leave-one-out, and the ε–utility curve (ε = 8 as configured and the
+    same federation without DP; another ε's arm: ``test_another_epsilon_is_the_same_study_at_that_target``)."""
     study = StudyConfig().replace(
         run={"rounds": 1, "num_sites": 2, "device": "cpu"},
         task={"name": "denoise", "image_size": 16, "width": 8, "batch_size": 4, "local_steps": 2},
         privacy={"enabled": True, "target_epsilon": 8.0})
     seen: list[str] = []
-    results = compare_study(study, tiny_sites, tmp_path / "cmp", leave_one_out=True, epsilons=[4.0, 8.0],
+    results = compare_study(study, tiny_sites, tmp_path / "cmp", leave_one_out=True, epsilons=[8.0],
                             progress=seen.append)
     names = [s.name for s in tiny_sites]
-    assert set(results["scores"]) == {"federated", "federated, ε=4", "federated, no DP", "local only", "pooled"}
+    assert set(results["scores"]) == {"federated", "federated, no DP", "local only", "pooled"}
     for arm, per_site in results["scores"].items():
         assert set(per_site) == set(names) and all("psnr" in m and "psnr-input" in m for m in per_site.values())
     # local-only models differ between sites; the federated arm's are one shared model
@@ -34,10 +33,10 @@ def test_every_arm_is_scored_at_every_site(tiny_sites: list[Path], tmp_path: Pat
     assert local[names[0]]["psnr"] != results["scores"]["federated"][names[0]]["psnr"]
     assert set(results["leave-one-out"]) == set(names)
     assert set(results["leave-one-out"][names[0]]["single sites"]) == {names[1]}
-    # The curve: each DP point at the ε its sites spent, within its target, in order.
+    # The curve: the DP point at the ε its sites spent, within its target (the configured ε once).
     curve = results["epsilon-utility"]
-    assert [p["arm"] for p in curve] == ["federated, ε=4", "federated"]
-    assert 0 < curve[0]["epsilon-spent"] <= 4.0 + 1e-6 and 4.0 < curve[1]["epsilon-spent"] <= 8.0 + 1e-6
+    assert [p["arm"] for p in curve] == ["federated"]
+    assert 4.0 < curve[0]["epsilon-spent"] <= 8.0 + 1e-6
     assert results["scores"]["federated, no DP"] != results["scores"]["federated"]
     assert json.loads((tmp_path / "cmp" / "results.json").read_text())["headline"] == "psnr"
     table = (tmp_path / "cmp" / "results.md").read_text()
@@ -50,6 +49,38 @@ def test_every_arm_is_scored_at_every_site(tiny_sites: list[Path], tmp_path: Pat
     for chart in ("per-site.png", "gain.png", "epsilon-utility.png"):  # matplotlib is a dev dependency
         with Image.open(tmp_path / "cmp" / chart) as image:
             assert image.format == "PNG" and image.width > 200 and image.height > 200
+
+
+def test_another_epsilon_is_the_same_study_at_that_target(tiny_sites: list[Path], tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ``--epsilons`` arm changes the privacy target only, and lets the noise multiplier follow
+    it (a fixed one would spend the configured study's ε); its ε-spent is read from its own run."""
+    import medgan.compare as compare
+
+    study = StudyConfig().replace(
+        run={"rounds": 3, "num_sites": 2, "device": "cpu"},
+        task={"name": "denoise", "image_size": 16, "width": 8, "batch_size": 4, "local_steps": 2},
+        privacy={"enabled": True, "target_epsilon": 8.0, "noise_multiplier": 1.3})
+    arms: list[tuple[StudyConfig, Path]] = []
+
+    class Stop(Exception):
+        pass
+
+    def record(arm_study: StudyConfig, sites: list[Path], run_dir: Path, **_: object) -> None:
+        arms.append((arm_study, run_dir))
+        if len(arms) == 2:
+            raise Stop
+
+    monkeypatch.setattr(compare, "simulate_federation", record)
+    monkeypatch.setattr(compare, "site_models", lambda *a, **k: {})
+    monkeypatch.setattr(compare, "spent_epsilon", lambda run_dir: 7.5)
+    with pytest.raises(Stop):
+        compare.compare_study(study, tiny_sites, tmp_path / "cmp", epsilons=[8.0, 2.0], progress=lambda _: None)
+    (configured, first), (other, second) = arms
+    assert configured == study and first.name == "federated"
+    assert second.name == "federated,-ε=2" and other.privacy.target_epsilon == 2.0
+    assert other.privacy.noise_multiplier == 0.0  # found for ε = 2, not the configured 1.3
+    assert other.replace(privacy={"target_epsilon": 8.0, "noise_multiplier": 1.3}) == study  # nothing else
 
 
 def test_a_comparison_needs_two_sites(tiny_sites: list[Path], tmp_path: Path) -> None:

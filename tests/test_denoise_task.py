@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from federation_checks import site_without
 from medgan_core.config import PrivacyConfig, SiteConfig
@@ -76,9 +77,23 @@ def test_preview_rows_are_input_output_target_from_phantoms() -> None:
     assert not np.allclose(grid[0].numpy(), grid[2].numpy())  # low dose differs from full dose
 
 
-def test_fully_convolutional_on_a_clinical_size_slice() -> None:
-    import torch
+def test_the_coordinator_makes_its_preview_phantoms_once_and_shows_each_rounds_model(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    task = build_task(replace_task(CONFIG, spacing=6.25))
+    made: list[int] = []
+    make = task.preview_pairs
+    monkeypatch.setattr(task, "preview_pairs", lambda n: (made.append(n), make(n))[1])
+    untrained = task.preview(2)
+    weights = task.get_weights()
+    task.set_weights({k: v + 0.05 if k.startswith("generator.") else v for k, v in weights.items()})
+    changed = task.preview(2)
+    assert made == [2]  # the phantoms once
+    assert torch.equal(untrained[2::3], changed[2::3]) and torch.equal(untrained[0::3], changed[0::3])
+    assert not torch.allclose(untrained[1::3], changed[1::3])  # the output column is the new model's
+    assert task.preview(3).shape[0] == 9 and made == [2, 3]  # another number: made again
 
+
+def test_fully_convolutional_on_a_clinical_size_slice() -> None:
     task = build_task(CONFIG)
     assert task.denoise(torch.zeros(1, 1, 512, 512)).shape == (1, 1, 512, 512)
 

@@ -125,9 +125,13 @@ def processes(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 
 def test_tls_federation_with_node_auth(tiny_sites: list[Path], tmp_path: Path, processes: Processes) -> None:
+    """Strangers, unregistered keys, nodes that distrust the CA and nodes that approved another app
+    are refused; and (issue 19, point 12, as it happened) a SuperNode killed while it trains does
+    not stall the study: every wait is bounded, every round's line is written, the lost site named."""
     certs = init_certificates(tmp_path / "certs", ["localhost", "127.0.0.1"])
     other_ca = init_certificates(tmp_path / "other-ca", ["127.0.0.1"])
-    keys = {name: site_key_pair(tmp_path / "keys", name) for name in ("site-a", "site-b", "rogue", "no-ca", "pinned")}
+    keys = {name: site_key_pair(tmp_path / "keys", name)
+            for name in ("site-a", "site-b", "rogue", "no-ca", "pinned", "lost")}
     coordinator = CoordinatorConfig(port=_free_port(), certs_dir=str(tmp_path / "certs"),
                                     database=str(tmp_path / "coordinator" / "state.db"))
     superlink, superlink_log = processes.start("superlink", superlink_command(coordinator))
@@ -140,7 +144,7 @@ def test_tls_federation_with_node_auth(tiny_sites: list[Path], tmp_path: Path, p
         assert _post_from("127.0.0.1", coordinator.port, path, certs.ca_cert) != 403, path
     assert _post_from("127.0.0.2", coordinator.port, "/v1/fleet/get-run", certs.ca_cert) != 403
     assert "refused POST /v1/control/register-node from 127.0.0.2" in superlink_log.read_text()
-    for name in ("site-a", "site-b", "no-ca", "pinned"):  # "rogue" is never registered
+    for name in ("site-a", "site-b", "no-ca", "pinned", "lost"):  # "rogue" is never registered
         command, env = register_command(coordinator, keys[name][1])
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stdout + done.stderr
@@ -150,27 +154,41 @@ def test_tls_federation_with_node_auth(tiny_sites: list[Path], tmp_path: Path, p
                            app_hash=pin),
                 ConnectionConfig(coordinator.address, str(ca), str(keys[name][0]), _free_port()))
 
-    logs = {}
+    logs, nodes = {}, {}
     other_app = "ab" * 32  # "pinned" approved some other release of the app, not the one submitted
     for name, data, ca, pin in (("site-a", tiny_sites[0], certs.ca_cert, ""), ("site-b", tiny_sites[1], certs.ca_cert, ""),
                                 ("rogue", tiny_sites[0], certs.ca_cert, ""), ("no-ca", tiny_sites[1], other_ca.ca_cert, ""),
-                                ("pinned", tiny_sites[0], certs.ca_cert, other_app)):
-        _, logs[name] = processes.start(name, supernode_command(*site(name, data, ca, pin)))
-    for name in ("site-a", "site-b", "pinned"):
+                                ("pinned", tiny_sites[0], certs.ca_cert, other_app), ("lost", tiny_sites[1], certs.ca_cert, "")):
+        nodes[name], logs[name] = processes.start(name, supernode_command(*site(name, data, ca, pin)))
+    for name in ("site-a", "site-b", "pinned", "lost"):
         assert _wait_for_text(logs[name], "SuperNode ID", 60), logs[name].read_text()[-3000:]
 
     study = StudyConfig().replace(
-        run={"rounds": 2, "num_sites": 2, "device": "cpu", "out_dir": str(tmp_path / "run")},
-        task={"image_size": 16, "batch_size": 8, "local_steps": 3, "width": 8, "z_dim": 8, "eval_samples": 16},
+        run={"rounds": 2, "num_sites": 2, "device": "cpu", "out_dir": str(tmp_path / "run"), "round_timeout": 30.0},
+        task={"image_size": 16, "batch_size": 8, "local_steps": 30, "width": 8, "z_dim": 8, "eval_samples": 16},
     )
-    assert submit_study(coordinator, study, timeout=300) == 0
+    import threading
+
+    outcome: list[int] = []
+    runner = threading.Thread(target=lambda: outcome.append(submit_study(coordinator, study, timeout=400)))
+    runner.start()
+    # "lost" is killed as soon as it receives its first training message
+    assert _wait_for_text(logs["lost"], "train message", 180), logs["lost"].read_text()[-3000:]
+    _signal_group(nodes["lost"].pid, signal.SIGKILL)
+    killed = time.monotonic()
+    runner.join(timeout=420)
+    assert not runner.is_alive(), "the study stalled after a site was killed"
+    assert time.monotonic() - killed < 300 and outcome == [0]
     records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
-    assert [r["round"] for r in records] == [0, 1, 2]
+    assert [r["round"] for r in records] == [0, 1, 2]  # every round recorded
     for record in records[1:]:
-        # the node that approved another app refused this one and was left out, once a round
-        assert len(record["sites"]) == 2 and len(record["excluded"]) == 1, record["excluded"]
-        assert "could not be verified" in record["excluded"][0]["reason"]
+        # the two sites carried the round; the node that approved another app refused this one
+        # and was left out, once a round; the lost site is named at most once a round
+        reasons = [e["reason"] for e in record["excluded"]]
+        assert len(record["sites"]) == 2 and not record["round-failed"], reasons
+        assert sum("could not be verified" in r for r in reasons) == 1 and len(reasons) <= 2, reasons
         assert all(0 < s["train"]["epsilon"] <= 8 for s in record["sites"])
+    assert any("no reply" in e["reason"] for e in records[1]["excluded"]), records[1]["excluded"]
     for name in ("site-a", "site-b"):  # each site kept its own accountant
         assert list((tmp_path / "state" / name).glob("accountant-*.json"))
     # The unregistered key is refused by the SuperLink; the node that does not trust the
@@ -183,47 +201,3 @@ def test_tls_federation_with_node_auth(tiny_sites: list[Path], tmp_path: Path, p
     pinned = logs["pinned"].read_text(errors="replace")
     assert "refused study app" in pinned and "not an app this site approved" in pinned, pinned[-2000:]
     assert not list((tmp_path / "state").glob("pinned/accountant-*.json"))
-
-
-def test_a_site_killed_mid_round_does_not_stall_the_study(tiny_sites: list[Path], tmp_path: Path,
-                                                          processes: Processes) -> None:
-    """Issue 19, point 12, as it happened: one SuperNode killed while it trains. Every wait is
-    bounded, every round's line is written, and the lost site is named once per round."""
-    certs = init_certificates(tmp_path / "certs", ["localhost"])
-    keys = {name: site_key_pair(tmp_path / "keys", name) for name in ("stays", "killed")}
-    coordinator = CoordinatorConfig(port=_free_port(), certs_dir=str(tmp_path / "certs"),
-                                    database=str(tmp_path / "coordinator" / "state.db"))
-    superlink, superlink_log = processes.start("superlink", superlink_command(coordinator))
-    _wait_for_port(coordinator.port, superlink, superlink_log)
-    nodes, logs = {}, {}
-    for name, data in (("stays", tiny_sites[0]), ("killed", tiny_sites[1])):
-        command, env = register_command(coordinator, keys[name][1])
-        assert subprocess.run(command, env=env, capture_output=True, timeout=60).returncode == 0
-        site = SiteConfig(str(data), name=name, state_dir=str(tmp_path / "state" / name), device="cpu")
-        connection = ConnectionConfig(coordinator.address, str(certs.ca_cert), str(keys[name][0]), _free_port())
-        nodes[name], logs[name] = processes.start(name, supernode_command(site, connection))
-    for name in nodes:
-        assert _wait_for_text(logs[name], "SuperNode ID", 60), logs[name].read_text()[-3000:]
-
-    study = StudyConfig().replace(
-        run={"rounds": 2, "num_sites": 2, "device": "cpu", "out_dir": str(tmp_path / "run"), "round_timeout": 20.0},
-        task={"image_size": 16, "batch_size": 8, "local_steps": 30, "width": 8, "z_dim": 8, "eval_samples": 16},
-    )
-    import threading
-
-    outcome: list[int] = []
-    runner = threading.Thread(target=lambda: outcome.append(submit_study(coordinator, study, timeout=400)))
-    runner.start()
-    # kill the site as soon as it receives its first training message
-    assert _wait_for_text(logs["killed"], "train message", 120), logs["killed"].read_text()[-3000:]
-    _signal_group(nodes["killed"].pid, signal.SIGKILL)
-    started = time.monotonic()
-    runner.join(timeout=420)
-    assert not runner.is_alive(), "the study stalled after a site was killed"
-    assert time.monotonic() - started < 300
-    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
-    assert [r["round"] for r in records] == [0, 1, 2]  # every round recorded
-    for record in records[1:]:
-        assert len(record["sites"]) >= 1 and not record["round-failed"]  # the other site carried the round
-        assert len(record["excluded"]) <= 1  # the lost site, once
-    assert records[1]["excluded"] and "no reply" in records[1]["excluded"][0]["reason"]

@@ -100,6 +100,8 @@ class PairedImageTask(GANTask):
     #: Restore by averaging the model over the 8 flips/quarter turns (``dihedral_average``);
     #: for a model trained on turned pairs, 8x the inference cost for a cleaner estimate.
     self_ensemble: ClassVar[bool] = False
+    #: ``previewed_pairs``' phantoms, with the number asked for (set on the object, not the class).
+    _preview_pairs: tuple[int, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def build_networks(self) -> tuple[nn.Module, PatchDiscriminator]:
         return self.build_generator(), PatchDiscriminator(self.config.width, channels=self.input_channels + 1)
@@ -228,10 +230,18 @@ class PairedImageTask(GANTask):
     def preview_pairs(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` (degraded, original) pairs the coordinator makes itself (no patient data)."""
 
+    def previewed_pairs(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``preview_pairs``, made once per task object: the coordinator previews the same
+        phantoms every round, and at clinical geometry making them takes seconds of CPU."""
+        cached = self._preview_pairs
+        if cached is None or cached[0] != n:
+            cached = self._preview_pairs = (n, self.preview_pairs(n))
+        return cached[1]
+
     def preview(self, n: int) -> torch.Tensor:
         """Rows of input | output | target on the coordinator's own phantom slices, shown in
         the soft-tissue window."""
-        degraded, original = self.preview_pairs(n)
+        degraded, original = self.previewed_pairs(n)
         out = self.restore(degraded)
         rows = [self.displayed(self.input_image(degraded).clamp(-1, 1), self.input_modality),
                 self.displayed(out, self.config.modality), self.displayed(original.clamp(-1, 1), self.config.modality)]
