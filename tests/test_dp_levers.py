@@ -112,6 +112,19 @@ def test_dp_step_clips_one_gradient_per_slice_over_several_views_and_accounts_th
     assert clipped == [n for idx, _ in pairs for n in (len(idx) // views,) * 2]
 
 
+def test_several_views_of_whole_unturned_images_are_refused(tiny_sites: list[Path]) -> None:
+    """translate neither crops (the slices are whole images of image-size here) nor flips: its
+    views would all be the same image. denoise turns its pairs, so its views still differ."""
+    config = task_config(name="translate", image_size=128, spacing=3.125, width=8, batch_size=4, views_per_record=2)
+    data = load_task_data(tiny_sites[0], config)
+    assert tuple(data.train.shape[-2:]) == (128, 128)
+    with pytest.raises(ConfigError, match="task.views-per-record = 2, but this site's slices are whole 128-pixel"):
+        build_task(config).train(data, steps=1, seed=0)
+    build_task(replace_task(config, views_per_record=1)).train(data, steps=1, seed=0)
+    whole = replace_task(CONFIG, image_size=128, spacing=3.125, views_per_record=2)
+    build_task(whole).train(load_task_data(tiny_sites[0], whole), steps=1, seed=0)
+
+
 def test_views_per_record_and_ema_are_checked_at_load() -> None:
     with pytest.raises(ConfigError, match=r"task.views-per-record = 0; it must be a whole number >= 1"):
         StudyConfig().replace(task={"name": "denoise", "views_per_record": 0})

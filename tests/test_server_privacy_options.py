@@ -1,4 +1,5 @@
-"""Server-side privacy options from Flower: SecAgg+ and central DP, in real simulated runs."""
+"""Server-side privacy options from Flower: SecAgg+ and central DP, in real simulated runs; every
+run here starts from a public model (``run.initial-model``), the way a DP study is advised to."""
 
 from __future__ import annotations
 
@@ -7,17 +8,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from medgan_core.model_file import load_model, save_model
 from medgan_core.study_config import StudyConfig
 from medgan_core.fileio import read_jsonl
 from medgan_core.checkpoints import load_checkpoint
+from medgan_core.tasks.registry import build_task, replace_task
 from medgan.simulation import simulate_federation
 
 pytestmark = pytest.mark.slow
 
 
-def _study(**privacy: object) -> StudyConfig:
+def _study(public: Path, **privacy: object) -> StudyConfig:
     return StudyConfig().replace(
-        run={"rounds": 1, "num_sites": 2, "device": "cpu"},
+        run={"rounds": 1, "num_sites": 2, "device": "cpu", "initial_model": str(public)},
         task={"image_size": 16, "batch_size": 8, "local_steps": 8, "width": 8, "z_dim": 8, "eval_samples": 16,
               "lr_generator": 2e-3, "lr_discriminator": 2e-3},
         privacy={"secure_rng": False, **privacy},
@@ -25,16 +28,45 @@ def _study(**privacy: object) -> StudyConfig:
 
 
 @pytest.fixture(scope="module")
-def plain_run(tiny_sites: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+def public(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model of the studies' task with other weights than their seeded start."""
+    config = StudyConfig().replace(task={"image_size": 16, "width": 8, "z_dim": 8}).task
+    weights = build_task(replace_task(config, seed=7)).get_weights()
+    return save_model(tmp_path_factory.mktemp("public") / "public.medgan", weights, config,
+                      {"trained-on": "the project's simulator (public phantoms)"})
+
+
+@pytest.fixture(scope="module")
+def plain_run(public: Path, tiny_sites: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("plain")
-    simulate_federation(_study(), tiny_sites, run_dir)
+    simulate_federation(_study(public), tiny_sites, run_dir)
     return run_dir
 
 
+def _starts_from(run: Path, public: Path) -> bool:
+    start, _ = load_checkpoint(run / "checkpoints" / "round-000.safetensors")
+    arrays = load_model(public).arrays
+    return set(start) == set(arrays) and all(np.array_equal(start[k], arrays[k]) for k in arrays)
+
+
+def test_a_study_starts_from_the_initial_model_and_its_export_says_so(plain_run: Path, public: Path,
+                                                                     tmp_path: Path) -> None:
+    from server.export import export_model
+    from server.privacy_report import privacy_report
+    from server.run_folder import RunFolder
+
+    assert _starts_from(plain_run, public)
+    exported = load_model(export_model(plain_run, tmp_path / "out.medgan"))
+    assert exported.provenance["initial-model"]["file"] == "public.medgan"
+    assert "public phantoms" in exported.provenance["initial-model"]["trained-on"]
+    assert "Starting weights: `public.medgan`" in privacy_report(RunFolder(plain_run))
+
+
 def test_secagg_gives_the_plain_fedavg_model_up_to_quantisation(
-    plain_run: Path, tiny_sites: list[Path], tmp_path: Path
+    plain_run: Path, public: Path, tiny_sites: list[Path], tmp_path: Path
 ) -> None:
-    simulate_federation(_study(secagg=True), tiny_sites, tmp_path / "secagg")
+    simulate_federation(_study(public, secagg=True), tiny_sites, tmp_path / "secagg")
+    assert _starts_from(tmp_path / "secagg", public)  # SecAgg+'s server app starts from it too
     plain, _ = load_checkpoint(plain_run / "checkpoints" / "round-001.safetensors")
     secure, _ = load_checkpoint(tmp_path / "secagg" / "checkpoints" / "round-001.safetensors")
     initial, _ = load_checkpoint(plain_run / "checkpoints" / "round-000.safetensors")
@@ -50,8 +82,9 @@ def test_secagg_gives_the_plain_fedavg_model_up_to_quantisation(
     assert (tmp_path / "secagg" / "report.md").is_file()
 
 
-def test_central_dp_adds_noise_to_the_aggregate(plain_run: Path, tiny_sites: list[Path], tmp_path: Path) -> None:
-    study = _study(central_noise_multiplier=1.0, central_clipping_norm=0.5)
+def test_central_dp_adds_noise_to_the_aggregate(plain_run: Path, public: Path, tiny_sites: list[Path],
+                                                tmp_path: Path) -> None:
+    study = _study(public, central_noise_multiplier=1.0, central_clipping_norm=0.5)
     simulate_federation(study, tiny_sites, tmp_path / "central")
     records = read_jsonl(tmp_path / "central" / "metrics.jsonl")
     assert records[1]["central-noise-std"] == pytest.approx(1.0 * 0.5 / 2)

@@ -1,5 +1,6 @@
 """A warm start (``run.initial-model``): the study starts from the file's weights, refuses a
-model made for other settings before anything starts, and the export says where it began."""
+model made for other settings before anything starts. (A federation from it, SecAgg+ included, and
+its export: ``test_server_privacy_options``.)"""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medgan_core.checkpoints import load_checkpoint
 from medgan_core.errors import MedGANError
 from medgan_core.model_file import load_model, save_model
 from medgan_core.study_config import StudyConfig
@@ -56,27 +56,6 @@ def test_a_missing_or_foreign_file_is_refused_in_one_line(tmp_path: Path) -> Non
     (tmp_path / "junk.medgan").write_bytes(b"not a model")
     with pytest.raises(MedGANError):
         initial_weights(STUDY.replace(run={"initial_model": str(tmp_path / "junk.medgan")}))
-
-
-@pytest.mark.slow
-def test_a_federated_study_starts_from_the_initial_model_and_its_export_says_so(
-        tiny_sites: list[Path], tmp_path: Path) -> None:
-    from medgan.simulation import simulate_federation
-    from server.export import export_model
-
-    path = _public_model(tmp_path)
-    study = STUDY.replace(run={"initial_model": str(path)})
-    run = simulate_federation(study, tiny_sites, tmp_path / "run")
-    start, _ = load_checkpoint(run / "checkpoints" / "round-000.safetensors")
-    public = load_model(path).arrays
-    assert set(start) == set(public) and all(np.array_equal(start[k], public[k]) for k in public)
-    exported = load_model(export_model(run, tmp_path / "out.medgan"))
-    assert exported.provenance["initial-model"]["file"] == "public.medgan"
-    assert "public phantoms" in exported.provenance["initial-model"]["trained-on"]
-    from server.privacy_report import privacy_report
-    from server.run_folder import RunFolder
-
-    assert "Starting weights: `public.medgan`" in privacy_report(RunFolder(run))
 
 
 def test_a_bad_initial_model_stops_the_simulation_before_it_starts(tiny_sites: list[Path], tmp_path: Path) -> None:

@@ -132,6 +132,11 @@ class PairedImageTask(GANTask):
 
     def train_step(self, s: TrainingSetup, data: SiteData, pool: str, idx: torch.Tensor) -> dict[str, float]:
         views = self.params.views_per_record
+        if views > 1 and not self.augment and tuple(data.train.shape[-2:]) == (self.config.image_size,) * 2:
+            raise ConfigError(
+                f"task.views-per-record = {views}, but this site's slices are whole {self.config.image_size}-pixel "
+                f"images and {self.name} does not flip or turn them: every view would be the same image "
+                "(the same gradient at several times the compute); set it to 1, or a smaller image-size")
         low, full = self.training_pair(data, repeat_records(idx, views), s.rng)  # each view its own patch
         if self.augment:
             low, full = dihedral_pairs(low, full, generator=s.rng)
