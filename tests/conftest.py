@@ -31,3 +31,36 @@ def tiny_study() -> StudyConfig:
         run={"rounds": 2, "num_sites": 2, "device": "cpu"},
         task={"image_size": 16, "batch_size": 8, "local_steps": 3, "width": 8, "z_dim": 8, "eval_samples": 16},
     )
+
+
+@pytest.fixture(scope="session")
+def federated_run(tiny_sites: list[Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One real simulated federation (2 sites x 2 rounds, DP on, seeded) that several test files
+    read: what it wrote, what the sites sent, the live-display events, and the TCP sockets the
+    simulation's processes listened on in round 1."""
+    from medgan.simulation import simulate_federation
+    from tests.process_tree import descendants, listening_addresses
+
+    study = StudyConfig().replace(
+        run={"rounds": 2, "num_sites": 2, "device": "cpu", "tracking": "tensorboard"},
+        task={"image_size": 16, "batch_size": 8, "local_steps": 3, "width": 8, "z_dim": 8, "eval_samples": 16},
+        privacy={"secure_rng": False},  # seeded DP noise, so that two runs can be compared
+    )
+    run_dir = tmp_path_factory.mktemp("run")
+    received: dict = {}
+    summaries: list = []
+    events: list = []
+    listening: dict[str, str] = {}
+
+    def progress(summary: object) -> None:
+        summaries.append(summary)
+        if getattr(summary, "server_round", 0) == 1:  # mid-study: Ray and its workers still up
+            listening.update(listening_addresses({os.getpid(), *descendants(os.getpid())}))
+
+    simulate_federation(
+        study, tiny_sites, run_dir, progress=progress,
+        on_train_replies=lambda rnd, replies: received.__setitem__(rnd, replies), watch=events.append,
+    )
+    return {"study": study, "run_dir": run_dir, "received": received, "summaries": summaries, "events": events,
+            "listening": listening}
+

@@ -1,4 +1,5 @@
-"""A real federated run in Flower's simulation engine: 2 sites x 2 rounds on tiny images."""
+"""A real federated run in Flower's simulation engine: 2 sites x 2 rounds on tiny images
+(conftest's ``federated_run``, which the network-security tests read too)."""
 
 from __future__ import annotations
 
@@ -16,23 +17,6 @@ import medgan.simulation as simulation
 from medgan.simulation import cpu_share, simulate_federation
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def federated_run(tiny_sites: list[Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
-    study = StudyConfig().replace(
-        run={"rounds": 2, "num_sites": 2, "device": "cpu", "tracking": "tensorboard"},
-        task={"image_size": 16, "batch_size": 8, "local_steps": 3, "width": 8, "z_dim": 8, "eval_samples": 16},
-        privacy={"secure_rng": False},  # seeded DP noise, so that two runs can be compared
-    )
-    run_dir = tmp_path_factory.mktemp("run")
-    received: dict[int, list[Message]] = {}
-    summaries, events = [], []
-    simulate_federation(
-        study, tiny_sites, run_dir, progress=summaries.append,
-        on_train_replies=lambda rnd, replies: received.__setitem__(rnd, replies), watch=events.append,
-    )
-    return {"study": study, "run_dir": run_dir, "received": received, "summaries": summaries, "events": events}
 
 
 def test_each_site_is_watched_as_its_reply_arrives(federated_run: dict) -> None:

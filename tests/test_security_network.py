@@ -21,30 +21,9 @@ import pytest
 
 from medgan import private_network
 from medgan_core.fileio import read_jsonl
-from tests.process_tree import descendants
+from tests.process_tree import descendants, listening_addresses
 
 pytestmark = [pytest.mark.slow, pytest.mark.security]
-
-
-def _listening(pids: set[int]) -> dict[str, str]:
-    """Socket inode -> the address each listening TCP socket of ``pids`` is bound to (/proc: state 0A)."""
-    inodes = set()
-    for pid in pids:
-        try:
-            links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
-        except OSError:
-            continue
-        inodes |= {link[8:-1] for link in links if link.startswith("socket:[")}
-    found = {}
-    for table, width in (("tcp", 8), ("tcp6", 32)):
-        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] != "0A" or fields[9] not in inodes:
-                continue
-            raw = bytes.fromhex(fields[1].split(":")[0])
-            words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # /proc prints host order
-            found[fields[9]] = str(ipaddress.ip_address(words))
-    return found
 
 
 def _loopback(address: str) -> bool:
@@ -52,17 +31,10 @@ def _loopback(address: str) -> bool:
     return ip.is_loopback or (ip.version == 6 and ip.ipv4_mapped is not None and ip.ipv4_mapped.is_loopback)
 
 
-def test_the_python_api_keeps_ray_on_loopback(tiny_sites: list[Path], tmp_path: Path, tiny_study) -> None:
-    """simulate_federation (no namespace): every socket Ray's processes listen on is loopback."""
-    from medgan.simulation import simulate_federation
-
-    seen: dict[str, str] = {}
-
-    def look(summary: object) -> None:
-        if getattr(summary, "server_round", 0) == 1:
-            seen.update(_listening({os.getpid(), *descendants(os.getpid())}))
-
-    simulate_federation(tiny_study.replace(run={"rounds": 1}), tiny_sites, tmp_path / "run", progress=look)
+def test_the_python_api_keeps_ray_on_loopback(federated_run: dict) -> None:
+    """simulate_federation (no namespace): every socket Ray's processes listen on is loopback
+    (read mid-study, in round 1 of the shared federation: conftest's ``federated_run``)."""
+    seen = federated_run["listening"]
     assert len(seen) >= 4, seen  # the driver's, GCS's, raylet's and the workers' servers, seen mid-study
     assert all(_loopback(address) for address in seen.values()), seen
 
@@ -125,7 +97,7 @@ def test_flwr_run_keeps_ray_on_loopback(tiny_sites: list[Path], tmp_path: Path) 
     try:
         deadline = time.monotonic() + 240
         while run.poll() is None and time.monotonic() < deadline:
-            seen.update(_listening(_ray_processes(f"FLWR_HOME={home}")))
+            seen.update(listening_addresses(_ray_processes(f"FLWR_HOME={home}")))
             time.sleep(0.3)
         output = run.communicate(timeout=60)[0]
     finally:
