@@ -113,7 +113,9 @@ def test_a_local_discriminator_stays_home_and_a_resumed_run_ends_as_an_uninterru
         tiny_sites: list[Path], tmp_path: Path) -> None:
     """``discriminator=local`` with FedAdam, kept optimiser state and FedProx, under DP: D never
     leaves its site, each site's own D trains and is kept in its state folder; and a coordinator
-    stopped after the sites trained round 2, resumed, ends with the uninterrupted run's weights."""
+    stopped after the sites trained round 2, resumed, ends with the uninterrupted run's weights.
+    Flower draws node ids and reply order anew each run: three runs ending equal also shows
+    that the seeded result does not depend on them."""
     study = _study(rounds=3, server_optimizer="fedadam", group_policies="discriminator=local",
                    keep_optimizer_state=True, proximal_mu=0.1)
     received = _run(study, tiny_sites, tmp_path / "whole")
