@@ -54,7 +54,7 @@ def test_every_arm_is_scored_at_every_site(tiny_sites: list[Path], tmp_path: Pat
 def test_another_epsilon_is_the_same_study_at_that_target(tiny_sites: list[Path], tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """An ``--epsilons`` arm changes the privacy target only, and lets the noise multiplier follow
-    it (a fixed one would spend the configured study's ε); its ε-spent is read from its own run."""
+    it (a fixed one would spend the configured study's ε); it runs in its own run folder."""
     import medgan.compare as compare
 
     study = StudyConfig().replace(
