@@ -18,11 +18,14 @@ from medgan.simulation import simulate_federation
 pytestmark = pytest.mark.slow
 
 
+TASK = {"image_size": 16, "batch_size": 8, "local_steps": 8, "width": 8, "z_dim": 8, "eval_samples": 16,
+        "lr_generator": 2e-3, "lr_discriminator": 2e-3}
+
+
 def _study(public: Path, **privacy: object) -> StudyConfig:
     return StudyConfig().replace(
         run={"rounds": 1, "num_sites": 2, "device": "cpu", "initial_model": str(public)},
-        task={"image_size": 16, "batch_size": 8, "local_steps": 8, "width": 8, "z_dim": 8, "eval_samples": 16,
-              "lr_generator": 2e-3, "lr_discriminator": 2e-3},
+        task=TASK,
         privacy={"secure_rng": False, **privacy},
     )
 
@@ -30,7 +33,7 @@ def _study(public: Path, **privacy: object) -> StudyConfig:
 @pytest.fixture(scope="module")
 def public(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model of the studies' task with other weights than their seeded start."""
-    config = StudyConfig().replace(task={"image_size": 16, "width": 8, "z_dim": 8}).task
+    config = StudyConfig().replace(task=TASK).task
     weights = build_task(replace_task(config, seed=7)).get_weights()
     return save_model(tmp_path_factory.mktemp("public") / "public.medgan", weights, config,
                       {"trained-on": "the project's simulator (public phantoms)"})
