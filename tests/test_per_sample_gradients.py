@@ -140,3 +140,69 @@ def test_a_convolution_padded_other_than_with_zeros_is_refused_for_dp(mode: str)
     assert not torch.allclose(net[0].weight.grad_sample.sum(0) / 4, net[0].weight.grad, atol=1e-6)  # the defect
     with pytest.raises(PrivacyError, match=f"generator.0 \\(Conv2d\\).*padding_mode='{mode}'"):
         validate_private_modules({"generator": net})
+
+
+class _Conditioned(nn.Module):
+    """A convolution on the image scaled by an embedding of a label: a trainable layer (the
+    embedding) none of whose inputs has a gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.LeakyReLU(0.2))
+        self.embed = nn.Embedding(3, 4)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        pooled = self.features(images).mean(dim=(2, 3))
+        return self.head(pooled * self.embed(labels))
+
+
+@pytest.mark.parametrize("kind", ["plain", "two-passes", "conditioned", "learned-through"])
+def test_dp_backward_gives_opacus_per_sample_gradients_and_no_weight_gradients(kind: str) -> None:
+    """``FastConvGradSampleModule.backward`` asks autograd for input gradients only: the
+    per-sample gradients must be those of an ordinary backward, every trainable layer's, and
+    neither this network nor one the loss reaches it through gets an ordinary gradient."""
+    torch.manual_seed(0)
+    make = _Conditioned if kind == "conditioned" else _net
+    reference_net, fast_net = make(), make()
+    fast_net.load_state_dict(reference_net.state_dict())
+    judge = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Flatten(), nn.LazyLinear(1))
+    images = torch.randn(5, 1 if kind == "conditioned" else 2, 32, 32)
+    labels = torch.tensor([0, 2, 1, 1, 0])
+    gradients = []
+    for fast, net in ((False, reference_net), (True, fast_net)):
+        module = (FastConvGradSampleModule if fast else GradSampleModule)(net)
+        if kind == "conditioned":
+            loss = module(images, labels).square().mean()
+        elif kind == "learned-through":  # a generator-like net judged by another, unwrapped one
+            loss = judge(module(images)[:, :, None, None].expand(-1, 1, 8, 8)).mean()
+        else:
+            loss = (module(images) ** 2).mean()
+            if kind == "two-passes":
+                loss = loss + torch.nn.functional.softplus(module(images.flip(-1) * 0.5)).mean()
+        module.backward(loss) if fast else loss.backward()
+        gradients.append([(name, p.grad_sample) for name, p in module.named_parameters()])
+        if fast:
+            assert all(p.grad is None for p in module.parameters())
+            assert all(p.grad is None for p in judge.parameters())
+        judge.zero_grad(set_to_none=True)
+    for (name, reference), (_, fast_sample) in zip(*gradients):
+        assert fast_sample is not None, name
+        torch.testing.assert_close(fast_sample, reference, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_dp_backward_refuses_a_trainable_layer_the_loss_does_not_reach_from_the_inputs() -> None:
+    net = nn.ModuleDict({"used": nn.Conv2d(1, 2, 3), "unused": nn.Conv2d(1, 2, 3)})
+
+    class TwoHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.heads = net
+
+        def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.heads["used"](images), self.heads["unused"](images)
+
+    module = FastConvGradSampleModule(TwoHeads())
+    used, _ = module(torch.randn(3, 1, 8, 8))
+    with pytest.raises(RuntimeError, match="heads.unused.weight"):
+        module.backward(used.mean())

@@ -14,18 +14,25 @@ buffer and copying them in; ``FastConvGradSampleModule`` keeps the tensor the fo
 instead (when it is the whole batch and shares no memory with the layer's activations or
 output gradients), which spares a zero-fill and a copy of every per-sample gradient, a
 fifth of a DP discriminator step. Later passes through the same layer still add up.
+
+Under DP the optimiser clips and noises per-sample gradients only; the ordinary gradient of
+every weight, which a plain ``loss.backward()`` also computes, is thrown away.
+``FastConvGradSampleModule.backward`` asks autograd for the gradient of the network's inputs
+instead: every layer between them and the loss still passes its output gradient to its
+per-sample hook, and no weight gradient is computed (in this network, or in a network the
+loss reaches it through). It checks that every trainable layer's hook fired.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Any, Dict, List
 
 import torch
 from opacus import GradSampleModule
 from opacus.grad_sample.conv import compute_conv_grad_sample, convolution2d_backward_as_a_convolution
 from opacus.grad_sample.functorch import ft_compute_per_sample_gradient
 from opacus.grad_sample.grad_sample_module import promote_current_grad_sample
-from opacus.utils.module_utils import trainable_parameters
+from opacus.utils.module_utils import requires_grad, trainable_parameters
 from torch import nn
 
 # Output positions from which the grouped-convolution form wins (measured on 2 CPU cores,
@@ -88,6 +95,47 @@ class FastConvGradSampleModule(GradSampleModule):
     (every other layer as Opacus computes it) and no zeroed copy of each first gradient."""
 
     GRAD_SAMPLERS = {**GradSampleModule.GRAD_SAMPLERS, nn.Conv2d: conv2d_grad_sample}
+
+    def __init__(self, module: nn.Module, **kwargs: Any) -> None:
+        super().__init__(module, **kwargs)
+        #: Where ``backward`` asks for gradients: this pass's network inputs (fresh leaves that
+        #: require grad) and the parameters of trainable layers none of whose inputs do.
+        self._graph_leaves: list[torch.Tensor] = []
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The module on its inputs, each floating-point one that has no gradient replaced by a
+        leaf that does (same memory), when this pass records per-sample gradients."""
+        if self.hooks_enabled and self.training and torch.is_grad_enabled():
+            args = tuple(self._graph_input(a) for a in args)
+        return super().forward(*args, **kwargs)
+
+    def _graph_input(self, value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not value.requires_grad:
+            value = value.detach().requires_grad_(True)
+            self._graph_leaves.append(value)
+        return value
+
+    def capture_activations_hook(self, module: nn.Module, forward_input: List[torch.Tensor],
+                                 _forward_output: torch.Tensor) -> None:
+        """Opacus' hook; a trainable layer none of whose inputs has a gradient (an embedding of
+        labels) is a place ``backward`` asks for gradients too, or its hook would not fire."""
+        super().capture_activations_hook(module, forward_input, _forward_output)
+        if self.hooks_enabled and requires_grad(module) and module.training and torch.is_grad_enabled() \
+                and not any(isinstance(t, torch.Tensor) and t.requires_grad for t in forward_input):
+            self._graph_leaves.extend(p for _, p in trainable_parameters(module))
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Per-sample gradients of ``loss`` for every trainable layer of this network, without
+        the ordinary weight gradients the private optimiser would discard."""
+        leaves, self._graph_leaves = self._graph_leaves, []
+        if not leaves:
+            loss.backward()
+            return
+        torch.autograd.grad(loss, leaves, allow_unused=True)
+        for name, param in trainable_parameters(self._module):
+            if getattr(param, "_forward_counter", 0) != 0:
+                raise RuntimeError(f"{name}: its per-sample gradient hook did not fire in every pass; "
+                                   "its layer is not between the network's inputs and the loss")
 
     def capture_backprops_hook(self, module: nn.Module, _forward_input: torch.Tensor, forward_output: torch.Tensor,
                                loss_reduction: str, batch_first: bool) -> None:

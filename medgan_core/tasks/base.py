@@ -31,6 +31,7 @@ from medgan_core.privacy.dp_sgd import (
     poisson_batch,
     privacy_generator,
 )
+from medgan_core.privacy.per_sample import FastConvGradSampleModule
 from medgan_core.runtime import seeded
 
 
@@ -199,6 +200,15 @@ class TrainingSetup:
     opt_d: torch.optim.Optimizer
     sampler: torch.Generator
     rng: torch.Generator
+
+    @staticmethod
+    def backward(loss: torch.Tensor, stepping: nn.Module) -> None:
+        """The gradients the next step of ``stepping`` needs: under DP its per-sample ones
+        only (``FastConvGradSampleModule.backward``), else ``loss.backward()``."""
+        if isinstance(stepping, FastConvGradSampleModule):
+            stepping.backward(loss)
+        else:
+            loss.backward()
 
     @contextlib.contextmanager
     def learning_through(self, module: nn.Module) -> Iterator[None]:

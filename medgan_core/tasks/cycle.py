@@ -125,7 +125,7 @@ class CycleTask(PairedImageTask):
         loss_d = (F.softplus(-s.discriminator(real_views, domain))
                   + F.softplus(s.discriminator(self.views(fake), other))).mean()
         s.opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
+        s.backward(loss_d, s.discriminator)
         s.opt_d.step()
 
         params = self.params
@@ -144,7 +144,7 @@ class CycleTask(PairedImageTask):
                 loss = loss + params.identity_weight * loss_identity
                 losses["loss-identity"] = loss_identity.item()
             s.opt_g.zero_grad(set_to_none=True)
-            loss.backward()
+            s.backward(loss, s.generator)
             s.opt_g.step()
         return losses
 

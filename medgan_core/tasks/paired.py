@@ -148,7 +148,7 @@ class PairedImageTask(GANTask):
             fake = s.generator(low)
         loss_d = (F.softplus(-s.discriminator(low, full)) + F.softplus(s.discriminator(low, fake))).mean()
         s.opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
+        s.backward(loss_d, s.discriminator)
         average_views(s.discriminator, views)
         s.opt_d.step()
 
@@ -165,7 +165,7 @@ class PairedImageTask(GANTask):
                 loss_g = loss_g + params.ssim_weight * loss_ssim
                 losses["loss-ssim"] = loss_ssim.item()
             s.opt_g.zero_grad(set_to_none=True)
-            loss_g.backward()
+            s.backward(loss_g, s.generator)
             average_views(s.generator, views)
             s.opt_g.step()
         return {**losses, "loss-g": loss_adv.item(), "loss-l1": loss_l1.item()}

@@ -91,14 +91,14 @@ class SynthesisTask(GANTask):
         logits_real, logits_fake = logits[:n], logits[n:]
         loss_real = F.softplus(-logits_real).mean()
         loss_fake = F.softplus(logits_fake).mean()
-        ((loss_real + loss_fake) / 2).backward()
+        s.backward((loss_real + loss_fake) / 2, s.discriminator)
         s.opt_d.step()
 
         # Generator: learns only through D's judgement of generated images.
         with s.learning_through(s.discriminator):
             loss_g = F.softplus(-_call(s.discriminator, fake, y_fake)).mean()
             s.opt_g.zero_grad(set_to_none=True)
-            loss_g.backward()
+            s.backward(loss_g, s.generator)
             s.opt_g.step()
         return {"loss-d": (loss_real + loss_fake).item(), "loss-g": loss_g.item(),
                 "d-real": torch.sigmoid(logits_real).mean().item(), "d-fake": torch.sigmoid(logits_fake).mean().item()}
