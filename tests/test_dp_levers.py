@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from opacus.optimizers import DPOptimizer
 from torch import nn
 
 from medgan_core.errors import ConfigError
 from medgan_core.privacy import DPSettings, SiteAccountant
+from medgan_core.privacy.ghost import GhostDPOptimizer, has_ghost
 from medgan_core.privacy.multiplicity import average_views, repeat_records
 from medgan_core.privacy.per_sample import FastConvGradSampleModule
 from medgan_core.study_config import StudyConfig
@@ -80,7 +80,7 @@ def test_dp_step_clips_one_gradient_per_slice_over_several_views_and_accounts_th
     pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
     clipped: list[int] = []
     original_pair = paired.PairedImageTask.training_pair
-    original_clip = DPOptimizer.clip_and_accumulate
+    original_clip = GhostDPOptimizer.clip_and_accumulate
 
     def recording_pair(self, data, idx, rng):  # type: ignore[no-untyped-def]
         low, full = original_pair(self, data, idx, rng)
@@ -88,11 +88,11 @@ def test_dp_step_clips_one_gradient_per_slice_over_several_views_and_accounts_th
         return low, full
 
     def recording_clip(self):  # type: ignore[no-untyped-def]
-        clipped.append(len(self.grad_samples[0]))
+        clipped.append(self.records_in_batch())
         return original_clip(self)
 
     monkeypatch.setattr(paired.PairedImageTask, "training_pair", recording_pair)
-    monkeypatch.setattr(DPOptimizer, "clip_and_accumulate", recording_clip)
+    monkeypatch.setattr(GhostDPOptimizer, "clip_and_accumulate", recording_clip)
     dp = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.3, expected_batch_size=6, secure_rng=False)
     accountant = SiteAccountant()
     build_task(config).train(data, steps=4, seed=0, dp=dp, accountant=accountant)
@@ -167,13 +167,13 @@ def test_norms_and_biases_are_all_that_train_and_all_that_dp_clips(
               if name.endswith(".bias")}
     assert norms and names == norms | biases  # no convolution weight
     clipped: list[int] = []
-    original_clip = DPOptimizer.clip_and_accumulate
+    original_clip = GhostDPOptimizer.clip_and_accumulate
 
     def recording_clip(self):  # type: ignore[no-untyped-def]
-        clipped.append(len(self.grad_samples))
+        clipped.append(sum(1 for p in self.params if has_ghost(p) or p.grad_sample is not None))
         return original_clip(self)
 
-    monkeypatch.setattr(DPOptimizer, "clip_and_accumulate", recording_clip)
+    monkeypatch.setattr(GhostDPOptimizer, "clip_and_accumulate", recording_clip)
     before = task.get_weights()
     dp = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5, expected_batch_size=10, secure_rng=False)
     task.train(load_task_data(tiny_sites[1], config), steps=2, seed=0, dp=dp, accountant=SiteAccountant())

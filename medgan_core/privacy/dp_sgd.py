@@ -18,6 +18,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 
 from medgan_core.errors import PrivacyError
+from medgan_core.privacy.ghost import GhostDPOptimizer
 from medgan_core.privacy.per_sample import FastConvGradSampleModule
 
 
@@ -79,9 +80,9 @@ def make_private(
     module: nn.Module, optimizer: torch.optim.Optimizer, dp: DPSettings, generator: torch.Generator | None = None
 ) -> tuple[GradSampleModule, DPOptimizer]:
     """Wrap ``module`` for per-sample gradients (Opacus', convolutions by the faster exact form:
-    ``per_sample``) and ``optimizer`` for clipping and noise."""
+    ``per_sample``, deep ones' weights as factors: ``ghost``) and ``optimizer`` for clipping and noise."""
     wrapped = FastConvGradSampleModule(module)
-    private = DPOptimizer(
+    private = GhostDPOptimizer(
         optimizer,
         noise_multiplier=dp.noise_multiplier,
         max_grad_norm=dp.max_grad_norm,

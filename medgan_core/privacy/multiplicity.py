@@ -19,6 +19,8 @@ import torch
 from opacus import GradSampleModule
 from torch import nn
 
+from medgan_core.privacy.ghost import average_ghost_views, has_ghost
+
 
 def repeat_records(idx: torch.Tensor, views: int) -> torch.Tensor:
     """``idx`` with every record repeated ``views`` times in a row: [a, b] -> [a, a, b, b]."""
@@ -34,6 +36,9 @@ def average_views(module: nn.Module, views: int) -> None:
     if views == 1 or not isinstance(module, GradSampleModule):
         return
     for param in module.parameters():
+        if has_ghost(param):
+            average_ghost_views(param, views)
+            continue
         grad_sample = getattr(param, "grad_sample", None)
         if grad_sample is None:
             continue

@@ -35,6 +35,8 @@ from opacus.grad_sample.grad_sample_module import promote_current_grad_sample
 from opacus.utils.module_utils import requires_grad, trainable_parameters
 from torch import nn
 
+from medgan_core.privacy.ghost import add_ghost_pass, ghost_factors, takes_ghost_form
+
 # Output positions from which the grouped-convolution form wins (measured on 2 CPU cores,
 # batches of 32–64, benchmarks/results/speed): 32×32 and larger at stride 1.
 WIDE_OUTPUT = 32 * 32
@@ -92,7 +94,8 @@ def store_grad_sample(param: torch.Tensor, grad_sample: torch.Tensor, batch: int
 
 class FastConvGradSampleModule(GradSampleModule):
     """Opacus' ``GradSampleModule`` with Conv2d per-sample gradients by ``conv2d_grad_sample``
-    (every other layer as Opacus computes it) and no zeroed copy of each first gradient."""
+    or, for a deep convolution's weight, its factors (``ghost``; every other layer as Opacus
+    computes it), no zeroed copy of each first gradient, and ``backward`` without weight gradients."""
 
     GRAD_SAMPLERS = {**GradSampleModule.GRAD_SAMPLERS, nn.Conv2d: conv2d_grad_sample}
 
@@ -124,6 +127,13 @@ class FastConvGradSampleModule(GradSampleModule):
                 and not any(isinstance(t, torch.Tensor) and t.requires_grad for t in forward_input):
             self._graph_leaves.extend(p for _, p in trainable_parameters(module))
 
+    def cleanup(self) -> None:
+        """Opacus' removal of its hooks and attributes, and of the factors a weight holds."""
+        super().cleanup()
+        for param in self._module.parameters():
+            if hasattr(param, "ghost_factors"):
+                del param.ghost_factors
+
     def backward(self, loss: torch.Tensor) -> None:
         """Per-sample gradients of ``loss`` for every trainable layer of this network, without
         the ordinary weight gradients the private optimiser would discard."""
@@ -149,13 +159,20 @@ class FastConvGradSampleModule(GradSampleModule):
         kind = self._get_module_type(module)
         sampler = self.GRAD_SAMPLERS[kind] if not self.force_functorch and kind in self.GRAD_SAMPLERS \
             else ft_compute_per_sample_gradient
-        grad_samples = sampler(module, activations, backprops)
+        if kind is nn.Conv2d and activations[0].shape[0] > 0 and not takes_convolution_form(module, backprops) \
+                and takes_ghost_form(module, backprops):
+            unfolded, grads = ghost_factors(module, activations[0], backprops)
+            add_ghost_pass(module.weight, unfolded, grads)
+            grad_samples = {module.bias: grads.sum(dim=2)} if module.bias is not None and module.bias.requires_grad \
+                else {}
+        else:
+            grad_samples = sampler(module, activations, backprops)
         inputs = [backprops, *activations]
         for param, grad_sample in grad_samples.items():
             store_grad_sample(param, grad_sample, module.max_batch_len, inputs)
         for _, p in trainable_parameters(module):
             p._forward_counter -= 1
-            if p._forward_counter == 0:
+            if p._forward_counter == 0 and hasattr(p, "_current_grad_sample"):  # factors only: nothing to promote
                 promote_current_grad_sample(p)
             if not self.grad_accumulation_allowed and isinstance(p.grad_sample, list) and len(p.grad_sample) > 1:
                 raise ValueError("Poisson sampling is not compatible with grad accumulation. You need to call "
