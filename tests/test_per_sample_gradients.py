@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 from opacus import GradSampleModule
-from opacus.optimizers import DPOptimizer
 from torch import nn
 
 from medgan_core.data.dataset import SiteData
