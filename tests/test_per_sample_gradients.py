@@ -12,7 +12,7 @@ from medgan_core.data.dataset import SiteData
 from medgan_core.errors import PrivacyError
 from medgan_core.privacy import DPSettings, validate_private_modules
 from medgan_core.privacy.ghost import GhostDPOptimizer, ghost_per_sample, has_ghost
-from medgan_core.privacy.per_sample import FastConvGradSampleModule, takes_convolution_form
+from medgan_core.privacy.per_sample import FastConvGradSampleModule, takes_convolution_form, takes_loop_form
 from medgan_core.tasks.registry import build_task, task_config
 
 
@@ -65,6 +65,41 @@ def test_fast_per_sample_gradients_equal_opacus_own(passes: int) -> None:
     # The summed per-sample gradients are the ordinary gradient.
     for p in fast_net.parameters():
         assert torch.allclose(p.grad_sample.sum(0) / 5, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_loop_form_is_chosen_for_wide_layers_with_much_work_a_record_on_a_cpu() -> None:
+    wide = nn.Conv2d(16, 16, 3, padding=1)
+    assert takes_loop_form(wide, torch.zeros(1, 16, 64, 64))  # 4096 · 144 · 16 = 9.4 M
+    assert not takes_loop_form(wide, torch.zeros(1, 16, 32, 32))  # 2.4 M: the calls' overhead wins
+    assert not takes_loop_form(nn.Conv2d(512, 512, 3, padding=1), torch.zeros(1, 512, 8, 8))  # few positions
+    assert not takes_loop_form(nn.Conv2d(16, 16, 3, padding="same"), torch.zeros(1, 16, 64, 64))
+
+
+@pytest.mark.parametrize("passes", [1, 2])
+def test_loop_form_per_sample_gradients_equal_opacus_own(passes: int) -> None:
+    """Wide layers (stride 1 and 2, with and without bias) by one weight-gradient call a record."""
+    torch.manual_seed(0)
+
+    def net() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(8, 32, 3, padding=1), nn.LeakyReLU(0.2),
+                             nn.Conv2d(32, 32, 4, stride=2, padding=1, bias=False), nn.Flatten(), nn.LazyLinear(1))
+
+    reference_net, fast_net = net(), net()
+    images = torch.randn(4, 8, 64, 64)
+    reference_net(images), fast_net(images)  # materialise the lazy head
+    fast_net.load_state_dict(reference_net.state_dict())
+    assert takes_loop_form(fast_net[0], torch.zeros(1, 32, 64, 64))
+    assert takes_loop_form(fast_net[2], torch.zeros(1, 32, 32, 32))
+    gradients = []
+    for wrapper, model in ((GradSampleModule, reference_net), (FastConvGradSampleModule, fast_net)):
+        module = wrapper(model)
+        loss = module(images).square().mean()
+        if passes == 2:
+            loss = loss + module(images.flip(-1)).mean()
+        loss.backward()
+        gradients.append([(name, p.grad_sample) for name, p in module.named_parameters()])
+    for (name, reference), (_, fast) in zip(*gradients):
+        torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-4 * reference.abs().max().item(), msg=name)
 
 
 def test_synthesis_clips_every_image_of_its_discriminator_step_alone(monkeypatch: pytest.MonkeyPatch) -> None:
