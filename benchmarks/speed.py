@@ -198,8 +198,11 @@ def main() -> None:
                      f"{ours['plain'] / row['plain']:.2f} | {ours['dp'] / row['dp']:.2f} |")
     lines += ["", "The bare DCGAN loop under DP runs the discriminator's real and generated halves as two backward "
               "passes, as Opacus' DCGAN example does; the framework runs both in one pass (each image still its own "
-              "clipped per-sample gradient), and computes wide stride-1 convolutions' per-sample gradients as a "
-              "grouped convolution (`medgan_core/privacy/per_sample.py`)."]
+              "clipped per-sample gradient). Its private backward computes no ordinary weight gradients; wide "
+              "convolutions' per-sample gradients come from PyTorch's weight-gradient kernel one record at a time "
+              "(`medgan_core/privacy/per_sample.py`); deep convolutions' weights are clipped from their inputs and "
+              "output gradients without per-sample gradients (`medgan_core/privacy/ghost.py`). Every form gives "
+              "Opacus' clipped sum (tests)."]
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
 
 

@@ -36,7 +36,7 @@ def test_ghost_form_is_chosen_only_where_it_costs_less() -> None:
 
 
 def _step(fast: bool, net: nn.Module, images: torch.Tensor, passes: int, views: int,
-          max_grad_norm: float) -> list[torch.Tensor]:
+          max_grad_norm: float, backwards: int = 1) -> list[torch.Tensor]:
     """One private SGD step without noise; each parameter's update."""
     module = (FastConvGradSampleModule if fast else GradSampleModule)(net)
     wrapped = (GhostDPOptimizer if fast else DPOptimizer)(
@@ -47,6 +47,9 @@ def _step(fast: bool, net: nn.Module, images: torch.Tensor, passes: int, views: 
     if passes == 2:  # a second pass of the same records through the same layers
         loss = loss + nn.functional.softplus(module(images.flip(-1) * 0.5)).mean()
     module.backward(loss) if fast else loss.backward()
+    if backwards == 2:  # other records in a second backward before the step (Opacus stacks them)
+        other = nn.functional.softplus(module(images[:4] * 0.5)).mean()
+        module.backward(other) if fast else other.backward()
     if fast:
         assert has_ghost(net[2].weight)  # the deep layer really took the factor form
     average_views(module, views)
@@ -57,19 +60,20 @@ def _step(fast: bool, net: nn.Module, images: torch.Tensor, passes: int, views: 
     return updates
 
 
-@pytest.mark.parametrize("passes,views,bias", [(1, 1, True), (2, 1, True), (1, 3, True), (2, 2, False)])
+@pytest.mark.parametrize("passes,views,bias,backwards", [(1, 1, True, 1), (2, 1, True, 1), (1, 3, True, 1),
+                                                         (2, 2, False, 1), (2, 1, True, 2)])
 @pytest.mark.parametrize("max_grad_norm", [0.02, 100.0])  # most records clipped / none
-def test_clipped_step_equals_opacus(passes: int, views: int, bias: bool, max_grad_norm: float) -> None:
+def test_clipped_step_equals_opacus(passes: int, views: int, bias: bool, backwards: int, max_grad_norm: float) -> None:
     torch.manual_seed(0)
     reference, fast = _net(bias), _net(bias)
     fast.load_state_dict(reference.state_dict())
     images = torch.randn(6, 2, 16, 16)
-    expected = _step(False, reference, images, passes, views, max_grad_norm)
-    got = _step(True, fast, images, passes, views, max_grad_norm)
+    expected = _step(False, reference, images, passes, views, max_grad_norm, backwards)
+    got = _step(True, fast, images, passes, views, max_grad_norm, backwards)
     for (name, _), e, g in zip(fast.named_parameters(), expected, got):
         assert e.abs().max() > 0, name
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4 * e.abs().max().item(), msg=name)
-    assert not any(hasattr(p, "ghost_factors") for p in fast.parameters())  # closing drops them
+    assert not any(hasattr(p, "ghost_factors") or hasattr(p, "_ghost_current") for p in fast.parameters())
 
 
 def test_noise_is_added_to_every_parameter_kept_as_factors() -> None:

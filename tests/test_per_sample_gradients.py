@@ -243,3 +243,17 @@ def test_dp_backward_refuses_a_trainable_layer_the_loss_does_not_reach_from_the_
     used, _ = module(torch.randn(3, 1, 8, 8))
     with pytest.raises(RuntimeError, match="heads.unused.weight"):
         module.backward(used.mean())
+
+
+def test_a_task_that_calls_backward_itself_still_gets_per_sample_gradients_and_holds_no_inputs() -> None:
+    """A task written against plain Opacus calls ``loss.backward()`` on the wrapped network: the
+    per-sample gradients are still there, and the input leaves kept for ``backward`` die with
+    the graph instead of piling up step after step."""
+    module = FastConvGradSampleModule(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(72, 1)))
+    for _ in range(5):
+        for p in module.parameters():
+            p.grad_sample = None
+        module(torch.randn(3, 1, 8, 8)).mean().backward()
+        assert all(p.grad_sample.shape[0] == 3 for p in module.parameters())
+    assert sum(ref() is not None for ref in module._input_leaves) == 0
+    assert len(module._input_leaves) <= 1

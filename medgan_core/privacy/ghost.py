@@ -50,22 +50,43 @@ def ghost_factors(layer: nn.Conv2d, activation: torch.Tensor, backprops: torch.T
 
 
 def add_ghost_pass(param: nn.Parameter, unfolded: torch.Tensor, grads: torch.Tensor) -> None:
-    """Keep one pass's factors of ``param`` (a convolution weight); a later pass of the same
-    records in the same backward joins the record's positions."""
-    terms = getattr(param, "ghost_factors", None)
-    if terms is None:
-        param.ghost_factors = (unfolded, grads)
+    """Keep one pass's factors of ``param`` (a convolution weight). A later pass in the same
+    backward is the same records again (Opacus adds such per-sample gradients): their
+    positions are joined. ``promote_ghost`` closes the backward."""
+    current = getattr(param, "_ghost_current", None)
+    if current is None:
+        param._ghost_current = (unfolded, grads)
         return
-    if terms[0].shape[0] != unfolded.shape[0]:
-        raise RuntimeError(f"passes of {terms[0].shape[0]} and {unfolded.shape[0]} records through one layer "
+    if current[0].shape[0] != unfolded.shape[0]:
+        raise RuntimeError(f"passes of {current[0].shape[0]} and {unfolded.shape[0]} records through one layer "
                            "in one backward: per-record gradients need the same records in every pass")
-    param.ghost_factors = (torch.cat([terms[0], unfolded], dim=2), torch.cat([terms[1], grads], dim=2))
+    param._ghost_current = (torch.cat([current[0], unfolded], dim=2), torch.cat([current[1], grads], dim=2))
+
+
+def promote_ghost(param: nn.Parameter) -> None:
+    """End of a backward through ``param``'s layer: its factors become one more set of rows
+    (a second backward before the step is other records, as Opacus stacks its per-sample gradients)."""
+    factors = param.__dict__.pop("_ghost_current", None)
+    if factors is not None:
+        param.ghost_factors = [*(getattr(param, "ghost_factors", None) or []), factors]
+
+
+def has_ghost(param: nn.Parameter) -> bool:
+    return bool(getattr(param, "ghost_factors", None))
+
+
+def drop_ghost(param: nn.Parameter) -> None:
+    for name in ("ghost_factors", "_ghost_current"):
+        param.__dict__.pop(name, None)
 
 
 def average_ghost_views(param: nn.Parameter, views: int) -> None:
     """Fold each record's ``views`` adjacent rows into one record whose gradient is their mean
     (``multiplicity.average_views`` for a parameter kept as factors)."""
-    unfolded, grads = param.ghost_factors
+    if len(param.ghost_factors) > 1:
+        raise RuntimeError("per-sample gradients of several backward passes cannot be averaged over views; "
+                           "step the private optimiser after every backward pass")
+    (unfolded, grads), = param.ghost_factors
     if unfolded.shape[0] % views:
         raise RuntimeError(f"{unfolded.shape[0]} per-sample gradients are not whole records of {views} views")
 
@@ -73,33 +94,33 @@ def average_ghost_views(param: nn.Parameter, views: int) -> None:
         rows, width, positions = t.shape
         return t.reshape(rows // views, views, width, positions).transpose(1, 2).reshape(rows // views, width, -1)
 
-    param.ghost_factors = (fold(unfolded), fold(grads) / views)
+    param.ghost_factors = [(fold(unfolded), fold(grads) / views)]
 
 
 def ghost_norms_squared(param: nn.Parameter) -> torch.Tensor:
-    """Each record's squared norm of ``param``'s gradient, from its factors."""
-    unfolded, grads = param.ghost_factors
-    gram_inputs = unfolded.transpose(1, 2) @ unfolded
-    gram_grads = grads.transpose(1, 2) @ grads
-    return (gram_inputs * gram_grads).sum(dim=(1, 2)).clamp(min=0)
+    """Each record's squared norm of ``param``'s gradient, from its factors (rows of every set in turn)."""
+    norms = []
+    for unfolded, grads in param.ghost_factors:
+        gram_inputs = unfolded.transpose(1, 2) @ unfolded
+        gram_grads = grads.transpose(1, 2) @ grads
+        norms.append((gram_inputs * gram_grads).sum(dim=(1, 2)).clamp(min=0))
+    return torch.cat(norms)
 
 
 def ghost_clipped_sum(param: nn.Parameter, clip_factors: torch.Tensor) -> torch.Tensor:
-    """``Σ_i c_i ∇_i`` of ``param`` from its factors: one matrix product."""
-    unfolded, grads = param.ghost_factors
-    scaled = grads * clip_factors.to(grads.dtype)[:, None, None]
-    summed = torch.einsum("bot,bpt->op", scaled, unfolded)
+    """``Σ_i c_i ∇_i`` of ``param`` from its factors: one matrix product a set of rows."""
+    summed, row = None, 0
+    for unfolded, grads in param.ghost_factors:
+        factors = clip_factors[row : row + grads.shape[0]].to(grads.dtype)
+        part = torch.einsum("bot,bpt->op", grads * factors[:, None, None], unfolded)
+        summed, row = part if summed is None else summed + part, row + grads.shape[0]
     return summed.reshape(param.shape).to(param.dtype)
 
 
 def ghost_per_sample(param: nn.Parameter) -> torch.Tensor:
     """The per-sample gradients the factors stand for (what the clipping never materialises)."""
-    unfolded, grads = param.ghost_factors
-    return torch.einsum("bot,bpt->bop", grads, unfolded).reshape(-1, *param.shape)
-
-
-def has_ghost(param: nn.Parameter) -> bool:
-    return getattr(param, "ghost_factors", None) is not None
+    return torch.cat([torch.einsum("bot,bpt->bop", grads, unfolded).reshape(-1, *param.shape)
+                      for unfolded, grads in param.ghost_factors])
 
 
 class GhostDPOptimizer(DPOptimizer):
@@ -112,16 +133,24 @@ class GhostDPOptimizer(DPOptimizer):
 
     @property
     def accumulated_iterations(self) -> int:
+        """Backward passes since the last step (Opacus': the same for every parameter)."""
+        counts = set()
         for p in self.params:
-            if isinstance(getattr(p, "grad_sample", None), list) and len(p.grad_sample) > 1:
-                raise ValueError("per-sample gradients of several backward passes: step after every backward")
-        return 1
+            if has_ghost(p):
+                counts.add(len(p.ghost_factors))
+            elif isinstance(getattr(p, "grad_sample", None), list):
+                counts.add(len(p.grad_sample))
+            elif getattr(p, "grad_sample", None) is not None:
+                counts.add(1)
+        if len(counts) != 1:
+            raise ValueError(f"the parameters were in different numbers of backward passes: {sorted(counts)}")
+        return counts.pop()
 
     def records_in_batch(self) -> int:
         """How many per-record gradients this step clips (rows of the per-sample gradients)."""
         for p in self.params:
             if has_ghost(p):
-                return p.ghost_factors[0].shape[0]
+                return sum(unfolded.shape[0] for unfolded, _ in p.ghost_factors)
             if getattr(p, "grad_sample", None) is not None:
                 return self._get_flat_grad_sample(p).shape[0]
         raise ValueError("no per-sample gradient of any parameter: was the backward pass through the private network?")
@@ -149,6 +178,8 @@ class GhostDPOptimizer(DPOptimizer):
     def pre_step(self, closure: Optional[Callable[[], float]] = None) -> Optional[bool]:
         """Opacus' ``pre_step`` without its shortcut for 'no per-sample gradients' (a network
         whose every weight is kept as factors has none, and must still be clipped and noised)."""
+        if not self.params:  # nothing trainable: as Opacus, a plain optimiser
+            return True
         self.clip_and_accumulate()
         if self._check_skip_next_step():
             self._is_last_step_skipped = True
@@ -162,5 +193,5 @@ class GhostDPOptimizer(DPOptimizer):
 
     def zero_grad(self, set_to_none: bool = False) -> None:
         for p in self.params:
-            p.ghost_factors = None
+            drop_ghost(p)
         super().zero_grad(set_to_none)

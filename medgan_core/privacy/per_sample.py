@@ -26,6 +26,7 @@ loss reaches it through). It checks that every trainable layer's hook fired.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Dict, List
 
 import torch
@@ -36,7 +37,7 @@ from opacus.grad_sample.grad_sample_module import promote_current_grad_sample
 from opacus.utils.module_utils import requires_grad, trainable_parameters
 from torch import nn
 
-from medgan_core.privacy.ghost import add_ghost_pass, ghost_factors, takes_ghost_form
+from medgan_core.privacy.ghost import add_ghost_pass, drop_ghost, ghost_factors, promote_ghost, takes_ghost_form
 
 # Output positions from which the grouped-convolution form wins (measured on 2 CPU cores,
 # batches of 32–64, benchmarks/results/speed): 32×32 and larger at stride 1.
@@ -140,9 +141,12 @@ class FastConvGradSampleModule(GradSampleModule):
 
     def __init__(self, module: nn.Module, **kwargs: Any) -> None:
         super().__init__(module, **kwargs)
-        #: Where ``backward`` asks for gradients: this pass's network inputs (fresh leaves that
-        #: require grad) and the parameters of trainable layers none of whose inputs do.
-        self._graph_leaves: list[torch.Tensor] = []
+        #: Where ``backward`` asks for gradients: the network inputs of the passes since the last
+        #: one (fresh leaves that require grad, held weakly: a task that calls ``loss.backward()``
+        #: itself frees them with its graph) and the parameters of trainable layers none of whose
+        #: inputs do.
+        self._input_leaves: list[weakref.ref[torch.Tensor]] = []
+        self._layer_leaves: dict[int, nn.Parameter] = {}
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The module on its inputs, each floating-point one that has no gradient replaced by a
@@ -154,7 +158,8 @@ class FastConvGradSampleModule(GradSampleModule):
     def _graph_input(self, value: Any) -> Any:
         if isinstance(value, torch.Tensor) and value.is_floating_point() and not value.requires_grad:
             value = value.detach().requires_grad_(True)
-            self._graph_leaves.append(value)
+            self._input_leaves = [ref for ref in self._input_leaves if ref() is not None]
+            self._input_leaves.append(weakref.ref(value))
         return value
 
     def capture_activations_hook(self, module: nn.Module, forward_input: List[torch.Tensor],
@@ -164,19 +169,20 @@ class FastConvGradSampleModule(GradSampleModule):
         super().capture_activations_hook(module, forward_input, _forward_output)
         if self.hooks_enabled and requires_grad(module) and module.training and torch.is_grad_enabled() \
                 and not any(isinstance(t, torch.Tensor) and t.requires_grad for t in forward_input):
-            self._graph_leaves.extend(p for _, p in trainable_parameters(module))
+            self._layer_leaves.update((id(p), p) for _, p in trainable_parameters(module))
 
     def cleanup(self) -> None:
         """Opacus' removal of its hooks and attributes, and of the factors a weight holds."""
         super().cleanup()
         for param in self._module.parameters():
-            if hasattr(param, "ghost_factors"):
-                del param.ghost_factors
+            drop_ghost(param)
 
     def backward(self, loss: torch.Tensor) -> None:
         """Per-sample gradients of ``loss`` for every trainable layer of this network, without
         the ordinary weight gradients the private optimiser would discard."""
-        leaves, self._graph_leaves = self._graph_leaves, []
+        leaves = [leaf for leaf in (ref() for ref in self._input_leaves) if leaf is not None]
+        leaves += self._layer_leaves.values()
+        self._input_leaves, self._layer_leaves = [], {}
         if not leaves:
             loss.backward()
             return
@@ -211,8 +217,10 @@ class FastConvGradSampleModule(GradSampleModule):
             store_grad_sample(param, grad_sample, module.max_batch_len, inputs)
         for _, p in trainable_parameters(module):
             p._forward_counter -= 1
-            if p._forward_counter == 0 and hasattr(p, "_current_grad_sample"):  # factors only: nothing to promote
-                promote_current_grad_sample(p)
+            if p._forward_counter == 0:
+                if hasattr(p, "_current_grad_sample"):
+                    promote_current_grad_sample(p)
+                promote_ghost(p)
             if not self.grad_accumulation_allowed and isinstance(p.grad_sample, list) and len(p.grad_sample) > 1:
                 raise ValueError("Poisson sampling is not compatible with grad accumulation. You need to call "
                                  "optimizer.step() after every forward/backward pass or consider using BatchMemoryManager")
