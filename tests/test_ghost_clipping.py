@@ -30,6 +30,7 @@ def test_ghost_form_is_chosen_only_where_it_costs_less() -> None:
     assert not takes_ghost_form(deep, torch.zeros(1, 64, 32, 32))  # 1024·576 > 512·64
     assert not takes_ghost_form(shallow, torch.zeros(1, 32, 8, 8))
     assert not takes_ghost_form(nn.Conv2d(32, 64, 4, 2, 1, groups=2), torch.zeros(1, 64, 4, 4))
+    assert not takes_ghost_form(nn.Conv2d(32, 64, 3, padding="same"), torch.zeros(1, 64, 4, 4))
     frozen = nn.Conv2d(32, 64, 4, 2, 1)
     frozen.weight.requires_grad_(False)
     assert not takes_ghost_form(frozen, torch.zeros(1, 64, 4, 4))

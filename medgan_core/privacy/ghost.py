@@ -10,8 +10,8 @@ optimization on large model at small cost", book-keeping):
 
 - each record's squared norm, ``‖G_i A_iᵀ‖² = Σ (A_iᵀA_i) ∘ (G_iᵀG_i)`` (ghost norm; Li et al.
   2022), a T × T product per record;
-- the clipped sum ``Σ_i c_i G_i A_iᵀ``, one ordinary matrix product of the scaled output
-  gradients with the inputs.
+- the clipped sum ``Σ_i c_i G_i A_iᵀ``, the layer's ordinary batched weight gradient with
+  each record's output gradients scaled by its clip factor.
 
 The result is the same clipped sum to rounding, so the noise, the sensitivity and the
 privacy analysis do not change. A layer takes this form only where the ghost norm costs less
@@ -22,6 +22,7 @@ pairs) are one record's gradient: their positions are concatenated.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
 import torch
@@ -34,41 +35,56 @@ from torch import nn
 def takes_ghost_form(layer: nn.Module, backprops: torch.Tensor) -> bool:
     """Whether ``layer``'s weight is clipped from its factors: an ungrouped Conv2d whose
     ghost norm (T²·(P + C_out) per record) costs less than its per-sample gradient (T·P·C_out)."""
-    if not isinstance(layer, nn.Conv2d) or layer.groups != 1 or not layer.weight.requires_grad:
+    if not isinstance(layer, nn.Conv2d) or layer.groups != 1 or isinstance(layer.padding, str) \
+            or not layer.weight.requires_grad:
         return False
     positions = backprops.shape[-1] * backprops.shape[-2]
     patch = layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
     return positions * (patch + layer.out_channels) < patch * layer.out_channels
 
 
-def ghost_factors(layer: nn.Conv2d, activation: torch.Tensor, backprops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(unfolded input B × P × T, output gradients B × C_out × T) of one pass through ``layer``."""
-    batch = backprops.shape[0]
-    unfolded = unfold2d(activation.to(backprops.dtype), kernel_size=layer.kernel_size, padding=layer.padding,
-                        stride=layer.stride, dilation=layer.dilation)
-    return unfolded, backprops.reshape(batch, layer.out_channels, -1)
+@dataclass
+class GhostRows:
+    """One backward's factors of a convolution weight: one row per record."""
+
+    layer: nn.Conv2d
+    unfolded: torch.Tensor  # records × P × T, every pass's positions side by side
+    grads: torch.Tensor  # records × C_out × T
+    #: each pass's input and output gradients as recorded (rows: records × ``views``), for the clipped sum
+    passes: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    views: int = 1
+
+    @property
+    def records(self) -> int:
+        return self.unfolded.shape[0]
 
 
-def add_ghost_pass(param: nn.Parameter, unfolded: torch.Tensor, grads: torch.Tensor) -> None:
-    """Keep one pass's factors of ``param`` (a convolution weight). A later pass in the same
+def add_ghost_pass(param: nn.Parameter, layer: nn.Conv2d, activation: torch.Tensor, backprops: torch.Tensor) -> None:
+    """Keep one pass's factors of ``layer``'s weight ``param``. A later pass in the same
     backward is the same records again (Opacus adds such per-sample gradients): their
     positions are joined. ``promote_ghost`` closes the backward."""
-    current = getattr(param, "_ghost_current", None)
+    activation = activation.to(backprops.dtype)
+    unfolded = unfold2d(activation, kernel_size=layer.kernel_size, padding=layer.padding, stride=layer.stride,
+                        dilation=layer.dilation)
+    grads = backprops.reshape(backprops.shape[0], layer.out_channels, -1)
+    current: GhostRows | None = getattr(param, "_ghost_current", None)
     if current is None:
-        param._ghost_current = (unfolded, grads)
+        param._ghost_current = GhostRows(layer, unfolded, grads, [(activation, backprops)])
         return
-    if current[0].shape[0] != unfolded.shape[0]:
-        raise RuntimeError(f"passes of {current[0].shape[0]} and {unfolded.shape[0]} records through one layer "
+    if current.records != unfolded.shape[0]:
+        raise RuntimeError(f"passes of {current.records} and {unfolded.shape[0]} records through one layer "
                            "in one backward: per-record gradients need the same records in every pass")
-    param._ghost_current = (torch.cat([current[0], unfolded], dim=2), torch.cat([current[1], grads], dim=2))
+    current.unfolded = torch.cat([current.unfolded, unfolded], dim=2)
+    current.grads = torch.cat([current.grads, grads], dim=2)
+    current.passes.append((activation, backprops))
 
 
 def promote_ghost(param: nn.Parameter) -> None:
     """End of a backward through ``param``'s layer: its factors become one more set of rows
     (a second backward before the step is other records, as Opacus stacks its per-sample gradients)."""
-    factors = param.__dict__.pop("_ghost_current", None)
-    if factors is not None:
-        param.ghost_factors = [*(getattr(param, "ghost_factors", None) or []), factors]
+    rows = param.__dict__.pop("_ghost_current", None)
+    if rows is not None:
+        param.ghost_factors = [*(getattr(param, "ghost_factors", None) or []), rows]
 
 
 def has_ghost(param: nn.Parameter) -> bool:
@@ -86,41 +102,46 @@ def average_ghost_views(param: nn.Parameter, views: int) -> None:
     if len(param.ghost_factors) > 1:
         raise RuntimeError("per-sample gradients of several backward passes cannot be averaged over views; "
                            "step the private optimiser after every backward pass")
-    (unfolded, grads), = param.ghost_factors
-    if unfolded.shape[0] % views:
-        raise RuntimeError(f"{unfolded.shape[0]} per-sample gradients are not whole records of {views} views")
+    rows: GhostRows = param.ghost_factors[0]
+    if rows.records % views:
+        raise RuntimeError(f"{rows.records} per-sample gradients are not whole records of {views} views")
 
     def fold(t: torch.Tensor) -> torch.Tensor:
-        rows, width, positions = t.shape
-        return t.reshape(rows // views, views, width, positions).transpose(1, 2).reshape(rows // views, width, -1)
+        records, width, positions = t.shape
+        return t.reshape(records // views, views, width, positions).transpose(1, 2).reshape(records // views, width, -1)
 
-    param.ghost_factors = [(fold(unfolded), fold(grads) / views)]
+    rows.unfolded, rows.grads, rows.views = fold(rows.unfolded), fold(rows.grads) / views, rows.views * views
 
 
 def ghost_norms_squared(param: nn.Parameter) -> torch.Tensor:
     """Each record's squared norm of ``param``'s gradient, from its factors (rows of every set in turn)."""
     norms = []
-    for unfolded, grads in param.ghost_factors:
-        gram_inputs = unfolded.transpose(1, 2) @ unfolded
-        gram_grads = grads.transpose(1, 2) @ grads
+    for rows in param.ghost_factors:
+        gram_inputs = rows.unfolded.transpose(1, 2) @ rows.unfolded
+        gram_grads = rows.grads.transpose(1, 2) @ rows.grads
         norms.append((gram_inputs * gram_grads).sum(dim=(1, 2)).clamp(min=0))
     return torch.cat(norms)
 
 
 def ghost_clipped_sum(param: nn.Parameter, clip_factors: torch.Tensor) -> torch.Tensor:
-    """``Σ_i c_i ∇_i`` of ``param`` from its factors: one matrix product a set of rows."""
-    summed, row = None, 0
-    for unfolded, grads in param.ghost_factors:
-        factors = clip_factors[row : row + grads.shape[0]].to(grads.dtype)
-        part = torch.einsum("bot,bpt->op", grads * factors[:, None, None], unfolded)
-        summed, row = part if summed is None else summed + part, row + grads.shape[0]
-    return summed.reshape(param.shape).to(param.dtype)
+    """``Σ_i c_i ∇_i`` of ``param``: the layer's ordinary batched weight gradient with each
+    record's output gradients scaled by its clip factor (over its views: c_i / views each)."""
+    summed, first = torch.zeros_like(param), 0
+    for rows in param.ghost_factors:
+        factors = clip_factors[first : first + rows.records].to(rows.grads.dtype) / rows.views
+        first += rows.records
+        per_row = factors.repeat_interleave(rows.views)[:, None, None, None]
+        layer = rows.layer
+        for activation, backprops in rows.passes:
+            summed += torch.nn.grad.conv2d_weight(activation, param.shape, backprops * per_row, layer.stride,
+                                                  layer.padding, layer.dilation, layer.groups).to(param.dtype)
+    return summed
 
 
 def ghost_per_sample(param: nn.Parameter) -> torch.Tensor:
     """The per-sample gradients the factors stand for (what the clipping never materialises)."""
-    return torch.cat([torch.einsum("bot,bpt->bop", grads, unfolded).reshape(-1, *param.shape)
-                      for unfolded, grads in param.ghost_factors])
+    return torch.cat([torch.einsum("bot,bpt->bop", rows.grads, rows.unfolded).reshape(-1, *param.shape)
+                      for rows in param.ghost_factors])
 
 
 class GhostDPOptimizer(DPOptimizer):
@@ -150,7 +171,7 @@ class GhostDPOptimizer(DPOptimizer):
         """How many per-record gradients this step clips (rows of the per-sample gradients)."""
         for p in self.params:
             if has_ghost(p):
-                return sum(unfolded.shape[0] for unfolded, _ in p.ghost_factors)
+                return sum(rows.records for rows in p.ghost_factors)
             if getattr(p, "grad_sample", None) is not None:
                 return self._get_flat_grad_sample(p).shape[0]
         raise ValueError("no per-sample gradient of any parameter: was the backward pass through the private network?")

@@ -37,7 +37,7 @@ from opacus.grad_sample.grad_sample_module import promote_current_grad_sample
 from opacus.utils.module_utils import requires_grad, trainable_parameters
 from torch import nn
 
-from medgan_core.privacy.ghost import add_ghost_pass, drop_ghost, ghost_factors, promote_ghost, takes_ghost_form
+from medgan_core.privacy.ghost import add_ghost_pass, drop_ghost, promote_ghost, takes_ghost_form
 
 # Output positions from which the grouped-convolution form wins (measured on 2 CPU cores,
 # batches of 32–64, benchmarks/results/speed): 32×32 and larger at stride 1.
@@ -206,10 +206,9 @@ class FastConvGradSampleModule(GradSampleModule):
             else ft_compute_per_sample_gradient
         if kind is nn.Conv2d and activations[0].shape[0] > 0 and not takes_convolution_form(module, backprops) \
                 and takes_ghost_form(module, backprops):
-            unfolded, grads = ghost_factors(module, activations[0], backprops)
-            add_ghost_pass(module.weight, unfolded, grads)
-            grad_samples = {module.bias: grads.sum(dim=2)} if module.bias is not None and module.bias.requires_grad \
-                else {}
+            add_ghost_pass(module.weight, module, activations[0], backprops)
+            grad_samples = {module.bias: backprops.sum(dim=(2, 3))} \
+                if module.bias is not None and module.bias.requires_grad else {}
         else:
             grad_samples = sampler(module, activations, backprops)
         inputs = [backprops, *activations]
