@@ -257,3 +257,24 @@ def test_a_task_that_calls_backward_itself_still_gets_per_sample_gradients_and_h
         assert all(p.grad_sample.shape[0] == 3 for p in module.parameters())
     assert sum(ref() is not None for ref in module._input_leaves) == 0
     assert len(module._input_leaves) <= 1
+
+
+@pytest.mark.parametrize("private", [False, True])
+def test_learning_through_a_network_computes_no_gradient_for_it(private: bool) -> None:
+    """G learning through D's judgement: G gets its gradient, D's weights none (the backward
+    skips them), D's per-sample hooks record nothing; afterwards D is trainable again, except
+    a weight that was frozen before."""
+    from medgan_core.tasks.base import TrainingSetup
+
+    torch.manual_seed(0)
+    generator, plain_d = nn.Linear(4, 8), nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 1))
+    plain_d[0].bias.requires_grad_(False)  # frozen for the round
+    discriminator = FastConvGradSampleModule(plain_d) if private else plain_d
+    setup = TrainingSetup(generator, discriminator, torch.optim.SGD(generator.parameters(), lr=0.1),
+                          torch.optim.SGD(plain_d.parameters(), lr=0.1), torch.Generator(), torch.Generator())
+    with setup.learning_through(discriminator):
+        assert not any(p.requires_grad for p in plain_d.parameters())
+        discriminator(generator(torch.randn(3, 4))).mean().backward()
+    assert all(p.grad is not None for p in generator.parameters())
+    assert all(p.grad is None and getattr(p, "grad_sample", None) is None for p in plain_d.parameters())
+    assert [p.requires_grad for p in plain_d.parameters()] == [True, False, True, True]

@@ -213,12 +213,18 @@ class TrainingSetup:
     @contextlib.contextmanager
     def learning_through(self, module: nn.Module) -> Iterator[None]:
         """While the other network learns through ``module`` (G through D's judgement; D on
-        G's output), ``module``'s per-sample gradient hooks are off: it is not updated
-        then, and under DP its hooks would record activations it never steps on."""
+        G's output), ``module`` is not updated: its weights need no gradient (the backward
+        skips computing them) and, under DP, its per-sample hooks are off (they would record
+        activations it never steps on)."""
+        thawed = [p for p in module.parameters() if p.requires_grad]
         set_hooks(module, enabled=False)
+        for param in thawed:
+            param.requires_grad_(False)
         try:
             yield
         finally:
+            for param in thawed:
+                param.requires_grad_(True)
             set_hooks(module, enabled=True)
 
 
