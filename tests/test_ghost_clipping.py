@@ -92,3 +92,30 @@ def test_noise_is_added_to_every_parameter_kept_as_factors() -> None:
     # The clipped signal is ~1e-9: what moved the weight is noise of std σC/B per coordinate.
     moved = (net[0].weight.detach() - before).std().item()
     assert 1e-10 * 0.5 < moved < 1e-10 * 2 * 2.5
+
+
+@pytest.mark.parametrize("wide_first", [True, False])
+def test_a_layer_seen_at_two_sizes_in_one_backward_keeps_one_form(wide_first: bool) -> None:
+    """One layer applied at 4×4 output positions (the factor form's size) and at 32×32 (not)
+    in one backward: each record's gradient must be all in one form, clipped whole."""
+    torch.manual_seed(0)
+
+    def net() -> nn.Module:
+        return nn.Conv2d(32, 64, 4, 2, 1)
+
+    reference, fast = net(), net()
+    fast.load_state_dict(reference.state_dict())
+    small, large = torch.randn(5, 32, 8, 8), torch.randn(5, 32, 64, 64) * 0.1
+    updates = []
+    for is_fast, layer in ((False, reference), (True, fast)):
+        module = (FastConvGradSampleModule if is_fast else GradSampleModule)(layer)
+        optimizer = (GhostDPOptimizer if is_fast else DPOptimizer)(
+            torch.optim.SGD(layer.parameters(), lr=1.0), noise_multiplier=0.0, max_grad_norm=0.05, expected_batch_size=5)
+        first, second = (large, small) if wide_first else (small, large)
+        loss = module(first).square().mean() + module(second).mean()
+        module.backward(loss) if is_fast else loss.backward()
+        before = [p.detach().clone() for p in layer.parameters()]
+        optimizer.step()
+        updates.append([b - p.detach() for b, p in zip(before, layer.parameters())])
+    for expected, got in zip(*updates):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())

@@ -180,6 +180,9 @@ class GhostDPOptimizer(DPOptimizer):
         records = self.records_in_batch()
         squared = torch.zeros(records, device=self.params[0].device)
         for p in self.params:
+            if has_ghost(p) and getattr(p, "grad_sample", None) is not None:
+                raise RuntimeError("a weight holds both factors and per-sample gradients: part of each record's "
+                                   "gradient would go unclipped")
             if has_ghost(p):
                 squared += ghost_norms_squared(p).to(squared.device)
             else:

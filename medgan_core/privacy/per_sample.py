@@ -37,7 +37,7 @@ from opacus.grad_sample.grad_sample_module import promote_current_grad_sample
 from opacus.utils.module_utils import requires_grad, trainable_parameters
 from torch import nn
 
-from medgan_core.privacy.ghost import add_ghost_pass, drop_ghost, promote_ghost, takes_ghost_form
+from medgan_core.privacy.ghost import add_ghost_pass, drop_ghost, has_ghost, promote_ghost, takes_ghost_form
 
 # Output positions from which the grouped-convolution form wins (measured on 2 CPU cores,
 # batches of 32–64, benchmarks/results/speed): 32×32 and larger at stride 1.
@@ -153,6 +153,7 @@ class FastConvGradSampleModule(GradSampleModule):
         leaf that does (same memory), when this pass records per-sample gradients."""
         if self.hooks_enabled and self.training and torch.is_grad_enabled():
             args = tuple(self._graph_input(a) for a in args)
+            kwargs = {key: self._graph_input(value) for key, value in kwargs.items()}
         return super().forward(*args, **kwargs)
 
     def _graph_input(self, value: Any) -> Any:
@@ -192,6 +193,18 @@ class FastConvGradSampleModule(GradSampleModule):
                 raise RuntimeError(f"{name}: its per-sample gradient hook did not fire in every pass; "
                                    "its layer is not between the network's inputs and the loss")
 
+    @staticmethod
+    def _ghost_form(layer: nn.Conv2d, backprops: torch.Tensor) -> bool:
+        """Whether this pass keeps ``layer``'s weight as factors: as its earlier passes since the
+        last step did (one record's gradient is one form, or part of it would go unclipped),
+        else where ``takes_ghost_form`` says it is cheaper."""
+        weight = layer.weight
+        if hasattr(weight, "_ghost_current") or has_ghost(weight):
+            return True
+        if hasattr(weight, "_current_grad_sample") or getattr(weight, "grad_sample", None) is not None:
+            return False
+        return not takes_convolution_form(layer, backprops) and takes_ghost_form(layer, backprops)
+
     def capture_backprops_hook(self, module: nn.Module, _forward_input: torch.Tensor, forward_output: torch.Tensor,
                                loss_reduction: str, batch_first: bool) -> None:
         """Opacus' hook (``GradSampleModule.capture_backprops_hook``, opacus 1.5–1.6), storing
@@ -204,8 +217,7 @@ class FastConvGradSampleModule(GradSampleModule):
         kind = self._get_module_type(module)
         sampler = self.GRAD_SAMPLERS[kind] if not self.force_functorch and kind in self.GRAD_SAMPLERS \
             else ft_compute_per_sample_gradient
-        if kind is nn.Conv2d and activations[0].shape[0] > 0 and not takes_convolution_form(module, backprops) \
-                and takes_ghost_form(module, backprops):
+        if kind is nn.Conv2d and activations[0].shape[0] > 0 and self._ghost_form(module, backprops):
             add_ghost_pass(module.weight, module, activations[0], backprops)
             grad_samples = {module.bias: backprops.sum(dim=(2, 3))} \
                 if module.bias is not None and module.bias.requires_grad else {}
