@@ -33,8 +33,9 @@ from torch import nn
 
 
 def takes_ghost_form(layer: nn.Module, backprops: torch.Tensor) -> bool:
-    """Whether ``layer``'s weight is clipped from its factors: an ungrouped Conv2d whose
-    ghost norm (T²·(P + C_out) per record) costs less than its per-sample gradient (T·P·C_out)."""
+    """Whether ``layer``'s weight is clipped from its factors: an ungrouped, numerically padded
+    Conv2d whose ghost norm (T²·(P + C_out) per record) costs less than its per-sample
+    gradient (T·P·C_out)."""
     if not isinstance(layer, nn.Conv2d) or layer.groups != 1 or isinstance(layer.padding, str) \
             or not layer.weight.requires_grad:
         return False
@@ -150,6 +151,7 @@ class GhostDPOptimizer(DPOptimizer):
 
     @property
     def grad_samples(self) -> List[torch.Tensor]:
+        """The materialised per-sample gradients only (Opacus' version fails on a weight kept as factors)."""
         return [self._get_flat_grad_sample(p) for p in self.params if not has_ghost(p)]
 
     @property

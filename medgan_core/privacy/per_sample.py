@@ -1,4 +1,4 @@
-"""Per-sample gradients of Conv2d layers, computed the faster of Opacus' two exact ways.
+"""Per-sample gradients of Conv2d layers by the fastest exact form, and a DP backward without weight gradients.
 
 Opacus computes a convolution's per-sample weight gradients by unfolding the layer's input
 into patches and multiplying by the output gradients. On wide images (a U-Net's
