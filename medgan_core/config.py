@@ -65,6 +65,10 @@ class TaskConfig:
     image_size: int = 64
     spacing: float = 0.0
     batch_size: int = 32
+    #: Records one forward/backward pass holds at most (0: the whole batch). A larger batch is
+    #: stepped on in parts of this many, one optimiser step (under DP one clipped, noised
+    #: release) per batch: memory follows this, the update follows ``batch_size``.
+    physical_batch: int = 0
     local_steps: int = 50
     lr_generator: float = 2e-4
     lr_discriminator: float = 2e-4
@@ -92,6 +96,9 @@ class TaskConfig:
                               f"{MAX_SPACING_MM:g}, or 0 for each series' own")
         require_positive("task.batch-size", self.batch_size)
         require_positive("task.local-steps", self.local_steps)
+        if self.physical_batch < 0:
+            raise ConfigError(f"task.physical-batch = {self.physical_batch}; give the most records one pass may hold "
+                              "(a whole number), or 0 for the whole batch")
         require_positive("task.width", self.width)
         if self.width % 8:
             raise ConfigError(f"task.width = {self.width}; it must be a multiple of 8 (GroupNorm groups)")

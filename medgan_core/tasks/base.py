@@ -17,6 +17,7 @@ from typing import ClassVar, Iterator, Mapping
 import numpy as np
 import torch
 from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
 from torch import nn
 
 from medgan_core.config import TaskConfig, TaskParams
@@ -189,10 +190,21 @@ def close_private(*modules: nn.Module) -> None:
             module._close()
 
 
+@dataclass(frozen=True)
+class BatchPart:
+    """One physical part of a step's batch: its rows, its share of the batch's records, and
+    whether the optimiser steps after it (``TrainingSetup.parts``)."""
+
+    rows: slice
+    share: float
+    last: bool
+
+
 @dataclass
 class TrainingSetup:
     """What one local round of a GAN task trains with: the (possibly private) networks,
-    their optimisers, and the generator that draws batches (secret under DP)."""
+    their optimisers, the generator that draws batches (secret under DP), and the most
+    records one pass may hold (``task.physical-batch``; 0: the whole batch)."""
 
     generator: nn.Module
     discriminator: nn.Module
@@ -200,15 +212,48 @@ class TrainingSetup:
     opt_d: torch.optim.Optimizer
     sampler: torch.Generator
     rng: torch.Generator
+    physical_batch: int = 0
+
+    def parts(self, records: int, rows_per_record: int = 1) -> list[BatchPart]:
+        """The physical parts a step on ``records`` records (each ``rows_per_record`` adjacent
+        rows: its views) passes through a network in: at most ``physical_batch`` records
+        each, a record never split (its views are averaged into one gradient)."""
+        size = self.physical_batch if 0 < self.physical_batch < records else records
+        starts = range(0, records, size)
+        return [BatchPart(slice(start * rows_per_record, min(start + size, records) * rows_per_record),
+                          (min(start + size, records) - start) / records, start + size >= records)
+                for start in starts]
 
     @staticmethod
-    def backward(loss: torch.Tensor, stepping: nn.Module) -> None:
+    def backward(loss: torch.Tensor, stepping: nn.Module, part: BatchPart | None = None) -> None:
         """The gradients the next step of ``stepping`` needs: under DP its per-sample ones
-        only (``FastConvGradSampleModule.backward``), else ``loss.backward()``."""
+        only (``FastConvGradSampleModule.backward``), else ``loss.backward()``. ``loss`` is a
+        mean over the rows of ``part``: without DP it counts by the part's share of the
+        batch (the parts' gradients add up to the whole batch's); under DP each record's
+        gradient is its own whatever the part, and the optimiser divides their clipped sum
+        by the expected batch size."""
         if isinstance(stepping, FastConvGradSampleModule):
             stepping.backward(loss)
-        else:
+        elif part is None or part.share == 1.0:
             loss.backward()
+        else:
+            (loss * part.share).backward()
+
+    @staticmethod
+    def step(optimizer: torch.optim.Optimizer, part: BatchPart | None = None) -> None:
+        """The optimiser's step after ``part``'s backward. Before the last part a private
+        optimiser clips and adds up the part's per-sample gradients and frees them (Opacus'
+        skipped step, as its ``BatchMemoryManager`` does), with no noise and no update; a
+        plain one keeps adding gradients. After the last: one step on the whole batch."""
+        last = part is None or part.last
+        if isinstance(optimizer, DPOptimizer):
+            if not last:
+                optimizer.signal_skip_step(do_skip=True)
+            optimizer.step()
+            if not last:
+                optimizer.zero_grad(set_to_none=True)  # per-sample gradients go; their clipped sum stays
+        elif last:
+            optimizer.step()
 
     @contextlib.contextmanager
     def learning_through(self, module: nn.Module) -> Iterator[None]:
@@ -367,7 +412,7 @@ class GANTask(Task):
         rng = torch.Generator().manual_seed(seed)
         opt_g = self._optimizer("generator", cfg.lr_generator)
         opt_d = self._optimizer("discriminator", cfg.lr_discriminator)
-        setup = TrainingSetup(self.generator, self.discriminator, opt_g, opt_d, rng, rng)
+        setup = TrainingSetup(self.generator, self.discriminator, opt_g, opt_d, rng, rng, cfg.physical_batch)
         if dp is not None:
             setup.sampler = privacy_generator(dp, seed + 1)  # secret: which records are in a batch
             noise = privacy_generator(dp, seed + 2, self.device)  # secret: the noise, drawn where the weights are

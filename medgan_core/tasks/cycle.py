@@ -118,34 +118,40 @@ class CycleTask(PairedImageTask):
         losses are in one backward pass per group (one clipped per-sample gradient)."""
         other = OTHER[domain]
         forward, back = domain + other, other + domain
-        real_views = self.views(real)  # the data's own: no gradient, shared by every loss below
+        parts = s.parts(len(real))  # one, unless task.physical-batch bounds a pass
 
-        with s.learning_through(s.generator), torch.no_grad():
-            fake = s.generator(real, forward)
-        loss_d = (F.softplus(-s.discriminator(real_views, domain))
-                  + F.softplus(s.discriminator(self.views(fake), other))).mean()
         s.opt_d.zero_grad(set_to_none=True)
-        s.backward(loss_d, s.discriminator)
-        s.opt_d.step()
+        losses = {"loss-d": 0.0}
+        for part in parts:
+            real_p = real[part.rows]
+            with s.learning_through(s.generator), torch.no_grad():
+                fake = s.generator(real_p, forward)
+            loss_d = (F.softplus(-s.discriminator(self.views(real_p), domain))
+                      + F.softplus(s.discriminator(self.views(fake), other))).mean()
+            s.backward(loss_d, s.discriminator, part)
+            s.step(s.opt_d, part)
+            losses["loss-d"] += loss_d.item() * part.share
 
         params = self.params
         with s.learning_through(s.discriminator):
-            fake = s.generator(real, forward)
-            fake_views = self.views(fake)
-            loss_adv = F.softplus(-s.discriminator(fake_views, other)).mean()
-            loss_cycle = l1_per_view(pooled(self.views(s.generator(fake, back)), params.cycle_pool),
-                                     pooled(real_views, params.cycle_pool))
-            loss_tv = total_variation(fake_views)
-            loss = loss_adv + CYCLE_WEIGHT * loss_cycle + params.tv_weight * loss_tv
-            losses = {"loss-d": loss_d.item(), "loss-g": loss_adv.item(), "loss-cycle": loss_cycle.item(),
-                      "loss-tv": loss_tv.item()}
-            if params.identity_weight:  # off, it costs no third generator pass
-                loss_identity = l1_per_view(self.views(s.generator(real, back)), real_views)
-                loss = loss + params.identity_weight * loss_identity
-                losses["loss-identity"] = loss_identity.item()
             s.opt_g.zero_grad(set_to_none=True)
-            s.backward(loss, s.generator)
-            s.opt_g.step()
+            for part in parts:
+                real_p = real[part.rows]
+                real_views = self.views(real_p)  # the data's own: no gradient, shared by the losses below
+                fake = s.generator(real_p, forward)
+                fake_views = self.views(fake)
+                terms = {"loss-g": F.softplus(-s.discriminator(fake_views, other)).mean(),
+                         "loss-cycle": l1_per_view(pooled(self.views(s.generator(fake, back)), params.cycle_pool),
+                                                   pooled(real_views, params.cycle_pool)),
+                         "loss-tv": total_variation(fake_views)}
+                loss = terms["loss-g"] + CYCLE_WEIGHT * terms["loss-cycle"] + params.tv_weight * terms["loss-tv"]
+                if params.identity_weight:  # off, it costs no third generator pass
+                    terms["loss-identity"] = l1_per_view(self.views(s.generator(real_p, back)), real_views)
+                    loss = loss + params.identity_weight * terms["loss-identity"]
+                s.backward(loss, s.generator, part)
+                s.step(s.opt_g, part)
+                for key, value in terms.items():
+                    losses[key] = losses.get(key, 0.0) + value.item() * part.share
         return losses
 
     def preview_pairs(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:

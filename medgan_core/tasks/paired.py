@@ -141,34 +141,46 @@ class PairedImageTask(GANTask):
         if self.augment:
             low, full = dihedral_pairs(low, full, generator=s.rng)
         low, full = low.to(self.device), full.to(self.device)
+        parts = s.parts(len(idx), views)  # one, unless task.physical-batch bounds a pass
 
         # Discriminator: each example's real pair and fake pair share one per-sample
         # gradient (one backward), so one patient counts once.
-        with s.learning_through(s.generator), torch.no_grad():
-            fake = s.generator(low)
-        loss_d = (F.softplus(-s.discriminator(low, full)) + F.softplus(s.discriminator(low, fake))).mean()
         s.opt_d.zero_grad(set_to_none=True)
-        s.backward(loss_d, s.discriminator)
-        average_views(s.discriminator, views)
-        s.opt_d.step()
+        loss_d = 0.0
+        for part in parts:
+            low_p, full_p = low[part.rows], full[part.rows]
+            with s.learning_through(s.generator), torch.no_grad():
+                fake = s.generator(low_p)
+            loss = (F.softplus(-s.discriminator(low_p, full_p)) + F.softplus(s.discriminator(low_p, fake))).mean()
+            s.backward(loss, s.discriminator, part)
+            average_views(s.discriminator, views)
+            s.step(s.opt_d, part)
+            loss_d += loss.item() * part.share
 
         # Generator: adversarial + L1 (+ 1 - SSIM) to the original, per-sample clipped.
         params = self.params
-        losses = {"loss-d": loss_d.item()}
+        losses = {"loss-d": loss_d, "loss-g": 0.0, "loss-l1": 0.0}
+        if params.ssim_weight > 0:
+            losses["loss-ssim"] = 0.0
         with s.learning_through(s.discriminator):
-            fake = s.generator(low)
-            loss_adv = F.softplus(-s.discriminator(low, fake)).mean()
-            loss_l1 = (fake - full).abs().mean()
-            loss_g = loss_adv + params.l1_weight * loss_l1
-            if params.ssim_weight > 0:  # SSIM as reported: in the soft-tissue window for whole-range CT
-                loss_ssim = (1 - ssim_per_image(self.in_window(fake), self.in_window(full))).mean()
-                loss_g = loss_g + params.ssim_weight * loss_ssim
-                losses["loss-ssim"] = loss_ssim.item()
             s.opt_g.zero_grad(set_to_none=True)
-            s.backward(loss_g, s.generator)
-            average_views(s.generator, views)
-            s.opt_g.step()
-        return {**losses, "loss-g": loss_adv.item(), "loss-l1": loss_l1.item()}
+            for part in parts:
+                low_p, full_p = low[part.rows], full[part.rows]
+                fake = s.generator(low_p)
+                loss_adv = F.softplus(-s.discriminator(low_p, fake)).mean()
+                loss_l1 = (fake - full_p).abs().mean()
+                loss_g = loss_adv + params.l1_weight * loss_l1
+                terms = {"loss-g": loss_adv, "loss-l1": loss_l1}
+                if params.ssim_weight > 0:  # SSIM as reported: in the soft-tissue window for whole-range CT
+                    loss_ssim = (1 - ssim_per_image(self.in_window(fake), self.in_window(full_p))).mean()
+                    loss_g = loss_g + params.ssim_weight * loss_ssim
+                    terms["loss-ssim"] = loss_ssim
+                s.backward(loss_g, s.generator, part)
+                average_views(s.generator, views)
+                s.step(s.opt_g, part)
+                for key, value in terms.items():
+                    losses[key] += value.item() * part.share
+        return losses
 
     @torch.no_grad()
     def restore(self, images: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ resized to ``image-size`` over the 400 mm field: 64 is 6.25 mm pixels, 128 is 3.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +16,7 @@ from medgan_core.metrics.features import PhantomFeatureNet, feature_scores, load
 from medgan_core.models.dcgan import DCGANDiscriminator, DCGANGenerator, init_dcgan_weights
 from medgan_core.config import TaskConfig
 from medgan_core.errors import ConfigError
-from medgan_core.tasks.base import GANParams, GANTask, TrainingSetup
+from medgan_core.tasks.base import BatchPart, GANParams, GANTask, TrainingSetup
 
 
 ARCHITECTURES = ("dcgan", "skips")
@@ -73,9 +74,16 @@ class SynthesisTask(GANTask):
     def train_step(self, s: TrainingSetup, data: SiteData, pool: str, idx: torch.Tensor) -> dict[str, float]:
         real = data.train[idx].to(self.device)
         y_real = self.real_conditions(data, idx)
-        z = torch.randn(real.shape[0], self.params.z_dim, generator=s.rng).to(self.device)
-        y_fake = self.prior_conditions(real.shape[0], s.rng)
-        fake = _call(s.generator, z, y_fake)
+        n = real.shape[0]
+        z = torch.randn(n, self.params.z_dim, generator=s.rng).to(self.device)
+        y_fake = self.prior_conditions(n, s.rng)
+        parts = s.parts(n)  # one, unless task.physical-batch bounds a pass
+        # One part: the generated images of the discriminator's step are the generator's
+        # step's too (one generator pass). In parts, each step makes its own, one part at a time.
+        fake_all = _call(s.generator, z, y_fake) if len(parts) == 1 else None
+
+        def generated(part: BatchPart) -> torch.Tensor:
+            return fake_all if fake_all is not None else _call(s.generator, z[part.rows], _rows(y_fake, part))
 
         # Discriminator: one pass over real and generated images together, on the mean loss
         # over all 2n of them (what Opacus' per-sample gradients assume), so under DP every
@@ -84,24 +92,33 @@ class SynthesisTask(GANTask):
         # one per half spares Opacus concatenating two sets of per-sample gradients, three
         # times at every clipping (44 % of a DP step's time before). The gradient is half
         # that of the two means' sum, which Adam's update does not see.
-        n = real.shape[0]
-        y_both = None if y_real is None else torch.cat([y_real, y_fake])
+        stats = {"loss-d": 0.0, "d-real": 0.0, "d-fake": 0.0}
         s.opt_d.zero_grad(set_to_none=True)
-        logits = _call(s.discriminator, torch.cat([real, fake.detach()]), y_both)
-        logits_real, logits_fake = logits[:n], logits[n:]
-        loss_real = F.softplus(-logits_real).mean()
-        loss_fake = F.softplus(logits_fake).mean()
-        s.backward((loss_real + loss_fake) / 2, s.discriminator)
-        s.opt_d.step()
+        for part in parts:
+            with torch.no_grad() if fake_all is None else contextlib.nullcontext():
+                fake = generated(part).detach()
+            y_real_p, y_fake_p = _rows(y_real, part), _rows(y_fake, part)
+            y_both = None if y_real_p is None else torch.cat([y_real_p, y_fake_p])
+            logits = _call(s.discriminator, torch.cat([real[part.rows], fake]), y_both)
+            logits_real, logits_fake = logits[: len(fake)], logits[len(fake) :]
+            loss_real = F.softplus(-logits_real).mean()
+            loss_fake = F.softplus(logits_fake).mean()
+            s.backward((loss_real + loss_fake) / 2, s.discriminator, part)
+            s.step(s.opt_d, part)
+            for key, value in (("loss-d", loss_real + loss_fake), ("d-real", torch.sigmoid(logits_real).mean()),
+                               ("d-fake", torch.sigmoid(logits_fake).mean())):
+                stats[key] += value.item() * part.share
 
         # Generator: learns only through D's judgement of generated images.
+        stats["loss-g"] = 0.0
         with s.learning_through(s.discriminator):
-            loss_g = F.softplus(-_call(s.discriminator, fake, y_fake)).mean()
             s.opt_g.zero_grad(set_to_none=True)
-            s.backward(loss_g, s.generator)
-            s.opt_g.step()
-        return {"loss-d": (loss_real + loss_fake).item(), "loss-g": loss_g.item(),
-                "d-real": torch.sigmoid(logits_real).mean().item(), "d-fake": torch.sigmoid(logits_fake).mean().item()}
+            for part in parts:
+                loss_g = F.softplus(-_call(s.discriminator, generated(part), _rows(y_fake, part))).mean()
+                s.backward(loss_g, s.generator, part)
+                s.step(s.opt_g, part)
+                stats["loss-g"] += loss_g.item() * part.share
+        return stats
 
     def real_conditions(self, data: SiteData, idx: torch.Tensor) -> torch.Tensor | None:
         """Condition vectors of real training images (None: unconditional)."""
@@ -135,6 +152,11 @@ class SynthesisTask(GANTask):
 
     def preview(self, n: int) -> torch.Tensor:
         return self.sample(n, seed=self.config.seed + 104729)
+
+
+def _rows(conditions: torch.Tensor | None, part: BatchPart) -> torch.Tensor | None:
+    """The condition vectors of ``part``'s rows (None: unconditional)."""
+    return None if conditions is None else conditions[part.rows]
 
 
 def _call(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
