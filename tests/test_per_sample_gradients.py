@@ -194,16 +194,18 @@ class _Conditioned(nn.Module):
         return self.head(pooled * self.embed(labels))
 
 
-@pytest.mark.parametrize("kind", ["plain", "two-passes", "conditioned", "learned-through"])
+@pytest.mark.parametrize("kind", ["plain", "two-passes", "conditioned", "learned-through", "fed-by-another"])
 def test_dp_backward_gives_opacus_per_sample_gradients_and_no_weight_gradients(kind: str) -> None:
     """``FastConvGradSampleModule.backward`` asks autograd for input gradients only: the
     per-sample gradients must be those of an ordinary backward, every trainable layer's, and
-    neither this network nor one the loss reaches it through gets an ordinary gradient."""
+    neither this network nor one the loss reaches it through gets an ordinary gradient (nor
+    one that made its input: "fed-by-another", beside a pass on a fresh input)."""
     torch.manual_seed(0)
     make = _Conditioned if kind == "conditioned" else _net
     reference_net, fast_net = make(), make()
     fast_net.load_state_dict(reference_net.state_dict())
     judge = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Flatten(), nn.LazyLinear(1))
+    producer = nn.Conv2d(2, 2, 3, padding=1)
     images = torch.randn(5, 1 if kind == "conditioned" else 2, 32, 32)
     labels = torch.tensor([0, 2, 1, 1, 0])
     gradients = []
@@ -213,6 +215,9 @@ def test_dp_backward_gives_opacus_per_sample_gradients_and_no_weight_gradients(k
             loss = module(images, labels).square().mean()
         elif kind == "learned-through":  # a generator-like net judged by another, unwrapped one
             loss = judge(module(images)[:, :, None, None].expand(-1, 1, 8, 8)).mean()
+        elif kind == "fed-by-another":  # one pass on another network's output, one on the data
+            made = producer(images)
+            loss = (module(made) ** 2).mean() + torch.nn.functional.softplus(module(images)).mean()
         else:
             loss = (module(images) ** 2).mean()
             if kind == "two-passes":
@@ -222,7 +227,9 @@ def test_dp_backward_gives_opacus_per_sample_gradients_and_no_weight_gradients(k
         if fast:
             assert all(p.grad is None for p in module.parameters())
             assert all(p.grad is None for p in judge.parameters())
+            assert all(p.grad is None for p in producer.parameters())
         judge.zero_grad(set_to_none=True)
+        producer.zero_grad(set_to_none=True)
     for (name, reference), (_, fast_sample) in zip(*gradients):
         assert fast_sample is not None, name
         torch.testing.assert_close(fast_sample, reference, rtol=1e-4, atol=1e-6, msg=name)

@@ -142,9 +142,9 @@ class FastConvGradSampleModule(GradSampleModule):
     def __init__(self, module: nn.Module, **kwargs: Any) -> None:
         super().__init__(module, **kwargs)
         #: Where ``backward`` asks for gradients: the network inputs of the passes since the last
-        #: one (fresh leaves that require grad, held weakly: a task that calls ``loss.backward()``
-        #: itself frees them with its graph) and the parameters of trainable layers none of whose
-        #: inputs do.
+        #: one (fresh leaves that require grad, or inputs that already had one; held weakly: a task
+        #: that calls ``loss.backward()`` itself frees them with its graph) and the parameters of
+        #: trainable layers none of whose inputs do.
         self._input_leaves: list[weakref.ref[torch.Tensor]] = []
         self._layer_leaves: dict[int, nn.Parameter] = {}
 
@@ -157,8 +157,12 @@ class FastConvGradSampleModule(GradSampleModule):
         return super().forward(*args, **kwargs)
 
     def _graph_input(self, value: Any) -> Any:
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and not value.requires_grad:
-            value = value.detach().requires_grad_(True)
+        """A floating-point input as a place ``backward`` asks for gradients: a fresh leaf if it
+        has no gradient, else the input itself (another network's output: the backward stops
+        there, and every pass of this network is reached whatever its inputs)."""
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            if not value.requires_grad:
+                value = value.detach().requires_grad_(True)
             self._input_leaves = [ref for ref in self._input_leaves if ref() is not None]
             self._input_leaves.append(weakref.ref(value))
         return value
