@@ -109,3 +109,10 @@ def test_the_translate_compare_study_trains_what_the_translate_benchmark_trains(
     assert (large.task.lr_generator, large.task.lr_discriminator) == (5e-5, 5e-5)
     assert large.run.initial_model == private.run.initial_model and large.privacy == private.privacy
     assert large.run.sites_dir == "benchmarks/data/translate-large"
+    # Batches of hundreds of slices: the same task at batch 128 in parts of 32, 30 steps a round.
+    xl = load_study(root / "translate-xl-dp.toml")
+    assert replace_task(xl.task, batch_size=study.task.batch_size, physical_batch=0,
+                        local_steps=study.task.local_steps) == study.task
+    assert (xl.task.batch_size, xl.task.physical_batch, xl.task.local_steps) == (128, 32, 30)
+    assert xl.run.initial_model == private.run.initial_model and xl.privacy == private.privacy
+    assert xl.run.sites_dir == "benchmarks/data/translate-xl" and xl.run.rounds == study.run.rounds
