@@ -235,6 +235,33 @@ def test_dp_backward_gives_opacus_per_sample_gradients_and_no_weight_gradients(k
         torch.testing.assert_close(fast_sample, reference, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_dp_backward_runs_no_backward_of_a_first_layer() -> None:
+    """A first layer's inputs (the data) need no gradient and, under DP, neither do its
+    weights: its per-sample hook fires from its output gradient, and its own backward, which
+    would compute an input or a weight gradient, never runs. The per-sample gradients are
+    still Opacus' and the layer's output is not held after the backward."""
+    torch.manual_seed(0)
+    reference_net, fast_net = _net(), _net()
+    fast_net.load_state_dict(reference_net.state_dict())
+    images = torch.randn(4, 2, 32, 32)
+    reference = GradSampleModule(reference_net)
+    (reference(images) ** 2).mean().backward()
+    fast = FastConvGradSampleModule(fast_net)
+    first = next(m for m in fast_net.modules() if isinstance(m, nn.Conv2d))
+    ran = []
+
+    def watch(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+        output.grad_fn.register_prehook(lambda *_: ran.append(1))
+
+    first.register_forward_hook(watch)
+    fast.backward((fast(images) ** 2).mean())
+    assert ran == []
+    assert "_stop_outputs" not in first.__dict__
+    for (name, p), (_, q) in zip(reference.named_parameters(), fast.named_parameters()):
+        torch.testing.assert_close(q.grad_sample, p.grad_sample, rtol=1e-4, atol=1e-6, msg=name)
+        assert q.grad is None
+
+
 def test_dp_backward_refuses_a_trainable_layer_the_loss_does_not_reach_from_the_inputs() -> None:
     net = nn.ModuleDict({"used": nn.Conv2d(1, 2, 3), "unused": nn.Conv2d(1, 2, 3)})
 
@@ -264,6 +291,7 @@ def test_a_task_that_calls_backward_itself_still_gets_per_sample_gradients_and_h
         assert all(p.grad_sample.shape[0] == 3 for p in module.parameters())
     assert sum(ref() is not None for ref in module._input_leaves) == 0
     assert len(module._input_leaves) <= 1
+    assert all(not m.__dict__.get("_stop_outputs") for m in module.modules())
 
 
 @pytest.mark.parametrize("private", [False, True])

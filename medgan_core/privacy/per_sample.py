@@ -18,10 +18,12 @@ fifth of a DP discriminator step. Later passes through the same layer still add 
 
 Under DP the optimiser clips and noises per-sample gradients only; the ordinary gradient of
 every weight, which a plain ``loss.backward()`` also computes, is thrown away.
-``FastConvGradSampleModule.backward`` asks autograd for the gradient of the network's inputs
-instead: every layer between them and the loss still passes its output gradient to its
-per-sample hook, and no weight gradient is computed (in this network, or in a network the
-loss reaches it through). It checks that every trainable layer's hook fired.
+``FastConvGradSampleModule.backward`` asks autograd for the gradient of each first layer's
+output instead (a layer none of whose inputs has a gradient: on the data), or of an input
+that came with one (another network's output): every layer between them and the loss still
+passes its output gradient to its per-sample hook, and no weight gradient is computed (in
+this network, or in a network the loss reaches it through), nor a gradient of the data. It
+checks that every trainable layer's hook fired.
 """
 
 from __future__ import annotations
@@ -141,52 +143,56 @@ class FastConvGradSampleModule(GradSampleModule):
 
     def __init__(self, module: nn.Module, **kwargs: Any) -> None:
         super().__init__(module, **kwargs)
-        #: Where ``backward`` asks for gradients: the network inputs of the passes since the last
-        #: one (fresh leaves that require grad, or inputs that already had one; held weakly: a task
-        #: that calls ``loss.backward()`` itself frees them with its graph) and the parameters of
-        #: trainable layers none of whose inputs do.
+        #: Where ``backward`` asks for gradients, besides each first layer's output (held on the
+        #: layer, ``_stop_outputs``): inputs of the passes since the last one that came with a
+        #: gradient (held weakly: a task that calls ``loss.backward()`` itself frees them with
+        #: its graph), and the parameters of trainable layers none of whose inputs has one and
+        #: whose output has none either.
         self._input_leaves: list[weakref.ref[torch.Tensor]] = []
         self._layer_leaves: dict[int, nn.Parameter] = {}
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """The module on its inputs, each floating-point one that has no gradient replaced by a
-        leaf that does (same memory), when this pass records per-sample gradients."""
+        """The module on its inputs; an input that already has a gradient (another network's
+        output) is a place ``backward`` asks for gradients, when this pass records per-sample
+        gradients."""
         if self.hooks_enabled and self.training and torch.is_grad_enabled():
-            args = tuple(self._graph_input(a) for a in args)
-            kwargs = {key: self._graph_input(value) for key, value in kwargs.items()}
+            for value in (*args, *kwargs.values()):
+                if isinstance(value, torch.Tensor) and value.requires_grad:
+                    self._input_leaves = [ref for ref in self._input_leaves if ref() is not None]
+                    self._input_leaves.append(weakref.ref(value))
         return super().forward(*args, **kwargs)
 
-    def _graph_input(self, value: Any) -> Any:
-        """A floating-point input as a place ``backward`` asks for gradients: a fresh leaf if it
-        has no gradient, else the input itself (another network's output: the backward stops
-        there, and every pass of this network is reached whatever its inputs)."""
-        if isinstance(value, torch.Tensor) and value.is_floating_point():
-            if not value.requires_grad:
-                value = value.detach().requires_grad_(True)
-            self._input_leaves = [ref for ref in self._input_leaves if ref() is not None]
-            self._input_leaves.append(weakref.ref(value))
-        return value
-
     def capture_activations_hook(self, module: nn.Module, forward_input: List[torch.Tensor],
-                                 _forward_output: torch.Tensor) -> None:
-        """Opacus' hook; a trainable layer none of whose inputs has a gradient (an embedding of
-        labels) is a place ``backward`` asks for gradients too, or its hook would not fire."""
-        super().capture_activations_hook(module, forward_input, _forward_output)
+                                 forward_output: torch.Tensor) -> None:
+        """Opacus' hook; a trainable layer none of whose inputs has a gradient (a first layer on
+        the data, an embedding of labels) is where ``backward`` stops: at its output as the layer
+        made it (this hook sees it before the backward hook wraps it), so the wrapper's backward,
+        which fires the per-sample hook, runs and the layer's own backward does not (neither an
+        input nor a weight gradient); at its parameters if that output has no gradient."""
+        super().capture_activations_hook(module, forward_input, forward_output)
         if self.hooks_enabled and requires_grad(module) and module.training and torch.is_grad_enabled() \
                 and not any(isinstance(t, torch.Tensor) and t.requires_grad for t in forward_input):
-            self._layer_leaves.update((id(p), p) for _, p in trainable_parameters(module))
+            if isinstance(forward_output, torch.Tensor) and forward_output.grad_fn is not None:
+                # Held as Opacus holds the activations: until this layer's hook fires.
+                module.__dict__.setdefault("_stop_outputs", []).append(forward_output)
+            else:
+                self._layer_leaves.update((id(p), p) for _, p in trainable_parameters(module))
 
     def cleanup(self) -> None:
         """Opacus' removal of its hooks and attributes, and of the factors a weight holds."""
         super().cleanup()
         for param in self._module.parameters():
             drop_ghost(param)
+        for module in self._module.modules():
+            module.__dict__.pop("_stop_outputs", None)
 
     def backward(self, loss: torch.Tensor) -> None:
         """Per-sample gradients of ``loss`` for every trainable layer of this network, without
         the ordinary weight gradients the private optimiser would discard."""
         leaves = [leaf for leaf in (ref() for ref in self._input_leaves) if leaf is not None]
         leaves += self._layer_leaves.values()
+        for module in self._module.modules():
+            leaves += module.__dict__.pop("_stop_outputs", [])
         self._input_leaves, self._layer_leaves = [], {}
         if not leaves:
             loss.backward()
@@ -215,6 +221,9 @@ class FastConvGradSampleModule(GradSampleModule):
         with ``store_grad_sample``."""
         if not self.hooks_enabled:
             return
+        stops = module.__dict__.get("_stop_outputs")
+        if stops:  # a backward this network's ``backward`` did not start (``loss.backward()``)
+            stops.pop()
         backprops = forward_output[0].detach()
         activations, backprops = self.rearrange_grad_samples(
             module=module, backprops=backprops, loss_reduction=loss_reduction, batch_first=batch_first)
