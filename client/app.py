@@ -20,7 +20,7 @@ from flwr.clientapp.typing import Mod
 from client.audit import audit_outgoing_mod
 from client.payload import evaluate_reply, train_reply
 from client.ray_guard import keep_ray_on_loopback, ray_exposure
-from client.site import cached_site_data, site_from_context, site_seed
+from client.site import cached_site_data, site_from_context, site_seed, site_task
 from medgan_core.config import SiteConfig
 from medgan_core.errors import PrivacyError
 from medgan_core.round_instructions import RoundInstructions
@@ -60,7 +60,7 @@ def build_client_app(sites: Sequence[SiteConfig] | None = None, mods: Sequence[M
         site = site_from_context(context.node_config, context.run_config, sites)
         # A site's own device setting wins; "auto" follows the study's hint (run.device).
         device = resolve_device(site.device if site.device != "auto" else round_.device)
-        task = build_task(round_.task, device)
+        task = build_task(site_task(round_.task, site), device)
         arrays: ArrayRecord = msg.content["arrays"]
         task.set_weights({k: v.numpy() for k, v in arrays.items()}, source="global model from the server")
         return task, site, round_

@@ -40,6 +40,8 @@ def node_config(site: SiteConfig) -> str:
     text = " ".join(f'{key}="{value}"' for key, value in items.items())
     if site.epsilon_budget > 0:
         text += f" epsilon-budget={site.epsilon_budget}"
+    if site.physical_batch > 0:
+        text += f" physical-batch={site.physical_batch}"
     text += (f" require-dp={str(site.require_dp).lower()} require-secure-rng={str(site.require_secure_rng).lower()}"
              f" max-delta={site.max_delta!r} release-test-metrics={str(site.release_test_metrics).lower()}")
     return text

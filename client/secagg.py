@@ -17,7 +17,7 @@ from flwr.client.mod import secaggplus_mod
 from flwr.common import Scalar
 from flwr.compat.client.numpy_client import NumPyClient
 
-from client.site import cached_site_data, site_from_context, site_seed
+from client.site import cached_site_data, site_from_context, site_seed, site_task
 from medgan_core.arrays import check_arrays
 from medgan_core.config import SiteConfig
 from client.ray_guard import ray_exposure
@@ -39,7 +39,7 @@ class SiteNumPyClient(NumPyClient):
             raise PrivacyError(refusal)
         round_ = RoundInstructions.from_flat(config)  # parsed once, typed, no defaults
         device = resolve_device(self.site.device if self.site.device != "auto" else round_.device)
-        task = build_task(round_.task, device)
+        task = build_task(site_task(round_.task, self.site), device)
         task.set_weights(dict(zip(ordered_names(task), parameters)), source="global model from the server")
         return task, round_
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from functools import lru_cache
 from pathlib import Path
@@ -19,7 +20,7 @@ def site_from_context(
     node_config: Mapping[str, object], run_config: Mapping[str, object], sites: Sequence[SiteConfig] | None = None
 ) -> SiteConfig:
     """A deployed SuperNode describes its site in its node config (``data-path``,
-    ``state-dir``, ``device``, ``epsilon-budget``, ``site-name``); a simulated node is
+    ``state-dir``, ``device``, ``epsilon-budget``, ``physical-batch``, ``site-name``); a simulated node is
     mapped by ``partition-id`` onto ``sites`` or onto the site folders of ``run.sites-dir``."""
     if "data-path" in node_config:  # a deployed hospital: its policy defaults to HOSPITAL_POLICY
         policy = {**HOSPITAL_POLICY, **{k: v for k, v in node_config.items() if k in HOSPITAL_POLICY}}
@@ -29,6 +30,7 @@ def site_from_context(
             state_dir=str(node_config.get("state-dir", "")),
             device=str(node_config.get("device", "auto")),
             epsilon_budget=_number(node_config.get("epsilon-budget", 0.0), "epsilon-budget"),
+            physical_batch=_whole(node_config.get("physical-batch", 0), "physical-batch"),
             require_dp=_flag(policy["require-dp"], "require-dp"),
             require_secure_rng=_flag(policy["require-secure-rng"], "require-secure-rng"),
             max_delta=_number(policy["max-delta"], "max-delta"),
@@ -60,6 +62,20 @@ def _flag(value: object, key: str) -> bool:
     if str(value).lower() in ("true", "false"):
         return str(value).lower() == "true"
     raise ConfigError(f"node config {key} = {value!r}; use true or false")
+
+
+def _whole(value: object, key: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    raise ConfigError(f"node config {key} = {value!r}; use a whole number")
+
+
+def site_task(task: TaskConfig, site: SiteConfig) -> TaskConfig:
+    """The study's task as this site runs it: with the site's own ``physical-batch`` when it
+    sets one (what fits its memory; the update, the privacy and ε are the same)."""
+    return dataclasses.replace(task, physical_batch=site.physical_batch) if site.physical_batch > 0 else task
 
 
 def _number(value: object, key: str) -> float:

@@ -305,8 +305,8 @@ class SiteConfig:
     """One hospital's own settings; they never leave the site.
 
     In deployment they come from the SuperNode's node config (``data-path``,
-    ``state-dir``, ``device``, ``epsilon-budget``, ``site-name``); in simulation from the
-    study's site folders.
+    ``state-dir``, ``device``, ``epsilon-budget``, ``physical-batch``, ``site-name``); in
+    simulation from the study's site folders.
     """
 
     data_path: str
@@ -314,6 +314,9 @@ class SiteConfig:
     state_dir: str = ""
     device: str = "auto"
     epsilon_budget: float = 0.0  # 0: the study's privacy.target-epsilon
+    # The most records one pass holds at this site (0: the study's task.physical-batch): what
+    # fits this hospital's memory. The update is the whole batch's either way.
+    physical_batch: int = 0
     # The site's privacy policy: what the coordinator's study may not lower. The Python
     # defaults let the study decide (simulation: one researcher owns every site); a
     # deployed site's site.toml and node config default to the strict HOSPITAL_POLICY.
@@ -353,6 +356,9 @@ class SiteConfig:
             raise ConfigError(f"site device = {self.device!r}; choose one of {', '.join(DEVICES)}")
         if not math.isfinite(self.epsilon_budget) or self.epsilon_budget < 0:
             raise ConfigError(f"site epsilon-budget = {self.epsilon_budget}; it must be >= 0 (0 = the study's target)")
+        if self.physical_batch < 0:
+            raise ConfigError(f"site physical-batch = {self.physical_batch}; it must be >= 0 "
+                              "(0 = the study's task.physical-batch)")
         if not 0 < self.max_delta <= MAX_DELTA:
             raise ConfigError(f"site max-delta = {self.max_delta}; it must lie in (0, {MAX_DELTA:g}]")
         return self

@@ -1,10 +1,12 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from client.site import site_from_context, site_seed
+from client.site import site_from_context, site_seed, site_task
 from medgan_core.config import SiteConfig
 from medgan_core.errors import ConfigError
+from medgan_core.tasks.registry import task_config
 
 
 def test_deployed_node_describes_its_site_in_node_config(tiny_sites: list[Path]) -> None:
@@ -20,6 +22,21 @@ def test_deployed_node_describes_its_site_in_node_config(tiny_sites: list[Path])
         site_from_context({}, {})
     with pytest.raises(ConfigError, match="epsilon-budget"):
         site_from_context({"data-path": str(tiny_sites[0]), "epsilon-budget": -1.0}, {})
+
+
+@pytest.mark.parametrize("given", [16, "16"])
+def test_a_site_sets_its_own_physical_batch(tiny_sites: list[Path], given: object) -> None:
+    """A hospital with less memory bounds its own passes (``physical-batch`` in its node
+    config); the study's task is otherwise what the site runs."""
+    site = site_from_context({"data-path": str(tiny_sites[0]), "physical-batch": given}, {})
+    assert site.physical_batch == 16
+    study = task_config(name="denoise", batch_size=64, physical_batch=32)
+    assert site_task(study, site) == dataclasses.replace(study, physical_batch=16)
+    assert site_task(study, SiteConfig(str(tiny_sites[0]))) is study  # 0: the study's setting
+    for bad, message in ((-1, "physical-batch = -1; it must be >= 0"), ("many", "physical-batch = 'many'"),
+                         (2.5, "physical-batch = 2.5"), (True, "physical-batch = True")):
+        with pytest.raises(ConfigError, match=message):
+            site_from_context({"data-path": str(tiny_sites[0]), "physical-batch": bad}, {})
 
 
 def test_simulated_node_maps_partition_to_site(tiny_sites: list[Path], tmp_path: Path) -> None:

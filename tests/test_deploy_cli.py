@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import stat
 from pathlib import Path
 
@@ -76,7 +77,14 @@ def test_site_command_carries_the_node_config(credentials: Path, tiny_sites: lis
     assert "--insecure" not in command and env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
     assert f'data-path="{tiny_sites[0]}"' in node_config(site) and 'site-name="hospital-a"' in node_config(site)
     budget = SiteConfig(str(tiny_sites[0]), state_dir="s", epsilon_budget=2.5)
-    assert "epsilon-budget=2.5" in node_config(budget)
+    assert "epsilon-budget=2.5" in node_config(budget) and "physical-batch" not in node_config(budget)
+    assert " physical-batch=16" in node_config(dataclasses.replace(budget, physical_batch=16))
+    toml = _site_toml(credentials, str(tiny_sites[0]), name="small")
+    toml.write_text(toml.read_text().replace("[connection]", "physical-batch = 16\n[connection]"))
+    assert load_site(toml)[0].physical_batch == 16
+    toml.write_text(toml.read_text().replace("physical-batch = 16", "physical-batch = -4"))
+    result = runner.invoke(app, ["site", "start", "--config", str(toml)])
+    assert result.exit_code == 2 and "site physical-batch = -4; it must be >= 0" in result.output, result.output
 
 
 def test_coordinator_commands_check_before_connecting(credentials: Path, tmp_path: Path) -> None:

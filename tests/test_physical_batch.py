@@ -133,3 +133,39 @@ def test_physical_batch_is_checked_at_load() -> None:
     with pytest.raises(ConfigError, match="task.physical-batch = -1; give the most records one pass may hold"):
         StudyConfig().replace(task={"physical_batch": -1})
     assert StudyConfig().replace(task={"name": "translate", "physical_batch": 16}).task.physical_batch == 16
+
+
+def test_a_deployed_site_trains_in_its_own_parts(tiny_sites: list[Path], tiny_study: StudyConfig, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """``physical-batch`` in a hospital's node config bounds the passes of the round it trains,
+    whatever the study's task says; the round still trains and replies."""
+    import time
+
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
+
+    import client.app
+    from client.app import build_client_app
+
+    study = tiny_study.replace(task={"name": "denoise", "batch_size": 8, "physical_batch": 0},
+                               privacy={"enabled": False})
+    built: list[dict[str, int]] = []
+
+    def build_and_watch(config, device):  # type: ignore[no-untyped-def]
+        task = build_task(config, device)
+        built.append(_largest_pass(task))
+        return task
+
+    monkeypatch.setattr(client.app, "build_task", build_and_watch)
+    node = {"data-path": str(tiny_sites[0]), "state-dir": str(tmp_path / "state"), "physical-batch": "3",
+            "require-dp": "false", "require-secure-rng": "false", "release-test-metrics": "true"}
+    config = {**{k: v for k, v in study.to_flat().items() if k.startswith(("task.", "privacy.", "aggregation."))},
+              "planned-rounds": 1, "study-id": "parts", "server-round": 1, "device": "cpu"}
+    weights = build_task(study.task).get_weights()
+    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in weights.items()}),
+                          "config": ConfigRecord(config)})
+    metadata = Metadata(run_id=1, message_id="m1", src_node_id=0, dst_node_id=7, reply_to_message_id="",
+                        group_id="", created_at=time.time(), ttl=3600.0, message_type=MessageType.TRAIN)
+    context = Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config={})
+    reply = build_client_app()(Message(content, metadata=metadata), context)
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    assert built and built[0]["generator"] == 3 and built[0]["discriminator"] == 3

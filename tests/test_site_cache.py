@@ -4,6 +4,7 @@ sites, so without it a study of many sites decoded every site's images again eve
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -39,6 +40,10 @@ def test_whole_slice_data_is_decoded_once_and_mapped_after(tiny_sites: list[Path
     again = load_task_data(tiny_sites[1], config, cache)
     assert loads == []  # mapped, not decoded
     torch.testing.assert_close(again.train, first.train)
+    entries = sorted(p.name for p in cache.iterdir())
+    stepped = dataclasses.replace(config, physical_batch=4, batch_size=8, lr_generator=1e-3, local_steps=7, width=8)
+    load_task_data(tiny_sites[1], stepped, cache)  # settings of the steps, not of the data read
+    assert loads == [] and sorted(p.name for p in cache.iterdir()) == entries
 
     other = load_task_data(tiny_sites[1], task_config(name=config.name, image_size=32), cache)
     assert loads and other.train.shape[-1] == 32  # another setting is another entry, not a stale one

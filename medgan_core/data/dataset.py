@@ -117,6 +117,12 @@ class SiteData:
         return int(self.train.shape[0])
 
 
+#: Task settings that shape training steps, not the data read: they do not key the decoded
+#: data, so a site's own ``physical-batch`` or a new learning rate reuses the same cache.
+STEP_SETTINGS = frozenset({"batch_size", "physical_batch", "local_steps", "lr_generator", "lr_discriminator",
+                           "width", "lr_schedule"})
+
+
 def load_site_data(
     data_path: str | Path, task: TaskConfig, spec: DataSpec = Slices(), cache_dir: Path | None = None
 ) -> SiteData:
@@ -134,7 +140,8 @@ def load_site_data(
         return _load(manifest, task, spec, cache_dir)
     # Decoded once for all of this site's processes on the machine, then memory-mapped.
     sources = [manifest.path, *(manifest.root / e.file for e in manifest.entries)]
-    key = "site-" + cache_key({"spec": repr(spec), "task": asdict(task), "sources": source_fingerprint(sources)})
+    settings = {k: v for k, v in asdict(task).items() if k not in STEP_SETTINGS}
+    key = "site-" + cache_key({"spec": repr(spec), "task": settings, "sources": source_fingerprint(sources)})
     arrays = [f.name for f in fields(SiteData) if f.name != "site"]
     names = cache_dir / f"{key}-fields.json"
     if names.is_file() and (found := open_arrays(json.loads(names.read_text()), cache_dir, key)) is not None:
