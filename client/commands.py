@@ -1,4 +1,4 @@
-"""The hospital's commands: ``medgan site index|check|keys|start``."""
+"""The hospital's commands: ``medgan site index|check|keys|cache|start``."""
 
 from __future__ import annotations
 
@@ -69,6 +69,49 @@ def site_keys(
         fail(exc)
     console.print(f"private key (never leaves the site): {private}")
     console.print(f"public key (send to the coordinator): {public}")
+
+
+@site_app.command("cache")
+def site_cache(
+    config: Path = typer.Option(None, "--config", help="The site's site.toml (its state-dir holds the cache)."),
+    state_dir: Path = typer.Option(None, "--state-dir", help="A site's state folder (simulation: RUN_DIR/site-state/SITE)."),
+    prune_older_than: float = typer.Option(None, "--prune-older-than", metavar="DAYS",
+                                           help="Delete the entries no study has opened for DAYS days."),
+) -> None:
+    """List the site's decoded-data cache (entries, size, last use); optionally prune old entries."""
+    from datetime import datetime
+
+    from rich.table import Table
+
+    from client.site import DATA_CACHE
+    from medgan_core.config import load_site
+    from medgan_core.data.cache_admin import cache_entries, prune_cache
+
+    if (config is None) == (state_dir is None):
+        fail(MedGANError("name the site's --config site.toml or its --state-dir (one of them)"))
+    if config is not None:
+        try:
+            state_dir = Path(load_site(config)[0].state_dir)
+        except MedGANError as exc:
+            fail(exc)
+    if not state_dir.is_dir():  # type: ignore[union-attr]
+        fail(MedGANError(f"state-dir {state_dir} does not exist"))
+    if prune_older_than is not None and not prune_older_than >= 0:
+        fail(MedGANError(f"--prune-older-than {prune_older_than}; give a number of days >= 0"))
+    cache = state_dir / DATA_CACHE  # type: ignore[operator]
+    removed = prune_cache(cache, prune_older_than) if prune_older_than is not None else []
+    entries = cache_entries(cache)
+    table = Table("entry", "files", "size (MB)", "last used")
+    for e in entries:
+        table.add_row(e.name + (" (unfinished build)" if e.unfinished else ""), str(len(e.paths)),
+                      f"{e.size / 1e6:.1f}", datetime.fromtimestamp(e.last_used).strftime("%Y-%m-%d %H:%M"))
+    if entries:
+        console.print(table)
+    if prune_older_than is not None:
+        console.print(f"removed {len(removed)} entr{'y' if len(removed) == 1 else 'ies'} not used for "
+                      f"{prune_older_than:g} days ({sum(e.size for e in removed) / 1e6:.1f} MB freed)")
+    console.print(f"{cache}: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, "
+                  f"{sum(e.size for e in entries) / 1e6:.1f} MB")
 
 
 def _data_path(data: Path | None, config: Path | None) -> Path:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -66,3 +67,52 @@ def test_a_changed_source_file_is_decoded_again(tiny_sites: list[Path], tmp_path
         os.utime(touched, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert loads  # a new key: the site's images were read again
     assert len(list(cache.glob("*-fields.json"))) == 2 and not list(cache.glob(".building-*"))
+
+
+def _age(paths, days: float) -> None:  # type: ignore[no-untyped-def]
+    stamp = time.time() - days * 86400
+    for path in paths:
+        os.utime(path, (stamp, stamp))
+
+
+def test_old_cache_entries_are_pruned_and_nothing_else(tiny_sites: list[Path], tmp_path: Path) -> None:
+    """Each setting leaves its own cache files behind: ``medgan site cache --prune-older-than``
+    deletes the entries no study opened for that long (opening one marks it used), and killed
+    builds' scratch folders, and keeps everything else in the folder."""
+    from typer.testing import CliRunner
+
+    from medgan.cli import app
+    from medgan_core.data.cache_admin import cache_entries
+
+    state = tmp_path / "state"
+    cache = state / "data-cache"
+    load_task_data(tiny_sites[1], SYNTHESIS, cache)
+    old = set(cache.iterdir())
+    load_task_data(tiny_sites[1], task_config(name="synthesis", image_size=32), cache)
+    scratch = cache / ".building-x1"
+    scratch.mkdir()
+    (scratch / "0-0.npy").write_bytes(b"0" * 100)
+    notes = cache / "README-hospital.txt"
+    notes.write_text("ours")
+    entries = cache_entries(cache)
+    assert len(entries) == 3 and sum(e.unfinished for e in entries) == 1
+    _age([*old, scratch, *scratch.iterdir(), notes], days=40)
+
+    load_task_data(tiny_sites[1], SYNTHESIS, cache)  # opened again: used now, whatever its files' age
+    assert all(time.time() - p.stat().st_mtime < 3600 for p in old if p.suffix == ".npy")
+    _age(old, days=40)
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["site", "cache", "--state-dir", str(state), "--prune-older-than", "30"])
+    assert result.exit_code == 0, result.output
+    assert "removed 2 entries not used for 30 days" in result.output and "1 entry" in result.output
+    assert not any(p.exists() for p in old) and not scratch.exists() and notes.read_text() == "ours"
+    kept = cache_entries(cache)
+    assert len(kept) == 1 and not kept[0].unfinished
+    assert load_task_data(tiny_sites[1], SYNTHESIS, cache).train.shape[-1] == 16  # rebuilt when needed
+
+    for args, message in ((["--state-dir", str(tmp_path / "none")], "does not exist"),
+                          (["--state-dir", str(state), "--prune-older-than", "-2"], "give a number of days >= 0"),
+                          ([], "one of them")):
+        result = runner.invoke(app, ["site", "cache", *args])
+        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output

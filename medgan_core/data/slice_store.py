@@ -24,6 +24,8 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
+from medgan_core.data.cache_admin import SCRATCH_PREFIX, mark_used
+
 #: Bumped when what a cache file holds changes meaning; old files are then not reused.
 CACHE_FORMAT = 1
 #: The value a slice is padded with to the split's common canvas: air (-1 in [-1, 1]).
@@ -76,7 +78,7 @@ def stack_series(
     finals = [cache_dir / f"{key}-{role}.npy" for role in range(roles)]
     if all(f.is_file() for f in finals):
         return [_open(f) for f in finals]
-    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".building-") as scratch:
+    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=SCRATCH_PREFIX) as scratch:
         paths: list[list[Path]] = [[] for _ in range(roles)]
         for index, part in enumerate(series):  # each series to its own file first: the canvas is not known yet
             for role in range(roles):
@@ -101,6 +103,7 @@ def stack_series(
 
 
 def _open(path: Path) -> torch.Tensor:
+    mark_used(path)  # what 'medgan site cache --prune-older-than' goes by
     # copy-on-write: torch wants a writable array; nothing is ever written back to the file
     return torch.from_numpy(np.load(path, mmap_mode="c"))
 
@@ -162,7 +165,7 @@ def store_arrays(arrays: dict[str, torch.Tensor], cache_dir: Path, key: str) -> 
     so that every process of a site on this machine reads one copy through the page cache."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(cache_dir, 0o700)
-    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".building-") as scratch:
+    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=SCRATCH_PREFIX) as scratch:
         for name, tensor in arrays.items():
             partial = Path(scratch) / f"{name}.npy"
             np.save(partial, tensor.detach().cpu().numpy())
