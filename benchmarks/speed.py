@@ -7,16 +7,22 @@ networks and batch in a bare PyTorch GAN loop and a bare Opacus loop (``GradSamp
 + ``DPOptimizer``, fixed batches): the framework's overhead over the loops it wraps.
 Also the bytes a site sends per round (its shared arrays) and the process's peak memory.
 
-    python benchmarks/speed.py [--steps 20] [--repeats 3] [--out benchmarks/results/speed]
+This machine's speed wanders by up to 2× within minutes, so every ratio (DP cost, framework
+over bare loop) is measured in pairs taken back to back, and the table gives the median of
+the pairs' ratios with their range; a slow spell then slows both sides of a pair.
+
+    python benchmarks/speed.py [--steps 20] [--repeats 5] [--out benchmarks/results/speed]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
 import resource
+import statistics
 import time
 import warnings
 from pathlib import Path
@@ -78,72 +84,87 @@ def framework_rates(name: str, size: int, width: int, steps: int, repeats: int =
     dp = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=BATCH / RECORDS, expected_batch_size=BATCH,
                     secure_rng=True)
     per_step = len(task.batch_pools(data))  # cycle: a batch of each scanner per step
-    plain = private = 0.0
-    for _ in range(repeats):
-        plain = max(plain, _round_rate(lambda n: task.train(data, n, seed=0), steps, per_step))
-        private = max(private, _round_rate(lambda n: task.train(data, n, seed=0, dp=dp), steps, per_step))
+    pairs = [(_round_rate(lambda n: task.train(data, n, seed=0), steps, per_step),
+              _round_rate(lambda n: task.train(data, n, seed=0, dp=dp), steps, per_step)) for _ in range(repeats)]
     sent = sum(a.nbytes for a in task.get_weights().values())
-    return {"plain": plain, "dp": private, "dp-cost": plain / private, "bytes-sent": float(sent)}
+    return {"plain": max(p for p, _ in pairs), "dp": max(q for _, q in pairs),
+            **paired_ratio("dp-cost", [p / q for p, q in pairs]), "bytes-sent": float(sent)}
 
 
-def bare_synthesis(size: int, width: int, steps: int, repeats: int = 1) -> dict[str, float]:
-    """A bare DCGAN loop (non-saturating loss, Adam 0.5/0.999) on the framework's own networks."""
-    task = build_task(task_config(name="synthesis", image_size=size, width=width, z_dim=64, batch_size=BATCH))
-    return _bare_gan(task.generator, task.discriminator, lambda n: torch.randn(n, 64), size, steps, paired=False,
-                     repeats=repeats)
+def paired_ratio(key: str, ratios: list[float]) -> dict[str, float]:
+    """The median of ratios measured in back-to-back pairs, and their range."""
+    return {key: statistics.median(ratios), f"{key}-low": min(ratios), f"{key}-high": max(ratios)}
 
 
-def bare_pix2pix(size: int, width: int, steps: int, repeats: int = 1) -> dict[str, float]:
-    """A bare pix2pix loop (adversarial + 100 × L1) on the framework's denoising networks."""
-    task = build_task(task_config(name="denoise", image_size=size, width=width, batch_size=BATCH))
-    return _bare_gan(task.generator, task.discriminator, None, size, steps, paired=True, repeats=repeats)
+def bare_loops(name: str, size: int, width: int, steps: int, repeats: int) -> dict[str, float]:
+    """The bare loop of ``name``'s family (``synthesis``: DCGAN, non-saturating loss;
+    ``denoise``: pix2pix, adversarial + 100 × L1; Adam 0.5/0.999) on copies of the framework's
+    own networks: best plain and DP images/s, its DP cost, and the framework's overhead (bare
+    plain images/s over the framework's plain round), each ratio from back-to-back pairs."""
+    own = {"z_dim": 64} if name == "synthesis" else {}
+    task = build_task(task_config(name=name, image_size=size, width=width, batch_size=BATCH, **own))
+    data = _data(name, size, torch.Generator().manual_seed(0))
+    latent = (lambda n: torch.randn(n, 64)) if name == "synthesis" else None
+    paired = name != "synthesis"
+    plain_step, _ = bare_step(copy.deepcopy(task.generator), copy.deepcopy(task.discriminator), latent, size, paired,
+                              private=False)
+    private_step, close = bare_step(copy.deepcopy(task.generator), copy.deepcopy(task.discriminator), latent, size,
+                                    paired, private=True)
+    runs = [(_rate(plain_step, steps), _rate(private_step, steps),
+             _round_rate(lambda n: task.train(data, n, seed=0), steps, 1)) for _ in range(repeats)]
+    close()
+    return {"plain": max(r[0] for r in runs), "dp": max(r[1] for r in runs),
+            **paired_ratio("dp-cost", [p / q for p, q, _ in runs]),
+            **paired_ratio("overhead", [p / f for p, _, f in runs])}
 
 
-def _bare_gan(generator: torch.nn.Module, discriminator: torch.nn.Module, latent: Callable | None, size: int,
-              steps: int, paired: bool, repeats: int = 1) -> dict[str, float]:
+def bare_step(generator: torch.nn.Module, discriminator: torch.nn.Module, latent: Callable | None, size: int,
+              paired: bool, private: bool) -> tuple[Callable[[], None], Callable[[], None]]:
+    """One step of the bare loop on these networks, and what removes Opacus' hooks after.
+    Under DP the discriminator (and a paired generator, which reads the images) is Opacus'
+    ``GradSampleModule``; the DCGAN discriminator steps on its real and generated halves as
+    two backward passes, as Opacus' DCGAN example does."""
     real = torch.rand(BATCH, 1, size, size) * 2 - 1
     low = real + 0.1 * torch.randn_like(real)
-    rates = {}
-    for mode in ("plain", "dp"):
-        g, d = generator, discriminator
-        opt_g = torch.optim.Adam(g.parameters(), 2e-4, betas=(0.5, 0.999))
-        opt_d = torch.optim.Adam(d.parameters(), 2e-4, betas=(0.5, 0.999))
-        if mode == "dp":
-            d = GradSampleModule(d)
-            opt_d = DPOptimizer(opt_d, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=BATCH)
-            if paired:
-                g = GradSampleModule(g)
-                opt_g = DPOptimizer(opt_g, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=BATCH)
+    g, d = generator, discriminator
+    opt_g = torch.optim.Adam(g.parameters(), 2e-4, betas=(0.5, 0.999))
+    opt_d = torch.optim.Adam(d.parameters(), 2e-4, betas=(0.5, 0.999))
+    if private:
+        d = GradSampleModule(d)
+        opt_d = DPOptimizer(opt_d, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=BATCH)
+        if paired:
+            g = GradSampleModule(g)
+            opt_g = DPOptimizer(opt_g, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=BATCH)
 
-        def step() -> None:
-            if paired:
-                with torch.no_grad():
-                    fake = g(low)
-                loss_d = (F.softplus(-d(low, real)) + F.softplus(d(low, fake))).mean()
-                opt_d.zero_grad()
-                loss_d.backward()
-                opt_d.step()
+    def step() -> None:
+        if paired:
+            with torch.no_grad():
                 fake = g(low)
-                loss_g = F.softplus(-d(low, fake)).mean() + 100 * (fake - real).abs().mean()
-            else:
-                fake = g(latent(BATCH))
-                opt_d.zero_grad()
-                F.softplus(-d(real)).mean().backward()
-                F.softplus(d(fake.detach())).mean().backward()
-                opt_d.step()
-                loss_g = F.softplus(-d(fake)).mean()
-            opt_g.zero_grad()
-            loss_g.backward()
-            opt_g.step()
-            if mode == "dp":
-                opt_d.zero_grad()
+            loss_d = (F.softplus(-d(low, real)) + F.softplus(d(low, fake))).mean()
+            opt_d.zero_grad()
+            loss_d.backward()
+            opt_d.step()
+            fake = g(low)
+            loss_g = F.softplus(-d(low, fake)).mean() + 100 * (fake - real).abs().mean()
+        else:
+            fake = g(latent(BATCH))
+            opt_d.zero_grad()
+            F.softplus(-d(real)).mean().backward()
+            F.softplus(d(fake.detach())).mean().backward()
+            opt_d.step()
+            loss_g = F.softplus(-d(fake)).mean()
+        opt_g.zero_grad()
+        loss_g.backward()
+        opt_g.step()
+        if private:
+            opt_d.zero_grad()
 
-        rates[mode] = max(_rate(step, steps) for _ in range(repeats))
-        if isinstance(d, GradSampleModule):
-            d._close()
-        if isinstance(g, GradSampleModule):
-            g._close()
-    return {"plain": rates["plain"], "dp": rates["dp"], "dp-cost": rates["plain"] / rates["dp"]}
+    def close() -> None:
+        for module in (d, g):
+            if isinstance(module, GradSampleModule):
+                module._close()
+
+    return step, close
 
 
 def machine() -> dict[str, object]:
@@ -156,7 +177,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3, help="measure each rate this many times; keep the best")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="pairs of measurements per ratio (the median is reported), rates the best of them")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/speed"))
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -166,8 +188,8 @@ def main() -> None:
     for name in task_names():
         tasks[name] = framework_rates(name, args.size, widths.get(name, 16), args.steps, args.repeats)
         print(name, {k: round(v, 2) for k, v in tasks[name].items()}, flush=True)
-    bare = {"synthesis": bare_synthesis(args.size, 32, args.steps, args.repeats),
-            "denoise": bare_pix2pix(args.size, 16, args.steps, args.repeats)}
+    bare = {"synthesis": bare_loops("synthesis", args.size, 32, args.steps, args.repeats),
+            "denoise": bare_loops("denoise", args.size, 16, args.steps, args.repeats)}
     print("bare", bare, flush=True)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     results = {"command": f"python benchmarks/speed.py --steps {args.steps} --size {args.size} --repeats {args.repeats}",
@@ -180,22 +202,24 @@ def main() -> None:
         f"Command: `{results['command']}`. Machine: {results['machine']}. Batch {BATCH} (DP: Poisson, expected "
         f"{BATCH}), {args.size}×{args.size}; synthesis and conditional width 32, the others 16. Images per second over "
         f"one round of {args.steps} local steps (bare loops: {args.steps} steps after 3 warm-up steps), the best of "
-        f"{args.repeats} taken in turn; peak resident "
-        "memory of the whole benchmark process "
-        f"{peak_mib:.0f} MiB.", "",
-        "| task | plain img/s | DP img/s | DP cost (plain / DP) | bytes sent per round |",
-        "|---|---:|---:|---:|---:|",
+        f"{args.repeats}. Each ratio is the median of {args.repeats} back-to-back pairs (plain round, then DP round; "
+        "bare loop, then framework round), with the pairs' range: this machine's speed wanders by up to 2× within "
+        f"minutes. Peak resident memory of the whole benchmark process {peak_mib:.0f} MiB.", "",
+        "| task | plain img/s | DP img/s | DP cost (plain / DP), median | pairs' range | bytes sent per round |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for name, row in tasks.items():
         lines.append(f"| {name} | {row['plain']:.1f} | {row['dp']:.1f} | {row['dp-cost']:.2f}× | "
-                     f"{row['bytes-sent'] / 1e6:.2f} MB |")
-    lines += ["", "Bare loops on the same networks and batch (Opacus `GradSampleModule` + `DPOptimizer`, fixed "
-              "batches, no accounting):", "", "| loop | plain img/s | DP img/s | DP cost | framework plain / bare plain |"
-              " framework DP / bare DP |", "|---|---:|---:|---:|---:|---:|"]
+                     f"{row['dp-cost-low']:.2f}–{row['dp-cost-high']:.2f} | {row['bytes-sent'] / 1e6:.2f} MB |")
+    lines += ["", "Bare loops on copies of the same networks and batch (Opacus `GradSampleModule` + `DPOptimizer`, "
+              "fixed batches, no accounting); overhead: the bare loop's plain images/s over the framework's plain "
+              "round, measured in pairs (1.05: the framework 5 % slower):", "",
+              "| loop | plain img/s | DP img/s | DP cost, median (range) | framework overhead, median (range) |",
+              "|---|---:|---:|---:|---:|"]
     for name, row in bare.items():
-        ours = tasks[name]
-        lines.append(f"| {name} | {row['plain']:.1f} | {row['dp']:.1f} | {row['dp-cost']:.2f}× | "
-                     f"{ours['plain'] / row['plain']:.2f} | {ours['dp'] / row['dp']:.2f} |")
+        lines.append(f"| {name} | {row['plain']:.1f} | {row['dp']:.1f} | {row['dp-cost']:.2f}× "
+                     f"({row['dp-cost-low']:.2f}–{row['dp-cost-high']:.2f}) | {row['overhead']:.2f} "
+                     f"({row['overhead-low']:.2f}–{row['overhead-high']:.2f}) |")
     lines += ["", "The bare DCGAN loop under DP runs the discriminator's real and generated halves as two backward "
               "passes, as Opacus' DCGAN example does; the framework runs both in one pass (each image still its own "
               "clipped per-sample gradient). Its private backward computes no ordinary weight gradients; wide "
