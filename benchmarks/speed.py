@@ -74,8 +74,9 @@ def _round_rate(train: Callable[[int], object], steps: int, batches_per_step: in
 
 
 def framework_rates(name: str, size: int, width: int, steps: int, repeats: int = 1) -> dict[str, float]:
-    """Plain and DP images/s of a round, each the best of ``repeats`` rounds taken in turn (a
-    shared machine's slow moments hit both, and the best is the least disturbed)."""
+    """Plain and DP images/s of a round, each the best of ``repeats`` rounds (the least
+    disturbed), and the DP cost as the median of ``repeats`` back-to-back pairs (a slow spell
+    hits both rounds of a pair)."""
     modality = "MR" if name == "recon" else "CT"
     own = {"z_dim": 64} if name in ("synthesis", "conditional") else {}
     config = task_config(name=name, modality=modality, image_size=size, width=width, batch_size=BATCH, **own)
