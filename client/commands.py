@@ -96,10 +96,11 @@ def site_cache(
             fail(exc)
     if not state_dir.is_dir():  # type: ignore[union-attr]
         fail(MedGANError(f"state-dir {state_dir} does not exist"))
-    if prune_older_than is not None and not prune_older_than >= 0:
-        fail(MedGANError(f"--prune-older-than {prune_older_than}; give a number of days >= 0"))
     cache = state_dir / DATA_CACHE  # type: ignore[operator]
-    removed = prune_cache(cache, prune_older_than) if prune_older_than is not None else []
+    try:
+        removed = prune_cache(cache, prune_older_than) if prune_older_than is not None else []
+    except MedGANError as exc:
+        fail(exc)
     entries = cache_entries(cache)
     table = Table("entry", "files", "size (MB)", "last used")
     for e in entries:

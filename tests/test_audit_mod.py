@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.audit import AUDIT_BLOCKED, audit_outgoing_mod
+from client_messages import client_request
 
 GLOBAL = {"generator.w": np.zeros((3, 3), np.float32), "discriminator.b": np.zeros(2, np.float32)}
 
 
 def _request(kind: str, private: bool = True) -> Message:
-    config = ConfigRecord({"task.name": "synthesis", "privacy.enabled": private})
-    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in GLOBAL.items()}), "config": config})
-    metadata = Metadata(run_id=1, message_id="m1", src_node_id=0, dst_node_id=7, reply_to_message_id="",
-                        group_id="", created_at=time.time(), ttl=3600.0, message_type=kind)
-    return Message(content, metadata=metadata)
+    return client_request(kind, {"task.name": "synthesis", "privacy.enabled": private}, GLOBAL)
 
 
 def _context() -> Context:

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from torch import nn
 
 from medgan_core.errors import ConfigError
@@ -139,12 +138,11 @@ def test_a_deployed_site_trains_in_its_own_parts(tiny_sites: list[Path], tiny_st
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """``physical-batch`` in a hospital's node config bounds the passes of the round it trains,
     whatever the study's task says; the round still trains and replies."""
-    import time
-
-    from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
+    from flwr.app import Context, MessageType, RecordDict
 
     import client.app
     from client.app import build_client_app
+    from client_messages import client_request, round_config
 
     study = tiny_study.replace(task={"name": "denoise", "batch_size": 8, "physical_batch": 0},
                                privacy={"enabled": False})
@@ -158,14 +156,8 @@ def test_a_deployed_site_trains_in_its_own_parts(tiny_sites: list[Path], tiny_st
     monkeypatch.setattr(client.app, "build_task", build_and_watch)
     node = {"data-path": str(tiny_sites[0]), "state-dir": str(tmp_path / "state"), "physical-batch": "3",
             "require-dp": "false", "require-secure-rng": "false", "release-test-metrics": "true"}
-    config = {**{k: v for k, v in study.to_flat().items() if k.startswith(("task.", "privacy.", "aggregation."))},
-              "planned-rounds": 1, "study-id": "parts", "server-round": 1, "device": "cpu"}
-    weights = build_task(study.task).get_weights()
-    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in weights.items()}),
-                          "config": ConfigRecord(config)})
-    metadata = Metadata(run_id=1, message_id="m1", src_node_id=0, dst_node_id=7, reply_to_message_id="",
-                        group_id="", created_at=time.time(), ttl=3600.0, message_type=MessageType.TRAIN)
+    request = client_request(MessageType.TRAIN, round_config(study, "parts"), build_task(study.task).get_weights())
     context = Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config={})
-    reply = build_client_app()(Message(content, metadata=metadata), context)
+    reply = build_client_app()(request, context)
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     assert built and built[0]["generator"] == 3 and built[0]["discriminator"] == 3

@@ -7,15 +7,15 @@ errors that carry the hospital's file paths and tracebacks to the coordinator.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.app import build_client_app
+from client_messages import client_request, round_config
 from client.audit import AUDIT_BLOCKED, MAX_METRICS, audit_outgoing_mod
 from client.site_errors import SITE_ERROR, mask_paths, one_line_reason
 from medgan_core.config import SiteConfig
@@ -30,11 +30,7 @@ GLOBAL = {"generator.w": np.zeros((3, 3), np.float32)}
 
 
 def _request(kind: str, config: dict, arrays: dict[str, np.ndarray] | None = None) -> Message:  # type: ignore[type-arg]
-    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in (arrays or GLOBAL).items()}),
-                          "config": ConfigRecord(config)})
-    metadata = Metadata(run_id=1, message_id="m1", src_node_id=0, dst_node_id=7, reply_to_message_id="",
-                        group_id="", created_at=time.time(), ttl=3600.0, message_type=kind)
-    return Message(content, metadata=metadata)
+    return client_request(kind, config, arrays or GLOBAL)
 
 
 def _audited(metrics: dict[str, float], kind: str = MessageType.TRAIN, task: str = "denoise",
@@ -96,8 +92,7 @@ def _site_round_replies(tiny_sites: list[Path], tmp_path: Path, study: StudyConf
                         site: SiteConfig) -> tuple[Message, Message]:
     app = build_client_app([site])
     task = build_task(study.task)
-    config = {**{k: v for k, v in study.to_flat().items() if k.startswith(("task.", "privacy.", "aggregation."))},
-              "planned-rounds": 1, "study-id": "leak", "server-round": 1, "device": "cpu"}
+    config = round_config(study, "leak")
     context = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
     train = app(_request(MessageType.TRAIN, config, task.get_weights()), context)
     evaluate = app(_request(MessageType.EVALUATE, config, task.get_weights()), context)

@@ -110,9 +110,12 @@ def test_old_cache_entries_are_pruned_and_nothing_else(tiny_sites: list[Path], t
     kept = cache_entries(cache)
     assert len(kept) == 1 and not kept[0].unfinished
     assert load_task_data(tiny_sites[1], SYNTHESIS, cache).train.shape[-1] == 16  # rebuilt when needed
+    _age([p for e in cache_entries(cache) for p in e.paths], days=40)
 
     for args, message in ((["--state-dir", str(tmp_path / "none")], "does not exist"),
                           (["--state-dir", str(state), "--prune-older-than", "-2"], "give a number of days >= 0"),
+                          (["--state-dir", str(state), "--prune-older-than", "nan"], "give a number of days >= 0"),
                           ([], "one of them")):
         result = runner.invoke(app, ["site", "cache", *args])
         assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    assert len(cache_entries(cache)) == 2  # a refused prune deletes nothing, however old

@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from medgan_core.errors import ConfigError
+
 #: The hash every cache file name carries (``slice_store.cache_key``).
 _KEY = re.compile(r"(?:^|-)([0-9a-f]{24})(?:-|$)")
 #: A folder a build writes into before its files take their final names.
@@ -51,9 +53,9 @@ def cache_entries(cache_dir: Path) -> list[CacheEntry]:
     entries = []
     for path in sorted(cache_dir.iterdir()):
         if path.is_dir() and path.name.startswith(SCRATCH_PREFIX):
-            files = [p for p in path.rglob("*") if p.is_file()]
-            stamps = [p.stat().st_mtime for p in [path, *files]]
-            entries.append(CacheEntry(path.name, (path,), sum(p.stat().st_size for p in files), max(stamps), True))
+            stats = [p.stat() for p in path.rglob("*") if p.is_file()]
+            last = max([path.stat().st_mtime, *(s.st_mtime for s in stats)])
+            entries.append(CacheEntry(path.name, (path,), sum(s.st_size for s in stats), last, True))
         elif path.is_file() and (match := _KEY.search(path.name)):
             groups.setdefault(match.group(1), []).append(path)
     for key, paths in groups.items():
@@ -65,8 +67,8 @@ def cache_entries(cache_dir: Path) -> list[CacheEntry]:
 def prune_cache(cache_dir: Path, older_than_days: float, now: float | None = None) -> list[CacheEntry]:
     """Delete the entries not used for ``older_than_days`` days; the ones deleted. Only cache
     files (named by a cache key) and scratch folders are touched, never anything else."""
-    if older_than_days < 0:
-        raise ValueError(f"older-than = {older_than_days} days; it must be >= 0")
+    if not older_than_days >= 0:  # NaN too: it would compare as older than any entry
+        raise ConfigError(f"--prune-older-than {older_than_days}; give a number of days >= 0")
     cutoff = (time.time() if now is None else now) - older_than_days * 86400
     removed = []
     for entry in cache_entries(cache_dir):
