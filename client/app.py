@@ -25,6 +25,7 @@ from medgan_core.config import SiteConfig
 from medgan_core.errors import PrivacyError
 from medgan_core.round_instructions import RoundInstructions
 from medgan_core.runtime import resolve_device
+from medgan_core.site_label import is_site_name
 from client.site_errors import site_error_reply
 from medgan_core.site_round import (
     load_site_model,
@@ -70,14 +71,14 @@ def build_client_app(sites: Sequence[SiteConfig] | None = None, mods: Sequence[M
         try:
             return _train(msg, context)
         except Exception as exc:  # noqa: BLE001 - one line leaves, the traceback stays in the site's log
-            return site_error_reply(msg, exc)
+            return site_error_reply(msg, exc, announced_name(context, sites))
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         try:
             return _evaluate(msg, context)
         except Exception as exc:  # noqa: BLE001
-            return site_error_reply(msg, exc)
+            return site_error_reply(msg, exc, announced_name(context, sites))
 
     def _train(msg: Message, context: Context) -> Message:
         task, site, round_ = prepare(msg, context)
@@ -93,7 +94,7 @@ def build_client_app(sites: Sequence[SiteConfig] | None = None, mods: Sequence[M
         log.info("site %s, round %d, trained: %s", site.site_name, round_.server_round, _rounded(metrics))
         weights, shapes = shared_weights(task, round_.aggregation)  # local arrays stay here
         sent = outgoing_train_metrics(task, metrics, round_.privacy.enabled)
-        content = train_reply(weights, shapes, sent, data.num_train)
+        content = train_reply(weights, shapes, sent, data.num_train, site.announced_name)
         return Message(content=content, reply_to=msg)
 
     def _evaluate(msg: Message, context: Context) -> Message:
@@ -107,9 +108,19 @@ def build_client_app(sites: Sequence[SiteConfig] | None = None, mods: Sequence[M
         log.info("site %s, round %s, held-out scores (kept here unless release-test-metrics): %s",
                  site.site_name, round_.server_round, _rounded(scores))
         sent = outgoing_eval_metrics(task, scores, site)
-        return Message(content=evaluate_reply(sent, int(data.test.shape[0])), reply_to=msg)
+        return Message(content=evaluate_reply(sent, int(data.test.shape[0]), site.announced_name), reply_to=msg)
 
     return app
+
+
+def announced_name(context: Context, sites: Sequence[SiteConfig] | None = None) -> str:
+    """The name a failed reply is headed by: the site's, as far as its settings can be read
+    ('' when even they fail: the coordinator names the node)."""
+    try:
+        return site_from_context(context.node_config, context.run_config, sites).announced_name
+    except Exception:  # noqa: BLE001 - the round's own error is the one to report
+        name = context.node_config.get("site-name", "")
+        return name if is_site_name(name) else ""
 
 
 def _rounded(metrics: dict[str, float]) -> dict[str, float]:

@@ -7,8 +7,9 @@ Whatever the training code does, a reply leaves the site only if it holds
 * for evaluation: no arrays at all;
 * exactly one MetricRecord of at most ``MAX_METRICS`` finite scalars (no lists) whose
   names the task declares (``Task.train_metrics``/``eval_metrics``) or the privacy
-  bookkeeping (``PRIVACY_METRICS``); under DP a training reply carries only the latter,
-  and nothing else.
+  bookkeeping (``PRIVACY_METRICS``); under DP a training reply carries only the latter;
+* at most one ConfigRecord, ``site``, holding only the site's ``name``: a short label
+  (``is_site_name``: no path, at most 64 characters), and nothing else.
 Anything else is blocked, logged at the site, and replaced by an error reply that says
 why, so the coordinator leaves the site out of the round.
 """
@@ -24,6 +25,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore import log
 
 from client.payload import NUM_EXAMPLES
+from medgan_core.site_label import SITE_NAME_KEY, SITE_RECORD, is_site_name
 from medgan_core.errors import MedGANError
 from medgan_core.site_round import PRIVACY_METRICS
 from medgan_core.tasks.registry import task_class
@@ -53,8 +55,13 @@ def audit_problems(request: Message, reply: Message) -> list[str]:
     """What is wrong with ``reply`` as an answer to ``request`` (empty: it may leave)."""
     content = reply.content
     problems = []
-    if len(content.config_records):
-        problems.append(f"config records {sorted(content.config_records)} may not leave the site")
+    others = sorted(set(content.config_records) - {SITE_RECORD})
+    if others:
+        problems.append(f"config records {others} may not leave the site")
+    if SITE_RECORD in content.config_records:
+        site = content.config_records[SITE_RECORD]
+        if set(site) != {SITE_NAME_KEY} or not is_site_name(site[SITE_NAME_KEY]):
+            problems.append(f"the '{SITE_RECORD}' record may hold only the site's name, a short label")
     metric_records = list(content.metric_records.values())
     if len(metric_records) != 1:
         problems.append(f"expected one metric record, found {len(metric_records)}")

@@ -36,7 +36,7 @@ def check_site(site: SiteConfig, connection: ConnectionConfig) -> None:
 
 def node_config(site: SiteConfig) -> str:
     """The SuperNode's --node-config string: what the ClientApp reads in ``context.node_config``."""
-    items = {"data-path": site.data_path, "state-dir": site.state_dir, "device": site.device, "site-name": site.site_name}
+    items = {"data-path": site.data_path, "state-dir": site.state_dir, "device": site.device, "site-name": site.name}
     text = " ".join(f'{key}="{value}"' for key, value in items.items())
     if site.epsilon_budget > 0:
         text += f" epsilon-budget={site.epsilon_budget}"
@@ -55,7 +55,7 @@ def supernode_command(
     (installed apps) lives in the site's state folder."""
     if check:
         check_site(site, connection)
-    for value in (site.data_path, site.state_dir, site.site_name):
+    for value in (site.data_path, site.state_dir, site.name):
         if '"' in value:
             raise MedGANError(f"{value!r}: paths and names may not contain double quotes")
     approved = check_hashes(site.app_hash.split(",")) if site.app_hash.strip() else (app_hash(APP_DIR),)

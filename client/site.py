@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from medgan_core.config import HOSPITAL_POLICY, SiteConfig, TaskConfig
+from medgan_core.site_label import is_site_name
 from medgan_core.data.dataset import SiteData
 from medgan_core.tasks.registry import load_task_data
 from medgan_core.data.simulate import find_sites
@@ -44,7 +45,7 @@ def site_from_context(
             if index >= len(folders):
                 raise ConfigError(f"simulated node {index} has no site: {sites_dir} holds {len(folders)} site(s)")
             run = RunLayout(Path(str(run_config.get("run.out-dir", "runs/flwr"))))
-            sites = [SiteConfig(str(f), state_dir=str(run.site_state(f.name))) for f in folders]
+            sites = [simulated_site(f, run.site_state(f.name)) for f in folders]
         if index >= len(sites):
             raise ConfigError(f"simulated node {index} has no site: only {len(sites)} site(s) are configured")
         site = sites[index]
@@ -54,6 +55,11 @@ def site_from_context(
     if not Path(site.data_path).exists():
         raise ConfigError(f"site data path {site.data_path} does not exist")
     return site
+
+
+def simulated_site(folder: Path, state_dir: Path) -> SiteConfig:
+    """A simulated site: named by its folder (when that name may travel: ``is_site_name``)."""
+    return SiteConfig(str(folder), name=folder.name if is_site_name(folder.name) else "", state_dir=str(state_dir))
 
 
 def _flag(value: object, key: str) -> bool:

@@ -13,6 +13,7 @@ import re
 from flwr.app import Error, Message
 
 from medgan_core.errors import MedGANError, PrivacyBudgetExhausted, PrivacyError
+from medgan_core.site_label import named_reason
 
 SITE_ERROR = 4030  # error code of a reply that replaces a failed round at the site
 MAX_REASON = 300
@@ -37,7 +38,8 @@ def one_line_reason(exc: BaseException) -> str:
     return text if len(text) <= MAX_REASON else text[: MAX_REASON - 1] + "…"
 
 
-def site_error_reply(msg: Message, exc: BaseException) -> Message:
-    """Log ``exc`` in full at the site; answer the coordinator with one line."""
+def site_error_reply(msg: Message, exc: BaseException, site_name: str = "") -> Message:
+    """Log ``exc`` in full at the site; answer the coordinator with one line, headed by the
+    site's name when it has one to announce."""
     log.error("round failed at this site: %s", exc, exc_info=exc)
-    return Message(Error(code=SITE_ERROR, reason=one_line_reason(exc)), reply_to=msg)
+    return Message(Error(code=SITE_ERROR, reason=named_reason(site_name, one_line_reason(exc))), reply_to=msg)

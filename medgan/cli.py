@@ -21,6 +21,7 @@ from medgan_core.data.simulate import (
     stale_simulation,
 )
 from medgan_core.errors import MedGANError
+from medgan_core.site_label import site_label
 from medgan_core.tasks.registry import task_class, task_config_from_items
 from server.commands import certs_app, export, privacy_app, report, resumed_study, run, server_app
 
@@ -231,7 +232,8 @@ def _run_demo(study: StudyConfig, verbose: bool, ray_address: str | None = None)
         label = "initial model" if summary.server_round == 0 else ""
         console.print("  " + " · ".join(parts) + (f" [dim]{label}[/]" if label else ""))
         for excluded in summary.excluded:
-            console.print(f"  [red]left out node {excluded['node']}:[/] {excluded['reason']}")
+            console.print(f"  [red]left out {site_label(excluded['node'], excluded.get('site', ''))}:[/] "
+                          f"{excluded['reason']}")
 
     started = time.monotonic()
     with console.status("starting the simulation…") as status:

@@ -1,8 +1,9 @@
 """A live line per round: each site's state while the round runs (``server.study.SiteEvent``).
 
 Sites are numbered in the order the coordinator first addresses them (#1, #2, …); a site
-that fails or does not answer is also printed on its own line with its node id and reason,
-so the record stays in the terminal after the live line moves on.
+that fails or does not answer is also printed on its own line with its name (once it has
+announced one), node id and reason, so the record stays in the terminal after the live line
+moves on.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import time
 from typing import Callable
 
+from medgan_core.site_label import site_label
 from server.study import SiteEvent
 
 MARKS = {"working": "…", "done": "✓", "failed": "✗", "no answer": "✗"}
@@ -23,11 +25,14 @@ class SiteBoard:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.rounds, self.show, self.note, self.clock = rounds, show, note, clock
         self.numbers: dict[int, int] = {}
+        self.names: dict[int, str] = {}  # node -> the name its replies announced
         self.states: dict[int, tuple[str, float, float | None]] = {}  # node -> (state, started, finished)
         self.current: tuple[int, str] = (0, "")
 
     def __call__(self, event: SiteEvent) -> None:
         number = self.numbers.setdefault(event.node, len(self.numbers) + 1)
+        if event.site:
+            self.names[event.node] = event.site
         if (event.server_round, event.phase) != self.current:
             self.current, self.states = (event.server_round, event.phase), {}
         now = self.clock()
@@ -37,8 +42,10 @@ class SiteBoard:
             started = self.states.get(event.node, ("", now, None))[1]
             self.states[event.node] = (event.state, started, now)
             if event.state in ("failed", "no answer"):
+                name = self.names.get(event.node, "")
                 self.note(f"round {event.server_round} {PHASES.get(event.phase, event.phase)}: site #{number} "
-                          f"(node {event.node}) {event.state}" + (f": {event.detail}" if event.detail else ""))
+                          f"{site_label(event.node, name) if name else f'(node {event.node})'} {event.state}"
+                          + (f": {event.detail}" if event.detail else ""))
         self.show(self.line())
 
     def __rich__(self) -> str:

@@ -25,6 +25,7 @@ import torch  # noqa: E402
 from flwr.simulation import run_simulation  # noqa: E402
 
 from client.app import build_client_app  # noqa: E402
+from client.site import simulated_site  # noqa: E402
 from medgan_core.config import SiteConfig  # noqa: E402
 from medgan_core.study_config import StudyConfig  # noqa: E402
 from medgan_core.errors import ConfigError  # noqa: E402
@@ -156,4 +157,4 @@ def _site(site: str | Path | SiteConfig, run_dir: Path) -> SiteConfig:
     if isinstance(site, SiteConfig):
         return site
     path = Path(site).resolve()
-    return SiteConfig(str(path), state_dir=str(RunLayout(run_dir).site_state(path.name).resolve()))
+    return simulated_site(path, RunLayout(run_dir).site_state(path.name).resolve())

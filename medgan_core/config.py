@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from medgan_core.errors import ConfigError
+from medgan_core.site_label import is_site_name
 from medgan_core.policies.registry import LOCAL, policy_class, policy_names
 
 MODALITIES = ("CT", "MR")
 DEVICES = ("auto", "cpu", "cuda")
+
 ACCOUNTANTS = ("rdp", "prv")
 LR_SCHEDULES = ("constant", "cosine")  # learning rate over a study's rounds (medgan_core.tasks.base.lr_scale)
 #: A δ this large lets a mechanism publish a whole record with that probability: refused.
@@ -302,7 +304,9 @@ class AggregationConfig:
 
 @dataclass(frozen=True)
 class SiteConfig:
-    """One hospital's own settings; they never leave the site.
+    """One hospital's own settings; they never leave the site, but for its ``name``: every
+    reply carries it (``announced_name``) so the coordinator's logs and reports say which
+    hospital answered, failed or went silent instead of a node number.
 
     In deployment they come from the SuperNode's node config (``data-path``,
     ``state-dir``, ``device``, ``epsilon-budget``, ``physical-batch``, ``site-name``); in
@@ -328,7 +332,15 @@ class SiteConfig:
 
     @property
     def site_name(self) -> str:
+        """How the site's own log names it: its name, else its data folder's."""
         return self.name or Path(self.data_path).name
+
+    @property
+    def announced_name(self) -> str:
+        """The name every reply carries: the one set (site.toml ``name``, node config
+        ``site-name``; a simulated site's folder name), never the data folder of a deployed
+        site ('' when none is set: the coordinator then names the site by its node number)."""
+        return self.name if is_site_name(self.name) else ""
 
     def budget(self, privacy: "PrivacyConfig") -> float:
         """The ε this site spends at most: its own budget when set, else the study's target."""
@@ -352,6 +364,10 @@ class SiteConfig:
     def validate(self) -> "SiteConfig":
         if not self.data_path:
             raise ConfigError("site data-path is empty; name the folder that holds the site's manifest.csv")
+        if self.name and not is_site_name(self.name):
+            raise ConfigError(f"site name = {self.name!r}; it travels with every reply to the coordinator, so it must "
+                              "be a short label (1-64 letters, digits, spaces, '.', '-' or '_', starting with a "
+                              "letter or digit), not a path")
         if self.device not in DEVICES:
             raise ConfigError(f"site device = {self.device!r}; choose one of {', '.join(DEVICES)}")
         if not math.isfinite(self.epsilon_budget) or self.epsilon_budget < 0:

@@ -1,8 +1,8 @@
 """``medgan privacy report``: what each site spent, round by round, for a privacy officer.
 
 Everything comes from the run folder: the study's privacy settings (config.toml) and the
-scalars each site reported with its update (metrics.jsonl). Sites are named by their
-Flower node id, the only identity the coordinator has.
+scalars each site reported with its update (metrics.jsonl). Sites are named by the name
+they announced (``medgan_core.site_label``) and their Flower node id.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from medgan_core.site_label import site_label
 
 from medgan_core.study_config import load_study
 from medgan_core.errors import MedGANError
@@ -24,6 +26,11 @@ class SiteRoundPrivacy:
     server_round: int
     node: int
     values: dict[str, float]
+    site: str = ""  # the name the site announced
+
+    @property
+    def label(self) -> str:
+        return site_label(self.node, self.site)
 
 
 def collect(folder: RunFolder) -> tuple[list[SiteRoundPrivacy], list[dict[str, Any]]]:
@@ -35,7 +42,8 @@ def collect(folder: RunFolder) -> tuple[list[SiteRoundPrivacy], list[dict[str, A
         for site in record.get("sites", []):
             train = site.get("train")
             if train:
-                rows.append(SiteRoundPrivacy(record["round"], site["node"], {k: train[k] for k in DP_KEYS if k in train}))
+                rows.append(SiteRoundPrivacy(record["round"], site["node"], {k: train[k] for k in DP_KEYS if k in train},
+                                             str(site.get("site", ""))))
         for item in record.get("excluded", []):
             excluded.append({"round": record["round"], **item})
     return rows, excluded
@@ -44,6 +52,12 @@ def collect(folder: RunFolder) -> tuple[list[SiteRoundPrivacy], list[dict[str, A
 def final_epsilons(rows: list[SiteRoundPrivacy]) -> dict[int, float]:
     """Each site's ε at the last round it reported one (``rows`` in round order, as ``collect`` gives)."""
     return {row.node: row.values["epsilon"] for row in rows if "epsilon" in row.values}
+
+
+def site_labels(rows: list[SiteRoundPrivacy]) -> dict[int, str]:
+    """How to name each node: by the last name it announced."""
+    names = {row.node: row.site for row in rows if row.site}
+    return {row.node: site_label(row.node, names.get(row.node, "")) for row in rows}
 
 
 def privacy_report(folder: RunFolder) -> str:
@@ -89,16 +103,17 @@ def privacy_report(folder: RunFolder) -> str:
     for row in rows:
         v = row.values
         lines.append(
-            f"| {row.server_round} | {row.node} | {_f(v.get('epsilon'))} | {_f(v.get('epsilon-budget'))} | "
+            f"| {row.server_round} | {row.label} | {_f(v.get('epsilon'))} | {_f(v.get('epsilon-budget'))} | "
             f"{_f(v.get('delta'), 'g')} | {_f(v.get('noise-multiplier'))} | {_f(v.get('max-grad-norm'))} | "
             f"{_f(v.get('sample-rate'))} | {_f(v.get('dp-steps'), '.0f')} |"
         )
-    final = final_epsilons(rows)
+    final, labels = final_epsilons(rows), site_labels(rows)
     if final:
-        lines += ["", "Final ε per site: " + ", ".join(f"node {n}: {e:.3f}" for n, e in sorted(final.items()))
+        lines += ["", "Final ε per site: " + ", ".join(f"{labels[n]}: {e:.3f}" for n, e in sorted(final.items()))
                   + f" (max {max(final.values()):.3f})."]
     if excluded:
-        lines += ["", "## Sites left out", ""] + [f"- round {e['round']}, node {e['node']}: {e['reason']}" for e in excluded]
+        lines += ["", "## Sites left out", ""] + [f"- round {e['round']}, {site_label(e['node'], e.get('site', ''))}: {e['reason']}"
+                                                    for e in excluded]
     text = "\n".join(lines) + "\n"
     atomic_write_text(folder.privacy_report, text)
     return text

@@ -6,6 +6,7 @@ from typing import Any
 
 from medgan_core.study_config import StudyConfig
 from medgan_core.fileio import atomic_write_text
+from medgan_core.site_label import site_label
 from medgan_core.tasks.registry import build_task, geometry_words, task_class
 from server.run_folder import RunFolder
 
@@ -86,7 +87,7 @@ def write_report(folder: RunFolder, study: StudyConfig) -> str:
     for record in records:
         sites = len(record.get("sites", []))
         values = [_fmt(record.get(kind, {}).get(name)) for name, kind in columns]
-        notes = [f"node {e['node']}: {e['reason']}" for e in record.get("excluded", [])]
+        notes = [f"{site_label(e['node'], e.get('site', ''))}: {e['reason']}" for e in record.get("excluded", [])]
         if record.get("round-failed"):
             notes.append(f"model unchanged: {record['round-failed']}")
         excluded = "; ".join(notes)

@@ -31,6 +31,7 @@ from server.run_folder import RunFolder
 from server.samples import save_grid
 from server.tracking import NoTracking, Tracker, open_tracker
 from medgan_core.checkpoints import load_checkpoint, save_checkpoint
+from medgan_core.site_label import reason_site
 from strategies.aggregation import split_groups
 from strategies.grouped_fedavg import (
     GroupedFedAvg,
@@ -38,6 +39,7 @@ from strategies.grouped_fedavg import (
     arrays_from_record,
     build_strategy,
     error_reason,
+    reply_site_name,
     record_from_arrays,
     weighted_metrics,
 )
@@ -75,6 +77,7 @@ class SiteEvent:
     node: int
     state: str
     detail: str = ""
+    site: str = ""  # the name the site's reply announced ('' : none, or no reply yet)
 
 
 SiteWatcher = Callable[[SiteEvent], None]
@@ -99,10 +102,12 @@ def exchange(grid: Grid, messages: Iterable[Message], *, timeout: float, server_
                 continue
             waiting.discard(msg_id)
             replies.append(reply)
+            name = reply_site_name(reply)
             if reply.has_error():
-                watch(SiteEvent(server_round, phase, node_of[msg_id], "failed", error_reason(reply)))
+                watch(SiteEvent(server_round, phase, node_of[msg_id], "failed",
+                                reason_site(error_reason(reply))[1], name))
             else:
-                watch(SiteEvent(server_round, phase, node_of[msg_id], "done"))
+                watch(SiteEvent(server_round, phase, node_of[msg_id], "done", site=name))
         if not waiting or time.monotonic() >= deadline:
             break
         time.sleep(PULL_INTERVAL_S)
@@ -268,7 +273,7 @@ def record_round(
     sites: dict[int, dict[str, object]] = {}
     for kind, replies in (("train", log.train), ("evaluate", log.evaluate)):
         for reply in replies:
-            entry = sites.setdefault(reply.node_id, {"node": reply.node_id})
+            entry = sites.setdefault(reply.node_id, {"node": reply.node_id, **({"site": reply.site} if reply.site else {})})
             entry[kind] = reply.metrics
             entry[f"{kind}-examples"] = reply.num_examples
     record = {

@@ -28,6 +28,7 @@ from flwr.supercore import log
 
 from medgan_core.arrays import check_arrays
 from medgan_core.errors import WeightsError
+from medgan_core.site_label import SITE_NAME_KEY, SITE_RECORD, is_site_name, reason_site, site_label
 from strategies.aggregation import aggregate_by_policy
 from strategies.central_dp import CentralDP
 
@@ -42,6 +43,7 @@ class SiteReply:
     num_examples: float
     metrics: dict[str, float]
     arrays: dict[str, np.ndarray] = field(repr=False)
+    site: str = ""  # the name the site announced ('' : none)
 
 
 @dataclass
@@ -124,6 +126,9 @@ class GroupedFedAvg(FedAvg):
         self.rounds: dict[int, RoundLog] = {}
         self._current: dict[str, np.ndarray] = {}
         self._sampled: set[int] = set()
+        #: The name each node announced in its replies (``reply_site_name``), kept for the study:
+        #: a site that goes silent in a later round is still named.
+        self.site_names: dict[int, str] = {}
         self._outgoing: list[Message] = []  # this round's messages; the grid fills in their ids
 
     # Server-optimiser state (FedAdam/FedYogi moments): plain FedAvg has none.
@@ -198,8 +203,10 @@ class GroupedFedAvg(FedAvg):
         """Keep replies that carry the expected content; log and drop the rest."""
         accepted = []
         for node, msg in self._sites_of(replies):
+            if name := reply_site_name(msg):
+                self.site_names[node] = name
             if msg.has_error():
-                self._exclude(server_round, node, f"site error: {error_reason(msg)}")
+                self._exclude(server_round, node, f"site error: {reason_site(error_reason(msg))[1]}")
                 continue
             content = msg.content
             try:
@@ -218,7 +225,8 @@ class GroupedFedAvg(FedAvg):
                 self._exclude(server_round, node, str(exc))
                 continue
             num_examples = float(metrics.pop(NUM_EXAMPLES))
-            accepted.append(SiteReply(node, num_examples, {k: float(v) for k, v in metrics.items()}, arrays))
+            accepted.append(SiteReply(node, num_examples, {k: float(v) for k, v in metrics.items()}, arrays,
+                                      self.site_names.get(node, "")))
         return accepted
 
     def _exclude(self, server_round: int, node: int, reason: str) -> None:
@@ -227,8 +235,9 @@ class GroupedFedAvg(FedAvg):
         excluded = self._log(server_round).excluded
         if any(entry["node"] == node for entry in excluded):
             return
-        log(WARNING, "round %d: leaving out node %d: %s", server_round, node, reason)
-        excluded.append({"node": node, "reason": reason})
+        name = self.site_names.get(node, "")
+        log(WARNING, "round %d: leaving out %s: %s", server_round, site_label(node, name), reason)
+        excluded.append({"node": node, **({"site": name} if name else {}), "reason": reason})
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -353,3 +362,13 @@ def weighted_metrics(replies: Sequence[SiteReply]) -> dict[str, float]:
 def error_reason(msg: Message) -> str:
     """A failed reply's reason as one bounded line, whatever the site sent."""
     return " ".join(str(msg.error.reason).split())[:300]
+
+
+def reply_site_name(msg: Message) -> str:
+    """The name a reply says its site has: its ``site`` record, or the head of a failed
+    reply's reason ('' when it names none, or names it in any other shape)."""
+    if msg.has_error():
+        return reason_site(error_reason(msg))[0]
+    record = msg.content.config_records.get(SITE_RECORD)
+    name = record.get(SITE_NAME_KEY) if record is not None else None
+    return name if is_site_name(name) else ""

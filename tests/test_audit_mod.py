@@ -60,6 +60,15 @@ def test_a_proper_update_leaves() -> None:
                              "note": ConfigRecord({"patient": "Jane Doe"})}), "config records"),
         (lambda: RecordDict({"arrays": _weights(), "images": ArrayRecord({"x": Array(np.zeros((8, 8), np.float32))}),
                              "metrics": MetricRecord({"num-examples": 4})}), "expected one array record"),
+        # the site record carries a short name only: not a path, not a second key, not a long text
+        (lambda: RecordDict({"arrays": _weights(), "metrics": MetricRecord({"num-examples": 4}),
+                             "site": ConfigRecord({"name": "/data/st-mary/MRN12345"})}), "only the site's name"),
+        (lambda: RecordDict({"arrays": _weights(), "metrics": MetricRecord({"num-examples": 4}),
+                             "site": ConfigRecord({"name": "hospital-b", "patient": "Jane Doe"})}), "only the site's name"),
+        (lambda: RecordDict({"arrays": _weights(), "metrics": MetricRecord({"num-examples": 4}),
+                             "site": ConfigRecord({"name": "a" * 65})}), "only the site's name"),
+        (lambda: RecordDict({"arrays": _weights(), "metrics": MetricRecord({"num-examples": 4}),
+                             "site": ConfigRecord({"name": 3.5})}), "only the site's name"),
     ],
 )
 def test_a_reply_that_tries_to_leak_is_blocked(reply, why: str) -> None:  # type: ignore[no-untyped-def]
@@ -73,3 +82,10 @@ def test_evaluation_replies_carry_no_arrays() -> None:
     assert leak(_request(MessageType.EVALUATE), _context()).has_error()
     fine = _app(lambda: RecordDict({"metrics": MetricRecord({"num-examples": 4, "swd": 0.2})}))
     assert not fine(_request(MessageType.EVALUATE), _context()).has_error()
+
+
+def test_a_reply_may_name_its_site() -> None:
+    named = RecordDict({"metrics": MetricRecord({"num-examples": 4, "swd": 0.2}),
+                        "site": ConfigRecord({"name": "St Mary 2"})})
+    reply = _app(lambda: named)(_request(MessageType.EVALUATE), _context())
+    assert not reply.has_error() and reply.content.config_records["site"]["name"] == "St Mary 2"

@@ -61,12 +61,20 @@ def test_privacy_report_command(tmp_path: Path) -> None:
     folder = RunFolder(tmp_path / "run").start(StudyConfig())
     dp = {"epsilon": 2.5, "epsilon-budget": 8.0, "delta": 1e-5, "noise-multiplier": 1.2, "max-grad-norm": 1.0,
           "sample-rate": 0.05, "dp-steps": 100.0}
-    folder.append_metrics({"round": 1, "sites": [{"node": 7, "train": dp}],
-                           "excluded": [{"node": 9, "reason": "site error: privacy budget reached"}]})
+    folder.append_metrics({"round": 1, "sites": [{"node": 7, "site": "hospital-a", "train": dp},
+                                                 {"node": 8, "train": dp}],
+                           "excluded": [{"node": 9, "site": "hospital-c", "reason": "site error: privacy budget reached"}],
+                           "train": {}, "evaluate": {}, "checkpoint": "checkpoints/round-001.safetensors"})
     result = runner.invoke(app, ["privacy", "report", str(folder.root)])
     assert result.exit_code == 0, result.output
     text = (folder.root / "privacy-report.md").read_text()
-    assert "| 1 | 7 | 2.5000 | 8.0000 | 1e-05 | 1.2000 | 1.0000 | 0.0500 | 100 |" in text
-    assert "node 9: site error: privacy budget reached" in text
+    # sites by the name they announced, and their node; one that announced none by its node
+    assert "| 1 | hospital-a (node 7) | 2.5000 | 8.0000 | 1e-05 | 1.2000 | 1.0000 | 0.0500 | 100 |" in text
+    assert "| 1 | node 8 | 2.5000 |" in text
+    assert "Final ε per site: hospital-a (node 7): 2.500, node 8: 2.500" in text
+    assert "round 1, hospital-c (node 9): site error: privacy budget reached" in text
+    written = runner.invoke(app, ["report", str(folder.root)])
+    assert written.exit_code == 0, written.output
+    assert "| hospital-c (node 9): site error: privacy budget reached |" in (folder.root / "report.md").read_text()
     missing = runner.invoke(app, ["privacy", "report", str(tmp_path / "nothing")])
     assert missing.exit_code == 2 and "error" in missing.output

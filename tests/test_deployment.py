@@ -188,6 +188,7 @@ def test_tls_federation_with_node_auth(tiny_sites: list[Path], tmp_path: Path, p
         assert len(record["sites"]) == 2 and not record["round-failed"], reasons
         assert sum("could not be verified" in r for r in reasons) == 1 and len(reasons) <= 2, reasons
         assert all(0 < s["train"]["epsilon"] <= 8 for s in record["sites"])
+        assert sorted(s["site"] for s in record["sites"]) == ["site-a", "site-b"]  # the names in their node configs
     assert any("no reply" in e["reason"] for e in records[1]["excluded"]), records[1]["excluded"]
     for name in ("site-a", "site-b"):  # each site kept its own accountant
         assert list((tmp_path / "state" / name).glob("accountant-*.json"))

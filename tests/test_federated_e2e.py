@@ -61,6 +61,7 @@ def test_run_folder_has_every_output(federated_run: dict) -> None:
         assert (run_dir / record["checkpoint"]).is_file()
         assert (run_dir / record["samples"]).is_file()
         assert len(record["sites"]) == 2 and not record["excluded"]
+        assert sorted(site["site"] for site in record["sites"]) == ["site-a", "site-c"]  # named as they announced
         assert np.isfinite(record["evaluate"]["swd"])
     # under DP a site sends the mechanism's bookkeeping only: no loss computed from its images
     assert "epsilon" in records[1]["train"] and not {"loss-d", "loss-g"} & set(records[1]["train"])
@@ -81,7 +82,9 @@ def test_clients_send_only_named_weight_arrays_and_scalars(federated_run: dict) 
             content = msg.content
             assert not msg.has_error()
             assert list(content.array_records) == ["arrays"] and list(content.metric_records) == ["metrics"]
-            assert len(content.config_records) == 0
+            # the one text: the site's name, a short label
+            assert {k: dict(v) for k, v in content.config_records.items()} in (
+                {"site": {"name": "site-a"}}, {"site": {"name": "site-c"}})
             arrays = {k: v.numpy() for k, v in content["arrays"].items()}
             assert {k: v.shape for k, v in arrays.items()} == expected
             for value in content["metrics"].values():
@@ -149,7 +152,7 @@ def test_a_site_out_of_budget_is_left_out_and_the_federation_goes_on(
         reference.step(noise_multiplier=1.0, sample_rate=q)
     one_round = reference.get_epsilon(delta=1e-5)
     sites = [
-        SiteConfig(str(small), state_dir=str(tmp_path / "state-a"), epsilon_budget=one_round * 1.01),
+        SiteConfig(str(small), name="hospital-a", state_dir=str(tmp_path / "state-a"), epsilon_budget=one_round * 1.01),
         SiteConfig(str(tiny_sites[1]), state_dir=str(tmp_path / "state-b")),
     ]
     received: dict[int, list[Message]] = {}
@@ -158,6 +161,10 @@ def test_a_site_out_of_budget_is_left_out_and_the_federation_goes_on(
     records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert [len(r["excluded"]) for r in records] == [0, 0, 1, 1]
     assert "privacy budget reached" in records[2]["excluded"][0]["reason"]
+    # the coordinator names the site that stopped, from its replies: in round 1, and in the
+    # failed replies' reasons (where the name is taken off the head of the reason)
+    assert [e.get("site") for r in records[2:] for e in r["excluded"]] == ["hospital-a", "hospital-a"]
+    assert not records[2]["excluded"][0]["reason"].startswith("site error: [")
     # Rounds 2 and 3 aggregate the other site alone: the global model is exactly its update.
     ok = [m for m in received[2] if not m.has_error()]
     assert len(ok) == 1

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Iterable
 
 import pytest
+from flwr.app import ConfigRecord, RecordDict
 
 from medgan.live import SiteBoard
 from medgan_core.errors import ConfigError
@@ -28,6 +29,7 @@ class _Meta:
 class _Msg:
     metadata: _Meta
     error: object = None
+    content: RecordDict = field(default_factory=RecordDict)
 
     def has_error(self) -> bool:
         return self.error is not None
@@ -54,9 +56,10 @@ class _Grid:
         ids = set(ids)
         out = []
         if self.pulls == 1 and "m1" in ids:
-            out.append(_Msg(_Meta(reply_to_message_id="m1")))
-        if self.pulls == 2 and "m2" in ids:
-            out.append(_Msg(_Meta(reply_to_message_id="m2"), _Error("privacy budget:\\n  spent")))
+            out.append(_Msg(_Meta(reply_to_message_id="m1"), content=RecordDict(
+                {"site": ConfigRecord({"name": "hospital-a"})})))
+        if self.pulls == 2 and "m2" in ids:  # a failed reply names its site at the head of its reason
+            out.append(_Msg(_Meta(reply_to_message_id="m2"), _Error("[hospital-b] privacy budget:\\n  spent")))
         return out
 
 
@@ -72,6 +75,7 @@ def test_exchange_reports_each_site_as_its_reply_arrives(monkeypatch: pytest.Mon
     assert [(e.node, e.state) for e in events] == [(1, "working"), (2, "working"), (3, "working"), (1, "done"),
                                                    (2, "failed"), (3, "no answer")]
     assert events[4].detail == "privacy budget:\\n spent"  # one line, whatever the site sent
+    assert [e.site for e in events[3:]] == ["hospital-a", "hospital-b", ""]  # as each reply named its site
     assert "no reply within 0.3 s" in events[5].detail and all(e.server_round == 4 for e in events)
 
 
@@ -91,6 +95,8 @@ def test_the_live_line_says_each_sites_state_and_time() -> None:
     board(SiteEvent(3, "train", 902, "failed", "privacy budget: spent"))
     assert shown[-1] == "Round 3/8 training: 2/2 answered · #1 ✓ 12 s · #2 ✗ 25 s"
     assert notes == ["round 3 training: site #2 (node 902) failed: privacy budget: spent"]
+    board(SiteEvent(3, "train", 902, "failed", "budget spent", "hospital-b"))  # a reply that named its site
+    assert notes[-1] == "round 3 training: site #2 hospital-b (node 902) failed: budget spent"
     board(SiteEvent(3, "evaluate", 902, "working"))  # a new phase starts a new line; numbers stay
     assert shown[-1] == "Round 3/8 evaluating: 0/1 answered · #2 … 0 s"
 
