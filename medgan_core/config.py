@@ -366,8 +366,8 @@ class SiteConfig:
             raise ConfigError("site data-path is empty; name the folder that holds the site's manifest.csv")
         if self.name and not is_site_name(self.name):
             raise ConfigError(f"site name = {self.name!r}; it travels with every reply to the coordinator, so it must "
-                              "be a short label (1-64 letters, digits, spaces, '.', '-' or '_', starting with a "
-                              "letter or digit), not a path")
+                              "be a short label (1-64 letters, digits, spaces, '.', '-', \"'\" or '_', starting "
+                              "with a letter or digit), not a path")
         if self.device not in DEVICES:
             raise ConfigError(f"site device = {self.device!r}; choose one of {', '.join(DEVICES)}")
         if not math.isfinite(self.epsilon_budget) or self.epsilon_budget < 0:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import re
 
-#: Letters, digits, spaces, dots, dashes and underscores, 1–64 of them, starting with a
-#: letter or digit: enough for "hospital-b" or "St Mary 2", too little for a path or a record.
-SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}")
+#: Letters (any script), digits, spaces, dots, dashes, apostrophes and underscores, 1–64
+#: of them, starting with a letter or digit: enough for "hospital-b", "St Mary's 2" or
+#: "Hôpital Nord", too little for a path or a record.
+SITE_NAME = re.compile(r"[^\W_][\w .'-]{0,63}")
 #: The config record of a reply that names its site, and its one key.
 SITE_RECORD, SITE_NAME_KEY = "site", "name"
 _NAMED_REASON = re.compile(r"\[(" + SITE_NAME.pattern + r")\] (.*)", re.DOTALL)

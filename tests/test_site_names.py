@@ -20,14 +20,16 @@ from medgan_core.tasks.registry import build_task
 from server.privacy_report import SiteRoundPrivacy, site_labels
 
 
-@pytest.mark.parametrize("name", ["/data/st-mary", "C:\\pacs", "a" * 65, "-x", "Jane Doe, MRN 123", "x\ny"])
+@pytest.mark.parametrize("name", ["/data/st-mary", "C:\\pacs", "a" * 65, "-x", "Jane Doe, MRN 123", "x\ny", "_x",
+                                  'say "hi"', "a\tb"])
 def test_a_name_that_is_not_a_short_label_is_refused_at_start(name: str, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="site name .* short label"):
         SiteConfig(str(tmp_path), name=name).validate()
 
 
 def test_what_a_site_announces(tmp_path: Path) -> None:
-    assert SiteConfig(str(tmp_path / "pacs-export-2026"), name="St Mary 2").announced_name == "St Mary 2"
+    for name in ("St Mary's 2", "Hôpital Nord", "Universitätsklinikum_Ost", "site-01.b"):
+        assert SiteConfig(str(tmp_path / "pacs-export-2026"), name=name).validate().announced_name == name
     # a deployed site without a name announces none: its data folder's name stays at the site
     deployed = SiteConfig(str(tmp_path / "pacs-export-2026"))
     assert deployed.announced_name == "" and deployed.site_name == "pacs-export-2026"
