@@ -17,6 +17,7 @@ from flwr.client.mod import secaggplus_mod
 from flwr.common import Scalar
 from flwr.compat.client.numpy_client import NumPyClient
 
+from client.audit import audit_legacy_mod
 from client.site import cached_site_data, site_from_context, site_seed, site_task
 from medgan_core.arrays import check_arrays
 from medgan_core.config import SiteConfig
@@ -70,4 +71,5 @@ def build_secagg_client_app(sites: Sequence[SiteConfig] | None = None) -> Client
     def client_fn(context: Context):  # type: ignore[no-untyped-def]
         return SiteNumPyClient(site_from_context(context.node_config, context.run_config, sites)).to_client()
 
-    return ClientApp(client_fn=client_fn, mods=[secaggplus_mod])
+    # The audit sits inside SecAgg+'s mod: it sees the update and metrics before they are masked.
+    return ClientApp(client_fn=client_fn, mods=[secaggplus_mod, audit_legacy_mod])

@@ -89,3 +89,71 @@ def test_a_reply_may_name_its_site() -> None:
                         "site": ConfigRecord({"name": "St Mary 2"})})
     reply = _app(lambda: named)(_request(MessageType.EVALUATE), _context())
     assert not reply.has_error() and reply.content.config_records["site"]["name"] == "St Mary 2"
+
+
+def _legacy_request(kind: str, config: dict, arrays: list[np.ndarray]) -> Message:
+    """A legacy (NumPyClient) request, as SecAgg+'s coordinator sends it."""
+    from flwr.common import EvaluateIns, FitIns, ndarrays_to_parameters
+    from flwr.compat.common.recorddict_compat import evaluateins_to_recorddict, fitins_to_recorddict
+
+    parameters = ndarrays_to_parameters(arrays)
+    content = (fitins_to_recorddict(FitIns(parameters, config), keep_input=True) if kind == MessageType.TRAIN
+               else evaluateins_to_recorddict(EvaluateIns(parameters, config), keep_input=True))
+    request = client_request(kind, {}, {})
+    return Message(content, metadata=request.metadata)
+
+
+def _fit_reply(arrays: list[np.ndarray], metrics: dict) -> RecordDict:
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+    from flwr.compat.common.recorddict_compat import fitres_to_recorddict
+
+    return fitres_to_recorddict(FitRes(Status(Code.OK, "Success"), ndarrays_to_parameters(arrays), 4, metrics),
+                                keep_input=True)
+
+
+@pytest.mark.parametrize(
+    ("arrays", "metrics", "why"),
+    [
+        ([np.ones((3, 3), np.float32), np.ones(2, np.float32)], {"epsilon": 0.3}, ""),
+        ([np.ones((3, 3), np.float32), np.ones(2, np.float32), np.zeros((64, 64), np.float32)], {"epsilon": 0.3},
+         "only its weights may leave"),
+        ([np.ones((64, 64), np.float32), np.ones(2, np.float32)], {"epsilon": 0.3}, "only its weights may leave"),
+        ([np.ones((3, 3), np.float32), np.ones(2, np.float32)], {"epsilon": 0.3, "loss-d": 0.7},
+         "not declared"),  # under DP a loss stays at the site
+        ([np.ones((3, 3), np.float32), np.ones(2, np.float32)], {"epsilon": 0.3, "dp": "Jane Doe"},
+         "not a finite scalar"),
+    ],
+)
+def test_the_secagg_path_is_audited_before_masking(arrays, metrics, why: str) -> None:  # type: ignore[no-untyped-def]
+    from client.audit import AUDIT_BLOCKED, audit_legacy_mod
+
+    request = _legacy_request(MessageType.TRAIN, {"task.name": "synthesis", "privacy.enabled": True},
+                              [np.zeros((3, 3), np.float32), np.zeros(2, np.float32)])
+    reply = audit_legacy_mod(request, _context(), lambda msg, _ctx: Message(_fit_reply(arrays, metrics), reply_to=msg))
+    if not why:
+        assert not reply.has_error()
+    else:
+        assert reply.has_error() and reply.error.code == AUDIT_BLOCKED and why in reply.error.reason
+
+
+def test_the_secagg_client_app_runs_the_audit(tiny_sites, tiny_study, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Wired in: a SecAgg+ site whose evaluation would send an undeclared score is stopped."""
+    import client.secagg as secagg
+    from client.audit import AUDIT_BLOCKED
+    from client_messages import round_config
+    from medgan_core.config import SiteConfig
+    from medgan_core.sharing import ordered_names
+    from medgan_core.tasks.registry import build_task
+
+    study = tiny_study.replace(privacy={"secagg": True})
+    task = build_task(study.task)
+    weights = task.get_weights()
+    request = _legacy_request(MessageType.EVALUATE, round_config(study, "secagg-audit"),
+                              [weights[n] for n in ordered_names(task)])
+    site = SiteConfig(str(tiny_sites[0]), state_dir=str(tmp_path / "state"))
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    fine = secagg.build_secagg_client_app([site])(request, context)
+    assert not fine.has_error(), fine.error.reason if fine.has_error() else ""
+    monkeypatch.setattr(secagg.SiteNumPyClient, "evaluate", lambda self, p, c: (0.0, 4, {"pixel-0": 0.3}))
+    leak = secagg.build_secagg_client_app([site])(request, context)
+    assert leak.has_error() and leak.error.code == AUDIT_BLOCKED and "pixel-0" in leak.error.reason
