@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from medgan_core.console import console, fail, run_foreground
 from medgan_core.errors import MedGANError
@@ -144,7 +145,7 @@ def check_and_report(data: Path, task: str = "") -> int:
                           r.problem)
         console.print(table)
     for problem in problems:
-        console.print(f"[red]problem:[/] {problem}")
+        console.print(f"[red]problem:[/] {escape(str(problem))}", markup=True)
     if problems:
         console.print(f"{len(problems)} problem(s) in {data}; fix them before this site joins a study")
         return 1
@@ -193,7 +194,7 @@ def infer_command(
     for path in summary.skipped:
         console.print(f"already there, skipped: {path}")
     for name, reason in summary.failed:
-        console.print(f"[red]failed:[/] {name}: {reason}")
+        console.print(f"[red]failed:[/] {escape(str(name))}: {escape(str(reason))}", markup=True)
     console.print(f"{len(summary.written)} written, {len(summary.skipped)} skipped, {len(summary.failed)} failed")
     if summary.failed:
         raise typer.Exit(1)

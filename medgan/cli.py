@@ -22,10 +22,19 @@ from medgan_core.data.simulate import (
 )
 from medgan_core.errors import MedGANError
 from medgan_core.site_label import site_label
+from rich.markup import escape
 from medgan_core.tasks.registry import task_class, task_config_from_items
 from server.commands import certs_app, export, privacy_app, report, resumed_study, run, server_app
 
 DEFAULT_CONFIG = Path("sites_example/demo.toml")
+
+
+def left_out_line(excluded: dict) -> str:
+    """The console line of a site left out of a round. Its reason is the site's own text:
+    printed as it came, never read as console markup (a site could otherwise style, hide or
+    link text in the coordinator's terminal)."""
+    label = site_label(int(excluded["node"]), str(excluded.get("site", "")))
+    return f"  [red]left out {escape(label)}:[/] {escape(str(excluded['reason']))}"
 # Demo sites: ~340 training slices each. DP-SGD needs data: noise per step shrinks with N.
 DEMO_SUBJECTS, DEMO_SLICES, DEMO_SIZE = 24, 20, 512  # clinical geometry: 0.78 mm pixels
 
@@ -121,13 +130,13 @@ def _simulate(out: Path, sites: int, subjects: int, slices: int, size: int, seed
             raise MedGANError(f"{out} already holds a study; pass --force to replace its simulated sites")
         kept = remove_simulated_study(out)  # only folders the simulator marked; user files stay
         for folder in kept:
-            console.print(f"  [yellow]kept[/] {folder}: not written by the simulator")
+            console.print(f"  [yellow]kept[/] {escape(str(folder))}: not written by the simulator", markup=True)
     started = time.monotonic()
     with console.status("simulating sites…") as status:
         folders = simulate_study(out, n_sites=sites, n_subjects=subjects, n_slices=slices, size=size, seed=seed,
                                  progress=lambda text: status.update(f"simulating {text}"), series=series)
     for folder in folders:
-        console.print(f"  [green]✓[/] {folder}  ({folder / 'manifest.csv'})")
+        console.print(f"  [green]✓[/] {escape(str(folder))}  ({escape(str(folder / 'manifest.csv'))})", markup=True)
     console.print(f"{len(folders)} site(s) written to {out} in {time.monotonic() - started:.1f} s")
     return folders
 
@@ -198,7 +207,7 @@ def _run_demo(study: StudyConfig, verbose: bool, ray_address: str | None = None)
         if run_dir.is_dir() and any(run_dir.iterdir()):
             console.print(f"An earlier run in {run_dir} is moved aside to {run_dir.name}.N first.")
     console.print(f"[bold]Federated {study.task.name}[/] · {len(sites)} sites · {study.run.rounds} rounds · "
-                  f"{study.task.local_steps} local steps · run folder {run_dir}")
+                  f"{study.task.local_steps} local steps · run folder {escape(str(run_dir))}", markup=True)
     from medgan import private_network
 
     if ray_address:
@@ -213,7 +222,7 @@ def _run_demo(study: StudyConfig, verbose: bool, ray_address: str | None = None)
         console.print(f"Privacy: DP-SGD at every site, budget ε = {privacy.target_epsilon:g} at δ = {privacy.delta:g}"
                       + (f"; central DP σ = {privacy.central_noise_multiplier:g}" if privacy.central_noise_multiplier else ""))
     else:
-        console.print("[yellow]Privacy: differential privacy is OFF for this study.[/]")
+        console.print("[yellow]Privacy: differential privacy is OFF for this study.[/]", markup=True)
     headline = task_class(study.task.name).headline_metric  # the task says which score leads
     first: dict[str, float] = {}
 
@@ -230,15 +239,14 @@ def _run_demo(study: StudyConfig, verbose: bool, ray_address: str | None = None)
             parts.append(f"ε {summary.train['epsilon']:.2f}")
         parts.append(f"{summary.seconds:.1f} s")
         label = "initial model" if summary.server_round == 0 else ""
-        console.print("  " + " · ".join(parts) + (f" [dim]{label}[/]" if label else ""))
+        console.print(escape("  " + " · ".join(parts)) + (f" [dim]{label}[/]" if label else ""), markup=True)
         for excluded in summary.excluded:
-            console.print(f"  [red]left out {site_label(excluded['node'], excluded.get('site', ''))}:[/] "
-                          f"{excluded['reason']}")
+            console.print(left_out_line(excluded), markup=True)
 
     started = time.monotonic()
     with console.status("starting the simulation…") as status:
         board = SiteBoard(study.run.rounds, show=lambda _: status.update(board),  # re-rendered as it spins
-                          note=lambda text: console.print(f"  [red]{text}[/]"))
+                          note=lambda text: console.print(f"  [red]{escape(text)}[/]", markup=True))
         simulate_federation(study, sites, run_dir, progress=show, verbose=verbose, ray_address=ray_address,
                             watch=board)
     console.print(f"Done in {time.monotonic() - started:.0f} s.")
@@ -291,13 +299,13 @@ def main() -> None:
         console.print("interrupted")
         sys.exit(130)
     except MedGANError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True)
         sys.exit(2)
     except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
         if os.environ.get("MEDGAN_DEBUG") == "1":
             raise
-        console.print(f"[bold red]error:[/] unexpected {type(exc).__name__}: {exc} "
-                      "(set MEDGAN_DEBUG=1 for the traceback, and please report it)")
+        console.print(f"[bold red]error:[/] unexpected {type(exc).__name__}: {escape(str(exc))} "
+                      "(set MEDGAN_DEBUG=1 for the traceback, and please report it)", markup=True)
         sys.exit(1)
 
 

@@ -7,15 +7,19 @@ from typing import NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from medgan_core.errors import MedGANError
 
-console = Console(soft_wrap=True)
+#: Text is printed as it is: paths, file names and sites' reasons often hold brackets, which
+#: console markup would eat ("/out/[study]/x.dcm" printed as "/out//x.dcm") or fail on ("[/]").
+#: A line that is styled says so (``markup=True``) and escapes what it did not write itself.
+console = Console(soft_wrap=True, markup=False)
 
 
 def fail(exc: MedGANError) -> NoReturn:
     """Bad input: one line, exit code 2, no traceback."""
-    console.print(f"[bold red]error:[/] {exc}")
+    console.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True)
     raise typer.Exit(code=2)
 
 

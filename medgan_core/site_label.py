@@ -37,3 +37,15 @@ def reason_site(reason: str) -> tuple[str, str]:
 def site_label(node: int, site_name: str = "") -> str:
     """How the coordinator names a site: 'hospital-b (node 12…)', or 'node 12…' unnamed."""
     return f"{site_name} (node {node})" if site_name else f"node {node}"
+
+
+#: What makes Markdown of plain text: emphasis, code, links and images (brackets), HTML,
+#: table cells, strikethrough. Parentheses and '!' do nothing without a bracket before them.
+_MARKDOWN = re.compile(r"([\\`*_\[\]<>|~])")
+
+
+def markdown_text(text: str) -> str:
+    """A site's text (a name, a reason) as literal Markdown: a reason is whatever the site
+    sent, and read as Markdown it could break a report's table or put a link or a remote
+    image (fetched when the report is opened) into the coordinator's report."""
+    return _MARKDOWN.sub(r"\\\1", " ".join(str(text).split()))

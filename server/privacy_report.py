@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medgan_core.site_label import site_label
+from medgan_core.site_label import markdown_text, site_label
 
 from medgan_core.study_config import load_study
 from medgan_core.errors import MedGANError
@@ -30,7 +30,7 @@ class SiteRoundPrivacy:
 
     @property
     def label(self) -> str:
-        return site_label(self.node, self.site)
+        return markdown_text(site_label(self.node, self.site))
 
 
 def collect(folder: RunFolder) -> tuple[list[SiteRoundPrivacy], list[dict[str, Any]]]:
@@ -55,9 +55,9 @@ def final_epsilons(rows: list[SiteRoundPrivacy]) -> dict[int, float]:
 
 
 def site_labels(rows: list[SiteRoundPrivacy]) -> dict[int, str]:
-    """How to name each node: by the last name it announced."""
+    """How to name each node (as Markdown text): by the last name it announced."""
     names = {row.node: row.site for row in rows if row.site}
-    return {row.node: site_label(row.node, names.get(row.node, "")) for row in rows}
+    return {row.node: markdown_text(site_label(row.node, names.get(row.node, ""))) for row in rows}
 
 
 def privacy_report(folder: RunFolder) -> str:
@@ -112,8 +112,9 @@ def privacy_report(folder: RunFolder) -> str:
         lines += ["", "Final ε per site: " + ", ".join(f"{labels[n]}: {e:.3f}" for n, e in sorted(final.items()))
                   + f" (max {max(final.values()):.3f})."]
     if excluded:
-        lines += ["", "## Sites left out", ""] + [f"- round {e['round']}, {site_label(e['node'], e.get('site', ''))}: {e['reason']}"
-                                                    for e in excluded]
+        lines += ["", "## Sites left out", ""] + [
+            f"- round {e['round']}, {markdown_text(site_label(e['node'], e.get('site', '')))}: {markdown_text(e['reason'])}"
+            for e in excluded]
     text = "\n".join(lines) + "\n"
     atomic_write_text(folder.privacy_report, text)
     return text

@@ -6,7 +6,7 @@ from typing import Any
 
 from medgan_core.study_config import StudyConfig
 from medgan_core.fileio import atomic_write_text
-from medgan_core.site_label import site_label
+from medgan_core.site_label import markdown_text, site_label
 from medgan_core.tasks.registry import build_task, geometry_words, task_class
 from server.run_folder import RunFolder
 
@@ -87,9 +87,10 @@ def write_report(folder: RunFolder, study: StudyConfig) -> str:
     for record in records:
         sites = len(record.get("sites", []))
         values = [_fmt(record.get(kind, {}).get(name)) for name, kind in columns]
-        notes = [f"{site_label(e['node'], e.get('site', ''))}: {e['reason']}" for e in record.get("excluded", [])]
+        notes = [f"{markdown_text(site_label(e['node'], e.get('site', '')))}: {markdown_text(e['reason'])}"
+                 for e in record.get("excluded", [])]  # the sites' own words, as text
         if record.get("round-failed"):
-            notes.append(f"model unchanged: {record['round-failed']}")
+            notes.append(f"model unchanged: {markdown_text(record['round-failed'])}")
         excluded = "; ".join(notes)
         lines.append(f"| {record['round']} | {sites} | " + " | ".join(values) + f" | {excluded} |")
     key = spec.headline_metric

@@ -78,3 +78,11 @@ def test_privacy_report_command(tmp_path: Path) -> None:
     assert "| hospital-c (node 9): site error: privacy budget reached |" in (folder.root / "report.md").read_text()
     missing = runner.invoke(app, ["privacy", "report", str(tmp_path / "nothing")])
     assert missing.exit_code == 2 and "error" in missing.output
+
+
+def test_paths_with_brackets_are_printed_as_they_are(tmp_path: Path) -> None:
+    """Console markup would eat '[study]' from a path and fail on '[/]'."""
+    odd = tmp_path / "Study [CT] [/]" / "study.toml"
+    result = runner.invoke(app, ["demo", "--config", str(odd)])
+    assert result.exit_code == 2, result.output
+    assert f"config file {odd} does not exist" in " ".join(result.output.split())

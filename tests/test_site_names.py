@@ -71,3 +71,37 @@ def test_a_sites_replies_name_it(tiny_sites: list[Path], tiny_study: StudyConfig
                                           require_dp=True)])
     refused = strict(client_request(MessageType.TRAIN, config, task.get_weights()), context)
     assert refused.has_error() and refused.error.reason.startswith("[hospital-b] privacy policy: ")
+
+
+def test_a_sites_reason_is_printed_as_text_not_as_console_markup() -> None:
+    from rich.text import Text
+
+    from medgan.cli import left_out_line
+
+    reason = "site error: [link=http://evil.example]click here[/link] [/] [bold]"
+    line = left_out_line({"node": 9, "site": "hospital-c", "reason": reason})
+    assert Text.from_markup(line).plain == f"  left out hospital-c (node 9): {reason}"
+
+
+def test_a_sites_reason_cannot_put_markdown_into_the_reports(tmp_path: Path) -> None:
+    """A link, a remote image (fetched when the report is opened) or a '|' that breaks the
+    table: a reason is the site's own text, and the reports show it as text."""
+    import re
+
+    from server.privacy_report import privacy_report
+    from server.report import write_report
+    from server.run_folder import RunFolder
+
+    folder = RunFolder(tmp_path / "run").start(StudyConfig())
+    reason = "site error: ![x](http://evil.example/p.png) | [click](http://evil.example) <img src=x> `"
+    folder.append_metrics({"round": 1, "sites": [], "train": {}, "evaluate": {},
+                           "checkpoint": "checkpoints/round-001.safetensors",
+                           "excluded": [{"node": 9, "site": "hospital_c", "reason": reason}]})
+    write_report(folder, StudyConfig())
+    for text in (folder.report.read_text(), privacy_report(folder)):
+        assert "](http" not in text.replace("\\](", "") and "<img" not in text.replace("\\<img", "")
+        assert "hospital\\_c (node 9)" in text
+    row = next(line for line in folder.report.read_text().splitlines() if line.startswith("| 1 |"))
+    header = next(line for line in folder.report.read_text().splitlines() if line.startswith("| round |"))
+    cells = lambda line: len(re.findall(r"(?<!\\)\|", line))  # noqa: E731
+    assert cells(row) == cells(header)  # the reason's '|' did not add a column
