@@ -35,7 +35,12 @@ def report(run_dir: Path = typer.Argument(..., help="A run folder written by 'me
 
     try:
         folder = RunFolder(run_dir)
-        write_report(folder, load_study(folder.config))
+        study = load_study(folder.config)
+        try:
+            write_report(folder, study)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a line of another program or version
+            raise MedGANError(f"{folder.metrics} has a line this report cannot read ({type(exc).__name__}: {exc}); "
+                              "was it written by this version of MedGAN-FL?") from exc
         console.print(f"wrote {folder.report}")
     except MedGANError as exc:
         fail(exc)

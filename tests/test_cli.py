@@ -86,3 +86,14 @@ def test_paths_with_brackets_are_printed_as_they_are(tmp_path: Path) -> None:
     result = runner.invoke(app, ["demo", "--config", str(odd)])
     assert result.exit_code == 2, result.output
     assert f"config file {odd} does not exist" in " ".join(result.output.split())
+
+
+def test_report_of_a_metrics_line_it_cannot_read_is_one_line(tmp_path: Path) -> None:
+    from medgan_core.study_config import StudyConfig
+    from server.run_folder import RunFolder
+
+    folder = RunFolder(tmp_path / "run").start(StudyConfig())
+    folder.append_metrics({"round": 1, "sites": []})  # no checkpoint, no metrics: not a line this version writes
+    result = runner.invoke(app, ["report", str(folder.root)])
+    assert result.exit_code == 2, result.output  # bad input: exit 2, no traceback
+    assert "has a line this report cannot read" in result.output and "metrics.jsonl" in result.output
