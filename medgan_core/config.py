@@ -21,7 +21,6 @@ from medgan_core.policies.registry import LOCAL, policy_class, policy_names
 
 MODALITIES = ("CT", "MR")
 DEVICES = ("auto", "cpu", "cuda")
-
 ACCOUNTANTS = ("rdp", "prv")
 LR_SCHEDULES = ("constant", "cosine")  # learning rate over a study's rounds (medgan_core.tasks.base.lr_scale)
 #: A δ this large lets a mechanism publish a whole record with that probability: refused.

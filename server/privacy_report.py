@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from medgan_core.site_label import markdown_text, site_label
-
 from medgan_core.study_config import load_study
 from medgan_core.errors import MedGANError
 from medgan_core.fileio import atomic_write_text
