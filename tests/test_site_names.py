@@ -105,3 +105,19 @@ def test_a_sites_reason_cannot_put_markdown_into_the_reports(tmp_path: Path) -> 
     header = next(line for line in folder.report.read_text().splitlines() if line.startswith("| round |"))
     cells = lambda line: len(re.findall(r"(?<!\\)\|", line))  # noqa: E731
     assert cells(row) == cells(header)  # the reason's '|' did not add a column
+
+
+def test_the_coordinator_ignores_a_name_that_is_not_a_label() -> None:
+    """A buggy or hostile site's 'name' (a path, a number, a long text) names nothing."""
+    from flwr.app import ConfigRecord, Error, Message
+
+    from strategies.grouped_fedavg import reply_site_name
+
+    request = client_request(MessageType.TRAIN, {}, {})
+    for name, expected in (("hospital-b", "hospital-b"), ("/etc/passwd", ""), (7, ""), ("a" * 65, "")):
+        reply = Message(RecordDict({"site": ConfigRecord({"name": name})}), reply_to=request)
+        assert reply_site_name(reply) == expected
+    failed = Message(Error(code=4030, reason="[../../x] internal error"), reply_to=request)
+    assert reply_site_name(failed) == ""
+    named = Message(Error(code=4030, reason="[hospital-b] internal error"), reply_to=request)
+    assert reply_site_name(named) == "hospital-b"
