@@ -20,7 +20,7 @@ from flwr.clientapp.typing import Mod
 from client.audit import audit_outgoing_mod
 from client.payload import evaluate_reply, train_reply
 from client.ray_guard import keep_ray_on_loopback, ray_exposure
-from client.site import cached_site_data, site_from_context, site_seed, site_task
+from client.site import cached_site_data, site_from_context, site_seed, site_task, site_validation_data
 from medgan_core.config import SiteConfig
 from medgan_core.errors import PrivacyError
 from medgan_core.round_instructions import RoundInstructions
@@ -90,6 +90,7 @@ def build_client_app(sites: Sequence[SiteConfig] | None = None, mods: Sequence[M
             seed=site_seed(task.config.seed, round_.server_round, site.data_path),
             aggregation=round_.aggregation,
             server_round=round_.server_round,
+            validation=lambda: site_validation_data(site.data_path, task.config, site.state_dir),
         )
         log.info("site %s, round %d, trained: %s", site.site_name, round_.server_round, _rounded(metrics))
         weights, shapes = shared_weights(task, round_.aggregation)  # local arrays stay here

@@ -11,7 +11,7 @@ from typing import Mapping, Sequence
 from medgan_core.config import HOSPITAL_POLICY, SiteConfig, TaskConfig
 from medgan_core.site_label import is_site_name
 from medgan_core.data.dataset import SiteData
-from medgan_core.tasks.registry import load_task_data
+from medgan_core.tasks.registry import load_task_data, load_task_validation
 from medgan_core.data.simulate import find_sites
 from medgan_core.errors import ConfigError
 from medgan_core.run_layout import RunLayout
@@ -101,6 +101,12 @@ def cached_site_data(data_path: str, task: TaskConfig, state_dir: str = "") -> S
     clinical geometry are also kept memory-mapped under ``state_dir`` (decoded once per study
     and setting, even across restarts)."""
     return load_task_data(data_path, task, Path(state_dir) / DATA_CACHE if state_dir else None)
+
+
+def site_validation_data(data_path: str, task: TaskConfig, state_dir: str = "") -> SiteData | None:
+    """The site's validation subjects (None: it has none), read when its personal fine-tune
+    chooses its model by them; cached beside the other splits at clinical geometry."""
+    return load_task_validation(data_path, task, Path(state_dir) / DATA_CACHE if state_dir else None)
 
 
 def site_seed(base_seed: int, server_round: int, data_path: str | Path) -> int:

@@ -218,7 +218,11 @@ class AggregationConfig:
     ``keep-optimizer-state`` carries each site's Adam moments from round to round;
     ``finetune-steps`` > 0: after its last round's federated steps each site trains that many
     more on its own data and keeps the result, its personal model, which it evaluates and
-    exports but never sends.
+    exports but never sends. ``finetune-validate-every`` > 0: without DP, the site scores its
+    model on its own validation subjects every that many fine-tune steps (and before the
+    first) and keeps the best, not the last (early stopping; tasks with a held-out score,
+    at sites with a ``val`` split). Under DP the fine-tune keeps its last model: a choice
+    made by looking at images outside the accountant would not be covered by ε.
     """
 
     policy: str = "average"
@@ -234,6 +238,7 @@ class AggregationConfig:
     proximal_mu: float = 0.0
     keep_optimizer_state: bool = False
     finetune_steps: int = 0
+    finetune_validate_every: int = 100
 
     def overrides(self) -> dict[str, str]:
         """``group-policies`` parsed: ``{"discriminator": "local", …}``."""
@@ -299,6 +304,9 @@ class AggregationConfig:
         if not 0 <= self.finetune_steps <= 100_000:
             raise ConfigError(f"aggregation.finetune-steps = {self.finetune_steps}; it must lie in 0..100000 "
                               "(0 = no personal fine-tune)")
+        if not 0 <= self.finetune_validate_every <= 100_000:
+            raise ConfigError(f"aggregation.finetune-validate-every = {self.finetune_validate_every}; it must lie in "
+                              "0..100000 (0 = keep the fine-tune's last model)")
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ study's ``[aggregation]`` settings it also puts the site's local arrays (local g
 FedBN's normalisation layers) and optimiser state back before training, saves them after,
 and sends only the shared arrays (``shared_weights``). With ``finetune-steps`` it trains on
 after its last round's update is fixed, accounts those steps too, and keeps that personal
-model in its state folder for its own evaluation and export.
+model in its state folder for its own evaluation and export; without DP, the best of it on
+the site's validation subjects (``finetune-validate-every``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -104,9 +106,12 @@ def train_site_round(
     seed: int,
     aggregation: AggregationConfig | None = None,
     server_round: int = 1,
+    validation: Callable[[], SiteData | None] | None = None,
 ) -> dict[str, float]:
     """Train ``task`` (holding the global model) locally for one round; return the scalar
-    metrics the site may send. Afterwards ``shared_weights`` gives the arrays to send."""
+    metrics the site may send. Afterwards ``shared_weights`` gives the arrays to send.
+    ``validation`` reads the site's validation subjects (None: it has none) when a
+    fine-tune without DP chooses its model by them; nothing computed on them is sent."""
     aggregation = aggregation or AggregationConfig()
     if refusal := site.refusal(privacy):  # the site's own policy: the study may not lower it
         raise PrivacyError(refusal)
@@ -116,7 +121,9 @@ def train_site_round(
     finetune = aggregation.finetune_steps if server_round == planned_rounds else 0
     if not privacy.enabled:
         metrics = task.train(data, task.config.local_steps, seed)
-        personal = _finetune(task, data, finetune, seed)
+        held_out = _validation_for(task, aggregation, finetune, validation, site.site_name)
+        personal = _finetune(task, data, finetune, seed, held_out=held_out,
+                             every=aggregation.finetune_validate_every, site_name=site.site_name)
         _save_state(task, state, aggregation, server_round, personal)
         return {**metrics, "dp": 0.0}
     steps = task.config.local_steps
@@ -163,16 +170,54 @@ def train_site_round(
     return metrics
 
 
-def _finetune(task: Task, data: SiteData, steps: int, seed: int, **dp: object) -> dict[str, np.ndarray] | None:
+def _validation_for(task: Task, aggregation: AggregationConfig, steps: int,
+                    validation: Callable[[], SiteData | None] | None, site_name: str) -> SiteData | None:
+    """The validation subjects a fine-tune without DP chooses its model by, where the study
+    asks for it, the task can score them and the site has some."""
+    if steps <= 0 or aggregation.finetune_validate_every <= 0 or validation is None or not task.validates:
+        return None
+    held_out = validation()
+    if held_out is None:
+        log.info("site %s: no validation subjects; the personal fine-tune keeps its last model", site_name)
+    return held_out
+
+
+def _finetune(task: Task, data: SiteData, steps: int, seed: int, *, held_out: SiteData | None = None,
+              every: int = 0, site_name: str = "", **dp: object) -> dict[str, np.ndarray] | None:
     """Train ``steps`` more on the site's own data from the model the round just trained, and
-    return that personal model; ``task`` is left holding the round's model, the one it sends."""
+    return that personal model; ``task`` is left holding the round's model, the one it sends.
+    With ``held_out`` (never under DP) the model is scored on it before the first step and
+    every ``every`` steps, and the best scored is the personal model (early stopping)."""
     if steps <= 0:
         return None
     sent = task.get_weights()
-    task.train(data, steps, seed + FINETUNE_SEED_OFFSET, **dp)  # type: ignore[arg-type]
-    personal = task.get_weights()
+    if held_out is None:
+        task.train(data, steps, seed + FINETUNE_SEED_OFFSET, **dp)  # type: ignore[arg-type]
+        personal = task.get_weights()
+    else:
+        personal = _best_on_validation(task, data, steps, every, seed, held_out, site_name)
     task.set_weights(sent, source="this round's update")
     return personal
+
+
+def _best_on_validation(task: Task, data: SiteData, steps: int, every: int, seed: int, held_out: SiteData,
+                        site_name: str) -> dict[str, np.ndarray]:
+    """Fine-tune in parts of ``every`` steps (Adam's state carries over) and keep the model
+    with the best ``validation_score``, the round's own model included."""
+    best, best_score, best_steps = task.get_weights(), task.validation_score(held_out), 0
+    scores = [f"0: {best_score:.3f}"]
+    done = 0
+    for part, start in enumerate(range(0, steps, every)):
+        length = min(every, steps - start)
+        task.train(data, length, seed + FINETUNE_SEED_OFFSET + part)
+        done += length
+        score = task.validation_score(held_out)
+        scores.append(f"{done}: {score:.3f}")
+        if score > best_score:
+            best, best_score, best_steps = task.get_weights(), score, done
+    log.info("site %s: personal fine-tune keeps its model after %d of %d steps (validation %s by steps: %s)",
+             site_name, best_steps, steps, task.headline_metric, ", ".join(scores))
+    return best
 
 
 #: The fine-tune draws its batches from another stream than the round's own steps.

@@ -46,6 +46,9 @@ def aggregation_line(study: StudyConfig) -> str:
     if agg.finetune_steps:
         line += (f"; after the last round each site fine-tunes its model for {agg.finetune_steps} steps on its own "
                  "data and keeps it (the last round's held-out metrics are those personal models')")
+        if agg.finetune_validate_every and not study.privacy.enabled and task_class(study.task.name).validates:
+            line += (f", the best of it on the site's validation subjects, scored every "
+                     f"{agg.finetune_validate_every} steps")
     if agg.local_norm or agg.local_calibration or "local" in policies.values():
         line += (". Local arrays stay at the sites: held-out metrics use each site's own model, while the "
                  "checkpoints and sample grids hold the server's initial values for them")

@@ -5,10 +5,12 @@ and the site's evaluation and ``medgan export --site-state`` use it."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from medgan_core.checkpoints import save_checkpoint
 from medgan_core.config import AggregationConfig, PrivacyConfig, SiteConfig
@@ -18,7 +20,7 @@ from medgan_core.privacy.accountant import SiteAccountant
 from medgan_core.site_round import accountant_path, load_site_model, shared_weights, train_site_round
 from medgan_core.site_state import SiteState
 from medgan_core.study_config import StudyConfig
-from medgan_core.tasks.registry import build_task, load_task_data, task_config
+from medgan_core.tasks.registry import build_task, load_task_data, load_task_validation, task_config
 from server.export import export_model
 from server.privacy_report import privacy_report
 from server.report import aggregation_line
@@ -111,3 +113,137 @@ def test_finetune_steps_are_validated_and_reported() -> None:
     assert AggregationConfig(finetune_steps=1).has_site_state
     study = StudyConfig().replace(task={"name": "denoise"}, aggregation={"finetune_steps": 50})
     assert "fine-tunes its model for 50 steps" in aggregation_line(study)
+
+
+def _personal(site: Path, state_dir: Path, agg: AggregationConfig, privacy: PrivacyConfig,
+              validation: object = None, scores: list[float] | None = None) -> dict[str, np.ndarray]:
+    """One last round with a fine-tune; the personal model it kept. ``scores``: what the
+    validation score reads, in turn (before the first step, then after every part)."""
+    task = build_task(DENOISE)
+    if scores is not None:
+        given = iter(scores)
+        task.validation_score = lambda held_out: next(given)  # type: ignore[method-assign]
+    train_site_round(task, load_task_data(site, DENOISE), SiteConfig(str(site), state_dir=str(state_dir)), privacy,
+                     planned_rounds=1, study_id="s", seed=5, aggregation=agg, server_round=1,
+                     validation=validation)  # type: ignore[arg-type]
+    saved = SiteState(state_dir, "s").latest(before=2)
+    assert saved is not None and saved.personal
+    return saved.personal
+
+
+def _same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[n], b[n]) for n in a)
+
+
+def test_the_fine_tune_keeps_its_best_model_on_the_sites_validation_subjects(tiny_sites: list[Path],
+                                                                             tmp_path: Path) -> None:
+    off = PrivacyConfig(enabled=False)
+    held_out = load_task_validation(tiny_sites[0], DENOISE)
+    assert held_out is not None
+    read = lambda: held_out  # noqa: E731
+    after = {steps: _personal(tiny_sites[0], tmp_path / f"plain-{steps}", AggregationConfig(
+        finetune_steps=steps, finetune_validate_every=0), off) for steps in (2, 4)}
+    assert not _same(after[2], after[4])
+
+    # Scored before, after 2 and after 4 steps: the best is kept, whichever it is.
+    # Its first part is the first 2 steps of a plain fine-tune; the second part draws anew.
+    agg = AggregationConfig(finetune_steps=4, finetune_validate_every=2)
+    mid = _personal(tiny_sites[0], tmp_path / "mid", agg, off, read, [0.0, 5.0, 1.0])
+    assert _same(mid, after[2])
+    end = _personal(tiny_sites[0], tmp_path / "end", agg, off, read, [0.0, 1.0, 5.0])
+    assert not _same(end, mid)
+    sent, _ = _round(tiny_sites[0], tmp_path / "none", AggregationConfig(), 1, off, planned=1)
+    assert not _same(end, sent) and _same(_personal(tiny_sites[0], tmp_path / "end2", agg, off, read,
+                                                    [3.0, 4.0, 4.5]), end)
+    kept = _personal(tiny_sites[0], tmp_path / "start", agg, off, read, [5.0, 1.0, 0.0])
+    for name in sent:  # fine-tuning only made it worse: the round's own model stays
+        np.testing.assert_array_equal(kept[name], sent[name])
+
+
+def test_the_validation_score_is_the_held_out_psnr_of_the_model(tiny_sites: list[Path]) -> None:
+    held_out = load_task_validation(tiny_sites[0], DENOISE)
+    data = load_task_data(tiny_sites[0], DENOISE)
+    assert held_out is not None
+    task = build_task(DENOISE)
+    task.train(data, 3, seed=1)
+    assert task.self_ensemble
+    score = task.validation_score(held_out)
+    assert task.self_ensemble  # put back: the site's evaluation still averages the 8 turns
+    plain = build_task(DENOISE)
+    plain.set_weights(task.get_weights())
+    plain.self_ensemble = False  # ranked without the self-ensemble: an eighth of the time
+    assert score == pytest.approx(plain.evaluate(held_out)["psnr"])
+    assert score != pytest.approx(task.evaluate(held_out)["psnr"])
+    assert score != pytest.approx(plain.evaluate(data)["psnr"])  # the validation subjects, not the test ones
+
+
+def test_validation_reads_the_val_split_only_and_none_where_there_is_none(tiny_sites: list[Path],
+                                                                         tmp_path: Path) -> None:
+    from medgan_core.data.manifest import read_manifest
+
+    manifest = read_manifest(tiny_sites[0])
+    subjects = {split: {e.subject for e in manifest.select(modality="CT", split=split)} for split in ("val", "test")}
+    held_out = load_task_validation(tiny_sites[0], DENOISE)
+    assert held_out is not None and held_out.test_input is not None and subjects["val"]
+    assert held_out.test.shape[0] == 4 * len(subjects["val"])  # 4 slices a subject, the val subjects only
+    test = load_task_data(tiny_sites[0], DENOISE).test
+    assert held_out.test.shape[1:] == test.shape[1:] and not torch.equal(held_out.test[:1], test[:1])
+
+    no_val = tmp_path / "no-val"
+    shutil.copytree(tiny_sites[0], no_val)
+    lines = (no_val / "manifest.csv").read_text().splitlines()
+    (no_val / "manifest.csv").write_text("\n".join(line for line in lines if ",val," not in line) + "\n")
+    assert load_task_validation(no_val, DENOISE) is None
+
+
+def test_without_validation_subjects_or_under_dp_the_last_model_is_kept(tiny_sites: list[Path], tmp_path: Path,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    off = PrivacyConfig(enabled=False)
+    agg = AggregationConfig(finetune_steps=4, finetune_validate_every=2)
+    last = _personal(tiny_sites[0], tmp_path / "last", AggregationConfig(finetune_steps=4, finetune_validate_every=0),
+                     off)
+    with caplog.at_level("INFO", logger="medgan_core.site_round"):
+        assert _same(_personal(tiny_sites[0], tmp_path / "none", agg, off, lambda: None), last)
+    assert "no validation subjects; the personal fine-tune keeps its last model" in caplog.text
+
+    def never() -> None:
+        raise AssertionError("a DP site read its validation subjects to choose its model")
+
+    private = PrivacyConfig(enabled=True, secure_rng=False, target_epsilon=8.0)
+    dp_agg = AggregationConfig(finetune_steps=4)
+    full = _personal(tiny_sites[0], tmp_path / "dp-full", dp_agg, private)  # no validation offered at all
+    assert dp_agg.finetune_validate_every > 0  # the default asks for it; DP declines
+    assert _same(_personal(tiny_sites[0], tmp_path / "dp", dp_agg, private, never), full)
+
+
+def test_finetune_validate_every_is_validated() -> None:
+    with pytest.raises(ConfigError, match="aggregation.finetune-validate-every = -1"):
+        AggregationConfig(finetune_validate_every=-1).validate()
+    study = StudyConfig().replace(task={"name": "denoise"}, aggregation={"finetune_steps": 50,
+                                                                        "finetune_validate_every": 10})
+    assert study.aggregation.finetune_validate_every == 10
+    assert "the best of it on the site's validation subjects, scored every 10 steps" in aggregation_line(
+        study.replace(privacy={"enabled": False}))
+    assert "validation" not in aggregation_line(study)  # under DP the last model is kept
+    assert "validation" not in aggregation_line(study.replace(privacy={"enabled": False}, task={"name": "cycle"}))
+
+
+def test_a_sites_client_app_chooses_its_personal_model_on_its_validation_subjects(
+        tiny_sites: list[Path], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from flwr.app import Context, MessageType, RecordDict
+
+    from client.app import build_client_app
+    from client_messages import client_request, round_config
+
+    study = StudyConfig().replace(task={"name": "denoise", "image_size": 16, "width": 8, "batch_size": 8,
+                                        "local_steps": 2}, privacy={"enabled": False},
+                                  aggregation={"finetune_steps": 4, "finetune_validate_every": 2})
+    app = build_client_app([SiteConfig(str(tiny_sites[0]), state_dir=str(tmp_path / "state"))])
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    with caplog.at_level("INFO", logger="medgan_core.site_round"):
+        reply = app(client_request(MessageType.TRAIN, round_config(study, "s"), build_task(study.task).get_weights()),
+                    context)
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    assert "personal fine-tune keeps its model after" in caplog.text and "by steps: 0: " in caplog.text
+    sent = {key for record in reply.content.metric_records.values() for key in record}
+    assert sent and sent <= {"loss-d", "loss-g", "loss-l1", "loss-ssim", "dp", "num-examples"}  # the scores stay

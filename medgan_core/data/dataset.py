@@ -158,22 +158,38 @@ def _is_clinical(spec: DataSpec) -> bool:
     return isinstance(spec, (DegradedPairs, ModalityPairs, UnpairedDomains)) and spec.clinical
 
 
-def _load(manifest: Manifest, task: TaskConfig, spec: DataSpec, cache_dir: Path | None) -> SiteData:
-    test_split = "test" if manifest.select(modality=task.modality, split="test") else "val"
+def load_validation_data(data_path: str | Path, task: TaskConfig, spec: DataSpec,
+                         cache_dir: Path | None = None) -> SiteData | None:
+    """The site's validation subjects (split ``val``) as ``test``/``test_input`` (and as the
+    training fields: a ``SiteData`` needs them; nothing trains on them), or None where the
+    site has none. Read only when a fine-tune chooses its model by them, so a round never
+    pays for it; slices at clinical geometry are cached like the other splits."""
+    manifest = read_manifest(data_path)
+    if not manifest.select(modality=task.modality, split="val"):
+        return None
+    return _load(manifest, task, spec, cache_dir if _is_clinical(spec) else None, splits=("val", "val"))
+
+
+def _load(manifest: Manifest, task: TaskConfig, spec: DataSpec, cache_dir: Path | None,
+          splits: tuple[str, str] | None = None) -> SiteData:
+    """The ``splits`` (training, held-out) of the site; by default train and test, or val
+    where the site has no test subjects."""
+    train_split, test_split = splits or (
+        "train", "test" if manifest.select(modality=task.modality, split="test") else "val")
     site = manifest.root.name
     match spec:
         case Slices():
-            train = _stack(manifest, task, _need(manifest, task, "train"))
+            train = _stack(manifest, task, _need(manifest, task, train_split))
             test_entries = manifest.select(modality=task.modality, split=test_split)
             if not test_entries:
                 raise DataError(f"{manifest.path}: no test or val images of modality {task.modality} to evaluate on")
             return SiteData(site, train, _stack(manifest, task, test_entries))
         case SlicesWithBurden():
-            train, train_c = _with_burden(manifest, task, "train")
+            train, train_c = _with_burden(manifest, task, train_split)
             test, test_c = _with_burden(manifest, task, test_split)
             return SiteData(site, train, test, train_condition=train_c, test_condition=test_c)
         case UnpairedDomains(variant=variant, clinical=clinical):
-            domain_b, domain_a, keys = _variant_pairs(manifest, task, "train", variant, "main-scanner and scanner-B")
+            domain_b, domain_a, keys = _variant_pairs(manifest, task, train_split, variant, "main-scanner and scanner-B")
             if len(keys) < 2:
                 raise DataError(f"{manifest.path}: unpaired training needs at least 2 training subjects (one per scanner)")
             keys_a, keys_b = unpaired_subjects(keys)
@@ -188,19 +204,19 @@ def _load(manifest: Manifest, task: TaskConfig, spec: DataSpec, cache_dir: Path 
                 test_b, test_a = _pairs(manifest, task, test_split, DegradedPairs(variant))
             return SiteData(site, train_a, test_a, train_b, test_b)
         case DegradedPairs(clinical=True) | ModalityPairs(clinical=True):
-            train_in, train = _clinical_pairs(manifest, task, "train", spec, cache_dir)
+            train_in, train = _clinical_pairs(manifest, task, train_split, spec, cache_dir)
             test_in, test = _clinical_pairs(manifest, task, test_split, spec, cache_dir)
             return SiteData(site, train, test, train_in, test_in)
         case ModalityPairs(source=source):
-            train_in, train = _modality_pairs(manifest, task, "train", source)
+            train_in, train = _modality_pairs(manifest, task, train_split, source)
             test_in, test = _modality_pairs(manifest, task, test_split, source)
             return SiteData(site, train, test, train_in, test_in)
         case DegradedPairs():
-            train_in, train = _pairs(manifest, task, "train", spec)
+            train_in, train = _pairs(manifest, task, train_split, spec)
             test_in, test = _pairs(manifest, task, test_split, spec)
             return SiteData(site, train, test, train_in, test_in)
         case KSpacePairs(acceleration=acceleration):
-            train_in, train = _kspace_pairs(manifest, task, "train", f"kspace-r{acceleration}")
+            train_in, train = _kspace_pairs(manifest, task, train_split, f"kspace-r{acceleration}")
             test_in, test = _kspace_pairs(manifest, task, test_split, f"kspace-r{acceleration}")
             return SiteData(site, train, test, train_in, test_in)
     raise TypeError(f"{spec!r} is not a DataSpec")

@@ -96,6 +96,9 @@ class Task(ABC):
     #: Every scalar ``evaluate`` may report, and the one the CLI and reports lead with.
     eval_metrics: ClassVar[frozenset[str]] = frozenset()
     headline_metric: ClassVar[str] = ""
+    #: Whether ``validation_score`` ranks models on a site's validation subjects (a personal
+    #: fine-tune then keeps its best model; otherwise its last).
+    validates: ClassVar[bool] = False
     #: What the held-out metrics mean, for the study report (a sentence or two).
     metrics_note: ClassVar[str] = ""
 
@@ -148,6 +151,11 @@ class Task(ABC):
     @abstractmethod
     def evaluate(self, data: SiteData) -> dict[str, float]:
         """Scalar quality metrics on the site's held-out split."""
+
+    def validation_score(self, held_out: SiteData) -> float:
+        """A score of the current model on ``held_out`` (higher is better) by which a
+        fine-tune keeps its best model (tasks that say ``validates``)."""
+        raise NotImplementedError(f"task {self.name} has no validation score")
 
     @abstractmethod
     def preview(self, n: int) -> torch.Tensor:

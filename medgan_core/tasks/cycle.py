@@ -88,6 +88,9 @@ class CycleTask(PairedImageTask):
     train_metrics = frozenset({"loss-d", "loss-g", "loss-cycle", "loss-tv", "loss-identity"})
     clinical = True
     patches_anywhere = 0.25  # the discriminators must see air and the table too
+    # Unpaired: its data split by subject into one scanner's and the other's; a site's one or
+    # two validation subjects cannot be split so (the fine-tune keeps its last model).
+    validates = False
 
     @classmethod
     def data_spec(cls, config: TaskConfig) -> DataSpec:

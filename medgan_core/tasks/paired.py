@@ -68,6 +68,7 @@ class PairedImageTask(GANTask):
     eval_metrics = frozenset({"mae-hu", "mae-hu-input", "psnr", "psnr-input", "psnr-window", "psnr-window-input",
                               "ssim", "ssim-input"})
     headline_metric = "psnr"
+    validates = True
     #: The target and the input, in words, for the report (``metrics_note``).
     target_words: ClassVar[str] = "the target"
     input_words: ClassVar[str] = "the input"
@@ -230,6 +231,16 @@ class PairedImageTask(GANTask):
             hu_per_unit = (self.config.window_high - self.config.window_low) / 2.0
             metrics["mae-hu"] = float((output - data.test).abs().mean()) * hu_per_unit
         return {**metrics, **self.extra_metrics(output, data.test, baseline)}
+
+    def validation_score(self, held_out: SiteData) -> float:
+        """The headline PSNR on ``held_out``, restored without the self-ensemble: it ranks
+        models of one training run as the ensemble does (measured on the denoising
+        benchmark's fine-tunes) at an eighth of the time."""
+        ensemble, self.self_ensemble = self.self_ensemble, False
+        try:
+            return self.evaluate(held_out)[self.headline_metric]
+        finally:
+            self.self_ensemble = ensemble
 
     def _evaluate_clinical(self, data: SiteData) -> dict[str, float]:
         """Whole held-out slices, a few at a time (a site's test split need not fit in memory)."""

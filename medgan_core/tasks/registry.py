@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import torch
 
 from medgan_core.config import TaskConfig, TaskParams, build_table, config_key
-from medgan_core.data.dataset import SiteData, load_site_data
+from medgan_core.data.dataset import SiteData, load_site_data, load_validation_data
 from medgan_core.errors import ConfigError
 from medgan_core.plugins import load_registered, registered
 from medgan_core.tasks.base import Task
@@ -123,6 +123,12 @@ def load_task_data(data_path: str | Path, config: TaskConfig, cache_dir: Path | 
     """A site's data in the form its task reads (``Task.data_spec``); clinical-geometry slices
     are kept memory-mapped in ``cache_dir`` when given."""
     return load_site_data(data_path, config, task_class(config.name).data_spec(config), cache_dir)
+
+
+def load_task_validation(data_path: str | Path, config: TaskConfig, cache_dir: Path | None = None) -> SiteData | None:
+    """A site's validation subjects in the form its task reads, as the held-out split (None:
+    the site has none); what a fine-tune chooses its model by."""
+    return load_validation_data(data_path, config, task_class(config.name).data_spec(config), cache_dir)
 
 
 def geometry_words(config: TaskConfig) -> str:
