@@ -22,7 +22,7 @@ import numpy as np
 
 from medgan_core.config import AggregationConfig, PrivacyConfig, SiteConfig
 from medgan_core.data.dataset import SiteData
-from medgan_core.errors import ConfigError, PrivacyError
+from medgan_core.errors import ConfigError, MedGANError, PrivacyError
 from medgan_core.privacy.accountant import SiteAccountant
 from medgan_core.privacy.release import ReleaseStore
 from medgan_core.privacy.dp_sgd import validate_private_modules
@@ -176,7 +176,12 @@ def _validation_for(task: Task, aggregation: AggregationConfig, steps: int,
     asks for it, the task can score them and the site has some."""
     if steps <= 0 or aggregation.finetune_validate_every <= 0 or validation is None or not task.validates:
         return None
-    held_out = validation()
+    try:
+        held_out = validation()
+    except MedGANError as exc:  # the round's update is ready: an unreadable val split must not cost it
+        log.warning("site %s: its validation subjects cannot be read (%s); the personal fine-tune keeps its "
+                    "last model", site_name, exc)
+        return None
     if held_out is None:
         log.info("site %s: no validation subjects; the personal fine-tune keeps its last model", site_name)
     return held_out
@@ -202,8 +207,9 @@ def _finetune(task: Task, data: SiteData, steps: int, seed: int, *, held_out: Si
 
 def _best_on_validation(task: Task, data: SiteData, steps: int, every: int, seed: int, held_out: SiteData,
                         site_name: str) -> dict[str, np.ndarray]:
-    """Fine-tune in parts of ``every`` steps (Adam's state carries over) and keep the model
-    with the best ``validation_score``, the round's own model included."""
+    """Fine-tune in parts of ``every`` steps (Adam's state carries over; a ``task.ema``
+    average restarts with each part) and keep the model with the best ``validation_score``,
+    the round's own model included."""
     best, best_score, best_steps = task.get_weights(), task.validation_score(held_out), 0
     scores = [f"0: {best_score:.3f}"]
     done = 0

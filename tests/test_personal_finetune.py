@@ -14,7 +14,7 @@ import torch
 
 from medgan_core.checkpoints import save_checkpoint
 from medgan_core.config import AggregationConfig, PrivacyConfig, SiteConfig
-from medgan_core.errors import ConfigError
+from medgan_core.errors import ConfigError, DataError
 from medgan_core.model_file import load_model
 from medgan_core.privacy.accountant import SiteAccountant
 from medgan_core.site_round import accountant_path, load_site_model, shared_weights, train_site_round
@@ -205,6 +205,13 @@ def test_without_validation_subjects_or_under_dp_the_last_model_is_kept(tiny_sit
     with caplog.at_level("INFO", logger="medgan_core.site_round"):
         assert _same(_personal(tiny_sites[0], tmp_path / "none", agg, off, lambda: None), last)
     assert "no validation subjects; the personal fine-tune keeps its last model" in caplog.text
+
+    def unreadable() -> None:
+        raise DataError("val/hospital-a-003.nii.gz: not a NIfTI file")
+
+    with caplog.at_level("INFO", logger="medgan_core.site_round"):  # the round's update still leaves
+        assert _same(_personal(tiny_sites[0], tmp_path / "bad", agg, off, unreadable), last)
+    assert "validation subjects cannot be read (val/hospital-a-003.nii.gz: not a NIfTI file)" in caplog.text
 
     def never() -> None:
         raise AssertionError("a DP site read its validation subjects to choose its model")
