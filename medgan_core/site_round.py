@@ -124,7 +124,7 @@ def train_site_round(
         held_out = _validation_for(task, aggregation, finetune, validation, site.site_name)
         personal = _finetune(task, data, finetune, seed, held_out=held_out,
                              every=aggregation.finetune_validate_every, site_name=site.site_name)
-        _save_state(task, state, aggregation, server_round, personal)
+        _save_state(task, state, aggregation, server_round, *personal)
         return {**metrics, "dp": 0.0}
     steps = task.config.local_steps
     if not site.state_dir:
@@ -149,7 +149,7 @@ def train_site_round(
     check_budget(accountant, dp, steps + finetune, budget, site.site_name, k)
     metrics = task.train(data, steps, seed, dp=dp, accountant=accountant)
     personal = _finetune(task, data, finetune, seed, dp=dp, accountant=accountant)  # accounted like every step
-    _save_state(task, state, aggregation, server_round, personal)
+    _save_state(task, state, aggregation, server_round, *personal)
     metrics = {
         **metrics,
         "dp": 1.0,
@@ -188,28 +188,29 @@ def _validation_for(task: Task, aggregation: AggregationConfig, steps: int,
 
 
 def _finetune(task: Task, data: SiteData, steps: int, seed: int, *, held_out: SiteData | None = None,
-              every: int = 0, site_name: str = "", **dp: object) -> dict[str, np.ndarray] | None:
+              every: int = 0, site_name: str = "", **dp: object) -> tuple[dict[str, np.ndarray] | None, int]:
     """Train ``steps`` more on the site's own data from the model the round just trained, and
-    return that personal model; ``task`` is left holding the round's model, the one it sends.
-    With ``held_out`` (never under DP) the model is scored on it before the first step and
-    every ``every`` steps, and the best scored is the personal model (early stopping)."""
+    return that personal model and the steps it took; ``task`` is left holding the round's
+    model, the one it sends. With ``held_out`` (never under DP) the model is scored on it
+    before the first step and every ``every`` steps, and the best scored is the personal
+    model (early stopping)."""
     if steps <= 0:
-        return None
+        return None, 0
     sent = task.get_weights()
     if held_out is None:
         task.train(data, steps, seed + FINETUNE_SEED_OFFSET, **dp)  # type: ignore[arg-type]
-        personal = task.get_weights()
+        personal, kept = task.get_weights(), steps
     else:
-        personal = _best_on_validation(task, data, steps, every, seed, held_out, site_name)
+        personal, kept = _best_on_validation(task, data, steps, every, seed, held_out, site_name)
     task.set_weights(sent, source="this round's update")
-    return personal
+    return personal, kept
 
 
 def _best_on_validation(task: Task, data: SiteData, steps: int, every: int, seed: int, held_out: SiteData,
-                        site_name: str) -> dict[str, np.ndarray]:
+                        site_name: str) -> tuple[dict[str, np.ndarray], int]:
     """Fine-tune in parts of ``every`` steps (Adam's state carries over; a ``task.ema``
     average restarts with each part) and keep the model with the best ``validation_score``,
-    the round's own model included."""
+    the round's own model included; it and its step count."""
     best, best_score, best_steps = task.get_weights(), task.validation_score(held_out), 0
     scores = [f"0: {best_score:.3f}"]
     done = 0
@@ -223,7 +224,7 @@ def _best_on_validation(task: Task, data: SiteData, steps: int, every: int, seed
             best, best_score, best_steps = task.get_weights(), score, done
     log.info("site %s: personal fine-tune keeps its model after %d of %d steps (validation %s by steps: %s)",
              site_name, best_steps, steps, task.headline_metric, ", ".join(scores))
-    return best
+    return best, best_steps
 
 
 #: The fine-tune draws its batches from another stream than the round's own steps.
@@ -231,15 +232,15 @@ FINETUNE_SEED_OFFSET = 7919
 
 
 def _save_state(task: Task, state: SiteState | None, aggregation: AggregationConfig, server_round: int,
-                personal: dict[str, np.ndarray] | None = None) -> None:
+                personal: dict[str, np.ndarray] | None = None, personal_steps: int = 0) -> None:
     """Keep the site's local arrays and optimiser state for the next round (before replying),
-    and its personal model after its last round."""
+    and its personal model (and the fine-tune steps it took) after its last round."""
     if state is None:
         return
     local = local_array_names(task.groups, aggregation)
     weights = task.get_weights()
     optimizer = task.optimizer_state() if aggregation.keep_optimizer_state else {}
-    state.save(server_round, {name: weights[name] for name in sorted(local)}, optimizer, personal)
+    state.save(server_round, {name: weights[name] for name in sorted(local)}, optimizer, personal, personal_steps)
 
 
 #: What the privacy design lets a DP site send from training: bookkeeping of the mechanism

@@ -27,6 +27,7 @@ from medgan_core.fileio import atomic_write_bytes
 
 KEEP_ROUNDS = 3  # older files are removed; a resumed round needs only the one before it
 LOCAL, OPTIMIZER, PERSONAL = "local:", "optimizer:", "personal:"
+PERSONAL_STEPS = "personal-steps"
 _ROUND_FILE = re.compile(r"round-(\d+)\.safetensors$")
 
 
@@ -37,6 +38,9 @@ class SavedState:
     optimizer: dict[str, np.ndarray] = field(default_factory=dict)
     #: Every array of the site's fine-tuned model (only in the state of the last round).
     personal: dict[str, np.ndarray] = field(default_factory=dict)
+    #: The fine-tune steps that model took (fewer than planned where a validation check chose
+    #: an earlier one; None: a state written before this was recorded).
+    personal_steps: int | None = None
 
 
 class SiteState:
@@ -54,11 +58,14 @@ class SiteState:
         return sorted(int(m.group(1)) for p in self.folder.iterdir() if (m := _ROUND_FILE.match(p.name)))
 
     def save(self, server_round: int, local: Mapping[str, np.ndarray], optimizer: Mapping[str, np.ndarray],
-             personal: Mapping[str, np.ndarray] | None = None) -> Path:
+             personal: Mapping[str, np.ndarray] | None = None, personal_steps: int | None = None) -> Path:
         arrays = {LOCAL + k: np.ascontiguousarray(v) for k, v in local.items()}
         arrays.update({OPTIMIZER + k: np.ascontiguousarray(v) for k, v in optimizer.items()})
         arrays.update({PERSONAL + k: np.ascontiguousarray(v) for k, v in (personal or {}).items()})
-        data = st_save(arrays, metadata={"round": json.dumps(server_round)})
+        metadata = {"round": json.dumps(server_round)}
+        if personal and personal_steps is not None:
+            metadata[PERSONAL_STEPS] = json.dumps(personal_steps)
+        data = st_save(arrays, metadata=metadata)
         path = atomic_write_bytes(self.path(server_round), data)
         for old in self.rounds()[:-KEEP_ROUNDS]:
             self.path(old).unlink(missing_ok=True)
@@ -71,7 +78,9 @@ class SiteState:
             return None
         path = self.path(earlier[-1])
         try:
-            arrays = st_load(path.read_bytes())
+            data = path.read_bytes()
+            arrays = st_load(data)
+            steps = _metadata(data).get(PERSONAL_STEPS)
         except (SafetensorError, ValueError, OSError) as exc:
             raise MedGANError(f"site state {path} is unreadable ({exc}); move it away to start this site afresh") from exc
         return SavedState(
@@ -79,4 +88,11 @@ class SiteState:
             {k[len(LOCAL):]: v for k, v in arrays.items() if k.startswith(LOCAL)},
             {k[len(OPTIMIZER):]: v for k, v in arrays.items() if k.startswith(OPTIMIZER)},
             {k[len(PERSONAL):]: v for k, v in arrays.items() if k.startswith(PERSONAL)},
+            int(json.loads(steps)) if steps is not None else None,
         )
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    """A safetensors file's text metadata (its JSON header's ``__metadata__``)."""
+    length = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + length]).get("__metadata__") or {}

@@ -40,8 +40,11 @@ def export_model(run_dir: str | Path, out: str | Path, *, server_round: int | No
     personal = SiteState(site_state, study_id).latest(before=chosen + 1) if site_state else None
     if personal is not None and personal.personal and personal.server_round == chosen:
         arrays = dict(personal.personal)  # the site's fine-tuned model: every array its own
-        layers = (f"this site's personal model ({site_state}): round {chosen}'s model fine-tuned for "
-                  f"{study.aggregation.finetune_steps} steps on its own data")
+        layers = f"this site's personal model ({site_state}): round {chosen}'s model fine-tuned for " + (
+            f"{study.aggregation.finetune_steps} steps on its own data" if personal.personal_steps is None
+            or personal.personal_steps == study.aggregation.finetune_steps else
+            f"{personal.personal_steps} of {study.aggregation.finetune_steps} steps on its own data (the best on "
+            "its validation subjects)")
     elif local and site_state:
         saved = SiteState(site_state, study_id).latest(before=chosen + 1)
         if saved is None or set(local) - set(saved.local):
@@ -65,7 +68,8 @@ def export_model(run_dir: str | Path, out: str | Path, *, server_round: int | No
         "aggregation": {"policy": study.aggregation.policy, "group-policies": study.aggregation.group_policies,
                         "local-norm": study.aggregation.local_norm,
                         "local-calibration": study.aggregation.local_calibration,
-                        "finetune-steps": study.aggregation.finetune_steps},
+                        "finetune-steps": study.aggregation.finetune_steps,
+                        "finetune-validate-every": study.aggregation.finetune_validate_every},
         "site-kept-layers": layers,
         "privacy": {"dp": privacy.enabled, "delta": privacy.delta if privacy.enabled else None,
                     "epsilon-per-site": [s.get("train", {}).get("epsilon") for s in record.get("sites", [])]},

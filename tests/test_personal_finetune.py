@@ -105,6 +105,14 @@ def test_export_at_the_site_takes_its_personal_model(tiny_sites: list[Path], tmp
     shared = load_model(export_model(folder.root, tmp_path / "shared.medgan"))  # the coordinator's: the federated one
     assert any(not np.array_equal(shared.arrays[n], personal[n]) for n in personal)
     assert "plus 4 steps of each site's personal fine-tune" in privacy_report(folder)  # what ε covers, said
+    assert "fine-tuned for 4 steps on its own data" in at_site.provenance["site-kept-layers"]
+
+    # A model its validation subjects chose after 2 of the 4 steps says so.
+    saved = SiteState(state_dir, folder.study_id())
+    saved.save(1, {}, {}, personal, personal_steps=2)
+    chosen = load_model(export_model(folder.root, tmp_path / "chosen.medgan", site_state=state_dir))
+    assert ("fine-tuned for 2 of 4 steps on its own data (the best on its validation subjects)"
+            in chosen.provenance["site-kept-layers"])
 
 
 def test_finetune_steps_are_validated_and_reported() -> None:
@@ -150,6 +158,8 @@ def test_the_fine_tune_keeps_its_best_model_on_the_sites_validation_subjects(tin
     agg = AggregationConfig(finetune_steps=4, finetune_validate_every=2)
     mid = _personal(tiny_sites[0], tmp_path / "mid", agg, off, read, [0.0, 5.0, 1.0])
     assert _same(mid, after[2])
+    steps = lambda name: SiteState(tmp_path / name, "s").latest(before=2).personal_steps  # noqa: E731
+    assert (steps("mid"), steps("plain-4")) == (2, 4)  # recorded: the export says how far it went
     end = _personal(tiny_sites[0], tmp_path / "end", agg, off, read, [0.0, 1.0, 5.0])
     assert not _same(end, mid)
     sent, _ = _round(tiny_sites[0], tmp_path / "none", AggregationConfig(), 1, off, planned=1)
@@ -158,6 +168,7 @@ def test_the_fine_tune_keeps_its_best_model_on_the_sites_validation_subjects(tin
     kept = _personal(tiny_sites[0], tmp_path / "start", agg, off, read, [5.0, 1.0, 0.0])
     for name in sent:  # fine-tuning only made it worse: the round's own model stays
         np.testing.assert_array_equal(kept[name], sent[name])
+    assert steps("start") == 0 and steps("end") == 4
 
 
 def test_the_validation_score_is_the_held_out_psnr_of_the_model(tiny_sites: list[Path]) -> None:
