@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medgan_core.config import AggregationConfig
 from medgan_core.study_config import StudyConfig
 from medgan_core.data.simulate import simulate_study, stale_simulation
 from medgan_core.data.preprocess import CT_FULL_RANGE
@@ -28,10 +29,13 @@ from medgan.simulation import simulate_federation
 
 
 def arguments(doc: str | None, out: str, data: str = "benchmarks/data/sites", rounds: int = 5,
-              local_steps: int = 60, reuse_help: str = "", seeds: int = 0) -> argparse.Namespace:
+              local_steps: int = 60, reuse_help: str = "", seeds: int = 0,
+              finetune_steps: int = -1) -> argparse.Namespace:
     """--out, --data, --rounds (5) and --local-steps (60): sized for about 3 minutes a run on 2 cores
     at width 16 (a script that needs more passes its own defaults); --reuse when ``reuse_help`` says
-    what it reuses; --seeds (default ``seeds``) when a script repeats a measurement over seeds."""
+    what it reuses; --seeds (default ``seeds``) when a script repeats a measurement over seeds;
+    --finetune-steps (default ``finetune_steps``) and --finetune-validate-every (the study
+    default) when ``finetune_steps`` >= 0: each site's personal fine-tune."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(out))
     parser.add_argument("--data", type=Path, default=Path(data))
@@ -41,6 +45,13 @@ def arguments(doc: str | None, out: str, data: str = "benchmarks/data/sites", ro
         parser.add_argument("--reuse", action="store_true", help=reuse_help)
     if seeds:
         parser.add_argument("--seeds", type=int, default=seeds, help="Repeats over seeds (mean ± standard deviation).")
+    if finetune_steps >= 0:
+        parser.add_argument("--finetune-steps", type=int, default=finetune_steps,
+                            help="Each site's personal fine-tune after the last round (aggregation.finetune-steps).")
+        parser.add_argument("--finetune-validate-every", type=int,
+                            default=AggregationConfig.finetune_validate_every,
+                            help="Each site keeps the best of its fine-tune on its validation subjects, scored every "
+                                 "this many steps (aggregation.finetune-validate-every; 0: the last).")
     return parser.parse_args()
 
 
