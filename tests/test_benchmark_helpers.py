@@ -35,6 +35,19 @@ def test_reuse_without_a_saved_run_stops_instead_of_training(tmp_path: Path, mon
         bench_common.trained_or_reused(args, study, [])
 
 
+def test_benchmark_fine_tune_options_default_to_the_studys(monkeypatch: pytest.MonkeyPatch) -> None:
+    from medgan_core.config import AggregationConfig
+
+    monkeypatch.setattr(sys, "argv", ["superres_baselines.py"])
+    args = bench_common.arguments(None, "out", finetune_steps=300)
+    assert (args.finetune_steps, args.finetune_validate_every) == (300, AggregationConfig().finetune_validate_every)
+    monkeypatch.setattr(sys, "argv", ["x", "--finetune-steps", "0", "--finetune-validate-every", "0"])
+    args = bench_common.arguments(None, "out", finetune_steps=300)
+    assert (args.finetune_steps, args.finetune_validate_every) == (0, 0)
+    monkeypatch.setattr(sys, "argv", ["x"])
+    assert not hasattr(bench_common.arguments(None, "out"), "finetune_steps")  # only where a script asks
+
+
 def test_the_audit_auc_standard_error_matches_the_spread_of_repeated_attacks() -> None:
     """Hanley–McNeil against 2000 simulated attacks on 64 members / 48 others (AUC ≈ 0.76)."""
     rng = np.random.default_rng(0)
