@@ -81,14 +81,15 @@ class SiteState:
             data = path.read_bytes()
             arrays = st_load(data)
             steps = _metadata(data).get(PERSONAL_STEPS)
-        except (SafetensorError, ValueError, OSError) as exc:
+            personal_steps = int(json.loads(steps)) if steps is not None else None
+        except (SafetensorError, ValueError, TypeError, OSError) as exc:
             raise MedGANError(f"site state {path} is unreadable ({exc}); move it away to start this site afresh") from exc
         return SavedState(
             earlier[-1],
             {k[len(LOCAL):]: v for k, v in arrays.items() if k.startswith(LOCAL)},
             {k[len(OPTIMIZER):]: v for k, v in arrays.items() if k.startswith(OPTIMIZER)},
             {k[len(PERSONAL):]: v for k, v in arrays.items() if k.startswith(PERSONAL)},
-            int(json.loads(steps)) if steps is not None else None,
+            personal_steps,
         )
 
 

@@ -265,3 +265,16 @@ def test_a_sites_client_app_chooses_its_personal_model_on_its_validation_subject
     assert "personal fine-tune keeps its model after" in caplog.text and "by steps: 0: " in caplog.text
     sent = {key for record in reply.content.metric_records.values() for key in record}
     assert sent and sent <= {"loss-d", "loss-g", "loss-l1", "loss-ssim", "dp", "num-examples"}  # the scores stay
+
+
+def test_a_state_file_with_a_garbled_step_count_is_refused_in_one_line(tmp_path: Path) -> None:
+    from medgan_core.errors import MedGANError
+    from safetensors.numpy import save as st_save
+
+    state = SiteState(tmp_path, "s")
+    state.save(1, {}, {}, {"generator.w": np.zeros(2, np.float32)}, personal_steps=3)
+    assert state.latest(before=2).personal_steps == 3
+    state.path(1).write_bytes(st_save({"personal:generator.w": np.zeros(2, np.float32)},
+                                      metadata={"round": "1", "personal-steps": "three"}))
+    with pytest.raises(MedGANError, match="is unreadable"):
+        state.latest(before=2)
