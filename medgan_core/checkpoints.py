@@ -35,9 +35,14 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, 
     raw = path.read_bytes()
     try:
         arrays = st_load(raw)
-        header_len = int.from_bytes(raw[:8], "little")
-        header = json.loads(raw[8 : 8 + header_len])
-    except (SafetensorError, ValueError, json.JSONDecodeError) as exc:
+        metadata = {k: json.loads(v) for k, v in safetensors_metadata(raw).items()}
+    except (SafetensorError, ValueError) as exc:
         raise MedGANError(f"checkpoint {path} is corrupt or not a safetensors file ({exc})") from exc
-    metadata = {k: json.loads(v) for k, v in header.get("__metadata__", {}).items()}
     return arrays, metadata
+
+
+def safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The text metadata of a safetensors file's bytes (its JSON header's ``__metadata__``);
+    ValueError where the header is not JSON."""
+    length = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + length]).get("__metadata__") or {}

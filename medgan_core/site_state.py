@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
+from medgan_core.checkpoints import safetensors_metadata
 from medgan_core.errors import MedGANError
 from medgan_core.fileio import atomic_write_bytes
 
@@ -80,7 +81,7 @@ class SiteState:
         try:
             data = path.read_bytes()
             arrays = st_load(data)
-            steps = _metadata(data).get(PERSONAL_STEPS)
+            steps = safetensors_metadata(data).get(PERSONAL_STEPS)
             personal_steps = int(json.loads(steps)) if steps is not None else None
         except (SafetensorError, ValueError, TypeError, OSError) as exc:
             raise MedGANError(f"site state {path} is unreadable ({exc}); move it away to start this site afresh") from exc
@@ -92,8 +93,3 @@ class SiteState:
             personal_steps,
         )
 
-
-def _metadata(data: bytes) -> dict[str, str]:
-    """A safetensors file's text metadata (its JSON header's ``__metadata__``)."""
-    length = int.from_bytes(data[:8], "little")
-    return json.loads(data[8:8 + length]).get("__metadata__") or {}

@@ -188,8 +188,8 @@ def test_the_validation_score_is_the_held_out_psnr_of_the_model(tiny_sites: list
     assert score != pytest.approx(plain.evaluate(data)["psnr"])  # the validation subjects, not the test ones
 
 
-def test_validation_reads_the_val_split_only_and_none_where_there_is_none(tiny_sites: list[Path],
-                                                                         tmp_path: Path) -> None:
+def test_validation_reads_the_val_split_only_and_none_where_there_is_none(
+        tiny_sites: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from medgan_core.data.manifest import read_manifest
 
     manifest = read_manifest(tiny_sites[0])
@@ -197,6 +197,14 @@ def test_validation_reads_the_val_split_only_and_none_where_there_is_none(tiny_s
     held_out = load_task_validation(tiny_sites[0], DENOISE)
     assert held_out is not None and held_out.test_input is not None and subjects["val"]
     assert held_out.test.shape[0] == 4 * len(subjects["val"])  # 4 slices a subject, the val subjects only
+    import medgan_core.data.dataset as dataset
+
+    reads: list[str] = []
+    real = dataset._clinical_pairs
+    monkeypatch.setattr(dataset, "_clinical_pairs", lambda manifest, task, split, *rest: (
+        reads.append(split), real(manifest, task, split, *rest))[1])
+    assert torch.equal(load_task_validation(tiny_sites[0], DENOISE).test, held_out.test)
+    assert reads == ["val"]  # read once, though it fills both the training and held-out fields
     test = load_task_data(tiny_sites[0], DENOISE).test
     assert held_out.test.shape[1:] == test.shape[1:] and not torch.equal(held_out.test[:1], test[:1])
 

@@ -6,7 +6,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -170,6 +170,9 @@ def load_validation_data(data_path: str | Path, task: TaskConfig, spec: DataSpec
     return _load(manifest, task, spec, cache_dir if _is_clinical(spec) else None, splits=("val", "val"))
 
 
+_Pair = tuple[torch.Tensor, torch.Tensor]  # (inputs, targets) of one split
+
+
 def _load(manifest: Manifest, task: TaskConfig, spec: DataSpec, cache_dir: Path | None,
           splits: tuple[str, str] | None = None) -> SiteData:
     """The ``splits`` (training, held-out) of the site; by default train and test, or val
@@ -177,6 +180,12 @@ def _load(manifest: Manifest, task: TaskConfig, spec: DataSpec, cache_dir: Path 
     train_split, test_split = splits or (
         "train", "test" if manifest.select(modality=task.modality, split="test") else "val")
     site = manifest.root.name
+
+    def both(pairs: Callable[[str], _Pair]) -> tuple[_Pair, _Pair]:
+        """A paired spec's (inputs, targets) of both splits, read once where they are one split."""
+        train = pairs(train_split)
+        return train, (train if test_split == train_split else pairs(test_split))
+
     match spec:
         case Slices():
             train = _stack(manifest, task, _need(manifest, task, train_split))
@@ -189,7 +198,8 @@ def _load(manifest: Manifest, task: TaskConfig, spec: DataSpec, cache_dir: Path 
             test, test_c = _with_burden(manifest, task, test_split)
             return SiteData(site, train, test, train_condition=train_c, test_condition=test_c)
         case UnpairedDomains(variant=variant, clinical=clinical):
-            domain_b, domain_a, keys = _variant_pairs(manifest, task, train_split, variant, "main-scanner and scanner-B")
+            domain_b, domain_a, keys = _variant_pairs(manifest, task, train_split, variant,
+                                                      "main-scanner and scanner-B")
             if len(keys) < 2:
                 raise DataError(f"{manifest.path}: unpaired training needs at least 2 training subjects (one per scanner)")
             keys_a, keys_b = unpaired_subjects(keys)
@@ -204,20 +214,18 @@ def _load(manifest: Manifest, task: TaskConfig, spec: DataSpec, cache_dir: Path 
                 test_b, test_a = _pairs(manifest, task, test_split, DegradedPairs(variant))
             return SiteData(site, train_a, test_a, train_b, test_b)
         case DegradedPairs(clinical=True) | ModalityPairs(clinical=True):
-            train_in, train = _clinical_pairs(manifest, task, train_split, spec, cache_dir)
-            test_in, test = _clinical_pairs(manifest, task, test_split, spec, cache_dir)
+            (train_in, train), (test_in, test) = both(lambda split: _clinical_pairs(manifest, task, split, spec,
+                                                                                    cache_dir))
             return SiteData(site, train, test, train_in, test_in)
         case ModalityPairs(source=source):
-            train_in, train = _modality_pairs(manifest, task, train_split, source)
-            test_in, test = _modality_pairs(manifest, task, test_split, source)
+            (train_in, train), (test_in, test) = both(lambda split: _modality_pairs(manifest, task, split, source))
             return SiteData(site, train, test, train_in, test_in)
         case DegradedPairs():
-            train_in, train = _pairs(manifest, task, train_split, spec)
-            test_in, test = _pairs(manifest, task, test_split, spec)
+            (train_in, train), (test_in, test) = both(lambda split: _pairs(manifest, task, split, spec))
             return SiteData(site, train, test, train_in, test_in)
         case KSpacePairs(acceleration=acceleration):
-            train_in, train = _kspace_pairs(manifest, task, train_split, f"kspace-r{acceleration}")
-            test_in, test = _kspace_pairs(manifest, task, test_split, f"kspace-r{acceleration}")
+            (train_in, train), (test_in, test) = both(
+                lambda split: _kspace_pairs(manifest, task, split, f"kspace-r{acceleration}"))
             return SiteData(site, train, test, train_in, test_in)
     raise TypeError(f"{spec!r} is not a DataSpec")
 

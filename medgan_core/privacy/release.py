@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
+from medgan_core.checkpoints import safetensors_metadata
 from medgan_core.errors import PrivacyError
 from medgan_core.fileio import atomic_write_bytes
 
@@ -56,8 +57,7 @@ class ReleaseStore:
                                "to send it or to train the round again")
         try:
             arrays = st_load(data)
-            header_len = int.from_bytes(data[:8], "little")
-            metadata = json.loads(data[8:8 + header_len]).get("__metadata__", {})
+            metadata = safetensors_metadata(data)
             metrics = {k: float(v) for k, v in json.loads(metadata["metrics"]).items()}
         except (SafetensorError, ValueError, KeyError) as exc:
             raise PrivacyError(f"the copy of round {server_round}'s released update ({path}) is unreadable") from exc
