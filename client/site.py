@@ -36,6 +36,7 @@ def site_from_context(
             require_secure_rng=_flag(policy["require-secure-rng"], "require-secure-rng"),
             max_delta=_number(policy["max-delta"], "max-delta"),
             release_test_metrics=_flag(policy["release-test-metrics"], "release-test-metrics"),
+            max_steps_per_round=_whole(policy["max-steps-per-round"], "max-steps-per-round"),
         )
     elif "partition-id" in node_config:
         index = int(node_config["partition-id"])  # type: ignore[arg-type]

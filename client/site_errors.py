@@ -12,7 +12,7 @@ import re
 
 from flwr.app import Error, Message
 
-from medgan_core.errors import MedGANError, PrivacyBudgetExhausted, PrivacyError
+from medgan_core.errors import MedGANError, PrivacyBudgetExhausted, PrivacyError, SitePolicyError
 from medgan_core.site_label import named_reason
 
 SITE_ERROR = 4030  # error code of a reply that replaces a failed round at the site
@@ -30,7 +30,8 @@ def one_line_reason(exc: BaseException) -> str:
     """The reason a coordinator may see for ``exc``."""
     if isinstance(exc, MedGANError):
         kind = ("privacy budget" if isinstance(exc, PrivacyBudgetExhausted) else
-                "privacy policy" if isinstance(exc, PrivacyError) else type(exc).__name__)
+                "privacy policy" if isinstance(exc, PrivacyError) else
+                "site policy" if isinstance(exc, SitePolicyError) else type(exc).__name__)
         text = f"{kind}: {mask_paths(str(exc))}"
     else:  # an unexpected error's message may hold anything: send its type only
         text = f"internal error ({type(exc).__name__}) at the site; details are in the site's log"

@@ -335,6 +335,9 @@ class SiteConfig:
     require_secure_rng: bool = False
     max_delta: float = MAX_DELTA
     release_test_metrics: bool = True  # held-out scores (of the test split, outside ε) may leave
+    # The most training steps one round may ask of this site, local steps and a personal
+    # fine-tune together (0: no cap): a buggy or hostile study cannot hold the machine for days.
+    max_steps_per_round: int = 0
     app_hash: str = ""  # deployed: study-app SHA-256s this site runs, comma-separated ("": the app installed here)
 
     @property
@@ -368,6 +371,16 @@ class SiteConfig:
                     f"δ = {privacy.delta:g}; refused by the site's policy")
         return ""
 
+    def steps_refusal(self, local_steps: int, finetune_steps: int) -> str:
+        """Why this site refuses a round of ``local_steps`` plus a ``finetune_steps`` personal
+        fine-tune ('' when its policy allows them)."""
+        asked = local_steps + finetune_steps
+        if self.max_steps_per_round <= 0 or asked <= self.max_steps_per_round:
+            return ""
+        what = f"{local_steps} local steps" + (f" + {finetune_steps} fine-tune steps" if finetune_steps else "")
+        return (f"site {self.site_name} runs at most {self.max_steps_per_round} training steps a round "
+                f"(max-steps-per-round), the study asks for {what}; refused by the site's policy")
+
     def validate(self) -> "SiteConfig":
         if not self.data_path:
             raise ConfigError("site data-path is empty; name the folder that holds the site's manifest.csv")
@@ -384,12 +397,16 @@ class SiteConfig:
                               "(0 = the study's task.physical-batch)")
         if not 0 < self.max_delta <= MAX_DELTA:
             raise ConfigError(f"site max-delta = {self.max_delta}; it must lie in (0, {MAX_DELTA:g}]")
+        if self.max_steps_per_round < 0:
+            raise ConfigError(f"site max-steps-per-round = {self.max_steps_per_round}; it must be >= 0 (0 = no cap)")
         return self
 
 
 #: What a hospital's site.toml (and a deployed SuperNode's node config) defaults to: DP
-#: required, secret noise required, δ at most 1e-5, held-out scores kept at the site.
-HOSPITAL_POLICY = {"require-dp": True, "require-secure-rng": True, "max-delta": 1e-5, "release-test-metrics": False}
+#: required, secret noise required, δ at most 1e-5, held-out scores kept at the site, at most
+#: 10 000 training steps a round (the benchmarks' longest round with a fine-tune is under 1 000).
+HOSPITAL_POLICY = {"require-dp": True, "require-secure-rng": True, "max-delta": 1e-5, "release-test-metrics": False,
+                   "max-steps-per-round": 10_000}
 
 
 @dataclass(frozen=True)

@@ -27,3 +27,7 @@ class PrivacyError(MedGANError):
 
 class PrivacyBudgetExhausted(PrivacyError):
     """Training one more round would spend more than the site's privacy budget."""
+
+
+class SitePolicyError(MedGANError):
+    """A study asks a site for more than its own policy allows (besides privacy: compute)."""

@@ -22,7 +22,7 @@ import numpy as np
 
 from medgan_core.config import AggregationConfig, PrivacyConfig, SiteConfig
 from medgan_core.data.dataset import SiteData
-from medgan_core.errors import ConfigError, MedGANError, PrivacyError
+from medgan_core.errors import ConfigError, MedGANError, PrivacyError, SitePolicyError
 from medgan_core.privacy.accountant import SiteAccountant
 from medgan_core.privacy.release import ReleaseStore
 from medgan_core.privacy.dp_sgd import validate_private_modules
@@ -115,10 +115,12 @@ def train_site_round(
     aggregation = aggregation or AggregationConfig()
     if refusal := site.refusal(privacy):  # the site's own policy: the study may not lower it
         raise PrivacyError(refusal)
+    finetune = aggregation.finetune_steps if server_round == planned_rounds else 0
+    if refusal := site.steps_refusal(task.config.local_steps, finetune):  # refused before any step runs
+        raise SitePolicyError(refusal)
     state = load_site_model(task, site, aggregation, study_id=study_id, server_round=server_round, training=True)
     task.local_training = dataclasses.replace(
         task.local_training, lr_scale=lr_scale(task.config.lr_schedule, server_round, planned_rounds))
-    finetune = aggregation.finetune_steps if server_round == planned_rounds else 0
     if not privacy.enabled:
         metrics = task.train(data, task.config.local_steps, seed)
         held_out = _validation_for(task, aggregation, finetune, validation, site.site_name)

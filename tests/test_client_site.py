@@ -14,7 +14,8 @@ def test_deployed_node_describes_its_site_in_node_config(tiny_sites: list[Path])
     site = site_from_context(node, {})
     # a deployed node that names no policy gets the hospital's strict one
     assert site == SiteConfig(str(tiny_sites[0]), name="st-mary", state_dir="/var/medgan", epsilon_budget=3.0,
-                              require_dp=True, require_secure_rng=True, max_delta=1e-5, release_test_metrics=False)
+                              require_dp=True, require_secure_rng=True, max_delta=1e-5, release_test_metrics=False,
+                              max_steps_per_round=10_000)
     assert site.site_name == "st-mary"
     with pytest.raises(ConfigError, match="does not exist"):
         site_from_context({"data-path": "/no/such/site"}, {})
@@ -22,6 +23,21 @@ def test_deployed_node_describes_its_site_in_node_config(tiny_sites: list[Path])
         site_from_context({}, {})
     with pytest.raises(ConfigError, match="epsilon-budget"):
         site_from_context({"data-path": str(tiny_sites[0]), "epsilon-budget": -1.0}, {})
+
+
+def test_a_deployed_site_caps_the_steps_a_round_may_ask(tiny_sites: list[Path]) -> None:
+    """``max-steps-per-round`` comes from the node config (default: the hospital policy's
+    10 000); a round asking for more, counting the last round's fine-tune, is refused in one line."""
+    site = site_from_context({"data-path": str(tiny_sites[0]), "max-steps-per-round": "500", "site-name": "st-mary"}, {})
+    assert site.max_steps_per_round == 500
+    assert site.steps_refusal(500, 0) == ""
+    assert site.steps_refusal(400, 101) == ("site st-mary runs at most 500 training steps a round (max-steps-per-round), "
+                                            "the study asks for 400 local steps + 101 fine-tune steps; refused by the "
+                                            "site's policy")
+    assert SiteConfig(str(tiny_sites[0])).steps_refusal(10**9, 10**5) == ""  # simulation: no cap unless set
+    for bad, message in ((-1, "max-steps-per-round = -1; it must be >= 0"), ("lots", "max-steps-per-round = 'lots'")):
+        with pytest.raises(ConfigError, match=message):
+            site_from_context({"data-path": str(tiny_sites[0]), "max-steps-per-round": bad}, {})
 
 
 @pytest.mark.parametrize("given", [16, "16"])

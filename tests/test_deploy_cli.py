@@ -79,6 +79,7 @@ def test_site_command_carries_the_node_config(credentials: Path, tiny_sites: lis
     budget = SiteConfig(str(tiny_sites[0]), state_dir="s", epsilon_budget=2.5)
     assert "epsilon-budget=2.5" in node_config(budget) and "physical-batch" not in node_config(budget)
     assert " physical-batch=16" in node_config(dataclasses.replace(budget, physical_batch=16))
+    assert " max-steps-per-round=250" in node_config(dataclasses.replace(budget, max_steps_per_round=250))
     toml = _site_toml(credentials, str(tiny_sites[0]), name="small")
     toml.write_text(toml.read_text().replace("[connection]", "physical-batch = 16\n[connection]"))
     assert load_site(toml)[0].physical_batch == 16

@@ -286,3 +286,23 @@ def test_a_state_file_with_a_garbled_step_count_is_refused_in_one_line(tmp_path:
                                       metadata={"round": "1", "personal-steps": "three"}))
     with pytest.raises(MedGANError, match="is unreadable"):
         state.latest(before=2)
+
+
+def test_a_site_cap_on_steps_counts_the_fine_tune_of_the_last_round(tiny_sites: list[Path], tmp_path: Path) -> None:
+    """``max-steps-per-round`` 5 lets rounds of 3 local steps run and refuses the last round,
+    whose 4-step fine-tune makes 7, before it trains."""
+    from medgan_core.errors import SitePolicyError
+
+    agg = AggregationConfig(finetune_steps=4)
+    data = load_task_data(tiny_sites[0], DENOISE)
+    site = SiteConfig(str(tiny_sites[0]), name="st-mary", state_dir=str(tmp_path), max_steps_per_round=5)
+    off = PrivacyConfig(enabled=False)
+    train_site_round(build_task(DENOISE), data, site, off, planned_rounds=2, study_id="s", seed=5, aggregation=agg,
+                     server_round=1)
+    task = build_task(DENOISE)
+    before = task.get_weights()
+    with pytest.raises(SitePolicyError, match="asks for 3 local steps [+] 4 fine-tune steps"):
+        train_site_round(task, data, site, off, planned_rounds=2, study_id="s", seed=5, aggregation=agg,
+                         server_round=2)
+    assert all(np.array_equal(before[k], v) for k, v in task.get_weights().items())
+    assert SiteState(tmp_path, "s").latest(before=3).server_round == 1  # type: ignore[union-attr]

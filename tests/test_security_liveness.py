@@ -159,3 +159,40 @@ def test_an_error_the_superlink_writes_for_a_lost_node_names_that_node() -> None
     excluded = {e["node"]: e["reason"] for e in strategy.rounds[1].excluded}
     assert excluded == {11: "no reply before the round timeout", 12: "site error: Node Unavailable"}
     assert len(strategy.rounds[1].excluded) == 2  # no entry for the SuperLink's own id, none twice
+
+
+def test_a_site_refuses_a_round_longer_than_its_policy_allows(tiny_sites: list[Path], tiny_study: StudyConfig,
+                                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A buggy or hostile study asking a hospital for a million local steps would hold its
+    machine for days: the site's ``max-steps-per-round`` refuses the round before any step
+    runs, and the coordinator learns why in one line; the site's state is untouched. (Asked
+    for 250 here, so that a site that ignored its cap would fail this test, not hang it.)"""
+    import client.app
+    from client.app import build_client_app
+    from client_messages import client_request, round_config
+    from flwr.app import Context, MessageType, RecordDict
+
+    from medgan_core.tasks.registry import build_task
+
+    study = tiny_study.replace(task={"local_steps": 250}, privacy={"enabled": False})
+    state = tmp_path / "state"
+    node = {"data-path": str(tiny_sites[0]), "state-dir": str(state), "site-name": "st-mary",
+            "max-steps-per-round": "200", "require-dp": "false", "require-secure-rng": "false"}
+    request = client_request(MessageType.TRAIN, round_config(study, "long"), build_task(study.task).get_weights())
+    trained: list[int] = []
+    original = client.app.train_site_round
+
+    def watched(task, *args, **kwargs):  # type: ignore[no-untyped-def]
+        original_train = task.train
+        task.train = lambda data, steps, *a, **k: trained.append(steps) or original_train(data, steps, *a, **k)
+        return original(task, *args, **kwargs)
+
+    monkeypatch.setattr(client.app, "train_site_round", watched)
+    started = time.monotonic()
+    reply = build_client_app()(request, Context(run_id=1, node_id=7, node_config=node, state=RecordDict(),
+                                                run_config={}))
+    assert reply.has_error() and time.monotonic() - started < 60
+    assert reply.error.reason == ("[st-mary] site policy: site st-mary runs at most 200 training steps a round "
+                                  "(max-steps-per-round), the study asks for 250 local steps; refused by the "
+                                  "site's policy")
+    assert trained == [] and not any(p.name.startswith("state-") for p in state.glob("*"))
