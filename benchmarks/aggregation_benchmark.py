@@ -45,7 +45,7 @@ def main() -> None:
         for site, site_data, model in zip(sites, data, models):
             assert site_data.test_input is not None
             rows.append({"method": method, "site": site.name,
-                         **clinical_scores(model.restore(site_data.test_input), site_data.test)})  # type: ignore[attr-defined]
+                         **clinical_scores(model.restore_series(site_data.test_input, site_data.test_series), site_data.test)})  # type: ignore[attr-defined]
             print(json.dumps(rows[-1]), flush=True)
 
     score("quarter-dose input", [type("Identity", (), {"restore": staticmethod(lambda x: x)})] * len(sites))

@@ -96,6 +96,8 @@ def main() -> None:
     parser.add_argument("--finetune-validate-every", type=int, default=AggregationConfig.finetune_validate_every,
                         help="Each site keeps the best of its fine-tune on its validation subject, scored every "
                              "this many steps (aggregation.finetune-validate-every; 0: the last).")
+    parser.add_argument("--context-slices", type=int, default=0,
+                        help="Neighbouring slices on each side the GAN reads beside each slice (task.context-slices).")
     parser.add_argument("--test-every", type=int, default=2, help="Score every Nth held-out slice (BM3D is slow).")
     parser.add_argument("--reuse", action="store_true", help="Evaluate the finished run in --out instead of training.")
     args = parser.parse_args()
@@ -106,7 +108,8 @@ def main() -> None:
         # whole-slice evaluation each round would cost more than the training: rounds 0, 1 and the last only
         run={"rounds": args.rounds, "num_sites": len(sites), "device": "cpu", "evaluate_every": args.rounds},
         task={"name": "denoise", "width": WIDTH, "batch_size": BATCH, "image_size": PATCH, "spacing": 0.0,
-              "local_steps": args.local_steps, "l1_weight": L1_WEIGHT, "lr_generator": LR, "lr_discriminator": LR},
+              "local_steps": args.local_steps, "l1_weight": L1_WEIGHT, "lr_generator": LR, "lr_discriminator": LR,
+              "context_slices": args.context_slices},
         privacy={"enabled": False},
         aggregation={"local_norm": True, "finetune_steps": args.finetune_steps,
                      "finetune_validate_every": args.finetune_validate_every},
@@ -128,16 +131,20 @@ def main() -> None:
             if not args.finetune_validate_every else
             f" + personal fine-tune, best of {args.finetune_steps} steps on validation)")
     gan_label = "federated GAN (FedBN" + (personal or ")")
+    if args.context_slices:
+        gan_label += f", 2.5D: {args.context_slices} neighbouring slice{'s' if args.context_slices > 1 else ''} a side"
     rows, tuned = [], {}
     for index, site in enumerate(sites):
         data = load_task_data(site, study.task)
         assert data.test_input is not None and data.train_input is not None
-        inputs, targets = data.test_input[:: args.test_every], data.test[:: args.test_every]
+        scored = torch.arange(0, len(data.test), args.test_every)
+        inputs, targets = data.test_input[scored], data.test[scored]
         outputs: dict[str, tuple[torch.Tensor, float]] = {"quarter-dose input": (inputs, 0.0)}
         for kind in FILTERS:
             tuned[(site.name, kind)] = param = tune(kind, data.train_input, data.train)
             outputs[f"{kind} (tuned: {param:g})"] = timed(lambda: filtered(kind, inputs, param), len(inputs))
-        outputs[gan_label] = timed(lambda: models[index].restore(inputs), len(inputs))
+        outputs[gan_label] = timed(lambda: models[index].restore_series(data.test_input, data.test_series, scored),
+                                   len(inputs))
         for method, (output, seconds) in outputs.items():
             rows.append({"site": site.name, "method": method, "test_slices": len(inputs), "cpu_s_per_slice": seconds,
                          **clinical_scores(output, targets)})
@@ -147,7 +154,8 @@ def main() -> None:
                                                        "machine": machine}, indent=2))
     command = (f"python benchmarks/denoise_baselines.py --rounds {args.rounds} --local-steps {args.local_steps} "
                f"--finetune-steps {args.finetune_steps} --finetune-validate-every {args.finetune_validate_every} "
-               f"--test-every {args.test_every}")
+               f"--test-every {args.test_every}" + (f" --context-slices {args.context_slices}" if args.context_slices
+                                                     else ""))
     lines = [
         "# Low-dose CT denoising at clinical resolution: federated GAN vs classical filters", "",
         f"3 simulated hospitals, {CLINICAL_SUBJECTS} subjects × {CLINICAL_SLICES} slices each, "

@@ -84,7 +84,7 @@ def main() -> None:
             outputs = {
                 "bicubic": (data.test_input, 0.0),
                 "Lanczos": timed(lambda: lanczos(coarse, tuple(data.test.shape[-2:])), len(coarse)),
-                gan_label: timed(lambda: model.restore(data.test_input), len(coarse)),
+                gan_label: timed(lambda: model.restore_series(data.test_input, data.test_series), len(coarse)),
             }
             for method, (output, cpu) in outputs.items():
                 rows.append({"scale": f"×{scale}", "site": site.name, "method": method, "test_slices": len(data.test),

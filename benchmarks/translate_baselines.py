@@ -59,7 +59,7 @@ def main() -> None:
         assert data.test_input is not None
         methods = {"histogram matching (per site)": timed(lambda: histogram_matched(data.test_input, data.train),
                                                           len(data.test)),
-                   "GAN (federated)": timed(lambda: task.restore(data.test_input), len(data.test))}
+                   "GAN (federated)": timed(lambda: task.restore_series(data.test_input, data.test_series), len(data.test))}
         for method, (output, cpu) in methods.items():
             rows.append({"site": site.name, "method": method, "test_slices": len(data.test), "cpu_s_per_slice": cpu,
                          **clinical_scores(output, data.test)})

@@ -98,7 +98,7 @@ class Applier:
         config = self.model.task
         size = config.image_size
         normalised = normalise_values(slices, self.input_modality, (config.window_low, config.window_high))
-        output = self.task.restore(resize_slices(normalised, size))
+        output = self.task.restore_series(resize_slices(normalised, size))  # one series: the volume
         rows, cols = slices.shape[1], slices.shape[2]
         output = F.interpolate(output, size=(rows, cols), mode="bilinear", align_corners=False)[:, 0].numpy()
         if self.output_modality == "CT":
@@ -109,19 +109,27 @@ class Applier:
 
     def _apply_clinical(self, slices: np.ndarray, spacing: tuple[float, float]) -> np.ndarray:
         """At the model's pixel size over the whole CT range, whole slices tile by tile, a few
-        slices at a time; back on the input grid (super-resolution: ``scale`` times finer)."""
+        slices at a time (with the neighbours a 2.5D model reads beside them); back on the
+        input grid (super-resolution: ``scale`` times finer)."""
         model_spacing = self.model.task.spacing
         scale = self.scale
         fine_shape = (slices.shape[1] * scale, slices.shape[2] * scale)
         fine_spacing = (spacing[0] / scale, spacing[1] / scale)
         ct_range = self.task.ct_range
         normalised = normalise_values(slices, self.input_modality, ct_range)  # MR: the volume's own scale, as in training
-        outputs = []
-        for part in chunks(len(slices), EVAL_SLICES):
-            values = torch.from_numpy(normalised[part])[:, None]
+        context = self.task.context
+
+        def prepared(rows: slice) -> torch.Tensor:
+            values = torch.from_numpy(normalised[rows])[:, None]
             if scale > 1:  # the coarse acquisition interpolated bicubically, as the model was trained on
                 values = resample_to(values, fine_shape, "bicubic").clamp(-1, 1)
-            model_input = resample_slices(values[:, 0], fine_spacing, model_spacing)
+            return resample_slices(values[:, 0], fine_spacing, model_spacing)
+
+        outputs = []
+        for part in chunks(len(slices), EVAL_SLICES):
+            halo = slice(max(0, part.start - context), min(len(slices), part.stop + context))  # the part's neighbours
+            model_input = self.task.with_context(prepared(halo), torch.tensor([halo.stop - halo.start]),
+                                                 torch.arange(part.start - halo.start, part.stop - halo.start))
             restored = resample_to(self.task.restore(model_input), fine_shape)[:, 0].numpy()
             if self.output_modality == "CT":
                 outputs.append(to_hu(restored, *ct_range))

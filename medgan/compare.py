@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -160,8 +161,7 @@ def pooled_model(study: StudyConfig, data: list[SiteData]) -> Task:
         parts = [getattr(d, field) for d in data]
         return None if any(p is None for p in parts) else torch.cat(parts)
 
-    union = SiteData("pooled", joined("train"), joined("test"), joined("train_input"), joined("test_input"),  # type: ignore[arg-type]
-                     joined("train_condition"), joined("test_condition"))
+    union = SiteData("pooled", **{f.name: joined(f.name) for f in fields(SiteData) if f.name != "site"})  # type: ignore[arg-type]
     task = build_task(study.task)
     start_from_initial_model(task, study)  # the same start as the federation's (run.initial-model)
     for server_round in range(1, study.run.rounds + 1):

@@ -122,8 +122,11 @@ def test_clinical_slices_are_cached_on_disk_and_rebuilt_when_a_source_changes(
 ) -> None:
     spec, cache = DegradedPairs("low-dose", clinical=True), tmp_path / "cache"
     first = load_site_data(tiny_sites[0], DENOISE, spec, cache)
-    files = sorted(p.name for p in cache.glob("*.npy"))
+    files = sorted(p.name for p in cache.glob("*.npy") if not p.name.endswith("-series.npy"))
     assert len(files) == 4  # train and test, input and target
+    counts = sorted(int(np.load(p).sum()) for p in cache.glob("*-series.npy"))  # each split's slices by subject
+    assert counts == sorted([len(first.train), len(first.test)])
+    assert first.train_series is not None and int(first.train_series.sum()) == len(first.train)
     stored = np.load(cache / files[0], mmap_mode="r")
     assert isinstance(stored, np.memmap) and stored.shape[1:] == (1, 128, 128)
     assert cache.stat().st_mode & 0o777 == 0o700  # images derived from patients: the site's user only
@@ -136,6 +139,7 @@ def test_clinical_slices_are_cached_on_disk_and_rebuilt_when_a_source_changes(
     assert loads == []  # nothing decoded again
     torch.testing.assert_close(again.train, first.train)
     torch.testing.assert_close(again.test_input, first.test_input)
+    assert again.train_series is not None and torch.equal(again.train_series, first.train_series)
 
     manifest = read_manifest(tiny_sites[0])
     touched = next((tiny_sites[0] / manifest.select(modality="CT", split="test")[0].file).iterdir())
@@ -145,7 +149,7 @@ def test_clinical_slices_are_cached_on_disk_and_rebuilt_when_a_source_changes(
         load_site_data(tiny_sites[0], DENOISE, spec, cache)
     finally:
         os.utime(touched, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert loads and len(list(cache.glob("*.npy"))) == 6  # the test split rebuilt under a new key
+    assert loads and len(list(cache.glob("*.npy"))) == 9  # the test split rebuilt under a new key (3 files)
     assert not list(cache.glob(".building-*"))  # no half-written file left behind
 
 

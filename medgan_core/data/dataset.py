@@ -6,7 +6,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -102,6 +102,9 @@ class SiteData:
     also have ``train_input``/``test_input``, slice for slice. Unpaired tasks have a
     ``train_input`` of its own length (the other domain, other subjects). Conditional
     tasks have ``train_condition``/``test_condition``: one severity score per slice.
+    Paired data at clinical geometry has ``train_series``/``test_series``: the slice count
+    of each series in the order they are stacked, so a slice's neighbours (2.5D context,
+    ``task.context-slices``) are found within its own series.
     """
 
     site: str
@@ -111,6 +114,8 @@ class SiteData:
     test_input: torch.Tensor | None = None
     train_condition: torch.Tensor | None = None
     test_condition: torch.Tensor | None = None
+    train_series: torch.Tensor | None = None
+    test_series: torch.Tensor | None = None
 
     @property
     def num_train(self) -> int:
@@ -170,7 +175,7 @@ def load_validation_data(data_path: str | Path, task: TaskConfig, spec: DataSpec
     return _load(manifest, task, spec, cache_dir if _is_clinical(spec) else None, splits=("val", "val"))
 
 
-_Pair = tuple[torch.Tensor, torch.Tensor]  # (inputs, targets) of one split
+_Split = TypeVar("_Split")  # what a paired spec reads of one split: (inputs, targets[, series])
 
 
 def _load(manifest: Manifest, task: TaskConfig, spec: DataSpec, cache_dir: Path | None,
@@ -181,7 +186,7 @@ def _load(manifest: Manifest, task: TaskConfig, spec: DataSpec, cache_dir: Path 
         "train", "test" if manifest.select(modality=task.modality, split="test") else "val")
     site = manifest.root.name
 
-    def both(pairs: Callable[[str], _Pair]) -> tuple[_Pair, _Pair]:
+    def both(pairs: Callable[[str], _Split]) -> tuple[_Split, _Split]:
         """A paired spec's (inputs, targets) of both splits, read once where they are one split."""
         train = pairs(train_split)
         return train, (train if test_split == train_split else pairs(test_split))
@@ -207,16 +212,16 @@ def _load(manifest: Manifest, task: TaskConfig, spec: DataSpec, cache_dir: Path 
             if clinical:
                 train_a = _clinical_series(manifest, task, entries_a, cache_dir, "train-a")
                 train_b = _clinical_series(manifest, task, entries_b, cache_dir, f"train-{variant}")
-                test_b, test_a = _clinical_pairs(manifest, task, test_split, DegradedPairs(variant, clinical=True),
-                                                 cache_dir)
+                test_b, test_a, _ = _clinical_pairs(manifest, task, test_split,
+                                                    DegradedPairs(variant, clinical=True), cache_dir)
             else:
                 train_a, train_b = _stack(manifest, task, entries_a), _stack(manifest, task, entries_b)
                 test_b, test_a = _pairs(manifest, task, test_split, DegradedPairs(variant))
             return SiteData(site, train_a, test_a, train_b, test_b)
         case DegradedPairs(clinical=True) | ModalityPairs(clinical=True):
-            (train_in, train), (test_in, test) = both(lambda split: _clinical_pairs(manifest, task, split, spec,
-                                                                                    cache_dir))
-            return SiteData(site, train, test, train_in, test_in)
+            (train_in, train, train_series), (test_in, test, test_series) = both(
+                lambda split: _clinical_pairs(manifest, task, split, spec, cache_dir))
+            return SiteData(site, train, test, train_in, test_in, train_series=train_series, test_series=test_series)
         case ModalityPairs(source=source):
             (train_in, train), (test_in, test) = both(lambda split: _modality_pairs(manifest, task, split, source))
             return SiteData(site, train, test, train_in, test_in)
@@ -251,8 +256,9 @@ def _pairs(manifest: Manifest, task: TaskConfig, split: str, spec: DegradedPairs
 
 def _clinical_pairs(
     manifest: Manifest, task: TaskConfig, split: str, spec: DegradedPairs | ModalityPairs, cache_dir: Path | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs, targets) of a split at clinical geometry (``DegradedPairs``, ``ModalityPairs``)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(inputs, targets, each subject's slice count) of a split at clinical geometry
+    (``DegradedPairs``, ``ModalityPairs``)."""
     if isinstance(spec, DegradedPairs):
         what = "low-dose and full-dose" if spec.variant == "low-dose" else f"{spec.variant} and original"
         low, full, keys = _variant_pairs(manifest, task, split, spec.variant, what)
@@ -276,8 +282,8 @@ def _clinical_pairs(
     sources = [manifest.root / e.file for k in keys for e in (low[k], full[k])]
     key = cache_key({"spec": repr(spec), "split": split, "spacing": task.spacing, "range": CT_FULL_RANGE,
                      "modality": task.modality, "sources": source_fingerprint(sources)})
-    inputs, targets = stack_series(pairs(), 2, cache_dir, f"{split}-{tag}-{key}")
-    return inputs, targets
+    (inputs, targets), series = stack_series(pairs(), 2, cache_dir, f"{split}-{tag}-{key}")
+    return inputs, targets, series
 
 
 def _clinical_series(
@@ -291,7 +297,7 @@ def _clinical_series(
 
     key = cache_key({"split": tag, "spacing": task.spacing, "range": CT_FULL_RANGE, "modality": task.modality,
                      "sources": source_fingerprint([manifest.root / e.file for e in entries])})
-    return stack_series(series(), 1, cache_dir, f"{tag}-{key}")[0]
+    return stack_series(series(), 1, cache_dir, f"{tag}-{key}")[0][0]
 
 
 def clinical_slices(volume: Volume, spacing: float, ct_range: tuple[float, float]) -> torch.Tensor:

@@ -60,24 +60,28 @@ def pad_to(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 def stack_series(
     series: Iterable[tuple[np.ndarray, ...]], roles: int, cache_dir: Path | None, key: str
-) -> list[torch.Tensor]:
+) -> tuple[list[torch.Tensor], torch.Tensor]:
     """``roles`` aligned (n, 1, H, W) tensors (e.g. input and target) from series that each
-    yield ``roles`` arrays of (k, rows, cols) slices in [-1, 1], padded to one canvas.
+    yield ``roles`` arrays of (k, rows, cols) slices in [-1, 1], padded to one canvas, and
+    each series' slice count in order (``context_rows`` finds a slice's neighbours by it).
 
     With ``cache_dir``: built one series at a time (memory: one series), stored as
-    ``<key>-<role>.npy`` and returned memory-mapped; existing files of that key are reused
-    without reading a source. Without: ordinary in-memory tensors.
+    ``<key>-<role>.npy`` (the counts as ``<key>-series.npy``) and returned memory-mapped;
+    existing files of that key are reused without reading a source. Without: ordinary
+    in-memory tensors.
     """
     if cache_dir is None:
         parts = list(series)
         canvas = _canvas(part[0].shape[1:] for part in parts)
+        lengths = torch.tensor([part[0].shape[0] for part in parts], dtype=torch.int64)
         return [torch.from_numpy(np.concatenate([_padded(part[r], canvas) for part in parts]))[:, None]
-                for r in range(roles)]
+                for r in range(roles)], lengths
     cache_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(cache_dir, 0o700)  # derived from patient images: the site's user only, like its other state
     finals = [cache_dir / f"{key}-{role}.npy" for role in range(roles)]
-    if all(f.is_file() for f in finals):
-        return [_open(f) for f in finals]
+    counts = cache_dir / f"{key}-series.npy"
+    if all(f.is_file() for f in (*finals, counts)):  # a cache written before the counts were kept is rebuilt
+        return [_open(f) for f in finals], torch.from_numpy(np.load(counts))
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix=SCRATCH_PREFIX) as scratch:
         paths: list[list[Path]] = [[] for _ in range(roles)]
         for index, part in enumerate(series):  # each series to its own file first: the canvas is not known yet
@@ -99,7 +103,11 @@ def stack_series(
             del out
             os.chmod(partial, 0o600)
             os.replace(partial, finals[role])
-    return [_open(f) for f in finals]
+        partial = Path(scratch) / "series.npy"
+        np.save(partial, np.array([shape[0] for shape in shapes], np.int64))
+        os.chmod(partial, 0o600)
+        os.replace(partial, counts)  # last: a cache hit needs every file of the key
+    return [_open(f) for f in finals], torch.from_numpy(np.load(counts))
 
 
 def _open(path: Path) -> torch.Tensor:
@@ -119,9 +127,32 @@ def _padded(part: np.ndarray, canvas: tuple[int, int]) -> np.ndarray:
     return np.stack([pad_to(np.asarray(s, np.float32), canvas) for s in part])
 
 
+def context_rows(series: torch.Tensor, rows: torch.Tensor, k: int) -> torch.Tensor:
+    """(len(rows), 2k + 1) indices into a stack of series of ``series`` slices each: every row
+    first, then its neighbours at -1, +1, -2, +2, ... slices, never beyond its own series
+    (a series' first or last slice stands in past its end), so no input mixes two subjects."""
+    ends = torch.cumsum(series.to(torch.int64), 0)
+    rows = rows.to(torch.int64)
+    which = torch.searchsorted(ends, rows, right=True)
+    if bool((which >= len(ends)).any()) or bool((rows < 0).any()):
+        raise IndexError(f"a row outside the {int(ends[-1]) if len(ends) else 0} slices of these series")
+    first, last = ends[which] - series[which], ends[which] - 1
+    offsets = [0] + [sign * step for step in range(1, k + 1) for sign in (-1, 1)]
+    return torch.stack([torch.clamp(rows + offset, first, last) for offset in offsets], dim=1)
+
+
+def gather_context(images: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(n, m·C, H, W): for each of the n rows of ``rows`` (n, m), the m slices it names stacked
+    as channels; only those slices are read from a memory-mapped stack."""
+    n, m = rows.shape
+    picked = images[rows.reshape(-1)]
+    return picked.reshape(n, m * picked.shape[1], *picked.shape[2:])
+
+
 def random_crops(
     images: list[torch.Tensor], idx: torch.Tensor, size: int, generator: torch.Generator,
     centre_above: float | None = None, tries: int = 8, anywhere: float = 0.0,
+    neighbours: dict[int, torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """One ``size``×``size`` patch of each record ``idx`` of every tensor in ``images``
     (aligned tensors of one canvas: input and target), at the same random place for all;
@@ -133,10 +164,16 @@ def random_crops(
     than the air around; a share ``anywhere`` of the records still draws its place
     uniformly, for a network that must learn the air too (whole slices are restored tile
     by tile, air included). A per-record choice: under DP each record is still one
-    clipped gradient."""
+    clipped gradient.
+
+    ``neighbours``: for the tensor at that position in ``images``, each record's (2.5D)
+    context rows (``context_rows``, aligned with ``idx``): its patch is the same place in
+    each of those slices, stacked as channels."""
+    neighbours = neighbours or {}
     rows, cols = images[0].shape[-2:]
     if rows < size or cols < size:
-        padded = [torch.nn.functional.pad(im[idx], _padding(rows, cols, size), value=PAD_VALUE) for im in images]
+        whole = [gather_context(im, neighbours[j]) if j in neighbours else im[idx] for j, im in enumerate(images)]
+        padded = [torch.nn.functional.pad(im, _padding(rows, cols, size), value=PAD_VALUE) for im in whole]
         return random_crops(padded, torch.arange(len(idx)), size, generator, centre_above, tries, anywhere)
     places = []
     for i in idx.tolist():
@@ -147,7 +184,14 @@ def random_crops(
             if not targeted or float(images[-1][i, 0, top + size // 2, left + size // 2]) > centre_above:
                 break
         places.append((i, top, left))
-    return [torch.stack([im[i, :, t : t + size, l : l + size] for i, t, l in places]) for im in images]
+
+    def crop(j: int, im: torch.Tensor) -> torch.Tensor:
+        if j not in neighbours:
+            return torch.stack([im[i, :, t : t + size, l : l + size] for i, t, l in places])
+        return torch.stack([im[r, :, t : t + size, l : l + size].reshape(-1, size, size)
+                            for r, (_, t, l) in zip(neighbours[j], places)])
+
+    return [crop(j, im) for j, im in enumerate(images)]
 
 
 def _padding(rows: int, cols: int, size: int) -> tuple[int, int, int, int]:

@@ -25,8 +25,10 @@ class DenoiseTask(PairedImageTask):
     def data_spec(cls, config: TaskConfig) -> DataSpec:
         return DegradedPairs("low-dose", clinical=True)
 
-    def denoise(self, images: torch.Tensor) -> torch.Tensor:
-        return self.restore(images)
+    def denoise(self, images: torch.Tensor, series: torch.Tensor | None = None) -> torch.Tensor:
+        """Full-dose estimates of low-dose slices (``series``: the slice count of each series
+        they stack, for a model that reads neighbours; None: one series)."""
+        return self.restore_series(images, series)
 
     def preview_pairs(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         from medgan_core.data.simulate import phantom_ct_pairs

@@ -22,17 +22,18 @@ from torch import nn
 from medgan_core.data.augment import dihedral_average, dihedral_pairs
 from medgan_core.data.dataset import SiteData
 from medgan_core.data.preprocess import CT_FULL_RANGE, to_hu, window_ct
-from medgan_core.data.slice_store import chunks, random_crops
+from medgan_core.data.slice_store import chunks, context_rows, gather_context, random_crops
 from medgan_core.metrics.image_quality import BODY_THRESHOLD_HU, ct_scores, psnr_ssim, ssim_per_image
 from medgan_core.models.tiling import tiled
 from medgan_core.models.unet import PatchDiscriminator, ResidualUNet
 from medgan_core.config import TaskConfig, TaskParams
-from medgan_core.errors import ConfigError
+from medgan_core.errors import ConfigError, DataError
 from medgan_core.privacy.multiplicity import average_views, repeat_records
 from medgan_core.tasks.base import GANParams, GANTask, TrainingSetup
 
 EVAL_BATCH = 64  # images (or tiles) through the generator at once
 EVAL_SLICES = 8  # whole clinical slices restored and scored at once
+MAX_CONTEXT = 3  # task.context-slices: neighbours on each side at most
 
 
 @dataclass(frozen=True)
@@ -46,9 +47,17 @@ class PairedParams(GANParams):
     #: DP (augmentation multiplicity, ``medgan_core.privacy.multiplicity``): the same ε,
     #: ``views-per-record`` times the compute of a step.
     views_per_record: int = 1
+    #: Neighbouring slices on each side of a slice that the networks read beside it, as
+    #: extra input channels (2.5D; 0: each slice alone). They come from the slice's own
+    #: series, its edge slice standing in past an end. Not under DP: a slice would be in its
+    #: neighbours' records too, while ε bounds what one record changes.
+    context_slices: int = 0
 
     def validate(self, task: TaskConfig) -> None:
         super().validate(task)
+        if not 0 <= self.context_slices <= MAX_CONTEXT:
+            raise ConfigError(f"task.context-slices = {self.context_slices}; choose 0 (each slice alone) to "
+                              f"{MAX_CONTEXT} neighbours on each side")
         if self.l1_weight <= 0:
             raise ConfigError(f"task.l1-weight = {self.l1_weight}; it must be a positive number")
         if self.ssim_weight < 0:
@@ -105,10 +114,52 @@ class PairedImageTask(GANTask):
     _preview_pairs: tuple[int, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def build_networks(self) -> tuple[nn.Module, PatchDiscriminator]:
-        return self.build_generator(), PatchDiscriminator(self.config.width, channels=self.input_channels + 1)
+        return self.build_generator(), PatchDiscriminator(self.config.width, channels=self.model_channels + 1)
 
     def build_generator(self) -> nn.Module:
-        return ResidualUNet(self.config.width)
+        return ResidualUNet(self.config.width, in_channels=self.model_channels)
+
+    @property
+    def context(self) -> int:
+        """Neighbouring slices on each side the networks read (``task.context-slices``; cycle
+        has no such setting)."""
+        return int(getattr(self.params, "context_slices", 0))
+
+    @property
+    def model_channels(self) -> int:
+        """Channels of the networks' input: the degraded slice's, then each neighbour's."""
+        return self.input_channels * (2 * self.context + 1)
+
+    def dp_refusal(self) -> str:
+        if self.context:
+            return (f"task.context-slices = {self.context} puts each slice in its neighbours' records too, and DP's "
+                    "ε bounds what one record changes; set task.context-slices = 0 to train with DP")
+        return ""
+
+    def with_context(self, inputs: torch.Tensor, series: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
+        """The networks' inputs for ``rows`` of a stack of degraded slices: each row's slice,
+        with its ``context`` neighbours in its own series (``series``: slice counts) as channels."""
+        if not self.context:
+            return inputs[rows]
+        return gather_context(inputs, self._context_rows(series, rows))
+
+    def _context_rows(self, series: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
+        if series is None:
+            raise DataError(f"task.context-slices = {self.context} needs to know which series each slice belongs "
+                            "to, and these slices came without it")
+        return context_rows(series, rows, self.context)
+
+    def restore_series(self, inputs: torch.Tensor, series: torch.Tensor | None = None,
+                       rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``restore`` on ``rows`` (default: all) of a stack of degraded slices (``series``: each
+        series' slice count in order; None: one series), each with its neighbours where the
+        model reads them, a few slices at a time."""
+        if not self.context:
+            return self.restore(inputs if rows is None else inputs[rows])
+        series = torch.tensor([len(inputs)]) if series is None else series
+        rows = torch.arange(len(inputs)) if rows is None else rows
+        return torch.cat([self.restore(self.with_context(inputs, series, rows[part]))
+                          for part in chunks(len(rows), EVAL_SLICES)])
 
     def input_image(self, inputs: torch.Tensor) -> torch.Tensor:
         """The degraded input as an image (n, 1, H, W): the classical baseline the output is
@@ -126,9 +177,10 @@ class PairedImageTask(GANTask):
         assert data.train_input is not None, f"{self.name} needs paired inputs"
         size = self.config.image_size
         if tuple(data.train.shape[-2:]) == (size, size):
-            return data.train_input[idx], data.train[idx]
+            return self.with_context(data.train_input, data.train_series, idx), data.train[idx]
+        neighbours = {0: self._context_rows(data.train_series, idx)} if self.context else None
         low, full = random_crops([data.train_input, data.train], idx, size, rng, centre_above=self.body_level,
-                                 anywhere=self.patches_anywhere)
+                                 anywhere=self.patches_anywhere, neighbours=neighbours)
         return low, full
 
     def train_step(self, s: TrainingSetup, data: SiteData, pool: str, idx: torch.Tensor) -> dict[str, float]:
@@ -222,7 +274,7 @@ class PairedImageTask(GANTask):
         assert data.test_input is not None
         if self.clinical and self.config.modality == "CT":
             return self._evaluate_clinical(data)
-        output = self.restore(data.test_input)
+        output = self.restore_series(data.test_input, data.test_series)
         baseline = self.input_image(data.test_input)
         psnr, ssim = psnr_ssim(output, data.test)
         psnr_in, ssim_in = psnr_ssim(baseline, data.test)
@@ -249,7 +301,8 @@ class PairedImageTask(GANTask):
         scores: dict[str, list[float]] = {}
         for part in chunks(len(data.test), EVAL_SLICES):
             target, inputs = data.test[part], data.test_input[part]
-            for suffix, images in (("", self.restore(inputs)), ("-input", self.input_image(inputs))):
+            model_inputs = self.with_context(data.test_input, data.test_series, torch.arange(part.start, part.stop))
+            for suffix, images in (("", self.restore(model_inputs)), ("-input", self.input_image(inputs))):
                 for key, values in ct_scores(images, target, self.ct_range, window).items():
                     scores.setdefault(key + suffix, []).extend(values)
         return {key: float(np.mean(values)) for key, values in scores.items()}
@@ -269,8 +322,8 @@ class PairedImageTask(GANTask):
     def preview(self, n: int) -> torch.Tensor:
         """Rows of input | output | target on the coordinator's own phantom slices, shown in
         the soft-tissue window."""
-        degraded, original = self.previewed_pairs(n)
-        out = self.restore(degraded)
+        degraded, original = self.previewed_pairs(n)  # consecutive slices of one phantom subject
+        out = self.restore_series(degraded)
         rows = [self.displayed(self.input_image(degraded).clamp(-1, 1), self.input_modality),
                 self.displayed(out, self.config.modality), self.displayed(original.clamp(-1, 1), self.config.modality)]
         return torch.stack(rows, dim=1).reshape(-1, 1, *degraded.shape[-2:])

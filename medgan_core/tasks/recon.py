@@ -41,6 +41,9 @@ class ReconParams(PairedParams):
         if self.acceleration not in ACCELERATIONS:
             raise ConfigError(
                 f"task.acceleration = {self.acceleration}; choose one of {', '.join(map(str, ACCELERATIONS))}")
+        if self.context_slices:
+            raise ConfigError(f"task.context-slices = {self.context_slices}; recon reconstructs each slice from its "
+                              "own k-space (set it to 0)")
         if not 1 <= self.cascades <= MAX_CASCADES:
             raise ConfigError(f"task.cascades = {self.cascades}; choose 1 to {MAX_CASCADES}")
 

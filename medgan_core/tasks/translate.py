@@ -32,7 +32,7 @@ class TranslateTask(PairedImageTask):
 
     def build_generator(self) -> nn.Module:
         """Not residual: an MR intensity is no starting point for a HU value."""
-        return ResidualUNet(self.config.width, residual=False)
+        return ResidualUNet(self.config.width, in_channels=self.model_channels, residual=False)
 
     @property
     def input_modality(self) -> str:
