@@ -140,6 +140,14 @@ def test_context_is_refused_under_dp_by_the_study_and_by_the_site(tiny_sites: li
     assert not list(tmp_path.glob("accountant-*"))
 
 
+def test_reports_and_model_files_say_the_model_reads_neighbours() -> None:
+    from medgan_core.tasks.registry import geometry_words
+
+    assert geometry_words(CONTEXT).endswith("trained on 32×32 patches, each slice read with 1 neighbouring slice on "
+                                            "each side (2.5D)")
+    assert "neighbouring" not in geometry_words(task_config(name="denoise"))
+
+
 def test_bad_context_settings_are_refused_in_one_line(tiny_sites: list[Path]) -> None:
     with pytest.raises(ConfigError, match="context-slices = 4; choose 0"):
         task_config(name="denoise", context_slices=4)

@@ -139,7 +139,10 @@ def geometry_words(config: TaskConfig) -> str:
         return f"whole slices {pixels} from the central k-space, trained on strips of {config.image_size} whole rows"
     if getattr(task_class(config.name), "clinical", False):
         pixels = f"{config.spacing:g} mm pixels" if config.spacing > 0 else "each series' own pixels"
-        return f"whole slices at {pixels} over the whole CT range, trained on {size} patches"
+        context = int(getattr(config.params, "context_slices", 0))
+        neighbours = (f", each slice read with {context} neighbouring slice{'s' if context > 1 else ''} on each "
+                      "side (2.5D)") if context else ""
+        return f"whole slices at {pixels} over the whole CT range, trained on {size} patches{neighbours}"
     if config.spacing > 0:
         return f"the central {size} at {config.spacing:g} mm pixels"
     return f"resized to {size}"
