@@ -125,6 +125,20 @@ def train_federated(study: StudyConfig, sites: list[Path], run_dir: Path) -> tup
     return task, seconds
 
 
+def trained_in(args: argparse.Namespace, study: StudyConfig, sites: list[Path], run_dir: Path) -> tuple[Task, float]:
+    """``train_federated`` into ``run_dir``, its seconds kept in ``run_dir/train-seconds``; with
+    ``--reuse``, a run there that finished (its final checkpoint and seconds) is loaded instead."""
+    final = run_dir / "checkpoints" / f"round-{study.run.rounds:03d}.safetensors"
+    timing = run_dir / "train-seconds"
+    if getattr(args, "reuse", False) and final.exists() and timing.exists():
+        task = build_task(study.task)
+        task.set_weights(load_checkpoint(final)[0])
+        return task, float(timing.read_text())
+    task, seconds = train_federated(study, sites, run_dir)
+    timing.write_text(f"{seconds:.1f}\n")
+    return task, seconds
+
+
 def trained_or_reused(args: argparse.Namespace, study: StudyConfig, sites: list[Path]) -> tuple[Task, float]:
     """``train_federated`` into OUT/run, or with ``--reuse`` that run's final checkpoint and the
     training time its results.json recorded. ``--reuse`` without that checkpoint (another

@@ -35,6 +35,30 @@ def test_reuse_without_a_saved_run_stops_instead_of_training(tmp_path: Path, mon
         bench_common.trained_or_reused(args, study, [])
 
 
+def test_a_finished_run_is_reused_per_run_folder_and_an_unfinished_one_trained(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from medgan_core.checkpoints import save_checkpoint
+    from medgan_core.tasks.registry import build_task
+
+    study = StudyConfig().replace(run={"rounds": 2}, task={"name": "denoise", "width": 8})
+    trained: list[Path] = []
+    monkeypatch.setattr(bench_common, "train_federated",
+                        lambda study, sites, run_dir: trained.append(run_dir) or (build_task(study.task), 12.5))
+    args = argparse.Namespace(reuse=True)
+    finished, unfinished = tmp_path / "run-a", tmp_path / "run-b"
+    weights = build_task(study.task).get_weights()
+    save_checkpoint(finished / "checkpoints" / "round-002.safetensors", weights, {})
+    (finished / "train-seconds").write_text("321.0\n")
+    unfinished.mkdir()
+    task, seconds = bench_common.trained_in(args, study, [], finished)
+    assert seconds == 321.0 and trained == []
+    assert all(np.array_equal(v, weights[k]) for k, v in task.get_weights().items())
+    assert bench_common.trained_in(args, study, [], unfinished)[1] == 12.5 and trained == [unfinished]
+    assert (unfinished / "train-seconds").read_text() == "12.5\n"  # what a later --reuse reads
+    bench_common.trained_in(argparse.Namespace(reuse=False), study, [], finished)
+    assert trained == [unfinished, finished]  # without --reuse every run trains
+
+
 def test_benchmark_fine_tune_options_default_to_the_studys(monkeypatch: pytest.MonkeyPatch) -> None:
     from medgan_core.config import AggregationConfig
 
