@@ -134,7 +134,7 @@ def main() -> None:
              f"steps, {CASCADES} stages of width {WIDTH}, learning rate {LR:g} ({LR_SCHEDULE} over the rounds), L1 weight {L1_WEIGHT:g}, "
              f"SSIM weight {SSIM_WEIGHT:g}, MR at its acquired matrix ({shape[0]}×{shape[1]} over 400 mm, "
              f"{400 / shape[1]:.2f} mm pixels), trained on strips of {STRIP_ROWS} whole rows, whole slices "
-             "restored, no DP. Training time on 2 CPU cores: "
+             "restored, no DP. Training time on 2 CPU cores (the fine-tune below included): "
              + ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items())
              + (f". Then each site fine-tunes its own copy for up to {args.finetune_steps} steps, keeping the best "
                 f"on its validation subject, scored every {args.finetune_validate_every} steps"
