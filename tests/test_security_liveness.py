@@ -188,10 +188,9 @@ def test_a_site_refuses_a_round_longer_than_its_policy_allows(tiny_sites: list[P
         return original(task, *args, **kwargs)
 
     monkeypatch.setattr(client.app, "train_site_round", watched)
-    started = time.monotonic()
     reply = build_client_app()(request, Context(run_id=1, node_id=7, node_config=node, state=RecordDict(),
                                                 run_config={}))
-    assert reply.has_error() and time.monotonic() - started < 60
+    assert reply.has_error()
     assert reply.error.reason == ("[st-mary] site policy: site st-mary runs at most 200 training steps a round "
                                   "(max-steps-per-round), the study asks for 250 local steps; refused by the "
                                   "site's policy")
