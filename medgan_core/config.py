@@ -45,6 +45,11 @@ class TaskParams:
     def validate(self, task: "TaskConfig") -> None:
         """Refuse values this task cannot train with (ConfigError naming the key)."""
 
+    def dp_refusal(self) -> str:
+        """Why these settings cannot train under DP ('' when they can): checked by the study and
+        again at the site, whatever a coordinator lets through."""
+        return ""
+
 
 @dataclass(frozen=True)
 class TaskConfig:

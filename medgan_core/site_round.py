@@ -129,7 +129,7 @@ def train_site_round(
         _save_state(task, state, aggregation, server_round, *personal)
         return {**metrics, "dp": 0.0}
     steps = task.config.local_steps
-    if refusal := task.dp_refusal():
+    if refusal := task.config.params.dp_refusal():
         raise PrivacyError(f"site {site.site_name}: {refusal}")
     if not site.state_dir:
         raise ConfigError(f"site {site.site_name}: no state-dir; differential privacy needs one to keep its accountant")

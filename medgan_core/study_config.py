@@ -81,10 +81,8 @@ class StudyConfig:
         if getattr(self.task.params, "trainable", "all") != "all" and not self.run.initial_model:
             raise ConfigError(f"task.trainable = {self.task.params.trainable!r} fine-tunes a trained model; set "
                               "run.initial-model to one (a model trained on public data), or task.trainable = 'all'")
-        if self.privacy.enabled and getattr(self.task.params, "context_slices", 0):
-            raise ConfigError(f"task.context-slices = {self.task.params.context_slices} puts each slice in its "
-                              "neighbours' records too, and DP's ε bounds what one record changes; set it to 0 "
-                              "under [privacy] enabled = true")
+        if self.privacy.enabled and (refusal := self.task.params.dp_refusal()):
+            raise ConfigError(refusal)
         agg = self.aggregation
         robust = agg.nonlinear_policies()
         if self.privacy.central_noise_multiplier > 0 and robust:

@@ -118,11 +118,6 @@ class Task(ABC):
         release of noise multiplier σ/√k (``joint_noise_multiplier``)."""
         return len(self.private_groups)
 
-    def dp_refusal(self) -> str:
-        """Why this configuration cannot train under DP ('' when it can): checked at the site,
-        whatever the coordinator let through."""
-        return ""
-
     def __init__(self, config: TaskConfig, device: torch.device | str = "cpu") -> None:
         if type(config.params) is TaskParams:  # a bare TaskConfig(...): this task's defaults
             config = dataclasses.replace(config, params=self.Params())

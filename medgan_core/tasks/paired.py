@@ -66,6 +66,12 @@ class PairedParams(GANParams):
             raise ConfigError(f"task.views-per-record = {self.views_per_record}; it must be a whole number >= 1 "
                               "(1: one view of each sampled slice)")
 
+    def dp_refusal(self) -> str:
+        if self.context_slices:
+            return (f"task.context-slices = {self.context_slices} puts each slice in its neighbours' records too, "
+                    "and DP's ε bounds what one record changes; set task.context-slices = 0 to train with DP")
+        return ""
+
 
 class PairedImageTask(GANTask):
     """Degraded input -> original, evaluated against the original on held-out pairs."""
@@ -129,12 +135,6 @@ class PairedImageTask(GANTask):
     def model_channels(self) -> int:
         """Channels of the networks' input: the degraded slice's, then each neighbour's."""
         return self.input_channels * (2 * self.context + 1)
-
-    def dp_refusal(self) -> str:
-        if self.context:
-            return (f"task.context-slices = {self.context} puts each slice in its neighbours' records too, and DP's "
-                    "ε bounds what one record changes; set task.context-slices = 0 to train with DP")
-        return ""
 
     def with_context(self, inputs: torch.Tensor, series: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
         """The networks' inputs for ``rows`` of a stack of degraded slices: each row's slice,
