@@ -78,3 +78,46 @@ def test_ema_ends_the_round_on_the_average_of_the_generators_steps(tiny_sites: l
     moved = sum(float(np.abs(plain[k] - start[k]).sum()) for k in start)
     moved_averaged = sum(float(np.abs(averaged[k] - start[k]).sum()) for k in start)
     assert 0 < moved_averaged < moved  # same seed, same steps: the average sits between start and end
+
+
+def test_d_steps_steps_the_generator_once_every_d_private_discriminator_steps(tiny_sites: list[Path], tiny_study) -> None:
+    """task.d-steps: the generator steps after every d-th discriminator step; under DP the
+    accountant counts each discriminator step (the private mechanism) once, and the
+    generator's steps, post-processing of the private D, not at all."""
+    from medgan_core.privacy.accountant import SiteAccountant
+    from medgan_core.privacy.dp_sgd import DPSettings
+    from medgan_core.tasks.registry import replace_task
+
+    def optimiser_steps(task, group: str) -> int:
+        return int(task._optimizer_states[group]["state"][0]["step"])
+
+    config = replace_task(tiny_study.task, d_steps=3)
+    data = load_site_data(tiny_sites[0], config)
+    task = build_task(config)
+    start = task.get_weights()
+    metrics = task.train(data, steps=2, seed=0)  # fewer steps than d: the generator never steps
+    assert "loss-g" not in metrics and "loss-d" in metrics
+    after = task.get_weights()
+    assert all(np.array_equal(start[k], after[k]) for k in start if k.startswith("generator."))
+    assert any(not np.array_equal(start[k], after[k]) for k in start if k.startswith("discriminator."))
+
+    task = build_task(config)
+    dp = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5, expected_batch_size=4, secure_rng=False)
+    accountant = SiteAccountant("rdp", 1e-5)
+    metrics = task.train(data, steps=7, seed=0, dp=dp, accountant=accountant)
+    assert (optimiser_steps(task, "discriminator"), optimiser_steps(task, "generator")) == (7, 2)
+    assert accountant.steps == 7 and "loss-g" in metrics
+    same_epsilon = SiteAccountant("rdp", 1e-5)
+    for _ in range(7):
+        same_epsilon.step(1.0, 0.5)
+    assert accountant.epsilon() == pytest.approx(same_epsilon.epsilon())
+
+
+def test_d_steps_is_checked_at_load(tiny_study) -> None:
+    from medgan_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="task.d-steps = 0; it must be a positive number"):
+        tiny_study.replace(task={"d_steps": 0})
+    with pytest.raises(ConfigError, match="task.d-steps = 9 exceeds task.local-steps = 4"):
+        tiny_study.replace(task={"local_steps": 4, "d_steps": 9})
+    assert tiny_study.replace(task={"local_steps": 8, "d_steps": 4}).task.params.d_steps == 4

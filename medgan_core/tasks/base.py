@@ -221,6 +221,9 @@ class TrainingSetup:
     sampler: torch.Generator
     rng: torch.Generator
     physical_batch: int = 0
+    #: Steps taken so far this round (0 during the first): tasks that step their networks at
+    #: different rates read it (``task.d-steps``).
+    steps_taken: int = 0
 
     def parts(self, records: int, rows_per_record: int = 1) -> list[BatchPart]:
         """The physical parts a step on ``records`` records (each ``rows_per_record`` adjacent
@@ -477,6 +480,7 @@ class GANTask(Task):
                     for key, value in self.train_step(s, data, pool, idx).items():
                         totals[key] = totals.get(key, 0.0) + value
                         counts[key] = counts.get(key, 0) + 1
+                s.steps_taken += 1
                 if average is not None:
                     with torch.no_grad():
                         for mean, param in zip(average, self.generator.parameters()):

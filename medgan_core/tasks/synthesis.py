@@ -27,6 +27,11 @@ class SynthesisParams(GANParams):
     z_dim: int = 64  # length of the generator's latent code
     eval_samples: int = 128  # generated images per held-out evaluation
     architecture: str = "dcgan"  # "skips": the multi-scale DCGAN for 128×128 and up (``medgan_core.models.dcgan``)
+    #: Discriminator steps per generator step. Under DP a noisy discriminator falls behind a
+    #: generator that steps as often, and the generator collapses onto whatever fools it;
+    #: several private D steps per G step keep it a useful critic at the same ε (Bie et al.,
+    #: "Private GANs, revisited", TMLR 2023). ``local-steps`` counts D steps.
+    d_steps: int = 1
 
     @property
     def skips(self) -> bool:
@@ -36,9 +41,13 @@ class SynthesisParams(GANParams):
         super().validate(task)
         if self.architecture not in ARCHITECTURES:
             raise ConfigError(f"task.architecture = {self.architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
-        for key, value in (("task.z-dim", self.z_dim), ("task.eval-samples", self.eval_samples)):
+        for key, value in (("task.z-dim", self.z_dim), ("task.eval-samples", self.eval_samples),
+                           ("task.d-steps", self.d_steps)):
             if value <= 0:
                 raise ConfigError(f"{key} = {value}; it must be a positive number")
+        if self.d_steps > task.local_steps:
+            raise ConfigError(f"task.d-steps = {self.d_steps} exceeds task.local-steps = {task.local_steps}: "
+                              "the generator would never step in a round")
 
 
 class SynthesisTask(GANTask):
@@ -78,9 +87,12 @@ class SynthesisTask(GANTask):
         z = torch.randn(n, self.params.z_dim, generator=s.rng).to(self.device)
         y_fake = self.prior_conditions(n, s.rng)
         parts = s.parts(n)  # one, unless task.physical-batch bounds a pass
+        # The generator steps after every d-steps-th discriminator step (the round's last included).
+        generator_steps = (s.steps_taken + 1) % self.params.d_steps == 0
         # One part: the generated images of the discriminator's step are the generator's
         # step's too (one generator pass). In parts, each step makes its own, one part at a time.
-        fake_all = _call(s.generator, z, y_fake) if len(parts) == 1 else None
+        with contextlib.nullcontext() if generator_steps else torch.no_grad():
+            fake_all = _call(s.generator, z, y_fake) if len(parts) == 1 else None
 
         def generated(part: BatchPart) -> torch.Tensor:
             return fake_all if fake_all is not None else _call(s.generator, z[part.rows], _rows(y_fake, part))
@@ -108,6 +120,8 @@ class SynthesisTask(GANTask):
             for key, value in (("loss-d", loss_real + loss_fake), ("d-real", torch.sigmoid(logits_real).mean()),
                                ("d-fake", torch.sigmoid(logits_fake).mean())):
                 stats[key] += value.item() * part.share
+        if not generator_steps:
+            return stats
 
         # Generator: learns only through D's judgement of generated images.
         stats["loss-g"] = 0.0
