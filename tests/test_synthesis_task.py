@@ -121,3 +121,34 @@ def test_d_steps_is_checked_at_load(tiny_study) -> None:
     with pytest.raises(ConfigError, match="task.d-steps = 9 exceeds task.local-steps = 4"):
         tiny_study.replace(task={"local_steps": 4, "d_steps": 9})
     assert tiny_study.replace(task={"local_steps": 8, "d_steps": 4}).task.params.d_steps == 4
+
+
+def test_mode_seeking_penalty_is_large_for_a_collapsed_generator_and_reads_no_data() -> None:
+    from medgan_core.tasks.synthesis import mode_seeking_penalty
+
+    codes = torch.cat([torch.zeros(2, 8), torch.full((2, 8), 2.0)])
+    varied = torch.cat([torch.zeros(2, 1, 4, 4), torch.ones(2, 1, 4, 4)])
+    assert float(mode_seeking_penalty(varied, codes)) == pytest.approx(2.0, rel=1e-4)  # gap 1 for codes 2 apart
+    assert float(mode_seeking_penalty(torch.zeros(4, 1, 4, 4), codes)) > 1e4
+    assert float(mode_seeking_penalty(torch.zeros(1, 1, 4, 4), torch.zeros(1, 8))) == 0.0
+
+
+def test_mode_seeking_changes_only_the_generators_steps(tiny_sites: list[Path], tiny_study) -> None:
+    """The term is in the generator's loss only: the same seed gives the same first
+    discriminator step and a different generator."""
+    from medgan_core.errors import ConfigError
+    from medgan_core.tasks.registry import replace_task
+
+    data = load_site_data(tiny_sites[0], tiny_study.task)
+
+    def after_one_step(weight: float) -> dict:
+        task = build_task(replace_task(tiny_study.task, mode_seeking=weight))
+        task.train(data, 1, seed=3)
+        return task.get_weights()
+
+    plain, seeking = after_one_step(0.0), after_one_step(1.0)
+    for name in plain:
+        same = np.array_equal(plain[name], seeking[name])
+        assert same == name.startswith("discriminator."), name
+    with pytest.raises(ConfigError, match="task.mode-seeking = -1.0"):
+        tiny_study.replace(task={"mode_seeking": -1.0})

@@ -32,6 +32,11 @@ class SynthesisParams(GANParams):
     #: several private D steps per G step keep it a useful critic at the same ε (Bie et al.,
     #: "Private GANs, revisited", TMLR 2023). ``local-steps`` counts D steps.
     d_steps: int = 1
+    #: Weight of the mode-seeking term in the generator's loss (MSGAN, Mao et al. 2019): the
+    #: inverse of how far apart two generated images are for how far apart their codes are,
+    #: so a generator that maps every code onto one image pays for it. It reads no data:
+    #: under DP it is part of the generator's post-processing of the private D. 0: off.
+    mode_seeking: float = 0.0
 
     @property
     def skips(self) -> bool:
@@ -45,6 +50,8 @@ class SynthesisParams(GANParams):
                            ("task.d-steps", self.d_steps)):
             if value <= 0:
                 raise ConfigError(f"{key} = {value}; it must be a positive number")
+        if self.mode_seeking < 0:
+            raise ConfigError(f"task.mode-seeking = {self.mode_seeking}; it must be 0 (off) or positive")
         if self.d_steps > task.local_steps:
             raise ConfigError(f"task.d-steps = {self.d_steps} exceeds task.local-steps = {task.local_steps}: "
                               "the generator would never step in a round")
@@ -128,7 +135,10 @@ class SynthesisTask(GANTask):
         with s.learning_through(s.discriminator):
             s.opt_g.zero_grad(set_to_none=True)
             for part in parts:
-                loss_g = F.softplus(-_call(s.discriminator, generated(part), _rows(y_fake, part))).mean()
+                fake = generated(part)
+                loss_g = F.softplus(-_call(s.discriminator, fake, _rows(y_fake, part))).mean()
+                if self.params.mode_seeking > 0:
+                    loss_g = loss_g + self.params.mode_seeking * mode_seeking_penalty(fake, z[part.rows])
                 s.backward(loss_g, s.generator, part)
                 s.step(s.opt_g, part)
                 stats["loss-g"] += loss_g.item() * part.share
@@ -166,6 +176,24 @@ class SynthesisTask(GANTask):
 
     def preview(self, n: int) -> torch.Tensor:
         return self.sample(n, seed=self.config.seed + 104729)
+
+
+#: The side of the coarse grid ``mode_seeking_penalty`` compares generated images on.
+MODE_SEEKING_GRID = 16
+
+
+def mode_seeking_penalty(images: torch.Tensor, codes: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """MSGAN's term: 1 / (mean |I1 - I2| / mean |z1 - z2|) over the pairs of a batch's two
+    halves, the images pooled to ``MODE_SEEKING_GRID`` (otherwise a generator escapes it with
+    pixel noise); large when distinct codes give near-identical images (0 for a batch of one)."""
+    half = len(images) // 2
+    if half == 0:
+        return images.new_zeros(())
+    if images.shape[-1] > MODE_SEEKING_GRID:  # anatomy, not pixel noise: compare coarse images
+        images = F.adaptive_avg_pool2d(images, MODE_SEEKING_GRID)
+    image_gap = (images[:half] - images[half : 2 * half]).abs().flatten(1).mean(1)
+    code_gap = (codes[:half] - codes[half : 2 * half]).abs().flatten(1).mean(1)
+    return 1 / ((image_gap / code_gap).mean() + eps)
 
 
 def _rows(conditions: torch.Tensor | None, part: BatchPart) -> torch.Tensor | None:
