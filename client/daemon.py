@@ -44,7 +44,7 @@ def node_config(site: SiteConfig) -> str:
         text += f" physical-batch={site.physical_batch}"
     text += (f" require-dp={str(site.require_dp).lower()} require-secure-rng={str(site.require_secure_rng).lower()}"
              f" max-delta={site.max_delta!r} release-test-metrics={str(site.release_test_metrics).lower()}"
-             f" max-steps-per-round={site.max_steps_per_round}")
+             f" max-steps-per-round={site.max_steps_per_round} max-batch-size={site.max_batch_size}")
     return text
 
 

@@ -37,6 +37,7 @@ def site_from_context(
             max_delta=_number(policy["max-delta"], "max-delta"),
             release_test_metrics=_flag(policy["release-test-metrics"], "release-test-metrics"),
             max_steps_per_round=_whole(policy["max-steps-per-round"], "max-steps-per-round"),
+            max_batch_size=_whole(policy["max-batch-size"], "max-batch-size"),
         )
     elif "partition-id" in node_config:
         index = int(node_config["partition-id"])  # type: ignore[arg-type]

@@ -45,6 +45,12 @@ class TaskParams:
     def validate(self, task: "TaskConfig") -> None:
         """Refuse values this task cannot train with (ConfigError naming the key)."""
 
+    @property
+    def step_views(self) -> int:
+        """Views of each sampled record a training step computes on (work per step, for a
+        site's step cap); 1 unless the task says otherwise."""
+        return 1
+
     def dp_refusal(self) -> str:
         """Why these settings cannot train under DP ('' when they can): checked by the study and
         again at the site, whatever a coordinator lets through."""
@@ -343,6 +349,9 @@ class SiteConfig:
     # The most training steps one round may ask of this site, local steps and a personal
     # fine-tune together (0: no cap): a buggy or hostile study cannot hold the machine for days.
     max_steps_per_round: int = 0
+    # The largest batch a study may ask of this site (0: no cap): a step's time and, unless the
+    # site bounds its passes (physical-batch), its memory grow with it.
+    max_batch_size: int = 0
     app_hash: str = ""  # deployed: study-app SHA-256s this site runs, comma-separated ("": the app installed here)
 
     @property
@@ -376,13 +385,21 @@ class SiteConfig:
                     f"δ = {privacy.delta:g}; refused by the site's policy")
         return ""
 
-    def steps_refusal(self, local_steps: int, finetune_steps: int) -> str:
-        """Why this site refuses a round of ``local_steps`` plus a ``finetune_steps`` personal
-        fine-tune ('' when its policy allows them)."""
-        asked = local_steps + finetune_steps
+    def work_refusal(self, task: TaskConfig, finetune_steps: int) -> str:
+        """Why this site refuses a round of ``task``'s local steps plus a ``finetune_steps``
+        personal fine-tune ('' when its policy allows them). A step of several views of each
+        record (``views-per-record``) is that many steps of work."""
+        if 0 < self.max_batch_size < task.batch_size:
+            return (f"site {self.site_name} takes batches of at most {self.max_batch_size} records "
+                    f"(max-batch-size), the study asks for task.batch-size = {task.batch_size}; refused by the "
+                    "site's policy")
+        views = task.params.step_views
+        asked = (task.local_steps + finetune_steps) * views
         if self.max_steps_per_round <= 0 or asked <= self.max_steps_per_round:
             return ""
-        what = f"{local_steps} local steps" + (f" + {finetune_steps} fine-tune steps" if finetune_steps else "")
+        what = f"{task.local_steps} local steps" + (f" + {finetune_steps} fine-tune steps" if finetune_steps else "")
+        if views > 1:
+            what += f", each of {views} views of every record ({asked} steps of work)"
         return (f"site {self.site_name} runs at most {self.max_steps_per_round} training steps a round "
                 f"(max-steps-per-round), the study asks for {what}; refused by the site's policy")
 
@@ -404,6 +421,8 @@ class SiteConfig:
             raise ConfigError(f"site max-delta = {self.max_delta}; it must lie in (0, {MAX_DELTA:g}]")
         if self.max_steps_per_round < 0:
             raise ConfigError(f"site max-steps-per-round = {self.max_steps_per_round}; it must be >= 0 (0 = no cap)")
+        if self.max_batch_size < 0:
+            raise ConfigError(f"site max-batch-size = {self.max_batch_size}; it must be >= 0 (0 = no cap)")
         return self
 
 
@@ -411,7 +430,7 @@ class SiteConfig:
 #: required, secret noise required, δ at most 1e-5, held-out scores kept at the site, at most
 #: 10 000 training steps a round (the benchmarks' longest round with a fine-tune is under 1 000).
 HOSPITAL_POLICY = {"require-dp": True, "require-secure-rng": True, "max-delta": 1e-5, "release-test-metrics": False,
-                   "max-steps-per-round": 10_000}
+                   "max-steps-per-round": 10_000, "max-batch-size": 512}
 
 
 @dataclass(frozen=True)

@@ -116,7 +116,7 @@ def train_site_round(
     if refusal := site.refusal(privacy):  # the site's own policy: the study may not lower it
         raise PrivacyError(refusal)
     finetune = aggregation.finetune_steps if server_round == planned_rounds else 0
-    if refusal := site.steps_refusal(task.config.local_steps, finetune):  # refused before any step runs
+    if refusal := site.work_refusal(task.config, finetune):  # refused before any step runs
         raise SitePolicyError(refusal)
     state = load_site_model(task, site, aggregation, study_id=study_id, server_round=server_round, training=True)
     task.local_training = dataclasses.replace(

@@ -80,6 +80,7 @@ def test_site_command_carries_the_node_config(credentials: Path, tiny_sites: lis
     assert "epsilon-budget=2.5" in node_config(budget) and "physical-batch" not in node_config(budget)
     assert " physical-batch=16" in node_config(dataclasses.replace(budget, physical_batch=16))
     assert " max-steps-per-round=250" in node_config(dataclasses.replace(budget, max_steps_per_round=250))
+    assert " max-batch-size=64" in node_config(dataclasses.replace(budget, max_batch_size=64))
     toml = _site_toml(credentials, str(tiny_sites[0]), name="small")
     toml.write_text(toml.read_text().replace("[connection]", "physical-batch = 16\n[connection]"))
     assert load_site(toml)[0].physical_batch == 16

@@ -121,6 +121,9 @@ def test_d_steps_is_checked_at_load(tiny_study) -> None:
     with pytest.raises(ConfigError, match="task.d-steps = 9 exceeds task.local-steps = 4"):
         tiny_study.replace(task={"local_steps": 4, "d_steps": 9})
     assert tiny_study.replace(task={"local_steps": 8, "d_steps": 4}).task.params.d_steps == 4
+    # a site makes its evaluation images in one batch: a study cannot ask it for a million
+    with pytest.raises(ConfigError, match="task.eval-samples = 1000000; at most 2048"):
+        tiny_study.replace(task={"eval_samples": 10**6})
 
 
 def test_mode_seeking_penalty_is_large_for_a_collapsed_generator_and_reads_no_data() -> None:

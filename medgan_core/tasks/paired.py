@@ -66,6 +66,10 @@ class PairedParams(GANParams):
             raise ConfigError(f"task.views-per-record = {self.views_per_record}; it must be a whole number >= 1 "
                               "(1: one view of each sampled slice)")
 
+    @property
+    def step_views(self) -> int:
+        return self.views_per_record
+
     def dp_refusal(self) -> str:
         if self.context_slices:
             return (f"task.context-slices = {self.context_slices} puts each slice in its neighbours' records too, "

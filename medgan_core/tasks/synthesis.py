@@ -20,6 +20,8 @@ from medgan_core.tasks.base import BatchPart, GANParams, GANTask, TrainingSetup
 
 
 ARCHITECTURES = ("dcgan", "skips")
+#: The most images a held-out evaluation may ask a site to generate (they are made in one batch).
+MAX_EVAL_SAMPLES = 2048
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,9 @@ class SynthesisParams(GANParams):
                            ("task.d-steps", self.d_steps)):
             if value <= 0:
                 raise ConfigError(f"{key} = {value}; it must be a positive number")
+        if self.eval_samples > MAX_EVAL_SAMPLES:
+            raise ConfigError(f"task.eval-samples = {self.eval_samples}; at most {MAX_EVAL_SAMPLES} (a site generates "
+                              "them at once)")
         if self.mode_seeking < 0:
             raise ConfigError(f"task.mode-seeking = {self.mode_seeking}; it must be 0 (off) or positive")
         if self.d_steps > task.local_steps:
