@@ -157,4 +157,8 @@ def export(
         path = export_model(run_dir, out, server_round=server_round, site_state=site_state, for_new_site=for_new_site)
     except MedGANError as exc:
         fail(exc)
-    console.print(f"model written to {path}; apply it with 'medgan infer --model {path} --input … --output …'")
+    from medgan_core.model_file import load_model
+
+    use = (f"medgan synth --model {path} --n … --out …" if load_model(path).task.name in ("synthesis", "conditional")
+           else f"medgan infer --model {path} --input … --output …")
+    console.print(f"model written to {path}; apply it with '{use}'")

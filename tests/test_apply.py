@@ -74,6 +74,14 @@ def test_export_refuses_site_kept_layers_unless_told_where_they_come_from(tmp_pa
     assert result.exit_code == 2 and "--for-new-site" in result.output
 
 
+def test_export_says_how_to_apply_the_model_it_wrote(tmp_path: Path) -> None:
+    """An image-to-image model is applied with 'medgan infer'; a generator draws images with 'medgan synth'."""
+    for name, command in (("denoise", "medgan infer --model"), ("synthesis", "medgan synth --model")):
+        run = _run(tmp_path / name, StudyConfig().replace(task={"name": name, "image_size": 16, "width": 8}))
+        result = runner.invoke(app, ["export", str(run), "--out", str(tmp_path / f"{name}.medgan")])
+        assert result.exit_code == 0 and command in " ".join(result.output.split()), result.output
+
+
 def test_a_file_that_is_not_a_model_is_refused(tmp_path: Path) -> None:
     study = StudyConfig().replace(task={"name": "denoise", "image_size": 16, "width": 8})
     checkpoint = RunFolder(_run(tmp_path, study)).checkpoint(1)
