@@ -4,7 +4,9 @@
 
 Each arm is the default demo (`sites_example/demo.toml`: three simulated hospitals at
 clinical geometry, synthesis at 64×64, width 8, 8 rounds × 100 local steps, DP-SGD at
-ε = 8, δ = 1e-5) with a few `[task]` or `[privacy]` keys changed, run with `medgan demo`
+ε = 8, δ = 1e-5) with a few `[task]` or `[privacy]` keys changed, or the same sites and ε
+from a public warm start (`sites_example/synthesis-warm-dp.toml`, width 32; the model
+comes from `sites_example/synthesis-pretrain.toml`'s commands), run with `medgan demo`
 into OUT/run-ARM. Scores are the demo's own held-out metrics after the last round (SWD,
 FID on the phantom feature network, diversity as a share of the real slices' spread,
 precision, recall: mean over the sites, from the run's metrics.jsonl), and the diversity
@@ -26,25 +28,33 @@ from bench_common import arguments
 from medgan_core.study_config import dump_study, load_study
 
 DEMO = Path("sites_example/demo.toml")
-#: Arm slug -> (what it is, [task] changes, [privacy] changes).
-ARMS: dict[str, tuple[str, dict, dict]] = {
-    "demo": ("the demo as it is (one D step per G step)", {}, {}),
-    "d-steps-2": ("d-steps 2, lr-generator 2e-4", {"d_steps": 2, "lr_generator": 2e-4}, {}),
-    "d-steps-5": ("d-steps 5, lr-generator 5e-4", {"d_steps": 5, "lr_generator": 5e-4}, {}),
-    "mode-seeking-0.1": ("mode-seeking 0.1", {"mode_seeking": 0.1}, {}),
-    "mode-seeking-0.2": ("mode-seeking 0.2", {"mode_seeking": 0.2}, {}),
-    "mode-seeking-1": ("mode-seeking 1.0", {"mode_seeking": 1.0}, {}),
-    "no-dp": ("the demo's settings without DP", {}, {"enabled": False}),
+#: The demo's sites at ε = 8 from a model trained on public simulated data (width 32).
+WARM = Path("sites_example/synthesis-warm-dp.toml")
+#: Arm slug -> (what it is, the study file it changes, [task] changes, [privacy] changes).
+ARMS: dict[str, tuple[str, Path, dict, dict]] = {
+    "demo": ("the demo as it is (one D step per G step)", DEMO, {}, {}),
+    "d-steps-2": ("d-steps 2, lr-generator 2e-4", DEMO, {"d_steps": 2, "lr_generator": 2e-4}, {}),
+    "d-steps-5": ("d-steps 5, lr-generator 5e-4", DEMO, {"d_steps": 5, "lr_generator": 5e-4}, {}),
+    "mode-seeking-0.1": ("mode-seeking 0.1", DEMO, {"mode_seeking": 0.1}, {}),
+    "mode-seeking-0.2": ("mode-seeking 0.2", DEMO, {"mode_seeking": 0.2}, {}),
+    "mode-seeking-1": ("mode-seeking 1.0", DEMO, {"mode_seeking": 1.0}, {}),
+    "no-dp": ("the demo's settings without DP", DEMO, {}, {"enabled": False}),
+    "warm-norms": ("public warm start (width 32), DP trains norms and biases", WARM, {}, {}),
+    "warm-all": ("public warm start (width 32), DP trains every weight", WARM, {"trainable": "all"}, {}),
 }
+PRETRAIN = ("medgan sites simulate --out benchmarks/data/synthesis-public --subjects 24 --slices 20 --size 512 "
+            "--seed 103 --task synthesis; medgan demo --config sites_example/synthesis-pretrain.toml; "
+            "medgan export runs/synthesis-pretrain --out runs/synthesis-public.medgan")
 METRICS = ("swd", "fid", "diversity", "precision", "recall")
 
 
-def run_arm(out: Path, slug: str, task: dict, privacy: dict, rounds: int, reuse: bool) -> tuple[list[dict], float]:
+def run_arm(out: Path, slug: str, base: Path, task: dict, privacy: dict, rounds: int,
+            reuse: bool) -> tuple[list[dict], float]:
     """The arm's metrics.jsonl rounds (trained now, or with ``reuse`` read from a finished run)
     and its training seconds (0 when reused)."""
     run_dir = out / f"run-{slug}"
     metrics = run_dir / "metrics.jsonl"
-    study = load_study(DEMO).replace(run={"out_dir": str(run_dir), "rounds": rounds}, task=task, privacy=privacy)
+    study = load_study(base).replace(run={"out_dir": str(run_dir), "rounds": rounds}, task=task, privacy=privacy)
 
     def finished() -> list[dict]:
         rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
@@ -55,6 +65,8 @@ def run_arm(out: Path, slug: str, task: dict, privacy: dict, rounds: int, reuse:
         if (ran.task, ran.privacy) != (study.task, study.privacy):
             raise SystemExit(f"--reuse: {run_dir} ran other [task] or [privacy] settings than arm {slug}")
         return rows, 0.0
+    if study.run.initial_model and not Path(study.run.initial_model).exists():
+        raise SystemExit(f"arm {slug} starts from {study.run.initial_model}; make it first: {PRETRAIN}")
     config = out / f"{slug}.toml"
     config.write_text(dump_study(study))
     started = time.monotonic()
@@ -71,8 +83,8 @@ def main() -> None:
                      reuse_help="Score a finished run in OUT/run-ARM instead of training it again.")
     args.out.mkdir(parents=True, exist_ok=True)
     results = {}
-    for slug, (label, task, privacy) in ARMS.items():
-        rows, seconds = run_arm(args.out, slug, {**task, "local_steps": args.local_steps}, privacy, args.rounds,
+    for slug, (label, base, task, privacy) in ARMS.items():
+        rows, seconds = run_arm(args.out, slug, base, {**task, "local_steps": args.local_steps}, privacy, args.rounds,
                                 getattr(args, "reuse", False))
         last = rows[-1]
         grid = args.out / f"run-{slug}" / last["samples"]
@@ -86,8 +98,9 @@ def main() -> None:
     lines = ["# The DP demo's generator: levers against mode collapse", "",
              f"Command: `python benchmarks/synthesis_dp_levers.py --rounds {args.rounds} --local-steps "
              f"{args.local_steps}`. Machine: {machine}. Each arm is `{DEMO}` (synthesis 64×64, width 8, "
-             "DP-SGD at ε = 8 unless the arm says otherwise) with the keys named; held-out scores after the last "
-             "round, mean over the three sites. SWD and FID: lower is better; diversity is the generated slices' "
+             f"DP-SGD at ε = 8 unless the arm says otherwise) with the keys named, or for a warm start `{WARM}` "
+             "(the same sites and ε, width 32, from a model trained without DP on other simulated subjects: "
+             f"`{PRETRAIN}`); held-out scores after the last round, mean over the three sites. SWD and FID: lower is better; diversity is the generated slices' "
              "mean pairwise feature distance as a share of the real slices' (the issue's target: ≥ 0.8), precision "
              "and recall higher. The DP noise comes from OS entropy: a rerun differs.", "",
              "| arm | SWD | FID | diversity | precision | recall | diversity by round (0 → last) |",

@@ -153,3 +153,18 @@ def test_the_translate_compare_study_trains_what_the_translate_benchmark_trains(
     assert (xl.task.batch_size, xl.task.physical_batch, xl.task.local_steps) == (128, 32, 30)
     assert xl.run.initial_model == private.run.initial_model and xl.privacy == private.privacy
     assert xl.run.sites_dir == "benchmarks/data/translate-xl" and xl.run.rounds == study.run.rounds
+
+
+def test_the_synthesis_warm_start_examples_train_what_the_no_dp_demo_trains() -> None:
+    """sites_example/synthesis-pretrain.toml makes the public model that synthesis-warm-dp.toml
+    starts from: the no-DP demo's task on other simulated subjects, then the demo's sites at ε = 8."""
+    root = Path(__file__).resolve().parents[1] / "sites_example"
+    reference, public = load_study(root / "demo-no-privacy.toml"), load_study(root / "synthesis-pretrain.toml")
+    private = load_study(root / "synthesis-warm-dp.toml")
+    from medgan_core.tasks.registry import replace_task
+
+    assert public.task == reference.task == replace_task(private.task, trainable="all") and not public.privacy.enabled
+    assert private.task.params.trainable == "norms"  # DP noise on every weight undid the start (results)
+    assert private.privacy.enabled and private.privacy.target_epsilon == 8.0
+    assert private.run.initial_model == "runs/synthesis-public.medgan" and "synthesis-public" in public.run.sites_dir
+    assert private.run.sites_dir == reference.run.sites_dir != public.run.sites_dir
