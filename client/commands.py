@@ -229,6 +229,9 @@ def adapt_command(
     out: Path = typer.Option(..., "--out", help="The adapted model file to write."),
     steps: int = typer.Option(200, "--steps", min=1, help="Training steps on this site's images."),
     all_layers: bool = typer.Option(False, "--all-layers", help="Fine-tune every layer, not only the site-kept ones."),
+    validate_every: int = typer.Option(100, "--validate-every", min=0,
+                                       help="Keep the best model on this site's validation subjects, scored every "
+                                            "this many steps (0, or no validation subjects: the last)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the batches."),
     device: str = typer.Option("auto", "--device", help="auto (GPU if present), cpu or cuda."),
 ) -> None:
@@ -242,10 +245,11 @@ def adapt_command(
     try:
         with console.status(f"adapting for {steps} steps…"):
             result = adapt_model(load_model(model), data, out, steps=steps, seed=seed, all_layers=all_layers,
-                                 device=resolve_device(device))
+                                 device=resolve_device(device), validate_every=validate_every)
     except MedGANError as exc:
         fail(exc)
     shown = ", ".join(f"{k} {result.before[k]:.4g} -> {result.after[k]:.4g}" for k in result.after
                       if k in result.before and not k.endswith("-input"))
     console.print(f"held-out at this site: {shown}")
-    console.print(f"adapted model ({result.layers} arrays trained): {result.path}")
+    kept = "" if result.kept_steps == steps else f", kept after {result.kept_steps} of {steps} steps (validation)"
+    console.print(f"adapted model ({result.layers} arrays trained{kept}): {result.path}")

@@ -205,12 +205,12 @@ def _finetune(task: Task, data: SiteData, steps: int, seed: int, *, held_out: Si
         task.train(data, steps, seed + FINETUNE_SEED_OFFSET, **dp)  # type: ignore[arg-type]
         personal, kept = task.get_weights(), steps
     else:
-        personal, kept = _best_on_validation(task, data, steps, every, seed, held_out, site_name)
+        personal, kept = best_on_validation(task, data, steps, every, seed, held_out, site_name)
     task.set_weights(sent, source="this round's update")
     return personal, kept
 
 
-def _best_on_validation(task: Task, data: SiteData, steps: int, every: int, seed: int, held_out: SiteData,
+def best_on_validation(task: Task, data: SiteData, steps: int, every: int, seed: int, held_out: SiteData,
                         site_name: str) -> tuple[dict[str, np.ndarray], int]:
     """Fine-tune in parts of ``every`` steps (Adam's state carries over; a ``task.ema``
     average restarts with each part) and keep the model with the best ``validation_score``,

@@ -74,3 +74,33 @@ def test_the_command_prints_the_scores_and_refuses_to_overwrite(tiny_sites: list
     missing = runner.invoke(app, ["adapt", "--model", str(exported), "--data", str(tmp_path / "nowhere"),
                                   "--out", str(tmp_path / "z.medgan")])
     assert missing.exit_code == 2 and "manifest" in missing.output and "Traceback" not in missing.output
+
+
+def test_adapt_keeps_the_best_model_on_the_sites_validation_subjects(tiny_sites: list[Path], tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """With validation subjects the model kept is the best scored there (the study's own
+    model included), not the last; without them, or with --validate-every 0, the last."""
+    from medgan_core.tasks.paired import PairedImageTask
+
+    model = load_model(_exported(tmp_path, tiny_sites[0], local_norm=True))
+    def adapted(name: str, steps: int, every: int, validation: list[float]):  # type: ignore[no-untyped-def]
+        scores = iter(validation)  # before any step, then after each part of ``every`` steps
+        monkeypatch.setattr(PairedImageTask, "validation_score", lambda self, held_out: next(scores))
+        return adapt_model(model, tiny_sites[1], tmp_path / f"{name}.medgan", steps=steps, validate_every=every)
+
+    chosen = adapted("best", 6, 2, [0.0, 5.0, 1.0, 2.0])  # the first part of 2 steps scores best
+    assert chosen.kept_steps == 2
+    record = load_model(chosen.path).provenance["adapted"]
+    assert record["steps"] == 2 and record["steps-asked"] == 6 and "validation slices" in record["kept"]
+    improving = adapted("improving", 6, 2, [0.0, 1.0, 2.0, 3.0])
+    two = adapted("two", 2, 2, [0.0, 1.0])
+    assert (improving.kept_steps, two.kept_steps) == (6, 2)
+    # the model kept is the one its first 2 steps gave, not the one 6 steps give
+    best, after_two, after_six = (load_model(r.path).arrays for r in (chosen, two, improving))
+    kept = site_kept_arrays(model)
+    assert all(np.array_equal(best[n], after_two[n]) for n in kept)
+    assert any(not np.allclose(best[n], after_six[n]) for n in kept)
+    last = adapt_model(model, tiny_sites[1], tmp_path / "last.medgan", steps=6, validate_every=0)
+    assert last.kept_steps == 6 and load_model(last.path).provenance["adapted"]["kept"] == "the last step"
+    with pytest.raises(MedGANError, match="--validate-every -1"):
+        adapt_model(model, tiny_sites[1], tmp_path / "bad.medgan", steps=2, validate_every=-1)
