@@ -27,7 +27,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore import log
 
 from client.payload import NUM_EXAMPLES
-from medgan_core.site_label import SITE_NAME_KEY, SITE_RECORD, is_site_name
+from medgan_core.site_label import LEGACY_SITE_NAME_KEY, SITE_NAME_KEY, SITE_RECORD, is_site_name
 from medgan_core.errors import MedGANError
 from medgan_core.site_round import PRIVACY_METRICS
 from medgan_core.tasks.registry import task_class
@@ -108,7 +108,7 @@ def legacy_audit_problems(request: Message, reply: Message) -> list[str]:
     """``audit_problems`` for a legacy NumPyClient's reply (the SecAgg+ path, checked before
     ``secaggplus_mod`` masks it): its weights are the global model's arrays again (as many,
     each of the same serialised size: the same shape and dtype), its metrics are declared
-    finite scalars, and nothing else is in it."""
+    finite scalars (and the site's name, a short label), and nothing else is in it."""
     if request.metadata.message_type not in LEGACY:
         return [f"message type {request.metadata.message_type!r} is not one a site answers"]
     ins, res = LEGACY[request.metadata.message_type]
@@ -124,7 +124,9 @@ def legacy_audit_problems(request: Message, reply: Message) -> list[str]:
     allowed = allowed_metric_names(request, f"{ins}.config")
     if allowed is None:
         problems.append("the request names no known task, so no metric is declared")
-    metrics = content.config_records.get(f"{res}.metrics") or {}
+    metrics = dict(content.config_records.get(f"{res}.metrics") or {})
+    if LEGACY_SITE_NAME_KEY in metrics and not is_site_name(metrics.pop(LEGACY_SITE_NAME_KEY)):
+        problems.append(f"the {LEGACY_SITE_NAME_KEY!r} metric is not a short site label")
     if len(metrics) > MAX_METRICS:
         problems.append(f"{len(metrics)} metrics; at most {MAX_METRICS} may leave")
     undeclared = sorted(set(metrics) - (allowed or frozenset()))

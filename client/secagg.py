@@ -26,6 +26,7 @@ from medgan_core.errors import PrivacyError
 from medgan_core.round_instructions import RoundInstructions
 from medgan_core.runtime import resolve_device
 from medgan_core.sharing import ordered_names
+from medgan_core.site_label import LEGACY_SITE_NAME_KEY
 from medgan_core.site_round import outgoing_eval_metrics, outgoing_train_metrics, train_site_round
 from medgan_core.tasks.base import Task
 from medgan_core.tasks.registry import build_task
@@ -56,7 +57,7 @@ class SiteNumPyClient(NumPyClient):
         weights = task.get_weights()
         check_arrays(weights, task.weight_shapes(), "local update")
         sent = outgoing_train_metrics(task, metrics, round_.privacy.enabled)  # the plain path's release rule
-        return [weights[n] for n in ordered_names(task)], data.num_train, sent
+        return [weights[n] for n in ordered_names(task)], data.num_train, {**sent, **self._name()}
 
     def evaluate(self, parameters: list[np.ndarray], config: dict[str, Scalar]) -> tuple[float, int, dict]:
         task, _ = self._task(parameters, config)
@@ -64,7 +65,11 @@ class SiteNumPyClient(NumPyClient):
         scores = task.evaluate(data) if self.site.release_test_metrics else {}
         metrics = outgoing_eval_metrics(task, scores, self.site)
         # the legacy API wants a "loss": the task's headline score where the site releases it
-        return float(metrics.get(task.headline_metric, 0.0)), int(data.test.shape[0]), metrics
+        return float(metrics.get(task.headline_metric, 0.0)), int(data.test.shape[0]), {**metrics, **self._name()}
+
+    def _name(self) -> dict[str, Scalar]:
+        """The site's name, as the plain path's replies carry it (none: the coordinator uses the node id)."""
+        return {LEGACY_SITE_NAME_KEY: self.site.announced_name} if self.site.announced_name else {}
 
 
 def build_secagg_client_app(sites: Sequence[SiteConfig] | None = None) -> ClientApp:

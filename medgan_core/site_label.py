@@ -15,6 +15,9 @@ import re
 SITE_NAME = re.compile(r"[^\W_][\w .'-]{0,63}")
 #: The config record of a reply that names its site, and its one key.
 SITE_RECORD, SITE_NAME_KEY = "site", "name"
+#: A legacy (SecAgg+ path) reply has no record of its own for it: its metrics carry the name
+#: under this key, the one value there that is text (the audit checks it is a site label).
+LEGACY_SITE_NAME_KEY = "site-name"
 _NAMED_REASON = re.compile(r"\[(" + SITE_NAME.pattern + r")\] (.*)", re.DOTALL)
 
 

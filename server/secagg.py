@@ -28,6 +28,7 @@ from medgan_core.study_config import StudyConfig
 from medgan_core.errors import ConfigError
 from medgan_core.privacy.dp_sgd import validate_private_modules
 from medgan_core.sharing import ordered_names
+from medgan_core.site_label import LEGACY_SITE_NAME_KEY, is_site_name
 from medgan_core.tasks.base import Task
 from medgan_core.tasks.registry import build_task
 from server.warm_start import start_from_initial_model
@@ -38,6 +39,14 @@ from server.tracking import NoTracking, Tracker, open_tracker
 from strategies.grouped_fedavg import RoundLog, SiteReply, weighted_metrics
 
 CLIPPING_RANGE = 8.0  # SecAgg+ quantises each weight within ±8: far beyond GAN weights here
+
+
+def _site_reply(node_id: int, num_examples: int, metrics: dict) -> SiteReply:
+    """A legacy reply as the plain path's: its scalars, and the name the site announced
+    among them (``LEGACY_SITE_NAME_KEY``; kept only if it is a site label)."""
+    name = metrics.get(LEGACY_SITE_NAME_KEY, "")
+    scalars = {k: float(v) for k, v in metrics.items() if k != LEGACY_SITE_NAME_KEY}
+    return SiteReply(node_id, float(num_examples), scalars, {}, site=name if is_site_name(name) else "")
 
 
 class RecordingFedAvg(LegacyFedAvg):
@@ -62,8 +71,7 @@ class RecordingFedAvg(LegacyFedAvg):
 
     def aggregate_fit(self, server_round, results, failures):  # type: ignore[no-untyped-def]
         log = self.logs.setdefault(server_round, RoundLog())
-        log.train = [SiteReply(proxy.node_id, float(res.num_examples), {k: float(v) for k, v in res.metrics.items()}, {})
-                     for proxy, res in results]
+        log.train = [_site_reply(proxy.node_id, res.num_examples, res.metrics) for proxy, res in results]
         log.excluded = [{"node": -1, "reason": f"site error: {f}"} for f in failures]
         parameters, _ = super().aggregate_fit(server_round, results, failures)
         if parameters is not None:
@@ -79,8 +87,7 @@ class RecordingFedAvg(LegacyFedAvg):
 
     def aggregate_evaluate(self, server_round, results, failures):  # type: ignore[no-untyped-def]
         log = self.logs.setdefault(server_round, RoundLog())
-        log.evaluate = [SiteReply(proxy.node_id, float(res.num_examples), {k: float(v) for k, v in res.metrics.items()}, {})
-                        for proxy, res in results]
+        log.evaluate = [_site_reply(proxy.node_id, res.num_examples, res.metrics) for proxy, res in results]
         self._record(server_round, self._latest)
         return None, weighted_metrics(log.evaluate)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
@@ -122,6 +124,11 @@ def _fit_reply(arrays: list[np.ndarray], metrics: dict) -> RecordDict:
          "not declared"),  # under DP a loss stays at the site
         ([np.ones((3, 3), np.float32), np.ones(2, np.float32)], {"epsilon": 0.3, "dp": "Jane Doe"},
          "not a finite scalar"),
+        ([np.ones((3, 3), np.float32), np.ones(2, np.float32)], {"epsilon": 0.3, "site-name": "St Mary's 2"}, ""),
+        ([np.ones((3, 3), np.float32), np.ones(2, np.float32)], {"epsilon": 0.3, "site-name": "/data/Jane Doe"},
+         "not a short site label"),  # the one text metric may hold a name, not a path or a record
+        ([np.ones((3, 3), np.float32), np.ones(2, np.float32)], {"epsilon": 0.3, "site-name": 0.5},
+         "not a short site label"),
     ],
 )
 def test_the_secagg_path_is_audited_before_masking(arrays, metrics, why: str) -> None:  # type: ignore[no-untyped-def]
@@ -154,6 +161,9 @@ def test_the_secagg_client_app_runs_the_audit(tiny_sites, tiny_study, tmp_path, 
     context = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
     fine = secagg.build_secagg_client_app([site])(request, context)
     assert not fine.has_error(), fine.error.reason if fine.has_error() else ""
+    assert "site-name" not in fine.content.config_records["evaluateres.metrics"]  # no name set: the node id names it
+    named = secagg.build_secagg_client_app([dataclasses.replace(site, name="st-mary")])(request, context)
+    assert named.content.config_records["evaluateres.metrics"]["site-name"] == "st-mary"
     monkeypatch.setattr(secagg.SiteNumPyClient, "evaluate", lambda self, p, c: (0.0, 4, {"pixel-0": 0.3}))
     leak = secagg.build_secagg_client_app([site])(request, context)
     assert leak.has_error() and leak.error.code == AUDIT_BLOCKED and "pixel-0" in leak.error.reason

@@ -82,6 +82,7 @@ def test_secagg_gives_the_plain_fedavg_model_up_to_quantisation(
     records = read_jsonl(tmp_path / "secagg" / "metrics.jsonl")
     assert [r["round"] for r in records] == [0, 1]
     assert len(records[1]["sites"]) == 2 and all("epsilon" in s["train"] for s in records[1]["sites"])
+    assert sorted(s["site"] for s in records[1]["sites"]) == sorted(p.name for p in tiny_sites)  # named, as plain
     assert (tmp_path / "secagg" / "report.md").is_file()
 
 
@@ -95,3 +96,14 @@ def test_central_dp_adds_noise_to_the_aggregate(plain_run: Path, public: Path, t
     noisy, _ = load_checkpoint(tmp_path / "central" / "checkpoints" / "round-001.safetensors")
     diff = np.concatenate([(noisy[k] - plain[k]).ravel() for k in plain])
     assert diff.std() == pytest.approx(0.25, rel=0.1)  # the noise, not clipping, dominates here
+
+
+def test_a_secagg_reply_is_named_only_by_a_site_label() -> None:
+    """The coordinator takes the name a SecAgg+ site's metrics carry only if it is a short label,
+    and never counts it as a score."""
+    from server.secagg import _site_reply
+
+    named = _site_reply(3, 4, {"epsilon": 1.5, "site-name": "st-mary"})
+    assert (named.site, named.metrics, named.num_examples) == ("st-mary", {"epsilon": 1.5}, 4.0)
+    assert _site_reply(3, 4, {"epsilon": 1.5, "site-name": "../../etc/passwd"}).site == ""
+    assert _site_reply(3, 4, {"epsilon": 1.5}).site == ""
