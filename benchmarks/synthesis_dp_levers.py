@@ -67,14 +67,16 @@ def run_arm(out: Path, slug: str, base: Path, task: dict, privacy: dict, rounds:
         return rows, 0.0
     if study.run.initial_model and not Path(study.run.initial_model).exists():
         raise SystemExit(f"arm {slug} starts from {study.run.initial_model}; make it first: {PRETRAIN}")
-    config = out / f"{slug}.toml"
+    arms = out / "arms"  # each arm's study file and console log (not results: gitignored)
+    arms.mkdir(exist_ok=True)
+    config = arms / f"{slug}.toml"
     config.write_text(dump_study(study))
     started = time.monotonic()
-    with open(out / f"{slug}.log", "w") as log:
+    with open(arms / f"{slug}.log", "w") as log:
         code = subprocess.call([sys.executable, "-m", "medgan.cli", "demo", "--config", str(config)],
                                stdout=log, stderr=subprocess.STDOUT)
     if code != 0 or not (rows := finished()):
-        raise SystemExit(f"arm {slug} failed (exit {code}); see {out / f'{slug}.log'}")
+        raise SystemExit(f"arm {slug} failed (exit {code}); see {arms / f'{slug}.log'}")
     return rows, time.monotonic() - started
 
 
