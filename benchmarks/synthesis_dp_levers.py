@@ -17,7 +17,6 @@ results.json, results.md and each arm's last sample grid (samples-ARM.png).
 from __future__ import annotations
 
 import json
-import platform
 import shutil
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import time
 from pathlib import Path
 
 from bench_common import arguments
+from speed import machine as describe_machine
 from medgan_core.study_config import dump_study, load_study
 
 DEMO = Path("sites_example/demo.toml")
@@ -95,7 +95,7 @@ def main() -> None:
         results[slug] = {"label": label, "seconds": seconds, **{k: last["evaluate"][k] for k in METRICS},
                          "diversity_by_round": [r["evaluate"].get("diversity") for r in rows]}
         print(json.dumps({slug: results[slug]}), flush=True)
-    machine = {"platform": platform.platform(), "python": platform.python_version(), "cpus": __import__("os").cpu_count()}
+    machine = describe_machine()
     (args.out / "results.json").write_text(json.dumps({"arms": results, "machine": machine}, indent=2))
     lines = ["# The DP demo's generator: levers against mode collapse", "",
              f"Command: `python benchmarks/synthesis_dp_levers.py --rounds {args.rounds} --local-steps "

@@ -158,7 +158,10 @@ def export(
     except MedGANError as exc:
         fail(exc)
     from medgan_core.model_file import load_model
+    from medgan_core.tasks.registry import task_class
+    from medgan_core.tasks.synthesis import SynthesisTask
 
-    use = (f"medgan synth --model {path} --n … --out …" if load_model(path).task.name in ("synthesis", "conditional")
+    generator = issubclass(task_class(load_model(path).task.name), SynthesisTask)  # what 'medgan synth' draws from
+    use = (f"medgan synth --model {path} --n … --out …" if generator
            else f"medgan infer --model {path} --input … --output …")
     console.print(f"model written to {path}; apply it with '{use}'")
