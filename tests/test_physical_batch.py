@@ -91,20 +91,20 @@ def test_a_step_in_parts_equals_the_step_on_the_whole_batch(
     clipped.clear()
     parts, parts_largest, parts_losses, parts_accountant = trained(PART)
 
-    # a synthesis discriminator sees a generated image beside each real record in the same pass
-    rows_per_record = {"generator": 1, "discriminator": 2 if name == "conditional" else 1}
+    # (a synthesis discriminator's rows are the real records and then its generated images,
+    # split into parts alike)
     assert whole_largest["generator"] > PART  # the whole batch did not fit in one part...
     for network, largest in parts_largest.items():  # ...and in parts no pass held more
-        assert 0 < largest <= PART * rows_per_record[network], network
-    for key in whole:
-        np.testing.assert_allclose(parts[key], whole[key], rtol=2e-4, atol=2e-6, err_msg=key)
+        assert 0 < largest <= PART, network
+    for key in whole:  # to rounding: 2e-5 is 1 % of one Adam step at lr 2e-3
+        np.testing.assert_allclose(parts[key], whole[key], rtol=2e-4, atol=2e-5, err_msg=key)
     assert parts_losses.keys() == whole_losses.keys()
     for key in whole_losses:
         assert parts_losses[key] == pytest.approx(whole_losses[key], rel=1e-4, abs=1e-6), key
     if private:
         # the same records clipped, part by part, and the steps accounted as before
         assert whole_clips and max(whole_clips) > PART
-        assert sum(clipped) == sum(whole_clips) and max(clipped) <= PART * (2 if name == "conditional" else 1)
+        assert sum(clipped) == sum(whole_clips) and max(clipped) <= PART
         assert parts_accountant.steps == whole_accountant.steps == 2
         assert parts_accountant.epsilon() == pytest.approx(whole_accountant.epsilon())
     else:

@@ -6,6 +6,7 @@ that lowers a site's policy, a ledger deleted or edited, a round charged twice.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -13,13 +14,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
 from medgan_core.config import PrivacyConfig, SiteConfig, load_site, privacy_config_from_flat
 from medgan_core.study_config import StudyConfig
+from medgan_core.data.dataset import SiteData
 from medgan_core.errors import ConfigError, PrivacyError
 from medgan_core.privacy import DPSettings, SiteAccountant, plan_dp
 from medgan_core.privacy.dp_sgd import joint_noise_multiplier
+from medgan_core.privacy.ghost import GhostDPOptimizer
 from medgan_core.site_round import accountant_path, train_site_round
 from medgan_core.tasks.registry import build_task
 from medgan_core.tasks.registry import load_task_data, task_config
@@ -236,3 +240,54 @@ def test_an_altered_release_copy_is_refused(tiny_sites: list[Path], tmp_path: Pa
     copy.write_bytes(bytes(data))
     with pytest.raises(PrivacyError, match="altered"):
         _round(site, privacy, tiny_sites, 1)
+
+
+# --- a generated image must not carry a record's presence --------------------------------------
+def _synthesis_data(records: int = 40) -> SiteData:
+    generator = torch.Generator().manual_seed(3)
+    images = torch.rand(records, 1, 16, 16, generator=generator) * 2 - 1
+    burden = torch.rand(records, generator=generator) * 0.3
+    return SiteData("s", images, images, train_condition=burden, test_condition=burden)
+
+
+@pytest.mark.parametrize("name", ["synthesis", "conditional"])
+def test_one_more_record_moves_the_discriminators_clipped_sum_by_the_clip_and_no_more(
+        name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The accountant assumes a record changes a step's clipped sum by at most C. Were the
+    step to generate as many images as the Poisson batch holds real ones, a record would
+    also bring one more generated image, another clipped gradient: 2C, and the ε reported
+    half of what the noise protects. Every per-sample gradient here is longer than C (a tiny
+    C), so the record's own clipped gradient moves the sum by exactly C."""
+    clip = 1e-4
+    task = build_task(task_config(name=name, image_size=16, width=8, batch_size=8, z_dim=8, seed=0))
+    data = _synthesis_data()
+    dp = DPSettings(noise_multiplier=0.0, max_grad_norm=clip, sample_rate=0.2, expected_batch_size=8,
+                    secure_rng=False)
+    sums: list[torch.Tensor] = []
+    original = GhostDPOptimizer.clip_and_accumulate
+
+    def spy(optimizer: GhostDPOptimizer) -> None:
+        original(optimizer)
+        sums.append(torch.cat([p.summed_grad.flatten() for p in optimizer.params]).clone())
+
+    monkeypatch.setattr(GhostDPOptimizer, "clip_and_accumulate", spy)
+    for batch in (torch.arange(6), torch.arange(7)):  # the second: the same batch and one more record
+        fresh = copy.deepcopy(task)  # the same networks before each step
+        with fresh.training_setup(dp, seed=0) as s:
+            fresh.train_step(s, data, "train", batch)
+    assert len(sums) == 2  # only the discriminator is private
+    assert float((sums[1] - sums[0]).norm()) == pytest.approx(clip, rel=1e-3)
+
+
+def test_an_empty_poisson_batch_is_still_a_noisy_discriminator_step_and_a_generator_step() -> None:
+    """Skipping a step whose Poisson batch came out empty would tell whether it did (the
+    released model moves, or not); the synthesis step has its generated images to step on."""
+    task = build_task(task_config(name="synthesis", image_size=16, width=8, batch_size=8, z_dim=8, seed=0))
+    before = {k: v.copy() for k, v in task.get_weights().items()}
+    dp = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=1e-12, expected_batch_size=8,
+                    secure_rng=False)
+    metrics = task.train(_synthesis_data(), 2, seed=0, dp=dp)
+    after = task.get_weights()
+    for group in ("discriminator", "generator"):
+        assert any(not np.array_equal(before[k], after[k]) for k in after if k.startswith(group)), group
+    assert "d-real" not in metrics and "d-fake" in metrics  # no real image was read

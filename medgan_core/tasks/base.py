@@ -224,6 +224,9 @@ class TrainingSetup:
     #: Steps taken so far this round (0 during the first): tasks that step their networks at
     #: different rates read it (``task.d-steps``).
     steps_taken: int = 0
+    #: Under DP, the Poisson batch's expected size (0: no DP). What a step does beyond its real
+    #: records (how many images it generates) must not depend on how many it drew.
+    expected_batch: int = 0
 
     def parts(self, records: int, rows_per_record: int = 1) -> list[BatchPart]:
         """The physical parts a step on ``records`` records (each ``rows_per_record`` adjacent
@@ -318,6 +321,10 @@ class GANTask(Task):
 
     generator: nn.Module
     discriminator: nn.Module
+    #: Whether a step whose Poisson batch came out empty still steps (on what it generates,
+    #: with the private optimiser's noise), as DP-SGD's analysis has it; otherwise it is
+    #: skipped (a step of an image-to-image task has nothing to train on without records).
+    steps_on_empty_batch: ClassVar[bool] = False
 
     def __init__(self, config: TaskConfig, device: torch.device | str = "cpu") -> None:
         super().__init__(config, device)
@@ -425,6 +432,7 @@ class GANTask(Task):
         opt_d = self._optimizer("discriminator", cfg.lr_discriminator)
         setup = TrainingSetup(self.generator, self.discriminator, opt_g, opt_d, rng, rng, cfg.physical_batch)
         if dp is not None:
+            setup.expected_batch = dp.expected_batch_size
             setup.sampler = privacy_generator(dp, seed + 1)  # secret: which records are in a batch
             noise = privacy_generator(dp, seed + 2, self.device)  # secret: the noise, drawn where the weights are
             for group in self.private_groups:
@@ -475,7 +483,7 @@ class GANTask(Task):
         with self.training_setup(dp, seed) as s:
             for _ in range(steps):
                 for pool, idx in self.draw_batches(pools, s, dp, accountant).items():
-                    if idx.numel() == 0:
+                    if idx.numel() == 0 and not self.steps_on_empty_batch:
                         continue  # an empty Poisson batch: the step is spent, nothing is learned
                     for key, value in self.train_step(s, data, pool, idx).items():
                         totals[key] = totals.get(key, 0.0) + value

@@ -16,7 +16,7 @@ from medgan_core.metrics.features import PhantomFeatureNet, feature_scores, load
 from medgan_core.models.dcgan import DCGANDiscriminator, DCGANGenerator, init_dcgan_weights
 from medgan_core.config import TaskConfig
 from medgan_core.errors import ConfigError
-from medgan_core.tasks.base import BatchPart, GANParams, GANTask, TrainingSetup
+from medgan_core.tasks.base import GANParams, GANTask, TrainingSetup
 
 
 ARCHITECTURES = ("dcgan", "skips")
@@ -74,6 +74,7 @@ class SynthesisTask(GANTask):
     Params = SynthesisParams
     params: SynthesisParams
     private_groups = ("discriminator",)
+    steps_on_empty_batch = True  # it has its generated images: a DP step reveals nothing of the batch's size
     train_metrics = frozenset({"loss-d", "loss-g", "d-real", "d-fake"})
     eval_metrics = frozenset({"swd", "intensity-w1", "fid", "kid", "diversity", "precision", "recall"})
     headline_metric = "swd"
@@ -97,9 +98,16 @@ class SynthesisTask(GANTask):
         real = data.train[idx].to(self.device)
         y_real = self.real_conditions(data, idx)
         n = real.shape[0]
-        z = torch.randn(n, self.params.z_dim, generator=s.rng).to(self.device)
-        y_fake = self.prior_conditions(n, s.rng)
-        parts = s.parts(n)  # one, unless task.physical-batch bounds a pass
+        # Under DP the step generates the expected batch's number of images, not the Poisson
+        # batch's: were it n, one more record would bring one more generated image, a second
+        # clipped gradient in the discriminator's sum (sensitivity 2C, not the C the
+        # accountant assumes), and the generator's step would see n too. So an empty batch is
+        # still a step (``steps_on_empty_batch``): the generated images and the noise.
+        m = s.expected_batch or n
+        z = torch.randn(m, self.params.z_dim, generator=s.rng).to(self.device)
+        y_fake = self.prior_conditions(m, s.rng)
+        parts = s.parts(n + m)  # the real rows, then the generated ones; one part unless task.physical-batch
+        generator_parts = s.parts(m)
         # The generator steps after every d-steps-th discriminator step (the round's last included).
         generator_steps = (s.steps_taken + 1) % self.params.d_steps == 0
         # One part: the generated images of the discriminator's step are the generator's
@@ -107,32 +115,37 @@ class SynthesisTask(GANTask):
         with contextlib.nullcontext() if generator_steps else torch.no_grad():
             fake_all = _call(s.generator, z, y_fake) if len(parts) == 1 else None
 
-        def generated(part: BatchPart) -> torch.Tensor:
-            return fake_all if fake_all is not None else _call(s.generator, z[part.rows], _rows(y_fake, part))
+        def generated(rows: slice) -> torch.Tensor:
+            return fake_all[rows] if fake_all is not None else _call(s.generator, z[rows], _rows(y_fake, rows))
 
         # Discriminator: one pass over real and generated images together, on the mean loss
-        # over all 2n of them (what Opacus' per-sample gradients assume), so under DP every
+        # over all n + m of them (what Opacus' per-sample gradients assume), so under DP every
         # image is its own clipped per-sample gradient: a real record counts once and a
         # generated image, which depends on no record, costs no privacy. One pass instead of
         # one per half spares Opacus concatenating two sets of per-sample gradients, three
-        # times at every clipping (44 % of a DP step's time before). The gradient is half
-        # that of the two means' sum, which Adam's update does not see.
-        stats = {"loss-d": 0.0, "d-real": 0.0, "d-fake": 0.0}
+        # times at every clipping (44 % of a DP step's time before). With n = m the gradient
+        # is half that of the two means' sum, which Adam's update does not see.
+        sums = {"real-loss": 0.0, "real-p": 0.0, "fake-loss": 0.0, "fake-p": 0.0}
         s.opt_d.zero_grad(set_to_none=True)
         for part in parts:
+            real_rows = slice(min(part.rows.start, n), min(part.rows.stop, n))
+            fake_rows = slice(max(part.rows.start, n) - n, max(part.rows.stop, n) - n)
             with torch.no_grad() if fake_all is None else contextlib.nullcontext():
-                fake = generated(part).detach()
-            y_real_p, y_fake_p = _rows(y_real, part), _rows(y_fake, part)
+                fake = generated(fake_rows).detach()
+            y_real_p, y_fake_p = _rows(y_real, real_rows), _rows(y_fake, fake_rows)
             y_both = None if y_real_p is None else torch.cat([y_real_p, y_fake_p])
-            logits = _call(s.discriminator, torch.cat([real[part.rows], fake]), y_both)
-            logits_real, logits_fake = logits[: len(fake)], logits[len(fake) :]
-            loss_real = F.softplus(-logits_real).mean()
-            loss_fake = F.softplus(logits_fake).mean()
-            s.backward((loss_real + loss_fake) / 2, s.discriminator, part)
+            logits = _call(s.discriminator, torch.cat([real[real_rows], fake]), y_both)
+            logits_real, logits_fake = logits[: len(logits) - len(fake)], logits[len(logits) - len(fake) :]
+            losses = torch.cat([F.softplus(-logits_real), F.softplus(logits_fake)])
+            s.backward(losses.mean(), s.discriminator, part)
             s.step(s.opt_d, part)
-            for key, value in (("loss-d", loss_real + loss_fake), ("d-real", torch.sigmoid(logits_real).mean()),
-                               ("d-fake", torch.sigmoid(logits_fake).mean())):
-                stats[key] += value.item() * part.share
+            with torch.no_grad():
+                for key, value in (("real-loss", F.softplus(-logits_real)), ("real-p", torch.sigmoid(logits_real)),
+                                   ("fake-loss", F.softplus(logits_fake)), ("fake-p", torch.sigmoid(logits_fake))):
+                    sums[key] += value.sum().item()
+        stats = {"d-fake": sums["fake-p"] / m}
+        if n:  # the losses on real images (an empty Poisson batch has none)
+            stats.update({"loss-d": sums["real-loss"] / n + sums["fake-loss"] / m, "d-real": sums["real-p"] / n})
         if not generator_steps:
             return stats
 
@@ -140,9 +153,9 @@ class SynthesisTask(GANTask):
         stats["loss-g"] = 0.0
         with s.learning_through(s.discriminator):
             s.opt_g.zero_grad(set_to_none=True)
-            for part in parts:
-                fake = generated(part)
-                loss_g = F.softplus(-_call(s.discriminator, fake, _rows(y_fake, part))).mean()
+            for part in generator_parts:
+                fake = generated(part.rows)
+                loss_g = F.softplus(-_call(s.discriminator, fake, _rows(y_fake, part.rows))).mean()
                 if self.params.mode_seeking > 0:
                     loss_g = loss_g + self.params.mode_seeking * mode_seeking_penalty(fake, z[part.rows])
                 s.backward(loss_g, s.generator, part)
@@ -202,9 +215,9 @@ def mode_seeking_penalty(images: torch.Tensor, codes: torch.Tensor, eps: float =
     return 1 / ((image_gap / code_gap).mean() + eps)
 
 
-def _rows(conditions: torch.Tensor | None, part: BatchPart) -> torch.Tensor | None:
-    """The condition vectors of ``part``'s rows (None: unconditional)."""
-    return None if conditions is None else conditions[part.rows]
+def _rows(conditions: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    """The condition vectors of ``rows`` (None: unconditional)."""
+    return None if conditions is None else conditions[rows]
 
 
 def _call(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
