@@ -291,3 +291,20 @@ def test_an_empty_poisson_batch_is_still_a_noisy_discriminator_step_and_a_genera
     for group in ("discriminator", "generator"):
         assert any(not np.array_equal(before[k], after[k]) for k in after if k.startswith(group)), group
     assert "d-real" not in metrics and "d-fake" in metrics  # no real image was read
+
+
+@pytest.mark.parametrize("name", ["denoise", "cycle"])
+def test_an_empty_poisson_batch_is_still_a_noisy_step_of_every_private_network(name: str, tiny_sites: list[Path]) -> None:
+    """An image-to-image step has nothing to train on without records, but its private
+    networks still take their noise (as Opacus does), and the step is accounted."""
+    config = task_config(name=name, image_size=16, batch_size=8, local_steps=2, width=8, seed=0)
+    task = build_task(config)
+    before = {k: v.copy() for k, v in task.get_weights().items()}
+    dp = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=1e-12, expected_batch_size=8,
+                    secure_rng=False)
+    accountant = SiteAccountant()
+    assert task.train(load_task_data(tiny_sites[1], config), 2, seed=0, dp=dp, accountant=accountant) == {}
+    after = task.get_weights()
+    for group in task.private_groups:
+        assert all(not np.array_equal(before[k], after[k]) for k in after if k.startswith(group)), group
+    assert accountant.steps == 2

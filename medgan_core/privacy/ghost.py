@@ -217,6 +217,22 @@ class GhostDPOptimizer(DPOptimizer):
         self._is_last_step_skipped = False
         return True
 
+    def noise_only_step(self) -> None:
+        """The step of a Poisson batch that drew no record: a zero clipped sum plus the noise,
+        as Opacus steps on an empty batch. Skipping it would let the released model tell
+        whether the batch was empty, which the privacy analysis does not cover."""
+        for p in self.params:
+            drop_ghost(p)
+            p.grad_sample = None
+            p.summed_grad = torch.zeros_like(p)
+        self.add_noise()
+        for p in self.params:
+            p.grad /= self.expected_batch_size
+        if self.step_hook:
+            self.step_hook(self)
+        self._is_last_step_skipped = False
+        self.original_optimizer.step()
+
     def zero_grad(self, set_to_none: bool = False) -> None:
         for p in self.params:
             drop_ghost(p)

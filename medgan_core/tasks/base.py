@@ -32,6 +32,7 @@ from medgan_core.privacy.dp_sgd import (
     poisson_batch,
     privacy_generator,
 )
+from medgan_core.privacy.ghost import GhostDPOptimizer
 from medgan_core.privacy.per_sample import FastConvGradSampleModule
 from medgan_core.runtime import seeded
 
@@ -237,6 +238,14 @@ class TrainingSetup:
         return [BatchPart(slice(start * rows_per_record, min(start + size, records) * rows_per_record),
                           (min(start + size, records) - start) / records, start + size >= records)
                 for start in starts]
+
+    def noise_only_step(self) -> None:
+        """A step on a Poisson batch that drew no record: each private optimiser steps on its
+        noise alone (``GhostDPOptimizer.noise_only_step``); nothing else learns."""
+        for optimizer in (self.opt_d, self.opt_g):
+            if isinstance(optimizer, GhostDPOptimizer):
+                optimizer.zero_grad(set_to_none=True)
+                optimizer.noise_only_step()
 
     @staticmethod
     def backward(loss: torch.Tensor, stepping: nn.Module, part: BatchPart | None = None) -> None:
@@ -484,7 +493,8 @@ class GANTask(Task):
             for _ in range(steps):
                 for pool, idx in self.draw_batches(pools, s, dp, accountant).items():
                     if idx.numel() == 0 and not self.steps_on_empty_batch:
-                        continue  # an empty Poisson batch: the step is spent, nothing is learned
+                        s.noise_only_step()  # an empty Poisson batch: the private networks take the noise
+                        continue
                     for key, value in self.train_step(s, data, pool, idx).items():
                         totals[key] = totals.get(key, 0.0) + value
                         counts[key] = counts.get(key, 0) + 1
