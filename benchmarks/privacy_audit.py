@@ -1,6 +1,7 @@
 """Privacy audit: membership inference with and without DP, and utility vs ε.
 
     python benchmarks/privacy_audit.py [--out benchmarks/results/privacy] [--steps 800] [--seeded]
+    python benchmarks/privacy_audit.py --unit patient   # ε per patient -> benchmarks/results/privacy-patient
 
 1. Membership inference: a site trains alone (what the coordinator receives from it each
    round is exactly this model), then the attacker scores every slice of the site with
@@ -67,13 +68,14 @@ def discriminator_scores(task, images: torch.Tensor, inputs: torch.Tensor | None
     return task.discriminator(inputs, images).numpy()
 
 
-def train(config: TaskConfig, data: SiteData, steps: int, epsilon: float, seed: int = 0, seeded: bool = False):
+def train(config: TaskConfig, data: SiteData, steps: int, epsilon: float, seed: int = 0, seeded: bool = False,
+          unit: str = "slice"):
     task = build_task(config)
     dp = accountant = None
     if np.isfinite(epsilon):
-        privacy = PrivacyConfig(target_epsilon=epsilon, secure_rng=not seeded)
-        # one joint release of the task's private networks per step (σ/√k each)
-        dp = plan_dp(privacy, data.num_train, config.batch_size, steps, task.dp_releases_per_step)
+        privacy = PrivacyConfig(target_epsilon=epsilon, secure_rng=not seeded, unit=unit)
+        # one joint release of the task's private networks per step (σ/√k each), over slices or patients
+        dp = plan_dp(privacy, task.dp_records(data, unit), config.batch_size, steps, task.dp_releases_per_step)
         accountant = SiteAccountant()
     chunk = 100
     for start in range(0, steps, chunk):
@@ -106,14 +108,18 @@ def memorisation_stress(data: SiteData, epsilons: tuple[float, ...] = (8.0, floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/privacy"))
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: benchmarks/results/privacy, or privacy-patient with --unit patient")
     parser.add_argument("--data", type=Path, default=Path("benchmarks/data/audit-site"))
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--replot", action="store_true", help="Rewrite results.md and the PNG from results.json.")
     parser.add_argument("--stress-only", action="store_true", help="Only rerun the memorisation stress test.")
     parser.add_argument("--seeded", action="store_true",
                         help="DP noise and sampling follow the seed (secure-rng off), so a rerun reproduces the table.")
+    parser.add_argument("--unit", choices=("slice", "patient"), default="slice",
+                        help="the DP record (privacy.unit); the memorisation stress test runs for slices only")
     args = parser.parse_args()
+    args.out = args.out or Path("benchmarks/results/privacy" + ("-patient" if args.unit == "patient" else ""))
     if args.stress_only:
         stress = memorisation_stress(load_task_data(args.data, TASKS["synthesis"]), seeded=args.seeded)
         (args.out / "stress.json").write_text(json.dumps(stress, indent=2))
@@ -135,21 +141,23 @@ def main() -> None:
         data = load_task_data(args.data, config)
         for epsilon in EPSILONS:
             started = time.monotonic()
-            task, spent, sigma = train(config, data, args.steps, epsilon, seeded=args.seeded)
+            task, spent, sigma = train(config, data, args.steps, epsilon, seeded=args.seeded, unit=args.unit)
             quality = task.evaluate(data)
             member = discriminator_scores(task, data.train, data.train_input)
             other = discriminator_scores(task, data.test, data.test_input)
             row = {
                 "task": name, "epsilon_target": epsilon, "epsilon_spent": spent, "noise_multiplier": sigma,
                 "steps": args.steps, "train_images": data.num_train, "held_out_images": len(data.test),
-                "mia_auc": auc(member, other), "seeded": args.seeded,
+                "mia_auc": auc(member, other), "seeded": args.seeded, "unit": args.unit,
+                "train_patients": len(set(data.train_subjects.tolist())),
                 **{k: v for k, v in quality.items()}, "seconds": time.monotonic() - started,
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
-    stress = memorisation_stress(load_task_data(args.data, TASKS["synthesis"]), seeded=args.seeded)
     (args.out / "results.json").write_text(json.dumps(rows, indent=2))
-    (args.out / "stress.json").write_text(json.dumps(stress, indent=2))
+    if args.unit == "slice":
+        stress = memorisation_stress(load_task_data(args.data, TASKS["synthesis"]), seeded=args.seeded)
+        (args.out / "stress.json").write_text(json.dumps(stress, indent=2))
     write_markdown(rows, args.out / "results.md", args)
     plot(rows, args.out / "utility_privacy.png")
     print(f"results in {args.out}")
@@ -161,12 +169,17 @@ def auc_cell(row: dict, members: int) -> str:
 
 
 def write_markdown(rows: list[dict], path: Path, args: argparse.Namespace) -> None:
-    seeded = rows[0]["seeded"]
+    seeded, unit = rows[0]["seeded"], rows[0].get("unit", "slice")
     lines = [
-        "# Privacy audit", "",
+        "# Privacy audit" + (": ε per patient" if unit == "patient" else ""), "",
         f"One simulated site (hospital-c profile, 42 training subjects, {rows[0]['train_images']} training slices), "
         f"{args.steps} local DP-SGD steps, δ = 1e-5, C = 1. Command: `python benchmarks/privacy_audit.py --steps "
-        f"{args.steps}{' --seeded' if seeded else ''}`.",
+        f"{args.steps}{' --seeded' if seeded else ''}{' --unit patient' if unit == 'patient' else ''}`.",
+        ("The DP record is a **patient** (`[privacy] unit = \"patient\"`): a batch samples patients at rate "
+         "batch / 42 and takes one slice of each, so ε is a patient's." if unit == "patient" else
+         "The DP record is a **slice** (`[privacy] unit = \"slice\"`, the default): a batch samples slices at "
+         "rate batch / slices, so ε is a slice's; a patient's 4 slices are covered as a group of 4 "
+         "(`benchmarks/results/privacy-patient`: the same audit with ε per patient)."),
         "Every ε uses the same settings (denoise: Adam lr 2e-3, which DP-SGD needs; plain training does better "
         "with 2e-4, so the ∞ row understates the non-private optimum).",
         "",

@@ -43,7 +43,8 @@ def node_config(site: SiteConfig) -> str:
     if site.physical_batch > 0:
         text += f" physical-batch={site.physical_batch}"
     text += (f" require-dp={str(site.require_dp).lower()} require-secure-rng={str(site.require_secure_rng).lower()}"
-             f" max-delta={site.max_delta!r} release-test-metrics={str(site.release_test_metrics).lower()}"
+             f" max-delta={site.max_delta!r} require-patient-level={str(site.require_patient_level).lower()}"
+             f" release-test-metrics={str(site.release_test_metrics).lower()}"
              f" max-steps-per-round={site.max_steps_per_round} max-batch-size={site.max_batch_size}")
     return text
 

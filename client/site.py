@@ -35,6 +35,7 @@ def site_from_context(
             require_dp=_flag(policy["require-dp"], "require-dp"),
             require_secure_rng=_flag(policy["require-secure-rng"], "require-secure-rng"),
             max_delta=_number(policy["max-delta"], "max-delta"),
+            require_patient_level=_flag(policy["require-patient-level"], "require-patient-level"),
             release_test_metrics=_flag(policy["release-test-metrics"], "release-test-metrics"),
             max_steps_per_round=_whole(policy["max-steps-per-round"], "max-steps-per-round"),
             max_batch_size=_whole(policy["max-batch-size"], "max-batch-size"),

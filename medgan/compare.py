@@ -159,7 +159,12 @@ def pooled_model(study: StudyConfig, data: list[SiteData]) -> Task:
     (their personal fine-tunes included)."""
     def joined(field: str) -> torch.Tensor | None:
         parts = [getattr(d, field) for d in data]
-        return None if any(p is None for p in parts) else torch.cat(parts)
+        if any(p is None for p in parts):
+            return None
+        if field.endswith("_subjects"):  # each site numbers its own patients from 0: theirs stay apart
+            offsets = torch.cumsum(torch.tensor([0] + [int(p.max()) + 1 if len(p) else 0 for p in parts[:-1]]), 0)
+            parts = [p + offset for p, offset in zip(parts, offsets)]
+        return torch.cat(parts)
 
     union = SiteData("pooled", **{f.name: joined(f.name) for f in fields(SiteData) if f.name != "site"})  # type: ignore[arg-type]
     task = build_task(study.task)

@@ -22,6 +22,8 @@ from medgan_core.policies.registry import LOCAL, policy_class, policy_names
 MODALITIES = ("CT", "MR")
 DEVICES = ("auto", "cpu", "cuda")
 ACCOUNTANTS = ("rdp", "prv")
+#: What one record of DP-SGD is, the unit ε protects (``privacy.unit``).
+PRIVACY_UNITS = ("patient", "slice")
 LR_SCHEDULES = ("constant", "cosine")  # learning rate over a study's rounds (medgan_core.tasks.base.lr_scale)
 #: A δ this large lets a mechanism publish a whole record with that probability: refused.
 MAX_DELTA = 0.1
@@ -51,9 +53,9 @@ class TaskParams:
         site's step cap); 1 unless the task says otherwise."""
         return 1
 
-    def dp_refusal(self) -> str:
-        """Why these settings cannot train under DP ('' when they can): checked by the study and
-        again at the site, whatever a coordinator lets through."""
+    def dp_refusal(self, unit: str = "slice") -> str:
+        """Why these settings cannot train under DP with records of ``unit`` ('' when they can):
+        checked by the study and again at the site, whatever a coordinator lets through."""
         return ""
 
 
@@ -196,6 +198,10 @@ class PrivacyConfig:
     central_clipping_norm: float = 10.0
     secagg: bool = False
     secure_rng: bool = True  # False only for tests: DP noise and sampling then follow the seed
+    #: The record ε protects: a ``slice`` (a batch samples slices: a patient with k slices in
+    #: training is covered only as a group of k), or a ``patient`` (a batch samples patients,
+    #: one slice each).
+    unit: str = "slice"
 
     def validate(self) -> None:
         if self.target_epsilon <= 0:
@@ -211,6 +217,8 @@ class PrivacyConfig:
             raise ConfigError(f"privacy.central-clipping-norm = {self.central_clipping_norm}; it must be positive")
         if self.accountant not in ACCOUNTANTS:
             raise ConfigError(f"privacy.accountant = {self.accountant!r}; choose one of {', '.join(ACCOUNTANTS)}")
+        if self.unit not in PRIVACY_UNITS:
+            raise ConfigError(f"privacy.unit = {self.unit!r}; choose one of {', '.join(PRIVACY_UNITS)}")
 
 
 @dataclass(frozen=True)
@@ -345,6 +353,7 @@ class SiteConfig:
     require_dp: bool = False
     require_secure_rng: bool = False
     max_delta: float = MAX_DELTA
+    require_patient_level: bool = False  # ε must protect a patient (privacy.unit = "patient"), not a slice
     release_test_metrics: bool = True  # held-out scores (of the test split, outside ε) may leave
     # The most training steps one round may ask of this site, local steps and a personal
     # fine-tune together (0: no cap): a buggy or hostile study cannot hold the machine for days.
@@ -383,6 +392,10 @@ class SiteConfig:
         if privacy.delta > self.max_delta:
             return (f"site {self.site_name} allows δ up to {self.max_delta:g}, the study asks for "
                     f"δ = {privacy.delta:g}; refused by the site's policy")
+        if self.require_patient_level and privacy.unit != "patient":
+            return (f"site {self.site_name} requires ε per patient ([privacy] unit = \"patient\"), the study asks for "
+                    f"unit = {privacy.unit!r} (a patient with k slices would be covered only as a group of k); "
+                    "refused by the site's policy")
         return ""
 
     def work_refusal(self, task: TaskConfig, finetune_steps: int) -> str:
@@ -427,10 +440,11 @@ class SiteConfig:
 
 
 #: What a hospital's site.toml (and a deployed SuperNode's node config) defaults to: DP
-#: required, secret noise required, δ at most 1e-5, held-out scores kept at the site, at most
-#: 10 000 training steps a round (the benchmarks' longest round with a fine-tune is under 1 000).
-HOSPITAL_POLICY = {"require-dp": True, "require-secure-rng": True, "max-delta": 1e-5, "release-test-metrics": False,
-                   "max-steps-per-round": 10_000, "max-batch-size": 512}
+#: required, secret noise required, δ at most 1e-5, ε per patient (not per slice), held-out
+#: scores kept at the site, at most 10 000 training steps a round (the benchmarks' longest
+#: round with a fine-tune is under 1 000).
+HOSPITAL_POLICY = {"require-dp": True, "require-secure-rng": True, "max-delta": 1e-5, "require-patient-level": True,
+                   "release-test-metrics": False, "max-steps-per-round": 10_000, "max-batch-size": 512}
 
 
 @dataclass(frozen=True)

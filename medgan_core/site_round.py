@@ -129,7 +129,7 @@ def train_site_round(
         _save_state(task, state, aggregation, server_round, *personal)
         return {**metrics, "dp": 0.0}
     steps = task.config.local_steps
-    if refusal := task.config.params.dp_refusal():
+    if refusal := task.config.params.dp_refusal(privacy.unit):
         raise PrivacyError(f"site {site.site_name}: {refusal}")
     if not site.state_dir:
         raise ConfigError(f"site {site.site_name}: no state-dir; differential privacy needs one to keep its accountant")
@@ -140,15 +140,16 @@ def train_site_round(
         arrays, metrics = releases.load(server_round, accountant.released[server_round])
         task.set_weights({**task.get_weights(), **arrays}, source=f"this site's release of round {server_round}")
         return metrics
-    if privacy.delta > 1 / data.num_train:
-        log.warning("site %s: δ = %g is above 1/N = %g for its %d training records; a δ this large allows "
-                    "a rare full disclosure of a record", site.site_name, privacy.delta, 1 / data.num_train,
-                    data.num_train)
+    records = task.dp_records(data, privacy.unit)  # slices, or patients (privacy.unit)
+    if privacy.delta > 1 / records:
+        log.warning("site %s: δ = %g is above 1/N = %g for its %d training records (%ss); a δ this large allows "
+                    "a rare full disclosure of a record", site.site_name, privacy.delta, 1 / records, records,
+                    privacy.unit)
     budget = site.budget(privacy)
     k = task.dp_releases_per_step
     # Noise planned for the stricter of the study's target and the site's own budget, so a
     # stricter site still trains every planned round rather than stopping part-way.
-    dp = plan_dp(privacy, data.num_train, task.config.batch_size, planned_rounds * steps + aggregation.finetune_steps,
+    dp = plan_dp(privacy, records, task.config.batch_size, planned_rounds * steps + aggregation.finetune_steps,
                  k, epsilon=min(budget, privacy.target_epsilon))
     check_budget(accountant, dp, steps + finetune, budget, site.site_name, k)
     metrics = task.train(data, steps, seed, dp=dp, accountant=accountant)

@@ -81,7 +81,7 @@ class StudyConfig:
         if getattr(self.task.params, "trainable", "all") != "all" and not self.run.initial_model:
             raise ConfigError(f"task.trainable = {self.task.params.trainable!r} fine-tunes a trained model; set "
                               "run.initial-model to one (a model trained on public data), or task.trainable = 'all'")
-        if self.privacy.enabled and (refusal := self.task.params.dp_refusal()):
+        if self.privacy.enabled and (refusal := self.task.params.dp_refusal(self.privacy.unit)):
             raise ConfigError(refusal)
         agg = self.aggregation
         robust = agg.nonlinear_policies()

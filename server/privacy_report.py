@@ -81,7 +81,12 @@ def privacy_report(folder: RunFolder) -> str:
             f"- Noise and sampling randomness: {'OS entropy' if privacy.secure_rng else '**seeded (testing only: not private)**'}.",
             "- **What ε covers**: every training record of a site, through everything the site sent from "
             "training — its weight updates and the mechanism's own bookkeeping (ε, δ, σ, C, q, step count). "
-            "Private networks that step on the same Poisson batch are accounted as one mechanism "
+            + ("A record is a **patient**: a batch samples patients and takes one slice of each, so ε is a "
+               "patient's, however many slices they have. "
+               if privacy.unit == "patient" else
+               "A record is a **slice** (`[privacy] unit = \"slice\"`): a patient with k slices in training is "
+               "covered only as a group of k, a far weaker guarantee; `unit = \"patient\"` makes ε a patient's. ")
+            + "Private networks that step on the same Poisson batch are accounted as one mechanism "
             "(noise multiplier σ/√k for k networks; σ in the table is each network's). Under DP a site sends "
             "no training losses or discriminator scores.",
             "- **What ε does not cover**: the number of records (`num-examples`, needed for weighted averaging) and "

@@ -73,6 +73,11 @@ def test_privacy_report_command(tmp_path: Path) -> None:
     assert "| 1 | node 8 | 2.5000 |" in text
     assert "Final ε per site: hospital-a (node 7): 2.500, node 8: 2.500" in text
     assert "round 1, hospital-c (node 9): site error: privacy budget reached" in text
+    assert "A record is a **slice**" in text and "covered only as a group of k" in text  # the default unit, said
+    patient = RunFolder(tmp_path / "patient").start(StudyConfig().replace(privacy={"unit": "patient"}))
+    patient.append_metrics({"round": 1, "sites": [{"node": 7, "train": dp}], "train": {}, "evaluate": {}})
+    assert runner.invoke(app, ["privacy", "report", str(patient.root)]).exit_code == 0
+    assert "A record is a **patient**" in (patient.root / "privacy-report.md").read_text()
     written = runner.invoke(app, ["report", str(folder.root)])
     assert written.exit_code == 0, written.output
     assert "| hospital-c (node 9): site error: privacy budget reached |" in (folder.root / "report.md").read_text()

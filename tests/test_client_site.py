@@ -14,8 +14,8 @@ def test_deployed_node_describes_its_site_in_node_config(tiny_sites: list[Path])
     site = site_from_context(node, {})
     # a deployed node that names no policy gets the hospital's strict one
     assert site == SiteConfig(str(tiny_sites[0]), name="st-mary", state_dir="/var/medgan", epsilon_budget=3.0,
-                              require_dp=True, require_secure_rng=True, max_delta=1e-5, release_test_metrics=False,
-                              max_steps_per_round=10_000, max_batch_size=512)
+                              require_dp=True, require_secure_rng=True, max_delta=1e-5, require_patient_level=True,
+                              release_test_metrics=False, max_steps_per_round=10_000, max_batch_size=512)
     assert site.site_name == "st-mary"
     with pytest.raises(ConfigError, match="does not exist"):
         site_from_context({"data-path": "/no/such/site"}, {})

@@ -130,6 +130,8 @@ def test_context_is_refused_under_dp_by_the_study_and_by_the_site(tiny_sites: li
     with pytest.raises(ConfigError, match="context-slices = 1 puts each slice in its neighbours' records"):
         StudyConfig().replace(task={"name": "denoise", "context_slices": 1}).validate()
     StudyConfig().replace(task={"name": "denoise", "context_slices": 1}, privacy={"enabled": False}).validate()
+    # with the patient as the record a slice's neighbours are its own patient's: allowed
+    StudyConfig().replace(task={"name": "denoise", "context_slices": 1}, privacy={"unit": "patient"}).validate()
     task = build_task(CONTEXT)
     before = task.get_weights()
     data = load_task_data(tiny_sites[0], CONTEXT)

@@ -6,7 +6,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -104,7 +104,9 @@ class SiteData:
     tasks have ``train_condition``/``test_condition``: one severity score per slice.
     Paired data at clinical geometry has ``train_series``/``test_series``: the slice count
     of each series in the order they are stacked, so a slice's neighbours (2.5D context,
-    ``task.context-slices``) are found within its own series.
+    ``task.context-slices``) are found within its own series. ``train_subjects`` numbers each
+    training row's patient (``train_input`` rows alike, but for unpaired data, whose other
+    domain has ``train_input_subjects``): DP at the patient level samples patients, not slices.
     """
 
     site: str
@@ -116,6 +118,8 @@ class SiteData:
     test_condition: torch.Tensor | None = None
     train_series: torch.Tensor | None = None
     test_series: torch.Tensor | None = None
+    train_subjects: torch.Tensor | None = None
+    train_input_subjects: torch.Tensor | None = None
 
     @property
     def num_train(self) -> int:
@@ -146,8 +150,9 @@ def load_site_data(
     # Decoded once for all of this site's processes on the machine, then memory-mapped.
     sources = [manifest.path, *(manifest.root / e.file for e in manifest.entries)]
     settings = {k: v for k, v in asdict(task).items() if k not in STEP_SETTINGS}
-    key = "site-" + cache_key({"spec": repr(spec), "task": settings, "sources": source_fingerprint(sources)})
     arrays = [f.name for f in fields(SiteData) if f.name != "site"]
+    key = "site-" + cache_key({"spec": repr(spec), "task": settings, "sources": source_fingerprint(sources),
+                               "fields": arrays})  # a cache written before a field existed lacks it
     names = cache_dir / f"{key}-fields.json"
     if names.is_file() and (found := open_arrays(json.loads(names.read_text()), cache_dir, key)) is not None:
         return SiteData(manifest.root.name, **found)  # type: ignore[arg-type]
@@ -193,15 +198,16 @@ def _load(manifest: Manifest, task: TaskConfig, spec: DataSpec, cache_dir: Path 
 
     match spec:
         case Slices():
-            train = _stack(manifest, task, _need(manifest, task, train_split))
+            train, subjects = _stack_with_subjects(manifest, task, _need(manifest, task, train_split))
             test_entries = manifest.select(modality=task.modality, split=test_split)
             if not test_entries:
                 raise DataError(f"{manifest.path}: no test or val images of modality {task.modality} to evaluate on")
-            return SiteData(site, train, _stack(manifest, task, test_entries))
+            return SiteData(site, train, _stack(manifest, task, test_entries), train_subjects=subjects)
         case SlicesWithBurden():
-            train, train_c = _with_burden(manifest, task, train_split)
-            test, test_c = _with_burden(manifest, task, test_split)
-            return SiteData(site, train, test, train_condition=train_c, test_condition=test_c)
+            train, train_c, subjects = _with_burden(manifest, task, train_split)
+            test, test_c, _ = _with_burden(manifest, task, test_split)
+            return SiteData(site, train, test, train_condition=train_c, test_condition=test_c,
+                            train_subjects=subjects)
         case UnpairedDomains(variant=variant, clinical=clinical):
             domain_b, domain_a, keys = _variant_pairs(manifest, task, train_split, variant,
                                                       "main-scanner and scanner-B")
@@ -210,28 +216,32 @@ def _load(manifest: Manifest, task: TaskConfig, spec: DataSpec, cache_dir: Path 
             keys_a, keys_b = unpaired_subjects(keys)
             entries_a, entries_b = [domain_a[k] for k in keys_a], [domain_b[k] for k in keys_b]
             if clinical:
-                train_a = _clinical_series(manifest, task, entries_a, cache_dir, "train-a")
-                train_b = _clinical_series(manifest, task, entries_b, cache_dir, f"train-{variant}")
-                test_b, test_a, _ = _clinical_pairs(manifest, task, test_split,
-                                                    DegradedPairs(variant, clinical=True), cache_dir)
+                train_a, subjects_a = _clinical_series(manifest, task, entries_a, cache_dir, "train-a")
+                train_b, subjects_b = _clinical_series(manifest, task, entries_b, cache_dir, f"train-{variant}")
+                test_b, test_a, _, _ = _clinical_pairs(manifest, task, test_split,
+                                                       DegradedPairs(variant, clinical=True), cache_dir)
             else:
-                train_a, train_b = _stack(manifest, task, entries_a), _stack(manifest, task, entries_b)
-                test_b, test_a = _pairs(manifest, task, test_split, DegradedPairs(variant))
-            return SiteData(site, train_a, test_a, train_b, test_b)
+                train_a, subjects_a = _stack_with_subjects(manifest, task, entries_a)
+                train_b, subjects_b = _stack_with_subjects(manifest, task, entries_b)
+                test_b, test_a, _ = _pairs(manifest, task, test_split, DegradedPairs(variant))
+            return SiteData(site, train_a, test_a, train_b, test_b, train_subjects=subjects_a,
+                            train_input_subjects=subjects_b)
         case DegradedPairs(clinical=True) | ModalityPairs(clinical=True):
-            (train_in, train, train_series), (test_in, test, test_series) = both(
+            (train_in, train, train_series, subjects), (test_in, test, test_series, _) = both(
                 lambda split: _clinical_pairs(manifest, task, split, spec, cache_dir))
-            return SiteData(site, train, test, train_in, test_in, train_series=train_series, test_series=test_series)
+            return SiteData(site, train, test, train_in, test_in, train_series=train_series, test_series=test_series,
+                            train_subjects=subjects)
         case ModalityPairs(source=source):
-            (train_in, train), (test_in, test) = both(lambda split: _modality_pairs(manifest, task, split, source))
-            return SiteData(site, train, test, train_in, test_in)
+            (train_in, train, subjects), (test_in, test, _) = both(
+                lambda split: _modality_pairs(manifest, task, split, source))
+            return SiteData(site, train, test, train_in, test_in, train_subjects=subjects)
         case DegradedPairs():
-            (train_in, train), (test_in, test) = both(lambda split: _pairs(manifest, task, split, spec))
-            return SiteData(site, train, test, train_in, test_in)
+            (train_in, train, subjects), (test_in, test, _) = both(lambda split: _pairs(manifest, task, split, spec))
+            return SiteData(site, train, test, train_in, test_in, train_subjects=subjects)
         case KSpacePairs(acceleration=acceleration):
-            (train_in, train), (test_in, test) = both(
+            (train_in, train, subjects), (test_in, test, _) = both(
                 lambda split: _kspace_pairs(manifest, task, split, f"kspace-r{acceleration}"))
-            return SiteData(site, train, test, train_in, test_in)
+            return SiteData(site, train, test, train_in, test_in, train_subjects=subjects)
     raise TypeError(f"{spec!r} is not a DataSpec")
 
 
@@ -242,23 +252,24 @@ def _need(manifest: Manifest, task: TaskConfig, split: str) -> list[ManifestEntr
     return entries
 
 
-def _pairs(manifest: Manifest, task: TaskConfig, split: str, spec: DegradedPairs) -> tuple[torch.Tensor, torch.Tensor]:
-    """(degraded inputs, original targets) of a split, matched by pair_id, resized whole."""
+def _pairs(manifest: Manifest, task: TaskConfig, split: str,
+           spec: DegradedPairs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(degraded inputs, original targets, each row's subject) of a split, matched by pair_id, resized whole."""
     variant = spec.variant
     what = "low-dose and full-dose" if variant == "low-dose" else f"{variant} and original"
     low, full, keys = _variant_pairs(manifest, task, split, variant, what)
-    targets = _stack(manifest, task, [full[k] for k in keys])
+    targets, subjects = _stack_with_subjects(manifest, task, [full[k] for k in keys])
     inputs = _stack(manifest, task, [low[k] for k in keys])
     if inputs.shape != targets.shape:
         raise DataError(f"{manifest.path}: the {what} series of a pair differ in slice count")
-    return inputs, targets
+    return inputs, targets, subjects
 
 
 def _clinical_pairs(
     manifest: Manifest, task: TaskConfig, split: str, spec: DegradedPairs | ModalityPairs, cache_dir: Path | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(inputs, targets, each subject's slice count) of a split at clinical geometry
-    (``DegradedPairs``, ``ModalityPairs``)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(inputs, targets, each series' slice count, each row's subject) of a split at clinical
+    geometry (``DegradedPairs``, ``ModalityPairs``)."""
     if isinstance(spec, DegradedPairs):
         what = "low-dose and full-dose" if spec.variant == "low-dose" else f"{spec.variant} and original"
         low, full, keys = _variant_pairs(manifest, task, split, spec.variant, what)
@@ -283,21 +294,22 @@ def _clinical_pairs(
     key = cache_key({"spec": repr(spec), "split": split, "spacing": task.spacing, "range": CT_FULL_RANGE,
                      "modality": task.modality, "sources": source_fingerprint(sources)})
     (inputs, targets), series = stack_series(pairs(), 2, cache_dir, f"{split}-{tag}-{key}")
-    return inputs, targets, series
+    return inputs, targets, series, subject_rows([full[k].subject for k in keys], series.tolist())
 
 
 def _clinical_series(
     manifest: Manifest, task: TaskConfig, entries: list[ManifestEntry], cache_dir: Path | None, tag: str
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The slices of ``entries`` at clinical geometry (``task.spacing``, the whole CT range),
-    one canvas; stored memory-mapped in ``cache_dir`` when given."""
+    one canvas, stored memory-mapped in ``cache_dir`` when given; and each slice's subject."""
     def series() -> Iterator[tuple[np.ndarray]]:
         for entry in entries:
             yield (clinical_slices(manifest.load(entry), task.spacing, CT_FULL_RANGE)[:, 0].numpy(),)
 
     key = cache_key({"split": tag, "spacing": task.spacing, "range": CT_FULL_RANGE, "modality": task.modality,
                      "sources": source_fingerprint([manifest.root / e.file for e in entries])})
-    return stack_series(series(), 1, cache_dir, f"{tag}-{key}")[0][0]
+    (slices,), counts = stack_series(series(), 1, cache_dir, f"{tag}-{key}")
+    return slices, subject_rows([e.subject for e in entries], counts.tolist())
 
 
 def clinical_slices(volume: Volume, spacing: float, ct_range: tuple[float, float]) -> torch.Tensor:
@@ -341,14 +353,16 @@ def _variant_pairs(
     )
 
 
-def _modality_pairs(manifest: Manifest, task: TaskConfig, split: str, source: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(``source``-modality inputs, ``task.modality`` targets) of the same subjects, matched
-    by pair_id; each normalised the way its modality is (CT window, MR percentile)."""
+def _modality_pairs(manifest: Manifest, task: TaskConfig, split: str,
+                    source: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(``source``-modality inputs, ``task.modality`` targets, each row's subject) of the same
+    subjects, matched by pair_id; each normalised the way its modality is (CT window, MR percentile)."""
     inputs, target, keys = _modality_matched(manifest, task, split, source)
-    x, y = _stack(manifest, task, [inputs[k] for k in keys]), _stack(manifest, task, [target[k] for k in keys])
+    x = _stack(manifest, task, [inputs[k] for k in keys])
+    y, subjects = _stack_with_subjects(manifest, task, [target[k] for k in keys])
     if x.shape != y.shape:
         raise DataError(f"{manifest.path}: the {source} and {task.modality} series of a subject differ in slice count")
-    return x, y
+    return x, y, subjects
 
 
 def _modality_matched(
@@ -361,9 +375,10 @@ def _modality_matched(
     )
 
 
-def _kspace_pairs(manifest: Manifest, task: TaskConfig, split: str, variant: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(undersampled inputs, fully sampled targets) for compressed-sensing MR reconstruction
-    (see ``medgan_core.data.kspace.reconstruction_pair``), every subject on one matrix."""
+def _kspace_pairs(manifest: Manifest, task: TaskConfig, split: str,
+                  variant: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(undersampled inputs, fully sampled targets, each row's subject) for compressed-sensing
+    MR reconstruction (see ``medgan_core.data.kspace.reconstruction_pair``), every subject on one matrix."""
     low, full, keys = _variant_pairs(manifest, task, split, variant, f"{variant} and fully sampled")
     inputs, targets = [], []
     for key in keys:
@@ -380,7 +395,8 @@ def _kspace_pairs(manifest: Manifest, task: TaskConfig, split: str, variant: str
                             "needs one matrix at a site: one field of view, and task.spacing for one pixel size")
         inputs.append(x)
         targets.append(y)
-    return torch.from_numpy(np.concatenate(inputs)), torch.from_numpy(np.concatenate(targets))
+    subjects = subject_rows([full[k].subject for k in keys], [len(y) for y in targets])
+    return torch.from_numpy(np.concatenate(inputs)), torch.from_numpy(np.concatenate(targets)), subjects
 
 
 def unpaired_subjects(keys: list[str]) -> tuple[list[str], list[str]]:
@@ -433,15 +449,15 @@ def _label_volume(manifest: Manifest, entry: ManifestEntry) -> np.ndarray:
     return np.round(labels).astype(np.uint8)
 
 
-def _with_burden(manifest: Manifest, task: TaskConfig, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images of a split and each slice's lesion burden (from the matching label map)."""
+def _with_burden(manifest: Manifest, task: TaskConfig, split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Images of a split, each slice's lesion burden (from the matching label map) and its subject."""
     images, labels, keys = _labelled(manifest, task, split)
-    x = _stack(manifest, task, [images[k] for k in keys])
+    x, subjects = _stack_with_subjects(manifest, task, [images[k] for k in keys])
     burden = [lesion_burden(_label_volume(manifest, labels[k])) for k in keys]
     c = torch.from_numpy(np.concatenate(burden))
     if c.shape[0] != x.shape[0]:
         raise DataError(f"{manifest.path}: label maps and images of a subject differ in slice count")
-    return x, c
+    return x, c, subjects
 
 
 def upsample(images: torch.Tensor, scale: int) -> torch.Tensor:
@@ -450,5 +466,22 @@ def upsample(images: torch.Tensor, scale: int) -> torch.Tensor:
 
 
 def _stack(manifest: Manifest, task: TaskConfig, entries: list[ManifestEntry]) -> torch.Tensor:
+    return _stack_with_subjects(manifest, task, entries)[0]
+
+
+def _stack_with_subjects(manifest: Manifest, task: TaskConfig,
+                         entries: list[ManifestEntry]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The slices of ``entries`` resized whole, and each slice's subject (``subject_rows``)."""
     window = (task.window_low, task.window_high)
-    return torch.cat([volume_to_slices(manifest.load(e), task.image_size, window, task.spacing) for e in entries])
+    volumes = [volume_to_slices(manifest.load(e), task.image_size, window, task.spacing) for e in entries]
+    return torch.cat(volumes), subject_rows([e.subject for e in entries], [len(v) for v in volumes])
+
+
+def subject_rows(subjects: Sequence[str], counts: Sequence[int]) -> torch.Tensor:
+    """Each stacked row's subject as a number (0, 1, … in order of first appearance): series
+    ``i`` gave ``counts[i]`` rows and belongs to ``subjects[i]``; one patient's several series
+    share a number."""
+    numbers: dict[str, int] = {}
+    per_series = [numbers.setdefault(subject, len(numbers)) for subject in subjects]
+    return torch.repeat_interleave(torch.tensor(per_series, dtype=torch.int64),
+                                   torch.tensor(list(counts), dtype=torch.int64))

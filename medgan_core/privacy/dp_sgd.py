@@ -31,6 +31,9 @@ class DPSettings:
     sample_rate: float
     expected_batch_size: int
     secure_rng: bool = True
+    #: What one record is, the unit ε protects: a ``slice``, or a ``patient`` (a batch then
+    #: draws patients, each giving one of its slices; ``PatientRows``).
+    unit: str = "slice"
 
 
 def joint_noise_multiplier(noise_multiplier: float, releases_per_step: int) -> float:
@@ -90,6 +93,37 @@ def make_private(
         generator=generator,
     )
     return wrapped, private
+
+
+@dataclass(frozen=True)
+class PatientRows:
+    """A pool's rows grouped by patient, for batches that sample patients: each patient is in
+    a batch with probability q (Poisson), and a patient in it gives one of its slices, drawn
+    uniformly. One patient then adds one clipped gradient to a step, however many slices
+    they have: DP-SGD's analysis with the patient as the record (user-level DP by sampling
+    one example per user)."""
+
+    order: torch.Tensor  # the pool's rows, patient by patient
+    starts: torch.Tensor  # where each patient's rows begin in ``order``
+    counts: torch.Tensor  # each patient's slice count
+
+    @classmethod
+    def of(cls, subjects: torch.Tensor) -> "PatientRows":
+        """From each row's patient number (``SiteData.train_subjects``)."""
+        subjects = torch.as_tensor(subjects, dtype=torch.int64)
+        order = torch.argsort(subjects, stable=True)
+        _, counts = torch.unique_consecutive(subjects[order], return_counts=True)
+        return cls(order, torch.cumsum(counts, 0) - counts, counts)
+
+    @property
+    def patients(self) -> int:
+        return len(self.counts)
+
+    def draw(self, sample_rate: float, generator: torch.Generator) -> torch.Tensor:
+        """Row indices of a batch: a Poisson sample of patients, one random slice of each."""
+        chosen = poisson_batch(self.patients, sample_rate, generator)
+        offsets = (torch.rand(len(chosen), generator=generator) * self.counts[chosen]).long()
+        return self.order[self.starts[chosen] + torch.minimum(offsets, self.counts[chosen] - 1)]
 
 
 def poisson_batch(num_examples: int, sample_rate: float, generator: torch.Generator) -> torch.Tensor:

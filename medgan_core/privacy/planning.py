@@ -20,7 +20,7 @@ def plan_dp(
     releases_per_step: int = 1,
     epsilon: float | None = None,
 ) -> DPSettings:
-    """DP-SGD settings for a site of ``num_examples`` training images.
+    """DP-SGD settings for a site of ``num_examples`` training records (``privacy.unit``: slices or patients).
 
     The expected batch is ``batch_size`` (sample rate q = batch / N, capped at 1). The noise
     multiplier each private network uses is given (``noise-multiplier``), or derived so
@@ -46,7 +46,7 @@ def plan_dp(
             ) from exc
         sigma = joint * math.sqrt(releases_per_step)
     expected_batch = max(1, round(sample_rate * num_examples))
-    return DPSettings(sigma, privacy.max_grad_norm, sample_rate, expected_batch, privacy.secure_rng)
+    return DPSettings(sigma, privacy.max_grad_norm, sample_rate, expected_batch, privacy.secure_rng, privacy.unit)
 
 
 def check_budget(

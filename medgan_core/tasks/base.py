@@ -22,11 +22,12 @@ from torch import nn
 
 from medgan_core.config import TaskConfig, TaskParams
 from medgan_core.data.dataset import DataSpec, SiteData, Slices
-from medgan_core.errors import ConfigError, WeightsError
+from medgan_core.errors import ConfigError, PrivacyError, WeightsError
 from medgan_core.models.weights import all_but_norms_and_biases, expected_shapes, group_arrays, load_group_arrays
 from medgan_core.privacy.accountant import SiteAccountant
 from medgan_core.privacy.dp_sgd import (
     DPSettings,
+    PatientRows,
     joint_noise_multiplier,
     make_private,
     poisson_batch,
@@ -487,11 +488,12 @@ class GANTask(Task):
         totals: dict[str, float] = {}
         counts: dict[str, int] = {}
         pools = self.batch_pools(data)
+        patients = self.patient_pools(data) if dp is not None and dp.unit == "patient" else None
         decay = self.ema_decay
         average = [p.detach().clone() for p in self.generator.parameters()] if decay else None
         with self.training_setup(dp, seed) as s:
             for _ in range(steps):
-                for pool, idx in self.draw_batches(pools, s, dp, accountant).items():
+                for pool, idx in self.draw_batches(pools, s, dp, accountant, patients).items():
                     if idx.numel() == 0 and not self.steps_on_empty_batch:
                         s.noise_only_step()  # an empty Poisson batch: the private networks take the noise
                         continue
@@ -510,16 +512,41 @@ class GANTask(Task):
         return {key: totals[key] / counts[key] for key in totals}
 
     def draw_batches(
-        self, pools: Mapping[str, int], s: TrainingSetup, dp: DPSettings | None, accountant: SiteAccountant | None
+        self, pools: Mapping[str, int], s: TrainingSetup, dp: DPSettings | None, accountant: SiteAccountant | None,
+        patients: Mapping[str, PatientRows] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Indices of this step's batch of each pool. Under DP, Poisson batches from the secret
-        sampler, and the step accounted once: each record is in one pool, so the step is one
-        release of the joint mechanism whatever the number of pools."""
+        sampler (of patients, one slice each, when ``patients`` are given), and the step
+        accounted once: each record is in one pool, so the step is one release of the joint
+        mechanism whatever the number of pools."""
         if dp is None:
             return {pool: torch.randint(0, n, (min(self.config.batch_size, n),), generator=s.rng)
                     for pool, n in pools.items()}
         self.account_step(dp, accountant)
+        if patients is not None:
+            return {pool: patients[pool].draw(dp.sample_rate, s.sampler) for pool in pools}
         return {pool: poisson_batch(n, dp.sample_rate, s.sampler) for pool, n in pools.items()}
+
+    def pool_subjects(self, data: SiteData) -> dict[str, torch.Tensor | None]:
+        """Each pool's rows' patients (``batch_pools``' pools; None where the data has none)."""
+        return {"train": data.train_subjects}
+
+    def patient_pools(self, data: SiteData) -> dict[str, PatientRows]:
+        """Each pool's rows by patient, for DP with the patient as the record."""
+        pools = {}
+        for pool, subjects in self.pool_subjects(data).items():
+            if subjects is None:
+                raise PrivacyError(f"site {data.site}: privacy.unit = 'patient' needs each training slice's patient, "
+                                   "and this data has none (a site's manifest names every series' subject)")
+            pools[pool] = PatientRows.of(subjects)
+        return pools
+
+    def dp_records(self, data: SiteData, unit: str) -> int:
+        """How many records DP-SGD samples from at this site (its sample rate is the batch over
+        this): the first pool's slices, or its patients."""
+        if unit == "patient":
+            return next(iter(self.patient_pools(data).values())).patients
+        return next(iter(self.batch_pools(data).values()))
 
     def account_step(self, dp: DPSettings, accountant: SiteAccountant | None) -> None:
         """One step on one Poisson batch is one release of the joint mechanism of the private

@@ -104,6 +104,9 @@ class CycleTask(PairedImageTask):
         assert data.train_input is not None, "cycle needs scanner-B images"
         return {"a": len(data.train), "b": len(data.train_input)}
 
+    def pool_subjects(self, data: SiteData) -> dict[str, torch.Tensor | None]:
+        return {"a": data.train_subjects, "b": data.train_input_subjects}
+
     def train_step(self, s: TrainingSetup, data: SiteData, pool: str, idx: torch.Tensor) -> dict[str, float]:
         """One random ``image-size`` patch of each sampled slice (the record is still the slice)."""
         images = data.train if pool == "a" else data.train_input

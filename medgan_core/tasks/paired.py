@@ -70,10 +70,13 @@ class PairedParams(GANParams):
     def step_views(self) -> int:
         return self.views_per_record
 
-    def dp_refusal(self) -> str:
-        if self.context_slices:
+    def dp_refusal(self, unit: str = "slice") -> str:
+        """With the slice as DP's record, a slice read as another's neighbour is in two records;
+        with the patient, a slice's neighbours (of its own series) are its own patient's."""
+        if self.context_slices and unit != "patient":
             return (f"task.context-slices = {self.context_slices} puts each slice in its neighbours' records too, "
-                    "and DP's ε bounds what one record changes; set task.context-slices = 0 to train with DP")
+                    "and DP's ε bounds what one record changes; set task.context-slices = 0, or [privacy] unit = "
+                    "\"patient\" (a slice's neighbours are its own patient's), to train with DP")
         return ""
 
 
