@@ -106,3 +106,13 @@ def test_a_hospital_refuses_a_study_whose_epsilon_protects_a_slice(tiny_sites: l
     relaxed = site_from_context({"data-path": str(tiny_sites[0]), "require-patient-level": "false"}, {})
     assert relaxed.refusal(PrivacyConfig(unit="slice")) == ""
     assert SiteConfig(str(tiny_sites[0])).refusal(PrivacyConfig(unit="slice")) == ""
+
+
+def test_the_unit_travels_to_the_sites_with_the_round() -> None:
+    """What a site trains with is rebuilt from the round's flat config: the unit must survive it."""
+    from medgan_core.study_config import StudyConfig
+
+    flat = StudyConfig().replace(privacy={"unit": "patient"}).to_flat()
+    assert flat["privacy.unit"] == "patient"
+    assert privacy_config_from_flat(flat).unit == "patient"
+    assert privacy_config_from_flat(StudyConfig().to_flat()).unit == "slice"
