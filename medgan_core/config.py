@@ -28,6 +28,9 @@ LR_SCHEDULES = ("constant", "cosine")  # learning rate over a study's rounds (me
 #: A δ this large lets a mechanism publish a whole record with that probability: refused.
 MAX_DELTA = 0.1
 SERVER_OPTIMIZERS = ("fedavg", "fedadam", "fedyogi")
+#: The widest networks a study may ask for: their size grows with the square of ``task.width``
+#: and every site allocates them (the widest study here uses 32).
+MAX_WIDTH = 256
 MIN_SPACING_MM, MAX_SPACING_MM = 0.1, 20.0  # task.spacing: finer than any clinical scan .. coarser than any
 
 
@@ -116,6 +119,9 @@ class TaskConfig:
         require_positive("task.width", self.width)
         if self.width % 8:
             raise ConfigError(f"task.width = {self.width}; it must be a multiple of 8 (GroupNorm groups)")
+        if self.width > MAX_WIDTH:
+            raise ConfigError(f"task.width = {self.width}; at most {MAX_WIDTH} (the networks grow with its square, "
+                              "and every site allocates them)")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"task.lr-schedule = {self.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
         for key, lr in (("task.lr-generator", self.lr_generator), ("task.lr-discriminator", self.lr_discriminator)):

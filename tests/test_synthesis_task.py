@@ -124,6 +124,12 @@ def test_d_steps_is_checked_at_load(tiny_study) -> None:
     # a site makes its evaluation images in one batch: a study cannot ask it for a million
     with pytest.raises(ConfigError, match="task.eval-samples = 1000000; at most 2048"):
         tiny_study.replace(task={"eval_samples": 10**6})
+    # nor networks too large for any site: the width and the latent code are bounded too
+    with pytest.raises(ConfigError, match="task.width = 4096; at most 256"):
+        tiny_study.replace(task={"width": 4096})
+    with pytest.raises(ConfigError, match="task.z-dim = 100000; at most 1024"):
+        tiny_study.replace(task={"z_dim": 100_000})
+    assert tiny_study.replace(task={"width": 256, "z_dim": 1024}).task.width == 256
 
 
 def test_mode_seeking_penalty_is_large_for_a_collapsed_generator_and_reads_no_data() -> None:

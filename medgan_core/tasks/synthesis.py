@@ -22,6 +22,8 @@ from medgan_core.tasks.base import GANParams, GANTask, TrainingSetup
 ARCHITECTURES = ("dcgan", "skips")
 #: The most images a held-out evaluation may ask a site to generate (they are made in one batch).
 MAX_EVAL_SAMPLES = 2048
+#: The longest latent code a study may ask for (the generator's first layer grows with it).
+MAX_Z_DIM = 1024
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,8 @@ class SynthesisParams(GANParams):
                            ("task.d-steps", self.d_steps)):
             if value <= 0:
                 raise ConfigError(f"{key} = {value}; it must be a positive number")
+        if self.z_dim > MAX_Z_DIM:
+            raise ConfigError(f"task.z-dim = {self.z_dim}; at most {MAX_Z_DIM}")
         if self.eval_samples > MAX_EVAL_SAMPLES:
             raise ConfigError(f"task.eval-samples = {self.eval_samples}; at most {MAX_EVAL_SAMPLES} (a site generates "
                               "them at once)")
