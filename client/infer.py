@@ -39,6 +39,8 @@ from medgan_core.data.volume import CANONICAL
 from medgan_core.errors import DataError, MedGANError
 from medgan_core.model_file import ModelFile
 from medgan_core.tasks.paired import EVAL_SLICES, PairedImageTask
+from medgan_core.tasks.registry import task_class
+from medgan_core.tasks.synthesis import SynthesisTask
 
 #: Type 2 attributes of the Patient, General Study, General Series, Frame of Reference and
 #: CT/MR Image modules: present (maybe empty) in every output, whatever the source omitted.
@@ -70,7 +72,7 @@ class Applier:
     def __init__(self, model: ModelFile, device: torch.device | str = "cpu") -> None:
         if model.task.name not in APPLIES_TO:
             raise MedGANError(f"medgan infer applies {', '.join(APPLIES_TO)} models; this one is {model.task.name!r}"
-                              + (" (use 'medgan synth')" if model.task.name in ("synthesis", "conditional") else ""))
+                              + (" (use 'medgan synth')" if issubclass(task_class(model.task.name), SynthesisTask) else ""))
         self.model = model
         self.task = model.build(device)
         assert isinstance(self.task, PairedImageTask)
