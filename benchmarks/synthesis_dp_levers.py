@@ -6,7 +6,8 @@ Each arm is the default demo (`sites_example/demo.toml`: three simulated hospita
 clinical geometry, synthesis at 64×64, width 8, 8 rounds × 100 local steps, DP-SGD at
 ε = 8, δ = 1e-5) with a few `[task]` or `[privacy]` keys changed, or the same sites and ε
 from a public warm start (`sites_example/synthesis-warm-dp.toml`, width 32; the model
-comes from `sites_example/synthesis-pretrain.toml`'s commands), run with `medgan demo`
+comes from `sites_example/synthesis-pretrain.toml`'s commands: the no-DP demo's settings,
+mode-seeking included, on other simulated subjects), run with `medgan demo`
 into OUT/run-ARM. Scores are the demo's own held-out metrics after the last round (SWD,
 FID on the phantom feature network, diversity as a share of the real slices' spread,
 precision, recall: mean over the sites, from the run's metrics.jsonl), and the diversity
@@ -40,6 +41,8 @@ ARMS: dict[str, tuple[str, Path, dict, dict]] = {
     "mode-seeking-1": ("mode-seeking 1.0", DEMO, {"mode_seeking": 1.0}, {}),
     "no-dp": ("the demo's settings without DP", DEMO, {}, {"enabled": False}),
     "warm-norms": ("public warm start (width 32), DP trains norms and biases", WARM, {}, {}),
+    "warm-norms-ms": ("public warm start (width 32), DP trains norms and biases, mode-seeking 0.2", WARM,
+                      {"mode_seeking": 0.2}, {}),
     "warm-all": ("public warm start (width 32), DP trains every weight", WARM, {"trainable": "all"}, {}),
 }
 PRETRAIN = ("medgan sites simulate --out benchmarks/data/synthesis-public --subjects 24 --slices 20 --size 512 "
@@ -102,7 +105,8 @@ def main() -> None:
              f"{args.local_steps}`. Machine: {machine}. Each arm is `{DEMO}` (synthesis 64×64, width 8, "
              f"DP-SGD at ε = 8 unless the arm says otherwise) with the keys named, or for a warm start `{WARM}` "
              "(the same sites and ε, width 32, from a model trained without DP on other simulated subjects: "
-             f"`{PRETRAIN}`); held-out scores after the last round, mean over the three sites. SWD and FID: lower is better; diversity is the generated slices' "
+             f"`{PRETRAIN}`; a warm arm's round 0 is that model on the study's held-out slices); held-out scores after "
+             "the last round, mean over the three sites. SWD and FID: lower is better; diversity is the generated slices' "
              "mean pairwise feature distance as a share of the real slices' (the issue's target: ≥ 0.8), precision "
              "and recall higher. The DP noise comes from OS entropy: a rerun differs.", "",
              "| arm | SWD | FID | diversity | precision | recall | diversity by round (0 → last) |",

@@ -163,8 +163,11 @@ def test_the_synthesis_warm_start_examples_train_what_the_no_dp_demo_trains() ->
     private = load_study(root / "synthesis-warm-dp.toml")
     from medgan_core.tasks.registry import replace_task
 
-    assert public.task == reference.task == replace_task(private.task, trainable="all") and not public.privacy.enabled
+    assert public.task == reference.task == replace_task(private.task, trainable="all", mode_seeking=0.2)
+    assert not public.privacy.enabled
+    assert public.task.params.mode_seeking == 0.2  # the public model's diversity: 0.52 without the term (results)
     assert private.task.params.trainable == "norms"  # DP noise on every weight undid the start (results)
+    assert private.task.params.mode_seeking == 0  # under DP the term lowered precision and FID (results)
     assert private.privacy.enabled and private.privacy.target_epsilon == 8.0
     assert private.run.initial_model == "runs/synthesis-public.medgan" and "synthesis-public" in public.run.sites_dir
     assert private.run.sites_dir == reference.run.sites_dir != public.run.sites_dir
