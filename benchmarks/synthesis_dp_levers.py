@@ -4,7 +4,9 @@
 
 Each arm is the default demo (`sites_example/demo.toml`: three simulated hospitals at
 clinical geometry, synthesis at 64×64, width 8, 8 rounds × 100 local steps, DP-SGD at
-ε = 8, δ = 1e-5) with a few `[task]` or `[privacy]` keys changed, or the same sites and ε
+ε = 8, δ = 1e-5, from the shipped public model `sites_example/demo-public-model.medgan`
+with only norms and biases trained; "from scratch" arms drop that start and train every
+weight) with a few `[task]` or `[privacy]` keys changed, or the same sites and ε
 from a public warm start (`sites_example/synthesis-warm-dp.toml`, width 32; the model
 comes from `sites_example/synthesis-pretrain.toml`'s commands: the no-DP demo's settings,
 mode-seeking included, on other simulated subjects), run with `medgan demo`
@@ -31,19 +33,25 @@ from medgan_core.study_config import dump_study, load_study
 DEMO = Path("sites_example/demo.toml")
 #: The demo's sites at ε = 8 from a model trained on public simulated data (width 32).
 WARM = Path("sites_example/synthesis-warm-dp.toml")
-#: Arm slug -> (what it is, the study file it changes, [task] changes, [privacy] changes).
-ARMS: dict[str, tuple[str, Path, dict, dict]] = {
-    "demo": ("the demo as it is (one D step per G step)", DEMO, {}, {}),
-    "d-steps-2": ("d-steps 2, lr-generator 2e-4", DEMO, {"d_steps": 2, "lr_generator": 2e-4}, {}),
-    "d-steps-5": ("d-steps 5, lr-generator 5e-4", DEMO, {"d_steps": 5, "lr_generator": 5e-4}, {}),
-    "mode-seeking-0.1": ("mode-seeking 0.1", DEMO, {"mode_seeking": 0.1}, {}),
-    "mode-seeking-0.2": ("mode-seeking 0.2", DEMO, {"mode_seeking": 0.2}, {}),
-    "mode-seeking-1": ("mode-seeking 1.0", DEMO, {"mode_seeking": 1.0}, {}),
-    "no-dp": ("the demo's settings without DP", DEMO, {}, {"enabled": False}),
-    "warm-norms": ("public warm start (width 32), DP trains norms and biases", WARM, {}, {}),
+#: The demo's settings from scratch: no public model, every weight trained.
+SCRATCH_RUN, SCRATCH_TASK = {"initial_model": ""}, {"trainable": "all"}
+#: Arm slug -> (what it is, the study file it changes, [task] changes, [privacy] changes, [run] changes).
+ARMS: dict[str, tuple[str, Path, dict, dict, dict]] = {
+    "demo": ("the demo as it is (public start, width 8, DP trains norms and biases)", DEMO, {}, {}, {}),
+    "scratch": ("the demo's settings from scratch (every weight, one D step per G step)", DEMO, SCRATCH_TASK, {},
+                SCRATCH_RUN),
+    "d-steps-2": ("from scratch, d-steps 2, lr-generator 2e-4", DEMO,
+                  {**SCRATCH_TASK, "d_steps": 2, "lr_generator": 2e-4}, {}, SCRATCH_RUN),
+    "d-steps-5": ("from scratch, d-steps 5, lr-generator 5e-4", DEMO,
+                  {**SCRATCH_TASK, "d_steps": 5, "lr_generator": 5e-4}, {}, SCRATCH_RUN),
+    "mode-seeking-0.1": ("from scratch, mode-seeking 0.1", DEMO, {**SCRATCH_TASK, "mode_seeking": 0.1}, {}, SCRATCH_RUN),
+    "mode-seeking-0.2": ("from scratch, mode-seeking 0.2", DEMO, {**SCRATCH_TASK, "mode_seeking": 0.2}, {}, SCRATCH_RUN),
+    "mode-seeking-1": ("from scratch, mode-seeking 1.0", DEMO, {**SCRATCH_TASK, "mode_seeking": 1.0}, {}, SCRATCH_RUN),
+    "no-dp": ("the demo's settings from scratch without DP", DEMO, SCRATCH_TASK, {"enabled": False}, SCRATCH_RUN),
+    "warm-norms": ("public warm start (width 32), DP trains norms and biases", WARM, {}, {}, {}),
     "warm-norms-ms": ("public warm start (width 32), DP trains norms and biases, mode-seeking 0.2", WARM,
-                      {"mode_seeking": 0.2}, {}),
-    "warm-all": ("public warm start (width 32), DP trains every weight", WARM, {"trainable": "all"}, {}),
+                      {"mode_seeking": 0.2}, {}, {}),
+    "warm-all": ("public warm start (width 32), DP trains every weight", WARM, {"trainable": "all"}, {}, {}),
 }
 PRETRAIN = ("medgan sites simulate --out benchmarks/data/synthesis-public --subjects 24 --slices 20 --size 512 "
             "--seed 103 --task synthesis; medgan demo --config sites_example/synthesis-pretrain.toml; "
@@ -57,7 +65,7 @@ def run_arm(out: Path, slug: str, base: Path, task: dict, privacy: dict, rounds:
     and its training seconds (0 when reused)."""
     run_dir = out / f"run-{slug}"
     metrics = run_dir / "metrics.jsonl"
-    study = load_study(base).replace(run={"out_dir": str(run_dir), "rounds": rounds}, task=task, privacy=privacy)
+    study = load_study(base).replace(run={**run, "out_dir": str(run_dir), "rounds": rounds}, task=task, privacy=privacy)
 
     def finished() -> list[dict]:
         rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
@@ -65,8 +73,10 @@ def run_arm(out: Path, slug: str, base: Path, task: dict, privacy: dict, rounds:
 
     if reuse and (rows := finished()):
         ran = load_study(run_dir / "config.toml")
-        if (ran.task, ran.privacy) != (study.task, study.privacy):
-            raise SystemExit(f"--reuse: {run_dir} ran other [task] or [privacy] settings than arm {slug}")
+        if (ran.task, ran.privacy, bool(ran.run.initial_model)) != (study.task, study.privacy,
+                                                                   bool(study.run.initial_model)):
+            raise SystemExit(f"--reuse: {run_dir} ran other [task] or [privacy] settings, or another start, "
+                             f"than arm {slug}")
         return rows, 0.0
     if study.run.initial_model and not Path(study.run.initial_model).exists():
         raise SystemExit(f"arm {slug} starts from {study.run.initial_model}; make it first: {PRETRAIN}")
@@ -88,9 +98,9 @@ def main() -> None:
                      reuse_help="Score a finished run in OUT/run-ARM instead of training it again.")
     args.out.mkdir(parents=True, exist_ok=True)
     results = {}
-    for slug, (label, base, task, privacy) in ARMS.items():
-        rows, seconds = run_arm(args.out, slug, base, {**task, "local_steps": args.local_steps}, privacy, args.rounds,
-                                getattr(args, "reuse", False))
+    for slug, (label, base, task, privacy, run) in ARMS.items():
+        rows, seconds = run_arm(args.out, slug, base, {**task, "local_steps": args.local_steps}, privacy, run,
+                                args.rounds, getattr(args, "reuse", False))
         last = rows[-1]
         grid = args.out / f"run-{slug}" / last["samples"]
         if grid.exists():
@@ -103,7 +113,10 @@ def main() -> None:
     lines = ["# The DP demo's generator: levers against mode collapse", "",
              f"Command: `python benchmarks/synthesis_dp_levers.py --rounds {args.rounds} --local-steps "
              f"{args.local_steps}`. Machine: {machine}. Each arm is `{DEMO}` (synthesis 64×64, width 8, "
-             f"DP-SGD at ε = 8 unless the arm says otherwise) with the keys named, or for a warm start `{WARM}` "
+             "DP-SGD at ε = 8 unless the arm says otherwise, from the public model `sites_example/demo-public-model"
+             ".medgan`, width 8, trained by `sites_example/demo-pretrain.toml`, norms and biases trained; arms "
+             "'from scratch' drop that start and train every weight) with the keys named, or for a warm start "
+             f"`{WARM}` "
              "(the same sites and ε, width 32, from a model trained without DP on other simulated subjects: "
              f"`{PRETRAIN}`; a warm arm's round 0 is that model on the study's held-out slices); held-out scores after "
              "the last round, mean over the three sites. SWD and FID: lower is better; diversity is the generated slices' "

@@ -171,3 +171,30 @@ def test_the_synthesis_warm_start_examples_train_what_the_no_dp_demo_trains() ->
     assert private.privacy.enabled and private.privacy.target_epsilon == 8.0
     assert private.run.initial_model == "runs/synthesis-public.medgan" and "synthesis-public" in public.run.sites_dir
     assert private.run.sites_dir == reference.run.sites_dir != public.run.sites_dir
+
+
+def test_the_demo_starts_from_its_shipped_public_model() -> None:
+    """demo.toml's warm start ships in the repository, fits the demo's networks, and is what
+    demo-pretrain.toml makes: the demo's task (width 8) with the mode-seeking term, trained
+    without DP on the public simulated subjects, not the demo's own sites."""
+    from medgan_core.model_file import load_model
+    from medgan_core.tasks.registry import build_task, replace_task
+    from server.warm_start import initial_weights
+
+    root = Path(__file__).resolve().parents[1]
+    demo = load_study(root / "sites_example" / "demo.toml")
+    public = load_study(root / "sites_example" / "demo-pretrain.toml")
+    model = load_model(root / demo.run.initial_model)
+    assert model.provenance["privacy"]["dp"] is False and model.task == public.task
+    assert public.run.sites_dir != demo.run.sites_dir and "synthesis-public" in public.run.sites_dir
+    assert replace_task(public.task, mode_seeking=0.0, trainable="norms", lr_generator=demo.task.lr_generator) \
+        == replace_task(demo.task, seed=public.task.seed)
+    assert demo.task.params.trainable == "norms" and demo.privacy.enabled and demo.privacy.target_epsilon == 8.0
+    task = build_task(demo.task)
+    task.set_weights(initial_weights(demo), source="demo.toml")  # refuses arrays of other networks
+    generated = task.sample(16, seed=0)
+    assert generated.shape == (16, 1, 64, 64) and torch.isfinite(generated).all()
+    # a trained generator, not its initialisation (which draws grey noise around 0, alike):
+    # air around a body in half the pixels, and slices that differ from one another
+    assert (generated < -0.9).float().mean() > 0.3
+    assert generated.flatten(1).std(dim=0).mean() > 0.1
