@@ -59,7 +59,7 @@ PRETRAIN = ("medgan sites simulate --out benchmarks/data/synthesis-public --subj
 METRICS = ("swd", "fid", "diversity", "precision", "recall")
 
 
-def run_arm(out: Path, slug: str, base: Path, task: dict, privacy: dict, rounds: int,
+def run_arm(out: Path, slug: str, base: Path, task: dict, privacy: dict, run: dict, rounds: int,
             reuse: bool) -> tuple[list[dict], float]:
     """The arm's metrics.jsonl rounds (trained now, or with ``reuse`` read from a finished run)
     and its training seconds (0 when reused)."""
