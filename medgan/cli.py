@@ -253,7 +253,8 @@ def _run_demo(study: StudyConfig, verbose: bool, ray_address: str | None = None)
     console.print(f"  report:      {run_dir / 'report.md'}")
     console.print(f"  metrics:     {run_dir / 'metrics.jsonl'}")
     console.print(f"  checkpoints: {run_dir / 'checkpoints'}")
-    console.print(f"  samples:     {run_dir / 'samples'}  (round-000.png = untrained, last = final model)")
+    start = f"run.initial-model {Path(study.run.initial_model).name}" if study.run.initial_model else "untrained"
+    console.print(f"  samples:     {run_dir / 'samples'}  (round-000.png = {start}, last = final model)")
     console.print(f"  privacy:     medgan privacy report {run_dir}")
 
 

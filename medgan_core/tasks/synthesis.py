@@ -34,7 +34,7 @@ class SynthesisParams(GANParams):
     #: Discriminator steps per generator step. Under DP a noisy discriminator falls behind a
     #: generator that steps as often, and the generator collapses onto whatever fools it;
     #: several private D steps per G step keep it a useful critic at the same ε (Bie et al.,
-    #: "Private GANs, revisited", TMLR 2023). ``local-steps`` counts D steps. On the DP demo it
+    #: "Private GANs, revisited", TMLR 2023). ``local-steps`` counts D steps. On the DP demo from scratch it
     #: did not stop the collapse (``benchmarks/results/synthesis-dp``), so it is 1 by default.
     d_steps: int = 1
     #: Weight of the mode-seeking term in the generator's loss (MSGAN, Mao et al. 2019): the
