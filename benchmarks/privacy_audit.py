@@ -33,6 +33,7 @@ import torch
 from medgan_core.config import PrivacyConfig, TaskConfig
 from medgan_core.data.dataset import SiteData
 from medgan_core.data.simulate import DEFAULT_SITES, simulate_site
+from medgan_core.model_file import load_model
 from medgan_core.privacy import SiteAccountant, plan_dp
 from medgan_core.tasks.registry import build_task
 from medgan_core.tasks.registry import load_task_data, task_config
@@ -40,9 +41,14 @@ from medgan_core.tasks.registry import load_task_data, task_config
 EPSILONS = (1.0, 3.0, 8.0, float("inf"))
 TASKS = {
     "synthesis": task_config(name="synthesis", width=8, batch_size=32, lr_generator=1e-4, eval_samples=128),
+    # The default demo's way: the shipped public model (other simulated subjects, no DP), its norms and biases trained.
+    "synthesis-public-start": task_config(name="synthesis", width=8, batch_size=32, lr_generator=1e-4,
+                                          eval_samples=128, trainable="norms"),
     # DP-SGD wants a larger step than plain training; the same settings serve every ε.
     "denoise": task_config(name="denoise", width=8, batch_size=16, lr_generator=2e-3, lr_discriminator=2e-3),
 }
+#: Tasks that start from a model file instead of their initialisation (public data: outside ε).
+STARTS = {"synthesis-public-start": Path("sites_example/demo-public-model.medgan")}
 
 
 def auc(members: np.ndarray, others: np.ndarray) -> float:
@@ -69,8 +75,10 @@ def discriminator_scores(task, images: torch.Tensor, inputs: torch.Tensor | None
 
 
 def train(config: TaskConfig, data: SiteData, steps: int, epsilon: float, seed: int = 0, seeded: bool = False,
-          unit: str = "slice"):
+          unit: str = "slice", start: Path | None = None):
     task = build_task(config)
+    if start is not None:
+        task.set_weights(load_model(start).arrays, source=str(start))
     dp = accountant = None
     if np.isfinite(epsilon):
         privacy = PrivacyConfig(target_epsilon=epsilon, secure_rng=not seeded, unit=unit)
@@ -118,6 +126,8 @@ def main() -> None:
                         help="DP noise and sampling follow the seed (secure-rng off), so a rerun reproduces the table.")
     parser.add_argument("--unit", choices=("slice", "patient"), default="slice",
                         help="the DP record (privacy.unit); the memorisation stress test runs for slices only")
+    parser.add_argument("--tasks", nargs="+", choices=tuple(TASKS), default=tuple(TASKS),
+                        help="audit only these; the other tasks' rows and the stress test stay as OUT holds them")
     args = parser.parse_args()
     args.out = args.out or Path("benchmarks/results/privacy" + ("-patient" if args.unit == "patient" else ""))
     if args.stress_only:
@@ -136,12 +146,17 @@ def main() -> None:
         # subjects, so one unusual patient cannot masquerade as a membership signal.
         simulate_site(DEFAULT_SITES[2], args.data, n_subjects=60, n_slices=4, size=128, seed=11)
     args.out.mkdir(parents=True, exist_ok=True)
+    everything = tuple(args.tasks) == tuple(TASKS)
+    kept = [] if everything else [r for r in json.loads((args.out / "results.json").read_text())
+                                  if r["task"] not in args.tasks]
     rows = []
-    for name, config in TASKS.items():
+    for name in args.tasks:
+        config = TASKS[name]
         data = load_task_data(args.data, config)
         for epsilon in EPSILONS:
             started = time.monotonic()
-            task, spent, sigma = train(config, data, args.steps, epsilon, seeded=args.seeded, unit=args.unit)
+            task, spent, sigma = train(config, data, args.steps, epsilon, seeded=args.seeded, unit=args.unit,
+                                       start=STARTS.get(name))
             quality = task.evaluate(data)
             member = discriminator_scores(task, data.train, data.train_input)
             other = discriminator_scores(task, data.test, data.test_input)
@@ -154,8 +169,9 @@ def main() -> None:
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
+    rows = sorted(kept + rows, key=lambda r: list(TASKS).index(r["task"]))  # table order: TASKS'
     (args.out / "results.json").write_text(json.dumps(rows, indent=2))
-    if args.unit == "slice":
+    if args.unit == "slice" and everything:
         stress = memorisation_stress(load_task_data(args.data, TASKS["synthesis"]), seeded=args.seeded)
         (args.out / "stress.json").write_text(json.dumps(stress, indent=2))
     write_markdown(rows, args.out / "results.md", args)
@@ -181,7 +197,10 @@ def write_markdown(rows: list[dict], path: Path, args: argparse.Namespace) -> No
          "rate batch / slices, so ε is a slice's; a patient's 4 slices are covered as a group of 4 "
          "(`benchmarks/results/privacy-patient`: the same audit with ε per patient)."),
         "Every ε uses the same settings (denoise: Adam lr 2e-3, which DP-SGD needs; plain training does better "
-        "with 2e-4, so the ∞ row understates the non-private optimum).",
+        "with 2e-4, so the ∞ row understates the non-private optimum). `synthesis-public-start` is the default "
+        "demo's way: it starts from `sites_example/demo-public-model.medgan` (trained without DP on other simulated "
+        "subjects, none of this site's) and trains only norms and biases; the attack scores its released "
+        "discriminator like the others'.",
         "",
         ("DP noise and sampling followed the seed (`--seeded`): a rerun on the same machine and torch build "
          "reproduces these numbers." if seeded else
@@ -196,7 +215,7 @@ def write_markdown(rows: list[dict], path: Path, args: argparse.Namespace) -> No
         "|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
-        utility = (f"SWD {r['swd']:.3f}" if r["task"] == "synthesis"
+        utility = (f"SWD {r['swd']:.3f}, diversity {r['diversity']:.2f}" if r["task"].startswith("synthesis")
                    else f"PSNR {r['psnr']:.2f} dB (input {r['psnr-input']:.2f}), SSIM {r['ssim']:.3f}")
         eps = "∞" if not np.isfinite(r["epsilon_target"]) else f"{r['epsilon_target']:g}"
         spent = "∞ (no DP)" if not np.isfinite(r["epsilon_spent"]) else f"{r['epsilon_spent']:.2f}"
@@ -229,12 +248,15 @@ def plot(rows: list[dict], path: Path) -> None:
                                              ("denoise", "psnr", "denoise: held-out PSNR dB (↑)"),
                                              (None, "mia_auc", "membership inference AUC")]):
         if task is None:
-            for name in TASKS:
+            for name in (n for n in TASKS if any(r["task"] == n for r in rows)):
                 ax.plot(labels, [r[key] for r in rows if r["task"] == name], marker="o", label=name)
             ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
             ax.legend()
         else:
-            ax.plot(labels, [r[key] for r in rows if r["task"] == task], marker="o")
+            for name in (n for n in TASKS if n.startswith(task) and any(r["task"] == n for r in rows)):
+                ax.plot(labels, [r[key] for r in rows if r["task"] == name], marker="o", label=name)
+            if task == "synthesis":
+                ax.legend()
             if key == "psnr":
                 ax.axhline([r["psnr-input"] for r in rows if r["task"] == task][0], color="grey", linestyle="--",
                            linewidth=1, label="low-dose input")
