@@ -198,3 +198,25 @@ def test_the_demo_starts_from_its_shipped_public_model() -> None:
     # air around a body in half the pixels, and slices that differ from one another
     assert (generated < -0.9).float().mean() > 0.3
     assert generated.flatten(1).std(dim=0).mean() > 0.1
+
+
+def test_the_privacy_audit_public_start_trains_the_shipped_model_s_norms_only() -> None:
+    """The audit's ``synthesis-public-start`` rows are the demo's way: the shipped public
+    model's weights, then DP training that moves only norms and biases."""
+    from medgan_core.data.dataset import SiteData
+    from medgan_core.model_file import load_model
+    from privacy_audit import STARTS, TASKS, train
+
+    root = Path(__file__).resolve().parents[1]
+    start = root / STARTS["synthesis-public-start"]
+    public = load_model(start).arrays
+    images = torch.rand(40, 1, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    data = SiteData("audit", images, images[:8], train_subjects=torch.arange(40))
+    task, spent, sigma = train(TASKS["synthesis-public-start"], data, 3, epsilon=8.0, start=start)
+    trained = task.get_weights()
+    assert sigma > 0 and 0 < spent <= 8.0
+    moved = {name for name in public if not np.array_equal(public[name], trained[name])}
+    assert moved, "DP training moved nothing"
+    for name in moved:  # conv weights stay as the public model made them
+        assert public[name].ndim == 1, f"{name} is not a norm scale/shift or a bias but moved"
+    assert any(public[name].ndim == 4 for name in public)
