@@ -36,14 +36,14 @@ from medgan_core.data.simulate import DEFAULT_SITES, simulate_site
 from medgan_core.model_file import load_model
 from medgan_core.privacy import SiteAccountant, plan_dp
 from medgan_core.tasks.registry import build_task
-from medgan_core.tasks.registry import load_task_data, task_config
+from medgan_core.tasks.registry import load_task_data, replace_task, task_config
 
 EPSILONS = (1.0, 3.0, 8.0, float("inf"))
+SYNTHESIS = task_config(name="synthesis", width=8, batch_size=32, lr_generator=1e-4, eval_samples=128)
 TASKS = {
-    "synthesis": task_config(name="synthesis", width=8, batch_size=32, lr_generator=1e-4, eval_samples=128),
+    "synthesis": SYNTHESIS,
     # The default demo's way: the shipped public model (other simulated subjects, no DP), its norms and biases trained.
-    "synthesis-public-start": task_config(name="synthesis", width=8, batch_size=32, lr_generator=1e-4,
-                                          eval_samples=128, trainable="norms"),
+    "synthesis-public-start": replace_task(SYNTHESIS, trainable="norms"),
     # DP-SGD wants a larger step than plain training; the same settings serve every ε.
     "denoise": task_config(name="denoise", width=8, batch_size=16, lr_generator=2e-3, lr_discriminator=2e-3),
 }
@@ -147,6 +147,9 @@ def main() -> None:
         simulate_site(DEFAULT_SITES[2], args.data, n_subjects=60, n_slices=4, size=128, seed=11)
     args.out.mkdir(parents=True, exist_ok=True)
     everything = tuple(args.tasks) == tuple(TASKS)
+    if not everything and not (args.out / "results.json").exists():
+        raise SystemExit(f"--tasks keeps the other tasks' rows from {args.out / 'results.json'}, which does not "
+                         "exist: run the whole audit first")
     kept = [] if everything else [r for r in json.loads((args.out / "results.json").read_text())
                                   if r["task"] not in args.tasks]
     rows = []
