@@ -86,7 +86,7 @@ def compare_study(study: StudyConfig, sites: list[Path], out: Path, *, leave_one
         scored_arm(NO_DP, study.replace(privacy={"enabled": False}))
         curve.sort(key=lambda point: point["epsilon-spent"])
     local = scored_arm("local only", study.replace(
-        aggregation={"policy": "local", "group_policies": "", "server_optimizer": "fedavg"},
+        aggregation={"policy": "local", "group_policies": "", "server_optimizer": "fedavg", "server_momentum": 0.0},
         privacy={"secagg": False, "central_noise_multiplier": 0.0}))
     progress("pooled: training on every site's images together")
     started = time.monotonic()

@@ -238,7 +238,10 @@ class AggregationConfig:
     ``median`` (coordinate-wise). ``local-norm`` keeps every normalisation layer local
     (FedBN); ``local-calibration`` keeps every site-calibration layer local (a generator's
     output gain and offset: each hospital's own scanner calibration). ``server-optimizer``
-    applies FedAdam/FedYogi (Flower's) to the averaged update;
+    applies FedAdam/FedYogi (Flower's) to the averaged update; ``server-momentum`` β > 0 with
+    plain averaging is FedAvgM (Hsu et al. 2019, Flower's): the server steps along a running
+    sum of the rounds' averaged updates, so a round moves the model about 1/(1 − β) times as
+    far as the average alone, as sequential steps over the pooled data would;
     ``proximal-mu`` > 0 pulls each site's weights back towards the global model (FedProx);
     ``keep-optimizer-state`` carries each site's Adam moments from round to round;
     ``finetune-steps`` > 0: after its last round's federated steps each site trains that many
@@ -260,6 +263,7 @@ class AggregationConfig:
     server_beta1: float = 0.9
     server_beta2: float = 0.99
     server_tau: float = 1e-3
+    server_momentum: float = 0.0
     proximal_mu: float = 0.0
     keep_optimizer_state: bool = False
     finetune_steps: int = 0
@@ -301,6 +305,11 @@ class AggregationConfig:
         return {group: self.policy_of(group) for group in groups}
 
     @property
+    def has_server_state(self) -> bool:
+        """Whether the coordinator carries optimiser state (moments, momentum) from round to round."""
+        return self.server_optimizer != "fedavg" or self.server_momentum > 0
+
+    @property
     def has_site_state(self) -> bool:
         """Whether sites must keep weights or optimiser state between rounds."""
         overrides = self.overrides()
@@ -324,6 +333,12 @@ class AggregationConfig:
         for key, beta in (("aggregation.server-beta1", self.server_beta1), ("aggregation.server-beta2", self.server_beta2)):
             if not 0 <= beta < 1:
                 raise ConfigError(f"{key} = {beta}; it must lie in [0, 1)")
+        if not 0 <= self.server_momentum < 1:
+            raise ConfigError(f"aggregation.server-momentum = {self.server_momentum}; it must lie in [0, 1) "
+                              "(0 = plain FedAvg)")
+        if self.server_momentum > 0 and self.server_optimizer != "fedavg":
+            raise ConfigError(f"aggregation.server-momentum applies to server-optimizer = 'fedavg' (FedAvgM); "
+                              f"{self.server_optimizer} has its own first moment (server-beta1)")
         if self.proximal_mu < 0:
             raise ConfigError(f"aggregation.proximal-mu = {self.proximal_mu}; it must be >= 0 (0 = no FedProx term)")
         if not 0 <= self.finetune_steps <= 100_000:

@@ -90,7 +90,7 @@ class StudyConfig:
                 f"aggregation policy {robust[0]!r} cannot be combined with privacy.central-noise-multiplier: "
                 "central DP needs an equal-weight mean of clipped updates"
             )
-        if self.privacy.secagg and (robust or agg.has_site_state or agg.server_optimizer != "fedavg"
+        if self.privacy.secagg and (robust or agg.has_site_state or agg.has_server_state
                                     or agg.proximal_mu > 0):
             raise ConfigError(
                 "privacy.secagg supports plain averaging only: leave [aggregation] at its defaults "

@@ -39,6 +39,8 @@ def aggregation_line(study: StudyConfig) -> str:
         line += "; site-calibration layers (output gain and offset) kept at each site"
     if agg.server_optimizer != "fedavg":
         line += f"; server optimiser {agg.server_optimizer} (η = {agg.server_lr:g})"
+    if agg.server_momentum > 0:
+        line += f"; server momentum β = {agg.server_momentum:g} (FedAvgM)"
     if agg.proximal_mu > 0:
         line += f"; FedProx μ = {agg.proximal_mu:g}"
     if agg.keep_optimizer_state:

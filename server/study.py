@@ -156,7 +156,7 @@ def _run_study(
     if study.run.resume:
         last_round, resumed = folder.resume_point()
         task.set_weights(resumed, source=f"checkpoint of round {last_round}")
-        if last_round > 0 and study.aggregation.server_optimizer != "fedavg":  # FedAdam/FedYogi moments
+        if last_round > 0 and study.aggregation.has_server_state:  # FedAdam/FedYogi moments, FedAvgM momentum
             strategy.load_optimizer_state(load_checkpoint(folder.server_optimizer(last_round))[0])
         first_round = last_round + 1
     else:
@@ -199,7 +199,7 @@ def _rounds(grid: Grid, study: StudyConfig, folder: RunFolder, task: Task, strat
                                timeout=timeout, server_round=server_round, phase="evaluate", watch=watch)
             strategy.aggregate_evaluate(server_round, replies)
         current = arrays_from_record(arrays)
-        if server_round > 0 and study.aggregation.server_optimizer != "fedavg":  # before the round counts as done
+        if server_round > 0 and study.aggregation.has_server_state:  # before the round counts as done
             save_checkpoint(folder.server_optimizer(server_round), strategy.optimizer_state(), {"round": server_round})
         summary = record_round(study, folder, task, server_round, current, previous, strategy.rounds.get(server_round),
                                preview=evaluating, tracker=tracker)
@@ -222,6 +222,7 @@ def _strategy(
         {name: shape for name, shape in task.weight_shapes().items() if name not in local},
         optimizer_kwargs={"eta": agg.server_lr, "beta_1": agg.server_beta1, "beta_2": agg.server_beta2,
                           "tau": agg.server_tau},
+        server_momentum=agg.server_momentum,
         fedavg_kwargs={"fraction_train": study.run.fraction_train, "fraction_evaluate": 1.0,
                        "min_train_nodes": min_sites, "min_evaluate_nodes": min_sites,
                        "min_available_nodes": study.run.num_sites},

@@ -3,6 +3,7 @@
 from strategies.aggregation import aggregate_by_group, aggregate_by_policy, split_groups, weighted_mean
 from strategies.grouped_fedavg import (
     GroupedFedAdam,
+    GroupedFedAvgM,
     GroupedFedAvg,
     GroupedFedYogi,
     RoundLog,
@@ -12,7 +13,7 @@ from strategies.grouped_fedavg import (
 )
 
 __all__ = [
-    "GroupedFedAdam", "GroupedFedAvg", "GroupedFedYogi", "RoundLog", "SiteReply", "build_strategy",
+    "GroupedFedAdam", "GroupedFedAvg", "GroupedFedAvgM", "GroupedFedYogi", "RoundLog", "SiteReply", "build_strategy",
     "weighted_metrics", "aggregate_by_group", "aggregate_by_policy", "split_groups",
     "weighted_mean",
 ]

@@ -8,7 +8,8 @@ or not finite, combines each group by its policy (sample-weighted mean, trimmed 
 median), and records per-site scalar metrics for the server's metrics file.
 ``GroupedFedAdam``/``GroupedFedYogi`` put Flower's own FedAdam/FedYogi server optimiser
 on top of that combination (Python's method order: FedAdam's ``aggregate_train`` calls
-ours as its ``super()``).
+ours as its ``super()``); ``GroupedFedAvgM`` does the same with Flower's FedAvgM (server
+momentum).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedYogi
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedYogi
 from flwr.supercore import log
 
 from medgan_core.arrays import check_arrays
@@ -309,6 +310,38 @@ class GroupedFedYogi(_ServerOptimizerMixin, FedYogi, GroupedFedAvg):
     """Flower's FedYogi applied to the per-group combination."""
 
 
+class GroupedFedAvgM(FedAvgM, GroupedFedAvg):
+    """Flower's FedAvgM (server momentum, server learning rate 1) applied to the per-group
+    combination. Arrays that stay at the sites keep the server's values, so their momentum
+    stays zero. The momentum is saved by name with each round's checkpoint, for resume."""
+
+    _pending_momentum: dict[str, np.ndarray] | None = None
+
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        if self.momentum_vector is None or self.current_arrays is None:
+            return {}
+        return {f"momentum:{name}": np.asarray(a)
+                for name, a in zip(self.current_arrays.keys(), self.momentum_vector, strict=True)}
+
+    def load_optimizer_state(self, arrays: Mapping[str, np.ndarray]) -> None:
+        momentum = {k.split(":", 1)[1]: np.asarray(v) for k, v in arrays.items() if k.startswith("momentum:")}
+        if len(momentum) != len(arrays):
+            raise WeightsError("this run's server optimiser is FedAvgM, but the checkpoint holds other moments")
+        self._pending_momentum = momentum or None  # ordered like the model once the first round names it
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        messages = super().configure_train(server_round, arrays, config, grid)
+        if self._pending_momentum is not None and self.current_arrays is not None:
+            missing = sorted(set(self.current_arrays.keys()) - set(self._pending_momentum))
+            if missing:
+                raise WeightsError(f"the saved server momentum lacks {missing[:3]}; it belongs to another model")
+            self.momentum_vector = [self._pending_momentum[name] for name in self.current_arrays.keys()]
+            self._pending_momentum = None
+        return messages
+
+
 SERVER_OPTIMIZERS: dict[str, type[GroupedFedAvg]] = {
     "fedavg": GroupedFedAvg,
     "fedadam": GroupedFedAdam,
@@ -323,9 +356,11 @@ def build_strategy(
     *,
     optimizer_kwargs: Mapping[str, float] | None = None,
     fedavg_kwargs: Mapping[str, object] | None = None,
+    server_momentum: float = 0.0,
     **grouped_kwargs: object,
 ) -> GroupedFedAvg:
-    """A grouped strategy, with Flower's FedAdam/FedYogi on top when asked.
+    """A grouped strategy, with Flower's FedAdam/FedYogi on top when asked, or its FedAvgM
+    for plain averaging with ``server_momentum`` > 0.
 
     Flower's FedOpt constructors pass only FedAvg's arguments up the chain, so the
     grouped settings are applied after construction (``setup_groups``).
@@ -337,6 +372,9 @@ def build_strategy(
     kwargs = dict(fedavg_kwargs or {})
     if cls is not GroupedFedAvg:
         kwargs.update(optimizer_kwargs or {})
+    elif server_momentum > 0:
+        cls = GroupedFedAvgM
+        kwargs.update(server_learning_rate=1.0, server_momentum=server_momentum)
     strategy = cls(**kwargs)  # type: ignore[arg-type]
     strategy.setup_groups(groups, expected_shapes, **grouped_kwargs)  # type: ignore[arg-type]
     return strategy
