@@ -240,8 +240,8 @@ class AggregationConfig:
     output gain and offset: each hospital's own scanner calibration). ``server-optimizer``
     applies FedAdam/FedYogi (Flower's) to the averaged update; ``server-momentum`` β > 0 with
     plain averaging is FedAvgM (Hsu et al. 2019, Flower's): the server steps along a running
-    sum of the rounds' averaged updates, so a round moves the model about 1/(1 − β) times as
-    far as the average alone, as sequential steps over the pooled data would;
+    sum of the rounds' averaged updates, so a round moves the model up to 1/(1 − β) times as
+    far as the average alone (nearer to what sequential steps over the pooled data do);
     ``proximal-mu`` > 0 pulls each site's weights back towards the global model (FedProx);
     ``keep-optimizer-state`` carries each site's Adam moments from round to round;
     ``finetune-steps`` > 0: after its last round's federated steps each site trains that many

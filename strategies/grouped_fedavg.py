@@ -334,9 +334,11 @@ class GroupedFedAvgM(FedAvgM, GroupedFedAvg):
     ) -> Iterable[Message]:
         messages = super().configure_train(server_round, arrays, config, grid)
         if self._pending_momentum is not None and self.current_arrays is not None:
-            missing = sorted(set(self.current_arrays.keys()) - set(self._pending_momentum))
-            if missing:
-                raise WeightsError(f"the saved server momentum lacks {missing[:3]}; it belongs to another model")
+            current = dict(zip(self.current_arrays.keys(), self.current_arrays.to_numpy_ndarrays(), strict=True))
+            wrong = sorted(n for n, a in current.items()
+                           if n not in self._pending_momentum or self._pending_momentum[n].shape != a.shape)
+            if wrong:
+                raise WeightsError(f"the saved server momentum lacks or misshapes {wrong[:3]}; it belongs to another model")
             self.momentum_vector = [self._pending_momentum[name] for name in self.current_arrays.keys()]
             self._pending_momentum = None
         return messages

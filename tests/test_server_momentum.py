@@ -111,10 +111,12 @@ def test_a_saved_momentum_for_another_model_is_refused() -> None:
     strategy = build_strategy("fedavg", ["generator"], {"generator.w": (2,)}, server_momentum=0.9,
                               fedavg_kwargs={"min_available_nodes": 1, "min_train_nodes": 1})
     strategy.set_node_waits(1.0, 1.0)
-    strategy.load_optimizer_state({"momentum:generator.v": np.ones(2, np.float32)})
-    with pytest.raises(WeightsError, match="lacks"):
-        strategy.configure_train(1, ArrayRecord({"generator.w": Array(np.zeros(2, np.float32))}), ConfigRecord({}),
-                                 ShiftingSites({1: 0.0}))  # type: ignore[arg-type]
+    for saved in ({"momentum:generator.v": np.ones(2, np.float32)}, {"momentum:generator.w": np.ones(3, np.float32)}):
+        strategy.load_optimizer_state(saved)
+        strategy.current_arrays = None  # a fresh coordinator, as on resume
+        with pytest.raises(WeightsError, match="lacks or misshapes"):
+            strategy.configure_train(1, ArrayRecord({"generator.w": Array(np.zeros(2, np.float32))}), ConfigRecord({}),
+                                     ShiftingSites({1: 0.0}))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("aggregation, message", [
