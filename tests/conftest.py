@@ -25,6 +25,16 @@ def tiny_sites(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 
 @pytest.fixture()
+def flower_task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower's strategies read the task identity that a real ServerApp process sets: tests
+    that drive a strategy or ``run_study`` directly, without one, set it here."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name in ("_task_id", "_run_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
+
+
+@pytest.fixture()
 def tiny_study() -> StudyConfig:
     """A study small enough for a unit test: 16x16 images, narrow networks, few steps."""
     return StudyConfig().replace(

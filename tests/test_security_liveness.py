@@ -19,25 +19,13 @@ from server.run_folder import RunFolder
 from server.study import StudyFailed, run_study
 from strategies.grouped_fedavg import GroupedFedAvg
 
-pytestmark = pytest.mark.security
+from client_messages import message_metadata
 
-
-@pytest.fixture(autouse=True)
-def _flower_run(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Flower's strategies read the task identity that a real ServerApp process sets."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name in ("_task_id", "_run_id", "_node_id"):
-        monkeypatch.setattr(TaskIdentity, name, 1)
-
-
-def _metadata(src: int, dst: int, kind: str) -> Metadata:
-    return Metadata(run_id=1, message_id=f"{src}-{dst}", src_node_id=src, dst_node_id=dst, reply_to_message_id="",
-                    group_id="", created_at=time.time(), ttl=60.0, message_type=kind)
+pytestmark = [pytest.mark.security, pytest.mark.usefixtures("flower_task_identity")]
 
 
 def _error_from(node: int, kind: str, reason: str) -> Message:
-    return Message(Error(code=4030, reason=reason), metadata=_metadata(node, 0, kind))
+    return Message(Error(code=4030, reason=reason), metadata=message_metadata(node, 0, kind, f"{node}-0"))
 
 
 class FakeGrid:
@@ -50,7 +38,7 @@ class FakeGrid:
         return list(self.alive)
 
     def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # type: ignore[no-untyped-def]
-        return Message(content, metadata=_metadata(0, dst_node_id, message_type))
+        return Message(content, metadata=message_metadata(0, dst_node_id, message_type, f"0-{dst_node_id}"))
 
     def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
         messages = list(messages)

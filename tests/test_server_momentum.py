@@ -4,12 +4,11 @@ averaged updates, carries it across a restart, and refuses settings it cannot ho
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from medgan_core.checkpoints import load_checkpoint
 from medgan_core.errors import ConfigError, WeightsError
@@ -18,14 +17,10 @@ from server.run_folder import RunFolder
 from server.study import run_study
 from strategies.grouped_fedavg import GroupedFedAvg, GroupedFedAvgM, build_strategy
 
+from client_messages import message_metadata
 
-@pytest.fixture(autouse=True)
-def _flower_run(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Flower's strategies read the task identity that a real ServerApp process sets."""
-    from flwr.supercore.task_identity import TaskIdentity
 
-    for name in ("_task_id", "_run_id", "_node_id"):
-        monkeypatch.setattr(TaskIdentity, name, 1)
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
 class ShiftingSites:
@@ -39,7 +34,7 @@ class ShiftingSites:
         return list(self.shifts)
 
     def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # type: ignore[no-untyped-def]
-        return Message(content, metadata=_metadata(0, dst_node_id, message_type, f"to-{dst_node_id}-{time.time_ns()}"))
+        return Message(content, metadata=message_metadata(0, dst_node_id, message_type))
 
     def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
         return [self._reply(m) for m in messages]
@@ -53,13 +48,8 @@ class ShiftingSites:
             content = RecordDict({"arrays": arrays, "metrics": metrics})
         else:
             content = RecordDict({"metrics": metrics})
-        reply = Message(content, metadata=_metadata(node, 0, message.metadata.message_type, f"from-{node}"))
+        reply = Message(content, metadata=message_metadata(node, 0, message.metadata.message_type))
         return reply
-
-
-def _metadata(src: int, dst: int, kind: str, message_id: str) -> Metadata:
-    return Metadata(run_id=1, message_id=message_id, src_node_id=src, dst_node_id=dst, reply_to_message_id="",
-                    group_id="", created_at=time.time(), ttl=60.0, message_type=kind)
 
 
 def _study(rounds: int, out: Path, momentum: float = 0.5, resume: bool = False) -> StudyConfig:
