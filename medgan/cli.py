@@ -64,6 +64,10 @@ def study_compare(
         "1,4", "--epsilons",
         help="With DP on: the further target ε values of the ε–utility curve, comma-separated ('none': only the "
              "configured one); the federation also runs once without DP, the curve's ceiling."),
+    self_ensemble: bool = typer.Option(
+        True, "--self-ensemble/--no-self-ensemble",
+        help="Score with the task's test-time self-ensemble (denoise: 8 flips/turns averaged); off: every arm "
+             "without it, an eighth of the whole-slice inference."),
 ) -> None:
     """Train the study, local-only and pooled on the same budget; score every site's held-out split."""
     from medgan.compare import compare_study
@@ -77,7 +81,7 @@ def study_compare(
             raise MedGANError(f"{study.run.sites_dir} holds {len(sites)} site(s); a comparison needs at least two")
         study = study.replace(run={"num_sites": len(sites)})
         results = compare_study(study, sites, out, leave_one_out=leave_one_out, epsilons=parse_epsilons(epsilons),
-                                progress=console.print)
+                                self_ensemble=self_ensemble, progress=console.print)
     except MedGANError as exc:
         fail(exc)
     console.print((out / "results.md").read_text())

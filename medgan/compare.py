@@ -11,7 +11,10 @@ On the same budget of local steps and the same sites (simulation):
 - with DP on, the ε–utility curve: the federated study again at each further target ε
   (``epsilons``, the noise derived for each) and once without DP, the ceiling its privacy
   costs against. Each point is placed at the ε the sites actually spent (the largest).
-Every arm is scored on every site's held-out split by the task's own ``evaluate``.
+Every arm is scored on every site's held-out split by the task's own ``evaluate``, once, after
+it trained: the arms' runs do no held-out evaluation of their own (``run.evaluate-every = 0``).
+``self_ensemble=False`` scores every arm without the task's test-time self-ensemble (an eighth
+of the whole-slice inference; the arms are compared alike).
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ NO_DP = "federated, no DP"
 
 
 def compare_study(study: StudyConfig, sites: list[Path], out: Path, *, leave_one_out: bool = False,
-                  epsilons: Sequence[float] = (), progress: Progress = print) -> dict[str, Any]:
+                  epsilons: Sequence[float] = (), self_ensemble: bool = True,
+                  progress: Progress = print) -> dict[str, Any]:
     if len(sites) < 2:
         raise MedGANError("a comparison needs at least two sites")
     if any(not eps > 0 for eps in epsilons):
@@ -60,10 +64,15 @@ def compare_study(study: StudyConfig, sites: list[Path], out: Path, *, leave_one
 
     run_dirs: dict[str, Path] = {}
 
+    def score(model: Task, site: str) -> dict[str, float]:
+        if not self_ensemble and getattr(model, "self_ensemble", False):
+            model.self_ensemble = False  # type: ignore[misc]
+        return model.evaluate(data[site])
+
     def federate(arm: str, arm_study: StudyConfig, arm_sites: list[Path], personal: bool = True) -> dict[str, Task]:
         started = time.monotonic()
         run_dir = run_dirs[arm] = out / arm.replace(" ", "-")
-        simulate_federation(arm_study, arm_sites, run_dir,
+        simulate_federation(arm_study.replace(run={"evaluate_every": 0}), arm_sites, run_dir,
                             progress=lambda s: progress(f"{arm}: round {s.server_round}/{arm_study.run.rounds}"))
         seconds[arm] = time.monotonic() - started
         return site_models(arm_study, arm_sites, run_dir, personal=personal)
@@ -71,7 +80,7 @@ def compare_study(study: StudyConfig, sites: list[Path], out: Path, *, leave_one
     def scored_arm(arm: str, arm_study: StudyConfig) -> dict[str, Task]:
         """An arm on every site, each site's model scored on its own held-out split."""
         models = federate(arm, arm_study, sites)
-        scores[arm] = {name: model.evaluate(data[name]) for name, model in models.items()}
+        scores[arm] = {name: score(model, name) for name, model in models.items()}
         return models
 
     scored_arm("federated", study)
@@ -92,7 +101,7 @@ def compare_study(study: StudyConfig, sites: list[Path], out: Path, *, leave_one
     started = time.monotonic()
     pooled = pooled_model(study, list(data.values()))
     seconds["pooled"] = time.monotonic() - started
-    scores["pooled"] = {name: pooled.evaluate(d) for name, d in data.items()}
+    scores["pooled"] = {name: score(pooled, name) for name in data}
     held_out: dict[str, dict[str, Any]] = {}
     if leave_one_out:
         for site in sites:
@@ -102,13 +111,13 @@ def compare_study(study: StudyConfig, sites: list[Path], out: Path, *, leave_one
             models = federate(f"without {site.name}", arm_study, others, personal=False)
             any_model = next(iter(models.values()))
             held_out[site.name] = {
-                "federated (others)": any_model.evaluate(data[site.name]),
-                "single sites": {other: local[other].evaluate(data[site.name]) for other in models},
+                "federated (others)": score(any_model, site.name),
+                "single sites": {other: score(local[other], site.name) for other in models},
             }
     results = {"task": study.task.name, "headline": headline, "privacy": study.privacy.enabled,
                "delta": study.privacy.delta, "initial-model": Path(study.run.initial_model).name or None,
                "rounds": study.run.rounds, "local-steps": study.task.local_steps, "sites": [s.name for s in sites],
-               "scores": scores, "leave-one-out": held_out, "epsilon-utility": curve, "seconds": seconds}
+               "self-ensemble": self_ensemble, "scores": scores, "leave-one-out": held_out, "epsilon-utility": curve, "seconds": seconds}
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     atomic_write_text(out / "results.md", _markdown(results))
     _plot(results, out, progress)
@@ -186,7 +195,9 @@ def _markdown(results: dict[str, Any]) -> str:
              f"Held-out `{key}` at each site, each arm's own model there "
              f"({'higher' if key not in ('swd', 'fid', 'kid', 'mae-hu', 'nmse') else 'lower'} is better)."
              + (f" Every arm starts from `{results['initial-model']}` (`run.initial-model`, public data)."
-                if results.get("initial-model") else ""), "",
+                if results.get("initial-model") else "")
+             + ("" if results.get("self-ensemble", True) else
+                " Every arm scored without the task's test-time self-ensemble (`--no-self-ensemble`)."), "",
              "| site | " + " | ".join(arms) + " |", "|---|" + "---:|" * len(arms)]
     for site in results["sites"]:
         lines.append(f"| {site} | " + " | ".join(f"{results['scores'][arm][site].get(key, float('nan')):.3f}"

@@ -150,17 +150,22 @@ class RunConfig:
     min_answer_fraction: float = 0.5  # a round counts only if this share of sampled sites answered usefully
     round_timeout: float = 3600.0
     resume: bool = False  # continue the run in out-dir from its last complete round
-    evaluate_every: int = 1  # held-out evaluation and sample grid: rounds 0, 1, every N-th and the last
+    evaluate_every: int = 1  # held-out evaluation and sample grid: rounds 0, 1, every N-th and the last; 0: never
     tracking: str = "none"  # or "tensorboard": round metrics and sample grids under RUN_DIR/tensorboard
     initial_model: str = ""  # a .medgan model file whose weights start round 0 (a warm start; public data only)
 
     def evaluates(self, server_round: int) -> bool:
-        """Whether the sites evaluate (and the coordinator draws a sample grid) after this round."""
+        """Whether the sites evaluate (and the coordinator draws a sample grid) after this round
+        (``evaluate-every = 0``: never, for a run scored afterwards, as ``medgan study compare`` does)."""
+        if self.evaluate_every == 0:
+            return False
         return server_round in (0, 1, self.rounds) or server_round % self.evaluate_every == 0
 
     def validate(self) -> None:
         require_positive("run.rounds", self.rounds)
-        require_positive("run.evaluate-every", self.evaluate_every)
+        if self.evaluate_every < 0:
+            raise ConfigError(f"run.evaluate-every = {self.evaluate_every}; give a round count, or 0 for no "
+                              "held-out evaluation during the run")
         require_positive("run.round-timeout", self.round_timeout)
         require_positive("run.num-sites", self.num_sites)
         for key, value in (("run.out-dir", self.out_dir), ("run.sites-dir", self.sites_dir)):

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from medgan.cli import app
 from medgan.compare import compare_study
+from medgan_core.errors import ConfigError
 from medgan_core.study_config import StudyConfig
 
 
@@ -77,10 +78,10 @@ def test_another_epsilon_is_the_same_study_at_that_target(tiny_sites: list[Path]
     with pytest.raises(Stop):
         compare.compare_study(study, tiny_sites, tmp_path / "cmp", epsilons=[8.0, 2.0], progress=lambda _: None)
     (configured, first), (other, second) = arms
-    assert configured == study and first.name == "federated"
+    assert configured == study.replace(run={"evaluate_every": 0}) and first.name == "federated"  # compare scores it
     assert second.name == "federated,-ε=2" and other.privacy.target_epsilon == 2.0
     assert other.privacy.noise_multiplier == 0.0  # found for ε = 2, not the configured 1.3
-    assert other.replace(privacy={"target_epsilon": 8.0, "noise_multiplier": 1.3}) == study  # nothing else
+    assert other.replace(privacy={"target_epsilon": 8.0, "noise_multiplier": 1.3}) == configured  # nothing else
 
 
 def test_a_comparison_needs_two_sites(tiny_sites: list[Path], tmp_path: Path) -> None:
@@ -99,3 +100,58 @@ def test_bad_epsilons_are_refused_in_one_line(tiny_sites: list[Path], tmp_path: 
                                           "--epsilons", bad])
         assert result.exit_code == 2 and "--epsilons" in result.output and "Traceback" not in result.output
         assert not (tmp_path / "c" / "results.json").exists()
+
+
+@pytest.mark.usefixtures("flower_task_identity")
+def test_a_run_with_evaluate_every_0_asks_no_site_to_evaluate(tmp_path: Path) -> None:
+    """``run.evaluate-every = 0``: every round trains and is checkpointed, none is evaluated
+    (the compare's arms: it scores them itself), and the report says no grid was drawn."""
+    from server.run_folder import RunFolder
+    from server.study import run_study
+    from test_server_momentum import ShiftingSites, _study
+
+    sent: list[str] = []
+
+    class CountingSites(ShiftingSites):
+        def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+            sent.extend(m.metadata.message_type for m in messages)
+            return super().send_and_receive(messages, timeout=timeout)
+
+    folder = RunFolder(tmp_path / "run")
+    study = _study(3, folder.root, momentum=0.0).replace(run={"evaluate_every": 0})
+    run_study(CountingSites({1: 0.01, 2: 0.03}), study, folder)  # type: ignore[arg-type]
+    assert sent and all(kind.startswith("train") for kind in sent) and len(sent) == 3 * 2
+    assert all(folder.checkpoint(r).is_file() for r in range(4)) and not list(folder.root.glob("samples/*.png"))
+    assert "no round was evaluated" in folder.report.read_text()
+    with pytest.raises(ConfigError, match="run.evaluate-every = -1"):
+        study.replace(run={"evaluate_every": -1})
+
+
+def test_compare_scores_every_arm_once_and_without_the_self_ensemble_when_asked(
+        tiny_sites: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import medgan.compare as compare
+
+    class Model:
+        self_ensemble = True
+
+        def evaluate(self, data: object) -> dict[str, float]:  # 1 with the ensemble, 0 without
+            return {"psnr": float(self.self_ensemble), "psnr-input": 0.0}
+
+    runs: list[StudyConfig] = []
+    monkeypatch.setattr(compare, "simulate_federation", lambda arm_study, *a, **k: runs.append(arm_study))
+    monkeypatch.setattr(compare, "site_models", lambda study, sites, *a, **k: {s.name: Model() for s in sites})
+    monkeypatch.setattr(compare, "pooled_model", lambda *a: Model())
+    monkeypatch.setattr(compare, "_plot", lambda *a: None)
+    study = StudyConfig().replace(run={"rounds": 1, "num_sites": 2, "device": "cpu"},
+                                  task={"name": "denoise", "image_size": 16, "width": 8, "batch_size": 4},
+                                  privacy={"enabled": False})
+    for ensemble in (True, False):
+        results = compare.compare_study(study, tiny_sites, tmp_path / f"cmp-{ensemble}", leave_one_out=True,
+                                        self_ensemble=ensemble, progress=lambda _: None)
+        scored = [m["psnr"] for arm in results["scores"].values() for m in arm.values()]
+        scored += [row["federated (others)"]["psnr"] for row in results["leave-one-out"].values()]
+        scored += [m["psnr"] for row in results["leave-one-out"].values() for m in row["single sites"].values()]
+        assert len(scored) == 3 * 2 + 2 + 2 and set(scored) == {float(ensemble)}
+        assert results["self-ensemble"] is ensemble
+        assert ("--no-self-ensemble" in (tmp_path / f"cmp-{ensemble}" / "results.md").read_text()) is not ensemble
+    assert runs and all(r.run.evaluate_every == 0 for r in runs)
