@@ -220,3 +220,37 @@ def test_the_privacy_audit_public_start_trains_the_shipped_model_s_norms_only() 
     for name in moved:  # conv weights stay as the public model made them
         assert public[name].ndim == 1, f"{name} is not a norm scale/shift or a bias but moved"
     assert any(public[name].ndim == 4 for name in public)
+
+
+def test_the_denoise_and_superres_compare_studies_train_what_their_benchmarks_train(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """sites_example/denoise-compare.toml and superres-compare.toml: the README's comparison
+    tables were measured with their benchmark's task settings, sites and fine-tune (denoise on
+    half the benchmark's rounds and a third of its fine-tune, as the file says)."""
+    import types
+
+    monkeypatch.setitem(sys.modules, "bm3d", types.ModuleType("bm3d"))  # a bench extra; only its constants are read
+    monkeypatch.delitem(sys.modules, "denoise_baselines", raising=False)
+    import denoise_baselines as denoise
+    import superres_baselines as superres
+
+    monkeypatch.delitem(sys.modules, "denoise_baselines")  # not kept with the stand-in bm3d
+
+    root = Path(__file__).resolve().parents[1] / "sites_example"
+    three_sites = [Path("a"), Path("b"), Path("c")]
+    study = load_study(root / "denoise-compare.toml")
+    benchmark = bench_common.paired_study(argparse.Namespace(rounds=denoise.ROUNDS // 2, local_steps=denoise.LOCAL_STEPS),
+                                          three_sites, name="denoise", image_size=denoise.PATCH, spacing=0.0,
+                                          width=denoise.WIDTH, batch_size=denoise.BATCH, l1_weight=denoise.L1_WEIGHT,
+                                          lr_generator=denoise.LR, lr_discriminator=denoise.LR)
+    assert study.task == benchmark.task and study.run.rounds == benchmark.run.rounds
+    assert study.aggregation.local_norm and study.aggregation.finetune_steps == denoise.FINETUNE_STEPS // 3
+    assert study.aggregation.finetune_validate_every == 100 and not study.privacy.enabled
+    assert study.run.sites_dir == "benchmarks/data/denoise-native"
+    study = load_study(root / "superres-compare.toml")
+    benchmark = bench_common.paired_study(argparse.Namespace(rounds=5, local_steps=60), three_sites,
+                                          name="superres", scale=4, spacing=0.0)
+    assert study.task == benchmark.task and study.run.rounds == benchmark.run.rounds
+    assert (study.aggregation.finetune_steps, study.aggregation.finetune_validate_every) == (
+        superres.FINETUNE_STEPS, 100)
+    assert not study.privacy.enabled and study.run.sites_dir == "benchmarks/data/superres-native"
