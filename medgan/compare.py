@@ -47,6 +47,10 @@ Progress = Callable[[str], None]
 
 
 NO_DP = "federated, no DP"
+LOWER_IS_BETTER = frozenset({"swd", "fid", "kid", "mae-hu", "nmse"})
+#: What a hospital joins for (issue 24): at least local-only everywhere, near pooling, and worth
+#: keeping under DP at ε = 8.
+POOLED_SHARE_TARGET, DP_SHARE_TARGET, DP_TARGET_EPSILON = 0.95, 0.85, 8.0
 
 
 def compare_study(study: StudyConfig, sites: list[Path], out: Path, *, leave_one_out: bool = False,
@@ -193,7 +197,7 @@ def _markdown(results: dict[str, Any]) -> str:
              f"{len(results['sites'])} sites, {results['rounds']} rounds × {results['local-steps']} local steps, "
              f"DP {'on' if results['privacy'] else 'off'} for the federated and local arms (pooled: no DP). "
              f"Held-out `{key}` at each site, each arm's own model there "
-             f"({'higher' if key not in ('swd', 'fid', 'kid', 'mae-hu', 'nmse') else 'lower'} is better)."
+             f"({'lower' if key in LOWER_IS_BETTER else 'higher'} is better)."
              + (f" Every arm starts from `{results['initial-model']}` (`run.initial-model`, public data)."
                 if results.get("initial-model") else "")
              + ("" if results.get("self-ensemble", True) else
@@ -219,8 +223,43 @@ def _markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {site} | {row['federated (others)'][key]:.3f} | {singles} |")
     if results["epsilon-utility"]:
         lines += ["", *_curve_markdown(results)]
+    lines += ["", *_targets_markdown(results)]
     lines += ["", "Training seconds: " + ", ".join(f"{arm} {s:.0f}" for arm, s in results["seconds"].items()) + "."]
     return "\n".join(lines) + "\n"
+
+
+def _targets_markdown(results: dict[str, Any]) -> list[str]:
+    """Each target, met or missed and by how much, from the scores above (a missed one is what
+    the next experiment is for)."""
+    key, sites, scores = results["headline"], results["sites"], results["scores"]
+    sign = -1.0 if key in LOWER_IS_BETTER else 1.0  # margins > 0: the federation is better
+
+    def verdict(margin: float) -> str:
+        return "met" if margin >= 0 else "**missed**"
+
+    margins = {site: sign * (scores["federated"][site][key] - scores["local only"][site][key]) for site in sites}
+    worst = min(margins, key=margins.__getitem__)
+    lines = ["Targets:", "",
+             f"- federated ≥ local only at every site: {verdict(margins[worst])} "
+             f"(smallest margin {margins[worst]:+.3f} at {worst})"]
+    if f"{key}-input" in scores["federated"][sites[0]]:
+        pooled = mean_gain(results, "pooled", key)
+        share = mean_gain(results, "federated", key) / pooled if pooled else float("nan")
+        lines.append(f"- ≥ {POOLED_SHARE_TARGET:.0%} of pooled training's gain: {verdict(share - POOLED_SHARE_TARGET)} "
+                     f"({share:.0%})")
+    if results["leave-one-out"]:
+        loo = {site: sign * row["federated (others)"][key] - max(sign * s[key] for s in row["single sites"].values())
+               for site, row in results["leave-one-out"].items()}
+        worst = min(loo, key=loo.__getitem__)
+        lines.append(f"- left out, the federation beats every single-site model: {verdict(loo[worst])} "
+                     f"(smallest margin over the best single site {loo[worst]:+.3f} at {worst})")
+    at_target = [p for p in results["epsilon-utility"] if p["target-epsilon"] == DP_TARGET_EPSILON]
+    if at_target and f"{key}-input" in scores["federated"][sites[0]]:
+        ceiling = mean_gain(results, NO_DP, key)
+        share = mean_gain(results, at_target[0]["arm"], key) / ceiling if ceiling else float("nan")
+        lines.append(f"- DP at ε = {DP_TARGET_EPSILON:g} keeps ≥ {DP_SHARE_TARGET:.0%} of the non-DP gain: "
+                     f"{verdict(share - DP_SHARE_TARGET)} ({share:.0%})")
+    return lines
 
 
 def _curve_markdown(results: dict[str, Any]) -> list[str]:

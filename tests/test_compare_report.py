@@ -34,3 +34,31 @@ def test_each_dp_point_shows_the_share_of_the_non_dp_gain_it_keeps() -> None:
     assert "| 8 | 7.98 | 28.000 | 80% |" in table
     assert "| no DP | ∞ | 30.000 | 100% |" in table
     assert "Every arm starts from `public.medgan`" in table
+
+
+def test_the_targets_say_met_or_missed_and_by_how_much() -> None:
+    results = _results(privacy=True)
+    results["scores"]["local only"]["B"]["psnr"] = 28.5  # beats the federation at B by 0.5 dB
+    results["leave-one-out"] = {"A": {"federated (others)": {"psnr": 27.0}, "single sites": {"B": {"psnr": 26.0}}},
+                                "B": {"federated (others)": {"psnr": 27.0}, "single sites": {"A": {"psnr": 27.25}}}}
+    table = _markdown(results)
+    assert "- federated ≥ local only at every site: **missed** (smallest margin -0.500 at B)" in table
+    assert "- ≥ 95% of pooled training's gain: **missed** (80%)" in table
+    assert ("- left out, the federation beats every single-site model: **missed** "
+            "(smallest margin over the best single site -0.250 at B)") in table
+    assert "- DP at ε = 8 keeps ≥ 85% of the non-DP gain: **missed** (80%)" in table
+    results["scores"]["local only"]["B"]["psnr"] = 26.0
+    results["scores"]["pooled"] = _scores(28.2)  # the federation's 8 dB gain is 98 % of 8.2
+    results["leave-one-out"]["B"]["single sites"]["A"]["psnr"] = 26.5
+    table = _markdown(results)
+    assert "every site: met (smallest margin +2.000 at A)" in table and "gain: met (98%)" in table
+    assert "single-site model: met (smallest margin over the best single site +0.500 at B)" in table
+
+
+def test_for_a_lower_is_better_metric_a_lower_score_meets_the_target() -> None:
+    results = _results(privacy=False)
+    results["headline"] = "mae-hu"
+    for arm, value in (("federated", 50.0), ("local only", 60.0), ("pooled", 40.0)):
+        results["scores"][arm] = {site: {"mae-hu": value} for site in ("A", "B")}
+    table = _markdown(results)
+    assert "every site: met (smallest margin +10.000 at A)" in table and "pooled training's gain" not in table
