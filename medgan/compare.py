@@ -68,7 +68,8 @@ def compare_study(study: StudyConfig, sites: list[Path], out: Path, *, leave_one
 
     run_dirs: dict[str, Path] = {}
 
-    def score(model: Task, site: str) -> dict[str, float]:
+    def score(model: Task, site: str, arm: str) -> dict[str, float]:
+        progress(f"{arm}: scoring {site}'s held-out slices")
         if not self_ensemble and getattr(model, "self_ensemble", False):
             model.self_ensemble = False  # type: ignore[misc]
         return model.evaluate(data[site])
@@ -84,7 +85,7 @@ def compare_study(study: StudyConfig, sites: list[Path], out: Path, *, leave_one
     def scored_arm(arm: str, arm_study: StudyConfig) -> dict[str, Task]:
         """An arm on every site, each site's model scored on its own held-out split."""
         models = federate(arm, arm_study, sites)
-        scores[arm] = {name: score(model, name) for name, model in models.items()}
+        scores[arm] = {name: score(model, name, arm) for name, model in models.items()}
         return models
 
     scored_arm("federated", study)
@@ -105,18 +106,19 @@ def compare_study(study: StudyConfig, sites: list[Path], out: Path, *, leave_one
     started = time.monotonic()
     pooled = pooled_model(study, list(data.values()))
     seconds["pooled"] = time.monotonic() - started
-    scores["pooled"] = {name: score(pooled, name) for name in data}
+    scores["pooled"] = {name: score(pooled, name, "pooled") for name in data}
     held_out: dict[str, dict[str, Any]] = {}
     if leave_one_out:
         for site in sites:
             others = [s for s in sites if s != site]
             arm_study = study.replace(run={"num_sites": len(others)})
             # The shared arrays (a site-kept layer is not the held-out site's; no one's personal model)
-            models = federate(f"without {site.name}", arm_study, others, personal=False)
+            arm = f"without {site.name}"
+            models = federate(arm, arm_study, others, personal=False)
             any_model = next(iter(models.values()))
             held_out[site.name] = {
-                "federated (others)": score(any_model, site.name),
-                "single sites": {other: score(local[other], site.name) for other in models},
+                "federated (others)": score(any_model, site.name, arm),
+                "single sites": {other: score(local[other], site.name, f"local only at {other}") for other in models},
             }
     results = {"task": study.task.name, "headline": headline, "privacy": study.privacy.enabled,
                "delta": study.privacy.delta, "initial-model": Path(study.run.initial_model).name or None,

@@ -45,6 +45,7 @@ def test_every_arm_is_scored_at_every_site(tiny_sites: list[Path], tmp_path: Pat
     assert "ε–utility" in table and "| no DP | ∞ |" in table and "share of the non-DP gain" in table
     assert any("federated: round 1/1" in line for line in seen) and any("pooled" in line for line in seen)
     assert any("federated, no DP: round 1/1" in line for line in seen)
+    assert f"pooled: scoring {names[1]}'s held-out slices" in seen
     from PIL import Image
 
     for chart in ("per-site.png", "gain.png", "epsilon-utility.png"):  # matplotlib is a dev dependency
@@ -145,9 +146,10 @@ def test_compare_scores_every_arm_once_and_without_the_self_ensemble_when_asked(
     study = StudyConfig().replace(run={"rounds": 1, "num_sites": 2, "device": "cpu"},
                                   task={"name": "denoise", "image_size": 16, "width": 8, "batch_size": 4},
                                   privacy={"enabled": False})
+    seen: list[str] = []
     for ensemble in (True, False):
         results = compare.compare_study(study, tiny_sites, tmp_path / f"cmp-{ensemble}", leave_one_out=True,
-                                        self_ensemble=ensemble, progress=lambda _: None)
+                                        self_ensemble=ensemble, progress=seen.append)
         scored = [m["psnr"] for arm in results["scores"].values() for m in arm.values()]
         scored += [row["federated (others)"]["psnr"] for row in results["leave-one-out"].values()]
         scored += [m["psnr"] for row in results["leave-one-out"].values() for m in row["single sites"].values()]
@@ -155,3 +157,6 @@ def test_compare_scores_every_arm_once_and_without_the_self_ensemble_when_asked(
         assert results["self-ensemble"] is ensemble
         assert ("--no-self-ensemble" in (tmp_path / f"cmp-{ensemble}" / "results.md").read_text()) is not ensemble
     assert runs and all(r.run.evaluate_every == 0 for r in runs)
+    first, second = (site.name for site in tiny_sites)
+    assert f"without {first}: scoring {first}'s held-out slices" in seen  # scoring takes minutes: it says so
+    assert f"local only at {second}: scoring {first}'s held-out slices" in seen
