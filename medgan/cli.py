@@ -3,6 +3,8 @@ the coordinator's (``server.commands``), and the one-machine demo that runs both
 
 from __future__ import annotations
 
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -81,7 +83,8 @@ def study_compare(
             raise MedGANError(f"{study.run.sites_dir} holds {len(sites)} site(s); a comparison needs at least two")
         study = study.replace(run={"num_sites": len(sites)})
         results = compare_study(study, sites, out, leave_one_out=leave_one_out, epsilons=parse_epsilons(epsilons),
-                                self_ensemble=self_ensemble, progress=console.print)
+                                self_ensemble=self_ensemble, command=shlex.join(["medgan", *sys.argv[1:]]),
+                                progress=console.print)
     except MedGANError as exc:
         fail(exc)
     console.print((out / "results.md").read_text())

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -54,8 +55,10 @@ POOLED_SHARE_TARGET, DP_SHARE_TARGET, DP_TARGET_EPSILON = 0.95, 0.85, 8.0
 
 
 def compare_study(study: StudyConfig, sites: list[Path], out: Path, *, leave_one_out: bool = False,
-                  epsilons: Sequence[float] = (), self_ensemble: bool = True,
+                  epsilons: Sequence[float] = (), self_ensemble: bool = True, command: str = "",
                   progress: Progress = print) -> dict[str, Any]:
+    """Every arm trained and scored; ``results.json``, ``results.md`` and plots written to ``out``
+    (``command``: the command line that asked for it, recorded with the machine it ran on)."""
     if len(sites) < 2:
         raise MedGANError("a comparison needs at least two sites")
     if any(not eps > 0 for eps in epsilons):
@@ -123,11 +126,18 @@ def compare_study(study: StudyConfig, sites: list[Path], out: Path, *, leave_one
     results = {"task": study.task.name, "headline": headline, "privacy": study.privacy.enabled,
                "delta": study.privacy.delta, "initial-model": Path(study.run.initial_model).name or None,
                "rounds": study.run.rounds, "local-steps": study.task.local_steps, "sites": [s.name for s in sites],
-               "self-ensemble": self_ensemble, "scores": scores, "leave-one-out": held_out, "epsilon-utility": curve, "seconds": seconds}
+               "self-ensemble": self_ensemble, "scores": scores, "leave-one-out": held_out, "epsilon-utility": curve, "seconds": seconds,
+               "command": command, "machine": machine()}
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     atomic_write_text(out / "results.md", _markdown(results))
     _plot(results, out, progress)
     return results
+
+
+def machine() -> str:
+    """What the seconds in the results were measured on."""
+    return (f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), {torch.get_num_threads()} torch "
+            f"threads, torch {torch.__version__}, Python {platform.python_version()}")
 
 
 def spent_epsilon(run_dir: Path) -> float:
@@ -227,6 +237,9 @@ def _markdown(results: dict[str, Any]) -> str:
         lines += ["", *_curve_markdown(results)]
     lines += ["", *_targets_markdown(results)]
     lines += ["", "Training seconds: " + ", ".join(f"{arm} {s:.0f}" for arm, s in results["seconds"].items()) + "."]
+    if results.get("command"):
+        lines += ["", f"Command: `{results['command']}`" + (f"; machine: {results['machine']}." if results.get("machine")
+                                                          else ".")]
     return "\n".join(lines) + "\n"
 
 

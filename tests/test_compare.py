@@ -157,6 +157,7 @@ def test_compare_scores_every_arm_once_and_without_the_self_ensemble_when_asked(
         assert results["self-ensemble"] is ensemble
         assert ("--no-self-ensemble" in (tmp_path / f"cmp-{ensemble}" / "results.md").read_text()) is not ensemble
     assert runs and all(r.run.evaluate_every == 0 for r in runs)
+    assert results["command"] == "" and "CPUs" in results["machine"]
     first, second = (site.name for site in tiny_sites)
     assert f"without {first}: scoring {first}'s held-out slices" in seen  # scoring takes minutes: it says so
     assert f"local only at {second}: scoring {first}'s held-out slices" in seen

@@ -62,3 +62,8 @@ def test_for_a_lower_is_better_metric_a_lower_score_meets_the_target() -> None:
         results["scores"][arm] = {site: {"mae-hu": value} for site in ("A", "B")}
     table = _markdown(results)
     assert "every site: met (smallest margin +10.000 at A)" in table and "pooled training's gain" not in table
+
+
+def test_the_command_and_the_machine_are_recorded() -> None:
+    results = _results(privacy=False) | {"command": "medgan study compare --config s.toml", "machine": "2 CPUs (x86_64)"}
+    assert "Command: `medgan study compare --config s.toml`; machine: 2 CPUs (x86_64)." in _markdown(results)
