@@ -126,8 +126,8 @@ def compare_study(study: StudyConfig, sites: list[Path], out: Path, *, leave_one
     results = {"task": study.task.name, "headline": headline, "privacy": study.privacy.enabled,
                "delta": study.privacy.delta, "initial-model": Path(study.run.initial_model).name or None,
                "rounds": study.run.rounds, "local-steps": study.task.local_steps, "sites": [s.name for s in sites],
-               "self-ensemble": self_ensemble, "scores": scores, "leave-one-out": held_out, "epsilon-utility": curve, "seconds": seconds,
-               "command": command, "machine": machine()}
+               "self-ensemble": self_ensemble, "scores": scores, "leave-one-out": held_out, "epsilon-utility": curve,
+               "seconds": seconds, "command": command, "machine": machine()}
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     atomic_write_text(out / "results.md", _markdown(results))
     _plot(results, out, progress)

@@ -108,7 +108,7 @@ def write_report(folder: RunFolder, study: StudyConfig) -> str:
     lines += ["", "## Generated samples", ""]
     drawn = [r for r in records if "samples" in r]  # rounds the study evaluated (run.evaluate-every)
     shown = sorted({r["round"] for r in drawn} & {0, 1, drawn[-1]["round"] if drawn else 0})
-    if not drawn:
+    if records and not drawn:
         lines += ["None: no round was evaluated (`run.evaluate-every = 0`).", ""]
     for record in drawn:
         if record["round"] in shown:
