@@ -14,7 +14,7 @@ On the same budget of local steps and the same sites (simulation):
 Every arm is scored on every site's held-out split by the task's own ``evaluate``, once, after
 it trained: the arms' runs do no held-out evaluation of their own (``run.evaluate-every = 0``).
 ``self_ensemble=False`` scores every arm without the task's test-time self-ensemble (an eighth
-of the whole-slice inference; the arms are compared alike).
+of the whole-slice inference; the arms are compared alike; a task without one is unaffected).
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ def compare_study(study: StudyConfig, sites: list[Path], out: Path, *, leave_one
         raise MedGANError(f"--epsilons {','.join(f'{e:g}' for e in epsilons)}: every ε must be positive")
     out.mkdir(parents=True, exist_ok=True)
     headline = task_class(study.task.name).headline_metric
+    has_ensemble = bool(getattr(task_class(study.task.name), "self_ensemble", False))
     data = {site.name: load_task_data(site, study.task) for site in sites}
     scores: dict[str, dict[str, dict[str, float]]] = {}
     seconds: dict[str, float] = {}
@@ -126,7 +127,7 @@ def compare_study(study: StudyConfig, sites: list[Path], out: Path, *, leave_one
     results = {"task": study.task.name, "headline": headline, "privacy": study.privacy.enabled,
                "delta": study.privacy.delta, "initial-model": Path(study.run.initial_model).name or None,
                "rounds": study.run.rounds, "local-steps": study.task.local_steps, "sites": [s.name for s in sites],
-               "self-ensemble": self_ensemble, "scores": scores, "leave-one-out": held_out, "epsilon-utility": curve,
+               "self-ensemble": self_ensemble if has_ensemble else None, "scores": scores, "leave-one-out": held_out, "epsilon-utility": curve,
                "seconds": seconds, "command": command, "machine": machine()}
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     atomic_write_text(out / "results.md", _markdown(results))
@@ -212,7 +213,7 @@ def _markdown(results: dict[str, Any]) -> str:
              f"({'lower' if key in LOWER_IS_BETTER else 'higher'} is better)."
              + (f" Every arm starts from `{results['initial-model']}` (`run.initial-model`, public data)."
                 if results.get("initial-model") else "")
-             + ("" if results.get("self-ensemble", True) else
+             + ("" if results.get("self-ensemble") is not False else  # None: the task has no self-ensemble
                 " Every arm scored without the task's test-time self-ensemble (`--no-self-ensemble`)."), "",
              "| site | " + " | ".join(arms) + " |", "|---|" + "---:|" * len(arms)]
     for site in results["sites"]:

@@ -158,6 +158,12 @@ def test_compare_scores_every_arm_once_and_without_the_self_ensemble_when_asked(
         assert ("--no-self-ensemble" in (tmp_path / f"cmp-{ensemble}" / "results.md").read_text()) is not ensemble
     assert runs and all(r.run.evaluate_every == 0 for r in runs)
     assert results["command"] == "" and "CPUs" in results["machine"]
+    # A task without a self-ensemble (translate) is scored as always, and the results do not claim otherwise.
+    monkeypatch.setattr(compare, "load_task_data", lambda site, task: None)
+    results = compare.compare_study(study.replace(task={"name": "translate"}), tiny_sites, tmp_path / "cmp-translate",
+                                    self_ensemble=False, progress=seen.append)
+    assert results["self-ensemble"] is None
+    assert "--no-self-ensemble" not in (tmp_path / "cmp-translate" / "results.md").read_text()
     first, second = (site.name for site in tiny_sites)
     assert f"without {first}: scoring {first}'s held-out slices" in seen  # scoring takes minutes: it says so
     assert f"local only at {second}: scoring {first}'s held-out slices" in seen
