@@ -3,7 +3,8 @@
 On the same budget of local steps and the same sites (simulation):
 - ``federated``: the study as configured, each site scored with its own model (the global
   arrays plus any it kept at home);
-- ``local only``: every site trains alone (every group kept local), same rounds and steps;
+- ``local only``: every site trains alone (every group kept local), same rounds and steps
+  (with Ditto, a round's local steps and its personal model's, all on the one local model);
 - ``pooled``: one model on all sites' training images together, as many steps as all sites
   took (the ceiling a federation tries to reach; no DP, since the images would have left);
 - with ``--leave-one-out``, for each site: the federation of the others applied to it, and
@@ -104,7 +105,9 @@ def compare_study(study: StudyConfig, sites: list[Path], out: Path, *, leave_one
         scored_arm(NO_DP, study.replace(privacy={"enabled": False}))
         curve.sort(key=lambda point: point["epsilon-spent"])
     local = scored_arm("local only", study.replace(
-        aggregation={"policy": "local", "group_policies": "", "server_optimizer": "fedavg", "server_momentum": 0.0},
+        aggregation={"policy": "local", "group_policies": "", "server_optimizer": "fedavg", "server_momentum": 0.0,
+                     "ditto_steps": 0},
+        task={"local_steps": steps_a_round(study)},  # a Ditto site's personal steps, as its own
         privacy={"secagg": False, "central_noise_multiplier": 0.0}))
     progress("pooled: training on every site's images together")
     started = time.monotonic()
@@ -126,7 +129,8 @@ def compare_study(study: StudyConfig, sites: list[Path], out: Path, *, leave_one
             }
     results = {"task": study.task.name, "headline": headline, "privacy": study.privacy.enabled,
                "delta": study.privacy.delta, "initial-model": Path(study.run.initial_model).name or None,
-               "rounds": study.run.rounds, "local-steps": study.task.local_steps, "sites": [s.name for s in sites],
+               "rounds": study.run.rounds, "local-steps": study.task.local_steps,
+               "ditto-steps": study.aggregation.ditto_steps, "sites": [s.name for s in sites],
                "self-ensemble": self_ensemble if has_ensemble else None, "scores": scores, "leave-one-out": held_out, "epsilon-utility": curve,
                "seconds": seconds, "command": command, "machine": machine()}
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
@@ -180,9 +184,15 @@ def site_models(study: StudyConfig, sites: list[Path], run_dir: Path,
     return models
 
 
+def steps_a_round(study: StudyConfig) -> int:
+    """The training steps a site takes in a round: its local steps and, with Ditto, its
+    personal model's (the budget the local-only and pooled arms get too)."""
+    return study.task.local_steps + study.aggregation.ditto_steps
+
+
 def pooled_model(study: StudyConfig, data: list[SiteData]) -> Task:
     """One model on the union of every site's training images, as many steps as all sites took
-    (their personal fine-tunes included)."""
+    (their personal fine-tunes and Ditto models included)."""
     def joined(field: str) -> torch.Tensor | None:
         parts = [getattr(d, field) for d in data]
         if any(p is None for p in parts):
@@ -197,7 +207,7 @@ def pooled_model(study: StudyConfig, data: list[SiteData]) -> Task:
     start_from_initial_model(task, study)  # the same start as the federation's (run.initial-model)
     for server_round in range(1, study.run.rounds + 1):
         for site in range(len(data)):
-            task.train(union, study.task.local_steps, seed=server_round * 100 + site)
+            task.train(union, steps_a_round(study), seed=server_round * 100 + site)
     if study.aggregation.finetune_steps:
         task.train(union, study.aggregation.finetune_steps * len(data), seed=study.run.rounds * 100 + 99)
     return task
@@ -207,7 +217,10 @@ def _markdown(results: dict[str, Any]) -> str:
     key = results["headline"]
     arms = list(results["scores"])
     lines = [f"# Is the federation worth joining? Task `{results['task']}`", "",
-             f"{len(results['sites'])} sites, {results['rounds']} rounds × {results['local-steps']} local steps, "
+             f"{len(results['sites'])} sites, {results['rounds']} rounds × {results['local-steps']} local steps"
+             + (f" and {results['ditto-steps']} steps of each site's Ditto personal model (local only and pooled: "
+                f"{results['local-steps'] + results['ditto-steps']} steps a round)" if results.get("ditto-steps") else "")
+             + ", "
              f"DP {'on' if results['privacy'] else 'off'} for the federated and local arms (pooled: no DP). "
              f"Held-out `{key}` at each site, each arm's own model there "
              f"({'lower' if key in LOWER_IS_BETTER else 'higher'} is better)."

@@ -248,6 +248,11 @@ class AggregationConfig:
     sum of the rounds' averaged updates, so a round moves the model up to 1/(1 − β) times as
     far as the average alone (nearer to what sequential steps over the pooled data do);
     ``proximal-mu`` > 0 pulls each site's weights back towards the global model (FedProx);
+    ``ditto-steps`` > 0 (Ditto, Li et al. 2021): every round each site also trains its own
+    personal model, that many steps from where its last round left it, each step pulled a
+    fraction lr × ``ditto-lambda`` towards the global model the round received; the site
+    evaluates and exports that model and never sends it (0 < λ: the larger, the nearer the
+    global model; the personal model costs the site those steps of work and, under DP, of ε);
     ``keep-optimizer-state`` carries each site's Adam moments from round to round;
     ``finetune-steps`` > 0: after its last round's federated steps each site trains that many
     more on its own data and keeps the result, its personal model, which it evaluates and
@@ -270,6 +275,8 @@ class AggregationConfig:
     server_tau: float = 1e-3
     server_momentum: float = 0.0
     proximal_mu: float = 0.0
+    ditto_steps: int = 0
+    ditto_lambda: float = 1.0
     keep_optimizer_state: bool = False
     finetune_steps: int = 0
     finetune_validate_every: int = 100
@@ -319,7 +326,7 @@ class AggregationConfig:
         """Whether sites must keep weights or optimiser state between rounds."""
         overrides = self.overrides()
         return (self.local_norm or self.local_calibration or self.keep_optimizer_state or self.finetune_steps > 0
-                or LOCAL in (self.policy, *overrides.values()))
+                or self.ditto_steps > 0 or LOCAL in (self.policy, *overrides.values()))
 
     def validate(self) -> None:
         for key, value in (("aggregation.policy", self.policy), *(
@@ -346,6 +353,15 @@ class AggregationConfig:
                               f"{self.server_optimizer} has its own first moment (server-beta1)")
         if self.proximal_mu < 0:
             raise ConfigError(f"aggregation.proximal-mu = {self.proximal_mu}; it must be >= 0 (0 = no FedProx term)")
+        if not 0 <= self.ditto_steps <= 100_000:
+            raise ConfigError(f"aggregation.ditto-steps = {self.ditto_steps}; it must lie in 0..100000 "
+                              "(0 = no Ditto personal model)")
+        if not self.ditto_lambda > 0:
+            raise ConfigError(f"aggregation.ditto-lambda = {self.ditto_lambda}; it must be > 0 (the pull of each "
+                              "site's personal model towards the global one)")
+        if self.ditto_steps > 0 and self.finetune_steps > 0:
+            raise ConfigError("aggregation.ditto-steps and aggregation.finetune-steps both make a personal model; "
+                              "set one of them to 0")
         if not 0 <= self.finetune_steps <= 100_000:
             raise ConfigError(f"aggregation.finetune-steps = {self.finetune_steps}; it must lie in 0..100000 "
                               "(0 = no personal fine-tune)")
@@ -424,19 +440,21 @@ class SiteConfig:
                     "refused by the site's policy")
         return ""
 
-    def work_refusal(self, task: TaskConfig, finetune_steps: int) -> str:
+    def work_refusal(self, task: TaskConfig, finetune_steps: int, ditto_steps: int = 0) -> str:
         """Why this site refuses a round of ``task``'s local steps plus a ``finetune_steps``
-        personal fine-tune ('' when its policy allows them). A step of several views of each
-        record (``views-per-record``) is that many steps of work."""
+        personal fine-tune and ``ditto_steps`` of a Ditto personal model ('' when its policy
+        allows them). A step of several views of each record (``views-per-record``) is that
+        many steps of work."""
         if 0 < self.max_batch_size < task.batch_size:
             return (f"site {self.site_name} takes batches of at most {self.max_batch_size} records "
                     f"(max-batch-size), the study asks for task.batch-size = {task.batch_size}; refused by the "
                     "site's policy")
         views = task.params.step_views
-        asked = (task.local_steps + finetune_steps) * views
+        asked = (task.local_steps + finetune_steps + ditto_steps) * views
         if self.max_steps_per_round <= 0 or asked <= self.max_steps_per_round:
             return ""
-        what = f"{task.local_steps} local steps" + (f" + {finetune_steps} fine-tune steps" if finetune_steps else "")
+        what = (f"{task.local_steps} local steps" + (f" + {finetune_steps} fine-tune steps" if finetune_steps else "")
+                + (f" + {ditto_steps} steps of its Ditto personal model" if ditto_steps else ""))
         if views > 1:
             what += f", each of {views} views of every record ({asked} steps of work)"
         return (f"site {self.site_name} runs at most {self.max_steps_per_round} training steps a round "

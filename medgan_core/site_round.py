@@ -8,7 +8,9 @@ FedBN's normalisation layers) and optimiser state back before training, saves th
 and sends only the shared arrays (``shared_weights``). With ``finetune-steps`` it trains on
 after its last round's update is fixed, accounts those steps too, and keeps that personal
 model in its state folder for its own evaluation and export; without DP, the best of it on
-the site's validation subjects (``finetune-validate-every``).
+the site's validation subjects (``finetune-validate-every``). With ``ditto-steps`` it also
+trains, every round, a personal model pulled towards the global one (Ditto), accounted
+like every other step, kept in its state folder and never sent.
 """
 
 from __future__ import annotations
@@ -116,16 +118,19 @@ def train_site_round(
     if refusal := site.refusal(privacy):  # the site's own policy: the study may not lower it
         raise PrivacyError(refusal)
     finetune = aggregation.finetune_steps if server_round == planned_rounds else 0
-    if refusal := site.work_refusal(task.config, finetune):  # refused before any step runs
+    if refusal := site.work_refusal(task.config, finetune, aggregation.ditto_steps):  # refused before any step runs
         raise SitePolicyError(refusal)
     state = load_site_model(task, site, aggregation, study_id=study_id, server_round=server_round, training=True)
     task.local_training = dataclasses.replace(
         task.local_training, lr_scale=lr_scale(task.config.lr_schedule, server_round, planned_rounds))
+    received = task.get_weights() if aggregation.ditto_steps > 0 else {}
     if not privacy.enabled:
         metrics = task.train(data, task.config.local_steps, seed)
         held_out = _validation_for(task, aggregation, finetune, validation, site.site_name)
         personal = _finetune(task, data, finetune, seed, held_out=held_out,
                              every=aggregation.finetune_validate_every, site_name=site.site_name)
+        if aggregation.ditto_steps > 0:
+            personal = _ditto(task, data, aggregation, state, server_round, received, seed)
         _save_state(task, state, aggregation, server_round, *personal)
         return {**metrics, "dp": 0.0}
     steps = task.config.local_steps
@@ -149,11 +154,14 @@ def train_site_round(
     k = task.dp_releases_per_step
     # Noise planned for the stricter of the study's target and the site's own budget, so a
     # stricter site still trains every planned round rather than stopping part-way.
-    dp = plan_dp(privacy, records, task.config.batch_size, planned_rounds * steps + aggregation.finetune_steps,
-                 k, epsilon=min(budget, privacy.target_epsilon))
-    check_budget(accountant, dp, steps + finetune, budget, site.site_name, k)
+    ditto = aggregation.ditto_steps
+    dp = plan_dp(privacy, records, task.config.batch_size,
+                 planned_rounds * (steps + ditto) + aggregation.finetune_steps, k, epsilon=min(budget, privacy.target_epsilon))
+    check_budget(accountant, dp, steps + ditto + finetune, budget, site.site_name, k)
     metrics = task.train(data, steps, seed, dp=dp, accountant=accountant)
     personal = _finetune(task, data, finetune, seed, dp=dp, accountant=accountant)  # accounted like every step
+    if ditto > 0:  # the personal model's steps read the site's images too: accounted alike
+        personal = _ditto(task, data, aggregation, state, server_round, received, seed, dp=dp, accountant=accountant)
     _save_state(task, state, aggregation, server_round, *personal)
     metrics = {
         **metrics,
@@ -234,6 +242,37 @@ def best_on_validation(task: Task, data: SiteData, steps: int, every: int, seed:
 
 #: The fine-tune draws its batches from another stream than the round's own steps.
 FINETUNE_SEED_OFFSET = 7919
+#: So does the Ditto personal model.
+DITTO_SEED_OFFSET = 104729
+
+
+def _ditto(task: Task, data: SiteData, aggregation: AggregationConfig, state: SiteState | None, server_round: int,
+           received: dict[str, np.ndarray], seed: int, **dp: object) -> tuple[dict[str, np.ndarray], int]:
+    """Ditto's personal model after this round: from where the site's last round left it
+    (the global model the site received, the first time), ``ditto-steps`` on the site's own
+    data with a fresh Adam, every step pulled ``lr × ditto-lambda`` towards ``received``. ``task`` is left
+    holding the round's update, the one it sends; the personal model is returned with its
+    steps, to be kept in the state folder."""
+    assert state is not None  # ditto-steps > 0 keeps state at the site (has_site_state)
+    saved = state.latest(before=server_round)
+    start = saved.personal if saved is not None and saved.personal else received
+    missing = sorted(set(received) - set(start))
+    if missing:
+        raise ConfigError(f"site state {state.path(saved.server_round if saved else 0)} holds a personal model "
+                          f"without {missing[:3]}; it belongs to another model")
+    sent, training, moments = task.get_weights(), task.local_training, task.optimizer_state()
+    task.set_weights(start, source="this site's Ditto personal model")
+    task.local_training = dataclasses.replace(training, proximal_mu=aggregation.ditto_lambda,
+                                              proximal_exclude=frozenset(), anchor=received)
+    task.load_optimizer_state({})  # fresh Adam: the round's moments belong to the model it sends
+    try:
+        task.train(data, aggregation.ditto_steps, seed + DITTO_SEED_OFFSET, **dp)  # type: ignore[arg-type]
+        personal = task.get_weights()
+    finally:
+        task.local_training = training
+        task.set_weights(sent, source="this round's update")
+        task.load_optimizer_state(moments)  # what keep-optimizer-state saves is the sent model's
+    return personal, aggregation.ditto_steps
 
 
 def _save_state(task: Task, state: SiteState | None, aggregation: AggregationConfig, server_round: int,

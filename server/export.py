@@ -39,12 +39,8 @@ def export_model(run_dir: str | Path, out: str | Path, *, server_round: int | No
     study_id = folder.study_id()
     personal = SiteState(site_state, study_id).latest(before=chosen + 1) if site_state else None
     if personal is not None and personal.personal and personal.server_round == chosen:
-        arrays = dict(personal.personal)  # the site's fine-tuned model: every array its own
-        layers = f"this site's personal model ({site_state}): round {chosen}'s model fine-tuned for " + (
-            f"{study.aggregation.finetune_steps} steps on its own data" if personal.personal_steps is None
-            or personal.personal_steps == study.aggregation.finetune_steps else
-            f"{personal.personal_steps} of {study.aggregation.finetune_steps} steps on its own data (the best on "
-            "its validation subjects)")
+        arrays = dict(personal.personal)  # the site's personal model: every array its own
+        layers = f"this site's personal model ({site_state}): {_personal_words(study, chosen, personal.personal_steps)}"
     elif local and site_state:
         saved = SiteState(site_state, study_id).latest(before=chosen + 1)
         if saved is None or set(local) - set(saved.local):
@@ -79,3 +75,15 @@ def export_model(run_dir: str | Path, out: str | Path, *, server_round: int | No
         "initial-model": initial_model_provenance(study),
     }
     return save_model(out, arrays, study.task, provenance)
+
+
+def _personal_words(study: StudyConfig, chosen: int, steps: int | None) -> str:
+    """What a site's personal model of round ``chosen`` is, for the model file's provenance."""
+    agg = study.aggregation
+    if agg.ditto_steps:
+        return (f"its Ditto model after round {chosen} ({agg.ditto_steps} steps a round on its own data, each "
+                f"pulled towards the global model, λ = {agg.ditto_lambda:g})")
+    if steps is None or steps == agg.finetune_steps:
+        return f"round {chosen}'s model fine-tuned for {agg.finetune_steps} steps on its own data"
+    return (f"round {chosen}'s model fine-tuned for {steps} of {agg.finetune_steps} steps on its own data (the best "
+            "on its validation subjects)")

@@ -73,6 +73,8 @@ def privacy_report(folder: RunFolder) -> str:
             f"δ = {privacy.delta:g}, per-sample clipping norm C = {privacy.max_grad_norm:g}.",
             f"- Target ε = {privacy.target_epsilon:g} over {study.run.rounds} planned rounds × "
             f"{study.task.local_steps} local steps"
+            + (f" and {study.aggregation.ditto_steps} steps of each site's Ditto personal model (accounted in its ε; "
+               "the personal model never leaves the site)" if study.aggregation.ditto_steps else "")
             + (f", plus {study.aggregation.finetune_steps} steps of each site's personal fine-tune after the last "
                "round (accounted in its ε; the personal model never leaves the site)"
                if study.aggregation.finetune_steps else "")

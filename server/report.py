@@ -43,6 +43,10 @@ def aggregation_line(study: StudyConfig) -> str:
         line += f"; server momentum β = {agg.server_momentum:g} (FedAvgM)"
     if agg.proximal_mu > 0:
         line += f"; FedProx μ = {agg.proximal_mu:g}"
+    if agg.ditto_steps:
+        line += (f"; every round each site also trains its own Ditto personal model for {agg.ditto_steps} steps, "
+                 f"pulled towards the global model (λ = {agg.ditto_lambda:g}), and keeps it (held-out metrics are "
+                 "those personal models')")
     if agg.keep_optimizer_state:
         line += "; sites keep their optimiser state between rounds"
     if agg.finetune_steps:

@@ -47,13 +47,17 @@ class LocalTraining:
     data-free proximal step, as AdamW decouples weight decay). Being data-free it is
     post-processing under DP: Opacus rebuilds gradients from per-sample ones and would
     drop a proximal term added to the loss. ``proximal_exclude`` names arrays without a
-    global anchor (local groups). ``lr_scale`` multiplies both learning rates this round
-    (``task.lr-schedule``, through ``lr_scale``); FedProx's pull, ``lr * mu``, follows it.
+    global anchor (local groups). ``anchor`` (Ditto's personal model) names the arrays the
+    pull goes towards instead of the start of the training (the global model the round
+    received, while the personal model starts from where it was). ``lr_scale`` multiplies
+    both learning rates this round (``task.lr-schedule``, through ``lr_scale``); the pull,
+    ``lr * mu``, follows it.
     """
 
     proximal_mu: float = 0.0
     proximal_exclude: frozenset[str] = field(default_factory=frozenset)
     lr_scale: float = 1.0
+    anchor: Mapping[str, np.ndarray] | None = None
 
 
 #: Where the cosine schedule ends (one round after the last planned one), as a share of the configured rates.
@@ -395,8 +399,10 @@ class GANTask(Task):
             optimizer.load_state_dict({"state": saved["state"], "param_groups": optimizer.state_dict()["param_groups"]})
         mu = self.local_training.proximal_mu
         if mu > 0:
-            exclude = self.local_training.proximal_exclude
-            anchors = [(p, p.detach().clone()) for n, p in module.named_parameters() if f"{group}.{n}" not in exclude]
+            exclude, anchor = self.local_training.proximal_exclude, self.local_training.anchor
+            anchors = [(p, p.detach().clone() if anchor is None else
+                        torch.as_tensor(np.asarray(anchor[f"{group}.{n}"]), dtype=p.dtype, device=p.device))
+                       for n, p in module.named_parameters() if f"{group}.{n}" not in exclude]
             fraction = min(1.0, lr * mu)
 
             def proximal_step(*_: object) -> None:
