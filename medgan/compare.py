@@ -168,7 +168,7 @@ def site_models(study: StudyConfig, sites: list[Path], run_dir: Path,
                 weights: dict | None = None, personal: bool = True) -> dict[str, Task]:
     """Each site's final model: the global weights (default: the last checkpoint) plus what the
     site kept at home under ``[aggregation]`` (local groups, FedBN's layers), from its state folder;
-    its personal model where it fine-tuned one (``finetune-steps``) and ``personal``."""
+    its personal model where it made one (``finetune-steps``, ``ditto-steps``) and ``personal``."""
     layout = RunLayout(run_dir)
     if weights is None:
         weights = load_checkpoint(layout.checkpoint(study.run.rounds))[0]

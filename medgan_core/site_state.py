@@ -1,5 +1,6 @@
-"""What a site keeps between rounds: its local arrays and its optimiser state (and, after
-its last round, its personal model: ``aggregation.finetune-steps``).
+"""What a site keeps between rounds: its local arrays and its optimiser state (and its
+personal model: after its last round with ``aggregation.finetune-steps``, after every round
+with ``ditto-steps``).
 
 One safetensors file per round in ``<state-dir>/state-<study-id>/round-NNN.safetensors``,
 written atomically before the site's reply leaves. Training in round r starts from the
@@ -37,9 +38,9 @@ class SavedState:
     server_round: int
     local: dict[str, np.ndarray] = field(default_factory=dict)
     optimizer: dict[str, np.ndarray] = field(default_factory=dict)
-    #: Every array of the site's fine-tuned model (only in the state of the last round).
+    #: Every array of the site's personal model (fine-tuned: only in the last round's state; Ditto: every round's).
     personal: dict[str, np.ndarray] = field(default_factory=dict)
-    #: The fine-tune steps that model took (fewer than planned where a validation check chose
+    #: The fine-tune steps that model took (Ditto: its steps a round; fewer than planned where a validation check chose
     #: an earlier one; None: a state written before this was recorded).
     personal_steps: int | None = None
 
