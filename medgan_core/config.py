@@ -276,7 +276,7 @@ class AggregationConfig:
     server_momentum: float = 0.0
     proximal_mu: float = 0.0
     ditto_steps: int = 0
-    ditto_lambda: float = 1.0
+    ditto_lambda: float = 50.0  # lr × λ = 1 % a step at the default lr 2e-4
     keep_optimizer_state: bool = False
     finetune_steps: int = 0
     finetune_validate_every: int = 100
