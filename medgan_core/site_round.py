@@ -71,7 +71,10 @@ def load_site_model(
     saved = state.latest(before=server_round if training else server_round + 1)
     if saved is None:
         return state
-    if personal and not training and saved.personal and saved.server_round == server_round:
+    # A fine-tuned model is its round's own; a Ditto model is the site's latest, also for a
+    # round the site sat out.
+    if personal and not training and saved.personal and (saved.server_round == server_round
+                                                         or aggregation.ditto_steps > 0):
         task.set_weights(saved.personal, source=f"this site's personal model in {state.path(saved.server_round)}")
         return state
     if local:

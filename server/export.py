@@ -38,7 +38,7 @@ def export_model(run_dir: str | Path, out: str | Path, *, server_round: int | No
     local = sorted(local_array_names(build_task(study.task).groups, study.aggregation))
     study_id = folder.study_id()
     personal = SiteState(site_state, study_id).latest(before=chosen + 1) if site_state else None
-    if personal is not None and personal.personal and personal.server_round == chosen:
+    if personal is not None and personal.personal and (personal.server_round == chosen or study.aggregation.ditto_steps):
         arrays = dict(personal.personal)  # the site's personal model: every array its own
         layers = f"this site's personal model ({site_state}): {_personal_words(study, chosen, personal.personal_steps)}"
     elif local and site_state:
@@ -81,7 +81,7 @@ def _personal_words(study: StudyConfig, chosen: int, steps: int | None) -> str:
     """What a site's personal model of round ``chosen`` is, for the model file's provenance."""
     agg = study.aggregation
     if agg.ditto_steps:
-        return (f"its Ditto model after round {chosen} ({agg.ditto_steps} steps a round on its own data, each "
+        return (f"its Ditto model as of round {chosen} ({agg.ditto_steps} steps a round on its own data, each "
                 f"pulled towards the global model, λ = {agg.ditto_lambda:g})")
     if steps is None or steps == agg.finetune_steps:
         return f"round {chosen}'s model fine-tuned for {agg.finetune_steps} steps on its own data"

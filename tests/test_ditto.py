@@ -76,6 +76,12 @@ def test_every_round_keeps_a_personal_model_and_sends_what_plain_fedavg_sends(ti
     for name, value in evaluated.get_weights().items():
         np.testing.assert_array_equal(value, first[name])
 
+    skipped = build_task(DENOISE)  # a round it sat out: still its latest personal model, not the global one
+    load_site_model(skipped, SiteConfig(str(tiny_sites[0]), state_dir=str(tmp_path / "ditto")), agg,
+                    study_id="s", server_round=2, training=False)
+    for name, value in skipped.get_weights().items():
+        np.testing.assert_array_equal(value, first[name])
+
     # Round 2 starts the personal model where round 1 left it, not from the new global model:
     # the same round 2 at a site whose state lost its personal model ends elsewhere.
     _round(tiny_sites[0], tmp_path / "ditto", agg, 2, start=sent)
@@ -141,7 +147,7 @@ def test_ditto_settings_are_validated_and_reported(tiny_sites: list[Path], tmp_p
     folder = RunFolder(tmp_path / "run").start(study)
     folder.append_metrics({"round": 1, "sites": [{"node": 1, "train": {}}], "evaluate": {}})
     assert "and 4 steps of each site's Ditto personal model (accounted in its ε" in privacy_report(folder)
-    assert _personal_words(study, 2, 4) == ("its Ditto model after round 2 (4 steps a round on its own data, each "
+    assert _personal_words(study, 2, 4) == ("its Ditto model as of round 2 (4 steps a round on its own data, each "
                                             "pulled towards the global model, λ = 50)")
     assert steps_a_round(study) == 7
 
