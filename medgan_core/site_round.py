@@ -71,11 +71,9 @@ def load_site_model(
     saved = state.latest(before=server_round if training else server_round + 1)
     if saved is None:
         return state
-    # A fine-tuned model is its round's own; a Ditto model is the site's latest, also for a
-    # round the site sat out.
-    if personal and not training and saved.personal and (saved.server_round == server_round
-                                                         or aggregation.ditto_steps > 0):
-        task.set_weights(saved.personal, source=f"this site's personal model in {state.path(saved.server_round)}")
+    own = saved.personal_for(server_round, every_round=aggregation.ditto_steps > 0)
+    if personal and not training and own is not None:
+        task.set_weights(own, source=f"this site's personal model in {state.path(saved.server_round)}")
         return state
     if local:
         missing = sorted(local - set(saved.local))
@@ -258,13 +256,11 @@ def _ditto(task: Task, data: SiteData, aggregation: AggregationConfig, state: Si
     steps, to be kept in the state folder."""
     assert state is not None  # ditto-steps > 0 keeps state at the site (has_site_state)
     saved = state.latest(before=server_round)
-    start = saved.personal if saved is not None and saved.personal else received
-    missing = sorted(set(received) - set(start))
-    if missing:
-        raise ConfigError(f"site state {state.path(saved.server_round if saved else 0)} holds a personal model "
-                          f"without {missing[:3]}; it belongs to another model")
     sent, training, moments = task.get_weights(), task.local_training, task.optimizer_state()
-    task.set_weights(start, source="this site's Ditto personal model")
+    if saved is not None and saved.personal:  # names and shapes checked: a state of another model is refused
+        task.set_weights(saved.personal, source=f"this site's Ditto personal model in {state.path(saved.server_round)}")
+    else:
+        task.set_weights(received, source="the global model this round received")
     task.local_training = dataclasses.replace(training, proximal_mu=aggregation.ditto_lambda,
                                               proximal_exclude=frozenset(), anchor=received)
     task.load_optimizer_state({})  # fresh Adam: the round's moments belong to the model it sends

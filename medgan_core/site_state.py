@@ -44,6 +44,14 @@ class SavedState:
     #: an earlier one; None: a state written before this was recorded).
     personal_steps: int | None = None
 
+    def personal_for(self, server_round: int, every_round: bool) -> dict[str, np.ndarray] | None:
+        """The personal model to evaluate or export round ``server_round`` with (None: none): a
+        fine-tuned one only from that round's own state; one trained ``every_round`` (Ditto),
+        the latest, also for a round the site sat out."""
+        if self.personal and (self.server_round == server_round or every_round):
+            return self.personal
+        return None
+
 
 class SiteState:
     def __init__(self, state_dir: str | Path, study_id: str) -> None:

@@ -37,12 +37,12 @@ def export_model(run_dir: str | Path, out: str | Path, *, server_round: int | No
     study = StudyConfig.from_dict(meta["study"], str(folder.checkpoint(chosen)))
     local = sorted(local_array_names(build_task(study.task).groups, study.aggregation))
     study_id = folder.study_id()
-    personal = SiteState(site_state, study_id).latest(before=chosen + 1) if site_state else None
-    if personal is not None and personal.personal and (personal.server_round == chosen or study.aggregation.ditto_steps):
-        arrays = dict(personal.personal)  # the site's personal model: every array its own
-        layers = f"this site's personal model ({site_state}): {_personal_words(study, chosen, personal.personal_steps)}"
+    saved = SiteState(site_state, study_id).latest(before=chosen + 1) if site_state else None
+    own = saved.personal_for(chosen, every_round=study.aggregation.ditto_steps > 0) if saved else None
+    if saved is not None and own is not None:
+        arrays = dict(own)  # the site's personal model: every array its own
+        layers = f"this site's personal model ({site_state}): {_personal_words(study, chosen, saved.personal_steps)}"
     elif local and site_state:
-        saved = SiteState(site_state, study_id).latest(before=chosen + 1)
         if saved is None or set(local) - set(saved.local):
             raise MedGANError(f"{site_state} holds no site state of study {study_id} up to round {chosen}")
         arrays.update({name: saved.local[name] for name in local})

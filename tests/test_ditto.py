@@ -13,13 +13,15 @@ import pytest
 
 from medgan.compare import _markdown, steps_a_round
 from medgan_core.config import AggregationConfig, PrivacyConfig, SiteConfig
-from medgan_core.errors import ConfigError
+from medgan_core.checkpoints import save_checkpoint
+from medgan_core.errors import ConfigError, WeightsError
+from medgan_core.model_file import load_model
 from medgan_core.privacy.accountant import SiteAccountant
 from medgan_core.site_round import accountant_path, load_site_model, shared_weights, train_site_round
 from medgan_core.site_state import SiteState
 from medgan_core.study_config import StudyConfig
 from medgan_core.tasks.registry import build_task, load_task_data, task_config
-from server.export import _personal_words
+from server.export import _personal_words, export_model
 from server.privacy_report import privacy_report
 from server.report import aggregation_line
 from server.run_folder import RunFolder
@@ -193,3 +195,33 @@ def test_compare_trains_the_local_only_arm_on_the_personal_steps_too(tiny_sites:
     assert federated.aggregation.ditto_steps == 4 and federated.task.local_steps == 3
     assert local.aggregation.ditto_steps == 0 and local.task.local_steps == 7  # one model, the same work
     assert compare.steps_a_round(pooled_study) == 7
+
+
+def test_export_at_the_site_takes_its_latest_ditto_model_and_a_foreign_one_is_refused(tiny_sites: list[Path],
+                                                                                     tmp_path: Path) -> None:
+    study = StudyConfig().replace(task={"name": "denoise", "image_size": 16, "width": 8, "batch_size": 8,
+                                        "local_steps": 3}, aggregation={"ditto_steps": 4}, run={"rounds": 2})
+    folder = RunFolder(tmp_path / "run").start(study)
+    state_dir = tmp_path / "site-state"
+    task = build_task(study.task)
+    train_site_round(task, load_task_data(tiny_sites[0], study.task),
+                     SiteConfig(str(tiny_sites[0]), state_dir=str(state_dir)), OFF, planned_rounds=2,
+                     study_id=folder.study_id(), seed=5, aggregation=study.aggregation, server_round=1)
+    for server_round in (1, 2):  # the site sat round 2 out; the coordinator's model moved on
+        save_checkpoint(folder.checkpoint(server_round), task.get_weights(), {"round": server_round,
+                                                                             "study": study.to_dict()})
+        folder.append_metrics({"round": server_round, "sites": [{"node": 1, "train": {}}], "evaluate": {}})
+    personal = SiteState(state_dir, folder.study_id()).latest(before=3).personal
+    at_site = load_model(export_model(folder.root, tmp_path / "site.medgan", site_state=state_dir))
+    assert "its Ditto model as of round 2" in at_site.provenance["site-kept-layers"]
+    for name, value in personal.items():
+        np.testing.assert_array_equal(at_site.arrays[name], value)
+    shared = load_model(export_model(folder.root, tmp_path / "shared.medgan"))
+    assert any(not np.array_equal(shared.arrays[n], personal[n]) for n in personal)
+
+    # A personal model of another network in the state folder is refused by name, not trained on.
+    SiteState(state_dir, folder.study_id()).save(1, {}, {}, {"generator.other": np.zeros(3, np.float32)}, 4)
+    with pytest.raises(WeightsError, match="Ditto personal model in"):
+        train_site_round(build_task(study.task), load_task_data(tiny_sites[0], study.task),
+                         SiteConfig(str(tiny_sites[0]), state_dir=str(state_dir)), OFF, planned_rounds=2,
+                         study_id=folder.study_id(), seed=5, aggregation=study.aggregation, server_round=2)
