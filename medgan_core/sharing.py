@@ -5,7 +5,9 @@ with the same task and the same ``[aggregation]`` settings, so they agree on the
 without exchanging them. Local arrays are a whole group whose policy is ``local``
 (e.g. a discriminator that learns each hospital's scanner), with ``local-norm`` (FedBN)
 every normalisation layer's affine parameters, and with ``local-calibration`` every
-site-calibration layer (a generator's output gain and offset).
+site-calibration layer (a generator's output gain and offset). A site's histogram
+matching (``IntensityMap``: quantiles of its own pixel values) is local whatever the
+settings: it is site data, not a weight to average.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch import nn
 
 from medgan_core.config import AggregationConfig
 from medgan_core.models.calibration import SiteCalibration
+from medgan_core.models.intensity_map import IntensityMap
 
 if TYPE_CHECKING:
     from medgan_core.tasks.base import Task
@@ -35,11 +38,13 @@ def norm_array_names(groups: Mapping[str, nn.Module]) -> set[str]:
     return names
 
 
-def calibration_array_names(groups: Mapping[str, nn.Module]) -> set[str]:
-    """Prefixed state-dict names of every site-calibration layer (gain and offset)."""
+def calibration_array_names(groups: Mapping[str, nn.Module],
+                            layers: type[nn.Module] | tuple[type[nn.Module], ...] = SiteCalibration) -> set[str]:
+    """Prefixed state-dict names of every layer of type ``layers`` (by default every
+    site-calibration layer: gain and offset)."""
     return {f"{group}.{layer_name}.{key}"
             for group, module in groups.items()
-            for layer_name, layer in module.named_modules() if isinstance(layer, SiteCalibration)
+            for layer_name, layer in module.named_modules() if isinstance(layer, layers)
             for key in layer.state_dict()}
 
 
@@ -52,6 +57,7 @@ def local_array_names(groups: Mapping[str, nn.Module], aggregation: AggregationC
         if policies[group] == "local"
         for key in module.state_dict()
     }
+    local |= calibration_array_names(groups, IntensityMap)  # site data: never sent
     if aggregation.local_norm:
         local |= norm_array_names(groups)
     if aggregation.local_calibration:

@@ -84,6 +84,9 @@ class StudyConfig:
         if self.privacy.enabled and (refusal := self.task.params.dp_refusal(self.privacy.unit)):
             raise ConfigError(refusal)
         agg = self.aggregation
+        if getattr(self.task.params, "histogram_start", False) and not agg.local_calibration:
+            raise ConfigError("task.histogram-start fits an intensity map to each site's own scanners, kept at the "
+                              "site between rounds: set aggregation.local-calibration = true")
         robust = agg.nonlinear_policies()
         if self.privacy.central_noise_multiplier > 0 and robust:
             raise ConfigError(

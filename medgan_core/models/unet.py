@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from medgan_core.models.calibration import SiteCalibration
+from medgan_core.models.intensity_map import IntensityMap
 
 
 def _block(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
@@ -124,19 +125,27 @@ class DataConsistentUNet(nn.Module):
 class CycleGenerators(nn.Module):
     """CycleGAN's two generators as one parameter group: ``ab`` maps domain A (the
     reference scanner) to B, ``ba`` B to A, each followed by a site calibration (the
-    identity unless trained). Called plainly it harmonises: B -> A."""
+    identity unless trained). Called plainly it harmonises: B -> A. With ``histogram_start``
+    each generator reads its input through the site's histogram matching (``match``: B to A,
+    its inverse A to B), so an untrained model is that matching and training learns the
+    rest."""
 
-    def __init__(self, width: int = 16) -> None:
+    def __init__(self, width: int = 16, histogram_start: bool = False) -> None:
         super().__init__()
         self.ab = ResidualUNet(width)
         self.ba = ResidualUNet(width)
         # Each direction's output in its target scanner's calibration (see SiteCalibration).
         self.calibrate_ab = SiteCalibration()
         self.calibrate_ba = SiteCalibration()
+        self.match = IntensityMap() if histogram_start else None
 
     def forward(self, images: torch.Tensor, direction: str = "ba") -> torch.Tensor:
         if direction == "ab":
+            if self.match is not None:
+                images = self.match(images, inverse=True)
             return self.calibrate_ab(self.ab(images))
+        if self.match is not None:
+            images = self.match(images)
         return self.calibrate_ba(self.ba(images))
 
 

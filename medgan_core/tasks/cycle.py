@@ -29,6 +29,14 @@ hospital keeps its own, so the shared generators learn the appearance and every 
 calibration of its own scanner A, which one shared model can only average.
 ``task.identity-weight`` sets the identity term.
 
+``task.histogram-start`` starts the generators from the classical answer: each reads its
+input through the site's own histogram matching of scanner B's body pixels to scanner A's
+(``IntensityMap``, fitted from the site's training images whenever it trains, inverted for
+A to B), so an untrained model equals that matching and training learns what matching
+cannot. The map's knots are the site's pixel quantiles: they stay at the site (as a local
+array, kept in the site's state with ``local-calibration``, which the study requires), and
+fitting them reads all the site's images at once, so it is refused under DP.
+
 Harmonising to a noisy scanner A (a low-dose main scanner) need not copy its noise: the
 held-out scores compare with one noisy scan, so the best output is the clean one. Two
 settings let the generators drop noise: ``task.cycle-pool`` compares the cycle's round
@@ -40,7 +48,7 @@ penalty on each translated image, which removes that noise and keeps edges.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +56,7 @@ import torch.nn.functional as F
 from medgan_core.config import TaskConfig, TaskParams
 from medgan_core.data.dataset import DataSpec, SiteData, UnpairedDomains
 from medgan_core.data.slice_store import random_crops
-from medgan_core.errors import ConfigError
+from medgan_core.errors import ConfigError, MedGANError
 from medgan_core.models.unet import CycleDiscriminators, CycleGenerators
 from medgan_core.tasks.base import GANParams, TrainingSetup
 from medgan_core.tasks.paired import PairedImageTask
@@ -66,6 +74,7 @@ class CycleParams(GANParams):
     identity_weight: float = 5.0  # weight of the identity loss (CycleGAN's 0.5 × the cycle weight; 0: off)
     cycle_pool: int = 1  # compare the cycle's round trip after average pooling by this factor (1: per pixel)
     tv_weight: float = 0.0  # weight of a total-variation penalty on each translated image (0: off)
+    histogram_start: bool = False  # start both generators from the site's histogram matching of B to A
 
     def validate(self, task: TaskConfig) -> None:
         super().validate(task)
@@ -75,6 +84,12 @@ class CycleParams(GANParams):
             raise ConfigError(f"task.cycle-pool = {self.cycle_pool}; choose one of {', '.join(map(str, POOLS))}")
         if self.tv_weight < 0:
             raise ConfigError(f"task.tv-weight = {self.tv_weight}; it must be 0 (off) or a positive number")
+
+    def dp_refusal(self, unit: str = "slice") -> str:
+        if self.histogram_start:
+            return ("task.histogram-start fits each site's intensity map to all of its training images at once, "
+                    "outside DP-SGD's per-record guarantee; set task.histogram-start = false to train with DP")
+        return super().dp_refusal(unit)
 
 
 class CycleTask(PairedImageTask):
@@ -97,7 +112,25 @@ class CycleTask(PairedImageTask):
         return UnpairedDomains("scanner-b", clinical=True)
 
     def build_networks(self) -> tuple[CycleGenerators, CycleDiscriminators]:
-        return CycleGenerators(self.config.width), CycleDiscriminators(self.config.width, channels=VIEWS)
+        return (CycleGenerators(self.config.width, histogram_start=self.params.histogram_start),
+                CycleDiscriminators(self.config.width, channels=VIEWS))
+
+    def train(self, data: SiteData, steps: int, seed: int, **kwargs: Any) -> dict[str, float]:
+        """With ``histogram-start``, first fit the generators' histogram matching to this
+        site's training images (the same images give the same map every round)."""
+        if self.params.histogram_start:
+            self.fit_histogram_match(data)
+        return super().train(data, steps, seed, **kwargs)
+
+    def fit_histogram_match(self, data: SiteData) -> None:
+        """The site's scanner-B body pixels matched to its scanner-A ones (``IntensityMap.fit``)."""
+        assert data.train_input is not None and self.body_level is not None, "cycle needs scanner-B CT images"
+        match = self.generator.match
+        assert match is not None, "the generators were built without task.histogram-start"
+        try:
+            match.fit(data.train_input, data.train, self.body_level)
+        except ValueError as exc:
+            raise MedGANError(f"site {data.site}: task.histogram-start cannot fit its intensity map: {exc}") from exc
 
     def batch_pools(self, data: SiteData) -> dict[str, int]:
         """Scanner A's and scanner B's training subjects: a record is in one pool only."""

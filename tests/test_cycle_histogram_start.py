@@ -1,0 +1,116 @@
+"""``task.histogram-start``: CycleGAN's generators start from the site's own histogram
+matching of scanner B's body pixels to scanner A's. The map is that matching (and its
+inverse), an untrained model equals it, its knots (the site's pixel quantiles) never
+leave the site, the site keeps them between rounds, and the study refuses it under DP or
+without a place to keep it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from skimage.exposure import match_histograms
+
+from medgan_core.config import AggregationConfig, PrivacyConfig, SiteConfig
+from medgan_core.data.dataset import SiteData
+from medgan_core.errors import ConfigError, MedGANError
+from medgan_core.models.intensity_map import IntensityMap
+from medgan_core.sharing import local_array_names
+from medgan_core.site_round import load_site_model, shared_weights, train_site_round
+from medgan_core.study_config import StudyConfig
+from medgan_core.tasks.registry import build_task, load_task_data, task_config
+
+CONFIG = task_config(name="cycle", image_size=32, width=8, batch_size=4, local_steps=2, histogram_start=True)
+MAP = {"generator.match.source", "generator.match.target"}
+LEVEL = -0.5
+
+
+def _pair(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scanner A and a scanner B of other subjects reading with another gain and offset, air above."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.rand(20, 1, 48, 48, generator=g) * 1.4 - 0.4
+    b = a[torch.randperm(20, generator=g)] * 0.8 + 0.1 + 0.02 * torch.randn(20, 1, 48, 48, generator=g)
+    a[..., :8, :] = b[..., :8, :] = -0.9  # air
+    return a, b
+
+
+def test_the_map_is_body_histogram_matching_and_inverts() -> None:
+    a, b = _pair()
+    match = IntensityMap()
+    assert not match.fitted and torch.equal(match(b), b)  # the identity until fitted
+    match.fit(b, a, LEVEL)
+    assert match.fitted
+    out = match(b)
+    body = b > LEVEL
+    expected = torch.from_numpy(match_histograms(b[body].numpy(), a[a > LEVEL].numpy())).float()
+    assert (out[body] - expected).abs().mean() < 2e-3  # about 2 HU; fitted on a quarter of the pixels
+    assert (out[body] - expected).abs().max() < 0.01
+    assert torch.equal(out[~body], b[~body])  # air left as it is
+    assert abs(float(out[body].mean() - a[a > LEVEL].mean())) < 2e-3  # B's offset and gain gone
+    torch.testing.assert_close(match(out, inverse=True), b, atol=1e-5, rtol=0)
+
+
+def test_too_few_body_pixels_is_one_clear_error(tiny_sites: list[Path]) -> None:
+    task = build_task(CONFIG)
+    data = load_task_data(tiny_sites[0], CONFIG)
+    air = SiteData(site="air-only", train=torch.full_like(data.train, -1.0), test=data.test,
+                   train_input=torch.full_like(data.train_input, -1.0))
+    with pytest.raises(MedGANError, match="site air-only: task.histogram-start cannot fit its intensity map: only 0"):
+        task.fit_histogram_match(air)
+
+
+def test_an_untrained_model_is_the_sites_histogram_matching(tiny_sites: list[Path]) -> None:
+    task = build_task(CONFIG)
+    data = load_task_data(tiny_sites[0], CONFIG)
+    assert data.train_input is not None and data.test_input is not None
+    task.train(data, 0, seed=0)  # fits the map, takes no step
+    match = task.generator.match
+    assert match.fitted
+    b = data.test_input
+    torch.testing.assert_close(task.generator(b, "ba"), match(b))
+    torch.testing.assert_close(task.generator(data.test, "ab"), match(data.test, inverse=True))
+    level = task.body_level
+    body = data.test > level
+    raw, matched = (b - data.test)[body], (match(b) - data.test)[body]
+    assert float(raw.mean()) > 0.015  # hospital A's scanner B reads about +45 HU (0.022 of the range) too high
+    assert abs(float(matched.mean())) < float(raw.mean()) * 0.6  # fitted on other (training) subjects
+    assert float(matched.abs().mean()) < float(raw.abs().mean()) * 0.6
+
+    plain = build_task(task_config(name="cycle", image_size=32, width=8))
+    assert plain.generator.match is None and not any("match" in n for n in plain.get_weights())
+
+
+def test_the_map_never_leaves_the_site_and_is_kept_there(tiny_sites: list[Path], tmp_path: Path) -> None:
+    task = build_task(CONFIG)
+    assert MAP <= local_array_names(task.groups, AggregationConfig())  # whatever the aggregation settings
+    agg = AggregationConfig(local_calibration=True)
+    site = SiteConfig(str(tiny_sites[0]), state_dir=str(tmp_path))
+    received = task.get_weights()
+    train_site_round(task, load_task_data(tiny_sites[0], CONFIG), site, PrivacyConfig(enabled=False),
+                     planned_rounds=2, study_id="s", seed=3, aggregation=agg, server_round=1)
+    sent, shapes = shared_weights(task, agg)
+    assert not MAP & set(sent) and not MAP & set(shapes)
+    fitted = {name: task.get_weights()[name] for name in MAP}
+    assert not np.array_equal(fitted["generator.match.source"], received["generator.match.source"])
+
+    evaluated = build_task(CONFIG)  # the global model (identity map) evaluated at the site
+    evaluated.set_weights({**evaluated.get_weights(), **sent})
+    load_site_model(evaluated, site, agg, study_id="s", server_round=1, training=False)
+    for name, value in fitted.items():
+        np.testing.assert_array_equal(evaluated.get_weights()[name], value)
+
+
+def _study(**aggregation: object) -> dict:
+    return {"task": {"name": "cycle", "histogram-start": True}, "privacy": {"enabled": False},
+            "aggregation": aggregation}
+
+
+def test_the_study_refuses_it_without_a_place_to_keep_it_and_under_dp() -> None:
+    StudyConfig.from_dict(_study(**{"local-calibration": True}))  # accepted
+    with pytest.raises(ConfigError, match="task.histogram-start .* set aggregation.local-calibration = true"):
+        StudyConfig.from_dict(_study())
+    private = {**_study(**{"local-calibration": True}), "privacy": {"enabled": True}}
+    with pytest.raises(ConfigError, match="task.histogram-start fits .* outside DP-SGD's per-record guarantee"):
+        StudyConfig.from_dict(private)
