@@ -105,13 +105,15 @@ def timed(fn: Callable[[], torch.Tensor], slices: int) -> tuple[torch.Tensor, fl
     return out, (time.process_time() - started) / slices
 
 
-def paired_study(args: argparse.Namespace, sites: list[Path], **task: Any) -> StudyConfig:
+def paired_study(args: argparse.Namespace, sites: list[Path], aggregation: dict[str, Any] | None = None,
+                 **task: Any) -> StudyConfig:
     """A no-DP study of an image-to-image task at 64², width 16, batch 16 (held-out evaluation
     in rounds 0, 1 and the last: the benchmark scores the final models itself)."""
     return StudyConfig().replace(
         run={"rounds": args.rounds, "num_sites": len(sites), "device": "cpu", "evaluate_every": args.rounds},
         task={"width": 16, "batch_size": 16, "local_steps": args.local_steps, **task},
         privacy={"enabled": False},
+        aggregation=aggregation,
     )
 
 

@@ -9,7 +9,8 @@ gain error — how much differs per site), both 512×512 over 400 mm (0.78 mm pi
 `cycle` task trains in Flower's simulation engine (no DP, generator and discriminator
 learning rate 1e-3) on 32×32 patches at those pixels, over the whole CT range, of
 scanner-A and scanner-B images of disjoint subjects; each hospital keeps its own output
-calibration and discriminator (``TASK``, ``AGGREGATION``). Then, on whole held-out slices:
+calibration and discriminator, and both generators start from the site's own histogram
+matching of B to A (``TASK``, ``AGGREGATION``). Then, on whole held-out slices:
 
 1. Image scores of every site's held-out scanner-B slices against the same subjects'
    scanner-A slices (which training never paired): raw B, B histogram-matched inside the
@@ -64,8 +65,11 @@ LOWER_IS_BETTER = {"mae-hu"}
 #: both learning rates decayed over the rounds (cosine), which calms the GAN's round-to-round
 #: swings at the end; the cycle loss on 2×2-pooled images and a light total-variation term, so
 #: hospital C's noisy main scanner's noise is not copied into the output (tv-weight 2, now
-#: counted over both views, smoothed more and let the calibration drift by 16-28 HU).
-TASK = {"image_size": 32, "identity_weight": 0.0, "lr_schedule": "cosine", "cycle_pool": 2, "tv_weight": 0.5}
+#: counted over both views, smoothed more and let the calibration drift by 16-28 HU); the
+#: generators start from the site's histogram matching (without it the GAN lost every score at
+#: hospital B to the matching it now starts from).
+TASK = {"image_size": 32, "identity_weight": 0.0, "lr_schedule": "cosine", "cycle_pool": 2, "tv_weight": 0.5,
+        "histogram_start": True}
 #: Each hospital keeps its own output calibration and its own discriminator.
 AGGREGATION = {"local_calibration": True, "group_policies": "discriminator=local"}
 #: The segmenter's grid: 64×64 over the 400 mm field, in the soft-tissue window (the
@@ -186,8 +190,8 @@ def main() -> None:
     torch.set_num_threads(2)
     sites = clinical_sites(args.data, ("ct", "ct-scanner-b", "seg"))
     args.out.mkdir(parents=True, exist_ok=True)
-    study = paired_study(args, sites, name="cycle", lr_generator=1e-3, lr_discriminator=1e-3,
-                         **TASK).replace(aggregation=AGGREGATION)
+    study = paired_study(args, sites, aggregation=AGGREGATION, name="cycle", lr_generator=1e-3, lr_discriminator=1e-3,
+                         **TASK)
     trained, seconds = trained_or_reused(args, study, sites)
     models = site_models(study, sites, args.out / "run", trained)  # each with its own calibration
 
