@@ -62,8 +62,11 @@ def adapt_model(model: ModelFile, data_path: str | Path, out: str | Path, *, ste
                           "--all-layers to fine-tune the whole model on this site's images")
     data = load_task_data(data_path, model.task)
     for group, module in task.groups.items():
+        # A group with no kept layer (a shared discriminator) still learns, so the kept layers
+        # have an adversary that answers them; its values are put back below.
+        helper = not any(f"{group}.{name}" in trainable for name, _ in module.named_parameters())
         for name, parameter in module.named_parameters():
-            parameter.requires_grad_(f"{group}.{name}" in trainable)
+            parameter.requires_grad_(helper or f"{group}.{name}" in trainable)
     before = task.evaluate(data)
     original = task.get_weights()
     held_out = load_task_validation(data_path, model.task) if task.validates and validate_every else None

@@ -114,3 +114,35 @@ def test_the_study_refuses_it_without_a_place_to_keep_it_and_under_dp() -> None:
     private = {**_study(**{"local-calibration": True}), "privacy": {"enabled": True}}
     with pytest.raises(ConfigError, match="task.histogram-start fits .* outside DP-SGD's per-record guarantee"):
         StudyConfig.from_dict(private)
+
+
+def test_a_new_hospital_fits_its_own_map_with_adapt(tiny_sites: list[Path], tmp_path: Path) -> None:
+    """Exported for a hospital outside the study the map is the identity (the coordinator never
+    had one); ``medgan adapt`` fits it to that hospital's own scanners, shared arrays untouched."""
+    from client.adapt import adapt_model
+    from medgan_core.checkpoints import save_checkpoint
+    from medgan_core.model_file import load_model
+    from server.export import export_model
+    from server.run_folder import RunFolder
+
+    study = StudyConfig().replace(task={"name": "cycle", "image_size": 32, "width": 8, "batch_size": 4,
+                                        "histogram_start": True},
+                                  privacy={"enabled": False}, aggregation={"local_calibration": True})
+    folder = RunFolder(tmp_path / "run").start(study)
+    save_checkpoint(folder.checkpoint(1), build_task(study.task).get_weights(), {"round": 1, "study": study.to_dict()})
+    folder.append_metrics({"round": 1, "sites": [{"node": 1, "train": {}}], "evaluate": {}})
+    model = load_model(export_model(folder.root, tmp_path / "study.medgan", for_new_site=True))
+    np.testing.assert_array_equal(model.arrays["generator.match.source"], model.arrays["generator.match.target"])
+
+    adapted = load_model(adapt_model(model, tiny_sites[1], tmp_path / "ours.medgan", steps=1).path)
+    own = build_task(study.task)
+    own.fit_histogram_match(load_task_data(tiny_sites[1], study.task))
+    for name in MAP:
+        np.testing.assert_array_equal(adapted.arrays[name], own.get_weights()[name])
+    assert not np.array_equal(adapted.arrays["generator.match.source"], adapted.arrays["generator.match.target"])
+    # shared arrays untouched, the shared discriminator too (it learnt during adapt as the
+    # calibration's adversary, and was put back)
+    for name in ("generator.ba.out.weight", "discriminator.a.net.0.weight"):
+        np.testing.assert_array_equal(adapted.arrays[name], model.arrays[name])
+    assert not np.array_equal(adapted.arrays["generator.calibrate_ba.map.bias"],
+                              model.arrays["generator.calibrate_ba.map.bias"])  # the calibration learnt
