@@ -76,6 +76,8 @@ class Applier:
         self.model = model
         self.task = model.build(device)
         assert isinstance(self.task, PairedImageTask)
+        if unready := self.task.unready_words():
+            raise MedGANError(unready)
         self.scale = int(getattr(model.task.params, "scale", 1)) if model.task.name == "superres" else 1
         self.output_modality = model.task.modality
         self.input_modality = ("MR" if model.task.modality == "CT" else "CT") if model.task.name == "translate" \

@@ -120,6 +120,7 @@ def test_a_new_hospital_fits_its_own_map_with_adapt(tiny_sites: list[Path], tmp_
     """Exported for a hospital outside the study the map is the identity (the coordinator never
     had one); ``medgan adapt`` fits it to that hospital's own scanners, shared arrays untouched."""
     from client.adapt import adapt_model
+    from client.infer import Applier
     from medgan_core.checkpoints import save_checkpoint
     from medgan_core.model_file import load_model
     from server.export import export_model
@@ -134,7 +135,11 @@ def test_a_new_hospital_fits_its_own_map_with_adapt(tiny_sites: list[Path], tmp_
     model = load_model(export_model(folder.root, tmp_path / "study.medgan", for_new_site=True))
     np.testing.assert_array_equal(model.arrays["generator.match.source"], model.arrays["generator.match.target"])
 
+    with pytest.raises(MedGANError, match="holds none .* fit it to your scanners with 'medgan adapt'"):
+        Applier(model)  # medgan infer refuses a model that would read scans without its matching
+
     adapted = load_model(adapt_model(model, tiny_sites[1], tmp_path / "ours.medgan", steps=1).path)
+    assert Applier(adapted).task.unready_words() == ""
     own = build_task(study.task)
     own.fit_histogram_match(load_task_data(tiny_sites[1], study.task))
     for name in MAP:

@@ -163,6 +163,11 @@ class Task(ABC):
         fine-tune keeps its best model (tasks that say ``validates``)."""
         raise NotImplementedError(f"task {self.name} has no validation score")
 
+    def unready_words(self) -> str:
+        """Why this model cannot yet be applied to a scan ("" when it can): a part it needs
+        is fitted at a site and this copy lacks it."""
+        return ""
+
     @abstractmethod
     def preview(self, n: int) -> torch.Tensor:
         """Images in [-1, 1], shape (k, 1, H, W), for sample grids: ``n`` outputs, or

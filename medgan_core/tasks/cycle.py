@@ -122,6 +122,13 @@ class CycleTask(PairedImageTask):
             self.fit_histogram_match(data)
         return super().train(data, steps, seed, **kwargs)
 
+    def unready_words(self) -> str:
+        match = self.generator.match
+        if match is None or match.fitted:
+            return ""
+        return ("this cycle model (task.histogram-start) reads scans through a site's own histogram matching, and "
+                "this copy holds none (a model exported for a new site); fit it to your scanners with 'medgan adapt'")
+
     def fit_histogram_match(self, data: SiteData) -> None:
         """The site's scanner-B body pixels matched to its scanner-A ones (``IntensityMap.fit``)."""
         assert data.train_input is not None and self.body_level is not None, "cycle needs scanner-B CT images"
