@@ -15,7 +15,7 @@ from skimage.exposure import match_histograms
 
 from medgan_core.config import AggregationConfig, PrivacyConfig, SiteConfig
 from medgan_core.data.dataset import SiteData
-from medgan_core.errors import ConfigError, MedGANError
+from medgan_core.errors import ConfigError, MedGANError, PrivacyError
 from medgan_core.models.intensity_map import IntensityMap
 from medgan_core.sharing import local_array_names
 from medgan_core.site_round import load_site_model, shared_weights, train_site_round
@@ -100,6 +100,29 @@ def test_the_map_never_leaves_the_site_and_is_kept_there(tiny_sites: list[Path],
     load_site_model(evaluated, site, agg, study_id="s", server_round=1, training=False)
     for name, value in fitted.items():
         np.testing.assert_array_equal(evaluated.get_weights()[name], value)
+
+
+def test_a_coordinator_cannot_make_a_site_send_its_map_or_fit_it_under_dp(tiny_sites: list[Path],
+                                                                          tmp_path: Path) -> None:
+    """Round instructions that skip the study's own checks: no local-calibration (the map has
+    nowhere to be kept), or DP on. The site still keeps its map, and refuses DP before a step."""
+    task = build_task(CONFIG)
+    site = SiteConfig(str(tiny_sites[0]), state_dir=str(tmp_path))
+    data = load_task_data(tiny_sites[0], CONFIG)
+    plain = AggregationConfig()
+    train_site_round(task, data, site, PrivacyConfig(enabled=False), planned_rounds=1, study_id="s", seed=3,
+                     aggregation=plain, server_round=1)
+    assert task.generator.match.fitted  # it trained from its map...
+    sent, shapes = shared_weights(task, plain)
+    assert not MAP & set(sent) and not MAP & set(shapes)  # ...and sends none of it
+
+    untouched = build_task(CONFIG)
+    before = untouched.get_weights()
+    with pytest.raises(PrivacyError, match="task.histogram-start fits .* outside DP-SGD's per-record guarantee"):
+        train_site_round(untouched, data, site, PrivacyConfig(), planned_rounds=1, study_id="dp", seed=3,
+                         aggregation=AggregationConfig(local_calibration=True), server_round=1)
+    for name, value in untouched.get_weights().items():  # refused before any step or fit
+        np.testing.assert_array_equal(value, before[name])
 
 
 def _study(**aggregation: object) -> dict:
