@@ -89,7 +89,7 @@ class Applier:
         ``spacing`` (0: the acquired one) over the same field of view, in the measurement's
         intensities."""
         matrix = matrix_at(kspace.shape[1:], pixel_mm, self.model.task.spacing)
-        inputs, top = reconstruction_input(kspace, matrix)
+        inputs, top = reconstruction_input(kspace, matrix, float(getattr(self.model.task.params, "tv_start", 0.0)))
         output = self.task.restore(torch.from_numpy(inputs))[:, 0].numpy()
         return ((output + 1) / 2 * top).astype(np.float32)
 

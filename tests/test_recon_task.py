@@ -13,7 +13,9 @@ import torch
 from medgan_core.data import read_manifest
 from medgan_core.data.kspace import acquired_columns, crop_kspace, matrix_at, read_kspace
 from medgan_core.errors import ConfigError, DataError
-from medgan_core.models.unet import DataConsistentUNet, data_consistency
+from medgan_core.data.compressed_sensing import tv_reconstruction
+from medgan_core.metrics.image_quality import psnr_ssim
+from medgan_core.models.unet import DataConsistentUNet, data_consistency, magnitude
 from medgan_core.tasks.registry import build_task
 from medgan_core.tasks.registry import load_task_data, task_config
 
@@ -158,6 +160,40 @@ def test_a_cascade_starts_as_zero_filling_and_keeps_the_measured_lines(tiny_site
     mask = inputs[0, 2, 0].bool()
     measured = torch.fft.fft2(torch.complex((inputs[:, 0] + 1) / 2, inputs[:, 1] / 2))
     torch.testing.assert_close(torch.fft.fft2(image)[..., mask], measured[..., mask], rtol=1e-4, atol=1e-4)  # … not the data
+
+
+def test_tv_start_begins_at_the_tv_reconstruction_and_training_improves_on_it(tiny_sites: list[Path]) -> None:
+    config = task_config(name="recon", modality="MR", image_size=32, spacing=6.25, width=8, batch_size=8,
+                         local_steps=3, lr_generator=1e-3, lr_discriminator=1e-3, acceleration=4, tv_start=0.01)
+    data = load_task_data(tiny_sites[1], config)
+    assert data.train_input is not None and data.test_input is not None
+    assert data.train_input.shape[1] == 4 and data.test_input.shape[1] == 4  # the TV image rides along
+    plain = load_task_data(tiny_sites[1], CONFIG)
+    assert plain.test_input is not None
+    torch.testing.assert_close(data.test_input[:, :3], plain.test_input)
+    torch.testing.assert_close(data.test_input[:, 3:], torch.from_numpy(tv_reconstruction(plain.test_input.numpy(), 0.01)))
+    tv_psnr, _ = psnr_ssim(data.test_input[:, 3:], data.test)
+    task = build_task(config)
+    before = task.evaluate(data)
+    assert tv_psnr > before["psnr-input"] + 3.0  # the solver works: TV-CS beats zero-filling …
+    assert before["psnr"] > tv_psnr - 0.5  # … and the untrained model is TV-CS with the measured lines put back
+    with torch.no_grad():
+        start = DataConsistentUNet(8, tv_start=True)(data.test_input[:2])
+        manual = magnitude(data_consistency(torch.cat([data.test_input[:2, 3:], torch.zeros_like(data.test_input[:2, 3:])], 1),
+                                            data.test_input[:2]))
+    torch.testing.assert_close(start, manual, rtol=1e-5, atol=1e-5)
+    task.train(data, steps=60, seed=0)
+    assert task.evaluate(data)["psnr"] > before["psnr"] + 0.3  # training learns what TV misses
+
+
+def test_tv_start_is_checked_and_reaches_a_new_scan() -> None:
+    with pytest.raises(ConfigError, match="task.tv-start = -0.1"):
+        task_config(name="recon", modality="MR", tv_start=-0.1)
+    with pytest.raises(ConfigError, match="task.tv-start = 2"):
+        task_config(name="recon", modality="MR", tv_start=2.0)
+    config = task_config(name="recon", modality="MR", image_size=32, spacing=6.25, width=8, tv_start=0.01)
+    task = build_task(config)
+    assert task.model_channels == 4 and task.preview(2).shape == (6, 1, 64, 64)  # previews carry the TV image too
 
 
 def test_preview_and_clinical_size() -> None:

@@ -60,9 +60,11 @@ class KSpacePairs:
     """(undersampled k-space, fully sampled image) of MR at an ``acceleration`` (4, 10), as
     whole slices on the acquired matrix (``task.spacing`` 0) or on the coarser one of
     ``task.spacing`` mm over the same field of view (k-space cropped: the measured lines
-    stay exact)."""
+    stay exact). ``tv_weight`` > 0: each input also carries its TV compressed-sensing
+    reconstruction at that λ (``task.tv-start``)."""
 
     acceleration: int
+    tv_weight: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -238,9 +240,9 @@ def _load(manifest: Manifest, task: TaskConfig, spec: DataSpec, cache_dir: Path 
         case DegradedPairs():
             (train_in, train, subjects), (test_in, test, _) = both(lambda split: _pairs(manifest, task, split, spec))
             return SiteData(site, train, test, train_in, test_in, train_subjects=subjects)
-        case KSpacePairs(acceleration=acceleration):
+        case KSpacePairs(acceleration=acceleration, tv_weight=tv_weight):
             (train_in, train, subjects), (test_in, test, _) = both(
-                lambda split: _kspace_pairs(manifest, task, split, f"kspace-r{acceleration}"))
+                lambda split: _kspace_pairs(manifest, task, split, f"kspace-r{acceleration}", tv_weight))
             return SiteData(site, train, test, train_in, test_in, train_subjects=subjects)
     raise TypeError(f"{spec!r} is not a DataSpec")
 
@@ -375,8 +377,8 @@ def _modality_matched(
     )
 
 
-def _kspace_pairs(manifest: Manifest, task: TaskConfig, split: str,
-                  variant: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _kspace_pairs(manifest: Manifest, task: TaskConfig, split: str, variant: str,
+                  tv_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(undersampled inputs, fully sampled targets, each row's subject) for compressed-sensing
     MR reconstruction (see ``medgan_core.data.kspace.reconstruction_pair``), every subject on one matrix."""
     low, full, keys = _variant_pairs(manifest, task, split, variant, f"{variant} and fully sampled")
@@ -386,7 +388,7 @@ def _kspace_pairs(manifest: Manifest, task: TaskConfig, split: str,
             kspace, volume = read_kspace(manifest.root / low[key].file), manifest.load(full[key])
             col_mm, row_mm, _ = volume.spacing
             matrix = matrix_at(kspace.shape[1:], (row_mm, col_mm), task.spacing)
-            x, y = reconstruction_pair(kspace, volume.axial_slices(), matrix)
+            x, y = reconstruction_pair(kspace, volume.axial_slices(), matrix, tv_weight)
         except DataError as exc:
             raise DataError(f"{manifest.path}: {low[key].file}: {exc}") from exc
         if inputs and x.shape[-2:] != inputs[0].shape[-2:]:

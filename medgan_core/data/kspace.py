@@ -14,6 +14,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from medgan_core.data.compressed_sensing import tv_reconstruction
 from medgan_core.errors import DataError
 
 ACCELERATIONS = (4, 10)  # undersampling factors: 25 % and 10 % of the k-space lines
@@ -108,7 +109,7 @@ def matrix_at(shape: tuple[int, int], pixel_mm: tuple[float, float], spacing: fl
 
 
 def reconstruction_pair(
-    kspace: np.ndarray, image: np.ndarray, size: int | tuple[int, int]
+    kspace: np.ndarray, image: np.ndarray, size: int | tuple[int, int], tv_weight: float = 0.0
 ) -> tuple[np.ndarray, np.ndarray]:
     """One subject's (network input, target) for compressed-sensing reconstruction.
 
@@ -116,20 +117,25 @@ def reconstruction_pair(
     scaled so that 1 is ``KSPACE_SCALE`` × the subject's mean intensity (its k-space
     centre, which every protocol samples: known from the measurement alone), and mapped
     to [-1, 1] linearly (no clipping: data consistency needs linearity). Inputs have three
-    channels: the zero-filled image's real and imaginary parts, and the sampling mask.
+    channels: the zero-filled image's real and imaginary parts, and the sampling mask; with
+    a ``tv_weight`` λ > 0 a fourth, the TV compressed-sensing reconstruction at that λ
+    (``task.tv-start``: what the model starts from).
     """
     if image.shape != kspace.shape:
         raise DataError(f"k-space of shape {kspace.shape} does not match its image's {image.shape}")
-    inputs, top = reconstruction_input(kspace, size)
+    inputs, top = reconstruction_input(kspace, size, tv_weight)
     target = crop_kspace(image.astype(np.float32), size).real
     return inputs, (2 * target / top - 1)[:, None].astype(np.float32)
 
 
-def reconstruction_input(kspace: np.ndarray, size: int | tuple[int, int]) -> tuple[np.ndarray, float]:
+def reconstruction_input(kspace: np.ndarray, size: int | tuple[int, int],
+                         tv_weight: float = 0.0) -> tuple[np.ndarray, float]:
     """The network input of ``reconstruction_pair`` from the measurement alone, and the
     intensity ``top`` that maps the network's [-1, 1] back to image values."""
     zero_filled = crop_kspace(np.fft.ifft2(kspace, norm="ortho"), size)
     top = KSPACE_SCALE * float(np.mean(zero_filled.real)) or 1.0
     mask = np.broadcast_to(crop_mask(acquired_columns(kspace), zero_filled.shape[-1])[None, :], zero_filled.shape)
-    inputs = np.stack([2 * zero_filled.real / top - 1, 2 * zero_filled.imag / top, mask], axis=1)
-    return inputs.astype(np.float32), top
+    inputs = np.stack([2 * zero_filled.real / top - 1, 2 * zero_filled.imag / top, mask], axis=1).astype(np.float32)
+    if tv_weight > 0:
+        inputs = np.concatenate([inputs, tv_reconstruction(inputs, tv_weight)], axis=1)
+    return inputs, top

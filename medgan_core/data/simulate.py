@@ -675,7 +675,8 @@ def phantom_mr_kspace(
     mask = sampling_mask(size, acceleration, rng, profile.mr_center_fraction)
     pixel_mm = FIELD_OF_VIEW_MM / size
     inputs, targets = reconstruction_pair(undersample(mr, mask), mr, matrix_at((size, size), (pixel_mm, pixel_mm),
-                                                                                 task.spacing))
+                                                                                 task.spacing),
+                                          float(getattr(task.params, "tv_start", 0.0)))
     return torch.from_numpy(inputs), torch.from_numpy(targets)
 
 

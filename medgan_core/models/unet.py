@@ -104,15 +104,22 @@ class DataConsistentUNet(nn.Module):
     (U-Net, data consistency) stages in a row, each refining the last one's image (an
     unrolled reconstruction: every data-consistency step mixes a whole row's k-space,
     which one U-Net's small field of view cannot). It starts as the identity, so an
-    untrained model returns the zero-filled reconstruction."""
+    untrained model returns the zero-filled reconstruction. With ``tv_start`` the input's
+    fourth channel (a TV compressed-sensing reconstruction, ``task.tv-start``) is where the
+    first stage starts instead, so an untrained model returns that reconstruction with the
+    measured lines put back, and training learns what TV misses."""
 
-    def __init__(self, width: int = 16, cascades: int = 1) -> None:
+    def __init__(self, width: int = 16, cascades: int = 1, tv_start: bool = False) -> None:
         super().__init__()
+        self.tv_start = tv_start
         self.unet = ResidualUNet(width, channels=2, in_channels=3)
         self.more = nn.ModuleList(ResidualUNet(width, channels=2, in_channels=3) for _ in range(cascades - 1))
 
     def complex_image(self, measured: torch.Tensor) -> torch.Tensor:
-        image = data_consistency(self.unet(measured), measured)
+        first = measured[:, :3]
+        if self.tv_start:  # the TV image as a real estimate (imaginary part 0), beside the mask
+            first = torch.cat([measured[:, 3:4], torch.zeros_like(measured[:, 3:4]), measured[:, 2:3]], dim=1)
+        image = data_consistency(self.unet(first), measured)
         for stage in self.more:
             current = torch.stack([2 * image.real - 1, 2 * image.imag, measured[:, 2]], dim=1)
             image = data_consistency(stage(current), measured)

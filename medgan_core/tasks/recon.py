@@ -3,6 +3,9 @@
 The generator is a residual U-Net on the zero-filled image followed by a data-consistency
 layer: the k-space lines the scanner measured are kept exactly, the network fills in the
 missing ones; a PatchGAN conditioned on the zero-filled image keeps the filling realistic.
+With ``task.tv-start`` = λ the U-Net starts from the site's TV compressed-sensing
+reconstruction at λ instead (computed once per slice at load, from that slice's k-space
+alone), so the untrained model is the classical method and training learns the rest.
 Evaluated against the fully sampled image by PSNR, SSIM and NMSE, beside the zero-filled
 inverse FFT (the input).
 
@@ -21,6 +24,7 @@ import torch
 from torch import nn
 
 from medgan_core.config import TaskConfig
+from medgan_core.data.compressed_sensing import MAX_TV_WEIGHT
 from medgan_core.data.dataset import DataSpec, KSpacePairs, SiteData
 from medgan_core.data.kspace import ACCELERATIONS
 from medgan_core.errors import ConfigError
@@ -35,6 +39,7 @@ MAX_CASCADES = 8
 class ReconParams(PairedParams):
     acceleration: int = 4  # k-space undersampling: 4 (25 % of the lines) or 10 (10 %)
     cascades: int = 1  # (U-Net, data consistency) stages in a row
+    tv_start: float = 0.0  # λ of the TV-CS reconstruction the model starts from (0: the zero-filled image)
 
     def validate(self, task: TaskConfig) -> None:
         super().validate(task)
@@ -46,6 +51,10 @@ class ReconParams(PairedParams):
                               "own k-space (set it to 0)")
         if not 1 <= self.cascades <= MAX_CASCADES:
             raise ConfigError(f"task.cascades = {self.cascades}; choose 1 to {MAX_CASCADES}")
+        if not 0 <= self.tv_start <= MAX_TV_WEIGHT:
+            raise ConfigError(f"task.tv-start = {self.tv_start}; it is the TV weight λ of the reconstruction the model "
+                              f"starts from, 0 (off: start from the zero-filled image) up to {MAX_TV_WEIGHT:g} "
+                              "(the recon benchmark uses 0.005-0.01)")
 
 
 def nmse(output: torch.Tensor, target: torch.Tensor) -> float:
@@ -64,14 +73,19 @@ class ReconTask(PairedImageTask):
     modalities = ("MR",)
     modality_reason = "it reconstructs MR k-space"
     eval_metrics = frozenset({"nmse", "nmse-input", "psnr", "psnr-input", "ssim", "ssim-input"})
-    input_channels = 3  # zero-filled real, imaginary, sampling mask
+    input_channels = 3  # zero-filled real, imaginary, sampling mask (and the TV start: model_channels)
 
     @classmethod
     def data_spec(cls, config: TaskConfig) -> DataSpec:
-        return KSpacePairs(config.params.acceleration)  # type: ignore[attr-defined]
+        params: ReconParams = config.params  # type: ignore[assignment]
+        return KSpacePairs(params.acceleration, params.tv_start)
+
+    @property
+    def model_channels(self) -> int:
+        return self.input_channels + int(self.params.tv_start > 0)
 
     def build_generator(self) -> nn.Module:
-        return DataConsistentUNet(self.config.width, self.params.cascades)
+        return DataConsistentUNet(self.config.width, self.params.cascades, tv_start=self.params.tv_start > 0)
 
     def training_pair(self, data: SiteData, idx: torch.Tensor, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """A random strip of ``image-size`` whole rows of each sampled slice (the slice whole
