@@ -221,13 +221,15 @@ def test_derived_dicom_passes_dciodvfy(denoise_model: Path, tiny_sites: list[Pat
         assert errors == [], (path, errors)
 
 
+@pytest.mark.parametrize("tv_start", [0.0, 0.01])
 def test_recon_reads_undersampled_kspace_and_writes_the_image_over_the_same_field(tiny_sites: list[Path],
-                                                                                  tmp_path: Path) -> None:
+                                                                                  tmp_path: Path, tv_start: float) -> None:
     from medgan_core.data.kspace import read_kspace
 
-    # the sites' MR is 128×128 at 3.125 mm; at 12.5 mm the model works on the central 32×32 of k-space
+    # the sites' MR is 128×128 at 3.125 mm; at 12.5 mm the model works on the central 32×32 of k-space;
+    # with tv-start the scan's own TV-CS reconstruction is computed and fed to the model too
     study = StudyConfig().replace(task={"name": "recon", "modality": "MR", "image_size": 16, "spacing": 12.5,
-                                        "width": 8})
+                                        "width": 8, "tv_start": tv_start})
     model = load_model(export_model(_run(tmp_path, study), tmp_path / "recon.medgan"))
     entry = next(e for e in read_manifest(tiny_sites[0]).entries if e.domain.endswith("-kspace-r4"))
     source = tiny_sites[0] / entry.file
