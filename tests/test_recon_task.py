@@ -196,6 +196,23 @@ def test_tv_start_is_checked_and_reaches_a_new_scan() -> None:
     assert task.model_channels == 4 and task.preview(2).shape == (6, 1, 64, 64)  # previews carry the TV image too
 
 
+def test_tv_start_trains_under_dp_as_per_record_preprocessing(tiny_sites: list[Path], tmp_path: Path) -> None:
+    from medgan_core.config import PrivacyConfig, SiteConfig
+    from medgan_core.site_round import train_site_round
+
+    config = task_config(name="recon", modality="MR", image_size=32, spacing=6.25, width=8, batch_size=8,
+                         local_steps=2, acceleration=4, tv_start=0.01)
+    task = build_task(config)
+    before = task.get_weights()
+    metrics = train_site_round(task, load_task_data(tiny_sites[1], config), SiteConfig(str(tiny_sites[1]),
+                               state_dir=str(tmp_path)), PrivacyConfig(noise_multiplier=1.0, target_epsilon=100.0,
+                                                                       secure_rng=False),
+                               planned_rounds=1, study_id="tv", seed=0)
+    assert metrics["dp"] == 1.0 and 0 < metrics["epsilon"] <= 100.0 and metrics["dp-steps"] == 2
+    after = task.get_weights()
+    assert any(not np.array_equal(before[k], after[k]) for k in before)  # DP-SGD steps were taken
+
+
 def test_preview_and_clinical_size() -> None:
     task = build_task(CONFIG)
     grid = task.preview(2)
