@@ -6,6 +6,7 @@ Imported by the scripts beside it (``python benchmarks/NAME.py`` puts this folde
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medgan_core.config import AggregationConfig
-from medgan_core.study_config import StudyConfig
+from medgan_core.study_config import StudyConfig, load_study
 from medgan_core.data.simulate import simulate_study, stale_simulation
 from medgan_core.data.preprocess import CT_FULL_RANGE
 from medgan_core.metrics.image_quality import ct_scores, psnr_ssim
@@ -129,16 +130,51 @@ def train_federated(study: StudyConfig, sites: list[Path], run_dir: Path) -> tup
 
 def trained_in(args: argparse.Namespace, study: StudyConfig, sites: list[Path], run_dir: Path) -> tuple[Task, float]:
     """``train_federated`` into ``run_dir``, its seconds kept in ``run_dir/train-seconds``; with
-    ``--reuse``, a run there that finished (its final checkpoint and seconds) is loaded instead."""
+    ``--reuse``, a run there that finished (its final checkpoint and seconds) is loaded instead,
+    after ``other_study`` finds it is this study's."""
     final = run_dir / "checkpoints" / f"round-{study.run.rounds:03d}.safetensors"
     timing = run_dir / "train-seconds"
     if getattr(args, "reuse", False) and final.exists() and timing.exists():
+        if why := other_study(run_dir, study):
+            raise SystemExit(f"--reuse: {run_dir} {why}; run without --reuse to train it again")
         task = build_task(study.task)
         task.set_weights(load_checkpoint(final)[0])
         return task, float(timing.read_text())
     task, seconds = train_federated(study, sites, run_dir)
+    if study.run.initial_model:
+        (run_dir / START_DIGEST).write_text(file_digest(Path(study.run.initial_model).expanduser()) + "\n")
     timing.write_text(f"{seconds:.1f}\n")
     return task, seconds
+
+
+#: Beside a benchmark run that started from ``run.initial-model``: that file's SHA-256.
+START_DIGEST = "initial-model.sha256"
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def other_study(run_dir: Path, study: StudyConfig) -> str:
+    """Why the finished run in ``run_dir`` is not ``study``'s ("" when it is): its config.toml
+    holds other [task], [privacy] or [aggregation] settings or rounds, or it started from another
+    file (compared by content: a start model made again under the same name is another start)."""
+    saved = run_dir / "config.toml"
+    if saved.is_file():
+        ran = load_study(saved)
+        for table in ("task", "privacy", "aggregation"):
+            if getattr(ran, table) != getattr(study, table):
+                return f"ran other [{table}] settings than this study"
+        if ran.run.rounds != study.run.rounds:
+            return f"ran {ran.run.rounds} rounds, not {study.run.rounds}"
+    if study.run.initial_model:
+        recorded = run_dir / START_DIGEST
+        start = Path(study.run.initial_model).expanduser()
+        if not recorded.is_file():
+            return f"has no record of the start file it grew from ({START_DIGEST})"
+        if not start.is_file() or recorded.read_text().strip() != file_digest(start):
+            return f"started from another {start.name} than the one there now"
+    return ""
 
 
 def trained_or_reused(args: argparse.Namespace, study: StudyConfig, sites: list[Path]) -> tuple[Task, float]:
@@ -153,6 +189,8 @@ def trained_or_reused(args: argparse.Namespace, study: StudyConfig, sites: list[
             missing = final if not final.exists() else results
             raise SystemExit(f"--reuse: {missing} does not exist; run once without --reuse "
                              f"(with the same --rounds and --out) to train it")
+        if why := other_study(run_dir, study):
+            raise SystemExit(f"--reuse: {run_dir} {why}; run without --reuse to train it again")
         task = build_task(study.task)
         task.set_weights(load_checkpoint(final)[0])
         return task, json.loads(results.read_text())["train_seconds"]

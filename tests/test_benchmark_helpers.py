@@ -59,6 +59,40 @@ def test_a_finished_run_is_reused_per_run_folder_and_an_unfinished_one_trained(
     assert trained == [unfinished, finished]  # without --reuse every run trains
 
 
+def test_reuse_refuses_a_run_of_other_settings_or_another_start_file(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from medgan_core.checkpoints import save_checkpoint
+    from medgan_core.study_config import dump_study
+    from medgan_core.tasks.registry import build_task
+
+    start = tmp_path / "public.medgan"
+    start.write_bytes(b"first start")
+    study = StudyConfig().replace(run={"rounds": 2}, task={"name": "denoise", "width": 8})
+    run_dir = tmp_path / "run"
+
+    def train(study: StudyConfig, sites: list[Path], run_dir: Path) -> tuple[object, float]:
+        (run_dir / "config.toml").write_text(dump_study(study))  # what a run folder keeps
+        return build_task(study.task), 9.0
+
+    monkeypatch.setattr(bench_common, "train_federated", train)
+    run_dir.mkdir()
+    warm = study.replace(run={"initial_model": str(start)})
+    bench_common.trained_in(argparse.Namespace(reuse=False), warm, [], run_dir)  # trains, records the start
+    save_checkpoint(run_dir / "checkpoints" / "round-002.safetensors", build_task(study.task).get_weights(), {})
+    reuse = argparse.Namespace(reuse=True)
+    assert bench_common.trained_in(reuse, warm, [], run_dir)[1] == 9.0  # the same study: reused
+    with pytest.raises(SystemExit, match=r"ran other \[task\] settings"):
+        bench_common.trained_in(reuse, warm.replace(task={"l1_weight": 50.0}), [], run_dir)
+    with pytest.raises(SystemExit, match=r"ran other \[privacy\] settings"):
+        bench_common.trained_in(reuse, warm.replace(privacy={"target_epsilon": 4.0}), [], run_dir)
+    start.write_bytes(b"a start made again under the same name")
+    with pytest.raises(SystemExit, match="started from another public.medgan"):
+        bench_common.trained_in(reuse, warm, [], run_dir)
+    (run_dir / bench_common.START_DIGEST).unlink()
+    with pytest.raises(SystemExit, match="no record of the start file"):
+        bench_common.trained_in(reuse, warm, [], run_dir)
+
+
 def test_benchmark_fine_tune_options_default_to_the_studys(monkeypatch: pytest.MonkeyPatch) -> None:
     from medgan_core.config import AggregationConfig
 
