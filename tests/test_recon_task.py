@@ -3,6 +3,7 @@ that beats the zero-filled inverse FFT."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import nibabel as nib
@@ -162,10 +163,13 @@ def test_a_cascade_starts_as_zero_filling_and_keeps_the_measured_lines(tiny_site
     torch.testing.assert_close(torch.fft.fft2(image)[..., mask], measured[..., mask], rtol=1e-4, atol=1e-4)  # … not the data
 
 
-def test_tv_start_begins_at_the_tv_reconstruction_and_training_improves_on_it(tiny_sites: list[Path]) -> None:
+def test_tv_start_begins_at_the_tv_reconstruction_and_training_improves_on_it(tiny_sites: list[Path],
+                                                                            caplog: pytest.LogCaptureFixture) -> None:
     config = task_config(name="recon", modality="MR", image_size=32, spacing=6.25, width=8, batch_size=8,
                          local_steps=3, lr_generator=1e-3, lr_discriminator=1e-3, acceleration=4, tv_start=0.01)
-    data = load_task_data(tiny_sites[1], config)
+    with caplog.at_level(logging.INFO, logger="medgan_core.data.dataset"):
+        data = load_task_data(tiny_sites[1], config)
+    assert "train split, TV start of subject 1 of" in caplog.text  # the slow part of loading reports progress
     assert data.train_input is not None and data.test_input is not None
     assert data.train_input.shape[1] == 4 and data.test_input.shape[1] == 4  # the TV image rides along
     plain = load_task_data(tiny_sites[1], CONFIG)
