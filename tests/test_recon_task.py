@@ -186,6 +186,8 @@ def test_tv_start_begins_at_the_tv_reconstruction_and_training_improves_on_it(ti
         manual = magnitude(data_consistency(torch.cat([data.test_input[:2, 3:], torch.zeros_like(data.test_input[:2, 3:])], 1),
                                             data.test_input[:2]))
     torch.testing.assert_close(start, manual, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="without it"):  # inputs prepared without the TV image: one clear error
+        DataConsistentUNet(8, tv_start=True)(plain.test_input[:2])
     task.train(data, steps=60, seed=0)
     assert task.evaluate(data)["psnr"] > before["psnr"] + 0.3  # training learns what TV misses
 

@@ -388,7 +388,7 @@ def _kspace_pairs(manifest: Manifest, task: TaskConfig, split: str, variant: str
     low, full, keys = _variant_pairs(manifest, task, split, variant, f"{variant} and fully sampled")
     inputs, targets = [], []
     for number, key in enumerate(keys, 1):
-        if tv_weight > 0:  # the slow part of loading (about 0.35 CPU s per 256×256 slice): say where it is
+        if tv_weight > 0:  # the slow part of loading (about 0.4-0.5 CPU s per 256×256 slice): say where it is
             log.info("%s: %s split, TV start of subject %d of %d", manifest.root.name, split, number, len(keys))
         try:
             kspace, volume = read_kspace(manifest.root / low[key].file), manifest.load(full[key])

@@ -118,6 +118,10 @@ class DataConsistentUNet(nn.Module):
     def complex_image(self, measured: torch.Tensor) -> torch.Tensor:
         first = measured[:, :3]
         if self.tv_start:  # the TV image as a real estimate (imaginary part 0), beside the mask
+            if measured.shape[1] < 4:
+                raise ValueError(f"this recon model starts from a TV reconstruction (task.tv-start) and got "
+                                 f"{measured.shape[1]} input channels without it; prepare inputs with "
+                                 "reconstruction_input(..., tv_weight)")
             first = torch.cat([measured[:, 3:4], torch.zeros_like(measured[:, 3:4]), measured[:, 2:3]], dim=1)
         image = data_consistency(self.unet(first), measured)
         for stage in self.more:
