@@ -12,7 +12,6 @@ on that slice's own k-space only, so under DP it is a per-record preprocessing s
 from __future__ import annotations
 
 import numpy as np
-from skimage.restoration import denoise_tv_chambolle
 
 TV_ITERATIONS = 30  # FISTA steps (each a Chambolle TV solve of up to 50 iterations)
 MAX_TV_WEIGHT = 1.0  # far above any useful λ (the benchmark tunes 0.002-0.02)
@@ -22,6 +21,10 @@ def tv_reconstruction(inputs: np.ndarray, lam: float, iterations: int = TV_ITERA
     """(n, ≥3, H, W) recon inputs -> (n, 1, H, W) float32 TV-CS magnitude images in the network's
     [-1, 1] scaling. The mask selects columns, so a strip of whole rows is its own problem,
     but TV couples rows: give whole slices."""
+    # Imported here: skimage.restoration pulls in scipy.stats (about 0.7 s), and every site
+    # process imports this module through the data loader, most never running recon.
+    from skimage.restoration import denoise_tv_chambolle
+
     out = []
     for x in np.asarray(inputs, dtype=np.float64):
         zero_filled = (x[0] + 1) / 2 + 1j * x[1] / 2
