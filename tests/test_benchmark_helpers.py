@@ -290,7 +290,6 @@ def test_the_denoise_and_superres_compare_studies_train_what_their_benchmarks_tr
     assert not study.privacy.enabled and study.run.sites_dir == "benchmarks/data/superres-native"
 
 
-
 @pytest.mark.parametrize("task", ["denoise", "superres"])
 def test_a_dp_compare_study_is_the_plain_one_under_dp_at_a_quarter_of_its_rates(task: str) -> None:
     """sites_example/{denoise,superres}-compare-dp.toml: the README's DP tables (91 % and 87 %
