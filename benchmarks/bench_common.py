@@ -141,8 +141,7 @@ def trained_in(args: argparse.Namespace, study: StudyConfig, sites: list[Path], 
         task.set_weights(load_checkpoint(final)[0])
         return task, float(timing.read_text())
     task, seconds = train_federated(study, sites, run_dir)
-    if study.run.initial_model:
-        (run_dir / START_DIGEST).write_text(file_digest(Path(study.run.initial_model).expanduser()) + "\n")
+    record_start(run_dir, study)
     timing.write_text(f"{seconds:.1f}\n")
     return task, seconds
 
@@ -153,6 +152,16 @@ START_DIGEST = "initial-model.sha256"
 
 def file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def record_start(run_dir: Path, study: StudyConfig) -> None:
+    """After training into ``run_dir``: the start file's digest beside it, or none (a record left
+    by an earlier warm run in the same folder would vouch for this cold one)."""
+    recorded = run_dir / START_DIGEST
+    if study.run.initial_model:
+        recorded.write_text(file_digest(Path(study.run.initial_model).expanduser()) + "\n")
+    else:
+        recorded.unlink(missing_ok=True)
 
 
 def other_study(run_dir: Path, study: StudyConfig) -> str:
@@ -167,8 +176,10 @@ def other_study(run_dir: Path, study: StudyConfig) -> str:
                 return f"ran other [{table}] settings than this study"
         if ran.run.rounds != study.run.rounds:
             return f"ran {ran.run.rounds} rounds, not {study.run.rounds}"
+    recorded = run_dir / START_DIGEST
+    if not study.run.initial_model and recorded.is_file():
+        return "grew from a start file; this study starts from scratch"
     if study.run.initial_model:
-        recorded = run_dir / START_DIGEST
         start = Path(study.run.initial_model).expanduser()
         if not recorded.is_file():
             return f"has no record of the start file it grew from ({START_DIGEST})"
@@ -194,7 +205,9 @@ def trained_or_reused(args: argparse.Namespace, study: StudyConfig, sites: list[
         task = build_task(study.task)
         task.set_weights(load_checkpoint(final)[0])
         return task, json.loads(results.read_text())["train_seconds"]
-    return train_federated(study, sites, run_dir)
+    task, seconds = train_federated(study, sites, run_dir)
+    record_start(run_dir, study)
+    return task, seconds
 
 
 def image_scores(output: torch.Tensor, target: torch.Tensor, hu_per_unit: float) -> dict[str, float]:

@@ -88,8 +88,10 @@ def test_reuse_refuses_a_run_of_other_settings_or_another_start_file(tmp_path: P
     start.write_bytes(b"a start made again under the same name")
     with pytest.raises(SystemExit, match="started from another public.medgan"):
         bench_common.trained_in(reuse, warm, [], run_dir)
-    (run_dir / bench_common.START_DIGEST).unlink()
-    with pytest.raises(SystemExit, match="no record of the start file"):
+    with pytest.raises(SystemExit, match="grew from a start file"):  # a cold study is not a warm run's
+        bench_common.trained_in(reuse, study, [], run_dir)
+    bench_common.trained_in(argparse.Namespace(reuse=False), study, [], run_dir)  # trained cold in its place
+    with pytest.raises(SystemExit, match="no record of the start file"):  # its record went with the warm run
         bench_common.trained_in(reuse, warm, [], run_dir)
 
 
