@@ -19,7 +19,7 @@ from torch import nn
 
 from medgan_core.config import AggregationConfig
 from medgan_core.study_config import StudyConfig, load_study
-from medgan_core.data.simulate import simulate_study, stale_simulation
+from medgan_core.data.simulate import MR_MATRIX, simulate_study, stale_simulation, study_mr_matrix
 from medgan_core.data.preprocess import CT_FULL_RANGE
 from medgan_core.metrics.image_quality import ct_scores, psnr_ssim
 from medgan_core.tasks.base import Task
@@ -31,12 +31,13 @@ from medgan.simulation import simulate_federation
 
 def arguments(doc: str | None, out: str, data: str = "benchmarks/data/sites", rounds: int = 5,
               local_steps: int = 60, reuse_help: str = "", seeds: int = 0,
-              finetune_steps: int = -1) -> argparse.Namespace:
+              finetune_steps: int = -1, mr_matrix: int = 0) -> argparse.Namespace:
     """--out, --data, --rounds (5) and --local-steps (60): sized for about 3 minutes a run on 2 cores
     at width 16 (a script that needs more passes its own defaults); --reuse when ``reuse_help`` says
     what it reuses; --seeds (default ``seeds``) when a script repeats a measurement over seeds;
     --finetune-steps (default ``finetune_steps``) and --finetune-validate-every (the study
-    default) when ``finetune_steps`` >= 0: each site's personal fine-tune."""
+    default) when ``finetune_steps`` >= 0: each site's personal fine-tune; --mr-matrix (default
+    ``mr_matrix``) when it is given: the simulated MR's matrix over the 400 mm field."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(out))
     parser.add_argument("--data", type=Path, default=Path(data))
@@ -53,6 +54,10 @@ def arguments(doc: str | None, out: str, data: str = "benchmarks/data/sites", ro
                             default=AggregationConfig.finetune_validate_every,
                             help="Each site keeps the best of its fine-tune on its validation subjects, scored every "
                                  "this many steps (aggregation.finetune-validate-every; 0: the last).")
+    if mr_matrix:
+        parser.add_argument("--mr-matrix", type=int, default=mr_matrix,
+                            help=f"MR matrix of the simulated sites over 400 mm (default {mr_matrix}, "
+                                 f"{400 / mr_matrix:.2f} mm pixels); a --data folder holds one.")
     return parser.parse_args()
 
 
@@ -71,14 +76,18 @@ def study_sites(data: Path) -> list[Path]:
 CLINICAL_SUBJECTS, CLINICAL_SLICES, CLINICAL_SIZE = 12, 8, 512
 
 
-def clinical_sites(data: Path, series: tuple[str, ...]) -> list[Path]:
-    """Three hospitals at clinical geometry holding ``series`` (e.g. ``("ct", "ct-low-dose")``),
-    written once into ``data`` and reused."""
+def clinical_sites(data: Path, series: tuple[str, ...], mr_matrix: int = MR_MATRIX) -> list[Path]:
+    """Three hospitals at clinical geometry holding ``series`` (e.g. ``("ct", "ct-low-dose")``,
+    MR on an ``mr_matrix`` grid), written once into ``data`` and reused."""
     if (data / "study.json").exists() and (stale := stale_simulation(data)):
         raise SystemExit(stale)
+    if (data / "study.json").exists() and {"mr", "mr-kspace"} & set(series):
+        if (found := study_mr_matrix(data)) != mr_matrix:
+            raise SystemExit(f"{data} holds MR at {found}×{found}, this benchmark reads it at "
+                             f"{mr_matrix}×{mr_matrix}; give another --data folder")
     if not (data / "study.json").exists():
         simulate_study(data, n_sites=3, n_subjects=CLINICAL_SUBJECTS, n_slices=CLINICAL_SLICES,
-                       size=CLINICAL_SIZE, seed=3, series=series)
+                       size=CLINICAL_SIZE, seed=3, series=series, mr_matrix=mr_matrix)
     return sorted(p for p in data.iterdir() if (p / "manifest.csv").exists())
 
 

@@ -49,7 +49,7 @@ def histogram_matched(mr: torch.Tensor, reference_ct: torch.Tensor) -> torch.Ten
 def main() -> None:
     args = arguments(__doc__, "benchmarks/results/translate", data="benchmarks/data/translate-native", rounds=10)
     torch.set_num_threads(2)
-    sites = clinical_sites(args.data, ("ct", "mr"))
+    sites = clinical_sites(args.data, ("ct", "mr"), mr_matrix=round(400 / MR_PIXEL_MM))  # MR at the pixels it trains at
     args.out.mkdir(parents=True, exist_ok=True)
     study = paired_study(args, sites, name="translate", spacing=MR_PIXEL_MM)
     task, seconds = train_federated(study, sites, args.out / "run-mr-ct")

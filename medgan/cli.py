@@ -15,6 +15,7 @@ from client.commands import adapt_command, infer_command, site_app, synth_comman
 from medgan_core.study_config import StudyConfig, load_study
 from medgan_core.console import console, fail
 from medgan_core.data.simulate import (
+    MR_MATRIX,
     SERIES,
     find_sites,
     remove_simulated_study,
@@ -25,7 +26,7 @@ from medgan_core.data.simulate import (
 from medgan_core.errors import MedGANError
 from medgan_core.site_label import site_label
 from rich.markup import escape
-from medgan_core.tasks.registry import task_class, task_config_from_items
+from medgan_core.tasks.registry import task_class, task_config_from_items, task_names
 from server.commands import certs_app, export, privacy_app, report, resumed_study, run, server_app
 
 DEFAULT_CONFIG = Path("sites_example/demo.toml")
@@ -111,7 +112,9 @@ def sites_simulate(
     subjects: int = typer.Option(10, "--subjects", min=3, help="Subjects per site (split 70/10/20 into train/val/test)."),
     slices: int = typer.Option(16, "--slices", min=1, help="Axial slices per volume."),
     size: int = typer.Option(512, "--size", min=32,
-                             help="CT matrix over the 400 mm field of view (512: 0.78 mm pixels; MR: at most 256)."),
+                             help="CT matrix over the 400 mm field of view (512: 0.78 mm pixels)."),
+    mr_matrix: int = typer.Option(MR_MATRIX, "--mr-matrix",
+                                  help="MR matrix over the same field (384: 1.04 mm pixels; at most --size)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the phantom model and the scanners' noise."),
     series: str = typer.Option(",".join(SERIES), "--series",
                                help=f"Series groups to write, comma-separated (of {', '.join(SERIES)})."),
@@ -122,16 +125,18 @@ def sites_simulate(
     """Write a multi-site study: CT as DICOM series, MR as NIfTI, a manifest.csv per site."""
     try:
         groups = tuple(filter(None, (part.strip() for part in series.split(","))))
-        if task is not None:
-            config = task_config_from_items({"name": task}, "--task")
+        if task is not None:  # a task that reads one modality only (recon: MR) is given it
+            modalities = task_class(task).modalities if task in task_names() else ()
+            config = task_config_from_items({"name": task, **({"modality": modalities[0]} if modalities else {})},
+                                            "--task")
             groups = series_for(task_class(task).data_spec(config), config.modality)
-        _simulate(out, sites, subjects, slices, size, seed, force, groups)
+        _simulate(out, sites, subjects, slices, size, seed, force, groups, mr_matrix)
     except MedGANError as exc:
         fail(exc)
 
 
 def _simulate(out: Path, sites: int, subjects: int, slices: int, size: int, seed: int, force: bool,
-              series: tuple[str, ...] = SERIES) -> list[Path]:
+              series: tuple[str, ...] = SERIES, mr_matrix: int = MR_MATRIX) -> list[Path]:
     if (out / "study.json").exists():
         if not force:
             raise MedGANError(f"{out} already holds a study; pass --force to replace its simulated sites")
@@ -141,7 +146,8 @@ def _simulate(out: Path, sites: int, subjects: int, slices: int, size: int, seed
     started = time.monotonic()
     with console.status("simulating sites…") as status:
         folders = simulate_study(out, n_sites=sites, n_subjects=subjects, n_slices=slices, size=size, seed=seed,
-                                 progress=lambda text: status.update(f"simulating {text}"), series=series)
+                                 progress=lambda text: status.update(f"simulating {text}"), series=series,
+                                 mr_matrix=mr_matrix)
     for folder in folders:
         console.print(f"  [green]✓[/] {escape(str(folder))}  ({escape(str(folder / 'manifest.csv'))})", markup=True)
     console.print(f"{len(folders)} site(s) written to {out} in {time.monotonic() - started:.1f} s")

@@ -189,6 +189,32 @@ def test_the_translate_compare_study_trains_what_the_translate_benchmark_trains(
     assert (xl.task.batch_size, xl.task.physical_batch, xl.task.local_steps) == (128, 32, 30)
     assert xl.run.initial_model == private.run.initial_model and xl.privacy == private.privacy
     assert xl.run.sites_dir == "benchmarks/data/translate-xl" and xl.run.rounds == study.run.rounds
+    # Every example's sites: MR acquired at the pixels the study trains at, as the benchmark's are.
+    for example in sorted(root.glob("translate-*.toml")):
+        simulate = [line for line in example.read_text().splitlines() if "medgan sites simulate" in line]
+        assert simulate and all(f"--mr-matrix {round(400 / MR_PIXEL_MM)} " in line for line in simulate), example.name
+
+
+def test_a_benchmark_refuses_sites_whose_mr_is_on_another_matrix(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A --data folder simulated at one MR matrix is not read as another (the recorded recon and
+    translate numbers are at 256; the simulator's default is 384): one clear line, no retraining."""
+    import json
+
+    def must_not_simulate(*_: object, **__: object) -> None:
+        raise AssertionError("simulated over a study that exists")
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "study.json").write_text(json.dumps({"size": 512, "format": 2, "series": ["mr", "mr-kspace"]}))
+    monkeypatch.setattr(bench_common, "simulate_study", must_not_simulate)
+    with pytest.raises(SystemExit, match="holds MR at 256×256, this benchmark reads it at 384×384"):
+        bench_common.clinical_sites(data, ("mr", "mr-kspace"), 384)
+    assert bench_common.clinical_sites(data, ("mr", "mr-kspace"), 256) == []  # a format-2 study: 256
+    (data / "study.json").write_text(json.dumps({"size": 512, "format": 2, "mr-matrix": 384}))
+    with pytest.raises(SystemExit, match="holds MR at 384×384"):
+        bench_common.clinical_sites(data, ("ct", "mr"), 256)
+    assert bench_common.clinical_sites(data, ("ct", "ct-low-dose"), 256) == []  # no MR read: any matrix
 
 
 def test_the_synthesis_warm_start_examples_train_what_the_no_dp_demo_trains() -> None:

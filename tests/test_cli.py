@@ -41,6 +41,14 @@ def test_sites_simulate_writes_only_what_a_task_reads(tmp_path: Path) -> None:
     assert bad.exit_code == 2 and "series pet; choose from" in bad.output and "Traceback" not in bad.output
     unknown = runner.invoke(app, base + ["--out", str(tmp_path / "y"), "--task", "segment"])
     assert unknown.exit_code == 2 and "segment" in unknown.output
+    mr = runner.invoke(app, ["sites", "simulate", "--sites", "1", "--subjects", "3", "--slices", "1", "--size", "64",
+                             "--mr-matrix", "48", "--task", "recon", "--out", str(tmp_path / "r")])
+    assert mr.exit_code == 0, mr.output
+    assert json.loads((tmp_path / "r" / "study.json").read_text())["mr-matrix"] == 48
+    mr_entry = next(e for e in read_manifest(tmp_path / "r" / "site-01-hospital-a").entries if e.domain.endswith("-mr"))
+    assert read_manifest(tmp_path / "r" / "site-01-hospital-a").load(mr_entry).data.shape[:2] == (48, 48)
+    odd = runner.invoke(app, base + ["--out", str(tmp_path / "z"), "--mr-matrix", "50"])
+    assert odd.exit_code == 2 and "MR matrix 50" in odd.output and "Traceback" not in odd.output
 
 
 def test_demo_with_bad_config_fails_cleanly(tmp_path: Path) -> None:

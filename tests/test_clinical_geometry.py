@@ -19,11 +19,14 @@ from medgan_core.data.manifest import Manifest
 from medgan_core.data.preprocess import CT_FULL_RANGE, to_hu, volume_to_slices
 from medgan_core.data.simulate import (
     DEFAULT_SITES,
+    coarse_grid,
     ct_acquire_scanners,
     ct_project_scanners,
+    mr_acquire,
     phantom_labels,
     simulate_site,
     tissue_hu,
+    tissue_texture,
 )
 from medgan_core.data.slice_store import random_crops
 from medgan_core.errors import ConfigError
@@ -91,11 +94,35 @@ def test_simulated_site_at_clinical_geometry_writes_only_the_series_asked_for(tm
     assert (first.Rows, first.Columns) == (512, 512)
     assert [float(v) for v in first.PixelSpacing] == [0.78125, 0.78125]  # 400 mm over 512 pixels
     mr = manifest.load(next(e for e in manifest.entries if e.modality == "MR"))
-    assert mr.data.shape[:2] == (256, 256) and mr.spacing[:2] == pytest.approx((1.5625, 1.5625))
+    assert mr.data.shape[:2] == (384, 384) and mr.spacing[:2] == pytest.approx((400 / 384, 400 / 384))  # ~1 mm
     ct_volume = manifest.load(ct)
     centre = lambda v: v.affine[:3, :3] @ ((np.array(v.data.shape) - 1) / 2) + v.affine[:3, 3]  # noqa: E731
     np.testing.assert_allclose(centre(mr)[:2], centre(ct_volume)[:2], atol=1e-3)  # one field of view
     assert not (site / "seg").exists() and not (site / "ct-scanner-b").exists()
+
+
+def test_mr_matrix_is_chosen_and_a_whole_factor_keeps_the_block_means(tmp_path: Path) -> None:
+    """``mr_matrix`` 256 at a 512 CT matrix writes what format-2 studies held (the fine
+    magnitude's 2×2 block means); 384 keeps the central k-space of the complex image, so the
+    anatomy sits where it does at 256 and only the pixels are finer."""
+    profile = DEFAULT_SITES[0]
+    rng = np.random.default_rng(4)
+    labels = phantom_labels(rng, 512, 1, profile.body_scale, severity=0.0)
+    texture = tissue_texture(rng, labels.shape)
+    fine = mr_acquire(labels, texture, profile, np.random.default_rng(9))
+    blocks = mr_acquire(labels, texture, profile, np.random.default_rng(9), matrix=256)
+    np.testing.assert_array_equal(blocks, coarse_grid(fine, 2))
+    finer = mr_acquire(labels, texture, profile, np.random.default_rng(9), matrix=384)
+    assert finer.shape == (1, 384, 384) and finer.min() >= 0  # a magnitude image
+    # the same anatomy: 384 block-averaged by 3 and 256 by 2 share a 128 grid over one field
+    np.testing.assert_allclose(coarse_grid(finer, 3).mean(), coarse_grid(blocks, 2).mean(), rtol=0.02)
+    assert np.corrcoef(coarse_grid(finer, 3).ravel(), coarse_grid(blocks, 2).ravel())[0, 1] > 0.97
+    site = simulate_site(profile, tmp_path / "s", n_subjects=3, n_slices=1, size=128, seed=0, series=("mr",))
+    assert read_manifest(site).load(read_manifest(site).entries[0]).data.shape[:2] == (128, 128)  # capped at the CT's
+    for bad in (30, 386):
+        with pytest.raises(ConfigError, match="multiple of 4"):
+            simulate_site(profile, tmp_path / f"b{bad}", n_subjects=3, n_slices=1, size=64, seed=0, series=("mr",),
+                          mr_matrix=bad)
 
 
 def test_a_subset_of_series_holds_the_same_ct_images(tmp_path: Path) -> None:

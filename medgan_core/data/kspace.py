@@ -86,6 +86,24 @@ def crop_kspace(images: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     return np.fft.ifft2(cropped, norm="forward")
 
 
+def centred_fourier_resample(images: np.ndarray, size: int) -> np.ndarray:
+    """(n, rows, cols) images (real or complex) -> (n, size, size) complex over the same field
+    of view, band-limited as ``crop_kspace`` but sampled at the centres of the coarser pixels
+    (the fields of both grids coincide, as when a scanner acquires the coarser matrix)."""
+    n, rows, cols = images.shape
+    if size > min(rows, cols):
+        raise DataError(f"image size {size} is larger than the {rows}×{cols} matrix")
+    spectrum = np.fft.fft2(images, norm="forward")
+    for axis, length in ((1, rows), (2, cols)):
+        shift = (length / size - 1) / 2  # where the first coarse pixel's centre lies, in fine pixels
+        phase = np.exp(2j * np.pi * np.fft.fftfreq(length) * shift)
+        spectrum = spectrum * phase.reshape([-1 if a == axis else 1 for a in range(3)])
+    shifted = np.fft.fftshift(spectrum, axes=(-2, -1))
+    r0, c0 = (rows - size) // 2, (cols - size) // 2
+    cropped = np.fft.ifftshift(shifted[:, r0 : r0 + size, c0 : c0 + size], axes=(-2, -1))
+    return np.fft.ifft2(cropped, norm="forward")
+
+
 def crop_mask(mask: np.ndarray, size: int) -> np.ndarray:
     """The columns of a (np.fft-ordered) mask that survive ``crop_kspace`` to ``size``."""
     shifted = np.fft.fftshift(mask)

@@ -67,7 +67,7 @@ from medgan_core.data.labels import (  # noqa: F401  (re-exported: the simulator
     LIVER,
     SOFT,
 )
-from medgan_core.data.kspace import sampling_mask, undersample, write_kspace
+from medgan_core.data.kspace import centred_fourier_resample, sampling_mask, undersample, write_kspace
 from medgan_core.data.manifest import LOW_DOSE, SCANNER_B, SEGMENTATION, ManifestEntry, write_manifest
 from medgan_core.data.nifti_io import write_nifti
 from medgan_core.errors import ConfigError
@@ -354,8 +354,13 @@ def coarse_grid(slices: np.ndarray, scale: int) -> np.ndarray:
     return slices.reshape(n, rows // scale, scale, cols // scale, scale).mean(axis=(2, 4)).astype(np.float32)
 
 
-def mr_acquire(labels: np.ndarray, texture: np.ndarray, profile: SiteProfile, rng: np.random.Generator) -> np.ndarray:
-    """Spin-echo MR of a label volume with bias field and Rician noise."""
+def mr_acquire(labels: np.ndarray, texture: np.ndarray, profile: SiteProfile, rng: np.random.Generator,
+               matrix: int | None = None) -> np.ndarray:
+    """Spin-echo MR of a label volume with bias field and Rician noise, on a ``matrix`` ×
+    ``matrix`` grid over the labels' field of view (default: the labels' own). A matrix that
+    divides the labels' integrates blocks of pixels (``coarse_grid``); any other keeps the
+    central k-space of the complex image before its magnitude is taken, as a scanner that
+    acquires that matrix does (``centred_fourier_resample``)."""
     pd, t1, t2 = (np.zeros(labels.shape, np.float32) for _ in range(3))
     for label, (_, p, r1, r2) in TISSUES.items():
         mask = labels == label
@@ -369,7 +374,11 @@ def mr_acquire(labels: np.ndarray, texture: np.ndarray, profile: SiteProfile, rn
     signal = signal * bias
     noise_re = rng.normal(0, profile.mr_noise, labels.shape)
     noise_im = rng.normal(0, profile.mr_noise, labels.shape)
-    magnitude = np.sqrt((signal + noise_re) ** 2 + noise_im**2)
+    matrix = matrix or cols
+    if cols % matrix == 0:
+        magnitude = np.sqrt((signal + noise_re) ** 2 + noise_im**2)
+        return coarse_grid((magnitude * profile.mr_gain).astype(np.float32), cols // matrix)
+    magnitude = np.abs(centred_fourier_resample((signal + noise_re) + 1j * noise_im, matrix))
     return (magnitude * profile.mr_gain).astype(np.float32)
 
 
@@ -377,8 +386,17 @@ def mr_acquire(labels: np.ndarray, texture: np.ndarray, profile: SiteProfile, rn
 #: Series groups a simulated site can hold (``simulate_site(series=...)``): the main CT,
 #: its quarter dose, its 2×/4× coarser grids, the second scanner, MR, MR k-space, labels.
 SERIES = ("ct", "ct-low-dose", "ct-low-res", "ct-scanner-b", "mr", "mr-kspace", "seg")
-#: MR is acquired on a coarser matrix than CT over the same field of view (at most this).
-MR_MAX_MATRIX = 256
+#: MR's matrix over the 400 mm field of view: 384 pixels are 1.04 mm, about the 1 mm of a
+#: clinical body MR, on a coarser grid than CT's 0.78 mm (a smaller CT matrix caps it).
+#: Format-2 studies were written at 256 (1.56 mm), as the translate and recon benchmarks still are.
+MR_MATRIX = 384
+
+
+def mr_matrix_for(size: int, mr_matrix: int = MR_MATRIX) -> int:
+    """The MR matrix of a site simulated at CT matrix ``size``: ``mr_matrix``, at most ``size``."""
+    if mr_matrix < 32 or mr_matrix % 4:
+        raise ConfigError(f"MR matrix {mr_matrix}: need a multiple of 4, at least 32")
+    return min(size, mr_matrix)
 
 
 def check_series(series: tuple[str, ...]) -> None:
@@ -417,19 +435,21 @@ def simulate_site(
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
     series: tuple[str, ...] = SERIES,
+    mr_matrix: int = MR_MATRIX,
 ) -> Path:
     """Write one hospital: per subject CT DICOM series (full and quarter dose, 2×/4× coarser
-    grids, second scanner), MR NIfTI (at most ``MR_MAX_MATRIX`` pixels across) and its
+    grids, second scanner), MR NIfTI (``mr_matrix`` pixels across, at most ``size``) and its
     undersampled k-space, a label map; and manifest.csv. ``series`` picks which groups
     (``SERIES``) are written: a study for one task needs only what that task reads. The
     field of view is 400 mm, so 512 pixels are 0.78 mm, as in abdominal CT. Each subject
     draws from its own seeded stream (``simulate_subject``), so subjects may be written in
     any order or in parallel with the same result."""
     check_site_settings(n_subjects, n_slices, size, series)
+    mr_matrix_for(size, mr_matrix)
     entries = []
     for s in range(n_subjects):
         entries += simulate_subject(profile, out_dir, s, n_subjects=n_subjects, n_slices=n_slices, size=size,
-                                    seed=seed, series=series)
+                                    seed=seed, series=series, mr_matrix=mr_matrix)
         if progress:
             progress(f"{profile.name}: subject {s + 1}/{n_subjects}")
     return finish_site(profile, out_dir, entries)
@@ -456,14 +476,14 @@ def finish_site(profile: SiteProfile, out_dir: str | Path, entries: list[Manifes
 
 def simulate_subject(
     profile: SiteProfile, out_dir: str | Path, s: int, *, n_subjects: int, n_slices: int, size: int, seed: int,
-    series: tuple[str, ...],
+    series: tuple[str, ...], mr_matrix: int = MR_MATRIX,
 ) -> list[ManifestEntry]:
     """Write subject ``s`` of a site; its manifest entries."""
     out_dir = Path(out_dir)
     rng = np.random.default_rng([seed, s])
     pixel_mm, slice_mm = FIELD_OF_VIEW_MM / size, 5.0
-    mr_factor = max(1, size // MR_MAX_MATRIX)
-    mr_size = size // mr_factor
+    mr_size = mr_matrix_for(size, mr_matrix)
+    mr_pixel_mm = FIELD_OF_VIEW_MM / mr_size
     n_train = max(1, round(n_subjects * SPLIT_FRACTIONS[0]))
     n_val = max(1, round(n_subjects * SPLIT_FRACTIONS[1]))
     n_train = min(n_train, n_subjects - n_val - 1)
@@ -481,9 +501,7 @@ def simulate_subject(
     acquired = [ct_acquire_scanners(hu[k], scanners, pixel_mm, rng) for k in range(n_slices)]
     ct, ct_low, ct_b = (np.stack([a[i] for a in acquired]) for i in range(3))
     if wanted & {"mr", "mr-kspace"}:  # MR's noise from its own stream: the CT is the same without it
-        mr = mr_acquire(labels, texture, profile, np.random.default_rng([seed, s, 7]))
-        if mr_factor > 1:
-            mr = coarse_grid(mr, mr_factor)
+        mr = mr_acquire(labels, texture, profile, np.random.default_rng([seed, s, 7]), matrix=mr_size)
     label = "lesion" if has_lesion else "normal"
     # The arrays are (k, rows, cols) as displayed: columns run to the patient's left and rows
     # to posterior, so the NIfTI affine (RAS+) has negative x and y steps, like the DICOM series.
@@ -491,8 +509,8 @@ def simulate_subject(
     # and anterior), so every series of a subject shares one patient frame.
     affine = np.diag([-pixel_mm, -pixel_mm, slice_mm, 1.0])
     affine[:2, 3] = FIELD_OF_VIEW_MM / 2
-    mr_affine = np.diag([-pixel_mm * mr_factor, -pixel_mm * mr_factor, slice_mm, 1.0])
-    mr_affine[:2, 3] = FIELD_OF_VIEW_MM / 2 - pixel_mm * (mr_factor - 1) / 2  # coarser voxels, same field
+    mr_affine = np.diag([-mr_pixel_mm, -mr_pixel_mm, slice_mm, 1.0])
+    mr_affine[:2, 3] = FIELD_OF_VIEW_MM / 2 - (mr_pixel_mm - pixel_mm) / 2  # coarser voxels, same field
 
     def add(rel: Path, modality: str, domain: str) -> None:
         entries.append(ManifestEntry(str(rel), subject, modality, split, f"{profile.name}-{domain}", label, subject))
@@ -544,6 +562,7 @@ def simulate_study(
     progress: Callable[[str], None] | None = None,
     workers: int | None = None,
     series: tuple[str, ...] = SERIES,
+    mr_matrix: int = MR_MATRIX,
 ) -> list[Path]:
     """Write ``n_sites`` hospitals under ``out_dir``; returns their folders in order.
 
@@ -552,6 +571,7 @@ def simulate_study(
     busy however the subjects divide among sites; the files are the same as one after the
     other. With several workers ``progress`` hears of each finished site."""
     check_site_settings(n_subjects, n_slices, size, series)  # here, not in a worker process
+    mr_size = mr_matrix_for(size, mr_matrix)
     out_dir = Path(out_dir)
     jobs = [(profile, out_dir / f"site-{index + 1:02d}-{profile.name}", seed * 1000 + index)
             for index, profile in enumerate(site_profiles(n_sites, seed))]
@@ -559,13 +579,13 @@ def simulate_study(
     if workers <= 1:
         for profile, folder, site_seed in jobs:
             simulate_site(profile, folder, n_subjects=n_subjects, n_slices=n_slices, size=size, seed=site_seed,
-                          progress=progress, series=series)
+                          progress=progress, series=series, mr_matrix=mr_matrix)
     else:
         entries: dict[Path, dict[int, list[ManifestEntry]]] = {folder: {} for _, folder, _ in jobs}
         context = multiprocessing.get_context("spawn")  # no forked torch or Ray state in the workers
         with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
             running = {pool.submit(simulate_subject, profile, folder, s, n_subjects=n_subjects, n_slices=n_slices,
-                                   size=size, seed=site_seed, series=series): (profile, folder, s)
+                                   size=size, seed=site_seed, series=series, mr_matrix=mr_matrix): (profile, folder, s)
                        for profile, folder, site_seed in jobs for s in range(n_subjects)}
             for done in concurrent.futures.as_completed(running):
                 profile, folder, s = running[done]
@@ -579,7 +599,7 @@ def simulate_study(
         (folder / SIMULATED_MARK).write_text("written by medgan sites simulate; --force may replace this folder\n")
         folders.append(folder)
     study = {"sites": [f.name for f in folders], "seed": seed, "subjects": n_subjects, "slices": n_slices, "size": size,
-             "series": list(series), "format": SIMULATOR_FORMAT}
+             "mr-matrix": mr_size, "series": list(series), "format": SIMULATOR_FORMAT}
     (out_dir / "study.json").write_text(json.dumps(study, indent=2))
     return folders
 
@@ -587,6 +607,13 @@ def simulate_study(
 #: The simulator's output format; 2: NIfTI affines say what the arrays hold (format 1's
 #: claimed RAS for arrays in display order, which the canonical orientation would flip).
 SIMULATOR_FORMAT = 2
+
+
+def study_mr_matrix(sites_dir: Path) -> int:
+    """The MR matrix a simulated study in ``sites_dir`` was written at (its study.json; a study
+    written before it recorded one had 256, or its CT matrix where that was smaller)."""
+    study = json.loads((sites_dir / "study.json").read_text())
+    return int(study.get("mr-matrix") or min(int(study.get("size", 512)), 256))
 
 
 def stale_simulation(sites_dir: Path) -> str:
@@ -661,7 +688,7 @@ def phantom_mr_kspace(
     n: int, task: "TaskConfig", acceleration: int, seed: int = 0
 ) -> tuple["torch.Tensor", "torch.Tensor"]:
     """``n`` (undersampled input, fully sampled target) MR slices of one phantom subject at
-    ``acceleration``, acquired on the simulator's MR matrix (``MR_MAX_MATRIX`` over
+    ``acceleration``, acquired on the simulator's MR matrix (``MR_MATRIX`` over
     ``FIELD_OF_VIEW_MM``) and prepared like a site's data (at ``task.spacing``); for the
     coordinator's preview grids."""
     import torch
@@ -669,7 +696,7 @@ def phantom_mr_kspace(
     from medgan_core.data.kspace import matrix_at, reconstruction_pair
 
     rng = np.random.default_rng(seed + 525252)
-    profile, size = DEFAULT_SITES[0], MR_MAX_MATRIX
+    profile, size = DEFAULT_SITES[0], MR_MATRIX
     labels = phantom_labels(rng, size, n, profile.body_scale, severity=0.6)
     mr = mr_acquire(labels, _texture(rng, labels.shape, sigma=1.5), profile, rng)
     mask = sampling_mask(size, acceleration, rng, profile.mr_center_fraction)
@@ -703,13 +730,12 @@ def phantom_mr_ct(
     hu = tissue_hu(labels, texture)
     pixel_mm = FIELD_OF_VIEW_MM / size
     ct = np.stack([ct_acquire(hu[k], profile, pixel_mm, rng) for k in range(n)])
-    mr = mr_acquire(labels, texture, profile, rng)
+    mr = mr_acquire(labels, texture, profile, rng, matrix=mr_matrix_for(size) if clinical else None)
     if not clinical:
         return (resize_slices(normalise_mr(mr), task.image_size),
                 resize_slices(window_ct(ct, task.window_low, task.window_high), task.image_size))
     ct_t = resample_slices(window_ct(ct, *CT_FULL_RANGE), (pixel_mm, pixel_mm), task.spacing)
-    mr_coarse = coarse_grid(mr, max(1, size // MR_MAX_MATRIX))  # acquired on MR's own, coarser matrix
-    return resample_to(torch_from(normalise_mr(mr_coarse)), tuple(ct_t.shape[-2:])).clamp(-1, 1), ct_t
+    return resample_to(torch_from(normalise_mr(mr)), tuple(ct_t.shape[-2:])).clamp(-1, 1), ct_t
 
 
 def torch_from(slices: np.ndarray) -> "torch.Tensor":
