@@ -82,6 +82,22 @@ def test_an_untrained_model_is_the_sites_histogram_matching(tiny_sites: list[Pat
     assert plain.generator.match is None and not any("match" in n for n in plain.get_weights())
 
 
+def test_a_site_without_a_map_is_scored_through_its_matching_not_the_identity(tiny_sites: list[Path]) -> None:
+    """Round 0, or a site that has not trained: its held-out score is that of its own histogram
+    matching (what the untrained model is), the same as after a training call that took no step."""
+    data = load_task_data(tiny_sites[0], CONFIG)
+    fresh = build_task(CONFIG)
+    identity = build_task(CONFIG)
+    identity.fit_histogram_match = lambda _data: None  # the old behaviour: the map left unfitted
+    unmatched = identity.evaluate(data)
+    scores = fresh.evaluate(data)
+    assert fresh.generator.match.fitted
+    trained = build_task(CONFIG)
+    trained.train(data, 0, seed=0)
+    assert scores == trained.evaluate(data)
+    assert scores != unmatched and scores["psnr"] > unmatched["psnr"]
+
+
 def test_the_map_never_leaves_the_site_and_is_kept_there(tiny_sites: list[Path], tmp_path: Path) -> None:
     task = build_task(CONFIG)
     assert MAP <= local_array_names(task.groups, AggregationConfig())  # whatever the aggregation settings

@@ -122,6 +122,15 @@ class CycleTask(PairedImageTask):
             self.fit_histogram_match(data)
         return super().train(data, steps, seed, **kwargs)
 
+    def evaluate(self, data: SiteData) -> dict[str, float]:
+        """A site that holds no map yet (round 0, before its first training, or one that never
+        trained) is scored through its own histogram matching, fitted as training would fit it,
+        not through the identity: an untrained histogram-start model is that matching."""
+        match = self.generator.match
+        if match is not None and not match.fitted and data.train_input is not None:
+            self.fit_histogram_match(data)
+        return super().evaluate(data)
+
     def unready_words(self) -> str:
         match = self.generator.match
         if match is None or match.fitted:
