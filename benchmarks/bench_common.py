@@ -31,13 +31,15 @@ from medgan.simulation import simulate_federation
 
 def arguments(doc: str | None, out: str, data: str = "benchmarks/data/sites", rounds: int = 5,
               local_steps: int = 60, reuse_help: str = "", seeds: int = 0,
-              finetune_steps: int = -1, mr_matrix: int = 0) -> argparse.Namespace:
+              finetune_steps: int = -1, mr_matrix: int = 0,
+              more: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
     """--out, --data, --rounds (5) and --local-steps (60): sized for about 3 minutes a run on 2 cores
     at width 16 (a script that needs more passes its own defaults); --reuse when ``reuse_help`` says
     what it reuses; --seeds (default ``seeds``) when a script repeats a measurement over seeds;
     --finetune-steps (default ``finetune_steps``) and --finetune-validate-every (the study
     default) when ``finetune_steps`` >= 0: each site's personal fine-tune; --mr-matrix (default
-    ``mr_matrix``) when it is given: the simulated MR's matrix over the 400 mm field."""
+    ``mr_matrix``) when it is given: the simulated MR's matrix over the 400 mm field; ``more``
+    adds a script's own options."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(out))
     parser.add_argument("--data", type=Path, default=Path(data))
@@ -58,6 +60,8 @@ def arguments(doc: str | None, out: str, data: str = "benchmarks/data/sites", ro
         parser.add_argument("--mr-matrix", type=int, default=mr_matrix,
                             help=f"MR matrix of the simulated sites over 400 mm (default {mr_matrix}, "
                                  f"{400 / mr_matrix:.2f} mm pixels); a --data folder holds one.")
+    if more is not None:
+        more(parser)
     return parser.parse_args()
 
 

@@ -333,3 +333,16 @@ def test_a_dp_compare_study_is_the_plain_one_under_dp_at_a_quarter_of_its_rates(
                                  "lr_discriminator": plain.task.lr_discriminator}).task == plain.task
     assert private.aggregation == plain.aggregation
     assert private.replace(run={"initial_model": "", "out_dir": plain.run.out_dir}).run == plain.run
+
+
+def test_the_recon_benchmark_runs_the_accelerations_asked_for() -> None:
+    """--accelerations picks studies of the two the benchmark tunes (each about an hour on 2 cores)."""
+    from recon_baselines import TV_START, acceleration_option
+
+    parser = argparse.ArgumentParser()
+    acceleration_option(parser)
+    assert parser.parse_args([]).accelerations == tuple(TV_START) == (4, 10)
+    assert parser.parse_args(["--accelerations", "4"]).accelerations == (4,)
+    for bad in ("5", "4,x", ""):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--accelerations", bad])
