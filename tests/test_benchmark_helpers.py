@@ -215,6 +215,11 @@ def test_a_benchmark_refuses_sites_whose_mr_is_on_another_matrix(tmp_path: Path,
     with pytest.raises(SystemExit, match="holds MR at 384×384"):
         bench_common.clinical_sites(data, ("ct", "mr"), 256)
     assert bench_common.clinical_sites(data, ("ct", "ct-low-dose"), 256) == []  # no MR read: any matrix
+    from medgan_core.data.simulate import study_mr_matrix
+
+    for size, mr in ((384, 384), (1024, 256), (128, 128)):  # what studies before the key held
+        (data / "study.json").write_text(json.dumps({"size": size, "format": 2}))
+        assert study_mr_matrix(data) == mr
 
 
 def test_the_synthesis_warm_start_examples_train_what_the_no_dp_demo_trains() -> None:

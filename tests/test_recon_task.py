@@ -14,7 +14,6 @@ import torch
 from medgan_core.data import read_manifest
 from medgan_core.data.kspace import (
     acquired_columns,
-    centred_fourier_resample,
     crop_kspace,
     matrix_at,
     read_kspace,
@@ -85,17 +84,17 @@ def test_centred_fourier_resampling_samples_the_coarse_pixels_centres() -> None:
     of the coarser pixels over the same field, not at the fine grid's first pixel."""
     wave = lambda t: np.cos(2 * np.pi * 3 * t / 512) + 0.5 * np.sin(2 * np.pi * 7 * t / 512)  # noqa: E731
     fine = wave(np.arange(512.0))[:, None] * wave(np.arange(512.0))[None, :] + 1.0
-    coarse = centred_fourier_resample(fine[None], 384)
+    coarse = crop_kspace(fine[None], 384, centred=True)
     centres = (512 / 384 - 1) / 2 + np.arange(384) * 512 / 384  # in fine pixels
     expected = wave(centres)[:, None] * wave(centres)[None, :] + 1.0
     np.testing.assert_allclose(coarse[0].real, expected, atol=1e-9)
     assert np.abs(coarse.imag).max() < 1e-9 and coarse.real.mean() == pytest.approx(fine.mean())
     # a whole factor lands on the block centres too (what coarse_grid's block means sit at)
-    halves = centred_fourier_resample(fine[None], 256)[0].real
+    halves = crop_kspace(fine[None], 256, centred=True)[0].real
     np.testing.assert_allclose(halves, (wave(0.5 + 2 * np.arange(256.0))[:, None]
                                         * wave(0.5 + 2 * np.arange(256.0))[None, :] + 1.0), atol=1e-9)
     with pytest.raises(DataError, match="larger than"):
-        centred_fourier_resample(fine[None], 600)
+        crop_kspace(fine[None], 600, centred=True)
 
 
 def test_data_consistency_keeps_every_measured_line(tiny_sites: list[Path]) -> None:

@@ -73,34 +73,22 @@ def acquired_columns(kspace: np.ndarray) -> np.ndarray:
     return np.any(np.abs(kspace) > 0, axis=(0, 1))
 
 
-def crop_kspace(images: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+def crop_kspace(images: np.ndarray, size: int | tuple[int, int], centred: bool = False) -> np.ndarray:
     """(n, rows, cols) images -> (n, *size) on a coarser grid over the same field of view by
-    keeping the central k-space (exact band-limited resampling; intensities preserved)."""
+    keeping the central k-space (exact band-limited resampling; intensities preserved). The
+    coarse grid starts at the first fine pixel, or with ``centred`` at the centres of the
+    coarser pixels, so both grids' fields coincide (as when a scanner acquires that matrix)."""
     n, rows, cols = images.shape
     out_rows, out_cols = (size, size) if isinstance(size, int) else size
     if out_rows > rows or out_cols > cols:
         raise DataError(f"image size {out_rows}×{out_cols} is larger than the {rows}×{cols} k-space matrix")
-    spectrum = np.fft.fftshift(np.fft.fft2(images, norm="forward"), axes=(-2, -1))
+    spectrum = np.fft.fft2(images, norm="forward")
+    if centred:  # a sub-pixel shift: the first coarse pixel's centre, in fine pixels
+        spectrum = (spectrum * np.exp(2j * np.pi * np.fft.fftfreq(rows) * (rows / out_rows - 1) / 2)[:, None]
+                    * np.exp(2j * np.pi * np.fft.fftfreq(cols) * (cols / out_cols - 1) / 2)[None, :])
+    spectrum = np.fft.fftshift(spectrum, axes=(-2, -1))
     r0, c0 = (rows - out_rows) // 2, (cols - out_cols) // 2
     cropped = np.fft.ifftshift(spectrum[:, r0 : r0 + out_rows, c0 : c0 + out_cols], axes=(-2, -1))
-    return np.fft.ifft2(cropped, norm="forward")
-
-
-def centred_fourier_resample(images: np.ndarray, size: int) -> np.ndarray:
-    """(n, rows, cols) images (real or complex) -> (n, size, size) complex over the same field
-    of view, band-limited as ``crop_kspace`` but sampled at the centres of the coarser pixels
-    (the fields of both grids coincide, as when a scanner acquires the coarser matrix)."""
-    n, rows, cols = images.shape
-    if size > min(rows, cols):
-        raise DataError(f"image size {size} is larger than the {rows}×{cols} matrix")
-    spectrum = np.fft.fft2(images, norm="forward")
-    for axis, length in ((1, rows), (2, cols)):
-        shift = (length / size - 1) / 2  # where the first coarse pixel's centre lies, in fine pixels
-        phase = np.exp(2j * np.pi * np.fft.fftfreq(length) * shift)
-        spectrum = spectrum * phase.reshape([-1 if a == axis else 1 for a in range(3)])
-    shifted = np.fft.fftshift(spectrum, axes=(-2, -1))
-    r0, c0 = (rows - size) // 2, (cols - size) // 2
-    cropped = np.fft.ifftshift(shifted[:, r0 : r0 + size, c0 : c0 + size], axes=(-2, -1))
     return np.fft.ifft2(cropped, norm="forward")
 
 

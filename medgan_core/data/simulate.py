@@ -67,7 +67,7 @@ from medgan_core.data.labels import (  # noqa: F401  (re-exported: the simulator
     LIVER,
     SOFT,
 )
-from medgan_core.data.kspace import centred_fourier_resample, sampling_mask, undersample, write_kspace
+from medgan_core.data.kspace import crop_kspace, sampling_mask, undersample, write_kspace
 from medgan_core.data.manifest import LOW_DOSE, SCANNER_B, SEGMENTATION, ManifestEntry, write_manifest
 from medgan_core.data.nifti_io import write_nifti
 from medgan_core.errors import ConfigError
@@ -360,7 +360,7 @@ def mr_acquire(labels: np.ndarray, texture: np.ndarray, profile: SiteProfile, rn
     ``matrix`` grid over the labels' field of view (default: the labels' own). A matrix that
     divides the labels' integrates blocks of pixels (``coarse_grid``); any other keeps the
     central k-space of the complex image before its magnitude is taken, as a scanner that
-    acquires that matrix does (``centred_fourier_resample``)."""
+    acquires that matrix does (``crop_kspace``, centred)."""
     pd, t1, t2 = (np.zeros(labels.shape, np.float32) for _ in range(3))
     for label, (_, p, r1, r2) in TISSUES.items():
         mask = labels == label
@@ -378,7 +378,7 @@ def mr_acquire(labels: np.ndarray, texture: np.ndarray, profile: SiteProfile, rn
     if cols % matrix == 0:
         magnitude = np.sqrt((signal + noise_re) ** 2 + noise_im**2)
         return coarse_grid((magnitude * profile.mr_gain).astype(np.float32), cols // matrix)
-    magnitude = np.abs(centred_fourier_resample((signal + noise_re) + 1j * noise_im, matrix))
+    magnitude = np.abs(crop_kspace((signal + noise_re) + 1j * noise_im, matrix, centred=True))
     return (magnitude * profile.mr_gain).astype(np.float32)
 
 
@@ -611,9 +611,11 @@ SIMULATOR_FORMAT = 2
 
 def study_mr_matrix(sites_dir: Path) -> int:
     """The MR matrix a simulated study in ``sites_dir`` was written at (its study.json; a study
-    written before it recorded one had 256, or its CT matrix where that was smaller)."""
+    written before it recorded one had its CT matrix over the whole factor that brought it to
+    at most 256 where it was larger)."""
     study = json.loads((sites_dir / "study.json").read_text())
-    return int(study.get("mr-matrix") or min(int(study.get("size", 512)), 256))
+    size = int(study.get("size", 512))
+    return int(study.get("mr-matrix") or size // max(1, size // 256))
 
 
 def stale_simulation(sites_dir: Path) -> str:
