@@ -1,12 +1,14 @@
 """MR -> CT translation at clinical resolution: the federated pix2pix GAN against per-site
 histogram matching.
 
-    python benchmarks/translate_baselines.py [--out benchmarks/results/translate] [--rounds 5] [--local-steps 60]
+    python benchmarks/translate_baselines.py [--out benchmarks/results/translate] [--rounds 10] [--local-steps 60]
+        [--mr-matrix 256 --data benchmarks/data/translate-native] [--patch 64]
 
 Three simulated hospitals (different MR contrast, bias field and noise; different CT dose,
 kernel and calibration) each hold aligned MR (256×256) and CT (512×512, 0.78 mm) of the
-same subjects over one 400 mm field of view. The `translate` task trains in Flower's
-simulation engine (no DP) on 64×64 patches at the MR's 1.56 mm pixels (the CT resampled
+same subjects over one 400 mm field of view (``--mr-matrix 384`` with another ``--data``
+folder: the simulator's default 1.04 mm MR). The `translate` task trains in Flower's
+simulation engine (no DP) on 64×64 patches (``--patch``) at the MR's pixels (the CT resampled
 onto them), CT over its whole range, a quarter of the patches anywhere on the slice and the
 rest centred on the patient. Every site's held-out subjects are scored on whole slices against
 their real CT (MAE in HU inside the body, bone included; whole-range PSNR; window PSNR and
@@ -17,7 +19,9 @@ results.md.
 
 from __future__ import annotations
 
+import argparse
 import json
+from pathlib import Path
 
 import torch
 from skimage.exposure import match_histograms
@@ -32,12 +36,26 @@ from bench_common import (
     timed,
     train_federated,
 )
+from medgan_core.study_config import StudyConfig
 from medgan_core.tasks.registry import load_task_data
 
 #: The MR's own pixel size (256 over 400 mm): the CT is made at the detail the MR holds. At the
 #: CT's 0.78 mm a 64×64 patch sees 50 mm, too little to tell cortical bone from air (both dark on
 #: MR): measured on hospital A alone, 300 steps: MAE 51 HU at either size, whole-range PSNR 14-15 dB.
 MR_PIXEL_MM = 1.5625
+#: The patch side that sees 100 mm at those pixels.
+PATCH = 64
+
+
+def patch_option(parser: argparse.ArgumentParser) -> None:
+    """--patch: the training patch's side in pixels (the tile of whole-slice inference too)."""
+    parser.add_argument("--patch", type=int, default=PATCH,
+                        help=f"Training patch side in pixels (default {PATCH}: 100 mm at 1.56 mm pixels).")
+
+
+def translate_study(args: argparse.Namespace, sites: list[Path]) -> StudyConfig:
+    """The benchmark's study: ``--patch`` patches at the MR's own pixels (``--mr-matrix`` over 400 mm)."""
+    return paired_study(args, sites, name="translate", spacing=400 / args.mr_matrix, image_size=args.patch)
 
 
 def histogram_matched(mr: torch.Tensor, reference_ct: torch.Tensor) -> torch.Tensor:
@@ -47,11 +65,13 @@ def histogram_matched(mr: torch.Tensor, reference_ct: torch.Tensor) -> torch.Ten
 
 
 def main() -> None:
-    args = arguments(__doc__, "benchmarks/results/translate", data="benchmarks/data/translate-native", rounds=10)
+    args = arguments(__doc__, "benchmarks/results/translate", data="benchmarks/data/translate-native", rounds=10,
+                     mr_matrix=round(400 / MR_PIXEL_MM), more=patch_option)
     torch.set_num_threads(2)
-    sites = clinical_sites(args.data, ("ct", "mr"), mr_matrix=round(400 / MR_PIXEL_MM))  # MR at the pixels it trains at
+    sites = clinical_sites(args.data, ("ct", "mr"), mr_matrix=args.mr_matrix)  # MR at the pixels it trains at
     args.out.mkdir(parents=True, exist_ok=True)
-    study = paired_study(args, sites, name="translate", spacing=MR_PIXEL_MM)
+    pixel_mm = 400 / args.mr_matrix
+    study = translate_study(args, sites)
     task, seconds = train_federated(study, sites, args.out / "run-mr-ct")
     rows = []
     for site in sites:
@@ -66,10 +86,14 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     (args.out / "results.json").write_text(json.dumps({"rows": rows, "train_seconds": seconds}, indent=2))
     lines = ["# MR → CT translation at clinical resolution: federated GAN vs per-site histogram matching", "",
-             f"3 simulated hospitals, MR 256×256 and CT 512×512 over 400 mm; {args.rounds} rounds × {args.local_steps} "
-             "local steps on 64×64 patches at the MR's 1.56 mm pixels (scored there), CT over its whole range, whole slices "
+             f"3 simulated hospitals, MR {args.mr_matrix}×{args.mr_matrix} and CT 512×512 over 400 mm; {args.rounds} "
+             f"rounds × {args.local_steps} local steps on {args.patch}×{args.patch} patches ({args.patch * pixel_mm:.0f} mm) "
+             f"at the MR's {pixel_mm:.2f} mm pixels (scored there), CT over its whole range, whole slices "
              f"restored as blended tiles, no DP. Training time on 2 CPU cores: {seconds / 60:.1f} min. Command: "
-             f"`python benchmarks/translate_baselines.py --rounds {args.rounds} --local-steps {args.local_steps}`.", "",
+             f"`python benchmarks/translate_baselines.py --rounds {args.rounds} --local-steps {args.local_steps}"
+             + (f" --mr-matrix {args.mr_matrix} --data {args.data} --out {args.out}"
+                if args.mr_matrix != round(400 / MR_PIXEL_MM) else "")
+             + (f" --patch {args.patch}" if args.patch != PATCH else "") + "`.", "",
              CLINICAL_TABLE, "",
              "| site | method | PSNR (dB) | PSNR-W (dB) | SSIM | MAE (HU) | CPU s/slice |", "|---|---|---:|---:|---:|---:|---:|"]
     lines += [clinical_row(r, "site", "method") for r in rows]

@@ -158,12 +158,12 @@ def test_the_cycle_example_study_has_the_benchmarks_settings() -> None:
 def test_the_translate_compare_study_trains_what_the_translate_benchmark_trains() -> None:
     """sites_example/translate-compare.toml: the README's comparison table was measured with the
     translate benchmark's own task settings, sites and rounds (its numbers must match that run)."""
-    from translate_baselines import MR_PIXEL_MM
+    from translate_baselines import MR_PIXEL_MM, PATCH, translate_study
 
     study = load_study(Path(__file__).resolve().parents[1] / "sites_example" / "translate-compare.toml")
     three_sites = [Path("a"), Path("b"), Path("c")]
-    benchmark = bench_common.paired_study(argparse.Namespace(rounds=10, local_steps=60), three_sites,
-                                          name="translate", spacing=MR_PIXEL_MM)
+    benchmark = translate_study(argparse.Namespace(rounds=10, local_steps=60, mr_matrix=round(400 / MR_PIXEL_MM),
+                                                   patch=PATCH), three_sites)
     assert study.task == benchmark.task and study.run.rounds == benchmark.run.rounds
     assert not study.privacy.enabled and study.run.sites_dir == "benchmarks/data/translate-native"
     # The DP comparison and the public warm start it starts from: the same task and rounds.
@@ -193,6 +193,19 @@ def test_the_translate_compare_study_trains_what_the_translate_benchmark_trains(
     for example in sorted(root.glob("translate-*.toml")):
         simulate = [line for line in example.read_text().splitlines() if "medgan sites simulate" in line]
         assert simulate and all(f"--mr-matrix {round(400 / MR_PIXEL_MM)} " in line for line in simulate), example.name
+
+
+def test_the_translate_benchmark_trains_at_the_mr_matrix_and_patch_it_is_given() -> None:
+    """--mr-matrix 384 --patch 128: the study trains at the 1.04 mm MR's own pixels on 128² patches
+    (133 mm); the defaults are the recorded 1.56 mm study on 64² patches (100 mm)."""
+    from translate_baselines import MR_PIXEL_MM, translate_study
+
+    sites = [Path("a"), Path("b"), Path("c")]
+    fine = translate_study(argparse.Namespace(rounds=10, local_steps=60, mr_matrix=384, patch=128), sites).task
+    coarse = translate_study(argparse.Namespace(rounds=10, local_steps=60, mr_matrix=256, patch=64), sites).task
+    assert (fine.spacing, fine.image_size) == (pytest.approx(400 / 384), 128)
+    assert (coarse.spacing, coarse.image_size) == (MR_PIXEL_MM, 64)
+    assert fine.name == coarse.name == "translate" and fine.local_steps == 60
 
 
 def test_a_benchmark_refuses_sites_whose_mr_is_on_another_matrix(tmp_path: Path,
