@@ -19,7 +19,8 @@ from torch import nn
 
 from medgan_core.config import AggregationConfig
 from medgan_core.study_config import StudyConfig, load_study
-from medgan_core.data.simulate import MR_MATRIX, simulate_study, stale_simulation, study_mr_matrix
+from medgan_core.data.simulate import MR_MATRIX, mr_matrix_for, simulate_study, stale_simulation, study_mr_matrix
+from medgan_core.errors import ConfigError
 from medgan_core.data.preprocess import CT_FULL_RANGE
 from medgan_core.metrics.image_quality import ct_scores, psnr_ssim
 from medgan_core.tasks.base import Task
@@ -27,6 +28,16 @@ from medgan_core.tasks.registry import build_task
 from medgan_core.checkpoints import load_checkpoint
 import medgan.compare as compare
 from medgan.simulation import simulate_federation
+
+
+def mr_matrix_value(text: str) -> int:
+    """A --mr-matrix value the simulator takes (``mr_matrix_for``'s rule), else argparse's one-line error."""
+    try:
+        value = int(text)
+        mr_matrix_for(value, value)
+    except (ValueError, ConfigError) as error:
+        raise argparse.ArgumentTypeError(f"{text!r}: {error}") from None
+    return value
 
 
 def arguments(doc: str | None, out: str, data: str = "benchmarks/data/sites", rounds: int = 5,
@@ -57,7 +68,7 @@ def arguments(doc: str | None, out: str, data: str = "benchmarks/data/sites", ro
                             help="Each site keeps the best of its fine-tune on its validation subjects, scored every "
                                  "this many steps (aggregation.finetune-validate-every; 0: the last).")
     if mr_matrix:
-        parser.add_argument("--mr-matrix", type=int, default=mr_matrix,
+        parser.add_argument("--mr-matrix", type=mr_matrix_value, default=mr_matrix,
                             help=f"MR matrix of the simulated sites over 400 mm (default {mr_matrix}, "
                                  f"{400 / mr_matrix:.2f} mm pixels); a --data folder holds one.")
     if more is not None:

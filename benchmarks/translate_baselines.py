@@ -36,6 +36,8 @@ from bench_common import (
     timed,
     train_federated,
 )
+from medgan_core.config import TaskConfig
+from medgan_core.errors import ConfigError
 from medgan_core.study_config import StudyConfig
 from medgan_core.tasks.registry import load_task_data
 
@@ -47,9 +49,19 @@ MR_PIXEL_MM = 1.5625
 PATCH = 64
 
 
+def patch_side(text: str) -> int:
+    """A --patch value the task takes (``TaskConfig``'s own rule), else argparse's one-line error."""
+    try:
+        side = int(text)
+        TaskConfig(image_size=side).validate()
+    except (ValueError, ConfigError) as error:
+        raise argparse.ArgumentTypeError(f"{text!r}: {error}") from None
+    return side
+
+
 def patch_option(parser: argparse.ArgumentParser) -> None:
     """--patch: the training patch's side in pixels (the tile of whole-slice inference too)."""
-    parser.add_argument("--patch", type=int, default=PATCH,
+    parser.add_argument("--patch", type=patch_side, default=PATCH,
                         help=f"Training patch side in pixels (default {PATCH}: 100 mm at 1.56 mm pixels).")
 
 

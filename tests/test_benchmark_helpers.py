@@ -206,6 +206,16 @@ def test_the_translate_benchmark_trains_at_the_mr_matrix_and_patch_it_is_given()
     assert (fine.spacing, fine.image_size) == (pytest.approx(400 / 384), 128)
     assert (coarse.spacing, coarse.image_size) == (MR_PIXEL_MM, 64)
     assert fine.name == coarse.name == "translate" and fine.local_steps == 60
+    from translate_baselines import patch_side
+
+    assert patch_side("128") == 128
+    for bad in ("96", "512", "big"):  # not a power of two from 16 to 256: argparse's one line, exit 2
+        with pytest.raises(argparse.ArgumentTypeError, match="image-size|invalid literal"):
+            patch_side(bad)
+    assert bench_common.mr_matrix_value("384") == 384
+    for bad in ("30", "386", "x"):  # the simulator's rule: a multiple of 4, at least 32
+        with pytest.raises(argparse.ArgumentTypeError, match="MR matrix|invalid literal"):
+            bench_common.mr_matrix_value(bad)
 
 
 def test_a_benchmark_refuses_sites_whose_mr_is_on_another_matrix(tmp_path: Path,
