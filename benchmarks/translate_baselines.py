@@ -45,6 +45,8 @@ from medgan_core.tasks.registry import load_task_data
 #: CT's 0.78 mm a 64×64 patch sees 50 mm, too little to tell cortical bone from air (both dark on
 #: MR): measured on hospital A alone, 300 steps: MAE 51 HU at either size, whole-range PSNR 14-15 dB.
 MR_PIXEL_MM = 1.5625
+#: Its matrix over the 400 mm field: the --mr-matrix the recorded numbers were measured at.
+RECORDED_MR_MATRIX = round(400 / MR_PIXEL_MM)
 #: The patch side that sees 100 mm at those pixels.
 PATCH = 64
 
@@ -78,12 +80,12 @@ def histogram_matched(mr: torch.Tensor, reference_ct: torch.Tensor) -> torch.Ten
 
 def main() -> None:
     args = arguments(__doc__, "benchmarks/results/translate", data="benchmarks/data/translate-native", rounds=10,
-                     mr_matrix=round(400 / MR_PIXEL_MM), more=patch_option)
+                     mr_matrix=RECORDED_MR_MATRIX, more=patch_option)
     torch.set_num_threads(2)
     sites = clinical_sites(args.data, ("ct", "mr"), mr_matrix=args.mr_matrix)  # MR at the pixels it trains at
     args.out.mkdir(parents=True, exist_ok=True)
-    pixel_mm = 400 / args.mr_matrix
     study = translate_study(args, sites)
+    pixel_mm = study.task.spacing
     task, seconds = train_federated(study, sites, args.out / "run-mr-ct")
     rows = []
     for site in sites:
@@ -104,7 +106,7 @@ def main() -> None:
              f"restored as blended tiles, no DP. Training time on 2 CPU cores: {seconds / 60:.1f} min. Command: "
              f"`python benchmarks/translate_baselines.py --rounds {args.rounds} --local-steps {args.local_steps}"
              + (f" --mr-matrix {args.mr_matrix} --data {args.data} --out {args.out}"
-                if args.mr_matrix != round(400 / MR_PIXEL_MM) else "")
+                if args.mr_matrix != RECORDED_MR_MATRIX else "")
              + (f" --patch {args.patch}" if args.patch != PATCH else "") + "`.", "",
              CLINICAL_TABLE, "",
              "| site | method | PSNR (dB) | PSNR-W (dB) | SSIM | MAE (HU) | CPU s/slice |", "|---|---|---:|---:|---:|---:|---:|"]
