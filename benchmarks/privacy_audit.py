@@ -42,13 +42,13 @@ EPSILONS = (1.0, 3.0, 8.0, float("inf"))
 SYNTHESIS = task_config(name="synthesis", width=8, batch_size=32, lr_generator=1e-4, eval_samples=128)
 TASKS = {
     "synthesis": SYNTHESIS,
-    # The default demo's way: the shipped public model (other simulated subjects, no DP), its norms and biases trained.
+    # The synthesis demo's way: the shipped public model (other simulated subjects, no DP), its norms and biases trained.
     "synthesis-public-start": replace_task(SYNTHESIS, trainable="norms"),
     # DP-SGD wants a larger step than plain training; the same settings serve every ε.
     "denoise": task_config(name="denoise", width=8, batch_size=16, lr_generator=2e-3, lr_discriminator=2e-3),
 }
 #: Tasks that start from a model file instead of their initialisation (public data: outside ε).
-STARTS = {"synthesis-public-start": Path("sites_example/demo-public-model.medgan")}
+STARTS = {"synthesis-public-start": Path("sites_example/demo-synthesis-public-model.medgan")}
 
 
 def auc(members: np.ndarray, others: np.ndarray) -> float:
@@ -200,8 +200,8 @@ def write_markdown(rows: list[dict], path: Path, args: argparse.Namespace) -> No
          "rate batch / slices, so ε is a slice's; a patient's 4 slices are covered as a group of 4 "
          "(`benchmarks/results/privacy-patient`: the same audit with ε per patient)."),
         "Every ε uses the same settings (denoise: Adam lr 2e-3, which DP-SGD needs; plain training does better "
-        "with 2e-4, so the ∞ row understates the non-private optimum). `synthesis-public-start` is the default "
-        "demo's way: it starts from `sites_example/demo-public-model.medgan` (trained without DP on other simulated "
+        "with 2e-4, so the ∞ row understates the non-private optimum). `synthesis-public-start` is the synthesis "
+        "demo's way: it starts from `sites_example/demo-synthesis-public-model.medgan` (trained without DP on other simulated "
         "subjects, none of this site's) and trains only norms and biases; the attack scores its released "
         "discriminator like the others'.",
         "",

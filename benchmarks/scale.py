@@ -3,7 +3,7 @@ and 50 sites (small sites, few steps), and how each grows with the number of sit
 
     python benchmarks/scale.py [--sites 5 20 50] [--rounds 2] [--local-steps 5] [--out benchmarks/results/scale]
 
-Each study is the demo's task (``synthesis``, DP-SGD on) on tiny sites (3 subjects × 4 slices
+Each study is the synthesis demo's task (``synthesis``, DP-SGD on) on tiny sites (3 subjects × 4 slices
 at 64×64, trained at 32×32, width 8): the cost of the framework around a site's work, not of
 the work. Time per round is split by the coordinator's own view (``server.study.SiteEvent``):
 the training phase (first message sent to last reply), the evaluation phase, and the rest

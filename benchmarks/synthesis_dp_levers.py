@@ -2,9 +2,9 @@
 
     python benchmarks/synthesis_dp_levers.py [--out benchmarks/results/synthesis-dp] [--reuse]
 
-Each arm is the default demo (`sites_example/demo.toml`: three simulated hospitals at
+Each arm is the synthesis demo (`sites_example/demo-synthesis.toml`: three simulated hospitals at
 clinical geometry, synthesis at 64×64, width 8, 8 rounds × 100 local steps, DP-SGD at
-ε = 8, δ = 1e-5, from the shipped public model `sites_example/demo-public-model.medgan`
+ε = 8, δ = 1e-5, from the shipped public model `sites_example/demo-synthesis-public-model.medgan`
 with only norms and biases trained; "from scratch" arms drop that start and train every
 weight) with a few `[task]` or `[privacy]` keys changed, or the same sites and ε
 from a public warm start (`sites_example/synthesis-warm-dp.toml`, width 32; the model
@@ -30,7 +30,7 @@ from bench_common import arguments
 from speed import machine as describe_machine
 from medgan_core.study_config import dump_study, load_study
 
-DEMO = Path("sites_example/demo.toml")
+DEMO = Path("sites_example/demo-synthesis.toml")
 #: The demo's sites at ε = 8 from a model trained on public simulated data (width 32).
 WARM = Path("sites_example/synthesis-warm-dp.toml")
 #: The demo's settings from scratch: no public model, every weight trained.
@@ -113,8 +113,8 @@ def main() -> None:
     lines = ["# The DP demo's generator: levers against mode collapse", "",
              f"Command: `python benchmarks/synthesis_dp_levers.py --rounds {args.rounds} --local-steps "
              f"{args.local_steps}`. Machine: {machine}. Each arm is `{DEMO}` (synthesis 64×64, width 8, "
-             "DP-SGD at ε = 8 unless the arm says otherwise, from the public model `sites_example/demo-public-model"
-             ".medgan`, width 8, trained by `sites_example/demo-pretrain.toml`, norms and biases trained; arms "
+             "DP-SGD at ε = 8 unless the arm says otherwise, from the public model `sites_example/demo-synthesis-public-model"
+             ".medgan`, width 8, trained by `sites_example/demo-synthesis-pretrain.toml`, norms and biases trained; arms "
              "'from scratch' drop that start and train every weight) with the keys named, or for a warm start "
              f"`{WARM}` "
              "(the same sites and ε, width 32, from a model trained without DP on other simulated subjects: "

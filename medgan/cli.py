@@ -18,6 +18,7 @@ from medgan_core.data.simulate import (
     MR_MATRIX,
     SERIES,
     find_sites,
+    missing_series,
     remove_simulated_study,
     series_for,
     simulate_study,
@@ -200,11 +201,11 @@ def _run_demo(study: StudyConfig, verbose: bool, ray_address: str | None = None)
     sites_dir = Path(study.run.sites_dir)
     sites = find_sites(sites_dir) if sites_dir.exists() else []
     simulated_here = (sites_dir / "study.json").exists()
-    if simulated_here and (stale := stale_simulation(sites_dir)):
+    series = series_for(task_class(study.task.name).data_spec(study.task), study.task.modality)
+    if simulated_here and (stale := stale_simulation(sites_dir) or missing_series(sites_dir, series, study.task.name)):
         raise MedGANError(stale)
     if not sites and not simulated_here:
         console.print(f"No study in {sites_dir}: simulating one of {study.run.num_sites} sites.")
-        series = series_for(task_class(study.task.name).data_spec(study.task), study.task.modality)
         sites = _simulate(sites_dir, study.run.num_sites, DEMO_SUBJECTS, DEMO_SLICES, DEMO_SIZE, study.task.seed,
                           force=False, series=series)
     elif len(sites) != study.run.num_sites:  # never delete a user's sites to make the count fit

@@ -67,6 +67,7 @@ def compare_study(study: StudyConfig, sites: list[Path], out: Path, *, leave_one
     out.mkdir(parents=True, exist_ok=True)
     headline = task_class(study.task.name).headline_metric
     has_ensemble = bool(getattr(task_class(study.task.name), "self_ensemble", False))
+    self_ensemble = self_ensemble and bool(getattr(study.task.params, "self_ensemble", True))  # the study's own key
     data = {site.name: load_task_data(site, study.task) for site in sites}
     scores: dict[str, dict[str, dict[str, float]]] = {}
     seconds: dict[str, float] = {}
@@ -227,7 +228,7 @@ def _markdown(results: dict[str, Any]) -> str:
              + (f" Every arm starts from `{results['initial-model']}` (`run.initial-model`, public data)."
                 if results.get("initial-model") else "")
              + ("" if results.get("self-ensemble") is not False else  # None: the task has no self-ensemble
-                " Every arm scored without the task's test-time self-ensemble (`--no-self-ensemble`)."), "",
+                " Every arm scored without the task's test-time self-ensemble (`--no-self-ensemble`, or `task.self-ensemble = false`)."), "",
              "| site | " + " | ".join(arms) + " |", "|---|" + "---:|" * len(arms)]
     for site in results["sites"]:
         lines.append(f"| {site} | " + " | ".join(f"{results['scores'][arm][site].get(key, float('nan')):.3f}"

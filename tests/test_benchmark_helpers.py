@@ -249,7 +249,7 @@ def test_the_synthesis_warm_start_examples_train_what_the_no_dp_demo_trains() ->
     """sites_example/synthesis-pretrain.toml makes the public model that synthesis-warm-dp.toml
     starts from: the no-DP demo's task on other simulated subjects, then the demo's sites at ε = 8."""
     root = Path(__file__).resolve().parents[1] / "sites_example"
-    reference, public = load_study(root / "demo-no-privacy.toml"), load_study(root / "synthesis-pretrain.toml")
+    reference, public = load_study(root / "demo-synthesis-no-privacy.toml"), load_study(root / "synthesis-pretrain.toml")
     private = load_study(root / "synthesis-warm-dp.toml")
     from medgan_core.tasks.registry import replace_task
 
@@ -263,17 +263,17 @@ def test_the_synthesis_warm_start_examples_train_what_the_no_dp_demo_trains() ->
     assert private.run.sites_dir == reference.run.sites_dir != public.run.sites_dir
 
 
-def test_the_demo_starts_from_its_shipped_public_model() -> None:
-    """demo.toml's warm start ships in the repository, fits the demo's networks, and is what
-    demo-pretrain.toml makes: the demo's task (width 8) with the mode-seeking term, trained
+def test_the_synthesis_demo_starts_from_its_shipped_public_model() -> None:
+    """demo-synthesis.toml's warm start ships in the repository, fits the demo's networks, and is
+    what demo-synthesis-pretrain.toml makes: the demo's task (width 8) with the mode-seeking term, trained
     without DP on the public simulated subjects, not the demo's own sites."""
     from medgan_core.model_file import load_model
     from medgan_core.tasks.registry import build_task, replace_task
     from server.warm_start import initial_weights
 
     root = Path(__file__).resolve().parents[1]
-    demo = load_study(root / "sites_example" / "demo.toml")
-    public = load_study(root / "sites_example" / "demo-pretrain.toml")
+    demo = load_study(root / "sites_example" / "demo-synthesis.toml")
+    public = load_study(root / "sites_example" / "demo-synthesis-pretrain.toml")
     model = load_model(root / demo.run.initial_model)
     assert model.provenance["privacy"]["dp"] is False and model.task == public.task
     assert public.run.sites_dir != demo.run.sites_dir and "synthesis-public" in public.run.sites_dir
@@ -281,7 +281,7 @@ def test_the_demo_starts_from_its_shipped_public_model() -> None:
         == replace_task(demo.task, seed=public.task.seed)
     assert demo.task.params.trainable == "norms" and demo.privacy.enabled and demo.privacy.target_epsilon == 8.0
     task = build_task(demo.task)
-    task.set_weights(initial_weights(demo), source="demo.toml")  # refuses arrays of other networks
+    task.set_weights(initial_weights(demo), source="demo-synthesis.toml")  # refuses arrays of other networks
     generated = task.sample(16, seed=0)
     assert generated.shape == (16, 1, 64, 64) and torch.isfinite(generated).all()
     # a trained generator, not its initialisation (which draws grey noise around 0, alike):
@@ -290,8 +290,36 @@ def test_the_demo_starts_from_its_shipped_public_model() -> None:
     assert generated.flatten(1).std(dim=0).mean() > 0.1
 
 
+def test_the_default_demo_starts_from_its_shipped_public_denoiser() -> None:
+    """demo.toml (denoise at clinical geometry) starts from the model denoise-pretrain.toml makes
+    (no DP, the public simulated subjects, not the demo's sites), shipped in the repository, and
+    that model already denoises a whole 512×512 phantom slice: the sites refine it under DP."""
+    from medgan_core.data.simulate import phantom_ct_pairs
+    from medgan_core.metrics.image_quality import ct_scores
+    from medgan_core.model_file import load_model
+    from medgan_core.tasks.registry import build_task, replace_task
+    from server.warm_start import initial_weights
+
+    root = Path(__file__).resolve().parents[1]
+    demo = load_study(root / "sites_example" / "demo.toml")
+    public = load_study(root / "sites_example" / "denoise-pretrain.toml")
+    model = load_model(root / demo.run.initial_model)
+    assert model.provenance["privacy"]["dp"] is False and model.task == public.task
+    assert not public.privacy.enabled and "denoise-public" in public.run.sites_dir != demo.run.sites_dir
+    assert replace_task(demo.task, lr_generator=public.task.lr_generator, lr_discriminator=public.task.lr_discriminator,
+                        eval_slices=0, self_ensemble=True, local_steps=public.task.local_steps) == public.task
+    assert demo.privacy.enabled and demo.privacy.target_epsilon == 8.0
+    task = build_task(demo.task)
+    task.set_weights(initial_weights(demo), source="demo.toml")  # refuses arrays of other networks
+    low, full = phantom_ct_pairs(1, demo.task, seed=5, clinical=True)
+    assert low.shape == (1, 1, 512, 512)
+    window = (demo.task.window_low, demo.task.window_high)
+    out, noisy = (ct_scores(images, full, task.ct_range, window) for images in (task.restore(low), low))
+    assert out["psnr"][0] > noisy["psnr"][0] + 1.5 and out["mae-hu"][0] < 0.8 * noisy["mae-hu"][0]
+
+
 def test_the_privacy_audit_public_start_trains_the_shipped_model_s_norms_only() -> None:
-    """The audit's ``synthesis-public-start`` rows are the demo's way: the shipped public
+    """The audit's ``synthesis-public-start`` rows are the synthesis demo's way: the shipped public
     model's weights, then DP training that moves only norms and biases."""
     from medgan_core.data.dataset import SiteData
     from medgan_core.model_file import load_model

@@ -110,3 +110,28 @@ def test_report_of_a_metrics_line_it_cannot_read_is_one_line(tmp_path: Path) -> 
     result = runner.invoke(app, ["report", str(folder.root)])
     assert result.exit_code == 2, result.output  # bad input: exit 2, no traceback
     assert "has a line this report cannot read" in result.output and "metrics.jsonl" in result.output
+
+
+def test_demo_on_sites_simulated_for_another_task_says_how_to_add_the_series(tmp_path: Path) -> None:
+    """The default demo (denoise) on sites an earlier synthesis demo simulated (CT only): one
+    line naming the missing series and the command that adds them, before any site starts;
+    that command's study is one the demo accepts."""
+    sites = tmp_path / "data"
+    made = runner.invoke(app, ["sites", "simulate", "--sites", "2", "--subjects", "3", "--slices", "1", "--size", "64",
+                               "--task", "synthesis", "--out", str(sites)])
+    assert made.exit_code == 0, made.output
+    config = tmp_path / "study.toml"
+    config.write_text(f"[run]\nnum-sites = 2\nsites-dir = '{sites}'\nout-dir = '{tmp_path / 'run'}'\n"
+                      "[task]\nname = 'denoise'\n[privacy]\nenabled = false\n")
+    result = runner.invoke(app, ["demo", "--config", str(config)])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "task denoise also reads ct-low-dose" in text and not (tmp_path / "run").exists()
+    command = text.split("simulate them with '")[1].split("'")[0]
+    assert command == (f"medgan sites simulate --force --out {sites} --task denoise --sites 2 --subjects 3 "
+                       "--slices 1 --size 64 --seed 0")
+    redo = runner.invoke(app, command.split()[1:])
+    assert redo.exit_code == 0, redo.output
+    from medgan_core.data.simulate import missing_series
+
+    assert missing_series(sites, ("ct", "ct-low-dose"), "denoise") == ""

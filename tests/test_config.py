@@ -12,16 +12,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_demo_config_loads_and_round_trips(tmp_path: Path) -> None:
     study = load_study(ROOT / "sites_example" / "demo.toml")
-    assert study.run.num_sites == 3 and study.task.name == "synthesis"
+    assert study.run.num_sites == 3 and study.task.name == "denoise" and study.privacy.enabled
+    assert study.task.spacing == 0.0 and study.task.params.eval_slices == 4 and not study.task.params.self_ensemble
     copy = tmp_path / "copy.toml"
     copy.write_text(dump_study(study))
     assert load_study(copy) == study
     assert StudyConfig.from_flat(study.to_flat()) == study
 
 
-def test_no_privacy_demo_config_differs_only_where_it_says() -> None:
-    private = load_study(ROOT / "sites_example" / "demo.toml")
-    plain = load_study(ROOT / "sites_example" / "demo-no-privacy.toml")
+def test_no_privacy_synthesis_demo_config_differs_only_where_it_says() -> None:
+    private = load_study(ROOT / "sites_example" / "demo-synthesis.toml")
+    plain = load_study(ROOT / "sites_example" / "demo-synthesis-no-privacy.toml")
     assert private.privacy.enabled and not plain.privacy.enabled
     assert plain.task.width == 32 and plain.run.out_dir != private.run.out_dir
     assert plain.run.sites_dir == private.run.sites_dir and plain.task.local_steps == private.task.local_steps

@@ -162,3 +162,42 @@ def test_some_training_patches_fall_on_the_air_around_the_patient(tiny_sites: li
     _, full = task.training_pair(data, idx, torch.Generator().manual_seed(0))
     on_body = float(full[:, 0, 8, 8].gt(task.body_level).float().mean())
     assert 0.6 < on_body < 0.97
+
+
+def test_self_ensemble_off_restores_in_one_pass_of_the_generator() -> None:
+    """``task.self-ensemble = false`` (the demo's): one pass per slice, the generator's own output."""
+    task = build_task(replace_task(CONFIG, self_ensemble=False))
+    with torch.no_grad():  # far from the identity, so the ensemble would differ
+        for p in task.generator.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = torch.rand(2, 1, 32, 32) * 2 - 1
+    with torch.no_grad():
+        plain = task.generator.eval()(x).clamp(-1, 1)
+    assert torch.allclose(task.restore(x), plain, atol=1e-6)
+    default = build_task(CONFIG)  # the same weights: the default still averages 8 views
+    default.generator.load_state_dict(task.generator.state_dict())
+    assert default.self_ensemble and not torch.allclose(default.restore(x), plain, atol=1e-3)
+
+
+def test_eval_slices_scores_that_many_evenly_spaced_held_out_slices(tiny_sites: list[Path]) -> None:
+    import dataclasses
+
+    config = replace_task(CONFIG, self_ensemble=False)
+    data = load_task_data(tiny_sites[0], config)
+    n = len(data.test)
+    assert n >= 4
+    whole = build_task(config).evaluate(data)
+    few = build_task(replace_task(config, eval_slices=3)).evaluate(data)
+    rows = [0, round((n - 1) / 2), n - 1]
+    subset = dataclasses.replace(data, test=data.test[rows], test_input=data.test_input[rows],
+                                 test_series=torch.tensor([3]))
+    assert few == pytest.approx(build_task(config).evaluate(subset))
+    assert few["psnr-input"] != pytest.approx(whole["psnr-input"])  # not all slices scored
+    assert build_task(replace_task(config, eval_slices=n + 5)).evaluate(data) == pytest.approx(whole)
+
+
+def test_eval_slices_must_not_be_negative() -> None:
+    from medgan_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="task.eval-slices = -1"):
+        replace_task(CONFIG, eval_slices=-1)

@@ -37,7 +37,7 @@ import multiprocessing
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 from scipy.ndimage import gaussian_filter, zoom
@@ -629,6 +629,25 @@ def stale_simulation(sites_dir: Path) -> str:
         return ""
     return (f"{sites_dir} was simulated by an older version (format {found}; its NIfTI orientation is wrong for "
             f"this one); replace it with 'medgan sites simulate --force --out {sites_dir}'")
+
+
+def missing_series(sites_dir: Path, needed: Sequence[str], task: str) -> str:
+    """Why a simulated study in ``sites_dir`` lacks series a task reads ('' when it has them,
+    or does not say what it holds): a study simulated for one task, run with another."""
+    try:
+        study = json.loads((sites_dir / "study.json").read_text())
+        written = study["series"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    lacking = [name for name in needed if name not in written]
+    if not lacking or not isinstance(written, list):
+        return ""
+    redo = (f"medgan sites simulate --force --out {sites_dir} --task {task} --sites {len(study.get('sites', []))} "
+            f"--subjects {study.get('subjects')} --slices {study.get('slices')} --size {study.get('size')} "
+            f"--seed {study.get('seed')}")
+    return (f"{sites_dir} was simulated for another task (series {', '.join(map(str, written))}); task {task} "
+            f"also reads {', '.join(lacking)}: simulate them with '{redo}' (it replaces only the folders the "
+            "simulator wrote), or give another --sites-dir")
 
 
 #: A file in every site folder the simulator wrote: only such folders are ever replaced.

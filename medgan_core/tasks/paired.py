@@ -52,9 +52,16 @@ class PairedParams(GANParams):
     #: series, its edge slice standing in past an end. Not under DP: a slice would be in its
     #: neighbours' records too, while ε bounds what one record changes.
     context_slices: int = 0
+    #: Held-out slices a site scores per evaluation, evenly spaced through its test split
+    #: (0: all of them). Whole slices at clinical geometry take a second or more each on a
+    #: CPU: a demo or a quick look scores a few, a benchmark all.
+    eval_slices: int = 0
 
     def validate(self, task: TaskConfig) -> None:
         super().validate(task)
+        if self.eval_slices < 0:
+            raise ConfigError(f"task.eval-slices = {self.eval_slices}; give a number of held-out slices, or 0 to "
+                              "score all of them")
         if not 0 <= self.context_slices <= MAX_CONTEXT:
             raise ConfigError(f"task.context-slices = {self.context_slices}; choose 0 (each slice alone) to "
                               f"{MAX_CONTEXT} neighbours on each side")
@@ -281,15 +288,25 @@ class PairedImageTask(GANTask):
         assert data.test_input is not None
         if self.clinical and self.config.modality == "CT":
             return self._evaluate_clinical(data)
-        output = self.restore_series(data.test_input, data.test_series)
-        baseline = self.input_image(data.test_input)
-        psnr, ssim = psnr_ssim(output, data.test)
-        psnr_in, ssim_in = psnr_ssim(baseline, data.test)
+        rows = self.scored_rows(len(data.test))
+        target, inputs = (data.test, data.test_input) if rows is None else (data.test[rows], data.test_input[rows])
+        output = self.restore_series(data.test_input, data.test_series, rows)
+        baseline = self.input_image(inputs)
+        psnr, ssim = psnr_ssim(output, target)
+        psnr_in, ssim_in = psnr_ssim(baseline, target)
         metrics = {"psnr": psnr, "ssim": ssim, "psnr-input": psnr_in, "ssim-input": ssim_in}
         if self.config.modality == "CT":
             hu_per_unit = (self.config.window_high - self.config.window_low) / 2.0
-            metrics["mae-hu"] = float((output - data.test).abs().mean()) * hu_per_unit
-        return {**metrics, **self.extra_metrics(output, data.test, baseline)}
+            metrics["mae-hu"] = float((output - target).abs().mean()) * hu_per_unit
+        return {**metrics, **self.extra_metrics(output, target, baseline)}
+
+    def scored_rows(self, n: int) -> torch.Tensor | None:
+        """The rows of an ``n``-slice test split an evaluation scores: ``eval-slices`` of them
+        evenly spaced from the first to the last, or None for all."""
+        wanted = self.params.eval_slices
+        if not wanted or wanted >= n:
+            return None
+        return torch.linspace(0, n - 1, wanted).round().long()  # distinct: steps of at least 1
 
     def validation_score(self, held_out: SiteData) -> float:
         """The headline PSNR on ``held_out``, restored without the self-ensemble: it ranks
@@ -306,9 +323,11 @@ class PairedImageTask(GANTask):
         assert data.test_input is not None
         window = (self.config.window_low, self.config.window_high)
         scores: dict[str, list[float]] = {}
-        for part in chunks(len(data.test), EVAL_SLICES):
-            target, inputs = data.test[part], data.test_input[part]
-            model_inputs = self.with_context(data.test_input, data.test_series, torch.arange(part.start, part.stop))
+        scored = self.scored_rows(len(data.test))
+        rows = torch.arange(len(data.test)) if scored is None else scored
+        for part in chunks(len(rows), EVAL_SLICES):
+            target, inputs = data.test[rows[part]], data.test_input[rows[part]]
+            model_inputs = self.with_context(data.test_input, data.test_series, rows[part])
             for suffix, images in (("", self.restore(model_inputs)), ("-input", self.input_image(inputs))):
                 for key, values in ct_scores(images, target, self.ct_range, window).items():
                     scores.setdefault(key + suffix, []).extend(values)
