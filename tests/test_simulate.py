@@ -144,3 +144,37 @@ def test_a_study_simulated_in_the_old_format_is_named_stale(tmp_path: Path) -> N
     assert "simulated by an older version (format 1" in stale_simulation(tmp_path)
     (tmp_path / "study.json").write_text(json.dumps({"sites": [], "format": SIMULATOR_FORMAT}))
     assert stale_simulation(tmp_path) == ""
+
+
+def test_ellipses_tested_in_their_square_match_the_whole_grid_test() -> None:
+    """The simulator tests organ pixels only near each organ: the same pixels as the formula
+    on the whole grid, also for ellipses at or past the field's edge."""
+    import numpy as np
+
+    from medgan_core.data.simulate import _ellipse
+
+    lin = np.linspace(-1, 1, 97)
+    x, y = np.meshgrid(lin, lin)
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        cx, cy = rng.uniform(-1.3, 1.3, 2)
+        ax, ay = rng.uniform(0.005, 0.9, 2)
+        angle = rng.uniform(-np.pi, np.pi)
+        c, s = np.cos(angle), np.sin(angle)
+        u, v = (x - cx) * c + (y - cy) * s, -(x - cx) * s + (y - cy) * c
+        assert np.array_equal(_ellipse(x, y, cx, cy, ax, ay, angle), (u / ax) ** 2 + (v / ay) ** 2 <= 1.0)
+
+
+def test_tissue_texture_is_the_coarse_field_interpolated_with_half_pixel_centres() -> None:
+    """The 512 texture is the 128 field upsampled as scipy's zoom (grid mode, edges held) does it."""
+    import numpy as np
+    from scipy.ndimage import zoom
+
+    from medgan_core.data.simulate import _texture, tissue_texture
+
+    fine = tissue_texture(np.random.default_rng(3), (2, 512, 512))
+    coarse = _texture(np.random.default_rng(3), (2, 128, 128), sigma=1.5 * 512 / (128 * 4))
+    expected = zoom(coarse, (1, 4, 4), order=1, grid_mode=True, mode="nearest")
+    expected /= expected.std()
+    assert fine.shape == (2, 512, 512) and fine.dtype == np.float32
+    assert np.abs(fine - expected).max() < 1e-5

@@ -78,11 +78,21 @@ def mean_inverse_counts(mu_per_mm: np.ndarray, pixel_mm: float) -> np.ndarray:
     angles = np.linspace(0.0, 180.0, COARSE_VIEWS, endpoint=False)
     sinogram = np.exp(radon(coarse, angles, circle=True) * coarse_mm)
     spread = iradon(sinogram, angles, circle=True, filter_name=None)
-    norm = iradon(np.ones_like(sinogram), angles, circle=True, filter_name=None)
+    norm = back_projected_ones(sinogram.shape)
     ratio = np.where(norm > 0, spread / np.maximum(norm, 1e-12), 1.0)
     # a smooth map: PIL's bilinear resize (half-pixel centres, as scipy's grid mode) costs a fifth of scipy's zoom
     fine = np.asarray(Image.fromarray(ratio.astype(np.float32)).resize((size, size), Image.Resampling.BILINEAR))
     return np.maximum(fine, 1.0)
+
+
+@lru_cache(maxsize=4)
+def back_projected_ones(shape: tuple[int, int]) -> np.ndarray:
+    """The unfiltered back-projection of a sinogram of ones over ``COARSE_VIEWS`` views: how
+    many rays reach each pixel, the same for every slice; read-only."""
+    angles = np.linspace(0.0, 180.0, shape[1], endpoint=False)
+    norm = iradon(np.ones(shape), angles, circle=True, filter_name=None)
+    norm.setflags(write=False)
+    return norm
 
 
 @lru_cache(maxsize=8)
