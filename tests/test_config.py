@@ -47,7 +47,7 @@ def test_pyproject_flower_config_is_a_valid_study() -> None:
 def test_a_tasks_own_keys_fold_into_task_params_for_flowers_run_config() -> None:
     study = StudyConfig().replace(task={"name": "cycle", "cycle_pool": 2, "tv_weight": 2.0})
     tables = study.to_run_config()
-    assert tables["task"]["params"] == ('ema = 0.0, trainable = "all", adam-beta1 = 0.5, identity-weight = 5.0, '
+    assert tables["task"]["params"] == ('ema = 0.0, trainable = "all", adam-beta1 = 0.5, eval-slices = 0, identity-weight = 5.0, '
                                         'cycle-pool = 2, tv-weight = 2.0, histogram-start = false')
     assert StudyConfig.from_dict(tables) == study
     assert "cycle-pool" not in tables["task"] and study.to_flat()["task.cycle-pool"] == 2

@@ -58,8 +58,8 @@ from medgan_core.data.dataset import DataSpec, SiteData, UnpairedDomains
 from medgan_core.data.slice_store import random_crops
 from medgan_core.errors import ConfigError, MedGANError
 from medgan_core.models.unet import CycleDiscriminators, CycleGenerators
-from medgan_core.tasks.base import GANParams, TrainingSetup
-from medgan_core.tasks.paired import PairedImageTask
+from medgan_core.tasks.base import TrainingSetup
+from medgan_core.tasks.paired import HeldOutSliceParams, PairedImageTask
 
 CYCLE_WEIGHT = 10.0  # CycleGAN's lambda (the identity weight is task.identity-weight: 5 = 0.5 * lambda)
 OTHER = {"a": "b", "b": "a"}
@@ -68,7 +68,7 @@ POOLS = (1, 2, 4)  # every image size (the training patch) divides by these
 
 
 @dataclass(frozen=True)
-class CycleParams(GANParams):
+class CycleParams(HeldOutSliceParams):
     """CycleGAN's losses (no paired target: no L1 or SSIM weights)."""
 
     identity_weight: float = 5.0  # weight of the identity loss (CycleGAN's 0.5 × the cycle weight; 0: off)

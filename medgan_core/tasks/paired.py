@@ -37,7 +37,23 @@ MAX_CONTEXT = 3  # task.context-slices: neighbours on each side at most
 
 
 @dataclass(frozen=True)
-class PairedParams(GANParams):
+class HeldOutSliceParams(GANParams):
+    """Settings of the image-to-image tasks' held-out scoring."""
+
+    #: Held-out slices a site scores per evaluation, evenly spaced through its test split
+    #: (0: all of them). Whole slices at clinical geometry take a second or more each on a
+    #: CPU: a demo or a quick look scores a few, a benchmark all.
+    eval_slices: int = 0
+
+    def validate(self, task: TaskConfig) -> None:
+        super().validate(task)
+        if self.eval_slices < 0:
+            raise ConfigError(f"task.eval-slices = {self.eval_slices}; give a number of held-out slices, or 0 to "
+                              "score all of them")
+
+
+@dataclass(frozen=True)
+class PairedParams(HeldOutSliceParams):
     """The loss to the paired target beside the adversarial one."""
 
     l1_weight: float = 100.0  # weight of the L1 fidelity term
@@ -52,16 +68,9 @@ class PairedParams(GANParams):
     #: series, its edge slice standing in past an end. Not under DP: a slice would be in its
     #: neighbours' records too, while ε bounds what one record changes.
     context_slices: int = 0
-    #: Held-out slices a site scores per evaluation, evenly spaced through its test split
-    #: (0: all of them). Whole slices at clinical geometry take a second or more each on a
-    #: CPU: a demo or a quick look scores a few, a benchmark all.
-    eval_slices: int = 0
 
     def validate(self, task: TaskConfig) -> None:
         super().validate(task)
-        if self.eval_slices < 0:
-            raise ConfigError(f"task.eval-slices = {self.eval_slices}; give a number of held-out slices, or 0 to "
-                              "score all of them")
         if not 0 <= self.context_slices <= MAX_CONTEXT:
             raise ConfigError(f"task.context-slices = {self.context_slices}; choose 0 (each slice alone) to "
                               f"{MAX_CONTEXT} neighbours on each side")
