@@ -655,8 +655,10 @@ def missing_series(sites_dir: Path, needed: Sequence[str], task: str) -> str:
         written = study["series"]
     except (OSError, ValueError, KeyError, TypeError):
         return ""
+    if not isinstance(written, list):
+        return ""
     lacking = [name for name in needed if name not in written]
-    if not lacking or not isinstance(written, list):
+    if not lacking:
         return ""
     redo = (f"medgan sites simulate --force --out {sites_dir} --task {task} --sites {len(study.get('sites', []))} "
             f"--subjects {study.get('subjects')} --slices {study.get('slices')} --size {study.get('size')} "

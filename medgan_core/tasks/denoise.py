@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import torch
-
 from dataclasses import dataclass
+
+import torch
 
 from medgan_core.config import TaskConfig
 from medgan_core.data.dataset import DataSpec, DegradedPairs
