@@ -402,3 +402,40 @@ def test_the_recon_benchmark_runs_the_accelerations_asked_for() -> None:
     for bad in ("5", "4,x", ""):
         with pytest.raises(SystemExit):
             parser.parse_args(["--accelerations", bad])
+
+
+def test_demo_results_reads_a_run_folder_and_crops_whole_rows_of_its_grid(tmp_path: Path) -> None:
+    """benchmarks/demo_results.py: the scores of every evaluated round and each site's last, the
+    largest ε spent, and the grid's first rows cut at a row's border (thumbnails drawn 2×)."""
+    import json
+
+    from PIL import Image
+
+    from demo_results import first_rows, markdown, rounds_of
+    from medgan_core.study_config import dump_study
+    from server.samples import save_grid
+
+    root = Path(__file__).resolve().parents[1]
+    run = tmp_path / "run"
+    (run / "samples").mkdir(parents=True)
+    (run / "config.toml").write_text(dump_study(load_study(root / "sites_example" / "demo.toml")))
+    scores = {"psnr": 45.0, "psnr-input": 43.0, "mae-hu": 29.0, "mae-hu-input": 46.0}
+    site = {"site": "site-01-hospital-a", "train": {"epsilon": 5.3125}, "evaluate": {**scores, "psnr": 47.25}}
+    (run / "metrics.jsonl").write_text(json.dumps({"round": 0, "evaluate": scores, "sites": []}) + "\n"
+                                       + json.dumps({"round": 1, "evaluate": {**scores, "psnr": 46.5},
+                                                     "sites": [site]}) + "\n{\"round\": 2, \"eva")  # torn by a crash
+    lines = rounds_of(run)
+    assert [line["round"] for line in lines] == [0, 1]
+    text = markdown(run, lines, "make demo", "4 min")
+    assert "| 0 | 45.000 | 29.000 | 43.000 | 46.000 | — |" in text
+    assert "| 1 | 46.500 | 29.000 | 43.000 | 46.000 | 5.31 |" in text
+    assert "| site-01-hospital-a | 47.250 | 29.000 | 43.000 | 46.000 |" in text and "DP on at ε = 8" in text
+
+    images = torch.linspace(-1, 1, 12 * 32 * 32).reshape(12, 1, 32, 32)  # 4 rows of 3, drawn 2× (under 256)
+    save_grid(images, run / "grid.png", columns=3)
+    grid = Image.open(run / "grid.png")
+    assert grid.size == (2 * (3 * 34 + 2), 2 * (4 * 34 + 2))
+    assert first_rows(grid, 3, 1).size == (grid.size[0], 2 * (34 + 2))
+    assert first_rows(grid, 3, 9).size == grid.size  # no more rows than the grid has
+    with pytest.raises(ValueError, match="not a grid"):
+        first_rows(grid, 5, 1)
