@@ -340,6 +340,19 @@ def test_the_privacy_audit_public_start_trains_the_shipped_model_s_norms_only() 
     assert any(public[name].ndim == 4 for name in public)
 
 
+def test_the_privacy_audit_denoise_public_start_is_the_default_demo_s_way() -> None:
+    """The audit's ``denoise-public-start`` rows train what ``medgan demo`` trains: demo.toml's
+    task (every held-out slice scored) from the model file demo.toml starts from."""
+    from medgan_core.tasks.registry import replace_task
+    from privacy_audit import STARTS, TASKS
+
+    root = Path(__file__).resolve().parents[1]
+    demo = load_study(root / "sites_example" / "demo.toml")
+    assert TASKS["denoise-public-start"] == replace_task(demo.task, eval_slices=0)
+    assert STARTS["denoise-public-start"] == Path(demo.run.initial_model)
+    assert TASKS["denoise-public-start"].params.trainable == "all" and demo.privacy.enabled
+
+
 def test_the_denoise_and_superres_compare_studies_train_what_their_benchmarks_train(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """sites_example/denoise-compare.toml and superres-compare.toml: the README's comparison
