@@ -127,7 +127,7 @@ def test_demo_on_sites_simulated_for_another_task_says_how_to_add_the_series(tmp
     text = " ".join(result.output.split())
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     assert "task denoise also reads ct-low-dose" in text and not (tmp_path / "run").exists()
-    command = text.split("simulate them with '")[1].split("'")[0]
+    command = text.split("simulator wrote are replaced): ")[1].strip()
     assert command == (f"medgan sites simulate --force --out {sites} --task denoise --sites 2 --subjects 3 "
                        "--slices 1 --size 64 --seed 0")
     redo = runner.invoke(app, command.split()[1:])

@@ -178,3 +178,23 @@ def test_tissue_texture_is_the_coarse_field_interpolated_with_half_pixel_centres
     expected /= expected.std()
     assert fine.shape == (2, 512, 512) and fine.dtype == np.float32
     assert np.abs(fine - expected).max() < 1e-5
+
+
+def test_missing_series_names_what_a_task_lacks_with_a_command_a_shell_can_run(tmp_path: Path) -> None:
+    import json
+    import shlex
+
+    from medgan_core.data.simulate import missing_series
+
+    sites = tmp_path / "my sites"
+    sites.mkdir()
+    (sites / "study.json").write_text(json.dumps({"sites": ["a", "b"], "series": ["ct"], "subjects": 3, "slices": 2,
+                                                  "size": 64, "seed": 7}))
+    assert missing_series(sites, ("ct",), "synthesis") == ""
+    text = missing_series(sites, ("ct", "ct-low-dose"), "denoise")
+    assert "task denoise also reads ct-low-dose" in text
+    words = shlex.split(text.split("are replaced): ")[1])
+    assert words[words.index("--out") + 1] == str(sites)  # quoted: the space stays in the path
+    assert words[words.index("--seed") + 1] == "7" and words[words.index("--sites") + 1] == "2"
+    (sites / "study.json").write_text("not json")
+    assert missing_series(sites, ("ct", "ct-low-dose"), "denoise") == ""  # an unreadable record: no claim

@@ -35,6 +35,7 @@ import concurrent.futures
 import json
 import multiprocessing
 import os
+import shlex
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
@@ -660,12 +661,12 @@ def missing_series(sites_dir: Path, needed: Sequence[str], task: str) -> str:
     lacking = [name for name in needed if name not in written]
     if not lacking:
         return ""
-    redo = (f"medgan sites simulate --force --out {sites_dir} --task {task} --sites {len(study.get('sites', []))} "
+    redo = (f"medgan sites simulate --force --out {shlex.quote(str(sites_dir))} --task {task} --sites {len(study.get('sites', []))} "
             f"--subjects {study.get('subjects')} --slices {study.get('slices')} --size {study.get('size')} "
             f"--seed {study.get('seed')}")
     return (f"{sites_dir} was simulated for another task (series {', '.join(map(str, written))}); task {task} "
-            f"also reads {', '.join(lacking)}: simulate them with '{redo}' (it replaces only the folders the "
-            "simulator wrote), or give another --sites-dir")
+            f"also reads {', '.join(lacking)}. Give another --sites-dir, or simulate them (only the folders the "
+            f"simulator wrote are replaced): {redo}")
 
 
 #: A file in every site folder the simulator wrote: only such folders are ever replaced.
