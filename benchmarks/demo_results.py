@@ -13,29 +13,17 @@ the federated model | full dose). Not a timed test.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from medgan.compare import machine
-from medgan_core.study_config import load_study
+from medgan_core.study_config import StudyConfig, load_study
 from medgan_core.tasks.registry import task_class
+from server.run_folder import RunFolder
+from server.samples import GRID_PAD as PAD
 from server.samples import UPSCALE_BELOW
-
-PAD = 2  # server.samples.image_grid's border
-
-
-def rounds_of(run_dir: Path) -> list[dict[str, Any]]:
-    """The run's metrics lines, in order (a line a crash tore is left out)."""
-    lines = []
-    for text in (run_dir / "metrics.jsonl").read_text().splitlines():
-        try:
-            lines.append(json.loads(text))
-        except ValueError:
-            continue
-    return lines
 
 
 def first_rows(grid: Image.Image, columns: int, keep: int) -> Image.Image:
@@ -50,16 +38,11 @@ def first_rows(grid: Image.Image, columns: int, keep: int) -> Image.Image:
     raise ValueError(f"a {width}×{height} image is not a grid of square images in {columns} columns")
 
 
-def markdown(run_dir: Path, lines: list[dict[str, Any]], command: str, timing: str) -> str:
-    study = load_study(run_dir / "config.toml")
-    evaluated = [line for line in lines if line.get("evaluate")]
-    if not evaluated:
-        raise SystemExit(f"{run_dir / 'metrics.jsonl'} holds no evaluated round")
-    keys = [key for key in ("psnr", "psnr-window", "ssim", "mae-hu", "swd", "fid", "diversity")
-            if key in evaluated[-1]["evaluate"]]
-    with_input = [key for key in keys if f"{key}-input" in evaluated[-1]["evaluate"]]
-    head = keys + [f"{key}-input" for key in with_input]
+def markdown(study: StudyConfig, evaluated: list[dict[str, Any]], command: str, timing: str) -> str:
+    """``evaluated``: the run's metrics lines that carry held-out scores, in order."""
     last = evaluated[-1]
+    keys = [key for key in ("psnr", "psnr-window", "ssim", "mae-hu", "swd", "fid", "diversity") if key in last["evaluate"]]
+    head = keys + [f"{key}-input" for key in keys if f"{key}-input" in last["evaluate"]]
     privacy = f"on at ε = {study.privacy.target_epsilon:g}" if study.privacy.enabled else "off"
     out = [f"# `medgan demo`: {study.task.name}, {study.run.num_sites} sites, {study.run.rounds} rounds", "",
            f"Command: `{command}`. Machine: {machine()}." + (f" Time: {timing}." if timing else ""),
@@ -92,17 +75,16 @@ def main() -> None:
     parser.add_argument("--command", default="git clone … && make demo")
     parser.add_argument("--timing", default="", help="the wall times measured, in words")
     args = parser.parse_args()
-    if not (args.run_dir / "metrics.jsonl").is_file():
-        parser.error(f"{args.run_dir} holds no metrics.jsonl: give a run folder 'medgan demo' wrote")
-    lines = rounds_of(args.run_dir)
-    study = load_study(args.run_dir / "config.toml")
-    task = task_class(study.task.name)
-    last = max(line["round"] for line in lines if line.get("evaluate"))
-    grid = Image.open(args.run_dir / "samples" / f"round-{last:03d}.png")
-    picture = first_rows(grid, task.preview_columns, args.rows)
+    folder = RunFolder(args.run_dir)
+    evaluated = [line for line in folder.read_metrics() if line.get("evaluate")]
+    if not evaluated or not folder.config.is_file():
+        parser.error(f"{args.run_dir} is not a run folder with an evaluated round and its config.toml: give one 'medgan demo' wrote")
+    study = load_study(folder.config)
+    grid = Image.open(folder.samples(evaluated[-1]["round"]))
+    picture = first_rows(grid, task_class(study.task.name).preview_columns, args.rows)
     args.out.mkdir(parents=True, exist_ok=True)
     picture.save(args.out / "last-round.png")
-    (args.out / "results.md").write_text(markdown(args.run_dir, lines, args.command, args.timing))
+    (args.out / "results.md").write_text(markdown(study, evaluated, args.command, args.timing))
     print(f"results in {args.out}")
 
 

@@ -15,9 +15,12 @@ from medgan_core.fileio import atomic_write_bytes
 
 #: Images up to this side are shown twice as large (thumbnails); clinical slices as they are.
 UPSCALE_BELOW = 256
+#: Dark pixels around and between a grid's images.
+GRID_PAD = 2
 
 
-def image_grid(images: torch.Tensor, columns: int | None = None, pad: int = 2, upscale: int | None = None) -> np.ndarray:
+def image_grid(images: torch.Tensor, columns: int | None = None, pad: int = GRID_PAD,
+               upscale: int | None = None) -> np.ndarray:
     """(n, 1, H, W) in [-1, 1] -> one uint8 (rows, cols) mosaic with a dark border."""
     images = images.detach().float().cpu().clamp(-1, 1)
     n, _, h, w = images.shape

@@ -417,14 +417,17 @@ def test_the_recon_benchmark_runs_the_accelerations_asked_for() -> None:
             parser.parse_args(["--accelerations", bad])
 
 
-def test_demo_results_reads_a_run_folder_and_crops_whole_rows_of_its_grid(tmp_path: Path) -> None:
+def test_demo_results_reads_a_run_folder_and_crops_whole_rows_of_its_grid(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """benchmarks/demo_results.py: the scores of every evaluated round and each site's last, the
     largest ε spent, and the grid's first rows cut at a row's border (thumbnails drawn 2×)."""
     import json
+    import sys
 
     from PIL import Image
 
-    from demo_results import first_rows, markdown, rounds_of
+    import demo_results
+    from demo_results import first_rows
     from medgan_core.study_config import dump_study
     from server.samples import save_grid
 
@@ -437,12 +440,16 @@ def test_demo_results_reads_a_run_folder_and_crops_whole_rows_of_its_grid(tmp_pa
     (run / "metrics.jsonl").write_text(json.dumps({"round": 0, "evaluate": scores, "sites": []}) + "\n"
                                        + json.dumps({"round": 1, "evaluate": {**scores, "psnr": 46.5},
                                                      "sites": [site]}) + "\n{\"round\": 2, \"eva")  # torn by a crash
-    lines = rounds_of(run)
-    assert [line["round"] for line in lines] == [0, 1]
-    text = markdown(run, lines, "make demo", "4 min")
+    slices = torch.linspace(-1, 1, 4 * 3 * 64 * 64).reshape(12, 1, 64, 64)  # 4 rows of 3, drawn 2× (under 256)
+    save_grid(slices, run / "samples" / "round-001.png", columns=3)
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", ["demo_results.py", str(run), "--out", str(out), "--command", "make demo"])
+    demo_results.main()
+    text = (out / "results.md").read_text()
     assert "| 0 | 45.000 | 29.000 | 43.000 | 46.000 | — |" in text
     assert "| 1 | 46.500 | 29.000 | 43.000 | 46.000 | 5.31 |" in text
     assert "| site-01-hospital-a | 47.250 | 29.000 | 43.000 | 46.000 |" in text and "DP on at ε = 8" in text
+    assert Image.open(out / "last-round.png").size == (2 * (3 * 66 + 2), 2 * (66 + 2))  # the first row, whole
 
     images = torch.linspace(-1, 1, 12 * 32 * 32).reshape(12, 1, 32, 32)  # 4 rows of 3, drawn 2× (under 256)
     save_grid(images, run / "grid.png", columns=3)
@@ -452,3 +459,5 @@ def test_demo_results_reads_a_run_folder_and_crops_whole_rows_of_its_grid(tmp_pa
     assert first_rows(grid, 3, 9).size == grid.size  # no more rows than the grid has
     with pytest.raises(ValueError, match="not a grid"):
         first_rows(grid, 5, 1)
+    save_grid(torch.zeros(6, 1, 256, 256), run / "clinical.png", columns=3)  # drawn as they are
+    assert first_rows(Image.open(run / "clinical.png"), 3, 1).size == (3 * 258 + 2, 258 + 2)
