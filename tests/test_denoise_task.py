@@ -196,6 +196,20 @@ def test_eval_slices_scores_that_many_evenly_spaced_held_out_slices(tiny_sites: 
     assert build_task(replace_task(config, eval_slices=n + 5)).evaluate(data) == pytest.approx(whole)
 
 
+def test_eval_slices_scores_recon_s_whole_slices_the_same_way(tiny_sites: list[Path]) -> None:
+    """recon (MR, scored outside the clinical CT path): the chosen rows' scores, NMSE included."""
+    import dataclasses
+
+    recon = task_config(name="recon", modality="MR", image_size=32, width=8)
+    data = load_task_data(tiny_sites[1], recon)
+    n = len(data.test)
+    few = build_task(replace_task(recon, eval_slices=2)).evaluate(data)
+    subset = dataclasses.replace(data, test=data.test[[0, n - 1]], test_input=data.test_input[[0, n - 1]],
+                                 test_series=None)
+    assert "nmse" in few and few == pytest.approx(build_task(recon).evaluate(subset))
+    assert few["psnr-input"] != pytest.approx(build_task(recon).evaluate(data)["psnr-input"])
+
+
 def test_eval_slices_must_not_be_negative() -> None:
     from medgan_core.errors import ConfigError
 
