@@ -42,6 +42,8 @@ def node_config(site: SiteConfig) -> str:
         text += f" epsilon-budget={site.epsilon_budget}"
     if site.physical_batch > 0:
         text += f" physical-batch={site.physical_batch}"
+    if site.precision:
+        text += f' precision="{site.precision}"'
     text += (f" require-dp={str(site.require_dp).lower()} require-secure-rng={str(site.require_secure_rng).lower()}"
              f" max-delta={site.max_delta!r} require-patient-level={str(site.require_patient_level).lower()}"
              f" release-test-metrics={str(site.release_test_metrics).lower()}"

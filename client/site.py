@@ -21,7 +21,7 @@ def site_from_context(
     node_config: Mapping[str, object], run_config: Mapping[str, object], sites: Sequence[SiteConfig] | None = None
 ) -> SiteConfig:
     """A deployed SuperNode describes its site in its node config (``data-path``,
-    ``state-dir``, ``device``, ``epsilon-budget``, ``physical-batch``, ``site-name``); a simulated node is
+    ``state-dir``, ``device``, ``epsilon-budget``, ``physical-batch``, ``precision``, ``site-name``); a simulated node is
     mapped by ``partition-id`` onto ``sites`` or onto the site folders of ``run.sites-dir``."""
     if "data-path" in node_config:  # a deployed hospital: its policy defaults to HOSPITAL_POLICY
         policy = {**HOSPITAL_POLICY, **{k: v for k, v in node_config.items() if k in HOSPITAL_POLICY}}
@@ -32,6 +32,7 @@ def site_from_context(
             device=str(node_config.get("device", "auto")),
             epsilon_budget=_number(node_config.get("epsilon-budget", 0.0), "epsilon-budget"),
             physical_batch=_whole(node_config.get("physical-batch", 0), "physical-batch"),
+            precision=str(node_config.get("precision", "")),
             require_dp=_flag(policy["require-dp"], "require-dp"),
             require_secure_rng=_flag(policy["require-secure-rng"], "require-secure-rng"),
             max_delta=_number(policy["max-delta"], "max-delta"),
@@ -82,9 +83,12 @@ def _whole(value: object, key: str) -> int:
 
 
 def site_task(task: TaskConfig, site: SiteConfig) -> TaskConfig:
-    """The study's task as this site runs it: with the site's own ``physical-batch`` when it
-    sets one (what fits its memory; the update, the privacy and ε are the same)."""
-    return dataclasses.replace(task, physical_batch=site.physical_batch) if site.physical_batch > 0 else task
+    """The study's task as this site runs it: with the site's own ``physical-batch`` (what fits
+    its memory) and ``precision`` (what its hardware computes fast) when it sets them; the
+    update's meaning, the privacy mechanism and ε are the same."""
+    if site.physical_batch > 0:
+        task = dataclasses.replace(task, physical_batch=site.physical_batch)
+    return dataclasses.replace(task, precision=site.precision) if site.precision else task
 
 
 def _number(value: object, key: str) -> float:

@@ -25,6 +25,9 @@ ACCOUNTANTS = ("rdp", "prv")
 #: What one record of DP-SGD is, the unit ε protects (``privacy.unit``).
 PRIVACY_UNITS = ("patient", "slice")
 LR_SCHEDULES = ("constant", "cosine")  # learning rate over a study's rounds (medgan_core.tasks.base.lr_scale)
+#: The number format of a training step's forward passes (``task.precision``): float32, or
+#: bfloat16 autocast (``medgan_core.tasks.base.TrainingSetup.forward``).
+PRECISIONS = ("fp32", "bf16")
 #: A δ this large lets a mechanism publish a whole record with that probability: refused.
 MAX_DELTA = 0.1
 SERVER_OPTIMIZERS = ("fedavg", "fedadam", "fedyogi")
@@ -93,6 +96,9 @@ class TaskConfig:
     window_low: float = -160.0
     window_high: float = 240.0
     lr_schedule: str = "constant"  # both learning rates over the study's rounds: constant, or cosine down to 1/10
+    #: Training forward passes in float32 or under bfloat16 autocast (weights, gradients,
+    #: optimiser state, DP clipping and noise stay float32; evaluation is float32).
+    precision: str = "fp32"
     seed: int = 0
     params: TaskParams = field(default_factory=TaskParams)
 
@@ -124,6 +130,8 @@ class TaskConfig:
                               "and every site allocates them)")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"task.lr-schedule = {self.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"task.precision = {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         for key, lr in (("task.lr-generator", self.lr_generator), ("task.lr-discriminator", self.lr_discriminator)):
             if not 0 < lr < 1:
                 raise ConfigError(f"{key} = {lr}; a learning rate must lie in (0, 1)")
@@ -377,7 +385,7 @@ class SiteConfig:
     hospital answered, failed or went silent instead of a node number.
 
     In deployment they come from the SuperNode's node config (``data-path``,
-    ``state-dir``, ``device``, ``epsilon-budget``, ``physical-batch``, ``site-name``); in
+    ``state-dir``, ``device``, ``epsilon-budget``, ``physical-batch``, ``precision``, ``site-name``); in
     simulation from the study's site folders.
     """
 
@@ -389,6 +397,9 @@ class SiteConfig:
     # The most records one pass holds at this site (0: the study's task.physical-batch): what
     # fits this hospital's memory. The update is the whole batch's either way.
     physical_batch: int = 0
+    # The number format of this machine's training forward passes ("": the study's
+    # task.precision): bf16 where the hardware has it, fp32 where it would be emulated.
+    precision: str = ""
     # The site's privacy policy: what the coordinator's study may not lower. The Python
     # defaults let the study decide (simulation: one researcher owns every site); a
     # deployed site's site.toml and node config default to the strict HOSPITAL_POLICY.
@@ -474,6 +485,9 @@ class SiteConfig:
         if self.physical_batch < 0:
             raise ConfigError(f"site physical-batch = {self.physical_batch}; it must be >= 0 "
                               "(0 = the study's task.physical-batch)")
+        if self.precision not in ("", *PRECISIONS):
+            raise ConfigError(f"site precision = {self.precision!r}; choose one of {', '.join(PRECISIONS)} "
+                              "(or leave it out for the study's task.precision)")
         if not 0 < self.max_delta <= MAX_DELTA:
             raise ConfigError(f"site max-delta = {self.max_delta}; it must lie in (0, {MAX_DELTA:g}]")
         if self.max_steps_per_round < 0:

@@ -135,7 +135,7 @@ class SiteData:
 #: Task settings that shape training steps, not the data read: they do not key the decoded
 #: data, so a site's own ``physical-batch`` or a new learning rate reuses the same cache.
 STEP_SETTINGS = frozenset({"batch_size", "physical_batch", "local_steps", "lr_generator", "lr_discriminator",
-                           "width", "lr_schedule"})
+                           "width", "lr_schedule", "precision"})
 
 
 def load_site_data(

@@ -179,6 +179,12 @@ class GhostDPOptimizer(DPOptimizer):
         raise ValueError("no per-sample gradient of any parameter: was the backward pass through the private network?")
 
     def clip_and_accumulate(self) -> None:
+        """Each record's norm over every parameter, its clip factor, and the clipped sums, in
+        float32 whatever precision the forward pass ran in (autocast off)."""
+        with torch.autocast(self.params[0].device.type, enabled=False):
+            self._clip_and_accumulate()
+
+    def _clip_and_accumulate(self) -> None:
         records = self.records_in_batch()
         squared = torch.zeros(records, device=self.params[0].device)
         for p in self.params:
@@ -189,7 +195,7 @@ class GhostDPOptimizer(DPOptimizer):
                 squared += ghost_norms_squared(p).to(squared.device)
             else:
                 g = self._get_flat_grad_sample(p)
-                squared += g.reshape(len(g), -1).square().sum(dim=1).to(squared.device)
+                squared += g.reshape(len(g), -1).float().square().sum(dim=1).to(squared.device)
         clip_factors = (self.max_grad_norm / (squared.sqrt() + 1e-6)).clamp(max=1.0)
         for p in self.params:
             if has_ghost(p):

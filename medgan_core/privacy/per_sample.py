@@ -112,6 +112,22 @@ def conv2d_grad_sample(
     return compute_conv_grad_sample(layer, activations, backprops)
 
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def full_precision_factors(activations: List[torch.Tensor], backprops: torch.Tensor
+                           ) -> tuple[List[torch.Tensor], torch.Tensor]:
+    """A layer's inputs and output gradients in float32 when a low-precision forward pass
+    (``task.precision = "bf16"``) made them: every per-sample gradient, norm and clipped sum is
+    then computed in float32, so each record's clip factor comes from the norm of exactly
+    what is added up (a norm rounded to bfloat16 could fall short of it and let a record
+    past the clipping bound the noise is calibrated to)."""
+    if backprops.dtype in LOW_PRECISION:
+        backprops = backprops.float()
+    return [a.float() if isinstance(a, torch.Tensor) and a.dtype in LOW_PRECISION else a
+            for a in activations], backprops
+
+
 def _shares_memory(tensor: torch.Tensor, others: List[torch.Tensor]) -> bool:
     pointer = tensor.untyped_storage().data_ptr()
     return any(pointer == other.untyped_storage().data_ptr() for other in others)
@@ -227,15 +243,17 @@ class FastConvGradSampleModule(GradSampleModule):
         backprops = forward_output[0].detach()
         activations, backprops = self.rearrange_grad_samples(
             module=module, backprops=backprops, loss_reduction=loss_reduction, batch_first=batch_first)
+        activations, backprops = full_precision_factors(activations, backprops)
         kind = self._get_module_type(module)
         sampler = self.GRAD_SAMPLERS[kind] if not self.force_functorch and kind in self.GRAD_SAMPLERS \
             else ft_compute_per_sample_gradient
-        if kind is nn.Conv2d and activations[0].shape[0] > 0 and self._ghost_form(module, backprops):
-            add_ghost_pass(module.weight, module, activations[0], backprops)
-            grad_samples = {module.bias: backprops.sum(dim=(2, 3))} \
-                if module.bias is not None and module.bias.requires_grad else {}
-        else:
-            grad_samples = sampler(module, activations, backprops)
+        with torch.autocast(backprops.device.type, enabled=False):
+            if kind is nn.Conv2d and activations[0].shape[0] > 0 and self._ghost_form(module, backprops):
+                add_ghost_pass(module.weight, module, activations[0], backprops)
+                grad_samples = {module.bias: backprops.sum(dim=(2, 3))} \
+                    if module.bias is not None and module.bias.requires_grad else {}
+            else:
+                grad_samples = sampler(module, activations, backprops)
         inputs = [backprops, *activations]
         for param, grad_sample in grad_samples.items():
             store_grad_sample(param, grad_sample, module.max_batch_len, inputs)

@@ -202,6 +202,12 @@ def set_hooks(module: nn.Module, enabled: bool) -> None:
         module.enable_hooks() if enabled else module.disable_hooks()
 
 
+def full_precision(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast off on ``device_type``: backward passes, clipping and optimiser steps run in
+    the weights' float32 whatever the forward pass ran in (``TrainingSetup.forward``)."""
+    return torch.autocast(device_type, enabled=False)
+
+
 def close_private(*modules: nn.Module) -> None:
     """Remove Opacus hooks so the plain modules can be wrapped again next round."""
     for module in modules:
@@ -238,6 +244,16 @@ class TrainingSetup:
     #: Under DP, the Poisson batch's expected size (0: no DP). What a step does beyond its real
     #: records (how many images it generates) must not depend on how many it drew.
     expected_batch: int = 0
+    #: ``task.precision``: the step's forward passes run under bfloat16 autocast on this
+    #: device type ("": float32). Backward passes and optimiser steps leave it (``backward``,
+    #: ``step``): weights, their gradients, Adam's state and DP-SGD stay float32.
+    autocast_device: str = ""
+
+    def forward(self) -> contextlib.AbstractContextManager:
+        """Where a step's forward passes and losses run: under bfloat16 autocast when
+        ``task.precision = "bf16"``, else as they are."""
+        return torch.autocast(self.autocast_device, dtype=torch.bfloat16) if self.autocast_device \
+            else contextlib.nullcontext()
 
     def parts(self, records: int, rows_per_record: int = 1) -> list[BatchPart]:
         """The physical parts a step on ``records`` records (each ``rows_per_record`` adjacent
@@ -265,12 +281,13 @@ class TrainingSetup:
         batch (the parts' gradients add up to the whole batch's); under DP each record's
         gradient is its own whatever the part, and the optimiser divides their clipped sum
         by the expected batch size."""
-        if isinstance(stepping, FastConvGradSampleModule):
-            stepping.backward(loss)
-        elif part is None or part.share == 1.0:
-            loss.backward()
-        else:
-            (loss * part.share).backward()
+        with full_precision(loss.device.type):
+            if isinstance(stepping, FastConvGradSampleModule):
+                stepping.backward(loss)
+            elif part is None or part.share == 1.0:
+                loss.backward()
+            else:
+                (loss * part.share).backward()
 
     @staticmethod
     def step(optimizer: torch.optim.Optimizer, part: BatchPart | None = None) -> None:
@@ -279,14 +296,16 @@ class TrainingSetup:
         skipped step, as its ``BatchMemoryManager`` does), with no noise and no update; a
         plain one keeps adding gradients. After the last: one step on the whole batch."""
         last = part is None or part.last
-        if isinstance(optimizer, DPOptimizer):
-            if not last:
-                optimizer.signal_skip_step(do_skip=True)
-            optimizer.step()
-            if not last:
-                optimizer.zero_grad(set_to_none=True)  # per-sample gradients go; their clipped sum stays
-        elif last:
-            optimizer.step()
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        with full_precision(params[0].device.type if params else "cpu"):
+            if isinstance(optimizer, DPOptimizer):
+                if not last:
+                    optimizer.signal_skip_step(do_skip=True)
+                optimizer.step()
+                if not last:
+                    optimizer.zero_grad(set_to_none=True)  # per-sample gradients go; their clipped sum stays
+            elif last:
+                optimizer.step()
 
     @contextlib.contextmanager
     def learning_through(self, module: nn.Module) -> Iterator[None]:
@@ -451,7 +470,8 @@ class GANTask(Task):
         rng = torch.Generator().manual_seed(seed)
         opt_g = self._optimizer("generator", cfg.lr_generator)
         opt_d = self._optimizer("discriminator", cfg.lr_discriminator)
-        setup = TrainingSetup(self.generator, self.discriminator, opt_g, opt_d, rng, rng, cfg.physical_batch)
+        setup = TrainingSetup(self.generator, self.discriminator, opt_g, opt_d, rng, rng, cfg.physical_batch,
+                              autocast_device=self.device.type if cfg.precision == "bf16" else "")
         if dp is not None:
             setup.expected_batch = dp.expected_batch_size
             setup.sampler = privacy_generator(dp, seed + 1)  # secret: which records are in a batch
@@ -508,7 +528,9 @@ class GANTask(Task):
                     if idx.numel() == 0 and not self.steps_on_empty_batch:
                         s.noise_only_step()  # an empty Poisson batch: the private networks take the noise
                         continue
-                    for key, value in self.train_step(s, data, pool, idx).items():
+                    with s.forward():
+                        losses = self.train_step(s, data, pool, idx)
+                    for key, value in losses.items():
                         totals[key] = totals.get(key, 0.0) + value
                         counts[key] = counts.get(key, 0) + 1
                 s.steps_taken += 1
