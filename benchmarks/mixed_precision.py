@@ -4,8 +4,9 @@ For every task: images per second of one ``Task.train`` call (a round's local st
 ``speed.py`` measures it), without and with DP-SGD, in float32 and with the forward passes
 under bfloat16 autocast. Each speed-up is the median of back-to-back pairs (float32 round,
 then bfloat16 round), with the pairs' range: this machine's speed wanders within minutes.
-Under DP the per-sample gradients, norms, clipping and noise stay float32 (tests), so the
-DP speed-up is the forward and backward passes' alone.
+Under DP the materialised per-sample gradients are bfloat16 too, while every record's norm,
+clip factor, clipped sum and the noise stay float32 (tests), and a weight clipped from its
+factors (``ghost``) takes them to float32.
 
     python benchmarks/mixed_precision.py [--steps 10] [--repeats 3] [--device auto]
 """
@@ -80,10 +81,11 @@ def write_results(out: Path, results: dict) -> None:
                      f"({row['plain-speedup-low']:.2f}–{row['plain-speedup-high']:.2f}) | {row['dp-fp32']:.1f} | "
                      f"{row['dp-bf16']:.1f} | {row['dp-speedup']:.2f}× "
                      f"({row['dp-speedup-low']:.2f}–{row['dp-speedup-high']:.2f}) |")
-    lines += ["", "Under DP only the networks' own forward and backward passes run in bfloat16: each layer's inputs "
-              "and output gradients are taken to float32 before its per-sample gradients, their norms, the clipping "
-              "and the noise (`medgan_core/privacy/per_sample.py`, `full_precision_factors`), so a record's clip "
-              "factor comes from the norm of exactly what is added up, and ε is the same mechanism's."]
+    lines += ["", "Under DP the networks' forward and backward passes and the materialised per-sample gradients run "
+              "in bfloat16; every record's norm, clip factor and clipped sum are taken in float32 from the same "
+              "per-sample values, and a weight clipped from its factors takes them to float32 first "
+              "(`medgan_core/privacy/per_sample.py`, `full_precision_factors`), so a record's clip factor comes from "
+              "the norm of exactly what is added up, and ε is the same mechanism's (`tests/test_mixed_precision.py`)."]
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 

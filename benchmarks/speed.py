@@ -11,7 +11,12 @@ This machine's speed wanders by up to 2× within minutes, so every ratio (DP cos
 over bare loop) is measured in pairs taken back to back, and the table gives the median of
 the pairs' ratios with their range; a slow spell then slows both sides of a pair.
 
-    python benchmarks/speed.py [--steps 20] [--repeats 5] [--out benchmarks/results/speed]
+    python benchmarks/speed.py [--steps 20] [--repeats 5] [--device auto] [--precision fp32]
+                              [--out benchmarks/results/speed]
+
+On a GPU (``--device auto`` finds one) it writes ``benchmarks/results/speed-cuda`` (with
+``--precision bf16``: ``speed-cuda-bf16``); the bare loops run in float32 only, so with
+``--precision bf16`` the table gives the framework's rounds and their DP cost alone.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from opacus.optimizers import DPOptimizer
 
 from medgan_core.data.dataset import SiteData
 from medgan_core.privacy.dp_sgd import DPSettings
+from medgan_core.runtime import resolve_device
 from medgan_core.tasks.registry import build_task, task_config, task_names
 
 BATCH, RECORDS = 32, 320  # sample rate 0.1: Poisson batches of 32 on average
@@ -55,38 +61,52 @@ def _data(name: str, size: int, generator: torch.Generator) -> SiteData:
     return SiteData("bench", images(), images(), images(), images())
 
 
-def _rate(step: Callable[[], None], steps: int, warmup: int = 3) -> float:
+def synchronise(device: torch.device | None) -> None:
+    """Wait for a GPU's queued work, so that a clock reading covers it (nothing on a CPU)."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rate(step: Callable[[], None], steps: int, warmup: int = 3, device: torch.device | None = None) -> float:
     for _ in range(warmup):
         step()
+    synchronise(device)
     started = time.perf_counter()
     for _ in range(steps):
         step()
+    synchronise(device)
     return steps * BATCH / (time.perf_counter() - started)
 
 
-def _round_rate(train: Callable[[int], object], steps: int, batches_per_step: int) -> float:
+def _round_rate(train: Callable[[int], object], steps: int, batches_per_step: int,
+                device: torch.device | None = None) -> float:
     """Images/s of one ``train`` call of ``steps`` steps (a round: wrapping and set-up included
     once, as at a site), after a 2-step warm-up call."""
     train(2)
+    synchronise(device)
     started = time.perf_counter()
     train(steps)
+    synchronise(device)
     return steps * BATCH * batches_per_step / (time.perf_counter() - started)
 
 
-def framework_rates(name: str, size: int, width: int, steps: int, repeats: int = 1) -> dict[str, float]:
+def framework_rates(name: str, size: int, width: int, steps: int, repeats: int = 1,
+                    device: torch.device = torch.device("cpu"), precision: str = "fp32") -> dict[str, float]:
     """Plain and DP images/s of a round, each the best of ``repeats`` rounds (the least
     disturbed), and the DP cost as the median of ``repeats`` back-to-back pairs (a slow spell
     hits both rounds of a pair)."""
     modality = "MR" if name == "recon" else "CT"
     own = {"z_dim": 64} if name in ("synthesis", "conditional") else {}
-    config = task_config(name=name, modality=modality, image_size=size, width=width, batch_size=BATCH, **own)
-    task = build_task(config)
+    config = task_config(name=name, modality=modality, image_size=size, width=width, batch_size=BATCH,
+                         precision=precision, **own)
+    task = build_task(config, device)
     data = _data(name, size, torch.Generator().manual_seed(0))
     dp = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=BATCH / RECORDS, expected_batch_size=BATCH,
                     secure_rng=True)
     per_step = len(task.batch_pools(data))  # cycle: a batch of each scanner per step
-    pairs = [(_round_rate(lambda n: task.train(data, n, seed=0), steps, per_step),
-              _round_rate(lambda n: task.train(data, n, seed=0, dp=dp), steps, per_step)) for _ in range(repeats)]
+    pairs = [(_round_rate(lambda n: task.train(data, n, seed=0), steps, per_step, device),
+              _round_rate(lambda n: task.train(data, n, seed=0, dp=dp), steps, per_step, device))
+             for _ in range(repeats)]
     sent = sum(a.nbytes for a in task.get_weights().values())
     return {"plain": max(p for p, _ in pairs), "dp": max(q for _, q in pairs),
             **paired_ratio("dp-cost", [p / q for p, q in pairs]), "bytes-sent": float(sent)}
@@ -97,22 +117,23 @@ def paired_ratio(key: str, ratios: list[float]) -> dict[str, float]:
     return {key: statistics.median(ratios), f"{key}-low": min(ratios), f"{key}-high": max(ratios)}
 
 
-def bare_loops(name: str, size: int, width: int, steps: int, repeats: int) -> dict[str, float]:
+def bare_loops(name: str, size: int, width: int, steps: int, repeats: int,
+               device: torch.device = torch.device("cpu")) -> dict[str, float]:
     """The bare loop of ``name``'s family (``synthesis``: DCGAN, non-saturating loss;
     ``denoise``: pix2pix, adversarial + 100 × L1; Adam 0.5/0.999) on copies of the framework's
     own networks: best plain and DP images/s, its DP cost, and the framework's overhead (bare
     plain images/s over the framework's plain round), each ratio from back-to-back pairs."""
     own = {"z_dim": 64} if name == "synthesis" else {}
-    task = build_task(task_config(name=name, image_size=size, width=width, batch_size=BATCH, **own))
+    task = build_task(task_config(name=name, image_size=size, width=width, batch_size=BATCH, **own), device)
     data = _data(name, size, torch.Generator().manual_seed(0))
-    latent = (lambda n: torch.randn(n, 64)) if name == "synthesis" else None
+    latent = (lambda n: torch.randn(n, 64, device=device)) if name == "synthesis" else None
     paired = name != "synthesis"
     plain_step, _ = bare_step(copy.deepcopy(task.generator), copy.deepcopy(task.discriminator), latent, size, paired,
-                              private=False)
+                              private=False, device=device)
     private_step, close = bare_step(copy.deepcopy(task.generator), copy.deepcopy(task.discriminator), latent, size,
-                                    paired, private=True)
-    runs = [(_rate(plain_step, steps), _rate(private_step, steps),
-             _round_rate(lambda n: task.train(data, n, seed=0), steps, 1)) for _ in range(repeats)]
+                                    paired, private=True, device=device)
+    runs = [(_rate(plain_step, steps, device=device), _rate(private_step, steps, device=device),
+             _round_rate(lambda n: task.train(data, n, seed=0), steps, 1, device)) for _ in range(repeats)]
     close()
     return {"plain": max(r[0] for r in runs), "dp": max(r[1] for r in runs),
             **paired_ratio("dp-cost", [p / q for p, q, _ in runs]),
@@ -120,12 +141,13 @@ def bare_loops(name: str, size: int, width: int, steps: int, repeats: int) -> di
 
 
 def bare_step(generator: torch.nn.Module, discriminator: torch.nn.Module, latent: Callable | None, size: int,
-              paired: bool, private: bool) -> tuple[Callable[[], None], Callable[[], None]]:
+              paired: bool, private: bool, device: torch.device = torch.device("cpu")
+              ) -> tuple[Callable[[], None], Callable[[], None]]:
     """One step of the bare loop on these networks, and what removes Opacus' hooks after.
     Under DP the discriminator (and a paired generator, which reads the images) is Opacus'
     ``GradSampleModule``; the DCGAN discriminator steps on its real and generated halves as
     two backward passes, as Opacus' DCGAN example does."""
-    real = torch.rand(BATCH, 1, size, size) * 2 - 1
+    real = torch.rand(BATCH, 1, size, size, device=device) * 2 - 1
     low = real + 0.1 * torch.randn_like(real)
     g, d = generator, discriminator
     opt_g = torch.optim.Adam(g.parameters(), 2e-4, betas=(0.5, 0.999))
@@ -180,27 +202,45 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5,
                         help="pairs of measurements per ratio (the median is reported), rates the best of them")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/speed"))
+    parser.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu or cuda")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                        help="task.precision of the framework's rounds (the bare loops run in float32 only)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: benchmarks/results/speed, speed-cuda on a GPU, with -bf16 for --precision bf16")
     args = parser.parse_args()
+    device = resolve_device(args.device)
+    out = args.out or Path("benchmarks/results") / ("speed" + ("-cuda" if device.type == "cuda" else "")
+                                                    + ("-bf16" if args.precision == "bf16" else ""))
     torch.manual_seed(0)
     warnings.filterwarnings("ignore", message="Full backward hook is firing")  # Opacus on a first layer: harmless
     widths = {"synthesis": 32, "conditional": 32}
     tasks = {}
     for name in task_names():
-        tasks[name] = framework_rates(name, args.size, widths.get(name, 16), args.steps, args.repeats)
+        tasks[name] = framework_rates(name, args.size, widths.get(name, 16), args.steps, args.repeats, device,
+                                      args.precision)
         print(name, {k: round(v, 2) for k, v in tasks[name].items()}, flush=True)
-    bare = {"synthesis": bare_loops("synthesis", args.size, 32, args.steps, args.repeats),
-            "denoise": bare_loops("denoise", args.size, 16, args.steps, args.repeats)}
-    print("bare", bare, flush=True)
+    bare = {}
+    if args.precision == "fp32":
+        bare = {"synthesis": bare_loops("synthesis", args.size, 32, args.steps, args.repeats, device),
+                "denoise": bare_loops("denoise", args.size, 16, args.steps, args.repeats, device)}
+        print("bare", bare, flush=True)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    results = {"command": f"python benchmarks/speed.py --steps {args.steps} --size {args.size} --repeats {args.repeats}",
-               "machine": machine(),
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    command = f"python benchmarks/speed.py --steps {args.steps} --size {args.size} --repeats {args.repeats}" + \
+        ("" if args.device == "auto" else f" --device {args.device}") + \
+        ("" if args.precision == "fp32" else f" --precision {args.precision}")
+    results = {"command": command, "machine": machine(), "device": gpu or "CPU", "precision": args.precision,
                "batch": BATCH, "size": args.size, "tasks": tasks, "bare": bare, "peak-rss-mib": peak_mib}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    if gpu:
+        results["peak-gpu-mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    where = f" Device: {gpu}, task.precision {args.precision}; peak GPU memory allocated " \
+        f"{results['peak-gpu-mib']:.0f} MiB." if gpu else ("" if args.precision == "fp32" else
+                                                              f" task.precision {args.precision}.")
     lines = [
         "# A site's training step: framework against bare loops", "",
-        f"Command: `{results['command']}`. Machine: {results['machine']}. Batch {BATCH} (DP: Poisson, expected "
+        f"Command: `{results['command']}`. Machine: {results['machine']}.{where} Batch {BATCH} (DP: Poisson, expected "
         f"{BATCH}), {args.size}×{args.size}; synthesis and conditional width 32, the others 16. Images per second over "
         f"one round of {args.steps} local steps (bare loops: {args.steps} steps after 3 warm-up steps), the best of "
         f"{args.repeats}. Each ratio is the median of {args.repeats} back-to-back pairs (plain round, then DP round; "
@@ -212,11 +252,15 @@ def main() -> None:
     for name, row in tasks.items():
         lines.append(f"| {name} | {row['plain']:.1f} | {row['dp']:.1f} | {row['dp-cost']:.2f}× | "
                      f"{row['dp-cost-low']:.2f}–{row['dp-cost-high']:.2f} | {row['bytes-sent'] / 1e6:.2f} MB |")
-    lines += ["", "Bare loops on copies of the same networks and batch (Opacus `GradSampleModule` + `DPOptimizer`, "
-              "fixed batches, no accounting); overhead: the bare loop's plain images/s over the framework's plain "
-              "round, measured in pairs (1.05: the framework 5 % slower):", "",
-              "| loop | plain img/s | DP img/s | DP cost, median (range) | framework overhead, median (range) |",
-              "|---|---:|---:|---:|---:|"]
+    if bare:
+        lines += ["", "Bare loops on copies of the same networks and batch (Opacus `GradSampleModule` + `DPOptimizer`, "
+                  "fixed batches, no accounting); overhead: the bare loop's plain images/s over the framework's plain "
+                  "round, measured in pairs (1.05: the framework 5 % slower):", "",
+                  "| loop | plain img/s | DP img/s | DP cost, median (range) | framework overhead, median (range) |",
+                  "|---|---:|---:|---:|---:|"]
+    else:
+        lines += ["", f"No bare loops: they run in float32 only, and these rounds ran with task.precision "
+                  f"{args.precision} (`python benchmarks/mixed_precision.py` compares the two precisions)."]
     for name, row in bare.items():
         lines.append(f"| {name} | {row['plain']:.1f} | {row['dp']:.1f} | {row['dp-cost']:.2f}× "
                      f"({row['dp-cost-low']:.2f}–{row['dp-cost-high']:.2f}) | {row['overhead']:.2f} "
@@ -228,7 +272,7 @@ def main() -> None:
               "(`medgan_core/privacy/per_sample.py`); deep convolutions' weights are clipped from their inputs and "
               "output gradients without per-sample gradients (`medgan_core/privacy/ghost.py`). Every form gives "
               "Opacus' clipped sum (tests)."]
-    (args.out / "results.md").write_text("\n".join(lines) + "\n")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

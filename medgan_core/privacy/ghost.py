@@ -180,7 +180,9 @@ class GhostDPOptimizer(DPOptimizer):
 
     def clip_and_accumulate(self) -> None:
         """Each record's norm over every parameter, its clip factor, and the clipped sums, in
-        float32 whatever precision the forward pass ran in (autocast off)."""
+        float32 whatever precision the forward pass ran in (autocast off; a bfloat16
+        per-sample gradient is taken to float32 for its norm and for its share of the sum
+        alike, so the factor clips exactly what is added)."""
         with torch.autocast(self.params[0].device.type, enabled=False):
             self._clip_and_accumulate()
 

@@ -118,10 +118,12 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 def full_precision_factors(activations: List[torch.Tensor], backprops: torch.Tensor
                            ) -> tuple[List[torch.Tensor], torch.Tensor]:
     """A layer's inputs and output gradients in float32 when a low-precision forward pass
-    (``task.precision = "bf16"``) made them: every per-sample gradient, norm and clipped sum is
-    then computed in float32, so each record's clip factor comes from the norm of exactly
-    what is added up (a norm rounded to bfloat16 could fall short of it and let a record
-    past the clipping bound the noise is calibrated to)."""
+    (``task.precision = "bf16"``) made them, for a weight clipped from its factors (``ghost``):
+    there a record's norm (Gram matrices) and its share of the clipped sum (the batched weight
+    gradient) are two different computations, which agree to float32 rounding but not to
+    bfloat16's; a norm short of the summed gradient's would let a record past the clipping
+    bound the noise is calibrated to. (A materialised per-sample gradient may stay bfloat16:
+    its norm and its clipped sum are both taken in float32 from the same values.)"""
     if backprops.dtype in LOW_PRECISION:
         backprops = backprops.float()
     return [a.float() if isinstance(a, torch.Tensor) and a.dtype in LOW_PRECISION else a
@@ -243,16 +245,18 @@ class FastConvGradSampleModule(GradSampleModule):
         backprops = forward_output[0].detach()
         activations, backprops = self.rearrange_grad_samples(
             module=module, backprops=backprops, loss_reduction=loss_reduction, batch_first=batch_first)
-        activations, backprops = full_precision_factors(activations, backprops)
         kind = self._get_module_type(module)
         sampler = self.GRAD_SAMPLERS[kind] if not self.force_functorch and kind in self.GRAD_SAMPLERS \
             else ft_compute_per_sample_gradient
         with torch.autocast(backprops.device.type, enabled=False):
             if kind is nn.Conv2d and activations[0].shape[0] > 0 and self._ghost_form(module, backprops):
+                activations, backprops = full_precision_factors(activations, backprops)
                 add_ghost_pass(module.weight, module, activations[0], backprops)
                 grad_samples = {module.bias: backprops.sum(dim=(2, 3))} \
                     if module.bias is not None and module.bias.requires_grad else {}
-            else:
+            else:  # in the output gradients' precision (a bfloat16 forward: bfloat16, norms taken in float32)
+                activations = [a.to(backprops.dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                               for a in activations]
                 grad_samples = sampler(module, activations, backprops)
         inputs = [backprops, *activations]
         for param, grad_sample in grad_samples.items():
