@@ -153,3 +153,39 @@ def test_a_site_sets_its_own_precision(tiny_sites: list[Path], tmp_path: Path) -
         load_site(toml)
     with pytest.raises(ConfigError, match="site precision = 'fp16'"):
         site_from_context({**parsed, "precision": "fp16"}, {})
+
+
+@pytest.mark.parametrize("site_precision,expected", [("", torch.bfloat16), ("fp32", torch.float32)])
+def test_a_deployed_site_trains_the_round_in_the_precision_it_is_given(
+        tiny_sites: list[Path], tiny_study: StudyConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        site_precision: str, expected: torch.dtype) -> None:
+    """The study's ``task.precision`` travels in the round's config to the ClientApp, which
+    trains in it, unless the hospital's node config sets its own ``precision``."""
+    from flwr.app import Context, MessageType, RecordDict
+
+    import client.app
+    from client.app import build_client_app
+    from client_messages import client_request, round_config
+
+    study = tiny_study.replace(task={"name": "denoise", "batch_size": 8, "precision": "bf16"},
+                               privacy={"enabled": False})
+    seen: list[torch.dtype] = []
+
+    def build_and_watch(config, device):  # type: ignore[no-untyped-def]
+        task = build_task(config, device)
+        for module in task.groups.values():
+            for layer in module.modules():
+                if isinstance(layer, nn.Conv2d):
+                    # training passes only (the round's evaluation runs the networks in eval mode, in float32)
+                    layer.register_forward_hook(lambda m, _i, out: seen.append(out.dtype) if m.training else None)
+        return task
+
+    monkeypatch.setattr(client.app, "build_task", build_and_watch)
+    node = {"data-path": str(tiny_sites[0]), "state-dir": str(tmp_path / "state"), "require-dp": "false",
+            "require-secure-rng": "false", "release-test-metrics": "true",
+            **({"precision": site_precision} if site_precision else {})}
+    request = client_request(MessageType.TRAIN, round_config(study, "bf16"), build_task(study.task).get_weights())
+    context = Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config={})
+    reply = build_client_app()(request, context)
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    assert seen and set(seen) == {expected}
