@@ -97,7 +97,7 @@ class TaskConfig:
     window_high: float = 240.0
     lr_schedule: str = "constant"  # both learning rates over the study's rounds: constant, or cosine down to 1/10
     #: Training forward passes in float32 or under bfloat16 autocast (weights, gradients,
-    #: optimiser state, DP clipping and noise stay float32; evaluation is float32).
+    #: optimiser state, DP norms, clipping and noise stay float32; evaluation is float32).
     precision: str = "fp32"
     seed: int = 0
     params: TaskParams = field(default_factory=TaskParams)

@@ -246,7 +246,8 @@ class TrainingSetup:
     expected_batch: int = 0
     #: ``task.precision``: the step's forward passes run under bfloat16 autocast on this
     #: device type ("": float32). Backward passes and optimiser steps leave it (``backward``,
-    #: ``step``): weights, their gradients, Adam's state and DP-SGD stay float32.
+    #: ``step``): weights, their gradients, Adam's state and DP-SGD's norms, clipping and
+    #: noise stay float32 (``medgan_core.privacy.per_sample.full_precision_factors``).
     autocast_device: str = ""
 
     def forward(self) -> contextlib.AbstractContextManager:
