@@ -24,7 +24,7 @@ from medgan_core.data.simulate import (
     simulate_study,
     stale_simulation,
 )
-from medgan_core.errors import MedGANError
+from medgan_core.errors import ConfigError, MedGANError
 from medgan_core.site_label import site_label
 from rich.markup import escape
 from medgan_core.tasks.registry import task_class, task_config_from_items, task_names
@@ -72,6 +72,10 @@ def study_compare(
         True, "--self-ensemble/--no-self-ensemble",
         help="Score with the task's test-time self-ensemble (denoise: 8 flips/turns averaged); off: every arm "
              "without it, an eighth of the whole-slice inference."),
+    eval_slices: Optional[int] = typer.Option(
+        None, "--eval-slices", min=0,
+        help="Override task.eval-slices: the held-out slices each site scores, evenly spaced (0: all of them; a "
+             "demo's few keep its rounds short, a comparison wants every one)."),
 ) -> None:
     """Train the study, local-only and pooled on the same budget; score every site's held-out split."""
     from medgan.compare import compare_study
@@ -80,6 +84,11 @@ def study_compare(
         study = _demo_config(config, rounds, local_steps, sites_dir, None, "cpu")
         if privacy is not None:
             study = study.replace(privacy={"enabled": privacy})
+        if eval_slices is not None:
+            if not hasattr(study.task.params, "eval_slices"):
+                raise ConfigError(f"--eval-slices: task {study.task.name!r} scores whole outputs, not held-out "
+                                  "slices (it has no task.eval-slices)")
+            study = study.replace(task={"eval_slices": eval_slices})
         sites = find_sites(Path(study.run.sites_dir)) if Path(study.run.sites_dir).exists() else []
         if len(sites) < 2:
             raise MedGANError(f"{study.run.sites_dir} holds {len(sites)} site(s); a comparison needs at least two")

@@ -132,7 +132,8 @@ def compare_study(study: StudyConfig, sites: list[Path], out: Path, *, leave_one
                "delta": study.privacy.delta, "initial-model": Path(study.run.initial_model).name or None,
                "rounds": study.run.rounds, "local-steps": study.task.local_steps,
                "ditto-steps": study.aggregation.ditto_steps, "sites": [s.name for s in sites],
-               "self-ensemble": self_ensemble if has_ensemble else None, "scores": scores, "leave-one-out": held_out, "epsilon-utility": curve,
+               "self-ensemble": self_ensemble if has_ensemble else None,
+               "eval-slices": getattr(study.task.params, "eval_slices", 0), "scores": scores, "leave-one-out": held_out, "epsilon-utility": curve,
                "seconds": seconds, "command": command, "machine": machine()}
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     atomic_write_text(out / "results.md", _markdown(results))
@@ -228,7 +229,9 @@ def _markdown(results: dict[str, Any]) -> str:
              + (f" Every arm starts from `{results['initial-model']}` (`run.initial-model`, public data)."
                 if results.get("initial-model") else "")
              + ("" if results.get("self-ensemble") is not False else  # None: the task has no self-ensemble
-                " Every arm scored without the task's test-time self-ensemble (`--no-self-ensemble`, or `task.self-ensemble = false`)."), "",
+                " Every arm scored without the task's test-time self-ensemble (`--no-self-ensemble`, or `task.self-ensemble = false`).")
+             + (f" Each site scores {results['eval-slices']} of its held-out slices, evenly spaced (`task.eval-slices`; "
+                "`--eval-slices 0` scores all of them)." if results.get("eval-slices") else ""), "",
              "| site | " + " | ".join(arms) + " |", "|---|" + "---:|" * len(arms)]
     for site in results["sites"]:
         lines.append(f"| {site} | " + " | ".join(f"{results['scores'][arm][site].get(key, float('nan')):.3f}"

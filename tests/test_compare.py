@@ -167,3 +167,52 @@ def test_compare_scores_every_arm_once_and_without_the_self_ensemble_when_asked(
     first, second = (site.name for site in tiny_sites)
     assert f"without {first}: scoring {first}'s held-out slices" in seen  # scoring takes minutes: it says so
     assert f"local only at {second}: scoring {first}'s held-out slices" in seen
+
+
+def test_eval_slices_is_overridden_for_the_comparison_and_said_in_its_results(
+        tiny_sites: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--eval-slices``: the scored slices a comparison's arms use (a demo's study scores a few
+    a round); the results say when they are a subset; a task without held-out slices refuses it."""
+    import medgan.compare as compare
+
+    asked: list[StudyConfig] = []
+
+    def fake_compare(study: StudyConfig, sites: list[Path], out: Path, **_: object) -> dict:
+        asked.append(study)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.md").write_text("table\n")
+        return {"task": study.task.name}
+
+    monkeypatch.setattr(compare, "compare_study", fake_compare)
+    config = tmp_path / "study.toml"
+    config.write_text(f'[run]\nsites-dir = "{tiny_sites[0].parent}"\n[task]\nname = "denoise"\neval-slices = 4\n')
+    for flags, expected in (([], 4), (["--eval-slices", "0"], 0), (["--eval-slices", "2"], 2)):
+        result = CliRunner().invoke(app, ["study", "compare", "--config", str(config), "--out", str(tmp_path / "c"),
+                                          *flags])
+        assert result.exit_code == 0, result.output
+        assert asked[-1].task.params.eval_slices == expected
+    config.write_text(f'[run]\nsites-dir = "{tiny_sites[0].parent}"\n[task]\nname = "synthesis"\n')
+    result = CliRunner().invoke(app, ["study", "compare", "--config", str(config), "--out", str(tmp_path / "c"),
+                                      "--eval-slices", "0"])
+    assert result.exit_code == 2 and "--eval-slices: task 'synthesis'" in result.output and len(asked) == 3
+    assert "Traceback" not in result.output
+
+    class Model:
+        def evaluate(self, data: object) -> dict[str, float]:
+            return {"psnr": 1.0, "psnr-input": 0.0}
+
+    monkeypatch.undo()
+    monkeypatch.setattr(compare, "simulate_federation", lambda *a, **k: None)
+    monkeypatch.setattr(compare, "site_models", lambda study, sites, *a, **k: {s.name: Model() for s in sites})
+    monkeypatch.setattr(compare, "pooled_model", lambda *a: Model())
+    monkeypatch.setattr(compare, "_plot", lambda *a: None)
+    study = StudyConfig().replace(run={"rounds": 1, "num_sites": 2, "device": "cpu"},
+                                  task={"name": "denoise", "image_size": 16, "width": 8, "batch_size": 4},
+                                  privacy={"enabled": False})
+    for slices in (3, 0):
+        out = tmp_path / f"cmp-{slices}"
+        results = compare.compare_study(study.replace(task={"eval_slices": slices}), tiny_sites, out,
+                                        progress=lambda _: None)
+        assert results["eval-slices"] == slices
+        said = "Each site scores 3 of its held-out slices" in (out / "results.md").read_text()
+        assert said is (slices == 3)
