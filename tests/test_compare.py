@@ -128,6 +128,20 @@ def test_a_run_with_evaluate_every_0_asks_no_site_to_evaluate(tmp_path: Path) ->
         study.replace(run={"evaluate_every": -1})
 
 
+def _without_training(monkeypatch: pytest.MonkeyPatch, model: type, runs: list[StudyConfig]) -> StudyConfig:
+    """A tiny denoise study whose comparison trains nothing: every arm's model is ``model()``
+    and each federated arm's study is recorded in ``runs``."""
+    import medgan.compare as compare
+
+    monkeypatch.setattr(compare, "simulate_federation", lambda arm_study, *a, **k: runs.append(arm_study))
+    monkeypatch.setattr(compare, "site_models", lambda study, sites, *a, **k: {s.name: model() for s in sites})
+    monkeypatch.setattr(compare, "pooled_model", lambda *a: model())
+    monkeypatch.setattr(compare, "_plot", lambda *a: None)
+    return StudyConfig().replace(run={"rounds": 1, "num_sites": 2, "device": "cpu"},
+                                 task={"name": "denoise", "image_size": 16, "width": 8, "batch_size": 4},
+                                 privacy={"enabled": False})
+
+
 def test_compare_scores_every_arm_once_and_without_the_self_ensemble_when_asked(
         tiny_sites: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import medgan.compare as compare
@@ -139,13 +153,7 @@ def test_compare_scores_every_arm_once_and_without_the_self_ensemble_when_asked(
             return {"psnr": float(self.self_ensemble), "psnr-input": 0.0}
 
     runs: list[StudyConfig] = []
-    monkeypatch.setattr(compare, "simulate_federation", lambda arm_study, *a, **k: runs.append(arm_study))
-    monkeypatch.setattr(compare, "site_models", lambda study, sites, *a, **k: {s.name: Model() for s in sites})
-    monkeypatch.setattr(compare, "pooled_model", lambda *a: Model())
-    monkeypatch.setattr(compare, "_plot", lambda *a: None)
-    study = StudyConfig().replace(run={"rounds": 1, "num_sites": 2, "device": "cpu"},
-                                  task={"name": "denoise", "image_size": 16, "width": 8, "batch_size": 4},
-                                  privacy={"enabled": False})
+    study = _without_training(monkeypatch, Model, runs)
     seen: list[str] = []
     for ensemble in (True, False):
         results = compare.compare_study(study, tiny_sites, tmp_path / f"cmp-{ensemble}", leave_one_out=True,
@@ -202,13 +210,7 @@ def test_eval_slices_is_overridden_for_the_comparison_and_said_in_its_results(
             return {"psnr": 1.0, "psnr-input": 0.0}
 
     monkeypatch.undo()
-    monkeypatch.setattr(compare, "simulate_federation", lambda *a, **k: None)
-    monkeypatch.setattr(compare, "site_models", lambda study, sites, *a, **k: {s.name: Model() for s in sites})
-    monkeypatch.setattr(compare, "pooled_model", lambda *a: Model())
-    monkeypatch.setattr(compare, "_plot", lambda *a: None)
-    study = StudyConfig().replace(run={"rounds": 1, "num_sites": 2, "device": "cpu"},
-                                  task={"name": "denoise", "image_size": 16, "width": 8, "batch_size": 4},
-                                  privacy={"enabled": False})
+    study = _without_training(monkeypatch, Model, [])
     for slices in (3, 0):
         out = tmp_path / f"cmp-{slices}"
         results = compare.compare_study(study.replace(task={"eval_slices": slices}), tiny_sites, out,
