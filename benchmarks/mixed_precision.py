@@ -43,7 +43,8 @@ def precision_rates(name: str, size: int, steps: int, repeats: int, device: torc
     per_step = len(tasks["fp32"].batch_pools(data))  # cycle: a batch of each scanner per step
     row: dict[str, float] = {}
     for mode, private in (("plain", None), ("dp", dp)):
-        pairs = [tuple(_round_rate(lambda n, t=tasks[p]: t.train(data, n, seed=0, dp=private), steps, per_step)
+        pairs = [tuple(_round_rate(lambda n, t=tasks[p]: t.train(data, n, seed=0, dp=private), steps, per_step,
+                                   device)  # a GPU's queued work inside the timing
                        for p in ("fp32", "bf16")) for _ in range(repeats)]
         row[f"{mode}-fp32"] = max(full for full, _ in pairs)
         row[f"{mode}-bf16"] = max(half for _, half in pairs)
