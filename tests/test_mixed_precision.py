@@ -1,7 +1,8 @@
 """Mixed precision (``task.precision = "bf16"``): a training step's forward passes run under
-bfloat16 autocast, while weights, gradients, Adam's state and every part of DP-SGD (per-sample
-gradients, norms, clipping, noise) stay float32, so the clipping bound the noise is calibrated
-to holds exactly and ε is that of the same mechanism."""
+bfloat16 autocast, while weights, gradients, Adam's state and DP-SGD's norms, clip factors,
+clipped sums and noise stay float32 (a per-sample gradient may be bfloat16; its norm is taken
+in float32 from the values that are summed), so the clipping bound the noise is calibrated to
+holds exactly and ε is that of the same mechanism."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def _net() -> nn.Module:
                          nn.GroupNorm(4, 64), nn.LeakyReLU(0.2), nn.Conv2d(64, 1, 4, 1, 0))
 
 
-def _clipped_sum(images: torch.Tensor, max_grad_norm: float, bf16: bool) -> tuple[list[torch.Tensor], nn.Module]:
+def _clipped_sum(images: torch.Tensor, max_grad_norm: float, bf16: bool) -> list[torch.Tensor]:
     """One record's clipped gradient (noise-free) after a forward pass in bfloat16 or float32."""
     torch.manual_seed(0)
     net = _net()
@@ -50,7 +51,7 @@ def _clipped_sum(images: torch.Tensor, max_grad_norm: float, bf16: bool) -> tupl
     optimizer.clip_and_accumulate()
     sums = [p.summed_grad.clone() for p in net.parameters()]
     module._close()
-    return sums, net
+    return sums
 
 
 def test_a_clipped_record_is_at_the_bound_exactly_after_a_bfloat16_forward() -> None:
@@ -59,7 +60,7 @@ def test_a_clipped_record_is_at_the_bound_exactly_after_a_bfloat16_forward() -> 
     a norm taken from bfloat16 factors would miss by."""
     images = torch.randn(1, 2, 16, 16, generator=torch.Generator().manual_seed(1))
     for bound in (0.05, 1.0):
-        sums, net = _clipped_sum(images, bound, bf16=True)
+        sums = _clipped_sum(images, bound, bf16=True)
         norm = torch.sqrt(sum(s.double().square().sum() for s in sums))
         assert all(s.dtype == torch.float32 for s in sums)
         assert norm.item() == pytest.approx(bound, rel=2e-6)
@@ -69,8 +70,8 @@ def test_the_bfloat16_step_follows_the_float32_one() -> None:
     """The clipped gradient after a bfloat16 forward is the float32 one to bfloat16's rounding:
     the same direction (cosine > 0.99 per weight), not merely the same norm."""
     images = torch.randn(1, 2, 16, 16, generator=torch.Generator().manual_seed(2))
-    half, _ = _clipped_sum(images, 1.0, bf16=True)
-    full, _ = _clipped_sum(images, 1.0, bf16=False)
+    half = _clipped_sum(images, 1.0, bf16=True)
+    full = _clipped_sum(images, 1.0, bf16=False)
     for h, f in zip(half, full):
         assert torch.nn.functional.cosine_similarity(h.flatten(), f.flatten(), dim=0) > 0.99
         assert not torch.equal(h, f)  # the forward really ran in another precision
