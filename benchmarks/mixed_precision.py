@@ -20,29 +20,19 @@ from pathlib import Path
 
 import torch
 
-from medgan_core.privacy.dp_sgd import DPSettings
 from medgan_core.runtime import resolve_device
-from medgan_core.tasks.registry import build_task, task_config, task_names
-from speed import BATCH, RECORDS, _data, _round_rate, machine, paired_ratio
-
-WIDTHS = {"synthesis": 32, "conditional": 32}  # as speed.py: the DCGAN family at width 32, the U-Nets at 16
-
+from medgan_core.tasks.registry import task_names
+from speed import BATCH, BENCH_DP, WIDTHS, _data, _round_rate, bench_task, machine, paired_ratio
 
 def precision_rates(name: str, size: int, steps: int, repeats: int, device: torch.device) -> dict[str, float]:
     """Best images/s of float32 and bfloat16 rounds, plain and DP, and each speed-up as the
     median of ``repeats`` back-to-back pairs."""
-    modality = "MR" if name == "recon" else "CT"
-    own = {"z_dim": 64} if name in ("synthesis", "conditional") else {}
-    tasks = {precision: build_task(task_config(name=name, modality=modality, image_size=size,
-                                               width=WIDTHS.get(name, 16), batch_size=BATCH, precision=precision,
-                                               **own), device)
+    tasks = {precision: bench_task(name, size, WIDTHS.get(name, 16), device, precision)
              for precision in ("fp32", "bf16")}
     data = _data(name, size, torch.Generator().manual_seed(0))
-    dp = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=BATCH / RECORDS, expected_batch_size=BATCH,
-                    secure_rng=True)
     per_step = len(tasks["fp32"].batch_pools(data))  # cycle: a batch of each scanner per step
     row: dict[str, float] = {}
-    for mode, private in (("plain", None), ("dp", dp)):
+    for mode, private in (("plain", None), ("dp", BENCH_DP)):
         pairs = [tuple(_round_rate(lambda n, t=tasks[p]: t.train(data, n, seed=0, dp=private), steps, per_step,
                                    device)  # a GPU's queued work inside the timing
                        for p in ("fp32", "bf16")) for _ in range(repeats)]

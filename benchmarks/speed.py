@@ -41,6 +41,7 @@ from opacus.optimizers import DPOptimizer
 from medgan_core.data.dataset import SiteData
 from medgan_core.privacy.dp_sgd import DPSettings
 from medgan_core.runtime import resolve_device
+from medgan_core.tasks.base import Task
 from medgan_core.tasks.registry import build_task, task_config, task_names
 
 BATCH, RECORDS = 32, 320  # sample rate 0.1: Poisson batches of 32 on average
@@ -90,19 +91,30 @@ def _round_rate(train: Callable[[int], object], steps: int, batches_per_step: in
     return steps * BATCH * batches_per_step / (time.perf_counter() - started)
 
 
+#: The benchmark's networks: the DCGAN family at width 32, the U-Nets at 16.
+WIDTHS = {"synthesis": 32, "conditional": 32}
+#: DP-SGD as a site runs it (Poisson batches of ``BATCH`` on average, secret noise).
+BENCH_DP = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=BATCH / RECORDS,
+                      expected_batch_size=BATCH, secure_rng=True)
+
+
+def bench_task(name: str, size: int, width: int, device: torch.device = torch.device("cpu"),
+               precision: str = "fp32") -> Task:
+    """``name`` as the benchmarks build it: batch ``BATCH``, ``size``² images (recon on MR)."""
+    modality = "MR" if name == "recon" else "CT"
+    own = {"z_dim": 64} if name in ("synthesis", "conditional") else {}
+    return build_task(task_config(name=name, modality=modality, image_size=size, width=width, batch_size=BATCH,
+                                  precision=precision, **own), device)
+
+
 def framework_rates(name: str, size: int, width: int, steps: int, repeats: int = 1,
                     device: torch.device = torch.device("cpu"), precision: str = "fp32") -> dict[str, float]:
     """Plain and DP images/s of a round, each the best of ``repeats`` rounds (the least
     disturbed), and the DP cost as the median of ``repeats`` back-to-back pairs (a slow spell
     hits both rounds of a pair)."""
-    modality = "MR" if name == "recon" else "CT"
-    own = {"z_dim": 64} if name in ("synthesis", "conditional") else {}
-    config = task_config(name=name, modality=modality, image_size=size, width=width, batch_size=BATCH,
-                         precision=precision, **own)
-    task = build_task(config, device)
+    task = bench_task(name, size, width, device, precision)
     data = _data(name, size, torch.Generator().manual_seed(0))
-    dp = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=BATCH / RECORDS, expected_batch_size=BATCH,
-                    secure_rng=True)
+    dp = BENCH_DP
     per_step = len(task.batch_pools(data))  # cycle: a batch of each scanner per step
     pairs = [(_round_rate(lambda n: task.train(data, n, seed=0), steps, per_step, device),
               _round_rate(lambda n: task.train(data, n, seed=0, dp=dp), steps, per_step, device))
@@ -123,8 +135,7 @@ def bare_loops(name: str, size: int, width: int, steps: int, repeats: int,
     ``denoise``: pix2pix, adversarial + 100 × L1; Adam 0.5/0.999) on copies of the framework's
     own networks: best plain and DP images/s, its DP cost, and the framework's overhead (bare
     plain images/s over the framework's plain round), each ratio from back-to-back pairs."""
-    own = {"z_dim": 64} if name == "synthesis" else {}
-    task = build_task(task_config(name=name, image_size=size, width=width, batch_size=BATCH, **own), device)
+    task = bench_task(name, size, width, device)
     data = _data(name, size, torch.Generator().manual_seed(0))
     latent = (lambda n: torch.randn(n, 64, device=device)) if name == "synthesis" else None
     paired = name != "synthesis"
@@ -213,10 +224,9 @@ def main() -> None:
                                                     + ("-bf16" if args.precision == "bf16" else ""))
     torch.manual_seed(0)
     warnings.filterwarnings("ignore", message="Full backward hook is firing")  # Opacus on a first layer: harmless
-    widths = {"synthesis": 32, "conditional": 32}
     tasks = {}
     for name in task_names():
-        tasks[name] = framework_rates(name, args.size, widths.get(name, 16), args.steps, args.repeats, device,
+        tasks[name] = framework_rates(name, args.size, WIDTHS.get(name, 16), args.steps, args.repeats, device,
                                       args.precision)
         print(name, {k: round(v, 2) for k, v in tasks[name].items()}, flush=True)
     bare = {}

@@ -297,8 +297,7 @@ class TrainingSetup:
         skipped step, as its ``BatchMemoryManager`` does), with no noise and no update; a
         plain one keeps adding gradients. After the last: one step on the whole batch."""
         last = part is None or part.last
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        with full_precision(params[0].device.type if params else "cpu"):
+        with full_precision(optimizer.param_groups[0]["params"][0].device.type):
             if isinstance(optimizer, DPOptimizer):
                 if not last:
                     optimizer.signal_skip_step(do_skip=True)
