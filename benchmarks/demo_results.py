@@ -5,7 +5,7 @@
 
 Reads the run folder (``metrics.jsonl``, ``config.toml``, the last round's sample grid) and
 writes ``results.md``: the held-out scores after every evaluated round, by site after the
-last, and the ε each site spent; and ``last-round.png``: the first ``--rows`` rows of the
+last (each site's fine-tuned model where the study fine-tunes), and the ε each site spent; and ``last-round.png``: the first ``--rows`` rows of the
 last round's grid at full resolution (for the demo: whole 512×512 slices, quarter dose |
 the federated model | full dose). Not a timed test.
 """
@@ -56,14 +56,18 @@ def markdown(study: StudyConfig, evaluated: list[dict[str, Any]], command: str, 
         spent = [site["train"]["epsilon"] for site in line.get("sites", []) if "epsilon" in site.get("train", {})]
         cells = " | ".join(f"{line['evaluate'][key]:.3f}" for key in head)
         out.append(f"| {line['round']} | {cells} | {f'{max(spent):.2f}' if spent else '—'} |")
-    out += ["", f"By site after round {last['round']}:", "", "| site | " + " | ".join(head) + " |",
+    finetuned = bool(study.aggregation.finetune_steps) and last["round"] == study.run.rounds
+    mark = (f" (each site's own model: the federated one fine-tuned {study.aggregation.finetune_steps} steps on "
+            "its own scans)" if finetuned else "")
+    out += ["", f"By site after round {last['round']}{mark}:", "", "| site | " + " | ".join(head) + " |",
             "|---|" + "---:|" * len(head)]
     for site in sorted(last.get("sites", []), key=lambda s: str(s.get("site", ""))):
         if site.get("evaluate"):
             out.append(f"| {site.get('site', site.get('node'))} | "
                        + " | ".join(f"{site['evaluate'][key]:.3f}" for key in head) + " |")
     out += ["", "`last-round.png`: the first rows of the last round's sample grid "
-            f"(`samples/round-{last['round']:03d}.png`), made by the coordinator from its own phantom."]
+            f"(`samples/round-{last['round']:03d}.png`), made by the coordinator from its own phantom"
+            + (" with the federated model (the sites' fine-tuned models never leave them)." if finetuned else ".")]
     return "\n".join(out) + "\n"
 
 

@@ -7,7 +7,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
@@ -29,6 +29,9 @@ from medgan_core.site_label import site_label
 from rich.markup import escape
 from medgan_core.tasks.registry import task_class, task_config_from_items, task_names
 from server.commands import certs_app, export, privacy_app, report, resumed_study, run, server_app
+
+if TYPE_CHECKING:
+    from server.study import RoundSummary  # imports Flower: only where a demo runs
 
 DEFAULT_CONFIG = Path("sites_example/demo.toml")
 
@@ -205,7 +208,6 @@ def _run_demo(study: StudyConfig, verbose: bool, ray_address: str | None = None)
     from medgan.live import SiteBoard
     from medgan.simulation import simulate_federation  # Flower and Ray load only when needed
     from server.run_folder import RunFolder
-    from server.study import RoundSummary
 
     sites_dir = Path(study.run.sites_dir)
     sites = find_sites(sites_dir) if sites_dir.exists() else []
@@ -250,19 +252,7 @@ def _run_demo(study: StudyConfig, verbose: bool, ray_address: str | None = None)
     first: dict[str, float] = {}
 
     def show(summary: RoundSummary) -> None:
-        score = summary.evaluate.get(headline)  # absent where sites keep held-out scores to themselves
-        if score is not None:
-            first.setdefault(headline, score)
-        parts = [f"Round {summary.server_round:>2}/{summary.rounds}", f"sites {summary.sites_ok}/{len(sites)}"]
-        if "loss-d" in summary.train and "loss-g" in summary.train:  # sent only without DP
-            parts.append(f"D {summary.train['loss-d']:.3f} · G {summary.train['loss-g']:.3f}")
-        if score is not None:
-            parts.append(f"held-out {headline.upper()} {score:.4f} (round 0: {first[headline]:.4f})")
-        if "epsilon" in summary.train:
-            parts.append(f"ε {summary.train['epsilon']:.2f}")
-        parts.append(f"{summary.seconds:.1f} s")
-        label = "initial model" if summary.server_round == 0 else ""
-        console.print(escape("  " + " · ".join(parts)) + (f" [dim]{label}[/]" if label else ""), markup=True)
+        console.print(round_line(summary, headline, first, len(sites), study.aggregation.finetune_steps), markup=True)
         for excluded in summary.excluded:
             console.print(left_out_line(excluded), markup=True)
 
@@ -277,8 +267,34 @@ def _run_demo(study: StudyConfig, verbose: bool, ray_address: str | None = None)
     console.print(f"  metrics:     {run_dir / 'metrics.jsonl'}")
     console.print(f"  checkpoints: {run_dir / 'checkpoints'}")
     start = f"run.initial-model {Path(study.run.initial_model).name}" if study.run.initial_model else "untrained"
-    console.print(f"  samples:     {run_dir / 'samples'}  (round-000.png = {start}, last = final model)")
+    last = "the federated model, before the sites' fine-tune" if study.aggregation.finetune_steps else "final model"
+    console.print(f"  samples:     {run_dir / 'samples'}  (round-000.png = {start}, last = {last})")
     console.print(f"  privacy:     medgan privacy report {run_dir}")
+
+
+def round_line(summary: RoundSummary, headline: str, first: dict[str, float], n_sites: int,
+               finetune_steps: int = 0) -> str:
+    """The demo's one line per round (rich markup). ``first`` keeps the first score seen, to
+    compare against; the last round of a study with a personal fine-tune says that its scores
+    are the fine-tuned models', since the sites score those there, not the global model."""
+    score = summary.evaluate.get(headline)  # absent where sites keep held-out scores to themselves
+    if score is not None:
+        first.setdefault(headline, score)
+    parts = [f"Round {summary.server_round:>2}/{summary.rounds}", f"sites {summary.sites_ok}/{n_sites}"]
+    if "loss-d" in summary.train and "loss-g" in summary.train:  # sent only without DP
+        parts.append(f"D {summary.train['loss-d']:.3f} · G {summary.train['loss-g']:.3f}")
+    if score is not None:
+        parts.append(f"held-out {headline.upper()} {score:.4f} (round 0: {first[headline]:.4f})")
+    if "epsilon" in summary.train:
+        parts.append(f"ε {summary.train['epsilon']:.2f}")
+    parts.append(f"{summary.seconds:.1f} s")
+    if summary.server_round == 0:
+        label = "initial model"
+    elif finetune_steps and summary.server_round == summary.rounds:
+        label = f"each site's model after its {finetune_steps}-step fine-tune"
+    else:
+        label = ""
+    return escape("  " + " · ".join(parts)) + (f" [dim]{label}[/]" if label else "")
 
 
 @app.command("app-hash")

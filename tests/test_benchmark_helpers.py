@@ -450,6 +450,13 @@ def test_demo_results_reads_a_run_folder_and_crops_whole_rows_of_its_grid(
     assert "| 1 | 46.500 | 29.000 | 43.000 | 46.000 | 5.31 |" in text
     assert "| site-01-hospital-a | 47.250 | 29.000 | 43.000 | 46.000 |" in text and "DP on at ε = 8" in text
     assert Image.open(out / "last-round.png").size == (2 * (3 * 66 + 2), 2 * (66 + 2))  # the first row, whole
+    assert "fine-tuned" not in text  # round 1 of 4: no site has fine-tuned yet
+    (run / "metrics.jsonl").write_text(json.dumps({"round": 4, "evaluate": scores, "sites": [site]}) + "\n")
+    (run / "samples" / "round-001.png").rename(run / "samples" / "round-004.png")
+    demo_results.main()
+    text = (out / "results.md").read_text()  # demo.toml fine-tunes 25 steps after its last round
+    assert "By site after round 4 (each site's own model: the federated one fine-tuned 25 steps" in text
+    assert "with the federated model (the sites' fine-tuned models never leave them)" in text
 
     images = torch.linspace(-1, 1, 12 * 32 * 32).reshape(12, 1, 32, 32)  # 4 rows of 3, drawn 2× (under 256)
     save_grid(images, run / "grid.png", columns=3)

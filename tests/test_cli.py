@@ -135,3 +135,21 @@ def test_demo_on_sites_simulated_for_another_task_says_how_to_add_the_series(tmp
     from medgan_core.data.simulate import missing_series
 
     assert missing_series(sites, ("ct", "ct-low-dose"), "denoise") == ""
+
+
+def test_demo_round_line_names_the_initial_model_and_the_fine_tuned_last_round() -> None:
+    """The last round of a study with a personal fine-tune scores each site's fine-tuned model;
+    the demo's line says so, and compares every round with round 0's score."""
+    from medgan.cli import round_line
+    from server.study import RoundSummary
+
+    first: dict[str, float] = {}
+    start = round_line(RoundSummary(0, 4, 3.0, evaluate={"psnr": 45.8}, sites_ok=3), "psnr", first, 3, 25)
+    assert "held-out PSNR 45.8000 (round 0: 45.8000)" in start and "initial model" in start
+    middle = round_line(RoundSummary(2, 4, 2.0, train={"epsilon": 5.9}, evaluate={"psnr": 46.9}, sites_ok=3),
+                        "psnr", first, 3, 25)
+    assert "(round 0: 45.8000)" in middle and "ε 5.90" in middle and "fine-tune" not in middle
+    last = round_line(RoundSummary(4, 4, 2.0, evaluate={"psnr": 47.3}, sites_ok=2), "psnr", first, 3, 25)
+    assert "sites 2/3" in last and "after its 25-step fine-tune" in last
+    plain = round_line(RoundSummary(4, 4, 2.0, evaluate={"psnr": 47.3}, sites_ok=3), "psnr", first, 3, 0)
+    assert "fine-tune" not in plain and "[dim]" not in plain
