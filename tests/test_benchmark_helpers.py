@@ -404,6 +404,15 @@ def test_a_dp_compare_study_is_the_plain_one_under_dp_at_a_quarter_of_its_rates(
     assert private.replace(run={"initial_model": "", "out_dir": plain.run.out_dir}).run == plain.run
 
 
+def test_the_small_site_denoise_study_is_the_denoise_comparison_on_other_sites() -> None:
+    """sites_example/denoise-small-site-compare.toml: the README's small-site table was measured
+    on the denoise comparison's study with only its sites (hospital A cut to one subject) moved."""
+    root = Path(__file__).resolve().parents[1] / "sites_example"
+    plain, small = load_study(root / "denoise-compare.toml"), load_study(root / "denoise-small-site-compare.toml")
+    assert small.run.sites_dir == "benchmarks/data/denoise-small-a"
+    assert small.replace(run={"sites_dir": plain.run.sites_dir, "out_dir": plain.run.out_dir}) == plain
+
+
 def test_the_recon_benchmark_runs_the_accelerations_asked_for() -> None:
     """--accelerations picks studies of the two the benchmark tunes (each about an hour on 2 cores)."""
     from recon_baselines import TV_START, acceleration_option
