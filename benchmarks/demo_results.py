@@ -5,9 +5,10 @@
 
 Reads the run folder (``metrics.jsonl``, ``config.toml``, the last round's sample grid) and
 writes ``results.md``: the held-out scores after every evaluated round, by site after the
-last (each site's fine-tuned model where the study fine-tunes), and the ε each site spent; and ``last-round.png``: the first ``--rows`` rows of the
-last round's grid at full resolution (for the demo: whole 512×512 slices, quarter dose |
-the federated model | full dose). Not a timed test.
+last (each site's fine-tuned model where the study fine-tunes), and the ε each site spent;
+and ``last-round.png``: the first ``--rows`` rows of the last round's grid at full
+resolution (for the demo: whole 512×512 slices, quarter dose | the federated model | full
+dose). Not a timed test.
 """
 
 from __future__ import annotations
