@@ -120,6 +120,7 @@ def reconstruction_pair(
     """One subject's (network input, target) for compressed-sensing reconstruction.
 
     Both are brought to the matrix ``size`` by cropping k-space (so the measured lines stay exact),
+    the coarser pixels centred as a scanner acquiring that matrix centres them,
     scaled so that 1 is ``KSPACE_SCALE`` × the subject's mean intensity (its k-space
     centre, which every protocol samples: known from the measurement alone), and mapped
     to [-1, 1] linearly (no clipping: data consistency needs linearity). Inputs have three
@@ -130,7 +131,7 @@ def reconstruction_pair(
     if image.shape != kspace.shape:
         raise DataError(f"k-space of shape {kspace.shape} does not match its image's {image.shape}")
     inputs, top = reconstruction_input(kspace, size, tv_weight)
-    target = crop_kspace(image.astype(np.float32), size).real
+    target = crop_kspace(image.astype(np.float32), size, centred=True).real
     return inputs, (2 * target / top - 1)[:, None].astype(np.float32)
 
 
@@ -138,7 +139,7 @@ def reconstruction_input(kspace: np.ndarray, size: int | tuple[int, int],
                          tv_weight: float = 0.0) -> tuple[np.ndarray, float]:
     """The network input of ``reconstruction_pair`` from the measurement alone, and the
     intensity ``top`` that maps the network's [-1, 1] back to image values."""
-    zero_filled = crop_kspace(np.fft.ifft2(kspace, norm="ortho"), size)
+    zero_filled = crop_kspace(np.fft.ifft2(kspace, norm="ortho"), size, centred=True)  # where the output's affine puts it
     top = KSPACE_SCALE * float(np.mean(zero_filled.real)) or 1.0
     mask = np.broadcast_to(crop_mask(acquired_columns(kspace), zero_filled.shape[-1])[None, :], zero_filled.shape)
     inputs = np.stack([2 * zero_filled.real / top - 1, 2 * zero_filled.imag / top, mask], axis=1).astype(np.float32)

@@ -26,8 +26,9 @@ import torch
 
 from medgan_core.data.cache_admin import SCRATCH_PREFIX, mark_used
 
-#: Bumped when what a cache file holds changes meaning; old files are then not reused.
-CACHE_FORMAT = 1
+#: Bumped when what a cache file holds changes meaning; old files are then not reused
+#: (2: recon's coarser k-space matrices centre their pixels in the field).
+CACHE_FORMAT = 2
 #: The value a slice is padded with to the split's common canvas: air (-1 in [-1, 1]).
 PAD_VALUE = -1.0
 
