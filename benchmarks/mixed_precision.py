@@ -24,6 +24,7 @@ from medgan_core.runtime import resolve_device
 from medgan_core.tasks.registry import task_names
 from speed import BATCH, BENCH_DP, WIDTHS, _data, _round_rate, bench_task, machine, paired_ratio
 
+
 def precision_rates(name: str, size: int, steps: int, repeats: int, device: torch.device) -> dict[str, float]:
     """Best images/s of float32 and bfloat16 rounds, plain and DP, and each speed-up as the
     median of ``repeats`` back-to-back pairs."""

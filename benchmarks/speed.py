@@ -114,10 +114,9 @@ def framework_rates(name: str, size: int, width: int, steps: int, repeats: int =
     hits both rounds of a pair)."""
     task = bench_task(name, size, width, device, precision)
     data = _data(name, size, torch.Generator().manual_seed(0))
-    dp = BENCH_DP
     per_step = len(task.batch_pools(data))  # cycle: a batch of each scanner per step
     pairs = [(_round_rate(lambda n: task.train(data, n, seed=0), steps, per_step, device),
-              _round_rate(lambda n: task.train(data, n, seed=0, dp=dp), steps, per_step, device))
+              _round_rate(lambda n: task.train(data, n, seed=0, dp=BENCH_DP), steps, per_step, device))
              for _ in range(repeats)]
     sent = sum(a.nbytes for a in task.get_weights().values())
     return {"plain": max(p for p, _ in pairs), "dp": max(q for _, q in pairs),
