@@ -65,6 +65,8 @@ def study_compare(
     sites_dir: Optional[Path] = typer.Option(None, "--sites-dir", help="Override run.sites-dir."),
     rounds: Optional[int] = typer.Option(None, "--rounds", min=1, help="Override run.rounds."),
     local_steps: Optional[int] = typer.Option(None, "--local-steps", min=1, help="Override task.local-steps."),
+    seed: Optional[int] = typer.Option(
+        None, "--seed", min=0, help="Override task.seed: the initial model and every site's batches."),
     privacy: Optional[bool] = typer.Option(None, "--privacy/--no-privacy", help="Override privacy.enabled."),
     leave_one_out: bool = typer.Option(False, "--leave-one-out", help="Also federate without each site, applied to it."),
     epsilons: str = typer.Option(
@@ -84,7 +86,7 @@ def study_compare(
     from medgan.compare import compare_study
 
     try:
-        study = _demo_config(config, rounds, local_steps, sites_dir, None, "cpu")
+        study = _demo_config(config, rounds, local_steps, sites_dir, None, "cpu", seed)
         if privacy is not None:
             study = study.replace(privacy={"enabled": privacy})
         if eval_slices is not None:
@@ -172,6 +174,9 @@ def demo(
     config: Path = typer.Option(DEFAULT_CONFIG, "--config", help="Study TOML ([run] and [task] tables)."),
     rounds: Optional[int] = typer.Option(None, "--rounds", min=1, help="Override run.rounds."),
     local_steps: Optional[int] = typer.Option(None, "--local-steps", min=1, help="Override task.local-steps."),
+    seed: Optional[int] = typer.Option(
+        None, "--seed", min=0,
+        help="Override task.seed: the initial model, every site's batches and, where the demo simulates them, its sites."),
     sites_dir: Optional[Path] = typer.Option(None, "--sites-dir", help="Override run.sites-dir."),
     out: Optional[Path] = typer.Option(None, "--out", help="Override run.out-dir (the run folder)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda (override run.device)."),
@@ -186,7 +191,7 @@ def demo(
         if resume is not None:
             study = resumed_study(resume)
         else:
-            study = _demo_config(config, rounds, local_steps, sites_dir, out, device)
+            study = _demo_config(config, rounds, local_steps, sites_dir, out, device, seed)
         if privacy is not None:
             study = study.replace(privacy={"enabled": privacy})
         _run_demo(study, verbose, ray_address)
@@ -195,12 +200,12 @@ def demo(
 
 
 def _demo_config(config: Path, rounds: Optional[int], local_steps: Optional[int], sites_dir: Optional[Path],
-                 out: Optional[Path], device: Optional[str]) -> StudyConfig:
+                 out: Optional[Path], device: Optional[str], seed: Optional[int] = None) -> StudyConfig:
     study = load_study(config)
     run_changes = {k: v for k, v in (("rounds", rounds), ("device", device),
                                      ("sites_dir", str(sites_dir) if sites_dir else None),
                                      ("out_dir", str(out) if out else None)) if v is not None}
-    task_changes = {"local_steps": local_steps} if local_steps is not None else {}
+    task_changes = {k: v for k, v in (("local_steps", local_steps), ("seed", seed)) if v is not None}
     return study.replace(run=run_changes, task=task_changes)
 
 

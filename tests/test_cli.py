@@ -153,3 +153,18 @@ def test_demo_round_line_names_the_initial_model_and_the_fine_tuned_last_round()
     assert "sites 2/3" in last and "after its 25-step fine-tune" in last
     plain = round_line(RoundSummary(4, 4, 2.0, evaluate={"psnr": 47.3}, sites_ok=3), "psnr", first, 3, 0)
     assert "fine-tune" not in plain and "[dim]" not in plain
+
+
+def test_seed_option_changes_the_task_seed_and_nothing_else() -> None:
+    from medgan.cli import _demo_config
+    from medgan_core.study_config import load_study
+
+    config = Path("sites_example/translate-compare.toml")
+    shipped = load_study(config)
+    seeded = _demo_config(config, None, None, None, None, None, seed=2)
+    assert shipped.task.seed == 0 and seeded.task.seed == 2
+    assert seeded.replace(task={"seed": 0}) == shipped
+    assert _demo_config(config, None, 30, None, None, None, seed=None).task.seed == 0
+    for command in (["demo"], ["study", "compare"]):
+        refused = runner.invoke(app, [*command, "--config", str(config), "--seed", "-1"])
+        assert refused.exit_code == 2 and "--seed" in refused.output and "Traceback" not in refused.output
