@@ -130,7 +130,7 @@ def compare_study(study: StudyConfig, sites: list[Path], out: Path, *, leave_one
             }
     results = {"task": study.task.name, "headline": headline, "privacy": study.privacy.enabled,
                "delta": study.privacy.delta, "initial-model": Path(study.run.initial_model).name or None,
-               "rounds": study.run.rounds, "local-steps": study.task.local_steps,
+               "rounds": study.run.rounds, "local-steps": study.task.local_steps, "seed": study.task.seed,
                "ditto-steps": study.aggregation.ditto_steps, "sites": [s.name for s in sites],
                "self-ensemble": self_ensemble if has_ensemble else None,
                "eval-slices": getattr(study.task.params, "eval_slices", 0), "scores": scores, "leave-one-out": held_out, "epsilon-utility": curve,
@@ -222,6 +222,7 @@ def _markdown(results: dict[str, Any]) -> str:
              f"{len(results['sites'])} sites, {results['rounds']} rounds × {results['local-steps']} local steps"
              + (f" and {results['ditto-steps']} steps of each site's Ditto personal model (local only and pooled: "
                 f"{results['local-steps'] + results['ditto-steps']} steps a round)" if results.get("ditto-steps") else "")
+             + (f", seed {results['seed']}" if "seed" in results else "")
              + ", "
              f"DP {'on' if results['privacy'] else 'off'} for the federated and local arms (pooled: no DP). "
              f"Held-out `{key}` at each site, each arm's own model there "

@@ -67,3 +67,9 @@ def test_for_a_lower_is_better_metric_a_lower_score_meets_the_target() -> None:
 def test_the_command_and_the_machine_are_recorded() -> None:
     results = _results(privacy=False) | {"command": "medgan study compare --config s.toml", "machine": "2 CPUs (x86_64)"}
     assert "Command: `medgan study compare --config s.toml`; machine: 2 CPUs (x86_64)." in _markdown(results)
+
+
+def test_the_seed_is_said_where_the_results_record_it() -> None:
+    results = _results(privacy=False)
+    assert "2 sites, 2 rounds × 3 local steps, DP off" in _markdown(results)  # results written before the seed was
+    assert "2 sites, 2 rounds × 3 local steps, seed 2, DP off" in _markdown(results | {"seed": 2})
