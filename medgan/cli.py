@@ -189,11 +189,19 @@ def demo(
     """Simulate the sites if needed, then run a federated study in Flower's simulation engine."""
     try:
         if resume is not None:
+            changes = [flag for flag, value in (("--rounds", rounds), ("--local-steps", local_steps), ("--seed", seed),
+                                                ("--sites-dir", sites_dir), ("--out", out),
+                                                ("--privacy/--no-privacy", privacy)) if value is not None]
+            if changes:  # a resumed run that silently changed its study (DP off, say) would not be the run it says
+                raise ConfigError(f"--resume continues {resume} with the study it started with; "
+                                  f"{', '.join(changes)} cannot change it (start a new run to change it)")
             study = resumed_study(resume)
+            if device is not None:
+                study = study.replace(run={"device": device})
         else:
             study = _demo_config(config, rounds, local_steps, sites_dir, out, device, seed)
-        if privacy is not None:
-            study = study.replace(privacy={"enabled": privacy})
+            if privacy is not None:
+                study = study.replace(privacy={"enabled": privacy})
         _run_demo(study, verbose, ray_address)
     except MedGANError as exc:
         fail(exc)

@@ -168,3 +168,13 @@ def test_seed_option_changes_the_task_seed_and_nothing_else() -> None:
     for command in (["demo"], ["study", "compare"]):
         refused = runner.invoke(app, [*command, "--config", str(config), "--seed", "-1"])
         assert refused.exit_code == 2 and "--seed" in refused.output and "Traceback" not in refused.output
+
+
+def test_a_resumed_run_refuses_to_change_its_study(tmp_path: Path) -> None:
+    """`--resume` with `--no-privacy` would otherwise finish a DP study without DP."""
+    for change in (["--no-privacy"], ["--seed", "3"], ["--rounds", "9", "--local-steps", "2"]):
+        refused = runner.invoke(app, ["demo", "--resume", str(tmp_path), *change])
+        assert refused.exit_code == 2 and "Traceback" not in refused.output, refused.output
+        assert "cannot change it" in refused.output and change[0] in refused.output
+    missing = runner.invoke(app, ["demo", "--resume", str(tmp_path / "none"), "--device", "cpu"])
+    assert missing.exit_code == 2 and "cannot change it" not in missing.output and "Traceback" not in missing.output
