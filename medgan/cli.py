@@ -189,15 +189,9 @@ def demo(
     """Simulate the sites if needed, then run a federated study in Flower's simulation engine."""
     try:
         if resume is not None:
-            changes = [flag for flag, value in (("--rounds", rounds), ("--local-steps", local_steps), ("--seed", seed),
-                                                ("--sites-dir", sites_dir), ("--out", out),
-                                                ("--privacy/--no-privacy", privacy)) if value is not None]
-            if changes:  # a resumed run that silently changed its study (DP off, say) would not be the run it says
-                raise ConfigError(f"--resume continues {resume} with the study it started with; "
-                                  f"{', '.join(changes)} cannot change it (start a new run to change it)")
-            study = resumed_study(resume)
-            if device is not None:
-                study = study.replace(run={"device": device})
+            study = _resumed_config(resume, device, {"--rounds": rounds, "--local-steps": local_steps, "--seed": seed,
+                                                     "--sites-dir": sites_dir, "--out": out,
+                                                     "--privacy/--no-privacy": privacy})
         else:
             study = _demo_config(config, rounds, local_steps, sites_dir, out, device, seed)
             if privacy is not None:
@@ -205,6 +199,17 @@ def demo(
         _run_demo(study, verbose, ray_address)
     except MedGANError as exc:
         fail(exc)
+
+
+def _resumed_config(resume: Path, device: Optional[str], changes: dict[str, object]) -> StudyConfig:
+    """The study of ``resume`` as it started, moved to ``device`` if given. Any other change is
+    refused: a resumed run that changed its study (DP off, say) would not be the run it says."""
+    given = [flag for flag, value in changes.items() if value is not None]
+    if given:
+        raise ConfigError(f"--resume continues {resume} with the study it started with; "
+                          f"{', '.join(given)} cannot change it (start a new run to change it)")
+    study = resumed_study(resume)
+    return study.replace(run={"device": device}) if device is not None else study
 
 
 def _demo_config(config: Path, rounds: Optional[int], local_steps: Optional[int], sites_dir: Optional[Path],

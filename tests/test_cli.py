@@ -178,3 +178,17 @@ def test_a_resumed_run_refuses_to_change_its_study(tmp_path: Path) -> None:
         assert "cannot change it" in refused.output and change[0] in refused.output
     missing = runner.invoke(app, ["demo", "--resume", str(tmp_path / "none"), "--device", "cpu"])
     assert missing.exit_code == 2 and "cannot change it" not in missing.output and "Traceback" not in missing.output
+
+
+def test_a_resumed_run_keeps_its_study_and_may_only_move_device(tmp_path: Path) -> None:
+    from medgan.cli import _resumed_config
+    from medgan_core.study_config import load_study
+    from server.run_folder import RunFolder
+
+    started = load_study(Path("sites_example/demo.toml")).replace(run={"out_dir": str(tmp_path / "run")})
+    RunFolder(tmp_path / "run").start(started)
+    same = _resumed_config(tmp_path / "run", None, {"--seed": None, "--no-privacy": None})
+    assert same.privacy.enabled and same.run.resume and same.run.device == "auto"
+    assert same.replace(run={"resume": False}) == started
+    moved = _resumed_config(tmp_path / "run", "cpu", {"--seed": None})
+    assert moved.run.device == "cpu" and moved.replace(run={"device": "auto"}) == same
