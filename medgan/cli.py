@@ -67,6 +67,11 @@ def study_compare(
     local_steps: Optional[int] = typer.Option(None, "--local-steps", min=1, help="Override task.local-steps."),
     seed: Optional[int] = typer.Option(
         None, "--seed", min=0, help="Override task.seed: the initial model and every site's batches."),
+    seeds: Optional[str] = typer.Option(
+        None, "--seeds",
+        help="The whole comparison at each of these seeds (comma-separated, e.g. 0,1,2), each in OUT/seed-N (one "
+             "finished there earlier by the same comparison is kept), and how far each number moves with the seed "
+             "in OUT/results.md."),
     privacy: Optional[bool] = typer.Option(None, "--privacy/--no-privacy", help="Override privacy.enabled."),
     leave_one_out: bool = typer.Option(False, "--leave-one-out", help="Also federate without each site, applied to it."),
     epsilons: str = typer.Option(
@@ -84,8 +89,12 @@ def study_compare(
 ) -> None:
     """Train the study, local-only and pooled on the same budget; score every site's held-out split."""
     from medgan.compare import compare_study
+    from medgan.compare_seeds import compare_seeds, parse_seeds
 
     try:
+        if seeds is not None and seed is not None:
+            raise ConfigError("give --seed N or --seeds A,B,…, not both")
+        seed_list = parse_seeds(seeds) if seeds is not None else []
         study = _demo_config(config, rounds, local_steps, sites_dir, None, "cpu", seed)
         if privacy is not None:
             study = study.replace(privacy={"enabled": privacy})
@@ -98,9 +107,12 @@ def study_compare(
         if len(sites) < 2:
             raise MedGANError(f"{study.run.sites_dir} holds {len(sites)} site(s); a comparison needs at least two")
         study = study.replace(run={"num_sites": len(sites)})
-        results = compare_study(study, sites, out, leave_one_out=leave_one_out, epsilons=parse_epsilons(epsilons),
-                                self_ensemble=self_ensemble, command=shlex.join(["medgan", *sys.argv[1:]]),
-                                progress=console.print)
+        arguments = dict(leave_one_out=leave_one_out, epsilons=parse_epsilons(epsilons), self_ensemble=self_ensemble,
+                         command=shlex.join(["medgan", *sys.argv[1:]]), progress=console.print)
+        if seed_list:
+            results = compare_seeds(study, sites, out, seed_list, **arguments)
+        else:
+            results = compare_study(study, sites, out, **arguments)
     except MedGANError as exc:
         fail(exc)
     console.print((out / "results.md").read_text())

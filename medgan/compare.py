@@ -24,7 +24,7 @@ import json
 import os
 import platform
 import time
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -64,6 +64,7 @@ def compare_study(study: StudyConfig, sites: list[Path], out: Path, *, leave_one
         raise MedGANError("a comparison needs at least two sites")
     if any(not eps > 0 for eps in epsilons):
         raise MedGANError(f"--epsilons {','.join(f'{e:g}' for e in epsilons)}: every ε must be positive")
+    options = comparison_options(leave_one_out, epsilons, self_ensemble)  # as asked, before the study's own key
     out.mkdir(parents=True, exist_ok=True)
     headline = task_class(study.task.name).headline_metric
     has_ensemble = bool(getattr(task_class(study.task.name), "self_ensemble", False))
@@ -134,11 +135,18 @@ def compare_study(study: StudyConfig, sites: list[Path], out: Path, *, leave_one
                "ditto-steps": study.aggregation.ditto_steps, "sites": [s.name for s in sites],
                "self-ensemble": self_ensemble if has_ensemble else None,
                "eval-slices": getattr(study.task.params, "eval_slices", 0), "scores": scores, "leave-one-out": held_out, "epsilon-utility": curve,
-               "seconds": seconds, "command": command, "machine": machine()}
+               "seconds": seconds, "command": command, "machine": machine(),
+               "study": study.to_dict(), "options": options}
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     atomic_write_text(out / "results.md", _markdown(results))
     _plot(results, out, progress)
     return results
+
+
+def comparison_options(leave_one_out: bool, epsilons: Sequence[float], self_ensemble: bool) -> dict[str, Any]:
+    """What, beside the study, decides a comparison's numbers (recorded, so that ``--seeds`` can
+    tell a finished seed of the same comparison from another's)."""
+    return {"leave-one-out": leave_one_out, "epsilons": sorted(set(epsilons)), "self-ensemble": self_ensemble}
 
 
 def machine() -> str:
@@ -262,38 +270,56 @@ def _markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _targets_markdown(results: dict[str, Any]) -> list[str]:
-    """Each target, met or missed and by how much, from the scores above (a missed one is what
+@dataclass(frozen=True)
+class TargetCheck:
+    """One of the targets of a federation worth joining, as one comparison measured it."""
+
+    name: str  # what the target asks
+    value: float  # a margin in the headline's units (> 0: the federation is better) or a share of a gain
+    threshold: float  # met when ``value`` reaches it
+    detail: str  # the number, and where: what a reader checks
+
+    @property
+    def met(self) -> bool:
+        return self.value >= self.threshold
+
+
+def check_targets(results: dict[str, Any]) -> list[TargetCheck]:
+    """Each target that ``results`` measured, met or missed and by how much (a missed one is what
     the next experiment is for)."""
     key, sites, scores = results["headline"], results["sites"], results["scores"]
     sign = -1.0 if key in LOWER_IS_BETTER else 1.0  # margins > 0: the federation is better
-
-    def verdict(margin: float) -> str:
-        return "met" if margin >= 0 else "**missed**"
-
     margins = {site: sign * (scores["federated"][site][key] - scores["local only"][site][key]) for site in sites}
     worst = min(margins, key=margins.__getitem__)
-    lines = ["Targets:", "",
-             f"- federated ≥ local only at every site: {verdict(margins[worst])} "
-             f"(smallest margin {margins[worst]:+.3f} at {worst})"]
+    checks = [TargetCheck("federated ≥ local only at every site", margins[worst], 0.0,
+                          f"smallest margin {margins[worst]:+.3f} at {worst}")]
     if f"{key}-input" in scores["federated"][sites[0]]:
         pooled = mean_gain(results, "pooled", key)
         share = mean_gain(results, "federated", key) / pooled if pooled else float("nan")
-        lines.append(f"- ≥ {POOLED_SHARE_TARGET:.0%} of pooled training's gain: {verdict(share - POOLED_SHARE_TARGET)} "
-                     f"({share:.0%})")
+        checks.append(TargetCheck(f"≥ {POOLED_SHARE_TARGET:.0%} of pooled training's gain", share,
+                                  POOLED_SHARE_TARGET, f"{share:.0%}"))
     if results["leave-one-out"]:
         loo = {site: sign * row["federated (others)"][key] - max(sign * s[key] for s in row["single sites"].values())
                for site, row in results["leave-one-out"].items()}
         worst = min(loo, key=loo.__getitem__)
-        lines.append(f"- left out, the federation beats every single-site model: {verdict(loo[worst])} "
-                     f"(smallest margin over the best single site {loo[worst]:+.3f} at {worst})")
+        checks.append(TargetCheck("left out, the federation beats every single-site model", loo[worst], 0.0,
+                                  f"smallest margin over the best single site {loo[worst]:+.3f} at {worst}"))
     at_target = [p for p in results["epsilon-utility"] if p["target-epsilon"] == DP_TARGET_EPSILON]
     if at_target and f"{key}-input" in scores["federated"][sites[0]]:
         ceiling = mean_gain(results, NO_DP, key)
         share = mean_gain(results, at_target[0]["arm"], key) / ceiling if ceiling else float("nan")
-        lines.append(f"- DP at ε = {DP_TARGET_EPSILON:g} keeps ≥ {DP_SHARE_TARGET:.0%} of the non-DP gain: "
-                     f"{verdict(share - DP_SHARE_TARGET)} ({share:.0%})")
-    return lines
+        checks.append(TargetCheck(f"DP at ε = {DP_TARGET_EPSILON:g} keeps ≥ {DP_SHARE_TARGET:.0%} of the non-DP gain",
+                                  share, DP_SHARE_TARGET, f"{share:.0%}"))
+    return checks
+
+
+def verdict(met: bool) -> str:
+    return "met" if met else "**missed**"
+
+
+def _targets_markdown(results: dict[str, Any]) -> list[str]:
+    return ["Targets:", "", *(f"- {check.name}: {verdict(check.met)} ({check.detail})"
+                              for check in check_targets(results))]
 
 
 def _curve_markdown(results: dict[str, Any]) -> list[str]:
@@ -341,7 +367,7 @@ def _plot(results: dict[str, Any], out: Path, progress: Progress) -> None:
         axis.set_xticks([s + 0.4 - width / 2 for s in range(len(sites))], sites, rotation=15)
         axis.set_ylabel(label)
         axis.legend(bbox_to_anchor=(1.01, 1), loc="upper left", fontsize="small")  # beside the bars, never on them
-        _save(plt, figure, out / name)
+        save_chart(plt, figure, out / name)
     if results["epsilon-utility"]:
         figure, axis = plt.subplots(figsize=(5.5, 3.5))
         points = results["epsilon-utility"]
@@ -354,10 +380,10 @@ def _plot(results: dict[str, Any], out: Path, progress: Progress) -> None:
         axis.set_xlabel("ε spent (largest site)")
         axis.set_ylabel(f"mean held-out {key}")
         axis.legend(fontsize="small")
-        _save(plt, figure, out / "epsilon-utility.png")
+        save_chart(plt, figure, out / "epsilon-utility.png")
 
 
-def _save(plt: Any, figure: Any, path: Path) -> None:
+def save_chart(plt: Any, figure: Any, path: Path) -> None:
     """Write a chart whole or not at all (a temporary file, then replace)."""
     figure.tight_layout()
     partial = path.with_name(f".{path.stem}.partial.png")
