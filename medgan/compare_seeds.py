@@ -78,9 +78,16 @@ def compare_seeds(study: StudyConfig, sites: list[Path], out: Path, seeds: Seque
     """The comparison at every seed, each in ``OUT/seed-N`` (kept if finished), and the summary of
     all of them in ``OUT/results.json``, ``results.md`` and ``seeds.png``."""
     options = comparison_options(leave_one_out, epsilons, self_ensemble)
+    unseeded = _as_json(study.to_dict())
+    unseeded["task"].pop("seed", None)  # what every seed shares
     summary_path = out / "results.json"
-    if summary_path.exists() and "seeds" not in _read_json(summary_path):
-        raise MedGANError(f"{summary_path} holds a single comparison's results; choose another --out for --seeds")
+    if summary_path.exists():
+        earlier = _read_json(summary_path)
+        if "seeds" not in earlier:
+            raise MedGANError(f"{summary_path} holds a single comparison's results; choose another --out for --seeds")
+        if earlier.get("study") != unseeded or earlier.get("options") != _as_json(options):
+            raise MedGANError(f"{summary_path} summarises another comparison (its study or options differ); "
+                              "choose another --out, or move that folder away")
     studies = {seed: study.replace(task={"seed": seed}) for seed in seeds}
     per_seed = {seed: finished_seed(seed_folder(out, seed), studies[seed], options) for seed in seeds}  # refuse first
     for index, seed in enumerate(seeds, 1):
@@ -92,7 +99,7 @@ def compare_seeds(study: StudyConfig, sites: list[Path], out: Path, seeds: Seque
                                        epsilons=epsilons, self_ensemble=self_ensemble, command=command,
                                        progress=lambda line, label=label: progress(f"{label}: {line}"))
     summary = summarise({seed: results for seed, results in per_seed.items() if results is not None})
-    summary["command"] = command
+    summary |= {"study": unseeded, "options": _as_json(options), "command": command}
     atomic_write_text(summary_path, json.dumps(summary, indent=2) + "\n")
     atomic_write_text(out / "results.md", seeds_markdown(summary))
     _plot_seeds(summary, out, progress)

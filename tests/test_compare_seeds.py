@@ -109,4 +109,8 @@ def test_every_seed_is_a_whole_comparison_kept_once_finished(tiny_sites: list[Pa
                       self_ensemble=False, progress=seen.append)
     with pytest.raises(MedGANError, match="another comparison"):
         compare_seeds(study, tiny_sites, tmp_path / "cmp", [0, 3], progress=seen.append)  # with the self-ensemble
+    with pytest.raises(MedGANError, match="summarises another comparison"):  # other seeds, but the summary is theirs
+        compare_seeds(study.replace(task={"local_steps": 3}), tiny_sites, tmp_path / "cmp", [7, 8],
+                      self_ensemble=False, progress=seen.append)
+    assert not (tmp_path / "cmp" / "seed-7").exists()
     assert json.loads((tmp_path / "cmp" / "seed-0" / "results.json").read_text())["seed"] == 0
