@@ -67,7 +67,8 @@ def finished_seed(folder: Path, study: StudyConfig, options: dict[str, Any]) -> 
     except (OSError, ValueError) as exc:
         raise MedGANError(f"{path} cannot be read ({exc}); move it away or choose another --out") from None
     if results.get("study") != _as_json(study.to_dict()) or results.get("options") != _as_json(options):
-        raise MedGANError(f"{path} holds another comparison's results (its study or options differ); "
+        raise MedGANError(f"{path} holds another comparison's results (its study or options differ, or are not "
+                          "recorded); "
                           "choose another --out, or move that folder away")
     return results
 
@@ -114,8 +115,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def summarise(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
-    """Per seed: each arm's mean score, the mean gain over the input (image-to-image tasks) and
-    every target's value; over the seeds: the means, and each target met at how many seeds."""
+    """Per seed: each arm's mean score and site scores, the mean gain over the input (image-to-image
+    tasks) and every target's value; over the seeds: each arm's mean, and the share of the mean gains."""
     first = next(iter(per_seed.values()))
     key, sites = first["headline"], first["sites"]
     has_input = f"{key}-input" in first["scores"]["federated"][sites[0]]
@@ -136,7 +137,7 @@ def summarise(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
     if has_input:
         gains = {arm: sum(r["gains"][arm] for r in rows) / len(rows) for arm in ARMS}
         summary["gains"] = gains
-        summary["pooled-share"] = gains["federated"] / gains["pooled"] if gains["pooled"] else float("nan")
+        summary["pooled-share"] = _share(gains)
     return summary
 
 
@@ -188,6 +189,7 @@ def seeds_markdown(summary: dict[str, Any]) -> str:
 
 
 def _share(gains: dict[str, float]) -> float:
+    """The federation's share of pooled training's gain over the input."""
     return gains["federated"] / gains["pooled"] if gains["pooled"] else float("nan")
 
 
