@@ -40,7 +40,7 @@ from opacus.optimizers import DPOptimizer
 
 from medgan_core.data.dataset import SiteData
 from medgan_core.privacy.dp_sgd import DPSettings
-from medgan_core.runtime import resolve_device
+from medgan_core.runtime import cpu_model, resolve_device
 from medgan_core.tasks.base import Task
 from medgan_core.tasks.registry import build_task, task_config, task_names
 
@@ -203,7 +203,7 @@ def bare_step(generator: torch.nn.Module, discriminator: torch.nn.Module, latent
 def machine() -> dict[str, object]:
     return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-            "processor": platform.processor() or platform.machine()}
+            "processor": cpu_model()}
 
 
 def main() -> None:

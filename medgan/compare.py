@@ -36,6 +36,7 @@ from medgan_core.data.dataset import SiteData
 from medgan_core.errors import MedGANError
 from medgan_core.fileio import atomic_write_text
 from medgan_core.run_layout import RunLayout
+from medgan_core.runtime import cpu_model
 from medgan_core.site_round import load_site_model
 from medgan_core.study_config import StudyConfig
 from medgan_core.tasks.base import Task
@@ -151,7 +152,7 @@ def comparison_options(leave_one_out: bool, epsilons: Sequence[float], self_ense
 
 def machine() -> str:
     """What the seconds in the results were measured on."""
-    return (f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), {torch.get_num_threads()} torch "
+    return (f"{os.cpu_count()} CPUs ({cpu_model()}, {platform.machine()}), {torch.get_num_threads()} torch "
             f"threads, torch {torch.__version__}, Python {platform.python_version()}")
 
 
