@@ -38,7 +38,9 @@ def test_ghost_form_is_chosen_only_where_it_costs_less() -> None:
 
 def _step(fast: bool, net: nn.Module, images: torch.Tensor, passes: int, views: int,
           max_grad_norm: float, backwards: int = 1) -> list[torch.Tensor]:
-    """One private SGD step without noise; each parameter's update."""
+    """One private SGD step without noise; the gradient it applied to each parameter (read from
+    ``.grad``: with lr = 1 it is the update, without the rounding of a difference of two float32
+    weights, one ulp of the weight, which can exceed the tolerance on a small update)."""
     module = (FastConvGradSampleModule if fast else GradSampleModule)(net)
     wrapped = (GhostDPOptimizer if fast else DPOptimizer)(
         torch.optim.SGD(net.parameters(), lr=1.0), noise_multiplier=0.0, max_grad_norm=max_grad_norm,
@@ -56,9 +58,12 @@ def _step(fast: bool, net: nn.Module, images: torch.Tensor, passes: int, views: 
     average_views(module, views)
     before = [p.detach().clone() for p in net.parameters()]
     wrapped.step()
-    updates = [b - p.detach() for b, p in zip(before, net.parameters())]
+    applied = [p.grad.detach().clone() for p in net.parameters()]
+    for b, p, g in zip(before, net.parameters(), applied):  # the step really applied it (to float32 rounding)
+        atol = 1e-3 * g.abs().max().item() + torch.finfo(b.dtype).eps * b.abs().max().item()  # + the weight's ulp
+        torch.testing.assert_close(b - p.detach(), g, rtol=0, atol=atol)
     module._close()
-    return updates
+    return applied
 
 
 @pytest.mark.parametrize("passes,views,bias,backwards", [(1, 1, True, 1), (2, 1, True, 1), (1, 3, True, 1),
