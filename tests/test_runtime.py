@@ -35,3 +35,9 @@ def test_resolve_device_refuses_what_is_not_there() -> None:
         assert resolve_device("auto") == torch.device("cpu")
         with pytest.raises(ConfigError, match="no CUDA GPU"):
             resolve_device("cuda")
+
+
+def test_a_comparison_records_the_cpu_model_with_its_seconds() -> None:
+    from medgan.compare import machine
+
+    assert f"({cpu_model()}, {platform.machine()})" in machine()
