@@ -37,6 +37,10 @@ from medgan_core.tasks.base import LocalTraining, Task, lr_scale
 log = logging.getLogger(__name__)
 
 
+#: The site's earlier σ searches (``medgan_core.privacy.planning.noise_for``): time saved, each checked before use.
+NOISE_PLANS = "noise-plans.json"
+
+
 def accountant_path(state_dir: str | Path, study_id: str) -> Path:
     return Path(state_dir) / f"accountant-{study_id}.json"
 
@@ -157,7 +161,8 @@ def train_site_round(
     # stricter site still trains every planned round rather than stopping part-way.
     ditto = aggregation.ditto_steps
     dp = plan_dp(privacy, records, task.config.batch_size,
-                 planned_rounds * (steps + ditto) + aggregation.finetune_steps, k, epsilon=min(budget, privacy.target_epsilon))
+                 planned_rounds * (steps + ditto) + aggregation.finetune_steps, k, epsilon=min(budget, privacy.target_epsilon),
+                 plans=Path(site.state_dir) / NOISE_PLANS)
     check_budget(accountant, dp, steps + ditto + finetune, budget, site.site_name, k)
     metrics = task.train(data, steps, seed, dp=dp, accountant=accountant)
     personal = _finetune(task, data, finetune, seed, dp=dp, accountant=accountant)  # accounted like every step
