@@ -4,7 +4,7 @@ A SuperNode runs whatever Flower App Bundle (FAB) the SuperLink hands it. Flower
 ``--trusted-entities`` accepts only apps signed through the online Flower Hub, which an
 offline hospital cannot use. So the site pins app hashes instead: the SHA-256 of the
 FAB, which ``flwr run`` builds reproducibly from the project's files
-(``medgan app hash`` prints it). By default a site approves exactly the app it has
+(``medgan app-hash`` prints it). By default a site approves exactly the app it has
 installed itself; ``[site] app-hash`` in site.toml lists others it has reviewed. Any
 other app — a modified study, or one submitted by someone else — is refused before a
 line of it runs: the site logs one line saying why and answers the round with Flower's
@@ -76,7 +76,7 @@ def check_hashes(hashes: Iterable[str]) -> tuple[str, ...]:
     out = tuple(h.strip().lower() for h in hashes if h.strip())
     bad = [h for h in out if len(h) != 64 or any(c not in "0123456789abcdef" for c in h)]
     if bad or not out:
-        raise ConfigError(f"app-hash {bad[:1] or '(none)'}: give the 64-hex-digit SHA-256 that 'medgan app hash' prints")
+        raise ConfigError(f"app-hash {bad[:1] or '(none)'}: give the 64-hex-digit SHA-256 that 'medgan app-hash' prints")
     return out
 
 
