@@ -353,6 +353,29 @@ def test_the_privacy_audit_denoise_public_start_is_the_default_demo_s_way() -> N
     assert TASKS["denoise-public-start"].params.trainable == "all" and demo.privacy.enabled
 
 
+def test_the_privacy_audit_denoise_demo_rows_train_one_demo_site_as_the_demo_does(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``denoise-demo``: the demo's task and start, for the steps one of its sites takes (its rounds
+    and its personal fine-tune, under one ε), on the demo's first site as ``medgan demo`` makes it."""
+    from medgan_core.data.simulate import DEFAULT_SITES
+    from medgan_core.tasks.registry import replace_task
+    import privacy_audit
+    from privacy_audit import OWN_STEPS, STARTS, TASKS
+
+    root = Path(__file__).resolve().parents[1]
+    demo = load_study(root / "sites_example" / "demo.toml")
+    assert TASKS["denoise-demo"] == replace_task(demo.task, eval_slices=0)
+    assert STARTS["denoise-demo"] == root / demo.run.initial_model
+    assert OWN_STEPS == {"denoise-demo": 4 * 25 + 25} and demo.aggregation.finetune_steps == 25
+    made = []
+    site = tmp_path / f"site-01-{DEFAULT_SITES[0].name}"
+    monkeypatch.setattr(privacy_audit, "simulate_study", lambda out, **kw: made.append(kw) or [site])
+    assert privacy_audit.demo_site(tmp_path) == site
+    assert made and made[0]["n_sites"] == 1 and made[0]["seed"] == demo.task.seed
+    assert (made[0]["n_subjects"], made[0]["n_slices"], made[0]["size"]) == (24, 20, 512)
+    assert set(made[0]["series"]) == {"ct", "ct-low-dose"}
+
+
 def test_the_denoise_and_superres_compare_studies_train_what_their_benchmarks_train(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """sites_example/denoise-compare.toml and superres-compare.toml: the README's comparison
