@@ -10,12 +10,17 @@ import pytest
 from medgan_core.config import PrivacyConfig, SiteConfig
 from medgan_core.data.dataset import load_site_data
 from medgan_core.privacy import planning
-from medgan_core.privacy.planning import SEARCH_TOLERANCE, epsilon_of, noise_for, plan_dp
+from medgan_core.privacy import SiteAccountant
+from medgan_core.privacy.planning import SEARCH_TOLERANCE, noise_for, plan_dp
 from medgan_core.site_round import NOISE_PLANS, train_site_round
 from medgan_core.study_config import StudyConfig
 from medgan_core.tasks.registry import build_task
 
 TARGET, DELTA, Q, STEPS = 4.0, 1e-5, 0.05, 300
+
+
+def epsilon_of(sigma: float) -> float:
+    return SiteAccountant("rdp", DELTA).epsilon_after(sigma, Q, STEPS)
 
 
 def _no_search(**_: object) -> float:
@@ -25,7 +30,7 @@ def _no_search(**_: object) -> float:
 def test_a_kept_sigma_is_reused_without_a_search(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     plans = tmp_path / "plans.json"
     sigma = noise_for(TARGET, DELTA, Q, STEPS, "rdp", plans)
-    assert TARGET - SEARCH_TOLERANCE <= epsilon_of(sigma, DELTA, Q, STEPS, "rdp") <= TARGET
+    assert TARGET - SEARCH_TOLERANCE <= epsilon_of(sigma) <= TARGET
     assert list(json.loads(plans.read_text()).values()) == [sigma]
     monkeypatch.setattr(planning, "get_noise_multiplier", _no_search)
     assert noise_for(TARGET, DELTA, Q, STEPS, "rdp", plans) == sigma
@@ -49,7 +54,7 @@ def test_an_edited_plan_costs_a_search_never_privacy(tmp_path: Path, edit: str) 
     assert noise_for(TARGET, DELTA, Q, STEPS, "rdp", plans) == searched
     assert json.loads(plans.read_text())[key] == searched
     if edit == "less noise":
-        assert epsilon_of(searched * 0.8, DELTA, Q, STEPS, "rdp") > TARGET  # what it would have spent
+        assert epsilon_of(searched * 0.8) > TARGET  # what it would have spent
 
 
 def test_a_site_round_keeps_its_plan_in_its_state_folder(tiny_sites: list[Path], tiny_study: StudyConfig,

@@ -7,7 +7,6 @@ import logging
 import math
 from pathlib import Path
 
-from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from medgan_core.config import PrivacyConfig
@@ -71,7 +70,7 @@ def noise_for(target: float, delta: float, sample_rate: float, steps: int, accou
     known = _read_plans(plans)
     sigma = known.get(key)
     if isinstance(sigma, float) and sigma > 0 and \
-            target - SEARCH_TOLERANCE <= epsilon_of(sigma, delta, sample_rate, steps, accountant) <= target:
+            target - SEARCH_TOLERANCE <= SiteAccountant(accountant, delta).epsilon_after(sigma, sample_rate, steps) <= target:
         return sigma
     sigma = float(get_noise_multiplier(target_epsilon=target, target_delta=delta, sample_rate=sample_rate,
                                        steps=steps, accountant=accountant, epsilon_tolerance=SEARCH_TOLERANCE))
@@ -81,13 +80,6 @@ def noise_for(target: float, delta: float, sample_rate: float, steps: int, accou
         except OSError as exc:  # only the next round's time depends on it
             log.warning("could not keep the noise plan in %s (%s); the next round searches again", plans, exc)
     return sigma
-
-
-def epsilon_of(sigma: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
-    """ε after ``steps`` steps of noise ``sigma`` at sample rate ``sample_rate``, by ``accountant``."""
-    ledger = create_accountant(mechanism=accountant)
-    ledger.history = [(sigma, sample_rate, steps)]
-    return float(ledger.get_epsilon(delta=delta))
 
 
 def _read_plans(plans: Path | None) -> dict[str, float]:
